@@ -1,0 +1,91 @@
+"""fxpress: make PyTorch models smaller and faster by rewriting their torch.fx graphs.
+
+>>> import fxpress, torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+>>> res = fxpress.compress(model, "prune{sparsity=0.5,tol.min_cosine=0}", example_inputs=(torch.randn(4, 8),))
+>>> res.records[0].stats["sparsity"]
+0.5
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from fxpress import errors
+from fxpress.errors import FxpressError
+from fxpress.graph.capture import capture
+from fxpress.passes import pipeline as _pipeline
+from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult, Tolerance, option
+from fxpress.passes.pipeline import GraphDumper, Instrument, PassRecord, PassTimer, PipelineResult
+from fxpress.plugins.manager import load_registry
+from fxpress.plugins.spec import hookimpl
+
+__version__ = "0.1.0"
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_registry():
+    return load_registry()
+
+
+def registry(reload: bool = False, *, entry_points: bool | None = None) -> _pipeline.PassRegistry:
+    """The pass registry (built-ins and installed plugins), loaded once and cached.
+
+    ``reload=True`` scans the entry points again (after installing a plugin);
+    ``entry_points=False`` returns the built-ins only, uncached.
+    """
+    if entry_points is not None:
+        return load_registry(entry_points=entry_points)
+    if reload:
+        _cached_registry.cache_clear()
+    return _cached_registry()
+
+
+def list_passes() -> dict[str, dict]:
+    """name -> summary, options, default tolerance, plugin and distribution of every pass."""
+    return {name: info.describe() for name, info in sorted(registry().items())}
+
+
+class Pipeline(_pipeline.Pipeline):
+    """A pipeline whose pass names resolve through the plugin registry by default.
+
+    >>> str(Pipeline.parse("prune{sparsity=0.5}"))
+    'prune{sparsity=0.5}'
+    """
+
+    @classmethod
+    def parse(cls, text: str, registry_: Mapping[str, PassInfo] | None = None, **kwargs: Any):
+        return super().parse(text, registry_ if registry_ is not None else registry(), **kwargs)
+
+    @classmethod
+    def from_recipe(cls, source: str | Path | dict, registry_: Mapping[str, PassInfo] | None = None,
+                    **kwargs: Any):
+        return super().from_recipe(source, registry_ if registry_ is not None else registry(),
+                                   **kwargs)
+
+
+def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: Any = None, *,
+             calibration: Iterable[Any] | None = None, train_data: Any = None,
+             policy: str = "strict", capture_method: str = "auto",
+             instruments: Iterable[Instrument] = (), progress: bool | None = None,
+             seed: int = 0, top1: bool | None = None) -> PipelineResult:
+    """Capture ``model`` and run ``pipeline`` on it, verifying after every pass.
+
+    ``pipeline`` is text (``"prune{sparsity=0.9},quantize{bits=8}"``), a :class:`Pipeline`
+    or a list of passes. The caller's model is never modified.
+    """
+    if isinstance(pipeline, str):
+        pipe = Pipeline.parse(pipeline, policy=policy, instruments=instruments, progress=progress)
+    elif isinstance(pipeline, _pipeline.Pipeline):
+        pipe = pipeline
+    else:
+        pipe = Pipeline(list(pipeline), policy=policy, instruments=instruments, progress=progress)
+    return pipe.run(model, example_inputs, calibration=calibration, train_data=train_data,
+                    policy=policy, capture_method=capture_method, seed=seed, top1=top1)
+
+
+__all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",
+           "Pass", "PassContext", "PassResult", "PassInfo", "Tolerance", "option", "Instrument",
+           "PassTimer", "GraphDumper", "registry", "list_passes", "hookimpl", "errors",
+           "FxpressError"]

@@ -1,0 +1,111 @@
+"""Every error fxpress raises derives from :class:`FxpressError`.
+
+Each message names the culprit (the pass, the option, the node, the plugin or the file)
+and says what to do about it. Errors raised while a pipeline runs carry ``last_good``:
+the last graph that passed verification, still usable.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class FxpressError(Exception):
+    """Base class of every error fxpress raises."""
+
+    #: The last graph that passed verification, when the error comes from a pipeline run.
+    last_good: Any = None
+
+
+class InputError(FxpressError, TypeError):
+    """The caller handed fxpress something it cannot use (not a module, bad inputs)."""
+
+
+class CaptureError(FxpressError):
+    """Neither torch.fx.symbolic_trace nor torch.export could capture the model."""
+
+    def __init__(self, message: str, causes: dict[str, BaseException] | None = None):
+        super().__init__(message)
+        self.causes = dict(causes or {})
+
+
+class PipelineSpecError(FxpressError, ValueError):
+    """A pipeline text or TOML recipe is malformed."""
+
+    def __init__(self, message: str, text: str | None = None, position: int | None = None):
+        self.text = text
+        self.position = position
+        if text is not None and position is not None:
+            line_start = text.rfind("\n", 0, position) + 1
+            line_end = text.find("\n", position)
+            line_end = len(text) if line_end < 0 else line_end
+            caret = " " * (position - line_start) + "^"
+            message = f"{message} (at character {position})\n  {text[line_start:line_end]}\n  {caret}"
+        super().__init__(message)
+
+
+class UnknownPassError(PipelineSpecError, KeyError):
+    """A pipeline names a pass that no plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0] if self.args else ""
+
+
+class OptionError(FxpressError, ValueError):
+    """A pass option has the wrong name, type or value."""
+
+    def __init__(self, pass_name: str, option: str | None, message: str):
+        self.pass_name = pass_name
+        self.option = option
+        where = f"{pass_name}: option '{option}'" if option else pass_name
+        super().__init__(f"{where}: {message}")
+
+
+class PluginError(FxpressError):
+    """A plugin failed to import, or registered something invalid or a taken name."""
+
+    def __init__(self, plugin: str, distribution: str | None, message: str):
+        self.plugin = plugin
+        self.distribution = distribution
+        dist = f" (distribution {distribution})" if distribution else ""
+        super().__init__(f"plugin '{plugin}'{dist}: {message}")
+
+
+class PassError(FxpressError):
+    """A pass raised, returned the wrong thing, broke the graph or mutated shared state."""
+
+    def __init__(self, pass_name: str, message: str, last_good: Any = None):
+        self.pass_name = pass_name
+        self.last_good = last_good
+        super().__init__(f"pass '{pass_name}': {message}")
+
+
+class MissingDataError(PassError):
+    """A pass needs calibration or training data that the pipeline was not given."""
+
+
+class VerificationError(FxpressError):
+    """A pass drifted past its tolerance (policy ``strict``)."""
+
+    def __init__(self, pass_name: str, metric: str, limit: float, value: float,
+                 message: str | None = None, last_good: Any = None, record: Any = None):
+        self.pass_name = pass_name
+        self.metric = metric
+        self.limit = limit
+        self.value = value
+        self.last_good = last_good
+        self.record = record
+        super().__init__(message or (
+            f"pass '{pass_name}' failed verification: {metric} = {value:.6g}, limit {limit:.6g}. "
+            f"Loosen it with '{pass_name}{{tol.{metric}=...}}', choose policy 'warn' or "
+            f"'rollback', or make the pass less aggressive."))
+
+
+class ArtifactError(FxpressError):
+    """An artifact is malformed, corrupted, tampered with or names a forbidden target."""
+
+
+__all__ = [
+    "FxpressError", "InputError", "CaptureError", "PipelineSpecError", "UnknownPassError",
+    "OptionError", "PluginError", "PassError", "MissingDataError", "VerificationError",
+    "ArtifactError",
+]

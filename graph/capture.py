@@ -1,0 +1,241 @@
+"""Capture a model as a torch.fx GraphModule, with shapes and dtypes on every node.
+
+Two methods: ``fx`` (``torch.fx.symbolic_trace``) gives a readable graph of modules and
+functions; ``export`` (``torch.export.export(...).module()``) captures what symbolic tracing
+cannot (transformers' BERT and GPT-2) as ATen ops, with dynamic batch and sequence
+dimensions. ``auto`` tries fx, checks the traced graph reproduces the model, and falls
+back to export, recording in ``gm.meta["fxpress"]`` which method ran and why.
+
+The caller's model is never modified: the returned graph owns its module objects
+(parameters are shared, never written in place; see :func:`clone_structure`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+from fxpress.errors import CaptureError, InputError
+
+METHODS = ("auto", "fx", "export")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put every submodule in eval mode for the block, then restore each flag as it was."""
+    flags = [(m, m.training) for m in model.modules()]
+    for m, _ in flags:  # not model.train(False): exported graphs refuse train()
+        m.training = False
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def as_input_tuple(example_inputs: Any, what: str = "example_inputs") -> tuple:
+    """Normalise example inputs to a tuple of positional arguments.
+
+    >>> as_input_tuple(torch.zeros(2, 3))[0].shape
+    torch.Size([2, 3])
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise InputError(
+            f"{what} must be a tuple of positional inputs (e.g. (x,)), got {type(example_inputs).__name__}")
+    return example_inputs
+
+
+def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of a module (each tensor once)."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def clone_structure(module: torch.nn.Module, copy_tensors: bool = False) -> torch.nn.Module:
+    """A copy of ``module`` with its own module objects and graph, sharing its tensors.
+
+    Passes replace tensors instead of writing into them, so a pipeline step can work on a
+    structural copy: rewiring the copy's graph or swapping its submodules never touches
+    the original, and no weight is duplicated. ``copy_tensors=True`` makes a full deep
+    copy (for passes that do not promise to leave tensors alone).
+    """
+    memo: dict[int, Any] = {}
+    if not copy_tensors:
+        for t in tensors_of(module):
+            memo[id(t)] = t
+    with warnings.catch_warnings():
+        # torch's own pytree specs of exported graphs warn about a deprecated LeafSpec check
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(module, memo)
+
+
+def node_shape(node: torch.fx.Node) -> tuple[tuple[int, ...] | None, torch.dtype | None]:
+    """(shape, dtype) of a node's tensor value, from capture's metadata; (None, None) if not a tensor."""
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(int(s) if isinstance(s, int) else s for s in tm.shape), tm.dtype
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape), val.dtype
+    return None, None
+
+
+def annotate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """Run the graph once on ``example_inputs``, store each node's shape and dtype, and
+    return the graph's outputs (flattened for export graphs: the same tensor leaves).
+    """
+    flat = _flat_graph_inputs(gm, example_inputs)
+    with torch.no_grad():
+        return ShapeProp(gm).propagate(*flat)
+
+
+def _flat_graph_inputs(gm: torch.fx.GraphModule, args: Sequence[Any]) -> list[Any]:
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is None:
+        return list(args)
+    return pytree.tree_leaves((tuple(args), {}))
+
+
+def _dynamic_shapes(example_inputs: tuple) -> tuple:
+    # Dim.AUTO lets export keep a dimension dynamic where the model allows and specialise
+    # it where the model needs a fixed size (e.g. hidden width); it never fails on its own.
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return {i: torch.export.Dim.AUTO for i in range(x.dim())}
+        return None
+    return tuple(pytree.tree_map(spec, x) if not isinstance(x, torch.Tensor) else spec(x)
+                 for x in example_inputs)
+
+
+def _outputs_match(a: Any, b: Any) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5,
+                                                        equal_nan=True):
+                return False
+    return True
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaf_modules: tuple[type, ...]):
+        super().__init__()
+        self._leaves = leaf_modules
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+
+def _capture_fx(model, example_inputs, concrete_args, leaf_modules):
+    tracer = _LeafTracer(tuple(leaf_modules or ()))
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    name = model.__class__.__name__
+    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    return gm
+
+
+def _capture_export(model, example_inputs, dynamic):
+    shapes = _dynamic_shapes(example_inputs) if dynamic else None
+    ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
+    return ep.module()
+
+
+def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *,
+            dynamic: bool = True, concrete_args: dict[str, Any] | None = None,
+            leaf_modules: Iterable[type] = ()) -> torch.fx.GraphModule:
+    """Capture ``model`` as a GraphModule.
+
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> gm = capture(mlp, (torch.randn(3, 4),))
+    >>> gm.meta["fxpress"]["method"]
+    'fx'
+
+    ``method``: "fx", "export" or "auto" (fx, falling back to export). ``dynamic`` marks
+    every input dimension of an exported graph as dynamic where the model allows.
+    ``concrete_args`` and ``leaf_modules`` are handed to symbolic tracing.
+    Raises :class:`~fxpress.errors.CaptureError` showing each method's cause when none works.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"capture: expected a torch.nn.Module, got {type(model).__name__}; "
+                         "wrap plain functions in a Module")
+    if method not in METHODS:
+        raise InputError(f"capture: method must be one of {METHODS}, got {method!r}")
+    example_inputs = as_input_tuple(example_inputs)
+
+    with eval_mode(model), torch.no_grad():
+        try:
+            expected = model(*example_inputs)
+        except Exception as e:  # the inputs do not fit the model: say so before tracing
+            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                      for x in example_inputs]
+            raise InputError(
+                f"capture: {type(model).__name__} does not run on the example inputs {shapes}: "
+                f"{type(e).__name__}: {e}. Pass inputs shaped like real model inputs.") from e
+
+        causes: dict[str, BaseException] = {}
+        order = ("fx", "export") if method == "auto" else (method,)
+        for m in order:
+            start = time.perf_counter()
+            try:
+                if m == "fx":
+                    gm = _capture_fx(model, example_inputs, concrete_args, leaf_modules)
+                    gm = clone_structure(gm)  # never share module objects with the caller
+                else:
+                    gm = _capture_export(model, example_inputs, dynamic)
+                annotate_shapes(gm, example_inputs)
+                got = gm(*example_inputs)
+                if not _outputs_match(got, expected):
+                    raise CaptureError(f"the {m} graph's outputs differ from the model's on the "
+                                       "example inputs (data-dependent control flow was specialised?)")
+            except Exception as e:
+                causes[m] = e
+                continue
+            gm.meta["fxpress"] = {
+                "method": m,
+                "seconds": time.perf_counter() - start,
+                "why": ("requested" if method != "auto" else
+                        "symbolic_trace succeeded" if m == "fx" else
+                        f"symbolic_trace failed: {type(causes['fx']).__name__}: {_short(causes['fx'])}"),
+                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "input_count": len(example_inputs),
+                "passes": [],
+            }
+            for sub in gm.modules():
+                sub.training = False
+            return gm
+
+    lines = [f"  {m}: {type(e).__name__}: {_short(e)}" for m, e in causes.items()]
+    raise CaptureError(
+        f"capture: could not capture {type(model).__name__} with {' or '.join(causes)}:\n"
+        + "\n".join(lines)
+        + "\nTry method='export' for models with data-dependent Python control flow, "
+          "concrete_args={...} to fix non-tensor arguments, or leaf_modules=[SomeModule] to "
+          "keep an untraceable submodule whole.", causes)
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    s = str(e).strip().splitlines()
+    s = s[0] if s else ""
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+def capture_method(gm: torch.fx.GraphModule) -> str | None:
+    """Which method captured ``gm`` ("fx" or "export"), if fxpress captured it."""
+    return gm.meta.get("fxpress", {}).get("method")

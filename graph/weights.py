@@ -1,0 +1,466 @@
+"""Every weighted op of a graph — linear, conv, embedding — behind one interface.
+
+A weighted op appears in three forms, depending on how the model was captured:
+
+* ``call_module`` on ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` (and transformers'
+  ``Conv1D``, a linear stored transposed), from ``torch.fx.symbolic_trace``;
+* ``call_function`` on ``F.linear``, ``F.conv1d/2d/3d``, ``F.embedding`` with a ``get_attr``
+  weight, from symbolic tracing of functional code;
+* ATen ops from ``torch.export`` (``aten.linear``, ``aten.addmm`` with a parameter,
+  ``aten.conv1d/2d/3d``, ``aten.convolution``, ``aten.embedding``).
+
+:func:`weighted_ops` yields a :class:`WeightedOp` for each, with one way to read the weight
+(always ``[out, in, *kernel]``, or ``[num, dim]`` for embeddings), to replace it
+(:meth:`WeightedOp.set_weight`) and to swap the op for a runtime module
+(:meth:`WeightedOp.replace_with`). Passes never pattern-match ``nn.Linear`` themselves.
+
+Tensors are replaced, never written in place: graphs inside a pipeline share tensors
+with the graph before them (see ``clone_structure``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"
+KINDS = (LINEAR, CONV, EMBEDDING)
+
+_aten = torch.ops.aten
+
+# target -> (kind, argument names in order, conv dims)
+_FUNCTIONS: dict[Any, tuple[str, tuple[str, ...], int]] = {
+    F.linear: (LINEAR, ("input", "weight", "bias"), 0),
+    _aten.linear.default: (LINEAR, ("input", "weight", "bias"), 0),
+    _aten.addmm.default: ("addmm", ("bias", "input", "weight", "beta", "alpha"), 0),
+    torch.addmm: ("addmm", ("bias", "input", "weight", "beta", "alpha"), 0),
+    F.embedding: (EMBEDDING, ("input", "weight", "padding_idx", "max_norm", "norm_type",
+                              "scale_grad_by_freq", "sparse"), 0),
+    _aten.embedding.default: (EMBEDDING, ("weight", "input", "padding_idx", "scale_grad_by_freq",
+                                          "sparse"), 0),
+    _aten.convolution.default: (CONV, ("input", "weight", "bias", "stride", "padding", "dilation",
+                                       "transposed", "output_padding", "groups"), -1),
+}
+for _n in (1, 2, 3):
+    _conv_args = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    _FUNCTIONS[getattr(F, f"conv{_n}d")] = (CONV, _conv_args, _n)
+    _FUNCTIONS[getattr(_aten, f"conv{_n}d").default] = (CONV, _conv_args, _n)
+
+
+def _is_hf_conv1d(m: torch.nn.Module) -> bool:
+    # transformers' GPT-2 "Conv1D" is a linear layer whose weight is stored [in, out].
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(
+        getattr(m, "weight", None), torch.Tensor)
+
+
+def _module_kind(m: torch.nn.Module) -> tuple[str, int, bool] | None:
+    if isinstance(m, torch.nn.Linear):
+        return LINEAR, 0, False
+    if isinstance(m, torch.nn.Embedding):
+        return EMBEDDING, 0, False
+    for n, cls in ((1, torch.nn.Conv1d), (2, torch.nn.Conv2d), (3, torch.nn.Conv3d)):
+        if type(m) is cls or (isinstance(m, cls) and type(m).forward is cls.forward):
+            return CONV, n, False
+    if _is_hf_conv1d(m):
+        return LINEAR, 0, True
+    return None
+
+
+def _resolve(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
+    owner_name, _, attr = qualname.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    return owner, attr
+
+
+def _assign(owner: torch.nn.Module, attr: str, value: torch.Tensor | None) -> None:
+    """Replace ``owner.attr`` by a new tensor, keeping its kind (parameter or buffer)."""
+    old = getattr(owner, attr, None)
+    if value is None:
+        setattr(owner, attr, None)
+    elif attr in owner._parameters or isinstance(old, torch.nn.Parameter):
+        owner._parameters[attr] = torch.nn.Parameter(
+            value.detach(), requires_grad=bool(old.requires_grad) if old is not None else False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value.detach()
+    else:
+        setattr(owner, attr, value.detach())
+
+
+@dataclass
+class WeightedOp:
+    """One linear, conv or embedding op of a graph.
+
+    ``name`` is the qualified name of its weight (e.g. ``"encoder.layer.0.output.dense.weight"``;
+    ops that share a tied weight share the name), ``kind`` is "linear", "conv" or
+    "embedding", ``form`` is "module", "function" or "aten". ``spec`` holds what a runtime
+    module needs to compute the op: conv stride/padding/dilation/groups/padding_mode and
+    dims, embedding padding_idx.
+    """
+
+    gm: torch.fx.GraphModule
+    node: torch.fx.Node
+    kind: str
+    form: str
+    name: str
+    spec: dict = field(default_factory=dict)
+    transposed: bool = False
+    _bias_name: str | None = None
+    _input: Any = None
+    _weight_node: torch.fx.Node | None = None
+    _bias_node: torch.fx.Node | None = None
+
+    # -- reading -----------------------------------------------------------------------
+    @property
+    def module_name(self) -> str:
+        """Name of the layer: the weight's name without its trailing ``.weight``."""
+        return self.name[: -len(".weight")] if self.name.endswith(".weight") else self.name
+
+    def weight(self) -> torch.Tensor:
+        """The weight as ``[out, in, *kernel]`` (linear/conv) or ``[num, dim]`` (embedding)."""
+        owner, attr = _resolve(self.gm, self.name)
+        w = getattr(owner, attr)
+        return w.t() if self.transposed else w
+
+    def bias(self) -> torch.Tensor | None:
+        if self._bias_name is None:
+            return None
+        owner, attr = _resolve(self.gm, self._bias_name)
+        return getattr(owner, attr)
+
+    @property
+    def numel(self) -> int:
+        return self.weight().numel()
+
+    # -- writing -----------------------------------------------------------------------
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Replace the weight with ``w`` (same layout as :meth:`weight` returns).
+
+        The old tensor is left untouched (other graphs may share it).
+        """
+        old = self.weight()
+        if tuple(w.shape) != tuple(old.shape):
+            raise ValueError(f"{self.name}: new weight shape {tuple(w.shape)} != {tuple(old.shape)}")
+        owner, attr = _resolve(self.gm, self.name)
+        _assign(owner, attr, w.t().contiguous() if self.transposed else w)
+
+    def set_bias(self, b: torch.Tensor | None) -> None:
+        if self._bias_name is None:
+            raise ValueError(f"{self.name}: the op has no bias to replace")
+        owner, attr = _resolve(self.gm, self._bias_name)
+        _assign(owner, attr, b)
+
+    def replace_with(self, module: torch.nn.Module) -> str:
+        """Swap this op for ``module`` (called with the op's input) and return its qualname.
+
+        The module must compute the op: ``module(x)`` for linear/conv, ``module(indices)``
+        for embeddings. Weight and bias tensors that no other node uses are dropped from
+        the graph, so its state_dict holds only what the module stores.
+        """
+        gm, node, graph = self.gm, self.node, self.gm.graph
+        if self.form == "module":
+            qualname = str(node.target)
+            _set_submodule(gm, qualname, module)
+            node.args, node.kwargs = (self._input,), {}
+            return qualname
+        tmp = _free_name(gm, "_fxpress_new_module")
+        _set_submodule(gm, tmp, module)
+        with graph.inserting_before(node):
+            new = graph.call_module(tmp, (self._input,))
+        new.meta = dict(node.meta)
+        new.meta.pop("nn_module_stack", None)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        for attr_node in (self._weight_node, self._bias_node):
+            if attr_node is not None and attr_node.op == "get_attr" and not attr_node.users:
+                target = str(attr_node.target)
+                graph.erase_node(attr_node)
+                owner, attr = _resolve(gm, target)
+                if not _attr_used(graph, target):
+                    owner._parameters.pop(attr, None)
+                    owner._buffers.pop(attr, None)
+                    owner.__dict__.pop(attr, None)
+        del gm._modules[tmp]
+        qualname = _free_name(gm, self.module_name)
+        _set_submodule(gm, qualname, module)
+        new.target = qualname
+        return qualname
+
+
+def _attr_used(graph: torch.fx.Graph, target: str) -> bool:
+    return any(n.op == "get_attr" and n.target == target for n in graph.nodes)
+
+
+def _is_empty_container(m: torch.nn.Module) -> bool:
+    return (type(m) is torch.nn.Module and not m._parameters and not m._buffers
+            and not m._modules)
+
+
+def _free_name(gm: torch.fx.GraphModule, qualname: str) -> str:
+    """``qualname`` if nothing lives there (or only an emptied container), else a suffixed name."""
+    def taken(name: str) -> bool:
+        owner, attr = _resolve_parent(gm, name)
+        if owner is None:
+            return False
+        m = owner._modules.get(attr)
+        if m is not None:
+            return not _is_empty_container(m)
+        return hasattr(owner, attr)
+
+    if not taken(qualname):
+        return qualname
+    return next(f"{qualname}_{i}" for i in itertools.count(1) if not taken(f"{qualname}_{i}"))
+
+
+def _resolve_parent(gm, qualname):
+    owner_name, _, attr = qualname.rpartition(".")
+    try:
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+    except AttributeError:
+        return None, attr
+    return owner, attr
+
+
+def _set_submodule(gm: torch.fx.GraphModule, qualname: str, module: torch.nn.Module) -> None:
+    owner_name, _, attr = qualname.rpartition(".")
+    owner = gm
+    for part in owner_name.split(".") if owner_name else ():
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    owner._modules[attr] = module
+
+
+def _bind(names: Sequence[str], node: torch.fx.Node) -> dict[str, Any]:
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _op_from_module(gm, node) -> WeightedOp | None:
+    try:
+        m = gm.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+    kind = _module_kind(m)
+    if kind is None:
+        return None
+    k, dims, transposed = kind
+    name = f"{node.target}.weight"
+    bias_name = f"{node.target}.bias" if getattr(m, "bias", None) is not None else None
+    spec: dict[str, Any] = {}
+    if k == CONV:
+        spec = {"dims": dims, "stride": tuple(m.stride), "padding": m.padding if isinstance(
+            m.padding, str) else tuple(m.padding), "dilation": tuple(m.dilation), "groups": m.groups,
+            "padding_mode": m.padding_mode}
+        if m.padding_mode != "zeros":
+            spec["reversed_padding"] = tuple(m._reversed_padding_repeated_twice)
+    elif k == EMBEDDING:
+        spec = {"padding_idx": m.padding_idx}
+        if m.max_norm is not None:
+            return None  # max_norm renormalises the weight in place on every call
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    return WeightedOp(gm, node, k, "module", name, spec, transposed, bias_name, x)
+
+
+def _op_from_function(gm, node) -> WeightedOp | None:
+    try:
+        entry = _FUNCTIONS.get(node.target)
+    except TypeError:  # unhashable target
+        return None
+    if entry is None:
+        return None
+    kind, names, dims = entry
+    a = _bind(names, node)
+    w = a.get("weight")
+    if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+        return None  # a weight computed at run time is an activation, not a parameter
+    b = a.get("bias")
+    if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr"):
+        return None
+    form = "aten" if isinstance(node.target, torch._ops.OpOverload) else "function"
+    transposed = False
+    spec: dict[str, Any] = {}
+    if kind == "addmm":
+        if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
+            return None
+        kind, transposed = LINEAR, True
+    if kind == CONV:
+        if dims == -1:
+            if a.get("transposed", False):
+                return None
+            if any(int(p) != 0 for p in (a.get("output_padding") or ())):
+                return None
+        wt = getattr(*_resolve(gm, str(w.target)))
+        dims = wt.dim() - 2
+        spec = {"dims": dims, "stride": _tuple(a.get("stride", 1), dims),
+                "padding": a.get("padding", 0) if isinstance(a.get("padding", 0), str)
+                else _tuple(a.get("padding", 0), dims),
+                "dilation": _tuple(a.get("dilation", 1), dims), "groups": int(a.get("groups", 1)),
+                "padding_mode": "zeros"}
+    if kind == EMBEDDING:
+        if a.get("max_norm") is not None:
+            return None
+        pi = a.get("padding_idx", None)
+        spec = {"padding_idx": None if pi is None or pi == -1 else int(pi)}
+    op = WeightedOp(gm, node, kind, form, str(w.target), spec, transposed,
+                    str(b.target) if b is not None else None, a.get("input"), w, b)
+    return op
+
+
+def _tuple(v, n):
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v) if len(v) == n else tuple(int(x) for x in v) * (n // max(len(v), 1))
+    return (int(v),) * n
+
+
+def weighted_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None = None) -> list[WeightedOp]:
+    """Every linear, conv and embedding op of ``gm``, in graph order.
+
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    >>> [(op.kind, op.name) for op in weighted_ops(gm)]
+    [('linear', '0.weight')]
+    """
+    wanted = set(kinds) if kinds is not None else set(KINDS)
+    ops = []
+    for node in gm.graph.nodes:
+        op = None
+        if node.op == "call_module":
+            op = _op_from_module(gm, node)
+        elif node.op == "call_function":
+            op = _op_from_function(gm, node)
+        if op is not None and op.kind in wanted:
+            ops.append(op)
+    return ops
+
+
+def select(ops: Sequence[WeightedOp], include: Sequence[str] = ("*",),
+           exclude: Sequence[str] = ()) -> tuple[list[WeightedOp], list[str]]:
+    """Filter ops by glob patterns on the weight name or layer name.
+
+    Returns the selected ops and the include patterns that matched nothing (a pass
+    reports those, since a typo in a pattern would otherwise silently select nothing).
+    """
+    def hit(op, pat):
+        return fnmatch.fnmatchcase(op.name, pat) or fnmatch.fnmatchcase(op.module_name, pat)
+
+    unmatched = [p for p in include if not any(hit(op, p) for op in ops)]
+    chosen = [op for op in ops if any(hit(op, p) for p in include)
+              and not any(hit(op, p) for p in exclude)]
+    return chosen, unmatched
+
+
+def unique_weights(ops: Iterable[WeightedOp]) -> list[WeightedOp]:
+    """One op per distinct weight (tied weights appear once)."""
+    seen, out = set(), []
+    for op in ops:
+        if op.name not in seen:
+            seen.add(op.name)
+            out.append(op)
+    return out
+
+
+# -- computing an op from a (decoded) weight: shared by every runtime module -----------------
+
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 spec: dict) -> torch.Tensor:
+    """Compute a conv exactly as ``nn.ConvNd`` would, from a spec of :class:`WeightedOp`."""
+    fn = (F.conv1d, F.conv2d, F.conv3d)[spec["dims"] - 1]
+    if spec.get("padding_mode", "zeros") != "zeros":
+        x = F.pad(x, spec["reversed_padding"], mode=spec["padding_mode"])
+        padding: Any = 0
+    else:
+        padding = spec["padding"]
+    return fn(x, weight, bias, spec["stride"], padding, spec["dilation"], spec["groups"])
+
+
+def op_forward(kind: str, spec: dict, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """Compute a weighted op of ``kind`` with the given weight (layout of :meth:`WeightedOp.weight`)."""
+    if kind == LINEAR:
+        return F.linear(x, weight, bias)
+    if kind == CONV:
+        return conv_forward(x, weight, bias, spec)
+    if kind == EMBEDDING:
+        return F.embedding(x, weight, spec.get("padding_idx"))
+    raise ValueError(f"unknown weighted op kind {kind!r}")
+
+
+# -- runtime modules ------------------------------------------------------------------------
+
+class CompressedModule(torch.nn.Module):
+    """Base of the runtime modules that passes write into graphs (``Int8Linear``,
+    ``CodebookLinear``, ...): a linear, conv or embedding whose weight is stored in a
+    compressed form and decoded by :meth:`weight_float`.
+
+    Subclasses store only the compressed tensors (packed integers, codebooks, scales) as
+    buffers or parameters, so ``state_dict`` is the compressed size, and implement
+    ``weight_float``; ``forward`` computes the op from the decoded weight unless a
+    subclass has a faster path. ``config()`` returns the JSON-able constructor arguments
+    (everything but tensors) so an artifact can rebuild the module without pickle.
+    """
+
+    #: The pass that writes this module ("quantize", "share", ...).
+    technique: str = ""
+
+    def __init__(self, kind: str, spec: dict | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        self.spec = dict(spec or {})
+
+    def weight_float(self) -> torch.Tensor:
+        """The decoded weight, in the layout of :meth:`WeightedOp.weight`."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # subclasses register ``bias`` as a parameter or buffer (or leave it None)
+        return op_forward(self.kind, self.spec, x, self.weight_float(), getattr(self, "bias", None))
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments (no tensors). Subclasses extend it."""
+        return {"kind": self.kind, "spec": self.spec}
+
+    def weight_bits(self) -> int:
+        """Bits this module stores for its weight (bias excluded)."""
+        return sum(t.numel() * t.element_size() * 8 for n, t in self.state_dict().items()
+                   if n != "bias")
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}"
+
+
+def compressed_modules(gm: torch.nn.Module) -> list[tuple[str, CompressedModule]]:
+    """Every runtime module of ``gm`` with its qualified name."""
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, CompressedModule)]
+
+
+# -- accounting ----------------------------------------------------------------------------
+
+def stored_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every tensor in ``module``'s state_dict, each storage counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in module.state_dict(keep_vars=True).values():
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def sparsity(t: torch.Tensor) -> float:
+    """Fraction of exact zeros in ``t``."""
+    return 1.0 - float(torch.count_nonzero(t)) / max(t.numel(), 1)
+
+
+__all__ = ["WeightedOp", "weighted_ops", "CompressedModule", "compressed_modules", "select", "unique_weights", "op_forward",
+           "conv_forward", "stored_bytes", "sparsity", "LINEAR", "CONV", "EMBEDDING", "KINDS"]

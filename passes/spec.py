@@ -1,0 +1,352 @@
+"""Pipeline text (MLIR's textual form) and TOML recipes, parsed into one spec.
+
+Text: ``name{key=value,key=value},name2``. Values are numbers, ``true``/``false``,
+``none``, bare words (``encoder.layer.*.output``), quoted strings (``"a,b"``) and lists
+(``[fc1, "fc2"]``). Tolerance overrides use ``tol.`` keys: ``prune{sparsity=0.9,tol.min_top1=0.9}``.
+A spec prints back to the same text: ``format_spec(parse_spec(t)) == t`` for canonical ``t``.
+
+A TOML recipe (standard library ``tomllib``) holds the same list plus the model, the
+inputs, the policy and the output path::
+
+    model = "digits.py:trained_mlp"          # file.py:callable, relative to the recipe
+    example_inputs = "digits.py:example_inputs"
+    calibration = "digits.py:calibration"
+    policy = "strict"
+    output = "out/digits.fxp"
+
+    [[pass]]
+    name = "prune"
+    sparsity = 0.5
+    tol.min_top1 = 0.98
+
+``file.py:callable`` references run the recipe author's own Python, like a Makefile or a
+conftest.py: recipes are code you trust. Artifacts (``fxpress.load``) never run code.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fxpress.errors import PipelineSpecError
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-:]*")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_BARE = re.compile(r"[A-Za-z0-9_.*?/\-+:]+")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|nan)$")
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+@dataclass
+class PassSpec:
+    """One pass of a pipeline: its registry name and its options (``tol.*`` included)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    position: int = 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PassSpec) and (self.name, self.options) == (other.name, other.options)
+
+    def __str__(self) -> str:
+        return format_pass(self.name, list(self.options.items()))
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text, self.i = text, 0
+
+    def error(self, msg: str, pos: int | None = None) -> PipelineSpecError:
+        return PipelineSpecError(f"pipeline text: {msg}", self.text, self.i if pos is None else pos)
+
+    def ws(self) -> None:
+        while self.i < len(self.text) and self.text[self.i].isspace():
+            self.i += 1
+
+    def peek(self) -> str:
+        self.ws()
+        return self.text[self.i] if self.i < len(self.text) else ""
+
+    def expect(self, ch: str) -> None:
+        if self.peek() != ch:
+            got = repr(self.peek()) if self.peek() else "end of text"
+            raise self.error(f"expected {ch!r}, found {got}")
+        self.i += 1
+
+    def match(self, rx: re.Pattern, what: str) -> str:
+        self.ws()
+        m = rx.match(self.text, self.i)
+        if not m:
+            got = repr(self.text[self.i]) if self.i < len(self.text) else "end of text"
+            raise self.error(f"expected {what}, found {got}")
+        self.i = m.end()
+        return m.group(0)
+
+    def pipeline(self) -> list[PassSpec]:
+        out = []
+        if not self.peek():
+            raise self.error("empty pipeline; write e.g. 'prune{sparsity=0.5}'")
+        while True:
+            out.append(self.pass_())
+            if not self.peek():
+                return out
+            self.expect(",")
+
+    def pass_(self) -> PassSpec:
+        self.ws()
+        pos = self.i
+        name = self.match(_NAME, "a pass name")
+        opts: dict[str, Any] = {}
+        if self.peek() == "{":
+            self.i += 1
+            if self.peek() == "}":
+                self.i += 1
+                return PassSpec(name, opts, pos)
+            while True:
+                self.ws()
+                kpos = self.i
+                key = self.match(_KEY, "an option name")
+                if key in opts:
+                    raise self.error(f"option {key!r} given twice", kpos)
+                self.expect("=")
+                opts[key] = self.value()
+                if self.peek() == ",":
+                    self.i += 1
+                    continue
+                self.expect("}")
+                break
+        return PassSpec(name, opts, pos)
+
+    def value(self) -> Any:
+        ch = self.peek()
+        if ch in "\"'":
+            return self.string()
+        if ch == "[":
+            self.i += 1
+            items = []
+            if self.peek() == "]":
+                self.i += 1
+                return items
+            while True:
+                items.append(self.value())
+                if self.peek() == ",":
+                    self.i += 1
+                    continue
+                self.expect("]")
+                return items
+        word = self.match(_BARE, "a value")
+        return _word_value(word)
+
+    def string(self) -> str:
+        quote = self.text[self.i]
+        start = self.i
+        self.i += 1
+        out = []
+        while self.i < len(self.text):
+            ch = self.text[self.i]
+            if ch == "\\" and self.i + 1 < len(self.text):
+                out.append(self.text[self.i + 1])
+                self.i += 2
+                continue
+            if ch == quote:
+                self.i += 1
+                return "".join(out)
+            out.append(ch)
+            self.i += 1
+        raise self.error("unterminated string", start)
+
+
+def _word_value(word: str) -> Any:
+    low = word.lower()
+    if low in _WORDS:
+        return _WORDS[low]
+    if _NUMBER.match(word):
+        if re.fullmatch(r"[+-]?\d+", word):
+            return int(word)
+        return float(word)
+    return word
+
+
+def parse_spec(text: str) -> list[PassSpec]:
+    """Parse pipeline text into pass specs.
+
+    >>> [str(p) for p in parse_spec("prune{sparsity=0.5}, quantize{bits=8}")]
+    ['prune{sparsity=0.5}', 'quantize{bits=8}']
+    """
+    if not isinstance(text, str):
+        raise PipelineSpecError(f"pipeline text must be a string, got {type(text).__name__}")
+    return _Parser(text).pipeline()
+
+
+def format_value(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    s = str(v)
+    if _BARE.fullmatch(s) and _word_value(s) == s:
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_pass(name: str, items: list[tuple[str, Any]]) -> str:
+    if not items:
+        return name
+    return name + "{" + ",".join(f"{k}={format_value(v)}" for k, v in items) + "}"
+
+
+def format_spec(specs: list[PassSpec]) -> str:
+    """Print pass specs back as pipeline text."""
+    return ",".join(str(p) for p in specs)
+
+
+# -- TOML recipes --------------------------------------------------------------------------
+
+RECIPE_KEYS = ("model", "example_inputs", "calibration", "train_data", "evaluate", "policy",
+               "output", "pipeline", "pass", "seed", "capture", "description")
+
+
+@dataclass
+class Recipe:
+    """A parsed TOML recipe. References (``file.py:callable``) are resolved on demand."""
+
+    path: Path | None
+    passes: list[PassSpec]
+    model: str | None = None
+    example_inputs: str | None = None
+    calibration: str | None = None
+    train_data: str | None = None
+    evaluate: str | None = None
+    policy: str = "strict"
+    output: str | None = None
+    seed: int = 0
+    capture: str = "auto"
+    description: str = ""
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path is not None else Path.cwd()
+
+    def resolve(self, key: str) -> Callable[..., Any] | None:
+        ref = getattr(self, key)
+        return None if ref is None else load_reference(ref, self.base_dir, key)
+
+    def output_path(self) -> Path | None:
+        return None if self.output is None else (self.base_dir / self.output)
+
+
+def _toml_position(text: str, e: tomllib.TOMLDecodeError) -> int | None:
+    line = getattr(e, "lineno", None)
+    col = getattr(e, "colno", None)
+    if line is None:
+        m = re.search(r"line (\d+), column (\d+)", str(e))
+        if not m:
+            return None
+        line, col = int(m.group(1)), int(m.group(2))
+    lines = text.splitlines(keepends=True)
+    return sum(len(x) for x in lines[: line - 1]) + max(col - 1, 0)
+
+
+def parse_recipe(source: str | Path | dict, path: Path | None = None) -> Recipe:
+    """Parse a TOML recipe (a path, TOML text, or an already-loaded dict)."""
+    text = None
+    if isinstance(source, Path) or (isinstance(source, str) and source.endswith(".toml")
+                                    and "\n" not in source):
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise PipelineSpecError(f"recipe {path}: cannot read it: {e}") from e
+    elif isinstance(source, str):
+        text = source
+    if text is not None:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PipelineSpecError(f"recipe {path or '<text>'}: invalid TOML: {e}", text,
+                                    _toml_position(text, e)) from e
+    else:
+        data = dict(source)
+    where = f"recipe {path or '<dict>'}"
+    unknown = [k for k in data if k not in RECIPE_KEYS]
+    if unknown:
+        raise PipelineSpecError(f"{where}: unknown key(s) {unknown}; known: {', '.join(RECIPE_KEYS)}")
+    if ("pipeline" in data) == ("pass" in data):
+        raise PipelineSpecError(f"{where}: give the passes either as pipeline = \"...\" or as "
+                                "[[pass]] tables (exactly one of them)")
+    if "pipeline" in data:
+        passes = parse_spec(data["pipeline"])
+    else:
+        tables = data["pass"]
+        if not isinstance(tables, list):
+            raise PipelineSpecError(f"{where}: 'pass' must be an array of tables ([[pass]])")
+        passes = []
+        for i, t in enumerate(tables):
+            t = dict(t)
+            name = t.pop("name", None)
+            if not isinstance(name, str):
+                raise PipelineSpecError(f"{where}: [[pass]] number {i + 1} has no name = \"...\"")
+            tol = t.pop("tol", None)
+            if tol is not None:
+                if not isinstance(tol, dict):
+                    raise PipelineSpecError(f"{where}: pass '{name}': tol must be a table")
+                t.update({f"tol.{k}": v for k, v in tol.items()})
+            passes.append(PassSpec(name, t))
+    for key in ("model", "example_inputs", "calibration", "train_data", "evaluate", "output",
+                "policy", "capture", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise PipelineSpecError(f"{where}: '{key}' must be a string")
+    kwargs = {k: data[k] for k in ("model", "example_inputs", "calibration", "train_data",
+                                   "evaluate", "policy", "output", "seed", "capture",
+                                   "description") if k in data}
+    return Recipe(path=path, passes=passes, **kwargs)
+
+
+def load_reference(ref: str, base_dir: Path, what: str = "reference") -> Callable[..., Any]:
+    """Resolve ``file.py:name`` (relative to ``base_dir``) or ``package.module:name``."""
+    if ":" not in ref:
+        raise PipelineSpecError(f"recipe '{what}': expected 'file.py:callable' or "
+                                f"'package.module:callable', got {ref!r}")
+    mod_ref, _, attr = ref.rpartition(":")
+    try:
+        if mod_ref.endswith(".py"):
+            file = (base_dir / mod_ref).resolve()
+            if not file.is_file():
+                raise PipelineSpecError(f"recipe '{what}': no such file {file}")
+            mod_name = f"_fxpress_recipe_{file.stem}_{abs(hash(str(file)))}"
+            module = sys.modules.get(mod_name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(mod_name, file)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(mod_name, None)
+                    raise
+        else:
+            module = importlib.import_module(mod_ref)
+    except PipelineSpecError:
+        raise
+    except Exception as e:
+        raise PipelineSpecError(f"recipe '{what}': importing {mod_ref!r} failed: "
+                                f"{type(e).__name__}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise PipelineSpecError(f"recipe '{what}': {mod_ref!r} has no attribute {attr!r}") from None

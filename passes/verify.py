@@ -1,0 +1,163 @@
+"""The verifier: compares a graph's outputs with the original model's after every pass.
+
+Reference outputs are computed once, from the original model in eval mode, on the
+calibration batches (or the example inputs), and kept. After each pass the pipeline runs
+the new graph once on the same batches and measures, against the reference (cumulative)
+and against the graph before the pass (incremental):
+
+* ``max_abs``   largest absolute difference
+* ``rel_l2``    ||new - ref|| / ||ref|| over all outputs
+* ``cosine``    mean cosine similarity of each sample's flattened output (``cosine_min``: worst)
+* ``top1``      argmax agreement, for ``[batch, classes]`` logits
+* ``nonfinite`` NaN/Inf values that the reference does not have
+
+A :class:`~fxpress.passes.base.Tolerance` turns these into a verdict.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from fxpress.graph.capture import annotate_shapes, eval_mode
+from fxpress.passes.base import Tolerance
+
+Outputs = list[list[torch.Tensor]]  # per batch, the float tensor leaves of the output
+
+
+@dataclass
+class Metrics:
+    """Output error of a graph against a reference (see the module docstring)."""
+
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    cosine_min: float
+    top1: float | None
+    nonfinite: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def value_for(self, limit_key: str) -> float | None:
+        """The metric a tolerance key limits (``min_cosine`` -> ``cosine``)."""
+        return {"max_rel_l2": self.rel_l2, "min_cosine": self.cosine, "min_top1": self.top1,
+                "max_abs": self.max_abs}.get(limit_key)
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    return [t.detach() for t in pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def looks_like_logits(ref: Outputs) -> bool:
+    """True when the outputs are ``[batch, classes]`` scores, not embeddings.
+
+    Rows of unit length (sentence embeddings) are not class scores: argmax agreement
+    means nothing for them.
+    """
+    twod = [r for rb in ref for r in rb if r.dim() == 2 and r.shape[1] >= 2]
+    if not twod:
+        return False
+    unit = all(torch.allclose(r.float().norm(dim=1), torch.ones(r.shape[0]), atol=1e-3) for r in twod)
+    return not unit
+
+
+def compare(new: Outputs, ref: Outputs, top1: bool = True) -> Metrics:
+    """Metrics of outputs ``new`` against ``ref`` (same structure); ``top1`` for logits."""
+    max_abs, err2, ref2 = 0.0, 0.0, 0.0
+    cos_sum, cos_n, cos_min = 0.0, 0, 1.0
+    agree, total, nonfinite = 0, 0, 0
+    for nb, rb in zip(new, ref):
+        if len(nb) != len(rb):
+            raise ValueError(f"output structure changed: {len(rb)} tensors became {len(nb)}")
+        for n, r in zip(nb, rb):
+            if n.shape != r.shape:
+                raise ValueError(f"output shape changed: {tuple(r.shape)} became {tuple(n.shape)}")
+            n, r = n.double(), r.double()
+            bad = ~torch.isfinite(n) & torch.isfinite(r)
+            nonfinite += int(bad.sum())
+            ok = torch.isfinite(n) & torch.isfinite(r)
+            d = torch.where(ok, n - r, torch.zeros((), dtype=n.dtype))
+            if d.numel():
+                max_abs = max(max_abs, float(d.abs().max()))
+            err2 += float((d * d).sum())
+            r0 = torch.where(ok, r, torch.zeros((), dtype=r.dtype))
+            ref2 += float((r0 * r0).sum())
+            rows_n = n.reshape(n.shape[0], -1) if n.dim() >= 1 and n.shape[0] else n.reshape(1, -1)
+            rows_r = r.reshape(rows_n.shape)
+            rows_n = torch.nan_to_num(rows_n, nan=0.0, posinf=0.0, neginf=0.0)
+            cos = torch.nn.functional.cosine_similarity(rows_n, rows_r, dim=1, eps=1e-12)
+            both_zero = (rows_n.abs().sum(1) == 0) & (rows_r.abs().sum(1) == 0)
+            cos = torch.where(both_zero, torch.ones_like(cos), cos)
+            cos_sum += float(cos.sum())
+            cos_n += cos.numel()
+            if cos.numel():
+                cos_min = min(cos_min, float(cos.min()))
+            if top1 and r.dim() == 2 and r.shape[1] >= 2:
+                agree += int((n.argmax(1) == r.argmax(1)).sum())
+                total += r.shape[0]
+    rel = math.sqrt(err2) / math.sqrt(ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+    return Metrics(max_abs=max_abs, rel_l2=rel, cosine=cos_sum / cos_n if cos_n else 1.0,
+                   cosine_min=cos_min, top1=agree / total if total else None, nonfinite=nonfinite)
+
+
+def misses(tol: Tolerance, metrics: Metrics) -> list[tuple[str, float, float]]:
+    """(limit key, limit, value) for each limit of ``tol`` that ``metrics`` break."""
+    out = []
+    if metrics.nonfinite:
+        out.append(("nonfinite", 0.0, float(metrics.nonfinite)))
+    for key, limit in tol.limits().items():
+        value = metrics.value_for(key)
+        if value is None:
+            continue
+        bad = value > limit if key.startswith("max_") else value < limit
+        if bad or math.isnan(value):
+            out.append((key, limit, value))
+    return out
+
+
+class Verifier:
+    """Holds the reference outputs and measures graphs against them.
+
+    >>> mlp = torch.nn.Linear(4, 2)
+    >>> v = Verifier(mlp, [(torch.randn(8, 4),)])
+    >>> v.compare_to_reference(v.run(mlp)).rel_l2
+    0.0
+    """
+
+    def __init__(self, reference: torch.nn.Module, batches: Sequence[tuple],
+                 top1: bool | None = None):
+        if not batches:
+            raise ValueError("the verifier needs at least one batch of inputs")
+        self.batches = [tuple(b) for b in batches]
+        start = time.perf_counter()
+        self.reference = self.run(reference)
+        self.reference_seconds = time.perf_counter() - start
+        #: whether top-1 agreement is measured (None: when the outputs look like logits)
+        self.top1 = looks_like_logits(self.reference) if top1 is None else top1
+
+    def run(self, module: torch.nn.Module, annotate: bool = False) -> Outputs:
+        """Outputs of ``module`` on every batch (eval mode, no grad).
+
+        ``annotate`` also stores shapes and dtypes on a graph's nodes from the first batch.
+        """
+        outs: Outputs = []
+        with eval_mode(module), torch.no_grad():
+            for i, batch in enumerate(self.batches):
+                if annotate and i == 0 and isinstance(module, torch.fx.GraphModule):
+                    outs.append(_leaves(annotate_shapes(module, batch)))
+                else:
+                    outs.append(_leaves(module(*batch)))
+        return outs
+
+    def compare_to_reference(self, outputs: Outputs) -> Metrics:
+        return compare(outputs, self.reference, self.top1)
+
+    def compare(self, outputs: Outputs, previous: Outputs) -> Metrics:
+        return compare(outputs, previous, self.top1)

@@ -1,0 +1,13 @@
+"""The built-in passes, registered through the same hook as any third-party plugin."""
+from __future__ import annotations
+
+from fxpress.passes.prune import Prune
+from fxpress.plugins.spec import hookimpl
+
+BUILTIN_PASSES = (Prune,)
+
+
+@hookimpl
+def register_passes(register):
+    for cls in BUILTIN_PASSES:
+        register(cls)

@@ -1,0 +1,64 @@
+"""Shared fixtures: real models on real data (digits MLP/CNN, pretrained MiniLM)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # examples/ holds the shared model and data helpers
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from examples import digits as _digits  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return _digits.digits_data()
+
+
+@pytest.fixture
+def mlp():
+    """A fresh copy of the trained 64-300-100-10 digits MLP."""
+    return _digits.trained_mlp()
+
+
+@pytest.fixture
+def small_mlp():
+    return _digits.trained_mlp(hidden=(32,), epochs=30)
+
+
+@pytest.fixture
+def cnn():
+    return _digits.trained_cnn()
+
+
+@pytest.fixture
+def calib():
+    return _digits.calibration()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from examples.minilm import sentence_encoder
+
+    return sentence_encoder()
+
+
+@pytest.fixture(scope="session")
+def minilm_batches():
+    from examples.minilm import batches
+
+    return batches(32)[:2]
+
+
+@pytest.fixture(scope="session")
+def minilm_gm(minilm, minilm_batches):
+    import fxpress
+
+    return fxpress.capture(minilm, minilm_batches[0])

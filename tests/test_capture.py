@@ -1,0 +1,148 @@
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import CaptureError, InputError
+from fxpress.graph import node_shape
+from tests.helpers import assert_unchanged, state_snapshot
+
+
+def _tensor_nodes_have_shapes(gm):
+    missing = []
+    for n in gm.graph.nodes:
+        if n.op in ("output",):
+            continue
+        val = n.meta.get("tensor_meta") or n.meta.get("val")
+        if isinstance(val, (torch.Tensor,)) or hasattr(val, "shape"):
+            shape, dtype = node_shape(n)
+            if shape is None or dtype is None:
+                missing.append(n.name)
+    return missing
+
+
+def test_mlp_captures_with_fx_and_matches(mlp, digits):
+    snap = state_snapshot(mlp)
+    x = digits.x_test[:16]
+    gm = fxpress.capture(mlp, (x,))
+    assert gm.meta["fxpress"]["method"] == "fx"
+    assert torch.equal(gm(x), mlp(x))
+    lin = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert all(node_shape(n)[0] is not None for n in lin)
+    assert node_shape(lin[0])[1] == torch.float32
+    assert_unchanged(mlp, snap)
+
+
+def test_cnn_with_batchnorm_captures(cnn, digits):
+    cnn.train(True)  # the caller's mode must come back as it was
+    x = digits.x_test[:16]
+    gm = fxpress.capture(cnn, (x,))
+    assert cnn.training and cnn.bn1.training
+    assert gm.meta["fxpress"]["method"] == "fx"
+    cnn.train(False)
+    torch.testing.assert_close(gm(x), cnn(x))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in gm.modules())
+    assert not _tensor_nodes_have_shapes(gm)
+
+
+def test_minilm_falls_back_to_export_and_matches(minilm, minilm_gm, minilm_batches):
+    meta = minilm_gm.meta["fxpress"]
+    assert meta["method"] == "export"
+    assert "symbolic_trace failed" in meta["why"]
+    for batch in minilm_batches:
+        assert torch.equal(minilm_gm(*batch), minilm(*batch))
+    assert not _tensor_nodes_have_shapes(minilm_gm)
+
+
+def test_export_keeps_batch_and_sequence_dynamic(minilm):
+    from examples.minilm import SENTENCES, tokenize
+
+    ids, mask = tokenize(SENTENCES[:16], max_length=12)
+    assert ids.shape == (16, 12)
+    gm = fxpress.capture(minilm, (ids, mask), method="export")
+    big_ids, big_mask = tokenize((SENTENCES * 2)[:64], max_length=40)
+    big_ids, big_mask = big_ids[:, :40], big_mask[:, :40]
+    if big_ids.shape[1] < 40:  # pad to length 40 to be sure the length changed
+        pad = 40 - big_ids.shape[1]
+        big_ids = torch.nn.functional.pad(big_ids, (0, pad))
+        big_mask = torch.nn.functional.pad(big_mask, (0, pad))
+    assert big_ids.shape == (64, 40)
+    torch.testing.assert_close(gm(big_ids, big_mask), minilm(big_ids, big_mask))
+
+
+def test_small_gpt2_captures_by_export():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    lm = GPT2LMHeadModel(cfg).train(False)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    model = Logits(lm)
+    ids = torch.randint(0, 500, (4, 10))
+    gm = fxpress.capture(model, (ids,))
+    assert gm.meta["fxpress"]["method"] == "export"
+    other = torch.randint(0, 500, (8, 30))
+    torch.testing.assert_close(gm(other), model(other))
+    ops = fxpress.graph.weighted_ops(gm)
+    kinds = {op.kind for op in ops}
+    assert kinds == {"linear", "embedding"}
+    assert any(op.transposed for op in ops)  # GPT-2's Conv1D shows up as addmm
+
+
+class _Untraceable(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow defeats fx ...
+            return x.numpy().sum()  # ... and export cannot turn a tensor into numpy
+        return x
+
+
+def test_both_methods_failing_shows_both_causes():
+    with pytest.raises(CaptureError) as e:
+        fxpress.capture(_Untraceable(), (torch.ones(2, 3),))
+    msg = str(e.value)
+    assert "fx:" in msg and "export:" in msg
+    assert "concrete_args" in msg and "leaf_modules" in msg
+    assert set(e.value.causes) == {"fx", "export"}
+
+
+def test_bad_inputs_are_input_errors(mlp):
+    with pytest.raises(InputError, match="nn.Module"):
+        fxpress.capture(lambda x: x, (torch.ones(1),))
+    with pytest.raises(InputError, match="does not run on the example inputs"):
+        fxpress.capture(mlp, (torch.ones(3, 7),))
+    with pytest.raises(InputError, match="tuple"):
+        fxpress.capture(mlp, {"x": torch.ones(3, 64)})
+    with pytest.raises(InputError, match="method"):
+        fxpress.capture(mlp, (torch.ones(3, 64),), method="jit")
+
+
+class _Gate(torch.nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.gate = _Gate()
+
+    def forward(self, x):
+        return self.gate(self.fc(x))
+
+
+def test_leaf_modules_keep_an_untraceable_submodule_whole():
+    model, x = _Gated(), torch.randn(3, 4)
+    with pytest.raises(CaptureError):
+        fxpress.capture(model, (x,), method="fx")
+    gm = fxpress.capture(model, (x,), method="fx", leaf_modules=[_Gate])
+    assert gm.meta["fxpress"]["method"] == "fx"
+    torch.testing.assert_close(gm(x), model(x))
