@@ -8,6 +8,7 @@ distribution (kept in ``registry.errors``); the others still load.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 from typing import Any, Iterable
@@ -36,6 +37,7 @@ def plugin_manager(entry_points: bool | None = None, extra_plugins: Iterable[Any
     if entry_points is None:
         entry_points = not plugins_disabled()
     if entry_points:
+        importlib.invalidate_caches()  # see packages installed since the last scan
         for ep in importlib.metadata.entry_points(group=spec.ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else None
             if ep.name in dists:

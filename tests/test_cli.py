@@ -1,0 +1,66 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fxpress.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_and_passes(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "fxpress 0.1.0" in capsys.readouterr().out
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "prune  [builtin (fxpress)]" in out and "sparsity" in out
+    assert main(["passes", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["passes"]["prune"]["plugin"] == "builtin"
+
+
+def test_run_demo_recipe_prints_the_table(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    assert main(["run", str(ROOT / "examples" / "digits.toml"), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "captured with fx" in out and "prune{" in out and "test accuracy:" in out
+    data = json.loads(out_json.read_text())
+    assert data["records"][0]["status"] == "ok"
+    assert data["evaluate_after"]["test accuracy"] > 0.9
+
+
+def _recipe(tmp_path, passes):
+    shutil.copy(ROOT / "examples" / "digits.py", tmp_path / "digits.py")
+    f = tmp_path / "r.toml"
+    f.write_text('model = "digits.py:trained_mlp"\ncalibration = "digits.py:calibration"\n'
+                 f'pipeline = "{passes}"\n')
+    return f
+
+
+def test_exit_code_1_on_verification_failure(tmp_path, capsys):
+    assert main(["run", str(_recipe(tmp_path, "prune{sparsity=0.95}"))]) == 1
+    assert "verification failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("passes, fragment", [
+    ("prnue{sparsity=0.5}", "did you mean 'prune'"),
+    ("prune{sparsity=2}", "option 'sparsity'"),
+])
+def test_exit_code_2_on_bad_input(tmp_path, capsys, passes, fragment):
+    assert main(["run", str(_recipe(tmp_path, passes))]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_exit_code_2_on_missing_recipe(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "fxpress"
+    r = subprocess.run([str(exe), "passes"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "prune" in r.stdout

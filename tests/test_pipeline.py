@@ -1,0 +1,248 @@
+import threading
+
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import MissingDataError, PassError, VerificationError
+from fxpress.graph.weights import weighted_ops
+from fxpress.passes.base import EXACT, Pass, PassResult, Tolerance, option
+from tests.helpers import assert_unchanged, state_snapshot
+
+
+class DoubleFirst(Pass):
+    """A deliberately wrong pass: doubles the first weight; declares no tolerance."""
+
+    name = "double-first"
+    replaces_tensors = True
+    factor = option(2.0, "multiplier")
+
+    def run(self, gm, ctx):
+        op = weighted_ops(gm)[0]
+        op.set_weight(op.weight() * self.factor)
+        return PassResult(gm, True, {"layer": op.name})
+
+
+class Identity(Pass):
+    name = "identity"
+    tolerance = EXACT
+
+    def run(self, gm, ctx):
+        return PassResult(gm, False, {})
+
+
+class Raises(Pass):
+    name = "raises"
+
+    def run(self, gm, ctx):
+        raise RuntimeError("boom")
+
+
+class Interrupted(Pass):
+    name = "interrupted"
+
+    def run(self, gm, ctx):
+        raise KeyboardInterrupt
+
+
+class WrongType(Pass):
+    name = "wrong-type"
+
+    def run(self, gm, ctx):
+        return gm
+
+
+class BreaksLint(Pass):
+    name = "breaks-lint"
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        # a node used before it is defined: lint must refuse the graph
+        with gm.graph.inserting_before(first):
+            gm.graph.call_function(torch.relu, (out.args[0],))
+        return PassResult(gm, True, {})
+
+
+class MakesNaN(Pass):
+    name = "makes-nan"
+    replaces_tensors = True
+    tolerance = Tolerance(min_cosine=0.0)
+
+    def run(self, gm, ctx):
+        op = weighted_ops(gm)[-1]
+        w = op.weight().clone()
+        w[0, 0] = float("nan")
+        op.set_weight(w)
+        return PassResult(gm, True, {})
+
+
+class WritesInPlace(Pass):
+    """Claims to replace tensors but writes into them: the pipeline must notice."""
+
+    name = "writes-in-place"
+    replaces_tensors = True
+
+    def run(self, gm, ctx):
+        with torch.no_grad():
+            weighted_ops(gm)[0].weight().mul_(1.0)
+        return PassResult(gm, True, {})
+
+
+class WritesInPlaceHonestly(Pass):
+    """Does not promise to replace tensors: it gets its own copy, the caller is safe."""
+
+    name = "writes-in-place-honestly"
+    tolerance = Tolerance(min_cosine=0.0)
+
+    def run(self, gm, ctx):
+        with torch.no_grad():
+            weighted_ops(gm)[0].weight().mul_(0.5)
+        return PassResult(gm, True, {})
+
+
+class NeedsCalibration(Pass):
+    name = "needs-calibration"
+    needs = ("calibration",)
+
+    def run(self, gm, ctx):
+        return PassResult(gm, False, {})
+
+
+def test_wrong_pass_is_caught_by_default_equivalence(mlp, calib):
+    snap = state_snapshot(mlp)
+    with pytest.raises(VerificationError) as e:
+        fxpress.compress(mlp, [DoubleFirst()], calibration=calib)
+    err = e.value
+    assert err.pass_name == "double-first" and err.metric == "max_rel_l2"
+    assert err.value > 1e-3 and err.limit == 1e-5
+    assert "double-first" in str(err) and "max_rel_l2" in str(err)
+    x = calib[0][0]
+    torch.testing.assert_close(err.last_good(x), mlp(x))  # last_good is usable
+    assert_unchanged(mlp, snap)
+
+
+def test_rollback_leaves_the_graph_as_before(mlp, calib):
+    snap = state_snapshot(mlp)
+    res = fxpress.compress(mlp, [Identity(), DoubleFirst(), Identity()], calibration=calib,
+                           policy="rollback")
+    assert [r.status for r in res.records] == ["ok", "rolled back", "ok"]
+    x = calib[0][0]
+    assert torch.equal(res.module(x), mlp(x))
+    assert "max_rel_l2" in res.records[1].message
+    assert_unchanged(mlp, snap)
+
+
+def test_warn_keeps_the_change_and_records_it(mlp, calib):
+    res = fxpress.compress(mlp, [DoubleFirst()], calibration=calib, policy="warn")
+    assert res.records[0].status == "warn"
+    assert res.records[0].incremental.rel_l2 > 1e-3
+    x = calib[0][0]
+    assert not torch.equal(res.module(x), mlp(x))
+
+
+def test_tolerance_override_lets_a_lossy_pass_through(mlp, calib):
+    res = fxpress.compress(mlp, [DoubleFirst(tol={"max_rel_l2": 10.0})], calibration=calib)
+    assert res.records[0].status == "ok"
+
+
+def test_exact_pass_passes_at_1e_6(mlp, calib):
+    res = fxpress.compress(mlp, [Identity()], calibration=calib)
+    r = res.records[0]
+    assert r.status == "ok" and r.incremental.rel_l2 == 0.0 and r.tolerance == {"max_rel_l2": 1e-6}
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (Raises(), "raised RuntimeError: boom"),
+    (WrongType(), "returned GraphModule"),
+    (BreaksLint(), "fails lint"),
+    (WritesInPlace(), "in place"),
+])
+def test_broken_passes_raise_pass_errors_with_last_good(mlp, calib, bad, fragment):
+    snap = state_snapshot(mlp)
+    with pytest.raises(PassError) as e:
+        fxpress.compress(mlp, [Identity(), bad], calibration=calib)
+    assert e.value.pass_name == bad.name and fragment in str(e.value)
+    x = calib[0][0]
+    torch.testing.assert_close(e.value.last_good(x), mlp(x))
+    if not isinstance(bad, WritesInPlace):  # that one lied about replacing tensors
+        assert_unchanged(mlp, snap)
+
+
+def test_nan_is_never_kept(mlp, calib):
+    for policy in ("strict", "warn"):
+        with pytest.raises(VerificationError) as e:
+            fxpress.compress(mlp, [MakesNaN()], calibration=calib, policy=policy)
+        assert e.value.metric == "nonfinite" and "NaN/Inf" in str(e.value)
+    res = fxpress.compress(mlp, [MakesNaN()], calibration=calib, policy="rollback")
+    assert res.records[0].status == "rolled back"
+
+
+def test_a_pass_that_writes_in_place_gets_its_own_copy(mlp, calib):
+    snap = state_snapshot(mlp)
+    res = fxpress.compress(mlp, [WritesInPlaceHonestly()], calibration=calib)
+    assert res.records[0].changed
+    assert_unchanged(mlp, snap)
+
+
+def test_keyboard_interrupt_keeps_last_good(mlp, calib):
+    pipe = fxpress.Pipeline([Identity(), Interrupted()])
+    with pytest.raises(KeyboardInterrupt) as e:
+        pipe.run(mlp, calibration=calib)
+    x = calib[0][0]
+    assert torch.equal(e.value.last_good(x), mlp(x))
+    assert torch.equal(pipe.last_good(x), mlp(x))
+
+
+def test_missing_data_is_reported_before_the_pass_runs(mlp, digits):
+    with pytest.raises(MissingDataError, match="needs calibration"):
+        fxpress.compress(mlp, [NeedsCalibration()], example_inputs=(digits.x_test[:8],))
+
+
+def test_records_carry_bytes_sparsity_and_metrics(mlp, calib):
+    res = fxpress.compress(mlp, "prune{sparsity=0.5,scope=global}", calibration=calib)
+    r = res.records[0]
+    assert r.bytes_before == r.bytes_after == res.original_bytes > 0
+    assert abs(r.sparsity - 0.5) < 1e-6 and r.seconds > 0 and r.verify_seconds > 0
+    assert 0.9 < r.cumulative.cosine <= 1 and r.cumulative.top1 is not None
+    table = res.report()
+    assert "prune{sparsity=0.5,scope=global}" in table and "50.0%" in table
+    assert res.module.meta["fxpress"]["passes"] == ["prune{sparsity=0.5,scope=global}"]
+
+
+def test_instruments_dump_code_and_time_passes(mlp, calib, tmp_path):
+    timer, dumper = fxpress.PassTimer(), fxpress.GraphDumper(tmp_path / "dump")
+    fxpress.compress(mlp, "prune{sparsity=0.3},prune{threshold=0.001}", calibration=calib,
+                     instruments=[timer, dumper])
+    files = sorted(p.name for p in (tmp_path / "dump").iterdir())
+    assert files == ["01-prune.after.py", "01-prune.before.py", "02-prune.after.py",
+                     "02-prune.before.py"]
+    assert "def forward" in (tmp_path / "dump" / "01-prune.after.py").read_text()
+    assert [n for n, _ in timer.times] == ["prune{sparsity=0.3}", "prune{threshold=0.001}"]
+
+
+def test_lossy_steps_before_a_recovery_step_are_deferred(mlp, calib):
+    class Recover(Identity):
+        name = "recover"
+        recovers = True
+
+    res = fxpress.compress(mlp, [DoubleFirst(), Recover()], calibration=calib)
+    assert res.records[0].status == "deferred" and "#2" in res.records[0].message
+
+
+def test_concurrent_pipelines_match_sequential_runs(mlp, calib):
+    text = "prune{sparsity=0.6,scope=global},prune{threshold=0.02}"
+    expected = fxpress.compress(mlp, text, calibration=calib).module.state_dict()
+    results = [None] * 3
+
+    def work(i):
+        results[i] = fxpress.compress(mlp, text, calibration=calib).module.state_dict()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sd in results:
+        assert sd.keys() == expected.keys()
+        assert all(torch.equal(sd[k], expected[k]) for k in sd)

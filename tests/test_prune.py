@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+import fxpress
+from examples.digits import accuracy
+from fxpress.errors import OptionError
+from fxpress.graph.weights import weighted_ops
+from fxpress.passes.prune import global_kth_smallest, zero_smallest
+from tests.helpers import assert_unchanged, state_snapshot
+
+
+def _weights(gm):
+    return {op.name: op.weight() for op in weighted_ops(gm)}
+
+
+def test_threshold_zeroes_small_magnitudes_of_both_signs(mlp, calib):
+    res = fxpress.compress(mlp, "prune{threshold=0.02}", calibration=calib, policy="warn")
+    orig = dict(mlp.named_parameters())
+    for name, w in _weights(res.module).items():
+        o = orig[name]
+        small = o.abs() < 0.02
+        assert torch.equal(w[small], torch.zeros_like(w[small]))
+        assert torch.equal(w[~small], o[~small])  # negative weights above it survive
+        assert (o[~small] < 0).any()
+
+
+@pytest.mark.parametrize("s", [0.3, 0.5, 0.9])
+def test_layer_sparsity_is_exact_in_every_layer(mlp, calib, s):
+    res = fxpress.compress(mlp, f"prune{{sparsity={s}}}", calibration=calib, policy="warn")
+    for name, w in _weights(res.module).items():
+        assert int((w == 0).sum()) == round(s * w.numel()), name
+    assert res.records[0].stats["layers"].keys() == _weights(res.module).keys()
+
+
+def test_global_sparsity_is_exact_overall_and_uneven_across_layers(mlp, calib):
+    res = fxpress.compress(mlp, "prune{sparsity=0.8,scope=global}", calibration=calib, policy="warn")
+    ws = _weights(res.module)
+    total = sum(w.numel() for w in ws.values())
+    zeros = sum(int((w == 0).sum()) for w in ws.values())
+    assert zeros == round(0.8 * total)
+    per_layer = res.records[0].stats["layers"]
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.1  # global ≠ layer-wise
+    # every kept weight is at least as large as every pruned one, across layers
+    orig = dict(mlp.named_parameters())
+    kept = torch.cat([orig[n][w != 0].abs() for n, w in ws.items()])
+    pruned = torch.cat([orig[n][w == 0].abs() for n, w in ws.items()])
+    assert kept.min() >= pruned.max()
+
+
+def test_zero_smallest_breaks_ties_exactly():
+    w = torch.tensor([0.0, 0.0, 0.0, 0.5, -0.5, 0.5, 1.0])
+    out = zero_smallest(w, 5)
+    assert int((out == 0).sum()) == 5 and out[-1] == 1.0
+
+
+def test_global_kth_matches_a_full_sort_without_joining():
+    torch.manual_seed(0)
+    ts = [torch.randn(300, 200), torch.randn(1000) * 5, torch.zeros(50), torch.randn(7, 7)]
+    allabs = torch.cat([t.abs().flatten() for t in ts]).sort().values
+    for k in (1, 10, 5000, 30000, allabs.numel()):
+        got = global_kth_smallest(ts, k, bins=64, max_candidates=100)
+        assert got == float(allabs[k - 1])
+
+
+def test_global_fifty_percent_keeps_digits_accuracy(mlp, calib, digits):
+    before = accuracy(mlp, digits.x_test, digits.y_test)
+    res = fxpress.compress(mlp, "prune{sparsity=0.5,scope=global}", calibration=calib)
+    after = accuracy(res.module, digits.x_test, digits.y_test)
+    assert res.records[0].status == "ok"
+    assert before - after <= 0.01
+
+
+def test_one_shot_ninety_percent_loses_accuracy_and_strict_stops_it(mlp, calib, digits):
+    before = accuracy(mlp, digits.x_test, digits.y_test)
+    res = fxpress.compress(mlp, "prune{sparsity=0.9}", calibration=calib, policy="warn")
+    assert before - accuracy(res.module, digits.x_test, digits.y_test) > 0.05
+    with pytest.raises(fxpress.errors.VerificationError, match="prune"):
+        fxpress.compress(mlp, "prune{sparsity=0.9}", calibration=calib)
+
+
+def test_include_exclude_and_ops(mlp, calib):
+    snap = state_snapshot(mlp)
+    res = fxpress.compress(mlp, "prune{sparsity=0.5,include=[layers.*],exclude=[layers.1]}",
+                           calibration=calib, policy="warn")
+    layers = res.records[0].stats["layers"]
+    assert list(layers) == ["layers.0.weight"]
+    ws = _weights(res.module)
+    assert torch.equal(ws["head.weight"], mlp.head.weight)
+    assert_unchanged(mlp, snap)
+
+
+def test_a_glob_that_matches_nothing_is_an_error(mlp, calib):
+    with pytest.raises(OptionError, match="match no weighted op") as e:
+        fxpress.compress(mlp, "prune{sparsity=0.5,include=[encoder.*]}", calibration=calib)
+    assert "layers.0.weight" in str(e.value)  # shows what names look like
+
+
+def test_pruning_twice_keeps_earlier_zeros(mlp, calib):
+    res = fxpress.compress(mlp, "prune{sparsity=0.5},prune{threshold=0.01}", calibration=calib,
+                           policy="warn")
+    first = fxpress.compress(mlp, "prune{sparsity=0.5}", calibration=calib, policy="warn")
+    for name, w in _weights(first.module).items():
+        assert (_weights(res.module)[name][w == 0] == 0).all()
+
+
+def test_prune_on_export_graph_of_minilm(minilm, minilm_batches):
+    snap = {k: v.clone() for k, v in list(minilm.state_dict().items())[:8]}
+    res = fxpress.compress(minilm, "prune{sparsity=0.3,include=[*encoder.layer.0.*]}",
+                           calibration=minilm_batches[:1])
+    assert res.capture["method"] == "export"
+    layers = res.records[0].stats["layers"]
+    assert len(layers) == 6 and all(abs(s - 0.3) < 1e-4 for s in layers.values())
+    assert res.records[0].cumulative.cosine > 0.97
+    assert all(torch.equal(minilm.state_dict()[k], v) for k, v in snap.items())
