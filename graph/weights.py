@@ -392,20 +392,58 @@ def op_forward(kind: str, spec: dict, x: torch.Tensor, weight: torch.Tensor,
 
 # -- runtime modules ------------------------------------------------------------------------
 
-class CompressedModule(torch.nn.Module):
-    """Base of the runtime modules that passes write into graphs (``Int8Linear``,
+class RuntimeModule(torch.nn.Module):
+    """Base of every module a pass writes into a graph, so artifacts can store it as data.
+
+    The contract: all tensors are parameters or buffers (``state_dict`` holds exactly what
+    is stored), and every other attribute the module needs is returned by :meth:`config`
+    as JSON-able values (tuples come back as lists). :meth:`from_state` rebuilds the
+    module from that config and the tensors without running ``__init__`` and without
+    pickle: it sets each config key as an attribute, then registers the tensors.
+    Subclasses list tensors that may be ``None`` in ``optional_tensors``.
+    """
+
+    #: tensor names that may be None (e.g. "bias"); registered as None buffers on rebuild
+    optional_tensors: tuple[str, ...] = ()
+
+    def config(self) -> dict:
+        """JSON-able attributes (everything but tensors) needed to rebuild the module."""
+        return {}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
+                   parameters: Iterable[str] = ()) -> "RuntimeModule":
+        """Rebuild from :meth:`config` and the state_dict tensors (``parameters``: which
+        of them are trainable parameters rather than buffers)."""
+        m = cls.__new__(cls)
+        torch.nn.Module.__init__(m)
+        for k, v in config.items():
+            setattr(m, k, v)
+        for name in cls.optional_tensors:
+            m.register_buffer(name, None)
+        params = set(parameters)
+        for name, t in tensors.items():
+            if name in params:
+                m.register_parameter(name, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
+            else:
+                m.register_buffer(name, t)
+        return m
+
+
+class CompressedModule(RuntimeModule):
+    """Base of the runtime modules that replace a weighted op (``Int8Linear``,
     ``CodebookLinear``, ...): a linear, conv or embedding whose weight is stored in a
     compressed form and decoded by :meth:`weight_float`.
 
     Subclasses store only the compressed tensors (packed integers, codebooks, scales) as
     buffers or parameters, so ``state_dict`` is the compressed size, and implement
     ``weight_float``; ``forward`` computes the op from the decoded weight unless a
-    subclass has a faster path. ``config()`` returns the JSON-able constructor arguments
-    (everything but tensors) so an artifact can rebuild the module without pickle.
+    subclass has a faster path. ``config()`` must include everything but tensors.
     """
 
     #: The pass that writes this module ("quantize", "share", ...).
     technique: str = ""
+    optional_tensors = ("bias",)
 
     def __init__(self, kind: str, spec: dict | None = None):
         super().__init__()
@@ -423,7 +461,6 @@ class CompressedModule(torch.nn.Module):
         return op_forward(self.kind, self.spec, x, self.weight_float(), getattr(self, "bias", None))
 
     def config(self) -> dict:
-        """JSON-able constructor arguments (no tensors). Subclasses extend it."""
         return {"kind": self.kind, "spec": self.spec}
 
     def weight_bits(self) -> int:
@@ -462,5 +499,5 @@ def sparsity(t: torch.Tensor) -> float:
     return 1.0 - float(torch.count_nonzero(t)) / max(t.numel(), 1)
 
 
-__all__ = ["WeightedOp", "weighted_ops", "CompressedModule", "compressed_modules", "select", "unique_weights", "op_forward",
+__all__ = ["WeightedOp", "weighted_ops", "RuntimeModule", "CompressedModule", "compressed_modules", "select", "unique_weights", "op_forward",
            "conv_forward", "stored_bytes", "sparsity", "LINEAR", "CONV", "EMBEDDING", "KINDS"]

@@ -153,3 +153,13 @@ def test_select_reports_patterns_that_match_nothing(mlp, digits):
     chosen, unmatched = fxpress.graph.select(ops, ["layers.*", "nope*"], ["layers.1"])
     assert [o.name for o in chosen] == ["layers.0.weight"]
     assert unmatched == ["nope*"]
+
+
+def test_runtime_modules_rebuild_from_config_and_tensors():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    m = _DenseCopy("linear", {}, lin.weight, None)
+    rebuilt = _DenseCopy.from_state(m.config(), dict(m.state_dict()))
+    x = torch.randn(2, 4)
+    assert torch.equal(rebuilt(x), m(x)) and rebuilt.bias is None
+    assert set(rebuilt.state_dict()) == {"w"}
