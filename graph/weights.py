@@ -463,6 +463,21 @@ class CompressedModule(RuntimeModule):
     def config(self) -> dict:
         return {"kind": self.kind, "spec": self.spec}
 
+    # -- fine-tuning (the distill pass's recovery step) ----------------------------------
+    def begin_training(self) -> list[torch.nn.Parameter]:
+        """Prepare to be fine-tuned; return the parameters an optimizer may update.
+
+        The default trains nothing (the compressed weight stays frozen). A subclass that
+        can be fine-tuned returns e.g. its codebook (gradients of weights sharing a
+        centroid sum into it), or a float latent weight used through a straight-through
+        estimator; every forward in training must stay on the module's grid.
+        """
+        return []
+
+    def end_training(self) -> None:
+        """Leave training: fold what was learned back into the compressed storage (e.g.
+        re-quantise a latent weight) so ``state_dict`` is again exactly the compressed form."""
+
     def weight_bits(self) -> int:
         """Bits this module stores for its weight (bias excluded)."""
         return sum(t.numel() * t.element_size() * 8 for n, t in self.state_dict().items()
