@@ -1,0 +1,77 @@
+"""Pack small unsigned integer codes into bytes at their real bit width, and back.
+
+Every runtime module that stores sub-byte codes (4-bit and lower quantised weights,
+codebook indices, 1-bit signs, ternary and power-of-two codes) uses these two functions,
+so a ``bits``-bit code costs ``bits`` bits in the state_dict and on disk.
+
+>>> codes = torch.tensor([1, 0, 3, 2, 3], dtype=torch.uint8)
+>>> packed = pack_bits(codes, 2)
+>>> packed.numel()                      # 5 codes x 2 bits = 10 bits -> 2 bytes
+2
+>>> unpack_bits(packed, 2, 5).tolist()
+[1, 0, 3, 2, 3]
+"""
+from __future__ import annotations
+
+import torch
+
+
+def packed_size(numel: int, bits: int) -> int:
+    """Bytes needed for ``numel`` codes of ``bits`` bits."""
+    return (numel * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (each < 2**bits) into a flat uint8 tensor, little-endian bit order.
+
+    Widths that divide 8 (1, 2, 4, 8) pack whole codes per byte; others (3, 5, 6, 7) go
+    through a bit stream. Fully vectorised.
+    """
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+    if bits == 8:
+        return flat.to(torch.uint8)
+    n = flat.numel()
+    if 8 % bits == 0:
+        per = 8 // bits
+        pad = (-n) % per
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        shifts = torch.arange(per, dtype=torch.int64) * bits
+        return (flat.view(-1, per) << shifts).sum(1).to(torch.uint8)
+    # general widths: expand to bits, then regroup by 8
+    shifts = torch.arange(bits, dtype=torch.int64)
+    bitstream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    pad = (-bitstream.numel()) % 8
+    if pad:
+        bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)])
+    weights = torch.arange(8, dtype=torch.int64)
+    return (bitstream.view(-1, 8) << weights).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``numel`` codes, as a flat uint8 tensor."""
+    _check_bits(bits)
+    p = packed.reshape(-1).to(torch.int64)
+    if p.numel() < packed_size(numel, bits):
+        raise ValueError(f"{p.numel()} bytes cannot hold {numel} codes of {bits} bits")
+    if bits == 8:
+        return p[:numel].to(torch.uint8)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int64) * bits
+        return ((p.unsqueeze(1) >> shifts) & mask).reshape(-1)[:numel].to(torch.uint8)
+    bitstream = ((p.unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)
+    bitstream = bitstream[: numel * bits].view(numel, bits)
+    return (bitstream << torch.arange(bits, dtype=torch.int64)).sum(1).to(torch.uint8)
+
+
+__all__ = ["pack_bits", "unpack_bits", "packed_size"]
