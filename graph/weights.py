@@ -77,18 +77,25 @@ def _resolve(root: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str
     return owner, attr
 
 
-def _assign(owner: torch.nn.Module, attr: str, value: torch.Tensor | None) -> None:
-    """Replace ``owner.attr`` by a new tensor, keeping its kind (parameter or buffer)."""
+def _assign(owner: torch.nn.Module, attr: str, value: torch.Tensor | None) -> torch.Tensor | None:
+    """Replace ``owner.attr`` by a new tensor, keeping its kind (parameter or buffer).
+
+    Returns the object stored, so tied names can be given the very same object.
+    """
     old = getattr(owner, attr, None)
     if value is None:
         setattr(owner, attr, None)
-    elif attr in owner._parameters or isinstance(old, torch.nn.Parameter):
-        owner._parameters[attr] = torch.nn.Parameter(
-            value.detach(), requires_grad=bool(old.requires_grad) if old is not None else False)
+        return None
+    if attr in owner._parameters or isinstance(old, torch.nn.Parameter):
+        if not isinstance(value, torch.nn.Parameter):
+            value = torch.nn.Parameter(
+                value.detach(), requires_grad=bool(old.requires_grad) if old is not None else False)
+        owner._parameters[attr] = value
     elif attr in owner._buffers:
         owner._buffers[attr] = value.detach()
     else:
         setattr(owner, attr, value.detach())
+    return value
 
 
 @dataclass
@@ -113,6 +120,8 @@ class WeightedOp:
     _input: Any = None
     _weight_node: torch.fx.Node | None = None
     _bias_node: torch.fx.Node | None = None
+    #: every qualified name bound to the same weight tensor (tied weights), own name first
+    tied: tuple[str, ...] = ()
 
     # -- reading -----------------------------------------------------------------------
     @property
@@ -145,8 +154,10 @@ class WeightedOp:
         old = self.weight()
         if tuple(w.shape) != tuple(old.shape):
             raise ValueError(f"{self.name}: new weight shape {tuple(w.shape)} != {tuple(old.shape)}")
-        owner, attr = _resolve(self.gm, self.name)
-        _assign(owner, attr, w.t().contiguous() if self.transposed else w)
+        value: torch.Tensor | None = w.t().contiguous() if self.transposed else w
+        for name in self.tied or (self.name,):  # tied weights stay tied
+            owner, attr = _resolve(self.gm, name)
+            value = _assign(owner, attr, value)
 
     def set_bias(self, b: torch.Tensor | None) -> None:
         if self._bias_name is None:
@@ -326,6 +337,10 @@ def weighted_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None = None) -
     [('linear', '0.weight')]
     """
     wanted = set(kinds) if kinds is not None else set(KINDS)
+    names: dict[int, list[str]] = {}
+    for n, t in list(gm.named_parameters(remove_duplicate=False)) + list(
+            gm.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
     ops = []
     for node in gm.graph.nodes:
         op = None
@@ -334,6 +349,9 @@ def weighted_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None = None) -
         elif node.op == "call_function":
             op = _op_from_function(gm, node)
         if op is not None and op.kind in wanted:
+            owner, attr = _resolve(gm, op.name)
+            group = names.get(id(getattr(owner, attr)), [op.name])
+            op.tied = (op.name, *[n for n in group if n != op.name])
             ops.append(op)
     return ops
 
@@ -355,11 +373,12 @@ def select(ops: Sequence[WeightedOp], include: Sequence[str] = ("*",),
 
 
 def unique_weights(ops: Iterable[WeightedOp]) -> list[WeightedOp]:
-    """One op per distinct weight (tied weights appear once)."""
+    """One op per distinct weight tensor (tied weights appear once)."""
     seen, out = set(), []
     for op in ops:
-        if op.name not in seen:
-            seen.add(op.name)
+        key = min(op.tied or (op.name,))
+        if key not in seen:
+            seen.add(key)
             out.append(op)
     return out
 

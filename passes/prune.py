@@ -23,75 +23,110 @@ from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_
 _NONE = type(None)
 
 
-def zero_smallest(w: torch.Tensor, k: int) -> torch.Tensor:
-    """A copy of ``w`` with exactly its ``k`` smallest-magnitude entries set to zero.
-
-    >>> zero_smallest(torch.tensor([0.3, -0.1, 0.2, -0.4]), 2)
-    tensor([ 0.3000,  0.0000,  0.0000, -0.4000])
-    """
-    n = w.numel()
-    if k <= 0:
-        return w
-    if k >= n:
-        return torch.zeros_like(w)
-    a = w.detach().abs().flatten()
-    v = torch.kthvalue(a.float(), k).values.to(a.dtype)
-    return w.masked_fill(_cut_mask(a, v, k - int((a < v).sum())).view_as(w), 0)
+#: Elements per block. Large layers (GPT-2's 38M-entry tied embedding) are processed block
+#: by block, so temporaries stay small whatever the layer size.
+BLOCK = 1 << 22
 
 
-def _cut_mask(a: torch.Tensor, v: torch.Tensor | float, take_equal: int) -> torch.Tensor:
-    """``a < v`` plus the first ``take_equal`` entries equal to ``v``."""
-    mask = a < v
-    if take_equal > 0:
-        eq = a == v
-        mask |= eq & (torch.cumsum(eq, 0) <= take_equal)
-    return mask
+def _flat(w: torch.Tensor) -> torch.Tensor:
+    """A flat view of ``w``'s storage order (pruning is element-wise: order only breaks ties)."""
+    w = w.detach()
+    if not w.is_contiguous() and w.dim() == 2 and w.t().is_contiguous():
+        w = w.t()  # transposed views (GPT-2's Conv1D) are flattened without a copy
+    return w.reshape(-1)
 
 
-def global_kth_smallest(tensors: list[torch.Tensor], k: int, bins: int = 4096,
-                        max_candidates: int = 1 << 22) -> float:
+def _blocks(tensors: list[torch.Tensor]):
+    for t in tensors:
+        flat = _flat(t)
+        for i in range(0, flat.numel(), BLOCK):
+            yield flat[i:i + BLOCK]
+
+
+def count_below(tensors: list[torch.Tensor], v: float) -> int:
+    """How many entries of ``tensors`` have magnitude < ``v``."""
+    return sum(int((b.abs() < v).sum()) for b in _blocks(tensors))
+
+
+def kth_smallest_magnitude(tensors: list[torch.Tensor], k: int, bins: int = 4096,
+                           max_candidates: int = 1 << 22) -> float:
     """The ``k``-th smallest magnitude (1-based) over several tensors, without joining them.
 
-    Histograms narrow the value range until the few candidates left are sorted; only
-    one layer's magnitudes exist at a time.
+    Histograms narrow the value range until the few candidates left are sorted; only one
+    block of magnitudes exists at a time, so no copy of the weights is needed.
     """
     total = sum(t.numel() for t in tensors)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} outside 1..{total}")
-    full = (min(float(t.detach().abs().min()) for t in tensors if t.numel()),
-            max(float(t.detach().abs().max()) for t in tensors if t.numel()))
+    if total <= max_candidates:
+        a = torch.cat([b.abs().float() for b in _blocks(tensors)])
+        return float(torch.kthvalue(a, k).values)
+    full = (min(float(b.abs().min()) for b in _blocks(tensors)),
+            max(float(b.abs().max()) for b in _blocks(tensors)))
     lo, hi = full
     while True:
         if lo == hi:
             return lo
-        below = 0
-        inside = 0
-        for t in tensors:
-            a = t.detach().abs().flatten().float()
+        below = inside = 0
+        for b in _blocks(tensors):
+            a = b.abs()
             below += int((a < lo).sum())
             inside += int(((a >= lo) & (a <= hi)).sum())
         if inside <= max_candidates:
-            cand = torch.cat([a[(a >= lo) & (a <= hi)] for a in
-                              (t.detach().abs().flatten().float() for t in tensors)])
+            cand = torch.cat([a[(a >= lo) & (a <= hi)] for a in (b.abs() for b in _blocks(tensors))])
             idx = k - below - 1
             if 0 <= idx < cand.numel():
-                return float(torch.sort(cand).values[idx])
-            # the histogram's approximate edges lost the k-th value: fall back to exact
+                return float(torch.kthvalue(cand.float(), idx + 1).values)
+            # the histogram's approximate edges lost the k-th value: start over, exactly
             lo, hi, max_candidates = full[0], full[1], total
             continue
         hist = torch.zeros(bins, dtype=torch.float64)
-        for t in tensors:
-            hist += torch.histc(t.detach().abs().flatten().float(), bins, lo, hi).double()
+        for b in _blocks(tensors):
+            hist += torch.histc(b.abs().float(), bins, lo, hi).double()
         cum = torch.cumsum(hist, 0) + below
-        b = int(torch.searchsorted(cum, torch.tensor(float(k), dtype=torch.float64)))
-        b = min(b, bins - 1)
+        i = min(int(torch.searchsorted(cum, torch.tensor(float(k), dtype=torch.float64))), bins - 1)
         width = (hi - lo) / bins
         # widen by one bin on each side: histc's float edges are approximate, the next
         # round's counts are exact
-        new_lo, new_hi = lo + max(b - 1, 0) * width, min(lo + (b + 2) * width, hi)
+        new_lo, new_hi = lo + max(i - 1, 0) * width, min(lo + (i + 2) * width, hi)
         if (new_lo, new_hi) == (lo, hi):
             bins *= 4
         lo, hi = new_lo, new_hi
+
+
+def zero_below(tensors: list[torch.Tensor], v: float, take_equal: int = 0) -> list[torch.Tensor]:
+    """New tensors with every ``|w| < v`` zeroed, plus the first ``take_equal`` entries
+    equal to ``v`` (in order across ``tensors``), so a target count is met exactly."""
+    out = []
+    for t in tensors:
+        res = torch.empty_like(t)
+        dst, src = _flat(res), _flat(t)
+        for i in range(0, src.numel(), BLOCK):
+            b = src[i:i + BLOCK]
+            a = b.abs()
+            mask = a < v
+            if take_equal > 0:
+                ties = torch.nonzero(a == v).flatten()[:take_equal]
+                mask[ties] = True
+                take_equal -= ties.numel()
+            dst[i:i + BLOCK] = b.masked_fill(mask, 0)
+        out.append(res)
+    return out
+
+
+def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """New tensors with exactly the ``k`` smallest magnitudes across ``tensors`` zeroed.
+
+    >>> zero_smallest([torch.tensor([0.3, -0.1, 0.2, -0.4])], 2)
+    [tensor([ 0.3000,  0.0000,  0.0000, -0.4000])]
+    """
+    total = sum(t.numel() for t in tensors)
+    if k <= 0:
+        return list(tensors)
+    if k >= total:
+        return [torch.zeros_like(t) for t in tensors]
+    v = kth_smallest_magnitude(tensors, k)
+    return zero_below(tensors, v, k - count_below(tensors, v))
 
 
 class Prune(Pass):
@@ -129,32 +164,18 @@ class Prune(Pass):
         with torch.no_grad():
             if self.threshold is not None:
                 for op in ops:
-                    w = op.weight()
-                    op.set_weight(w.masked_fill(w.abs() < self.threshold, 0))
+                    op.set_weight(zero_below([op.weight()], self.threshold)[0])
             elif self.scope == "layer":
                 for op in ops:
                     w = op.weight()
-                    op.set_weight(zero_smallest(w, round(self.sparsity * w.numel())))
+                    op.set_weight(zero_smallest([w], round(self.sparsity * w.numel()))[0])
             else:
-                self._prune_global(ops)
+                weights = [op.weight() for op in ops]
+                k = round(self.sparsity * sum(w.numel() for w in weights))
+                for op, w in zip(ops, zero_smallest(weights, k)):
+                    op.set_weight(w)
         layers = {op.name: sparsity(op.weight()) for op in ops}
         n = sum(op.numel for op in ops)
         zeros = sum(layers[op.name] * op.numel for op in ops)
         return PassResult(gm, changed=bool(ops), stats={
             "layers": layers, "pruned_weights": n, "sparsity": zeros / n if n else 0.0})
-
-    def _prune_global(self, ops) -> None:
-        weights = [op.weight() for op in ops]
-        total = sum(w.numel() for w in weights)
-        k = round(self.sparsity * total)
-        if k == 0:
-            return
-        v = global_kth_smallest(weights, k)
-        below = [int((w.detach().abs() < v).sum()) for w in weights]
-        remaining = k - sum(below)
-        for op, w, b in zip(ops, weights, below):
-            a = w.detach().abs().flatten()
-            eq = int((a == v).sum()) if remaining > 0 else 0
-            take = min(eq, remaining)
-            remaining -= take
-            op.set_weight(w.masked_fill(_cut_mask(a, v, take).view_as(w), 0))

@@ -5,7 +5,7 @@ import fxpress
 from examples.digits import accuracy
 from fxpress.errors import OptionError
 from fxpress.graph.weights import weighted_ops
-from fxpress.passes.prune import global_kth_smallest, zero_smallest
+from fxpress.passes.prune import kth_smallest_magnitude, zero_smallest
 from tests.helpers import assert_unchanged, state_snapshot
 
 
@@ -49,7 +49,7 @@ def test_global_sparsity_is_exact_overall_and_uneven_across_layers(mlp, calib):
 
 def test_zero_smallest_breaks_ties_exactly():
     w = torch.tensor([0.0, 0.0, 0.0, 0.5, -0.5, 0.5, 1.0])
-    out = zero_smallest(w, 5)
+    (out,) = zero_smallest([w], 5)
     assert int((out == 0).sum()) == 5 and out[-1] == 1.0
 
 
@@ -58,7 +58,7 @@ def test_global_kth_matches_a_full_sort_without_joining():
     ts = [torch.randn(300, 200), torch.randn(1000) * 5, torch.zeros(50), torch.randn(7, 7)]
     allabs = torch.cat([t.abs().flatten() for t in ts]).sort().values
     for k in (1, 10, 5000, 30000, allabs.numel()):
-        got = global_kth_smallest(ts, k, bins=64, max_candidates=100)
+        got = kth_smallest_magnitude(ts, k, bins=64, max_candidates=100)
         assert got == float(allabs[k - 1])
 
 

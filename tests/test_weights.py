@@ -139,7 +139,14 @@ def test_tied_weights_share_one_name_and_survive_partial_replacement():
     ids = torch.randint(0, 20, (2, 5))
     gm = fxpress.capture(model, (ids,), method="export")
     ops = weighted_ops(gm)
-    assert len(ops) == 2 and len({o.name for o in ops}) == 1
+    assert len(ops) == 2 and len(fxpress.graph.weights.unique_weights(ops)) == 1
+    assert set(ops[0].tied) == set(ops[1].tied)
+    # replacing the weight through one op keeps the tie: both ops see the new tensor
+    ops[1].set_weight(ops[1].weight() * 0)
+    assert all(torch.count_nonzero(o.weight()) == 0 for o in weighted_ops(gm))
+    assert torch.count_nonzero(model.emb.weight) > 0
+    gm = fxpress.capture(model, (ids,), method="export")
+    ops = weighted_ops(gm)
     emb = next(o for o in ops if o.kind == "embedding")
     emb.replace_with(_DenseCopy("embedding", emb.spec, emb.weight(), None))
     gm.recompile()
