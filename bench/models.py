@@ -1,0 +1,49 @@
+"""Models the benchmark cases share: digits (examples/digits.py), MiniLM (examples/minilm.py)
+and a GPT-2-small-sized LM from transformers' default GPT2Config (124M parameters,
+random init, nothing downloaded)."""
+from __future__ import annotations
+
+import torch
+
+import bench.common  # noqa: F401  (sets sys.path and the offline environment)
+
+
+class LMLogits(torch.nn.Module):
+    """A causal LM as a plain tensor-in, logits-out module (no cache), for capture."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def gpt2(size: str = "full", seed: int = 0) -> tuple[torch.nn.Module, tuple]:
+    """GPT-2 small (124M) for "full"; a 2-layer miniature for "tiny"/"quick" smoke runs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if size == "full":
+        cfg = GPT2Config()
+    else:
+        cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128,
+                         bos_token_id=0, eos_token_id=0)
+    model = LMLogits(GPT2LMHeadModel(cfg).train(False)).train(False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
+    return model, (ids,)
+
+
+def minilm(size: str = "full"):
+    """The pretrained MiniLM sentence encoder and its calibration batches (batch 32)."""
+    from examples.minilm import SENTENCES, batches, sentence_encoder
+
+    n = {"full": len(SENTENCES), "quick": 64, "tiny": 8}[size]
+    return sentence_encoder(), batches(32 if size != "tiny" else 8, SENTENCES[:n])
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in
+               {id(p): p for p in model.parameters()}.values())
