@@ -19,21 +19,31 @@ class LMLogits(torch.nn.Module):
         return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
-def gpt2(size: str = "full", seed: int = 0) -> tuple[torch.nn.Module, tuple]:
-    """GPT-2 small (124M) for "full"; a 2-layer miniature for "tiny"/"quick" smoke runs."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def gpt2_config(size: str = "full"):
+    """transformers' default GPT2Config (124M) for "full"; a 2-layer miniature otherwise."""
+    from transformers import GPT2Config
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    torch.manual_seed(seed)
     if size == "full":
-        cfg = GPT2Config()
-    else:
-        cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128,
-                         bos_token_id=0, eos_token_id=0)
-    model = LMLogits(GPT2LMHeadModel(cfg).train(False)).train(False)
-    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
-    return model, (ids,)
+        return GPT2Config()
+    return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128,
+                      bos_token_id=0, eos_token_id=0)
+
+
+def gpt2_inputs(size: str = "full", seed: int = 0) -> tuple:
+    ids = torch.randint(0, gpt2_config(size).vocab_size, (2, 32),
+                        generator=torch.Generator().manual_seed(seed))
+    return (ids,)
+
+
+def gpt2(size: str = "full", seed: int = 0) -> tuple[torch.nn.Module, tuple]:
+    """A randomly initialised GPT-2 LM (seeded) and example inputs."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = LMLogits(GPT2LMHeadModel(gpt2_config(size)).train(False)).train(False)
+    return model, gpt2_inputs(size, seed)
 
 
 def minilm(size: str = "full"):
