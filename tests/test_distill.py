@@ -268,3 +268,18 @@ def test_torchrun_two_processes_train_identical_weights(tmp_path):
     single = trained_mlp(hidden=(32,))
     assert not torch.equal(w0["layers.0.weight"], single.layers[0].weight)
     assert (w0["layers.0.weight"] == 0).float().mean() == pytest.approx(0.8, abs=1e-3)
+
+
+def test_recovery_trains_an_export_graph_and_skips_parameters_it_never_uses(minilm_gm, minilm_batches):
+    pipe = fxpress.Pipeline.parse("prune{sparsity=0.5,include=[*encoder.layer.0.*]},"
+                                  "distill{epochs=2,lr=1e-4,output_loss=mse,tol.min_cosine=0.8}",
+                                  progress=False)
+    res = pipe.run(minilm_gm, calibration=minilm_batches[:1], train_data=minilm_batches)
+    prune_rec, distill_rec = res.records
+    assert distill_rec.status == "ok"
+    assert distill_rec.cumulative.cosine > prune_rec.cumulative.cosine  # recovered towards the original
+    assert distill_rec.zeros == prune_rec.zeros  # pruned attention/FFN weights stayed zero
+    total = sum(p.numel() for p in minilm_gm.parameters())
+    pooler = sum(p.numel() for n, p in minilm_gm.named_parameters() if "pooler" in n)
+    # BERT's pooler is computed but its output is dropped: it gets no gradient, so it is left out
+    assert distill_rec.stats["trained_parameters"] == total - pooler
