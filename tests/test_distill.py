@@ -16,8 +16,7 @@ from examples.digits import DigitsMLP, accuracy, train_data, trained_mlp
 from fxpress.errors import MissingDataError, OptionError, VerificationError
 from fxpress.graph.weights import CompressedModule, weighted_ops
 from fxpress.passes.base import Pass, PassResult, Tolerance
-from fxpress.passes.distill import (Distill, Tap, _Dist, _epoch_batches, collect,
-                                    insert_taps, tap_modules)
+from fxpress.passes.distill import Distill, Tap, _Dist, _epoch_batches, collect, tap_modules
 from fxpress.passes.prune import Prune
 from fxpress.passes.verify import Verifier
 from tests.conftest import ROOT
