@@ -17,6 +17,7 @@ from fxpress.errors import FxpressError
 from fxpress.graph.capture import capture
 from fxpress.passes import pipeline as _pipeline
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult, Tolerance, option
+from fxpress.passes.distill import Distiller
 from fxpress.passes.pipeline import GraphDumper, Instrument, PassRecord, PassTimer, PipelineResult
 from fxpress.plugins.manager import load_registry
 from fxpress.plugins.spec import hookimpl
@@ -88,4 +89,4 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: A
 __all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",
            "Pass", "PassContext", "PassResult", "PassInfo", "Tolerance", "option", "Instrument",
            "PassTimer", "GraphDumper", "registry", "list_passes", "hookimpl", "errors",
-           "FxpressError"]
+           "FxpressError", "Distiller"]

@@ -174,7 +174,7 @@ class PassContext:
     reference: torch.nn.Module | None = None
     history: list = field(default_factory=list)
     seed: int = 0
-    progress: bool = True
+    progress: bool | None = True  # None: progress bars only on a terminal
 
     def require(self, pass_name: str, what: str) -> Any:
         value = getattr(self, what)

@@ -290,12 +290,16 @@ class Pipeline:
         else:
             gm = capture(model, example_inputs, capture_method)
         batches = calib or [example_inputs]
-        verifier = Verifier(model, batches, top1=top1)
+        labelled = None
+        if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in self.passes):
+            labelled = _labelled(train_data, len(example_inputs))
+        verifier = Verifier(model, batches, top1=top1, labelled=labelled)
         current_out = verifier.run(gm, annotate=True)
         capture_metrics = verifier.compare_to_reference(current_out)
         gm.meta["fxpress"]["capture_error"] = capture_metrics.as_dict()
         ctx = PassContext(example_inputs=example_inputs, calibration=calib or None,
-                          train_data=train_data, reference=model, seed=seed)
+                          train_data=train_data, reference=model, seed=seed,
+                          progress=self.progress)
         original_bytes = stored_bytes(gm)
         records: list[PassRecord] = []
         self.last_good = gm
@@ -433,6 +437,17 @@ def _calibration_list(calibration: Iterable[Any] | None) -> list[tuple]:
     for i, b in enumerate(calibration):
         out.append(as_input_tuple(b, what=f"calibration batch {i}"))
     return out
+
+
+def _labelled(train_data: Any, n_inputs: int, limit: int = 32) -> list[tuple] | None:
+    """Up to ``limit`` (inputs, label) pairs from ``train_data`` for task-accuracy checks."""
+    out = []
+    for batch in train_data:
+        if len(out) >= limit:
+            break
+        if isinstance(batch, (tuple, list)) and len(batch) == n_inputs + 1:
+            out.append((tuple(batch[:-1]), batch[-1]))
+    return out or None
 
 
 def _progress(total: int, enabled: bool | None):

@@ -10,6 +10,8 @@ and against the graph before the pass (incremental):
 * ``cosine``    mean cosine similarity of each sample's flattened output (``cosine_min``: worst)
 * ``top1``      argmax agreement, for ``[batch, classes]`` logits
 * ``nonfinite`` NaN/Inf values that the reference does not have
+* ``accuracy``, ``accuracy_ratio`` when the verifier has labelled batches: task accuracy
+  (argmax against the label) and its ratio to the other graph's (for recovery steps)
 
 A :class:`~fxpress.passes.base.Tolerance` turns these into a verdict.
 """
@@ -40,6 +42,8 @@ class Metrics:
     cosine_min: float
     top1: float | None
     nonfinite: int
+    accuracy: float | None = None
+    accuracy_ratio: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,7 +51,7 @@ class Metrics:
     def value_for(self, limit_key: str) -> float | None:
         """The metric a tolerance key limits (``min_cosine`` -> ``cosine``)."""
         return {"max_rel_l2": self.rel_l2, "min_cosine": self.cosine, "min_top1": self.top1,
-                "max_abs": self.max_abs}.get(limit_key)
+                "max_abs": self.max_abs, "min_accuracy_ratio": self.accuracy_ratio}.get(limit_key)
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -122,8 +126,22 @@ def misses(tol: Tolerance, metrics: Metrics) -> list[tuple[str, float, float]]:
     return out
 
 
+def task_accuracy(outputs: Outputs, labels: Sequence[torch.Tensor]) -> float | None:
+    """Argmax accuracy of each batch's first output against its labels (None if not logits)."""
+    correct = total = 0
+    for out, y in zip(outputs, labels):
+        if not out or out[0].shape[:-1] != y.shape:
+            return None
+        correct += int((out[0].argmax(-1) == y).sum())
+        total += y.numel()
+    return correct / total if total else None
+
+
 class Verifier:
     """Holds the reference outputs and measures graphs against them.
+
+    ``labelled``: optional ``(inputs, label)`` pairs; graphs are also run on them and
+    their task accuracy compared (``Metrics.accuracy``, ``accuracy_ratio``).
 
     >>> mlp = torch.nn.Linear(4, 2)
     >>> v = Verifier(mlp, [(torch.randn(8, 4),)])
@@ -132,15 +150,16 @@ class Verifier:
     """
 
     def __init__(self, reference: torch.nn.Module, batches: Sequence[tuple],
-                 top1: bool | None = None):
+                 top1: bool | None = None, labelled: Sequence[tuple[tuple, torch.Tensor]] | None = None):
         if not batches:
             raise ValueError("the verifier needs at least one batch of inputs")
         self.batches = [tuple(b) for b in batches]
+        self.labelled = [(tuple(x), y) for x, y in (labelled or [])]
         start = time.perf_counter()
         self.reference = self.run(reference)
         self.reference_seconds = time.perf_counter() - start
         #: whether top-1 agreement is measured (None: when the outputs look like logits)
-        self.top1 = looks_like_logits(self.reference) if top1 is None else top1
+        self.top1 = looks_like_logits(self.reference[:len(self.batches)]) if top1 is None else top1
 
     def run(self, module: torch.nn.Module, annotate: bool = False) -> Outputs:
         """Outputs of ``module`` on every batch (eval mode, no grad).
@@ -149,7 +168,7 @@ class Verifier:
         """
         outs: Outputs = []
         with eval_mode(module), torch.no_grad():
-            for i, batch in enumerate(self.batches):
+            for i, batch in enumerate(self.batches + [x for x, _ in self.labelled]):
                 if annotate and i == 0 and isinstance(module, torch.fx.GraphModule):
                     outs.append(_leaves(annotate_shapes(module, batch)))
                 else:
@@ -157,7 +176,14 @@ class Verifier:
         return outs
 
     def compare_to_reference(self, outputs: Outputs) -> Metrics:
-        return compare(outputs, self.reference, self.top1)
+        return self.compare(outputs, self.reference)
 
     def compare(self, outputs: Outputs, previous: Outputs) -> Metrics:
-        return compare(outputs, previous, self.top1)
+        n = len(self.batches)
+        m = compare(outputs[:n], previous[:n], self.top1)
+        if self.labelled:
+            labels = [y for _, y in self.labelled]
+            new, old = task_accuracy(outputs[n:], labels), task_accuracy(previous[n:], labels)
+            m.accuracy = new
+            m.accuracy_ratio = new / old if new is not None and old else None
+        return m

@@ -1,10 +1,11 @@
 """The built-in passes, registered through the same hook as any third-party plugin."""
 from __future__ import annotations
 
+from fxpress.passes.distill import Distill
 from fxpress.passes.prune import Prune
 from fxpress.plugins.spec import hookimpl
 
-BUILTIN_PASSES = (Prune,)
+BUILTIN_PASSES = (Prune, Distill)
 
 
 @hookimpl

@@ -1,0 +1,284 @@
+"""distill: exact taps (fx and export graphs), the Distiller, recovery as a pipeline step
+that keeps compression invariants, and the same training under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fxpress
+from examples.digits import DigitsMLP, accuracy, train_data, trained_mlp
+from fxpress.errors import MissingDataError, OptionError, VerificationError
+from fxpress.graph.weights import CompressedModule, weighted_ops
+from fxpress.passes.base import Pass, PassResult, Tolerance
+from fxpress.passes.distill import Distill, Tap, _Dist, _epoch_batches, collect, tap_modules
+from fxpress.passes.prune import Prune
+from fxpress.passes.verify import Verifier
+from tests.conftest import ROOT
+from tests.helpers import assert_unchanged, state_snapshot
+
+
+# -- taps ------------------------------------------------------------------------------------
+
+def test_default_taps_on_the_mlp_are_exact_and_expose_block_outputs(mlp, calib):
+    res = fxpress.compress(mlp, "distill", calibration=calib)
+    rec = res.records[0]
+    assert rec.status == "ok" and rec.cumulative.max_abs == 0.0
+    assert rec.stats["taps"] == ["layers.0", "layers.1", "head"]
+    x = calib[0][0]
+    with collect(res.module) as acts:
+        out = res.module(x)
+    assert torch.equal(out, mlp(x))
+    assert torch.equal(acts["layers.0"], mlp.layers[0](x))  # the linear's output, before relu
+    assert acts["layers.1"].shape == (len(x), 100)
+    assert "_sink" not in tap_modules(res.module)["head"].__dict__  # nothing kept afterwards
+
+
+def test_taps_on_the_cnn_are_exact(cnn, calib):
+    res = fxpress.compress(cnn, "distill", calibration=calib)
+    assert res.records[0].cumulative.max_abs == 0.0
+    assert res.records[0].stats["taps"] == ["conv1", "bn1", "conv2", "bn2", "fc1", "fc2"]
+    with collect(res.module) as acts:
+        res.module(calib[0][0])
+    assert acts["conv2"].shape == (128, 32, 4, 4)
+
+
+def test_taps_on_the_minilm_export_graph_are_exact(minilm_gm, minilm_batches):
+    res = fxpress.Pipeline.parse("distill,distill{taps=[*.layer.?.output]}", progress=False).run(
+        minilm_gm, calibration=minilm_batches)
+    default, glob = (r.stats["taps"] for r in res.records)
+    assert default == ["bert.embeddings"] + [f"bert.encoder.layer.{i}" for i in range(6)]
+    assert glob == [f"bert.encoder.layer.{i}.output" for i in range(6)]
+    assert all(r.cumulative.max_abs == 0.0 for r in res.records)
+    ids, mask = minilm_batches[0]
+    with collect(res.module) as acts:
+        emb = res.module(ids, mask)
+    assert torch.equal(emb, minilm_gm(ids, mask))
+    assert acts["bert.encoder.layer.5"].shape == (*ids.shape, 384)
+    # a block's output is its output sublayer's (BertLayer returns BertOutput's LayerNorm)
+    assert torch.equal(acts["bert.encoder.layer.3"], acts["bert.encoder.layer.3.output"])
+
+
+def test_tapping_twice_adds_nothing_and_node_names_work(mlp, calib):
+    res = fxpress.compress(mlp, "distill,distill,distill{taps=[relu]}", calibration=calib)
+    assert [r.stats["inserted"] for r in res.records] == [3, 0, 1]
+    assert sorted(tap_modules(res.module)) == ["head", "layers.0", "layers.1", "relu"]
+
+
+def test_tap_errors_name_the_option(mlp, calib):
+    with pytest.raises(OptionError, match="taps.*encoder.*layers.0"):
+        fxpress.compress(mlp, "distill{taps=[encoder.*]}", calibration=calib)
+    with pytest.raises(OptionError, match="'lr'.*epochs=N"):
+        fxpress.Pipeline.parse("distill{lr=0.1}")
+
+
+def test_a_tap_rebuilds_from_its_config_without_tensors():
+    tap = Tap("layers.0")
+    again = Tap.from_state(tap.config(), {})
+    x = torch.randn(3, 4)
+    with collect(again) as acts:
+        assert again(x) is x
+    assert acts == {"layers.0": x} and tap.state_dict() == {}
+
+
+# -- the Distiller -----------------------------------------------------------------------------
+
+def test_distiller_from_a_wide_teacher_into_a_small_student_with_projected_features(digits, capsys):
+    teacher = trained_mlp(hidden=(64, 32), epochs=20)
+    snap = state_snapshot(teacher)
+    torch.manual_seed(0)
+    student = DigitsMLP(hidden=(16,))
+    before = student.layers[0].weight.detach().clone()
+    d = fxpress.Distiller(teacher, student, pairs={"layers.0": "layers.1"}, beta=0.1)
+    history = d.fit(train_data(), epochs=6, lr=1e-2, progress=True)
+    assert len(history) == 6 and history.loss[-1] < history.loss[0]
+    assert {"kd", "ce", "feature", "loss"} <= set(history[0])
+    # student 16 wide, teacher 32 wide: a learned 16 -> 32 projection
+    assert d.projections[0].proj.weight.shape == (32, 16)
+    # the student was captured and tapped; its parameters are the caller's, trained in place
+    assert isinstance(d.student, torch.fx.GraphModule)
+    assert not torch.equal(student.layers[0].weight, before)
+    assert accuracy(student, digits.x_test, digits.y_test) > 0.85
+    assert_unchanged(teacher, snap)
+    assert "loss=" in capsys.readouterr().err  # the progress bar shows the loss
+
+
+def test_labels_are_optional_and_kd_alone_moves_the_student_towards_the_teacher(digits):
+    teacher = trained_mlp(hidden=(32,), epochs=30)
+    torch.manual_seed(1)
+    student = DigitsMLP(hidden=(16,))
+    unlabelled = [(x,) for x, _ in train_data()]
+
+    def agreement():
+        with torch.no_grad():
+            return float((student(digits.x_test).argmax(1) == teacher(digits.x_test).argmax(1)).float().mean())
+
+    start = agreement()
+    history = fxpress.Distiller(teacher, student).fit(unlabelled, epochs=5, lr=1e-2, progress=False)
+    assert "ce" not in history[0]
+    assert agreement() > max(start, 0.8)
+
+
+# -- recovery as a pipeline step -------------------------------------------------------------
+
+def test_recovery_after_pruning_keeps_every_pruned_weight_zero(mlp, calib, digits):
+    snap = state_snapshot(mlp)
+    pruned = fxpress.compress(mlp, "prune{sparsity=0.95}", calibration=calib, policy="warn").module
+    res = fxpress.compress(mlp, "prune{sparsity=0.95},distill{epochs=8,lr=1e-2}", calibration=calib,
+                           train_data=train_data(), policy="warn", progress=False)
+    prune_rec, distill_rec = res.records
+    assert prune_rec.status == "deferred" and "recovery step #2" in prune_rec.message
+    before = {op.name: op.weight() for op in weighted_ops(pruned)}
+    for op in weighted_ops(res.module):
+        w, zero = op.weight(), before[op.name] == 0
+        assert torch.equal(w[zero], torch.zeros_like(w[zero])), op.name
+        assert not torch.equal(w[~zero], before[op.name][~zero])  # the rest was trained
+    assert distill_rec.stats["kept_zeros"] == sum(int((b == 0).sum()) for b in before.values())
+    acc_pruned = accuracy(pruned, digits.x_test, digits.y_test)
+    acc = accuracy(res.module, digits.x_test, digits.y_test)
+    assert acc > acc_pruned + 0.3
+    # the verdict is on task metrics against the original model
+    assert distill_rec.cumulative.accuracy_ratio is not None and distill_rec.cumulative.top1 > 0.9
+    assert_unchanged(mlp, snap)
+
+
+def test_a_recovery_that_falls_short_fails_on_the_task_metric(mlp, calib):
+    with pytest.raises(VerificationError, match="distill.*min_top1|distill.*accuracy_ratio"):
+        fxpress.compress(mlp, "prune{sparsity=0.95},distill{epochs=1,lr=1e-6}", calibration=calib,
+                         train_data=train_data(), progress=False)
+
+
+def test_recovery_needs_training_data(mlp, calib):
+    with pytest.raises(MissingDataError, match="distill.*train_data"):
+        fxpress.compress(mlp, "prune{sparsity=0.5},distill{epochs=1}", calibration=calib)
+
+
+class CodebookLinear(CompressedModule):
+    """A test-only shared-weight linear: 2^bits centroids and a fixed index per weight."""
+
+    technique = "test-share"
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, bits: int = 3, trainable: bool = True):
+        super().__init__("linear")
+        centroids = torch.quantile(w.detach().flatten().float(), torch.linspace(0, 1, 2 ** bits))
+        self.register_buffer("codebook", centroids)
+        self.register_buffer("indices", (w.detach().unsqueeze(-1) - centroids).abs().argmin(-1).to(torch.uint8))
+        self.register_buffer("bias", None if b is None else b.detach().clone())
+        self.trainable, self.calls = trainable, []
+
+    def weight_float(self) -> torch.Tensor:
+        return self.codebook[self.indices.long()]
+
+    def begin_training(self):
+        self.calls.append("begin")
+        if not self.trainable:
+            return []
+        # gradients of every weight that shares a centroid sum into it; indices stay fixed
+        self.codebook = nn.Parameter(self.codebook.detach().clone())
+        return [self.codebook]
+
+    def end_training(self) -> None:
+        self.calls.append("end")
+        if self.trainable:
+            cb = self.codebook.detach().clone()
+            del self.codebook
+            self.register_buffer("codebook", cb)
+
+
+class ToyShare(Pass):
+    name = "toy-share"
+    tolerance = Tolerance(min_cosine=0.0)
+    replaces_tensors = True
+    runtime_modules = (CodebookLinear,)
+
+    def run(self, gm, ctx):
+        for op in weighted_ops(gm):
+            op.replace_with(CodebookLinear(op.weight(), op.bias(), trainable=op.name != "head.weight"))
+        return PassResult(gm, True, {})
+
+
+def test_compressed_modules_train_only_through_their_hooks(mlp, calib, digits):
+    base = fxpress.Pipeline([Prune(sparsity=0.8), ToyShare()], policy="warn", progress=False).run(
+        mlp, calibration=calib)
+    res = fxpress.Pipeline([Distill(epochs=4, lr=3e-3)], policy="warn", progress=False).run(
+        base.module, calibration=calib, train_data=train_data())
+    old = dict(base.module.named_modules())
+    for name, m in res.module.named_modules():
+        if not isinstance(m, CodebookLinear):
+            continue
+        o = old[name]
+        assert m.calls == ["begin", "end"] and o.calls == []  # the pipeline trained a copy
+        assert set(m.state_dict()) == {"codebook", "indices", "bias"}
+        assert all(isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)
+                   for t in (m.codebook, m.indices))  # folded back to buffers
+        assert torch.equal(m.indices, o.indices)  # every weight stays on its centroid
+        assert len(torch.unique(m.weight_float())) <= 8
+        changed = not torch.equal(m.codebook, o.codebook)
+        assert changed == m.trainable, name  # a module whose hook returns [] stays frozen
+        assert torch.equal(m.bias, o.bias)  # its other tensors are not the trainer's to touch
+    assert accuracy(res.module, digits.x_test, digits.y_test) >= accuracy(base.module, digits.x_test, digits.y_test)
+
+
+# -- verifier: task accuracy ------------------------------------------------------------------
+
+def test_verifier_measures_accuracy_ratio_on_labelled_batches(small_mlp, calib):
+    labelled = [((x,), y) for x, y in train_data()[:4]]
+    v = Verifier(small_mlp, calib, labelled=labelled)
+    m = v.compare_to_reference(v.run(small_mlp))
+    assert m.accuracy_ratio == 1.0 and 0.5 < m.accuracy <= 1.0
+    worse = DigitsMLP(hidden=(32,))
+    m = v.compare_to_reference(v.run(worse))
+    assert m.accuracy_ratio < 0.5 and m.value_for("min_accuracy_ratio") == m.accuracy_ratio
+
+
+# -- distributed ----------------------------------------------------------------------------
+
+def test_batches_are_split_like_a_distributed_sampler():
+    data = list(range(7))
+    state: dict = {}
+    shards = [list(_epoch_batches(data, 3, 0, _Dist(rank=r, world=2), state)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 4  # padded to equal length
+    assert set(shards[0] + shards[1]) == set(data)
+    single = list(_epoch_batches(data, 3, 0, _Dist(), state))
+    assert shards[0] == single[0::2] and shards[1] == (single + single[:1])[1::2]
+    assert single != list(_epoch_batches(data, 4, 0, _Dist(), state))  # reshuffled per epoch
+
+
+def test_torchrun_two_processes_train_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "distill_ddp.py"), "--hidden", "32", "--epochs", "2",
+           "--sparsity", "0.8", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    h0, h1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    drop_time = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]  # noqa: E731
+    assert h0["world_size"] == 2 and drop_time(h0) == drop_time(h1)  # losses averaged over ranks
+    assert [e["steps"] for e in h0["epochs"]] == [11, 11]  # 22 batches shared by 2 ranks
+    single = trained_mlp(hidden=(32,))
+    assert not torch.equal(w0["layers.0.weight"], single.layers[0].weight)
+    assert (w0["layers.0.weight"] == 0).float().mean() == pytest.approx(0.8, abs=1e-3)
+
+
+def test_recovery_trains_an_export_graph_and_skips_parameters_it_never_uses(minilm_gm, minilm_batches):
+    pipe = fxpress.Pipeline.parse("prune{sparsity=0.5,include=[*encoder.layer.0.*]},"
+                                  "distill{epochs=2,lr=1e-4,output_loss=mse,tol.min_cosine=0.8}",
+                                  progress=False)
+    res = pipe.run(minilm_gm, calibration=minilm_batches[:1], train_data=minilm_batches)
+    prune_rec, distill_rec = res.records
+    assert distill_rec.status == "ok"
+    assert distill_rec.cumulative.cosine > prune_rec.cumulative.cosine  # recovered towards the original
+    assert distill_rec.zeros == prune_rec.zeros  # pruned attention/FFN weights stayed zero
+    total = sum(p.numel() for p in minilm_gm.parameters())
+    pooler = sum(p.numel() for n, p in minilm_gm.named_parameters() if "pooler" in n)
+    # BERT's pooler is computed but its output is dropped: it gets no gradient, so it is left out
+    assert distill_rec.stats["trained_parameters"] == total - pooler
