@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from fxpress.passes.prune import Prune
+from fxpress.passes.quantize import Quantize
 from fxpress.plugins.spec import hookimpl
 
-BUILTIN_PASSES = (Prune,)
+BUILTIN_PASSES = (Prune, Quantize)
 
 
 @hookimpl
