@@ -69,11 +69,36 @@ def _grouped(w2: torch.Tensor, granularity: str, group_size: int) -> torch.Tenso
     return w2.reshape(rows, cols // group_size, group_size)
 
 
+#: Clipping ratios tried by scale="mse" (1.0 = the absmax range).
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))
+
+
+def _grid(g: torch.Tensor, bits: int, scheme: str, ratio: float
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes, scale and zero point of grouped weights ``g`` with the range clipped by ``ratio``."""
+    lo, hi = code_range(bits, scheme)
+    if scheme == "symmetric":
+        amax = g.abs().amax(-1) * ratio
+        scale = torch.where(amax > 0, amax / hi, torch.ones_like(amax))
+        return torch.round(g / scale.unsqueeze(-1)).clamp(lo, hi), scale, None
+    # the range always includes 0, so an integer zero point represents 0 exactly
+    wmin = g.amin(-1).clamp(max=0) * ratio
+    wmax = g.amax(-1).clamp(min=0) * ratio
+    span = wmax - wmin
+    scale = torch.where(span > 0, span / (hi - lo), torch.ones_like(span))
+    zero = torch.round(-wmin / scale).clamp(lo, hi)
+    codes = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), lo, hi)
+    return codes, scale, zero
+
+
 def quantize_weight(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
-                    granularity: str = "channel", group_size: int = 0, unit: bool = False
+                    granularity: str = "channel", group_size: int = 0, scale: str = "absmax"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Integer codes, scales and zero points of a 2-D weight ``[rows, cols]``.
 
+    ``scale``: "absmax" (each channel/group's full range), "mse" (per channel/group, the
+    clipped range of :data:`CLIP_RATIOS` with the least squared error: fewer levels wasted
+    on rare large weights, which matters at 4 bits and below), "unit" (s = 1: ``round(w)``).
     Returns ``codes`` (int32, ``[rows, cols]``), ``scale`` (float32, ``[rows or 1,
     groups]``) and ``zero`` (int32 like ``scale``, affine only, else None).
 
@@ -84,25 +109,28 @@ def quantize_weight(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
     w2 = w2.detach().float()
     lo, hi = code_range(bits, scheme)
     g = _grouped(w2, granularity, group_size)
-    if unit:
-        scale = torch.ones(g.shape[:2])
-        zero = None
-        codes = torch.round(g).clamp(lo, hi)
-    elif scheme == "symmetric":
-        amax = g.abs().amax(-1)
-        scale = torch.where(amax > 0, amax / hi, torch.ones_like(amax))
-        zero = None
-        codes = torch.round(g / scale.unsqueeze(-1)).clamp(lo, hi)
+    if scale == "unit":
+        codes, s, zero = torch.round(g).clamp(lo, hi), torch.ones(g.shape[:2]), None
     else:
-        # the range always includes 0, so an integer zero point represents 0 exactly
-        wmin = g.amin(-1).clamp(max=0)
-        wmax = g.amax(-1).clamp(min=0)
-        span = wmax - wmin
-        scale = torch.where(span > 0, span / (hi - lo), torch.ones_like(span))
-        zero = torch.round(-wmin / scale).clamp(lo, hi)
-        codes = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), lo, hi)
-        zero = zero.to(torch.int32)
-    return codes.reshape(w2.shape).to(torch.int32), scale.float(), zero
+        codes, s, zero = _grid(g, bits, scheme, 1.0)
+        if scale == "mse":
+            best = _sq_error(g, codes, s, zero)
+            for ratio in CLIP_RATIOS[1:]:
+                c, s2, z2 = _grid(g, bits, scheme, ratio)
+                err = _sq_error(g, c, s2, z2)
+                better = err < best
+                best = torch.where(better, err, best)
+                codes = torch.where(better.unsqueeze(-1), c, codes)
+                s = torch.where(better, s2, s)
+                if zero is not None:
+                    zero = torch.where(better, z2, zero)
+    return (codes.reshape(w2.shape).to(torch.int32), s.float(),
+            None if zero is None else zero.to(torch.int32))
+
+
+def _sq_error(g, codes, scale, zero):
+    zz = 0.0 if zero is None else zero.unsqueeze(-1)
+    return ((codes - zz) * scale.unsqueeze(-1) - g).pow(2).sum(-1)
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
@@ -519,12 +547,18 @@ class Quantize(Pass):
                          "time and multiply in integers; 'none': weight-only (decode, float "
                          "matmul). Default: dynamic, or none with granularity=group",
                          type=(str, _NONE), choices=("dynamic", "none", None))
-    scale = option("absmax", "'absmax': scale from each channel/group's range; 'unit': s = 1, "
-                   "the seed article's round(w)", choices=("absmax", "unit"))
+    scale = option(None, "'absmax': scale from each channel/group's full range; 'mse': the "
+                   "clipped range with the least squared error; 'unit': s = 1, the seed article's "
+                   "round(w). Default: absmax at 8 bits, mse below", type=(str, _NONE),
+                   choices=("absmax", "mse", "unit", None))
     smooth = option(None, "SmoothQuant migration strength alpha in [0, 1] for dynamic linear "
                     "layers: divides input columns by absmax(x)^a / absmax(w)^(1-a) measured on "
                     "the calibration batches, and multiplies the weight by it", type=(float, _NONE),
                     low=0.0, high=1.0)
+    max_layer_error = option(None, "re-quantize at 8 bits every layer whose own output error "
+                             "(relative L2 on the calibration inputs) exceeds this; the "
+                             "layers kept at 8 bits are listed in stats['promoted']",
+                             type=(float, _NONE), low=0.0, low_open=True)
     embeddings = option(True, "quantize embedding tables too")
     include = option(["*"], "glob patterns on weight or layer names to quantize")
     exclude = option([], "glob patterns to leave in float")
@@ -535,6 +569,9 @@ class Quantize(Pass):
                               "(e.g. 64 or 128)")
         if self.group_size is not None and self.granularity != "group":
             raise OptionError(self.name, "group_size", "only applies with granularity=group")
+        if self.scale is None:
+            self.scale = "absmax" if self.bits == 8 else "mse"
+            self.options["scale"] = self.scale
         if self.activations is None:
             self.activations = "none" if self.granularity == "group" else "dynamic"
             self.options["activations"] = self.activations
@@ -569,6 +606,7 @@ class Quantize(Pass):
         # one set of codes per distinct weight; ops that share a weight share its buffers
         built: dict[str, QuantizedWeight] = {}
         layers: dict[str, dict] = {}
+        promoted: list[str] = []
         for op in chosen:
             module = built.get(op.name)
             if module is None:
@@ -580,6 +618,15 @@ class Quantize(Pass):
             w, b = op.weight().detach(), op.bias()
             if op.name not in layers:
                 layers[op.name] = self._layer_stats(op, module, w, b, x)
+                if (self.max_layer_error is not None and self.bits < 8
+                        and layers[op.name]["rel_error"] > self.max_layer_error):
+                    # the most sensitive layers keep 8 bits (per channel: the integer
+                    # kernel can still run them)
+                    module = self._build(op, rec, bits=8)
+                    built[op.name] = module
+                    layers[op.name] = dict(self._layer_stats(op, module, w, b, x),
+                                           error_at_low_bits=layers[op.name]["rel_error"])
+                    promoted.append(op.name)
             op.replace_with(module)
         before = sum(v["bytes_before"] for v in layers.values())
         after = sum(v["bytes_after"] for v in layers.values())
@@ -587,12 +634,16 @@ class Quantize(Pass):
         return PassResult(gm, changed=bool(chosen), stats={
             "layers": layers, "quantized_layers": len(layers), "bits": self.bits,
             "bytes_before": before, "bytes_after": after,
-            "worst_layer": worst, "kernels": sorted({v["kernel"] for v in layers.values()})})
+            "worst_layer": worst, "promoted": promoted, "kernels": sorted({v["kernel"] for v in layers.values()})})
 
-    def _build(self, op, rec: _InputRecorder) -> QuantizedWeight:
+    def _build(self, op, rec: _InputRecorder, bits: int | None = None) -> QuantizedWeight:
         w = op.weight().detach().float()
         w2 = w.reshape(w.shape[0], -1)
-        dynamic = op.kind == LINEAR and self.activations == "dynamic"
+        bits = bits or self.bits
+        # a promoted layer (bits given) gets 8-bit channel scales and the integer kernel
+        granularity = "channel" if bits != self.bits else self.granularity
+        scale_mode = "absmax" if bits != self.bits else self.scale
+        dynamic = op.kind == LINEAR and (self.activations == "dynamic" or bits != self.bits)
         smooth = None
         if dynamic and self.smooth is not None and op._input in rec.absmax:
             a = self.smooth
@@ -600,10 +651,10 @@ class Quantize(Pass):
             wmax = w2.abs().amax(0).clamp(min=1e-5)
             smooth = (xmax.pow(a) / wmax.pow(1 - a)).clamp(min=1e-5)
             w2 = w2 * smooth
-        codes, scale, zero = quantize_weight(w2, self.bits, self.scheme, self.granularity,
-                                             self.group_size or 0, unit=self.scale == "unit")
-        args = (tuple(w.shape), codes, scale, zero, op.bias(), self.bits, self.scheme,
-                self.granularity, self.group_size or 0)
+        codes, scale, zero = quantize_weight(w2, bits, self.scheme, granularity,
+                                             self.group_size or 0, scale=scale_mode)
+        args = (tuple(w.shape), codes, scale, zero, op.bias(), bits, self.scheme,
+                granularity, (self.group_size or 0) if granularity == "group" else 0)
         if op.kind == LINEAR:
             return QuantizedLinear(*args, activations="dynamic" if dynamic else "none",
                                    smooth=smooth)
