@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from fxpress.passes.distill import Distill
 from fxpress.passes.prune import Prune
+from fxpress.passes.quantize import Quantize
 from fxpress.plugins.spec import hookimpl
 
-BUILTIN_PASSES = (Prune, Distill)
+BUILTIN_PASSES = (Prune, Quantize, Distill)
 
 
 @hookimpl

@@ -1,0 +1,145 @@
+"""Quantization: fxpress int8 (per-token dynamic) and 4-bit weight-only vs fp32 and
+torch's quantize_dynamic, on the real MiniLM and the digits MLP/CNN.
+
+Latencies are medians of repeats taken in interleaved rounds (every variant once per
+round), so load from other processes hits all variants alike; ratios are the point.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+
+from bench.common import Table, kb, mb
+
+TITLE = "Quantization: fxpress vs fp32 vs torch.ao quantize_dynamic"
+
+
+def _interleaved_medians(fns: dict, repeat: int) -> dict[str, float]:
+    """Median seconds of each callable, timed round-robin (one call each per round)."""
+    with torch.inference_mode():
+        for f in fns.values():
+            f()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeat):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _torch_dynamic(model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
+    """torch.ao's quantize_dynamic on a copy (the baseline only; fxpress never uses it)."""
+    m = copy.deepcopy(model)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
+    return q, time.perf_counter() - start
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    """state_dict bytes, including torch's packed params (which stored_bytes cannot see)."""
+    total = 0
+    for v in module.state_dict().values():
+        if isinstance(v, torch.Tensor):
+            if v.is_quantized:
+                total += v.numel() * v.element_size() + 8 * (
+                    v.q_per_channel_scales().numel() * 2 if v.qscheme() in (
+                        torch.per_channel_affine, torch.per_channel_symmetric) else 2)
+            else:
+                total += v.numel() * v.element_size()
+        elif isinstance(v, tuple):  # quantize_dynamic's (weight, bias) packed params
+            total += sum(t.numel() * t.element_size() for t in v if isinstance(t, torch.Tensor))
+    return total
+
+
+def _minilm(size: str) -> Table:
+    import fxpress
+    from examples.minilm import SENTENCES, batches, sentence_encoder
+
+    enc = sentence_encoder()
+    data = batches(32, SENTENCES if size == "full" else SENTENCES[:32])
+    gm = fxpress.capture(enc, data[0])
+    with torch.no_grad():
+        ref = [enc(*b) for b in data]
+    fp32_bytes = _state_bytes(enc)
+    variants = {"fxpress int8 (per-token dynamic)": "quantize{bits=8}",
+                "fxpress int8 + smooth=0.5": "quantize{bits=8,smooth=0.5}",
+                "fxpress 4-bit g64 affine weight-only":
+                    "quantize{bits=4,granularity=group,group_size=64,scheme=affine}",
+                "fxpress 4-bit g128 affine weight-only":
+                    "quantize{bits=4,granularity=group,group_size=128,scheme=affine}"}
+    if size != "full":
+        variants = dict(list(variants.items())[:1])
+    models: dict[str, torch.nn.Module] = {"fp32": enc}
+    apply_s: dict[str, float] = {"fp32": 0.0}
+    models["torch quantize_dynamic"], apply_s["torch quantize_dynamic"] = _torch_dynamic(enc)
+    for label, text in variants.items():
+        start = time.perf_counter()
+        res = fxpress.compress(gm, text, calibration=data[:2], policy="warn")
+        apply_s[label] = time.perf_counter() - start
+        models[label] = res.module
+    repeat = {"full": 15, "quick": 5, "tiny": 1}[size]
+    lat = _interleaved_medians({k: (lambda m=m: m(*data[0])) for k, m in models.items()}, repeat)
+    t = Table(f"all-MiniLM-L6-v2, {len(data)} batches of up to 32 sentences "
+              f"({sum(len(b[0]) for b in data)} sentences), latency on one batch of 32", [
+        "variant", "apply s", "state_dict", "x fp32 bytes", "mean cosine", "min cosine",
+        "latency ms (median)", "speed-up vs fp32", "speed vs quantize_dynamic"])
+    for k, m in models.items():
+        with torch.no_grad():
+            cos = torch.cat([torch.nn.functional.cosine_similarity(m(*b), r, dim=1)
+                             for b, r in zip(data, ref)])
+        b = _state_bytes(m)
+        t.add(k, round(apply_s[k], 2), mb(b), round(b / fp32_bytes, 4), round(float(cos.mean()), 4),
+              round(float(cos.min()), 4), round(lat[k] * 1e3, 1), round(lat["fp32"] / lat[k], 2),
+              round(lat["torch quantize_dynamic"] / lat[k], 2))
+    t.notes.append("apply s for fxpress = capture reuse + the quantize pass + the verifier's run "
+                   "on the calibration batches; quantize_dynamic keeps embeddings in float.")
+    return t
+
+
+def _digits(size: str) -> list[Table]:
+    import fxpress
+    from examples.digits import accuracy, calibration, digits_data, trained_cnn, trained_mlp
+
+    d = digits_data()
+    tiny = size == "tiny"
+    out = []
+    for name, model in (("MLP 64-300-100-10", trained_mlp(hidden=(16,) if tiny else (300, 100),
+                                                        epochs=5 if tiny else 40)),
+                        ("CNN", trained_cnn(epochs=3 if tiny else 30))):
+        models = {"fp32": model}
+        apply_s = {"fp32": 0.0}
+        models["torch quantize_dynamic"], apply_s["torch quantize_dynamic"] = _torch_dynamic(model)
+        for label, text in (("fxpress int8", "quantize{bits=8}"),
+                            ("fxpress 4-bit", "quantize{bits=4}")):
+            start = time.perf_counter()
+            models[label] = fxpress.compress(model, text, calibration=calibration(),
+                                             policy="warn").module
+            apply_s[label] = time.perf_counter() - start
+        repeat = {"full": 31, "quick": 9, "tiny": 1}[size]
+        lat = _interleaved_medians({k: (lambda m=m: m(d.x_test)) for k, m in models.items()}, repeat)
+        t = Table(f"digits {name}, {len(d.x_test)} test images in one batch", [
+            "variant", "apply s", "state_dict", "x fp32 bytes", "accuracy", "Δ accuracy (points)",
+            "latency ms (median)", "speed-up vs fp32"])
+        base = accuracy(model, d.x_test, d.y_test)
+        fp = _state_bytes(model)
+        for k, m in models.items():
+            acc = accuracy(m, d.x_test, d.y_test)
+            b = _state_bytes(m)
+            t.add(k, round(apply_s[k], 3), kb(b), round(b / fp, 3), round(acc, 4),
+                  round(100 * (acc - base), 2), round(lat[k] * 1e3, 3), round(lat["fp32"] / lat[k], 2))
+        out.append(t)
+    return out
+
+
+def run(size: str) -> list[Table]:
+    tables = _digits(size)
+    if size != "tiny":  # the smoke test keeps to the digits models; MiniLM takes minutes
+        tables.insert(0, _minilm(size))
+    return tables

@@ -1,0 +1,210 @@
+"""quantize: packed integer weights, per-token int8 linear, errors, fine-tuning hooks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import OptionError
+from fxpress.graph.packing import packed_size
+from fxpress.graph.weights import compressed_modules, stored_bytes, weighted_ops
+from fxpress.passes.quantize import (QuantizedLinear, code_range, dequantize_weight,
+                                     int8_backend, load_codes, quantize_weight, store_codes)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("scheme", ["symmetric", "affine"])
+def test_codes_round_trip_exactly_at_every_width(bits, scheme, mlp):
+    lo, hi = code_range(bits, scheme)
+    g = torch.Generator().manual_seed(bits)
+    random = torch.randint(lo, hi + 1, (7, 37), generator=g, dtype=torch.int32)
+    real, _, _ = quantize_weight(mlp.layers[1].weight, bits, scheme)   # [100, 300]
+    for codes in (random, real):
+        stored = store_codes(codes, bits, scheme)
+        assert torch.equal(load_codes(stored, bits, scheme, codes.shape[1]), codes)
+        # stored at the real width: each row padded to whole bytes, nothing more
+        padded = codes.shape[1] + (-codes.shape[1]) % 8
+        expected = codes.numel() if bits == 8 else codes.shape[0] * packed_size(padded, bits)
+        assert stored.numel() * stored.element_size() == expected
+    assert store_codes(random, 8, "symmetric").dtype == torch.int8
+
+
+def test_per_channel_scales_follow_each_row(mlp):
+    w = mlp.layers[0].weight.detach()
+    codes, scale, zero = quantize_weight(w, 8)
+    assert zero is None and scale.shape == (w.shape[0], 1)
+    assert torch.allclose(scale[:, 0], w.abs().amax(1) / 127)
+    assert codes.abs().amax(1).eq(127).all()   # every row uses its full range
+    err = (dequantize_weight(codes, scale, None) - w).abs()
+    assert (err <= scale / 2 + 1e-7).all()     # rounding error at most half a step per row
+    _, s_tensor, _ = quantize_weight(w, 8, granularity="tensor")
+    assert s_tensor.shape == (1, 1)
+    _, s_group, _ = quantize_weight(w, 4, granularity="group", group_size=16)
+    assert s_group.shape == (w.shape[0], w.shape[1] // 16)
+
+
+def test_unit_scale_is_round(mlp):
+    w = mlp.layers[0].weight.detach() * 20
+    codes, scale, _ = quantize_weight(w, 8, scale="unit")
+    assert torch.equal(scale, torch.ones_like(scale))
+    assert torch.equal(codes.float(), torch.round(w).clamp(-127, 127))
+
+
+@pytest.mark.parametrize("spec", ["quantize{bits=8}", "quantize{bits=4,scheme=affine}",
+                                  "quantize{bits=3,granularity=group,group_size=4,scheme=affine}"])
+def test_pruned_zeros_stay_exactly_zero(mlp, calib, spec):
+    pruned = fxpress.compress(mlp, "prune{sparsity=0.6}", calibration=calib).module
+    zeros = {op.name: op.weight() == 0 for op in weighted_ops(pruned)}
+    res = fxpress.compress(pruned, spec, calibration=calib, policy="warn")
+    for name, m in compressed_modules(res.module):
+        z = zeros[f"{name}.weight"]
+        assert z.sum() > 0
+        assert (m.weight_float()[z] == 0).all()
+
+
+def test_dynamic_int8_matches_reference_within_activation_rounding(mlp, calib):
+    res = fxpress.compress(mlp, "quantize{bits=8}", calibration=calib)
+    m = res.module.get_submodule("layers.1")
+    assert isinstance(m, QuantizedLinear) and m.activations == "dynamic"
+    x = torch.relu(mlp.layers[0](calib[0][0])).detach()
+    w = m.weight_float()
+    exact = torch.nn.functional.linear(x.double(), w.double(), m.bias.double())
+    # each input row is rounded to a grid of at most 2*max|x_row|/255 per step (fbgemm's
+    # affine 8 bits over the row scaled to [-1, 1]; 1/127 of max|x_row| for int_mm and
+    # the reference): the output error is at most half a step times sum |w| per output
+    amax = x.abs().amax(1, keepdim=True).double()
+    step = amax * (2 / 127)  # covers fbgemm's 7-bit reduced range on CPUs without VNNI
+    bound = step / 2 * w.abs().sum(1).double() + 1e-5 * exact.abs()
+    with torch.no_grad():
+        outs = {}
+        for backend in ("fbgemm", "int_mm", "reference"):
+            with int8_backend(backend):
+                outs[backend] = m(x).double()
+            assert ((outs[backend] - exact).abs() <= bound).all(), backend
+    # int_mm and the reference compute the same integer product; only float rounding differs
+    assert torch.allclose(outs["int_mm"], outs["reference"], rtol=1e-5, atol=1e-5)
+
+
+def test_affine_int8_kernels_agree(mlp, calib):
+    res = fxpress.compress(mlp, "quantize{bits=8,scheme=affine}", calibration=calib)
+    m = res.module.get_submodule("layers.0")
+    x = calib[0][0]
+    with torch.no_grad(), int8_backend("int_mm"):
+        a = m(x)
+    with torch.no_grad(), int8_backend("reference"):
+        b = m(x)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_digits_cnn_int8_keeps_accuracy(cnn, calib, digits):
+    from examples.digits import accuracy
+
+    res = fxpress.compress(cnn, "quantize{bits=8}", calibration=calib)
+    base = accuracy(cnn, digits.x_test, digits.y_test)
+    assert abs(accuracy(res.module, digits.x_test, digits.y_test) - base) <= 0.005
+    assert stored_bytes(res.module) < 0.3 * stored_bytes(cnn)
+    kinds = {type(m).__name__ for _, m in compressed_modules(res.module)}
+    assert kinds == {"QuantizedConv", "QuantizedLinear"}
+
+
+def test_runtime_modules_rebuild_bit_exactly(cnn, calib):
+    res = fxpress.compress(cnn, "quantize{bits=4,scheme=affine}", calibration=calib)
+    x = calib[0][0].reshape(-1, 1, 8, 8)
+    for name, m in compressed_modules(res.module):
+        state = m.state_dict()
+        twin = type(m).from_state(m.config(), state)
+        assert twin.config() == m.config()
+        assert torch.equal(twin.weight_float(), m.weight_float())
+        assert set(twin.state_dict()) == set(state)
+    m = res.module.fc1
+    twin = type(m).from_state(m.config(), m.state_dict())
+    inp = torch.randn(5, 128)
+    with torch.no_grad():
+        assert torch.equal(twin(inp), m(inp))
+
+
+def test_state_dict_is_the_compressed_size(mlp, calib):
+    res = fxpress.compress(mlp, "quantize{bits=4}", calibration=calib)
+    for name, m in compressed_modules(res.module):
+        rows, cols = m.shape
+        assert m.qweight.dtype == torch.uint8
+        assert m.qweight.numel() == rows * packed_size(cols + (-cols) % 8, 4)
+        assert all(not t.is_floating_point() or t.numel() <= max(rows, cols)
+                   for k, t in m.state_dict().items())
+
+
+@pytest.mark.parametrize("text, option", [
+    ("quantize{bits=0}", "bits"), ("quantize{bits=9}", "bits"),
+    ("quantize{granularity=group}", "group_size"),
+    ("quantize{granularity=group,group_size=64,activations=dynamic}", "activations"),
+    ("quantize{scheme=affine,scale=unit}", "scale"),
+    ("quantize{granularity=rows}", "granularity"),
+])
+def test_bad_options_name_the_option(text, option):
+    with pytest.raises(OptionError) as e:
+        fxpress.Pipeline.parse(text)
+    assert e.value.option == option and option in str(e.value)
+
+
+def test_group_size_that_does_not_divide_names_the_layer(mlp, calib):
+    with pytest.raises(OptionError) as e:
+        fxpress.compress(mlp, "quantize{bits=4,granularity=group,group_size=64}", calibration=calib)
+    assert e.value.option == "group_size" and "layers.1" in str(e.value) and "300" in str(e.value)
+    with pytest.raises(OptionError, match="match no weighted op"):
+        fxpress.compress(mlp, "quantize{include=['nope*']}", calibration=calib)
+
+
+def test_fine_tuning_hooks_stay_on_the_grid(mlp, calib):
+    res = fxpress.compress(mlp, "quantize{bits=4}", calibration=calib)
+    m = res.module.get_submodule("layers.0")
+    codes_before = m.codes().clone()
+    params = m.begin_training()
+    assert params[0] is m.latent and params[0].requires_grad and len(params) == 2
+    x = calib[0][0]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    for _ in range(3):
+        loss = -m(x).sum()
+        opt.zero_grad()
+        loss.backward()
+        assert m.latent.grad is not None and m.latent.grad.abs().sum() > 0
+        opt.step()
+    with torch.no_grad():
+        trained = m(x)
+        w_trained = m.weight_float().clone()
+    m.end_training()
+    assert not hasattr(m, "latent") and "latent" not in m.state_dict()
+    assert set(m.state_dict()) == {"qweight", "scale", "bias"}
+    with torch.no_grad():
+        # the grid it trained on is stored (the straight-through sum w + (q - w) may differ
+        # from q in the last float bit)
+        assert torch.allclose(m.weight_float(), w_trained, rtol=0, atol=1e-6)
+        # training ran in float on the grid; inference adds int8 activations on top
+        assert torch.allclose(torch.nn.functional.linear(x, m.weight_float(), m.bias), trained,
+                              atol=1e-5)
+    assert not torch.equal(m.codes(), codes_before)
+
+
+def test_per_layer_stats_report_bits_bytes_and_error(mlp, calib):
+    res = fxpress.compress(mlp, "quantize{bits=8}", calibration=calib)
+    layers = res.records[0].stats["layers"]
+    assert set(layers) == {"layers.0.weight", "layers.1.weight", "head.weight"}
+    for v in layers.values():
+        assert v["bits"] == 8 and v["bytes_after"] < v["bytes_before"] / 3
+        assert 0 < v["rel_error"] < 0.05
+
+
+def test_minilm_export_graph_quantizes_and_passes_the_verifier(minilm_gm, minilm_batches):
+    assert minilm_gm.meta["fxpress"]["method"] == "export"
+    res = fxpress.compress(minilm_gm, "quantize{bits=8}", calibration=minilm_batches[:1],
+                           policy="strict")
+    rec = res.records[0]
+    assert rec.status == "ok" and rec.cumulative.cosine >= 0.99
+    assert stored_bytes(res.module) <= 0.27 * stored_bytes(minilm_gm)
+    kinds = {v["kind"] for v in rec.stats["layers"].values()}
+    assert kinds == {"linear", "embedding"}
+    assert not any(op.kind in ("linear", "embedding") for op in weighted_ops(res.module))
+    # a batch of another shape runs too (export's dynamic dims survive the rewrite)
+    ids, mask = minilm_batches[1]
+    with torch.no_grad():
+        out = res.module(ids[:5, :9], mask[:5, :9])
+    assert out.shape == (5, 384)
