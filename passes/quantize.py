@@ -603,15 +603,17 @@ class Quantize(Pass):
         batches = ctx.calibration or [ctx.example_inputs]
         rec = _record_inputs(gm, chosen, batches)
 
-        # one set of codes per distinct weight; ops that share a weight share its buffers
-        built: dict[str, QuantizedWeight] = {}
+        # one set of codes per distinct weight and kind; ops of one kind that share a weight
+        # share its buffers (a weight tied between an embedding and a linear, as in GPT-2,
+        # gets one module of each kind)
+        built: dict[tuple[str, str], QuantizedWeight] = {}
         layers: dict[str, dict] = {}
         promoted: list[str] = []
         for op in chosen:
-            module = built.get(op.name)
+            module = built.get((op.name, op.kind))
             if module is None:
                 module = self._build(op, rec)
-                built[op.name] = module
+                built[(op.name, op.kind)] = module
             else:
                 module = _share(module)
             x = rec.sample.get(op._input) if isinstance(op._input, torch.fx.Node) else None
@@ -623,7 +625,7 @@ class Quantize(Pass):
                     # the most sensitive layers keep 8 bits (per channel: the integer
                     # kernel can still run them)
                     module = self._build(op, rec, bits=8)
-                    built[op.name] = module
+                    built[(op.name, op.kind)] = module
                     layers[op.name] = dict(self._layer_stats(op, module, w, b, x),
                                            error_at_low_bits=layers[op.name]["rel_error"])
                     promoted.append(op.name)
