@@ -74,4 +74,27 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return (bitstream << torch.arange(bits, dtype=torch.int64)).sum(1).to(torch.uint8)
 
 
-__all__ = ["pack_bits", "unpack_bits", "packed_size"]
+def unpack_rows(packed: torch.Tensor, bits: int, row_len: int, rows: torch.Tensor) -> torch.Tensor:
+    """Codes of some rows of a packed ``[num_rows, row_len]`` matrix, unpacking only those.
+
+    For embedding lookups: a batch of token ids touches a few rows of a large table.
+    Needs ``row_len * bits % 8 == 0`` so that every row starts on a byte (see
+    :func:`rows_byte_aligned`). Returns uint8 codes shaped ``[*rows.shape, row_len]``.
+
+    >>> codes = torch.arange(12, dtype=torch.uint8).view(3, 4) % 4
+    >>> unpack_rows(pack_bits(codes, 2), 2, 4, torch.tensor([2, 0])).tolist()
+    [[0, 1, 2, 3], [0, 1, 2, 3]]
+    """
+    if not rows_byte_aligned(row_len, bits):
+        raise ValueError(f"rows of {row_len} codes x {bits} bits do not start on a byte")
+    idx = rows.reshape(-1).to(torch.int64)
+    chunks = packed.reshape(-1, row_len * bits // 8).index_select(0, idx)
+    return unpack_bits(chunks.reshape(-1), bits, idx.numel() * row_len).view(*rows.shape, row_len)
+
+
+def rows_byte_aligned(row_len: int, bits: int) -> bool:
+    """True when rows of ``row_len`` codes at ``bits`` bits each fill whole bytes."""
+    return row_len > 0 and (row_len * bits) % 8 == 0
+
+
+__all__ = ["pack_bits", "unpack_bits", "unpack_rows", "rows_byte_aligned", "packed_size"]

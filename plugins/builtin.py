@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from fxpress.passes.prune import Prune
+from fxpress.passes.share import Share
 from fxpress.plugins.spec import hookimpl
 
-BUILTIN_PASSES = (Prune,)
+BUILTIN_PASSES = (Prune, Share)
 
 
 @hookimpl
