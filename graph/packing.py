@@ -29,8 +29,8 @@ def _check_bits(bits: int) -> None:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (each < 2**bits) into a flat uint8 tensor, little-endian bit order.
 
-    Widths that divide 8 (1, 2, 4, 8) pack whole codes per byte; others (3, 5, 6, 7) go
-    through a bit stream. Fully vectorised.
+    Widths that divide 8 (1, 2, 4, 8) pack whole codes per byte; others (3, 5, 6, 7) pack
+    each group of 8 codes into ``bits`` bytes. Fully vectorised.
     """
     _check_bits(bits)
     flat = codes.reshape(-1).to(torch.int64)
@@ -46,14 +46,15 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         shifts = torch.arange(per, dtype=torch.int64) * bits
         return (flat.view(-1, per) << shifts).sum(1).to(torch.uint8)
-    # general widths: expand to bits, then regroup by 8
-    shifts = torch.arange(bits, dtype=torch.int64)
-    bitstream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    pad = (-bitstream.numel()) % 8
+    # general widths: 8 codes fill exactly ``bits`` bytes; build that group as one 64-bit
+    # word (8 x bits <= 56 bits) and cut it into bytes: the same little-endian bit stream
+    # as expanding every bit, at a fraction of the memory
+    pad = (-n) % 8
     if pad:
-        bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)])
-    weights = torch.arange(8, dtype=torch.int64)
-    return (bitstream.view(-1, 8) << weights).sum(1).to(torch.uint8)
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = (flat.view(-1, 8) << (torch.arange(8, dtype=torch.int64) * bits)).sum(1)
+    out = (words.unsqueeze(1) >> (torch.arange(bits, dtype=torch.int64) * 8)) & 0xFF
+    return out.reshape(-1)[:packed_size(n, bits)].to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -69,9 +70,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         per = 8 // bits
         shifts = torch.arange(per, dtype=torch.int64) * bits
         return ((p.unsqueeze(1) >> shifts) & mask).reshape(-1)[:numel].to(torch.uint8)
-    bitstream = ((p.unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)
-    bitstream = bitstream[: numel * bits].view(numel, bits)
-    return (bitstream << torch.arange(bits, dtype=torch.int64)).sum(1).to(torch.uint8)
+    groups = (numel + 7) // 8
+    p = p[: packed_size(numel, bits)]
+    pad = groups * bits - p.numel()
+    if pad:
+        p = torch.cat([p, p.new_zeros(pad)])
+    words = (p.view(groups, bits) << (torch.arange(bits, dtype=torch.int64) * 8)).sum(1)
+    codes = (words.unsqueeze(1) >> (torch.arange(8, dtype=torch.int64) * bits)) & mask
+    return codes.reshape(-1)[:numel].to(torch.uint8)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, row_len: int, rows: torch.Tensor) -> torch.Tensor:

@@ -424,6 +424,7 @@ class RuntimeModule(torch.nn.Module):
         params = set(parameters)
         for name, t in tensors.items():
             if name in params:
+                m._buffers.pop(name, None)  # an optional tensor (bias) stored as a parameter
                 m.register_parameter(name, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
             else:
                 m.register_buffer(name, t)

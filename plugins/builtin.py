@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from fxpress.passes.prune import Prune
+from fxpress.passes.binarize import Binarize
 from fxpress.passes.share import Share
 from fxpress.plugins.spec import hookimpl
 
-BUILTIN_PASSES = (Prune, Share)
+BUILTIN_PASSES = (Prune, Share, Binarize)
 
 
 @hookimpl
