@@ -9,7 +9,7 @@ from examples.digits import accuracy
 from fxpress.errors import OptionError
 from fxpress.graph.packing import pack_bits, unpack_bits, unpack_rows
 from fxpress.graph.weights import compressed_modules, stored_bytes, weighted_ops
-from fxpress.passes.share import CodebookEmbedding, CodebookLinear, CodebookModule, kmeans_1d
+from fxpress.passes.share import CodebookEmbedding, CodebookLinear, kmeans_1d
 from tests.helpers import assert_unchanged, rebuild, state_snapshot
 
 
