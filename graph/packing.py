@@ -29,8 +29,8 @@ def _check_bits(bits: int) -> None:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (each < 2**bits) into a flat uint8 tensor, little-endian bit order.
 
-    Widths that divide 8 (1, 2, 4, 8) pack whole codes per byte; others (3, 5, 6, 7) go
-    through a bit stream. Fully vectorised.
+    Widths that divide 8 (1, 2, 4, 8) pack whole codes per byte; others (3, 5, 6, 7) pack
+    each group of 8 codes into ``bits`` bytes. Fully vectorised.
     """
     _check_bits(bits)
     flat = codes.reshape(-1).to(torch.int64)
@@ -46,14 +46,15 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         shifts = torch.arange(per, dtype=torch.int64) * bits
         return (flat.view(-1, per) << shifts).sum(1).to(torch.uint8)
-    # general widths: expand to bits, then regroup by 8
-    shifts = torch.arange(bits, dtype=torch.int64)
-    bitstream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    pad = (-bitstream.numel()) % 8
+    # general widths: 8 codes fill exactly ``bits`` bytes; build that group as one 64-bit
+    # word (8 x bits <= 56 bits) and cut it into bytes: the same little-endian bit stream
+    # as expanding every bit, at a fraction of the memory
+    pad = (-n) % 8
     if pad:
-        bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)])
-    weights = torch.arange(8, dtype=torch.int64)
-    return (bitstream.view(-1, 8) << weights).sum(1).to(torch.uint8)
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = (flat.view(-1, 8) << (torch.arange(8, dtype=torch.int64) * bits)).sum(1)
+    out = (words.unsqueeze(1) >> (torch.arange(bits, dtype=torch.int64) * 8)) & 0xFF
+    return out.reshape(-1)[:packed_size(n, bits)].to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -69,9 +70,37 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         per = 8 // bits
         shifts = torch.arange(per, dtype=torch.int64) * bits
         return ((p.unsqueeze(1) >> shifts) & mask).reshape(-1)[:numel].to(torch.uint8)
-    bitstream = ((p.unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)
-    bitstream = bitstream[: numel * bits].view(numel, bits)
-    return (bitstream << torch.arange(bits, dtype=torch.int64)).sum(1).to(torch.uint8)
+    groups = (numel + 7) // 8
+    p = p[: packed_size(numel, bits)]
+    pad = groups * bits - p.numel()
+    if pad:
+        p = torch.cat([p, p.new_zeros(pad)])
+    words = (p.view(groups, bits) << (torch.arange(bits, dtype=torch.int64) * 8)).sum(1)
+    codes = (words.unsqueeze(1) >> (torch.arange(8, dtype=torch.int64) * bits)) & mask
+    return codes.reshape(-1)[:numel].to(torch.uint8)
 
 
-__all__ = ["pack_bits", "unpack_bits", "packed_size"]
+def unpack_rows(packed: torch.Tensor, bits: int, row_len: int, rows: torch.Tensor) -> torch.Tensor:
+    """Codes of some rows of a packed ``[num_rows, row_len]`` matrix, unpacking only those.
+
+    For embedding lookups: a batch of token ids touches a few rows of a large table.
+    Needs ``row_len * bits % 8 == 0`` so that every row starts on a byte (see
+    :func:`rows_byte_aligned`). Returns uint8 codes shaped ``[*rows.shape, row_len]``.
+
+    >>> codes = torch.arange(12, dtype=torch.uint8).view(3, 4) % 4
+    >>> unpack_rows(pack_bits(codes, 2), 2, 4, torch.tensor([2, 0])).tolist()
+    [[0, 1, 2, 3], [0, 1, 2, 3]]
+    """
+    if not rows_byte_aligned(row_len, bits):
+        raise ValueError(f"rows of {row_len} codes x {bits} bits do not start on a byte")
+    idx = rows.reshape(-1).to(torch.int64)
+    chunks = packed.reshape(-1, row_len * bits // 8).index_select(0, idx)
+    return unpack_bits(chunks.reshape(-1), bits, idx.numel() * row_len).view(*rows.shape, row_len)
+
+
+def rows_byte_aligned(row_len: int, bits: int) -> bool:
+    """True when rows of ``row_len`` codes at ``bits`` bits each fill whole bytes."""
+    return row_len > 0 and (row_len * bits) % 8 == 0
+
+
+__all__ = ["pack_bits", "unpack_bits", "unpack_rows", "rows_byte_aligned", "packed_size"]

@@ -443,6 +443,7 @@ class RuntimeModule(torch.nn.Module):
         params = set(parameters)
         for name, t in tensors.items():
             if name in params:
+                m._buffers.pop(name, None)  # an optional tensor (bias) stored as a parameter
                 m.register_parameter(name, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
             else:
                 m.register_buffer(name, t)
@@ -463,6 +464,10 @@ class CompressedModule(RuntimeModule):
     #: The pass that writes this module ("quantize", "share", ...).
     technique: str = ""
     optional_tensors = ("bias",)
+    #: ``False``: decode the weight on every call (memory: only the compressed tensors are
+    #: held). ``True``: decode once and keep the dense weight (speed); the copy is a
+    #: non-persistent buffer, so ``state_dict`` (and the artifact) stay the compressed size.
+    cache_weight: bool = False
 
     def __init__(self, kind: str, spec: dict | None = None):
         super().__init__()
@@ -475,12 +480,32 @@ class CompressedModule(RuntimeModule):
         """The decoded weight, in the layout of :meth:`WeightedOp.weight`."""
         raise NotImplementedError
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight to compute with: decoded now, or the copy kept when ``cache_weight``.
+
+        While the module is fine-tuned (a non-bias parameter requires grad) it always
+        decodes, so gradients reach what is trained.
+        """
+        if not self.cache_weight or any(p.requires_grad for n, p in self.named_parameters(
+                recurse=False) if n != "bias"):
+            return self.weight_float()
+        cached = self._buffers.get("weight_cache")
+        if cached is None:
+            with torch.no_grad():
+                cached = self.weight_float()
+            self.register_buffer("weight_cache", cached, persistent=False)
+        return cached
+
+    def drop_cache(self) -> None:
+        """Forget the decoded copy (after the compressed tensors change)."""
+        self._buffers.pop("weight_cache", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # subclasses register ``bias`` as a parameter or buffer (or leave it None)
-        return op_forward(self.kind, self.spec, x, self.weight_float(), getattr(self, "bias", None))
+        return op_forward(self.kind, self.spec, x, self.dense_weight(), getattr(self, "bias", None))
 
     def config(self) -> dict:
-        return {"kind": self.kind, "spec": self.spec}
+        return {"kind": self.kind, "spec": self.spec, "cache_weight": bool(self.cache_weight)}
 
     # -- fine-tuning (the distill pass's recovery step) ----------------------------------
     def begin_training(self) -> list[torch.nn.Parameter]:

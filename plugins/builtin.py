@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from fxpress.passes.distill import Distill
 from fxpress.passes.prune import Prune
+from fxpress.passes.binarize import Binarize
 from fxpress.passes.quantize import Quantize
+from fxpress.passes.share import Share
 from fxpress.plugins.spec import hookimpl
 
-BUILTIN_PASSES = (Prune, Quantize, Distill)
+BUILTIN_PASSES = (Prune, Share, Quantize, Binarize, Distill)
 
 
 @hookimpl

@@ -1,0 +1,395 @@
+"""share: k-means weight sharing (Deep Compression, Han et al. 2016).
+
+``share{bits=4}`` clusters each layer's weights into ``2**bits`` centroids with 1-D
+k-means and stores, per weight, a ``bits``-bit index into that codebook: the seed
+article's "merge similar weights into their mean", done as the paper does it.
+
+* k-means is 1-D, exact and deterministic: linear initialisation over [min, max] (the
+  paper found it best: it keeps the rare large weights), then Lloyd iterations on the
+  sorted values. Cluster boundaries are midpoints between neighbouring centroids, so each
+  iteration is one ``searchsorted`` of the boundaries into the sorted weights and the
+  cluster sums come from a cumulative sum: O(k log n) per iteration after one sort.
+  On return every centroid is exactly the mean of its members.
+* Pruned weights stay exactly zero: when a layer has zeros, code 0 is reserved for 0.0
+  and the non-zero weights are clustered by sign (negative and positive centroids share
+  the remaining codes in proportion to their value ranges), so no non-zero weight can be
+  merged into zero or into a cluster that straddles it.
+* ``scope="global"`` fits one codebook on every selected layer together.
+* The runtime modules (:class:`CodebookLinear`, :class:`CodebookConv`,
+  :class:`CodebookEmbedding`) store the codebook and the indices packed at ``bits`` bits;
+  ``decode="per_call"`` decodes on every forward (memory), ``decode="once"`` keeps the
+  decoded weight after the first call (speed; never in ``state_dict``). An embedding in
+  ``per_call`` mode unpacks only the rows it looks up.
+* Centroids can be fine-tuned (:meth:`CodebookModule.begin_training`): the indices stay
+  fixed and the gradients of all weights that share a centroid sum into it.
+
+Example::
+
+    res = fxpress.compress(model, "prune{sparsity=0.9},share{bits=4}", calibration=batches)
+    res.records[-1].stats["bits_per_weight"]      # stored bits per weight, codebook included
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fxpress.errors import OptionError
+from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, unpack_bits,
+                                    unpack_rows)
+from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, CompressedModule, select,
+                                   unique_weights, weighted_ops)
+from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
+
+# -- 1-D k-means ------------------------------------------------------------------------------
+
+
+def _lloyd(s: torch.Tensor, k: int, max_iter: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Lloyd's k-means on sorted 1-D float32 values ``s``: (centroids, boundaries,
+    iterations, converged).
+
+    Cluster j holds the values in ``[boundaries[j-1], boundaries[j])``; the centroids
+    returned are the means of exactly those members (an empty cluster keeps its place).
+    The loop works on k numbers per iteration, so it runs on numpy views of the tensors:
+    torch's per-call overhead would cost more than the arithmetic.
+    """
+    n = s.numel()
+    values = s.detach().numpy()
+    csum = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+    if k == 1:
+        return torch.tensor([csum[-1] / n], dtype=torch.float64), s.new_empty(0), 1, True
+    c = np.linspace(float(values[0]), float(values[-1]), k, dtype=np.float64)
+    edges = None
+    b = np.empty(0, dtype=np.float32)
+    converged, it = False, 0
+    for it in range(1, max_iter + 1):
+        b_new = ((c[1:] + c[:-1]) / 2).astype(np.float32)
+        new_edges = np.concatenate([[0], np.searchsorted(values, b_new, side="left"), [n]])
+        if edges is not None and np.array_equal(new_edges, edges):
+            converged, it = True, it - 1  # c are already the means of these members
+            break
+        edges, b = new_edges, b_new
+        count = np.diff(edges)
+        sums = csum[edges[1:]] - csum[edges[:-1]]
+        # centroids stay sorted: each new mean lies inside its own cell, and the cells
+        # are ordered, so an empty cluster that keeps its centroid still sits between
+        c = np.where(count > 0, sums / np.maximum(count, 1), c)
+    return torch.from_numpy(c), torch.from_numpy(b), it, converged
+
+
+@dataclass
+class KMeans1D:
+    """A fitted 1-D codebook: ``centroids`` (code 0 is 0.0 when ``zero_code``) and the
+    cluster boundaries to encode values with :meth:`encode`."""
+
+    centroids: torch.Tensor                 # float64 [k]
+    zero_code: bool
+    segments: list[tuple[int, torch.Tensor]]  # (first code, boundaries) per sign or overall
+    iterations: int
+    converged: bool
+
+    def encode(self, w: torch.Tensor) -> torch.Tensor:
+        """The code of every value of ``w`` (int64, same shape)."""
+        w = w.detach().float()
+        if not self.zero_code:
+            first, b = self.segments[0]
+            return torch.bucketize(w, b, right=True) + first
+        codes = torch.zeros(w.shape, dtype=torch.int64)
+        for (first, b), side in zip(self.segments, self._sides()):
+            mask = side(w)
+            codes[mask] = torch.bucketize(w[mask], b, right=True) + first
+        return codes
+
+    def _sides(self):
+        if len(self.segments) == 1:  # one cluster for all non-zeros (bits=1 with zeros)
+            return [lambda w: w != 0]
+        return [lambda w: w < 0, lambda w: w > 0]
+
+
+def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 1000,
+              reserve_zero: bool | None = None) -> KMeans1D:
+    """Fit ``k`` centroids to the values of ``values`` (any shape) with 1-D k-means.
+
+    Linear initialisation over [min, max], then Lloyd iterations until no value changes
+    cluster (or ``max_iter``). ``reserve_zero`` (default: when ``values`` has exact
+    zeros) makes code 0 mean 0.0 and clusters negative and positive values apart, so
+    non-zero values never decode to zero.
+
+    >>> km = kmeans_1d(torch.tensor([0.0, 0.125, 0.375, -0.5, -0.75, 0.0]), 3)
+    >>> km.centroids.tolist(), km.encode(torch.tensor([0.0, 0.2, -0.6])).tolist()
+    ([0.0, -0.625, 0.25], [0, 2, 1])
+    """
+    flat = values.detach().reshape(-1).float().contiguous()
+    if flat.numel() == 0:
+        raise ValueError("kmeans_1d: no values to cluster")
+    if k < 1:
+        raise ValueError(f"kmeans_1d: k must be >= 1, got {k}")
+    has_zero = bool((flat == 0).any())
+    zero_code = has_zero if reserve_zero is None else bool(reserve_zero)
+    if not zero_code:
+        s = torch.sort(flat).values
+        c, b, it, ok = _lloyd(s, min(k, s.numel()), max_iter)
+        return KMeans1D(c, False, [(0, b)], it, ok)
+    nonzero = flat[flat != 0]
+    parts: list[torch.Tensor] = []
+    if nonzero.numel():
+        s = torch.sort(nonzero).values
+        neg, pos = s[s < 0], s[s > 0]
+        k_nz = max(k - 1, 1)
+        if k_nz == 1 or not neg.numel() or not pos.numel():
+            # one sign only, or one centroid for every non-zero (bits=1 on a sparse layer)
+            parts, sizes = [s], [k_nz]
+        else:
+            parts = [neg, pos]
+            # linear init over [min, max]: each sign gets the centroids that fall on its side
+            share = float(-neg[0]) / float(pos[-1] - neg[0])
+            k_neg = min(max(round(k_nz * share), 1), k_nz - 1)
+            sizes = [k_neg, k_nz - k_neg]
+    centroids = [torch.zeros(1, dtype=torch.float64)]
+    segments, iters, ok = [], 0, True
+    first = 1
+    for part, size in zip(parts, sizes):
+        c, b, it, conv = _lloyd(part, min(size, part.numel()), max_iter)
+        segments.append((first, b))
+        centroids.append(c)
+        first += c.numel()
+        iters, ok = max(iters, it), ok and conv
+    if not segments:  # all zeros: a codebook of one value
+        segments = [(1, flat.new_empty(0))]
+    return KMeans1D(torch.cat(centroids), True, segments, iters, ok)
+
+
+# -- runtime modules ------------------------------------------------------------------------
+
+
+class CodebookModule(CompressedModule):
+    """A linear/conv/embedding whose weight is ``codebook[codes]``: a float codebook of at
+    most ``2**bits`` centroids and one ``bits``-bit index per weight, packed.
+
+    ``state_dict``: ``codebook`` [k], ``codes`` (uint8, ``ceil(n*bits/8)`` bytes) and
+    ``bias``. With ``zero_code`` the centroid of code 0 is exactly 0.0 (pruned weights)
+    and stays so under fine-tuning. A sparse layer is stored as Deep Compression stores
+    it when that is smaller (sparsity above ``1/bits``): ``mask``, one bit per weight
+    (set: non-zero), and ``codes`` of the non-zero weights only.
+    """
+
+    technique = "share"
+    optional_tensors = ("bias", "mask")
+
+    def __init__(self, kind: str, spec: dict, shape: tuple[int, ...], bits: int,
+                 codebook: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None = None,
+                 zero_code: bool = False, cache_weight: bool = False, sparse: bool | None = None):
+        super().__init__(kind, spec)
+        self.shape = [int(d) for d in shape]
+        self.bits = int(bits)
+        self.zero_code = bool(zero_code)
+        self.cache_weight = bool(cache_weight)
+        n = self.numel
+        if codes.numel() != n:
+            raise ValueError(f"{n} weights need {n} codes, got {codes.numel()}")
+        if codebook.numel() > (1 << self.bits):
+            raise ValueError(f"a {bits}-bit code addresses {1 << bits} centroids, got {codebook.numel()}")
+        codes = codes.reshape(-1)
+        nonzero = codes != 0
+        self.nonzeros = int(nonzero.sum())
+        if sparse is None:
+            sparse = packed_size(n, 1) + packed_size(self.nonzeros, self.bits) < packed_size(n, self.bits)
+        self.sparse = bool(sparse) and self.zero_code
+        self.register_buffer("codebook", codebook.detach().clone())
+        if self.sparse:
+            self.register_buffer("mask", pack_bits(nonzero, 1))
+            self.register_buffer("codes", pack_bits(codes[nonzero], self.bits))
+        else:
+            self.register_buffer("mask", None)
+            self.register_buffer("codes", pack_bits(codes, self.bits))
+        if bias is None:
+            self.register_buffer("bias", None)
+        else:
+            self.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def _table(self) -> torch.Tensor:
+        # code 0 of a layer with zeros decodes to exactly 0.0, also while it is trained
+        if self.zero_code:
+            return torch.cat([self.codebook.new_zeros(1), self.codebook[1:]])
+        return self.codebook
+
+    def _codes(self) -> torch.Tensor:
+        unpacked = self._buffers.get("codes_unpacked")  # set only while fine-tuning
+        if unpacked is not None:
+            return unpacked
+        if not self.sparse:
+            return unpack_bits(self.codes, self.bits, self.numel).long()
+        nonzero = unpack_bits(self.mask, 1, self.numel).bool()
+        full = torch.zeros(self.numel, dtype=torch.int64, device=self.codes.device)
+        full[nonzero] = unpack_bits(self.codes, self.bits, self.nonzeros).long()
+        return full
+
+    def weight_float(self) -> torch.Tensor:
+        # index_select's backward is index_add: gradients of weights sharing a centroid sum
+        return self._table().index_select(0, self._codes()).view(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kind == EMBEDDING and not self.cache_weight and not self.sparse
+                and not self.codebook.requires_grad and rows_byte_aligned(self.shape[1], self.bits)):
+            # a lookup touches a few rows: unpack only those
+            return self._table()[unpack_rows(self.codes, self.bits, self.shape[1], x).long()]
+        return super().forward(x)
+
+    def config(self) -> dict:
+        return {**super().config(), "shape": self.shape, "bits": self.bits,
+                "zero_code": self.zero_code, "sparse": self.sparse, "nonzeros": self.nonzeros}
+
+    # -- fine-tuning -------------------------------------------------------------------
+    def begin_training(self) -> list[torch.nn.Parameter]:
+        """Make the centroids (and the bias) trainable; return them for the optimizer.
+
+        The indices stay fixed. Decoding is a gather, so the gradient of a centroid is the
+        sum of the gradients of all weights that share it (Deep Compression, section 3.3).
+        The reserved zero centroid never moves. Call :meth:`end_training` when done.
+
+        Example::
+
+            params = module.begin_training()
+            opt = torch.optim.Adam(params, lr=1e-4)
+            ...                                   # forward, loss.backward(), opt.step()
+            module.end_training()                 # state_dict is the compressed form again
+        """
+        if isinstance(self.codebook, torch.nn.Parameter):
+            return [p for p in (self.codebook, self.bias) if p is not None]
+        self.drop_cache()
+        # own copies: the pipeline's graphs share tensors, and an optimizer writes in place
+        self.register_buffer("codes_unpacked", self._codes(), persistent=False)
+        codebook = self._buffers.pop("codebook")
+        self.codebook = torch.nn.Parameter(codebook.detach().clone())
+        if self.bias is not None:
+            self.bias = torch.nn.Parameter(self.bias.detach().clone())
+        return [p for p in (self.codebook, self.bias) if p is not None]
+
+    def end_training(self) -> None:
+        """Store the trained centroids back as a buffer (code 0 of a sparse layer: 0.0)."""
+        if not isinstance(self.codebook, torch.nn.Parameter):
+            return
+        codebook = self._parameters.pop("codebook").detach().clone()
+        if self.zero_code:
+            codebook[0] = 0
+        self.register_buffer("codebook", codebook)
+        if self.bias is not None:
+            self.bias = torch.nn.Parameter(self.bias.detach(), requires_grad=False)
+        self._buffers.pop("codes_unpacked", None)
+        self.drop_cache()
+
+    def extra_repr(self) -> str:
+        return (f"shape={tuple(self.shape)}, bits={self.bits}, clusters={self.codebook.numel()}, "
+                f"zero_code={self.zero_code}, sparse={self.sparse}, cache_weight={self.cache_weight}")
+
+
+class CodebookLinear(CodebookModule):
+    """A linear layer with a k-means codebook weight (see :class:`CodebookModule`)."""
+
+
+class CodebookConv(CodebookModule):
+    """A conv layer with a k-means codebook weight (see :class:`CodebookModule`)."""
+
+
+class CodebookEmbedding(CodebookModule):
+    """An embedding with a k-means codebook table; a lookup unpacks only its rows."""
+
+
+CODEBOOK_CLASSES = {LINEAR: CodebookLinear, CONV: CodebookConv, EMBEDDING: CodebookEmbedding}
+
+
+# -- the pass -----------------------------------------------------------------------------
+
+
+class Share(Pass):
+    """k-means weight sharing with a ``bits``-bit codebook per layer (or one for all)."""
+
+    name = "share"
+    summary = ("Weight sharing (Deep Compression): per-layer 1-D k-means codebook of 2^bits "
+               "centroids, bits-bit indices packed; pruned zeros stay exactly zero.")
+    # 4-bit sharing changes the digits models' outputs by ~1% (rel. L2) and MiniLM's
+    # embeddings to cosine ~0.99; 2-3 bits go past this and need fine-tuning.
+    tolerance = Tolerance(min_cosine=0.98, min_top1=0.95)
+    replaces_tensors = True
+    runtime_modules = (CodebookLinear, CodebookConv, CodebookEmbedding)
+
+    bits = option(4, "bits per weight index; the codebook holds up to 2**bits centroids",
+                  low=1, high=8)
+    scope = option("layer", "'layer': one codebook per layer; 'global': one for all selected "
+                   "layers", choices=("layer", "global"))
+    include = option(["*"], "glob patterns on weight or layer names to share")
+    exclude = option([], "glob patterns to leave alone")
+    ops = option(["linear", "conv", "embedding"], "kinds of weighted ops to share")
+    decode = option("per_call", "'per_call': decode the weight on every forward (memory); "
+                    "'once': decode at the first forward and keep it (speed, not stored)",
+                    choices=("per_call", "once"))
+    max_iter = option(1000, "most Lloyd iterations per k-means fit (each costs microseconds)",
+                      low=1)
+
+    def check_options(self) -> None:
+        bad = [k for k in self.ops if k not in KINDS]
+        if bad:
+            raise OptionError(self.name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")
+        if not self.ops:
+            raise OptionError(self.name, "ops", f"give at least one op kind of {KINDS}")
+
+    def run(self, gm, ctx: PassContext) -> PassResult:
+        all_ops = weighted_ops(gm, self.ops)
+        chosen, unmatched = select(all_ops, self.include, self.exclude)
+        check_glob_matches(self.name, unmatched, [op.name for op in all_ops])
+        weights = {op.name: op.weight().detach() for op in unique_weights(chosen)}
+        k = 1 << self.bits
+        start = time.perf_counter()
+        with torch.no_grad():
+            if self.scope == "global" and weights:
+                joined = torch.cat([w.reshape(-1).float() for w in weights.values()])
+                fit = kmeans_1d(joined, k, self.max_iter)
+                del joined
+                fits = {name: fit for name in weights}
+            else:
+                fits = {name: kmeans_1d(w, k, self.max_iter) for name, w in weights.items()}
+            encoded = {}
+            for name, w in weights.items():
+                fit = fits[name]
+                codes = fit.encode(w).to(torch.uint8)
+                codebook = fit.centroids.to(w.dtype)
+                # tied weights (one tensor, several ops) share one set of stored tensors
+                encoded[name] = (codebook, codes)
+        kmeans_seconds = time.perf_counter() - start
+
+        layers: dict[str, dict] = {}
+        built: dict[str, CodebookModule] = {}
+        for op in chosen:
+            w = weights[op.name]
+            codebook, codes = encoded[op.name]
+            bias = op.bias()
+            module = CODEBOOK_CLASSES[op.kind](op.kind, op.spec, tuple(w.shape), self.bits,
+                                               codebook, codes, bias, fits[op.name].zero_code,
+                                               self.decode == "once")
+            first = built.get(op.name)
+            if first is not None:  # a tied weight: point at the same stored tensors
+                module.codebook, module.codes = first.codebook, first.codes
+            else:
+                built[op.name] = module
+                fit = fits[op.name]
+                layers[op.name] = {
+                    "clusters": int(codebook.numel()), "zero_code": fit.zero_code,
+                    "iterations": fit.iterations, "converged": fit.converged,
+                    "bytes_before": w.numel() * w.element_size(),
+                    "bytes_after": module.weight_bits() // 8}
+            op.replace_with(module)
+        n = sum(w.numel() for w in weights.values())
+        stored_bits = sum(m.weight_bits() for m in built.values())
+        return PassResult(gm, changed=bool(chosen), stats={
+            "layers": layers, "weights": n, "bits": self.bits, "scope": self.scope,
+            "kmeans_seconds": kmeans_seconds,
+            "bits_per_weight": stored_bits / n if n else 0.0})

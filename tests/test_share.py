@@ -1,0 +1,201 @@
+"""share: 1-D k-means, codebook modules, the pass on fx and export graphs."""
+import json
+
+import pytest
+import torch
+
+import fxpress
+from examples.digits import accuracy
+from fxpress.errors import OptionError
+from fxpress.graph.packing import pack_bits, unpack_bits, unpack_rows
+from fxpress.graph.weights import compressed_modules, stored_bytes, weighted_ops
+from fxpress.passes.share import CodebookEmbedding, CodebookLinear, kmeans_1d
+from tests.helpers import assert_unchanged, rebuild, state_snapshot
+
+
+def _heavy_tailed(n=20000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 3
+
+
+def _codebooks(gm):
+    return dict(compressed_modules(gm))
+
+
+@pytest.mark.parametrize("k", [2, 5, 16, 64])
+def test_kmeans_centroids_are_the_means_of_their_members(k):
+    x = _heavy_tailed()
+    km = kmeans_1d(x, k)
+    assert km.converged
+    codes = km.encode(x)
+    c = km.centroids
+    for j in codes.unique().tolist():
+        members = x[codes == j].double()
+        assert abs(float(members.mean()) - float(c[j])) <= 1e-6 * max(1.0, abs(float(c[j])))
+    # and each value sits with its nearest centroid (Lloyd's fixed point)
+    nearest = (x[:, None].double() - c[None, :]).abs().argmin(1)
+    assert torch.equal((c[codes] - x.double()).abs(), (c[nearest] - x.double()).abs())
+
+
+def test_kmeans_linear_init_spans_min_to_max_and_is_deterministic():
+    x = _heavy_tailed(seed=1)
+    one = kmeans_1d(x, 8, max_iter=1)  # a single Lloyd step from the linear grid
+    assert one.centroids.min() >= x.min() and one.centroids.max() <= x.max()
+    a, b = kmeans_1d(x, 16), kmeans_1d(x.clone(), 16)
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.encode(x), b.encode(x))
+
+
+def test_kmeans_reserves_zero_and_never_merges_nonzeros_into_it():
+    x = _heavy_tailed(seed=2)
+    x[torch.arange(0, x.numel(), 3)] = 0.0
+    km = kmeans_1d(x, 8)
+    codes = km.encode(x)
+    assert km.zero_code and km.centroids[0] == 0
+    assert torch.equal(codes == 0, x == 0)
+    decoded = km.centroids[codes]
+    assert ((decoded[x != 0] != 0)).all()
+    assert torch.equal(torch.sign(decoded[x != 0]).float(), torch.sign(x[x != 0]))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_and_codebook_modules_round_trip_at_every_width(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (37, 24), generator=g, dtype=torch.uint8)
+    assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, codes.numel()).view_as(codes), codes)
+    rows = torch.tensor([[36, 0], [5, 5]])
+    assert torch.equal(unpack_rows(pack_bits(codes, bits), bits, 24, rows), codes[rows])
+    codebook = torch.randn(1 << bits, generator=g)
+    m = CodebookLinear("linear", {}, (37, 24), bits, codebook, codes, torch.randn(37))
+    assert torch.equal(m.weight_float(), codebook[codes.long()])
+    assert m.weight_bits() == codes.numel() * bits + ((-codes.numel() * bits) % 8) + codebook.numel() * 32
+    e = CodebookEmbedding("embedding", {"padding_idx": None}, (37, 24), bits, codebook, codes)
+    ids = torch.tensor([[3, 36, 0]])
+    assert torch.equal(e(ids), codebook[codes.long()][ids])  # rows unpacked alone
+
+
+def test_share_fx_mlp_and_cnn_pass_default_tolerance_at_real_bit_width(mlp, cnn, calib, digits):
+    for model in (mlp, cnn):
+        snap = state_snapshot(model)
+        res = fxpress.compress(model, "share", calibration=calib)  # bits=4
+        rec = res.records[0]
+        assert rec.status == "ok" and res.capture["method"] == "fx"
+        mods = _codebooks(res.module)
+        assert len(mods) == len(weighted_ops(fxpress.capture(model, calib[0])))
+        n = sum(m.numel for m in mods.values())
+        k_bits = sum(m.codebook.numel() * 32 for m in mods.values())
+        assert sum(m.weight_bits() for m in mods.values()) <= n * 4 + k_bits + 8 * len(mods)
+        assert 4.0 <= rec.stats["bits_per_weight"] < 4.2
+        assert rec.bytes_after < rec.bytes_before / 5
+        assert accuracy(res.module, digits.x_test, digits.y_test) >= accuracy(
+            model, digits.x_test, digits.y_test) - 0.02
+        assert_unchanged(model, snap)
+
+
+def test_pruned_zeros_stay_exactly_zero_and_sparse_codes_shrink_storage(mlp, calib):
+    pruned = fxpress.compress(mlp, "prune{sparsity=0.9}", calibration=calib, policy="warn")
+    res = fxpress.compress(pruned.module, "share{bits=4}", calibration=calib)
+    dense = {op.name: op.weight() for op in weighted_ops(pruned.module)}
+    for name, m in _codebooks(res.module).items():
+        w = m.weight_float()
+        ref = dense[f"{name}.weight"]
+        assert torch.equal(w == 0, ref == 0)
+        assert m.zero_code and m.sparse and m.codebook[0] == 0
+        assert m.nonzeros == int((ref != 0).sum())
+    assert res.records[0].stats["bits_per_weight"] < 1.6  # 1 mask bit + 4 bits of 10%
+    assert res.records[0].incremental.cosine > 0.99
+
+
+def test_global_scope_shares_one_codebook(mlp, calib):
+    res = fxpress.compress(mlp, "share{bits=3,scope=global}", calibration=calib, policy="warn")
+    books = [m.codebook for m in _codebooks(res.module).values()]
+    assert len(books) == 3 and all(torch.equal(b, books[0]) for b in books)
+    assert res.records[0].stats["scope"] == "global"
+
+
+def test_share_runs_on_export_graphs(small_mlp, calib, minilm_gm, minilm_batches):
+    res = fxpress.compress(small_mlp, "share{bits=4}", calibration=calib, capture_method="export")
+    assert res.capture["method"] == "export" and res.records[0].status == "ok"
+    assert len(_codebooks(res.module)) == 2
+    # the captured MiniLM export graph (aten ops), one embedding and three linears
+    few = tuple(t[:8] for t in minilm_batches[0])
+    res = fxpress.compress(minilm_gm, "share{bits=6,include=[*position_embeddings*,*layer.0.attention.self.*]}",
+                           calibration=[few])
+    mods = _codebooks(res.module)
+    assert res.records[0].status == "ok" and len(mods) == 4
+    assert {type(m).__name__ for m in mods.values()} == {"CodebookLinear", "CodebookEmbedding"}
+    assert res.records[0].cumulative.cosine > 0.99
+
+
+def test_modules_rebuild_from_state_bit_exactly(cnn, calib, mlp):
+    pruned = fxpress.compress(mlp, "prune{sparsity=0.9},share{bits=5}", calibration=calib,
+                              policy="warn").module
+    res = fxpress.compress(cnn, "share{bits=3}", calibration=calib, policy="warn").module
+    x = calib[0][0]
+    for gm in (res, pruned):
+        for name, m in _codebooks(gm).items():
+            again = rebuild(m)
+            assert type(again) is type(m)
+            assert again.config() == json.loads(json.dumps(m.config()))  # tuples come back as lists
+            before, after = m.state_dict(), again.state_dict()
+            assert set(before) == set(after)
+            assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
+                       for k in before)
+            assert torch.equal(again.weight_float(), m.weight_float())
+    assert any(m.sparse for m in _codebooks(pruned).values())
+    out = res(x)
+    for name, m in _codebooks(res).items():
+        res.set_submodule(name, rebuild(m))
+    assert torch.equal(res(x), out)
+
+
+def test_decode_once_keeps_a_cache_outside_the_state_dict(mlp, calib):
+    per_call = fxpress.compress(mlp, "share{bits=4}", calibration=calib).module
+    once = fxpress.compress(mlp, "share{bits=4,decode=once}", calibration=calib).module
+    x = calib[0][0]
+    assert torch.equal(per_call(x), once(x))
+    m = _codebooks(once)["layers.0"]
+    assert m.cache_weight and "weight_cache" in m._buffers
+    assert "weight_cache" not in m.state_dict()
+    assert stored_bytes(once) == stored_bytes(per_call)
+    assert "weight_cache" not in _codebooks(per_call)["layers.0"]._buffers
+
+
+def test_fine_tuning_sums_gradients_into_centroids_and_keeps_zero(mlp, calib):
+    gm = fxpress.compress(mlp, "prune{sparsity=0.5},share{bits=3}", calibration=calib,
+                          policy="warn").module
+    m = _codebooks(gm)["layers.1"]
+    keys = set(m.state_dict())
+    params = m.begin_training()
+    assert params[0] is m.codebook and isinstance(m.codebook, torch.nn.Parameter)
+    w = m.weight_float()
+    upstream = torch.randn_like(w)
+    (w * upstream).sum().backward()
+    codes = m._codes().view_as(w)
+    for j in range(1, m.codebook.numel()):
+        assert torch.allclose(m.codebook.grad[j], upstream[codes == j].sum(), atol=1e-4)
+    opt = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(gm(calib[0][0]), gm(calib[0][0]).argmax(1).roll(1))
+        loss.backward()
+        opt.step()
+    m.end_training()
+    assert set(m.state_dict()) == keys and not isinstance(m.codebook, torch.nn.Parameter)
+    assert m.codebook[0] == 0 and torch.equal(m.weight_float() == 0, w.detach() == 0)
+    assert not torch.equal(m.weight_float(), w.detach())  # the centroids moved
+
+
+@pytest.mark.parametrize("text, option", [
+    ("share{bits=9}", "bits"), ("share{bits=0}", "bits"), ("share{bits=2.5}", "bits"),
+    ("share{scope=model}", "scope"), ("share{ops=[dense]}", "ops"),
+    ("share{decode=lazy}", "decode"), ("share{iters=3}", "iters"), ("share{max_iter=0}", "max_iter"),
+])
+def test_bad_options_name_the_option(text, option):
+    with pytest.raises(OptionError) as e:
+        fxpress.Pipeline.parse(text)
+    assert e.value.option == option and f"'{option}'" in str(e.value)
+
+
+def test_a_glob_that_matches_nothing_is_an_error(mlp, calib):
+    with pytest.raises(OptionError, match="match no weighted op"):
+        fxpress.compress(mlp, "share{include=[encoder.*]}", calibration=calib)
