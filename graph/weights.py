@@ -518,6 +518,18 @@ class CompressedModule(RuntimeModule):
         """
         return []
 
+    def remember_zeros(self, w: torch.Tensor) -> None:
+        """Record which weights are exactly zero as fine-tuning starts: they stay zero
+        (pruned weights), whatever a latent float weight learns. See :meth:`keep_zeros`."""
+        mask = w.detach() == 0
+        self._zero_mask = mask if bool(mask.any()) else None
+
+    def keep_zeros(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` with the weights recorded by :meth:`remember_zeros` forced to zero (their
+        gradient is zero too, so an optimizer never moves them)."""
+        mask = getattr(self, "_zero_mask", None)
+        return w if mask is None else w.masked_fill(mask.view(w.shape), 0)
+
     def end_training(self) -> None:
         """Leave training: fold what was learned back into the compressed storage (e.g.
         re-quantise a latent weight) so ``state_dict`` is again exactly the compressed form."""

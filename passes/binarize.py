@@ -211,7 +211,7 @@ class BinaryModule(CompressedModule):
     def weight_float(self) -> torch.Tensor:
         latent = self._parameters.get("latent")
         if latent is not None:  # fine-tuning: forward on the grid, gradient to the latent
-            return _STE.apply(latent, self.mode, self.bits)
+            return _STE.apply(self.keep_zeros(latent), self.mode, self.bits)
         codes = unpack_bits(self.codes, self.bits, self.numel).view(self.shape)
         return decode(codes, self.mode, self.bits, self.e_max, self.alpha)
 
@@ -249,6 +249,7 @@ class BinaryModule(CompressedModule):
             self.drop_cache()
             with torch.no_grad():
                 latent = self.weight_float().clone()
+            self.remember_zeros(latent)  # pruned (and ternary/pow2 zero) weights stay zero
             self.latent = torch.nn.Parameter(latent)
             if self.bias is not None:  # an own copy: an optimizer writes in place
                 self.bias = torch.nn.Parameter(self.bias.detach().clone())
@@ -259,7 +260,7 @@ class BinaryModule(CompressedModule):
         latent = self._parameters.pop("latent", None)
         if latent is None:
             return
-        self._store(latent.detach())
+        self._store(self.keep_zeros(latent.detach()))
         if self.bias is not None:
             self.bias = torch.nn.Parameter(self.bias.detach(), requires_grad=False)
         self.drop_cache()

@@ -293,7 +293,7 @@ class QuantizedWeight(CompressedModule):
         """The decoded 2-D weight as stored (``w · smooth`` when smoothed)."""
         latent = getattr(self, "latent", None)
         if latent is not None:
-            return self._on_grid(latent)
+            return self._on_grid(self.keep_zeros(latent))
         return dequantize_weight(self.codes(), self.scale, self.zero())
 
     def weight_float(self) -> torch.Tensor:
@@ -322,6 +322,7 @@ class QuantizedWeight(CompressedModule):
         what is trained is exactly what :meth:`end_training` will store."""
         if getattr(self, "latent", None) is None:
             w2 = dequantize_weight(self.codes(), self.scale, self.zero())
+            self.remember_zeros(w2)  # pruned weights stay exactly zero
             self.latent = torch.nn.Parameter(w2, requires_grad=True)
         params = [self.latent]
         if self.bias is not None:
@@ -338,7 +339,8 @@ class QuantizedWeight(CompressedModule):
         with torch.no_grad():
             lo, hi = code_range(self.bits, self.scheme)
             rows_s = self.scale.shape[0]
-            g = latent.detach().reshape(rows_s if rows_s > 1 else 1, self.scale.shape[1], -1)
+            g = self.keep_zeros(latent.detach()).reshape(
+                rows_s if rows_s > 1 else 1, self.scale.shape[1], -1)
             z = self.zero()
             zz = 0.0 if z is None else z.unsqueeze(-1).float()
             q = torch.clamp(torch.round(g / self.scale.unsqueeze(-1)) + zz, lo, hi)
