@@ -8,10 +8,10 @@ File layout (all integers little-endian)::
     offset  size  field
     0       8     magic  b"\\x89FXPRESS"  (the high byte catches 7-bit and text-mode damage)
     8       4     u32 format version (1)
-    12      4     u32 reserved, 0
-    16      8     u64 header length H
-    24      32    sha256 of the header bytes
-    56      H     header: UTF-8 JSON (graph, module tree, tensor table, metadata)
+    12      4     u32 flags: bit 0 = header is zlib-compressed (always set by this version)
+    16      8     u64 header length H (as stored)
+    24      32    sha256 of the H stored header bytes
+    56      H     header: UTF-8 JSON (graph, module tree, tensor table, metadata), zlib
     56+H    P     payload: a standard safetensors blob holding every stream
 
 One file, not a directory: a single ``os.replace`` makes the write atomic (a directory
@@ -46,6 +46,7 @@ so a bad file raises an :class:`~fxpress.errors.ArtifactError` and leaves nothin
 from __future__ import annotations
 
 import bz2
+import contextlib
 import builtins
 import hashlib
 import io
@@ -76,6 +77,7 @@ from fxpress.graph.weights import RuntimeModule
 MAGIC = b"\x89FXPRESS"
 VERSION = 1
 _PREFIX = struct.Struct("<8sIIQ32s")
+_FLAG_ZLIB_HEADER = 1
 PREFIX_SIZE = _PREFIX.size  # 56
 #: A header larger than this is refused before it is read.
 MAX_HEADER_BYTES = 256 << 20
@@ -386,6 +388,8 @@ def _as_ints(t: torch.Tensor) -> np.ndarray:
 
 
 def _from_ints(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if a.size == 0:
+        return torch.empty(a.shape, dtype=dtype)
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t.view(dtype)
 
@@ -696,7 +700,12 @@ class _Writer:
         if isinstance(m, RuntimeModule):
             entry["kind"] = "runtime"
             entry["class"] = class_name(type(m))
-            entry["config"] = _Encoder(self.allow, where)(m.config())
+            encode = _Encoder(self.allow, where)
+            config = m.config()
+            bad = [k for k in config if not isinstance(k, str) or k.startswith("__")]
+            if bad:
+                raise UnsupportedGraphError(f"{where}: config() keys must be plain names, got {bad}")
+            entry["config"] = {k: encode(v) for k, v in config.items()}
             params = {n for n, _ in m.named_parameters()}
             for name, t in m.state_dict(keep_vars=True).items():
                 if t is None:
@@ -858,8 +867,14 @@ def dumps(gm: torch.fx.GraphModule, *, entropy: bool = False, report: Any = None
     }
     if report is not None:
         header["report"] = _json_safe(report)
-    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(head), hashlib.sha256(head).digest())
+    return pack_artifact(header, payload)
+
+
+def pack_artifact(header: dict, payload: bytes) -> bytes:
+    """Prefix + header + payload. The header is zlib-compressed (flag bit 0): its JSON is
+    repetitive, and on small models it would otherwise outweigh the tensors."""
+    head = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
+    prefix = _PREFIX.pack(MAGIC, VERSION, _FLAG_ZLIB_HEADER, len(head), hashlib.sha256(head).digest())
     return prefix + head + payload
 
 
@@ -922,7 +937,7 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     if len(view) < PREFIX_SIZE:
         raise ArtifactFormatError(f"{where}: {len(view)} bytes is too short for an fxpress "
                                   "artifact (truncated?)")
-    magic, version, _reserved, hlen, hsha = _PREFIX.unpack(view[:PREFIX_SIZE])
+    magic, version, flags, hlen, hsha = _PREFIX.unpack(view[:PREFIX_SIZE])
     if magic != MAGIC:
         raise ArtifactFormatError(f"{where}: not an fxpress artifact (bad magic bytes)")
     if version != VERSION:
@@ -936,6 +951,16 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     if hashlib.sha256(head).digest() != hsha:
         raise ArtifactIntegrityError(f"{where}: header fails its sha256 check; the file is "
                                      "corrupted or was edited")
+    if flags & ~_FLAG_ZLIB_HEADER:
+        raise ArtifactFormatError(f"{where}: unknown flags {flags:#x}; a newer fxpress wrote it")
+    if flags & _FLAG_ZLIB_HEADER:
+        d = zlib.decompressobj()
+        try:
+            head = d.decompress(head, MAX_HEADER_BYTES)
+        except zlib.error as e:
+            raise ArtifactFormatError(f"{where}: header does not decompress: {e}") from None
+        if not d.eof:
+            raise ArtifactFormatError(f"{where}: header decompresses past {MAX_HEADER_BYTES} bytes")
     try:
         header = json.loads(head)
     except ValueError as e:
@@ -1070,7 +1095,8 @@ def _validate(header: dict, allow: Allowlist, where: str) -> _Checked:
         plan.modules.append(m)
     # tensors: shapes and streams add up
     for key, entry in tensors.items():
-        _check_tensor_entry(key, entry)
+        with _located(where):
+            _check_tensor_entry(key, entry)
     # the graph
     nodes = graph.get("nodes")
     if not isinstance(nodes, list):
@@ -1132,6 +1158,15 @@ def _validate(header: dict, allow: Allowlist, where: str) -> _Checked:
     return plan
 
 
+@contextlib.contextmanager
+def _located(where: str):
+    """Prefix the file's name to errors raised by per-tensor helpers."""
+    try:
+        yield
+    except ArtifactError as e:
+        raise type(e)(f"{where}: {e}") from None
+
+
 def _decoded_limit(header: dict, file_size: int, max_bytes: int | None, where: str) -> None:
     total = 0
     for key, entry in header["tensors"].items():
@@ -1168,7 +1203,8 @@ def loads(data: bytes | memoryview, runtime_modules: Iterable[type] = (), *,
         streams = safetensors.torch.load(bytes(payload_view)) if len(payload_view) else {}
     except Exception as e:
         raise ArtifactFormatError(f"{where}: payload is not valid safetensors: {e}") from None
-    decoded = {key: decode_tensor(key, entry, streams) for key, entry in header["tensors"].items()}
+    with _located(where):
+        decoded = {key: decode_tensor(key, entry, streams) for key, entry in header["tensors"].items()}
     root = _build_modules(plan, decoded, header["tensors"])
     gm = _build_graph(header, root, allow, where)
     return gm
@@ -1314,5 +1350,5 @@ def artifact_size(gm: torch.fx.GraphModule, entropy: bool = False) -> int:
 
 
 __all__ = ["save", "load", "dumps", "loads", "read_header", "artifact_size", "write_atomic",
-           "Allowlist", "encode_tensor", "decode_tensor", "plan_encoding", "MAGIC", "VERSION",
+           "Allowlist", "pack_artifact", "encode_tensor", "decode_tensor", "plan_encoding", "MAGIC", "VERSION",
            "PREFIX_SIZE", "CODECS"]

@@ -424,10 +424,10 @@ class Pipeline:
                     last_good=current, record=record)
 
         stamp_changes(current, new, str(p))
-        record.disk_bytes = artifact_size(new)
         new.meta.setdefault("fxpress", dict(current.meta.get("fxpress", {})))
         new.meta["fxpress"] = dict(new.meta["fxpress"])
         new.meta["fxpress"]["passes"] = list(current.meta.get("fxpress", {}).get("passes", [])) + [str(p)]
+        record.disk_bytes = artifact_size(new)
         for inst in self.instruments:
             inst.run_after_pass(p, new, record)
         return record, new, new_out
