@@ -121,7 +121,9 @@ def to_networkx(gm: torch.fx.GraphModule, *, digests: bool = True):
             module = None
             attrs["module_type"] = f"{op.kind} ({op.form})"
         if tensors or module is not None:
-            n, nz, bits = _weight_stats(module, [t for t in tensors if t is not None])
+            # a functional op counts its weight, as a module's row does; bytes include the bias
+            counted = tensors[:1] if op is not None and module is None else tensors
+            n, nz, bits = _weight_stats(module, [t for t in counted if t is not None])
             attrs.update(params=n, nonzeros=nz, bits=round(bits, 3),
                          stored_bytes=stored_bytes(module) if module is not None else
                          sum(t.numel() * t.element_size() for t in tensors if t is not None))

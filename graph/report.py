@@ -159,11 +159,11 @@ def _graph_matplotlib(g) -> str:
     for layer, nodes in enumerate(nx.topological_generations(simple)):
         for n in nodes:
             simple.nodes[n]["layer"] = layer
-    pos = nx.multipartite_layout(simple, subset_key="layer", align="horizontal")
-    pos = {n: (x, -y) for n, (y, x) in ((n, p) for n, p in pos.items())}
-    depth = max(simple.nodes[n]["layer"] for n in simple) + 1
-    width = max(len(list(ns)) for ns in nx.topological_generations(simple))
-    fig, ax = plt.subplots(figsize=(min(4 + 1.6 * width, 16), min(2 + 0.55 * depth, 60)))
+    # layers run top to bottom: multipartite puts each generation at its own x; turn it
+    gens = [list(ns) for ns in nx.topological_generations(simple)]
+    pos = {n: (y, -x) for n, (x, y) in nx.multipartite_layout(simple, subset_key="layer").items()}
+    depth, width = len(gens), max(len(ns) for ns in gens)
+    fig, ax = plt.subplots(figsize=(min(3 + 2.2 * width, 16), min(1.5 + 0.7 * depth, 80)))
     colors = pass_colors(g)
     fill = [colors.get(d.get("pass"), "#e5e7eb" if d["op"] in ("placeholder", "output", "get_attr")
                        else "#ffffff") for _, d in simple.nodes(data=True)]
@@ -210,6 +210,9 @@ def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpre
     lrows = [[f"<code>{_esc(r.name)}</code>", _esc(r.type), f"{r.params:,}", f"{r.sparsity:.1%}",
               f"{r.bits:g}", human_bytes(r.mem_bytes), human_bytes(r.disk_bytes),
               f"{r.disk_bytes / total:.1%}"] for r in rows]
+    rest = file_bytes - sum(r.disk_bytes for r in rows)
+    lrows.append(["<i>header: graph, modules, tensor table</i>", "", "", "", "", "",
+                  human_bytes(rest), f"{rest / total:.1%}"])
     parts.append("<h2>Layers</h2>" + _table(["layer", "type", "params", "sparsity", "bits",
                                              "memory", "on disk", "share of file"], lrows, left=2))
     before_bytes = {r["name"]: r["disk_bytes"] for r in baseline.get("layers", [])}
