@@ -66,6 +66,32 @@ class Pipeline(_pipeline.Pipeline):
                                    **kwargs)
 
 
+def save(module, path: str | Path, *, entropy: bool = False, report: Any = None) -> int:
+    """Save a GraphModule (or a :class:`PipelineResult`, with its records and the per-layer
+    baseline embedded for ``fxpress report``) as one artifact; return its size in bytes.
+
+    >>> res = fxpress.compress(model, "prune{sparsity=0.9}", calibration=batches)  # doctest: +SKIP
+    >>> fxpress.save(res, "model.fxp")                                             # doctest: +SKIP
+    """
+    from fxpress.graph import artifact
+
+    if isinstance(module, PipelineResult):
+        report = {**module.as_dict(), **(report or {})} if report is None or isinstance(report, dict) \
+            else report
+        module = module.module
+    return artifact.save(module, path, entropy=entropy, report=report)
+
+
+def load(path: str | Path, *, max_bytes: int | None = None):
+    """Load an artifact; runtime modules resolve against the registered passes' classes.
+
+    >>> gm = fxpress.load("model.fxp")                                             # doctest: +SKIP
+    """
+    from fxpress.graph import artifact
+
+    return artifact.load(path, registry().runtime_modules(), max_bytes=max_bytes)
+
+
 def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: Any = None, *,
              calibration: Iterable[Any] | None = None, train_data: Any = None,
              policy: str = "strict", capture_method: str = "auto",
@@ -89,4 +115,4 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: A
 __all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",
            "Pass", "PassContext", "PassResult", "PassInfo", "Tolerance", "option", "Instrument",
            "PassTimer", "GraphDumper", "registry", "list_passes", "hookimpl", "errors",
-           "FxpressError", "Distiller"]
+           "FxpressError", "Distiller", "save", "load"]

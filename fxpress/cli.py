@@ -1,7 +1,10 @@
 """The ``fxpress`` command.
 
     fxpress passes [--json]          every registered pass, its options and its plugin
-    fxpress run RECIPE [--policy P]  run a TOML recipe, print the per-pass table
+    fxpress run RECIPE [--policy P]  run a TOML recipe, print the per-pass table, save `output`
+    fxpress inspect MODEL            per-layer table of an artifact (or file.py:callable)
+    fxpress diff A B                 what changed between two artifacts/models
+    fxpress report ARTIFACT -o F     one self-contained HTML page about an artifact
     fxpress --version
 
 Exit codes: 0 ok, 1 verification failed, 2 bad input (recipe, options, model, plugin).
@@ -79,10 +82,96 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(result.report())
     for k in before:
         print(f"{k}: {before[k]:.4f} before, {after.get(k, float('nan')):.4f} after")
+    output = Path(args.output) if args.output else recipe.output_path()
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        size = fxpress.save(result, output, entropy=args.entropy,
+                            report={"evaluate_before": before, "evaluate_after": after})
+        print(f"saved {output} ({size:,} bytes; captured graph {result.original_disk_bytes:,} bytes)")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {**result.as_dict(), "evaluate_before": before, "evaluate_after": after}, indent=2,
             default=str))
+    return EXIT_OK
+
+
+def _open(ref: str):
+    """(graph, header) of an artifact path or a ``file.py:callable`` returning a module."""
+    import torch
+
+    import fxpress
+    from fxpress.errors import InputError
+    from fxpress.graph import artifact
+    from fxpress.graph.inspect import memory_header
+
+    p = Path(ref)
+    if p.is_file():
+        return fxpress.load(p), artifact.read_header(p)
+    if ":" not in ref:
+        raise InputError(f"{ref}: no such file; give an artifact path or file.py:callable")
+    from fxpress.passes.spec import load_reference
+
+    made = load_reference(ref, Path.cwd(), "model")()
+    if isinstance(made, torch.fx.GraphModule):
+        gm = made
+    elif isinstance(made, torch.nn.Module):
+        try:
+            gm = torch.fx.symbolic_trace(made)
+        except Exception as e:
+            raise InputError(f"{ref}: symbolic tracing failed ({type(e).__name__}: {e}); capture "
+                             "it with inputs and save an artifact, then inspect that") from None
+    else:
+        raise InputError(f"{ref}: returned {type(made).__name__}, not a torch.nn.Module")
+    return gm, memory_header(gm)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from fxpress.graph.inspect import format_layers, layers, to_networkx, to_node_link
+
+    gm, header = _open(args.model)
+    rows = layers(gm, header)
+    if args.json:
+        print(json.dumps({"file_bytes": header.get("file_bytes"), "layers": [r.as_dict() for r in rows],
+                          "graph": to_node_link(to_networkx(gm))}, indent=1, default=str))
+        return EXIT_OK
+    meta = header.get("meta") or {}
+    print(f"{args.model}: {header.get('file_bytes', 0):,} bytes; captured with "
+          f"{meta.get('method', '?')}; passes: {', '.join(meta.get('passes', [])) or 'none'}")
+    print(format_layers(rows, header.get("file_bytes")))
+    for what, writer in (("graphml", "write_graphml"), ("dot", "write_dot"),
+                         ("node_link", "write_node_link")):
+        dest = getattr(args, what)
+        if dest:
+            import fxpress.graph.inspect as gi
+
+            getattr(gi, writer)(to_networkx(gm), dest)
+            print(f"wrote {dest}")
+    return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from fxpress.graph.inspect import diff
+
+    a, _ = _open(args.a)
+    b, _ = _open(args.b)
+    d = diff(a, b)
+    print(json.dumps(d.as_dict(), indent=1, default=str) if args.json else str(d))
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fxpress.graph.inspect import layer_summary
+    from fxpress.graph.report import render_report
+
+    gm, header = _open(args.result)
+    before = None
+    if args.before:
+        before = layer_summary(_open(args.before)[0])
+    from fxpress.graph.artifact import write_atomic
+
+    out = Path(args.output)
+    write_atomic(out, render_report(gm, header, title=Path(args.result).name, before=before).encode())
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     return EXIT_OK
 
 
@@ -99,7 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("recipe")
     sr.add_argument("--policy", choices=("strict", "warn", "rollback"))
     sr.add_argument("--json", metavar="FILE", help="also write the records as JSON")
+    sr.add_argument("-o", "--output", help="save the artifact here (default: the recipe's output)")
+    sr.add_argument("--entropy", action="store_true", help="entropy-code index/bitmap streams")
     sr.set_defaults(func=_cmd_run)
+    si = sub.add_parser("inspect", help="per-layer table: params, sparsity, bits, bytes, share")
+    si.add_argument("model", help="an artifact, or file.py:callable returning a module")
+    si.add_argument("--json", action="store_true", help="layers and the node-link graph as JSON")
+    si.add_argument("--graphml", metavar="FILE", help="also write GraphML (Gephi, yEd)")
+    si.add_argument("--dot", metavar="FILE", help="also write Graphviz DOT")
+    si.add_argument("--node-link", dest="node_link", metavar="FILE", help="also write node-link JSON")
+    si.set_defaults(func=_cmd_inspect)
+    sd = sub.add_parser("diff", help="added/removed/changed nodes and rewired edges")
+    sd.add_argument("a")
+    sd.add_argument("b")
+    sd.add_argument("--json", action="store_true")
+    sd.set_defaults(func=_cmd_diff)
+    sp2 = sub.add_parser("report", help="one self-contained HTML page about an artifact")
+    sp2.add_argument("result", help="an artifact (fxpress run with output embeds its records)")
+    sp2.add_argument("-o", "--output", required=True, metavar="HTML")
+    sp2.add_argument("--before", help="compare with this artifact instead of the embedded baseline")
+    sp2.set_defaults(func=_cmd_report)
     return p
 
 

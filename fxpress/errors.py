@@ -104,8 +104,25 @@ class ArtifactError(FxpressError):
     """An artifact is malformed, corrupted, tampered with or names a forbidden target."""
 
 
+class ArtifactFormatError(ArtifactError):
+    """Not an fxpress artifact, an unknown format version, truncated, or sizes that do not add up."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """A checksum does not match: the file was corrupted or edited after it was written."""
+
+
+class ForbiddenTargetError(ArtifactError):
+    """The artifact names a function, method, attribute or module class outside the allowlist."""
+
+
+class UnsupportedGraphError(ArtifactError):
+    """``save`` met something it cannot store as data (a custom module class, a hook, a lambda)."""
+
+
 __all__ = [
     "FxpressError", "InputError", "CaptureError", "PipelineSpecError", "UnknownPassError",
     "OptionError", "PluginError", "PassError", "MissingDataError", "VerificationError",
-    "ArtifactError",
+    "ArtifactError", "ArtifactFormatError", "ArtifactIntegrityError", "ForbiddenTargetError",
+    "UnsupportedGraphError",
 ]

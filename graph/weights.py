@@ -439,7 +439,8 @@ class RuntimeModule(torch.nn.Module):
         for k, v in config.items():
             setattr(m, k, v)
         for name in cls.optional_tensors:
-            m.register_buffer(name, None)
+            if name not in tensors:  # a present one is registered below, as what it is
+                m.register_buffer(name, None)
         params = set(parameters)
         for name, t in tensors.items():
             if name in params:

@@ -27,6 +27,8 @@ import torch.fx
 from fxpress.errors import (FxpressError, InputError, OptionError, PassError,
                             PipelineSpecError, UnknownPassError, VerificationError)
 from fxpress.graph.capture import (as_input_tuple, capture, clone_structure, tensors_of)
+from fxpress.graph.artifact import artifact_size
+from fxpress.graph.inspect import layer_summary, stamp_changes
 from fxpress.graph.weights import (compressed_modules, stored_bytes, weighted_ops)
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
 from fxpress.passes.spec import PassSpec, Recipe, format_spec, parse_recipe, parse_spec
@@ -50,6 +52,7 @@ class PassRecord:
     verify_seconds: float = 0.0
     bytes_before: int = 0
     bytes_after: int = 0
+    disk_bytes: int = 0         # what fxpress.save would write for the graph after the pass
     params: int = 0
     zeros: int = 0
     changed: bool = False
@@ -66,7 +69,7 @@ class PassRecord:
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("index", "name", "spec", "seconds", "verify_seconds",
-                                            "bytes_before", "bytes_after", "params", "zeros",
+                                            "bytes_before", "bytes_after", "disk_bytes", "params", "zeros",
                                             "changed", "status", "message", "tolerance", "stats")}
         d["sparsity"] = self.sparsity
         d["cumulative"] = self.cumulative.as_dict() if self.cumulative else None
@@ -83,6 +86,9 @@ class PipelineResult:
     pipeline: str = ""
     capture: dict = field(default_factory=dict)
     original_bytes: int = 0
+    original_disk_bytes: int = 0
+    #: per-layer rows and weight histograms of the captured graph (``fxpress report``'s "before")
+    baseline: dict = field(default_factory=dict)
 
     def report(self) -> str:
         """The per-pass table (time, sparsity, bytes, error metrics, status)."""
@@ -91,6 +97,7 @@ class PipelineResult:
     def as_dict(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "capture": self.capture,
                 "original_bytes": self.original_bytes,
+                "original_disk_bytes": self.original_disk_bytes, "baseline": self.baseline,
                 "records": [r.as_dict() for r in self.records]}
 
 
@@ -112,15 +119,15 @@ def _bytes(n: int) -> str:
 
 def format_records(records: Sequence[PassRecord], original_bytes: int) -> str:
     """Render records as a fixed-width table."""
-    head = ["#", "pass", "status", "time s", "verify s", "sparsity", "bytes", "x smaller",
+    head = ["#", "pass", "status", "time s", "verify s", "sparsity", "bytes", "on disk", "x smaller",
             "rel_l2 Δ", "rel_l2", "cosine", "top1"]
     rows = []
     for r in records:
         c, i = r.cumulative, r.incremental
         rows.append([
             str(r.index), r.spec, r.status, f"{r.seconds:.3f}", f"{r.verify_seconds:.3f}",
-            f"{r.sparsity:.1%}", _bytes(r.bytes_after),
-            f"{original_bytes / r.bytes_after:.2f}" if r.bytes_after else "-",
+            f"{r.sparsity:.1%}", _bytes(r.bytes_after), _bytes(r.disk_bytes) if r.disk_bytes else "-",
+            f"{original_bytes / r.disk_bytes:.2f}" if r.disk_bytes else "-",
             _fmt(i.rel_l2 if i else None, ".2e"), _fmt(c.rel_l2 if c else None, ".2e"),
             _fmt(c.cosine if c else None), _fmt(c.top1 if c else None),
         ])
@@ -301,6 +308,7 @@ class Pipeline:
                           train_data=train_data, reference=model, seed=seed,
                           progress=self.progress)
         original_bytes = stored_bytes(gm)
+        baseline = layer_summary(gm)
         records: list[PassRecord] = []
         self.last_good = gm
         recovers_at = [i for i, p in enumerate(self.passes) if p.recovers]
@@ -322,7 +330,7 @@ class Pipeline:
             if bar is not None:
                 bar.close()
         result = PipelineResult(gm, records, str(self), dict(gm.meta.get("fxpress", {})),
-                                original_bytes)
+                                original_bytes, baseline["file_bytes"], baseline)
         for inst in self.instruments:
             inst.run_after_pipeline(result)
         return result
@@ -419,9 +427,11 @@ class Pipeline:
                     f"pass '{p.name}' {what}" if broken else None,
                     last_good=current, record=record)
 
+        stamp_changes(current, new, str(p))
         new.meta.setdefault("fxpress", dict(current.meta.get("fxpress", {})))
         new.meta["fxpress"] = dict(new.meta["fxpress"])
         new.meta["fxpress"]["passes"] = list(current.meta.get("fxpress", {}).get("passes", [])) + [str(p)]
+        record.disk_bytes = artifact_size(new)
         for inst in self.instruments:
             inst.run_after_pass(p, new, record)
         return record, new, new_out

@@ -1,0 +1,353 @@
+"""Artifacts: bit-exact round trips, real size reductions, refusal of bad files, atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import fxpress
+from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
+                            ForbiddenTargetError, UnsupportedGraphError)
+from fxpress.graph import artifact
+from fxpress.passes.base import PassContext
+from fxpress.passes.prune import Prune
+from tests.runtime_fixtures import RUNTIME, PackedCodebookLinear, ScaleShift, share_linears
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fp32_safetensors_bytes(module: torch.nn.Module) -> int:
+    return len(safetensors.torch.save({k: v.contiguous() for k, v in module.state_dict().items()}))
+
+
+def pruned(gm: torch.fx.GraphModule, sparsity: float, example) -> torch.fx.GraphModule:
+    work = fxpress.graph.clone_structure(gm)
+    return Prune(sparsity=sparsity).run(work, PassContext(example_inputs=example)).module
+
+
+@pytest.fixture
+def mlp90(mlp, calib):
+    gm = fxpress.capture(mlp, calib[0])
+    return pruned(gm, 0.9, calib[0])
+
+
+def test_pruned_mlp_round_trip_is_bit_exact_and_stored_sparse(mlp90, calib, tmp_path):
+    path = tmp_path / "mlp.fxp"
+    size = fxpress.save(mlp90, path)
+    assert size == path.stat().st_size
+    loaded = fxpress.load(path)
+    for (x,) in calib:
+        assert torch.equal(loaded(x), mlp90(x))
+    header = artifact.read_header(path)
+    enc = {k: e["encoding"] for k, e in header["tensors"].items()}
+    assert all(enc[f"{n}.weight"] in ("relidx", "bitmap") for n in ("layers.0", "layers.1", "head"))
+    assert enc["layers.0.bias"] == "dense"  # biases are not pruned: dense is smaller
+    # 90% zeros in fp32: only the values and a few bits of position remain
+    fp32 = fp32_safetensors_bytes(mlp90)
+    assert size * 5 < fp32, (size, fp32)
+    with_entropy = fxpress.save(mlp90, tmp_path / "e.fxp", entropy=True)
+    assert with_entropy < size
+    assert torch.equal(fxpress.load(tmp_path / "e.fxp")(calib[0][0]), mlp90(calib[0][0]))
+
+
+def test_every_encoding_decodes_bit_exactly():
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(300, generator=g)
+    # masked_fill writes +0.0; `dense * mask` would write -0.0 for negative weights, which
+    # is stored as a value (its sign bit is kept)
+    sparse = dense.masked_fill(torch.rand(300, generator=g) > 0.05, 0)
+    half = dense.masked_fill(torch.rand(300, generator=g) > 0.5, 0)
+    signed_zero = torch.zeros(64)
+    signed_zero[::3] = -0.0  # -0.0 is not all-zero bits: it must survive
+    long_gap = torch.zeros(5000)
+    long_gap[[3, 4999]] = 1.0
+    ints = torch.randint(0, 3, (200,), generator=g, dtype=torch.uint8)
+    for t in (dense, sparse, half, signed_zero, long_gap, ints, torch.zeros(0),
+              half.to(torch.bfloat16), (half != 0), sparse.double()):
+        for entropy in (False, True):
+            entry, streams = artifact.encode_tensor("t", t, entropy)
+            back = artifact.decode_tensor("t", entry, streams)
+            assert back.dtype == t.dtype and back.shape == t.shape
+            assert torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    assert artifact.plan_encoding(sparse).encoding == "relidx"
+    assert artifact.plan_encoding(dense).encoding == "dense"
+    assert artifact.plan_encoding(half).encoding == "bitmap"
+    assert artifact.plan_encoding(dense * (sparse != 0)).encoding != "relidx"  # -0.0 kept
+
+
+def test_cnn_with_batchnorm_round_trip(cnn, calib, tmp_path):
+    gm = pruned(fxpress.capture(cnn, calib[0]), 0.5, calib[0])
+    fxpress.save(gm, tmp_path / "cnn.fxp")
+    loaded = fxpress.load(tmp_path / "cnn.fxp")
+    assert isinstance(loaded.bn1, torch.nn.BatchNorm2d) and loaded.bn1.eps == gm.bn1.eps
+    assert loaded.conv1.padding == (1, 1) and not loaded.training
+    assert torch.equal(loaded.bn2.running_var, gm.bn2.running_var)
+    for (x,) in calib:
+        assert torch.equal(loaded(x), gm(x))
+
+
+def test_runtime_modules_round_trip_and_need_the_allowlist(mlp90, calib, tmp_path):
+    gm = share_linears(fxpress.graph.clone_structure(mlp90))
+    ss = ScaleShift(10)
+    gm.add_module("post", ss)
+    out = gm.graph.output_node()
+    with gm.graph.inserting_before(out):
+        post = gm.graph.call_module("post", (out.args[0],))
+    out.args = (post,)
+    gm.recompile()
+    path = tmp_path / "shared.fxp"
+    size = fxpress.save(gm, path)
+    with pytest.raises(ForbiddenTargetError, match="PackedCodebookLinear.*not registered"):
+        artifact.load(path)  # fxpress.load's registry does not know the test classes
+    loaded = artifact.load(path, RUNTIME)
+    assert isinstance(loaded.head, PackedCodebookLinear) and loaded.head.bits == 4
+    assert loaded.post.options["dims"] == (1, 10)  # tuples come back as tuples
+    assert isinstance(loaded.post.shift, torch.nn.Parameter)
+    for (x,) in calib:
+        assert torch.equal(loaded(x), gm(x))
+    # 90% pruned + 4-bit codebook: the packed indices are mostly zero bytes and go sparse too
+    fp32 = fp32_safetensors_bytes(mlp90)
+    small = artifact.save(gm, tmp_path / "e.fxp", entropy=True)
+    assert small <= size and fp32 / small > 15, (fp32, size, small)
+    assert torch.equal(artifact.load(tmp_path / "e.fxp", RUNTIME)(calib[0][0]), gm(calib[0][0]))
+
+
+def test_loads_in_a_fresh_process_without_the_model_class(mlp90, calib, tmp_path):
+    gm = share_linears(fxpress.graph.clone_structure(mlp90))
+    fxpress.save(gm, tmp_path / "m.fxp")
+    x = calib[1][0]
+    safetensors.torch.save_file({"x": x, "y": gm(x)}, tmp_path / "io.safetensors")
+    code = textwrap.dedent(f"""
+        import sys, torch, safetensors.torch
+        from fxpress.graph import artifact
+        from tests.runtime_fixtures import RUNTIME
+        gm = artifact.load({str(tmp_path / 'm.fxp')!r}, RUNTIME)
+        io = safetensors.torch.load_file({str(tmp_path / 'io.safetensors')!r})
+        assert not any(m.startswith("examples") for m in sys.modules), "model code was imported"
+        print("EQUAL" if torch.equal(gm(io["x"]), io["y"]) else "DIFFERENT")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "EQUAL"
+
+
+def test_minilm_export_graph_after_prune(minilm, minilm_gm, minilm_batches, tmp_path):
+    gm = pruned(minilm_gm, 0.5, minilm_batches[0])
+    path = tmp_path / "minilm.fxp"
+    size = fxpress.save(gm, path)
+    fp32 = fp32_safetensors_bytes(minilm)
+    # half the linear weights are zero (embeddings are not pruned): ~0.78x of fp32
+    assert size < 0.82 * fp32, (size, fp32)
+    header = artifact.read_header(path)
+    assert header["graph"]["codegen"]["kind"] == "pytree"
+    assert header["tensors"]["bert.encoder.layer.0.attention.self.query.weight"]["encoding"] == "bitmap"
+    loaded = fxpress.load(path)
+    with torch.no_grad():
+        for ids, mask in minilm_batches:
+            assert torch.equal(loaded(ids, mask), gm(ids, mask))
+        # dynamic dims survive: another batch size and length
+        ids, mask = minilm_batches[1][0][:5, :9], minilm_batches[1][1][:5, :9]
+        assert torch.equal(loaded(ids, mask), gm(ids, mask))
+
+
+# -- bad files -----------------------------------------------------------------------------------
+
+def _tamper(data: bytes, mutate) -> bytes:
+    """Edit the header and re-sign it, as a deliberate attacker would (checksums then pass:
+    only the allowlist stands between the file and the interpreter)."""
+    header, payload, _ = artifact._split_prefix(data, "t")
+    mutate(header)
+    return artifact.pack_artifact(header, bytes(payload))
+
+
+def _node(header, op):
+    return next(n for n in header["graph"]["nodes"] if n["op"] == op)
+
+
+def _set_target(target, args=None):
+    def mutate(h):
+        n = _node(h, "call_function")
+        n["target"] = target
+        if args is not None:
+            n["args"] = args
+    return mutate
+
+
+@pytest.fixture
+def mlp_bytes(mlp90):
+    return artifact.dumps(mlp90)
+
+
+MARKER = "/tmp/fxpress_artifact_test_pwned"
+
+
+@pytest.mark.parametrize("mutate, error, fragment", [
+    (_set_target("torch.not_a_function"), ForbiddenTargetError, "'torch.not_a_function' is not in"),
+    (_set_target("os.system", {"$": "tuple", "v": [f"touch {MARKER}"]}), ForbiddenTargetError,
+     "'os.system'"),
+    (_set_target("builtins.eval", {"$": "tuple", "v": [f"open('{MARKER}','w')"]}),
+     ForbiddenTargetError, "'builtins.eval'"),
+    (_set_target("builtins.__import__", {"$": "tuple", "v": ["os"]}), ForbiddenTargetError,
+     "'builtins.__import__'"),
+    (_set_target("torch.load"), ForbiddenTargetError, "'torch.load'"),
+    (_set_target("torch.ops.aten.__class__.default"), ForbiddenTargetError, "aten.__class__"),
+    (_set_target("builtins.getattr", {"$": "tuple", "v": [{"$": "node", "v": "x"}, "__class__"]}),
+     ForbiddenTargetError, "getattr is allowed only"),
+    (lambda h: _node(h, "call_module").update(op="call_method", target="__reduce_ex__"),
+     ForbiddenTargetError, "'__reduce_ex__'"),
+    (lambda h: _node(h, "call_module").update(op="get_attr", target="layers.__class__"),
+     ForbiddenTargetError, "dunder name '__class__'"),
+    (lambda h: h["modules"][2].update(config={"__class__": 1}), ForbiddenTargetError,
+     "dunder name '__class__'"),
+    (lambda h: h["modules"][2].update(config={"forward": 1}), ForbiddenTargetError,
+     "would replace a method"),
+    (lambda h: h["modules"][2].update(kind="runtime", **{"class": "subprocess.Popen"}),
+     ForbiddenTargetError, "'subprocess.Popen' is not registered"),
+    (lambda h: h["modules"][2].update(**{"class": "torch.nn.modules.module.os"}),
+     ForbiddenTargetError, "not a torch.nn module class"),
+    (lambda h: _node(h, "placeholder").update(target="x=__import__('os').system('id')"),
+     ForbiddenTargetError, "not a plain identifier"),
+    (lambda h: h["tensors"]["head.weight"].update(shape=[1 << 40, 1 << 7]), ArtifactFormatError,
+     "'head.weight': claims 140737488355328 elements"),
+    (lambda h: h.update(version=99), ArtifactFormatError, "v1 artifact"),
+])
+def test_crafted_files_are_refused_before_anything_runs(mlp_bytes, tmp_path, mutate, error,
+                                                        fragment):
+    if os.path.exists(MARKER):
+        os.unlink(MARKER)
+    path = tmp_path / "bad.fxp"
+    path.write_bytes(_tamper(mlp_bytes, mutate))
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace("[", r"\[")) as e:
+        fxpress.load(path)
+    assert str(path) in str(e.value)
+    assert not os.path.exists(MARKER)
+
+
+def test_damaged_files_are_refused(mlp_bytes, tmp_path):
+    path = tmp_path / "bad.fxp"
+    header, payload, _ = artifact._split_prefix(mlp_bytes, "t")
+    # truncated: every cut point is refused with a format error
+    for cut in (10, artifact.PREFIX_SIZE + 5, len(mlp_bytes) - len(payload) // 2, len(mlp_bytes) - 1):
+        path.write_bytes(mlp_bytes[:cut])
+        with pytest.raises(ArtifactFormatError, match="truncated|too short"):
+            fxpress.load(path)
+    # one flipped byte inside a tensor's values: the error names the tensor
+    stream = header["tensors"]["layers.1.weight"]["streams"]["values"]["key"]
+    st_len = int.from_bytes(payload[:8], "little")
+    st_header = json.loads(bytes(payload[8:8 + st_len]))
+    start = len(mlp_bytes) - len(payload) + 8 + st_len + st_header[stream]["data_offsets"][0] + 7
+    flipped = bytearray(mlp_bytes)
+    flipped[start] ^= 0x40
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactIntegrityError, match="'layers.1.weight' stream 'values'"):
+        fxpress.load(path)
+    # a flipped byte in the header breaks its checksum
+    flipped = bytearray(mlp_bytes)
+    flipped[artifact.PREFIX_SIZE + 3] ^= 1
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactIntegrityError, match="header fails its sha256"):
+        fxpress.load(path)
+    # a prefix claiming a huge header is refused before anything is read or allocated
+    huge = bytearray(mlp_bytes)
+    huge[16:24] = (1 << 62).to_bytes(8, "little")
+    path.write_bytes(bytes(huge))
+    with pytest.raises(ArtifactFormatError, match="header claims 4611686018427387904 bytes"):
+        artifact.read_header(path)
+    with pytest.raises(ArtifactFormatError, match="not an fxpress artifact"):
+        artifact.loads(b"PK\x03\x04" + bytes(100))
+
+
+def test_decompression_bombs_are_bounded(mlp90, tmp_path):
+    # a tensor whose declared size dwarfs the file is refused before decoding
+    data = artifact.dumps(mlp90)
+    def grow(h):
+        e = h["tensors"]["layers.1.weight"]
+        e["shape"] = [1 << 20, 1 << 14]
+        e["encoding"], e["nnz"] = "bitmap", 0
+        e["streams"] = {"bitmap": {**e["streams"]["index"], "raw_bytes": (1 << 34) // 8},
+                        "values": {**e["streams"]["values"], "raw_bytes": 0}}
+        e.pop("bits"), e.pop("entries")
+    with pytest.raises(ArtifactFormatError, match="over the limit"):
+        artifact.loads(_tamper(data, grow))
+
+
+def test_unsupported_graphs_fail_at_save_with_the_culprit(calib, tmp_path):
+    class Custom(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(64, 4)))
+    gm.add_module("custom", Custom())
+    with gm.graph.inserting_before(gm.graph.output_node()):
+        node = gm.graph.call_module("custom", (next(iter(gm.graph.nodes)),))
+    with pytest.raises(UnsupportedGraphError, match="module 'custom'.*only torch.nn modules"):
+        artifact.dumps(gm)
+    delattr(gm, "custom")
+    node.op, node.target = "call_function", lambda x: x
+    with pytest.raises(UnsupportedGraphError, match="not an allowlisted function"):
+        artifact.dumps(gm)
+
+
+def test_save_is_atomic_when_killed_mid_write(mlp90, tmp_path):
+    path = tmp_path / "model.fxp"
+    fxpress.save(mlp90, path)
+    before = path.read_bytes()
+    # the child writes a different model to the same path and is killed after the bytes
+    # are in the temp file but before the rename
+    code = textwrap.dedent(f"""
+        import os, sys, time, torch
+        import fxpress
+        real = os.fsync
+        def stall(fd):
+            real(fd)
+            print("WRITTEN", flush=True)
+            time.sleep(120)
+        os.fsync = stall
+        gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.Linear(512, 10)))
+        fxpress.save(gm, {str(path)!r})
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "WRITTEN"
+        temps = list(tmp_path.glob(".model.fxp.*.tmp"))
+        assert temps and temps[0].stat().st_size > 100_000  # the new file was being written
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert path.read_bytes() == before
+    assert torch.equal(fxpress.load(path).head.weight, mlp90.head.weight)
+
+
+def test_save_refuses_a_directory_and_keeps_going_after_errors(mlp90, tmp_path):
+    with pytest.raises(ArtifactError, match="is a directory"):
+        fxpress.save(mlp90, tmp_path)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        fxpress.save(mlp90, tmp_path / "missing" / "m.fxp")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_pipeline_records_disk_bytes_and_result_embeds_them(mlp, calib, tmp_path):
+    res = fxpress.compress(mlp, "prune{sparsity=0.5},prune{sparsity=0.8,tol.min_cosine=0.5,tol.min_top1=0.5}",
+                           calibration=calib, progress=False)
+    r1, r2 = res.records
+    assert res.original_disk_bytes > r1.disk_bytes > r2.disk_bytes > 0
+    assert r2.disk_bytes == artifact.artifact_size(res.module)
+    path = tmp_path / "r.fxp"
+    fxpress.save(res, path)
+    report = artifact.read_header(path)["report"]
+    assert [r["disk_bytes"] for r in report["records"]] == [r1.disk_bytes, r2.disk_bytes]
+    assert {row["name"] for row in report["baseline"]["layers"]} == {"layers.0", "layers.1", "head"}
+    assert fxpress.load(path).meta["fxpress"]["passes"] == [str(p) for p in
+                                                           fxpress.Pipeline.parse(res.pipeline).passes]
