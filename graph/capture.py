@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import time
 import warnings
 from typing import Any, Iterable, Sequence
@@ -25,6 +26,65 @@ from torch.utils import _pytree as pytree
 from fxpress.errors import CaptureError, InputError
 
 METHODS = ("auto", "fx", "export")
+
+
+class TraceLock:
+    """Tracing excludes running models in other threads, running models excludes tracing.
+
+    ``torch.fx.symbolic_trace`` (and export's tracing) patch ``nn.Module.__call__`` for the
+    whole process while they trace: a module called from another thread in that window
+    would be recorded into the trace (or fail). fxpress holds :meth:`tracing` while it
+    captures and :meth:`running` while a pipeline runs graphs, so concurrent pipelines
+    stay independent. Both are re-entrant within a thread.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers: dict[int, int] = {}
+        self._writer: int | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def tracing(self):
+        me = threading.get_ident()
+        with self._cond:
+            # a thread that is running graphs steps back while it traces, so two threads
+            # that both trace from inside a run cannot wait on each other forever
+            mine = self._readers.pop(me, 0)
+            while self._writer not in (None, me) or self._readers:
+                self._cond.wait()
+            self._writer = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._writer = None
+                if mine:
+                    self._readers[me] = mine
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def running(self):
+        me = threading.get_ident()
+        with self._cond:
+            while self._writer not in (None, me):
+                self._cond.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers[me] -= 1
+                if not self._readers[me]:
+                    del self._readers[me]
+                self._cond.notify_all()
+
+
+#: The process-wide lock between tracing and running models (see :class:`TraceLock`).
+TRACE_LOCK = TraceLock()
 
 
 @contextlib.contextmanager
@@ -179,7 +239,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
         raise InputError(f"capture: method must be one of {METHODS}, got {method!r}")
     example_inputs = as_input_tuple(example_inputs)
 
-    with eval_mode(model), torch.no_grad():
+    with TRACE_LOCK.tracing(), eval_mode(model), torch.no_grad():
         try:
             expected = model(*example_inputs)
         except Exception as e:  # the inputs do not fit the model: say so before tracing

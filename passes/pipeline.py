@@ -26,7 +26,8 @@ import torch.fx
 
 from fxpress.errors import (FxpressError, InputError, OptionError, PassError,
                             PipelineSpecError, UnknownPassError, VerificationError)
-from fxpress.graph.capture import (as_input_tuple, capture, clone_structure, tensors_of)
+from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture, clone_structure,
+                                   tensors_of)
 from fxpress.graph.artifact import artifact_size
 from fxpress.graph.inspect import layer_summary, stamp_changes
 from fxpress.graph.weights import (compressed_modules, stored_bytes, weighted_ops)
@@ -296,39 +297,40 @@ class Pipeline:
             gm.meta.setdefault("fxpress", {"method": "given", "passes": []})
         else:
             gm = capture(model, example_inputs, capture_method)
-        batches = calib or [example_inputs]
-        labelled = None
-        if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in self.passes):
-            labelled = _labelled(train_data, len(example_inputs))
-        verifier = Verifier(model, batches, top1=top1, labelled=labelled)
-        current_out = verifier.run(gm, annotate=True)
-        capture_metrics = verifier.compare_to_reference(current_out)
-        gm.meta["fxpress"]["capture_error"] = capture_metrics.as_dict()
-        ctx = PassContext(example_inputs=example_inputs, calibration=calib or None,
-                          train_data=train_data, reference=model, seed=seed,
-                          progress=self.progress)
-        original_bytes = stored_bytes(gm)
-        baseline = layer_summary(gm)
-        records: list[PassRecord] = []
-        self.last_good = gm
-        recovers_at = [i for i, p in enumerate(self.passes) if p.recovers]
+        with TRACE_LOCK.running():
+            batches = calib or [example_inputs]
+            labelled = None
+            if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in self.passes):
+                labelled = _labelled(train_data, len(example_inputs))
+            verifier = Verifier(model, batches, top1=top1, labelled=labelled)
+            current_out = verifier.run(gm, annotate=True)
+            capture_metrics = verifier.compare_to_reference(current_out)
+            gm.meta["fxpress"]["capture_error"] = capture_metrics.as_dict()
+            ctx = PassContext(example_inputs=example_inputs, calibration=calib or None,
+                              train_data=train_data, reference=model, seed=seed,
+                              progress=self.progress)
+            original_bytes = stored_bytes(gm)
+            baseline = layer_summary(gm)
+            records: list[PassRecord] = []
+            self.last_good = gm
+            recovers_at = [i for i, p in enumerate(self.passes) if p.recovers]
 
-        bar = _progress(len(self.passes), self.progress)
-        try:
-            for i, p in enumerate(self.passes):
+            bar = _progress(len(self.passes), self.progress)
+            try:
+                for i, p in enumerate(self.passes):
+                    if bar is not None:
+                        bar.set_postfix_str(p.name)
+                    record, gm, current_out = self._run_one(
+                        i + 1, p, gm, ctx, verifier, current_out, policy,
+                        deferred_to=next((j + 1 for j in recovers_at if j > i), None))
+                    records.append(record)
+                    ctx.history.append(record)
+                    self.last_good = gm
+                    if bar is not None:
+                        bar.update(1)
+            finally:
                 if bar is not None:
-                    bar.set_postfix_str(p.name)
-                record, gm, current_out = self._run_one(
-                    i + 1, p, gm, ctx, verifier, current_out, policy,
-                    deferred_to=next((j + 1 for j in recovers_at if j > i), None))
-                records.append(record)
-                ctx.history.append(record)
-                self.last_good = gm
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+                    bar.close()
         result = PipelineResult(gm, records, str(self), dict(gm.meta.get("fxpress", {})),
                                 original_bytes, baseline["file_bytes"], baseline)
         for inst in self.instruments:
