@@ -7,7 +7,8 @@ from bench.models import minilm
 
 TITLE = "Verifier cost"
 
-PIPELINES = ["prune{sparsity=0.3}", "quantize{bits=8}", "share{bits=6}", "distill"]
+PIPELINES = ["prune{sparsity=0.3}", "share{bits=6,include=[*intermediate*]}", "quantize{bits=8}",
+             "distill"]
 
 
 def run(size: str) -> list[Table]:

@@ -85,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else recipe.output_path()
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        size = fxpress.save(result, output, entropy=args.entropy,
+        size = fxpress.save(result, output, entropy=args.entropy or recipe.entropy,
                             report={"evaluate_before": before, "evaluate_after": after})
         print(f"saved {output} ({size:,} bytes; captured graph {result.original_disk_bytes:,} bytes)")
     if args.json:

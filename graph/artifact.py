@@ -905,6 +905,10 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise ArtifactError(f"cannot write {path}: directory {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             view = memoryview(data)
             for i in range(0, len(view), 1 << 22):

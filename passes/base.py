@@ -258,6 +258,11 @@ class Pass:
 def check_glob_matches(pass_name: str, unmatched: Iterable[str], available: Sequence[str]) -> None:
     """Raise OptionError for include patterns that match no weighted op."""
     unmatched = list(unmatched)
+    if unmatched and not available:
+        raise OptionError(pass_name, "include",
+                          f"pattern(s) {unmatched} match nothing: the graph has no uncompressed "
+                          "weighted op of the selected kinds left (an earlier pass replaced "
+                          "them); put this pass before it or narrow that pass's include")
     if unmatched:
         shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
         raise OptionError(pass_name, "include",

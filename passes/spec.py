@@ -13,6 +13,7 @@ inputs, the policy and the output path::
     calibration = "digits.py:calibration"
     policy = "strict"
     output = "out/digits.fxp"
+    entropy = true                           # entropy-code index and bitmap streams
 
     [[pass]]
     name = "prune"
@@ -218,7 +219,7 @@ def format_spec(specs: list[PassSpec]) -> str:
 # -- TOML recipes --------------------------------------------------------------------------
 
 RECIPE_KEYS = ("model", "example_inputs", "calibration", "train_data", "evaluate", "policy",
-               "output", "pipeline", "pass", "seed", "capture", "description")
+               "output", "entropy", "pipeline", "pass", "seed", "capture", "description")
 
 
 @dataclass
@@ -234,6 +235,7 @@ class Recipe:
     evaluate: str | None = None
     policy: str = "strict"
     output: str | None = None
+    entropy: bool = False
     seed: int = 0
     capture: str = "auto"
     description: str = ""
@@ -311,8 +313,10 @@ def parse_recipe(source: str | Path | dict, path: Path | None = None) -> Recipe:
                 "policy", "capture", "description"):
         if key in data and not isinstance(data[key], str):
             raise PipelineSpecError(f"{where}: '{key}' must be a string")
+    if "entropy" in data and not isinstance(data["entropy"], bool):
+        raise PipelineSpecError(f"{where}: 'entropy' must be true or false")
     kwargs = {k: data[k] for k in ("model", "example_inputs", "calibration", "train_data",
-                                   "evaluate", "policy", "output", "seed", "capture",
+                                   "evaluate", "policy", "output", "entropy", "seed", "capture",
                                    "description") if k in data}
     return Recipe(path=path, passes=passes, **kwargs)
 
