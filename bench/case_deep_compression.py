@@ -26,8 +26,6 @@ PIPELINES = {
         "distill{epochs=10,lr=0.001}",
     ],
     "CNN": [
-        "prune{sparsity=0.9,scope=global},distill{epochs=30,lr=0.01},share{bits=4},"
-        "distill{epochs=10,lr=0.001}",
         "prune{sparsity=0.95,scope=global},distill{epochs=30,lr=0.01},share{bits=3},"
         "distill{epochs=10,lr=0.001}",
     ],
