@@ -42,6 +42,17 @@ def _torch_dynamic(model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
     return q, time.perf_counter() - start
 
 
+def _torch_prune(model: torch.nn.Module, amount: float) -> tuple[torch.nn.Module, float]:
+    """torch.nn.utils.prune.global_unstructured (L1) over every Linear of a copy."""
+    import torch.nn.utils.prune as tprune
+
+    m = copy.deepcopy(model)
+    params = [(mod, "weight") for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    start = time.perf_counter()
+    tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount)
+    return m, time.perf_counter() - start
+
+
 def _state_bytes(module: torch.nn.Module) -> int:
     """state_dict bytes, including torch's packed params (which stored_bytes cannot see)."""
     total = 0
@@ -73,12 +84,16 @@ def _minilm(size: str) -> Table:
                 "fxpress 4-bit g64 affine weight-only":
                     "quantize{bits=4,granularity=group,group_size=64,scheme=affine}",
                 "fxpress 4-bit g128 affine weight-only":
-                    "quantize{bits=4,granularity=group,group_size=128,scheme=affine}"}
+                    "quantize{bits=4,granularity=group,group_size=128,scheme=affine}",
+                "fxpress prune 50% + int8": "prune{sparsity=0.5},quantize{bits=8}"}
     if size != "full":
-        variants = dict(list(variants.items())[:1])
+        variants = {k: v for k, v in variants.items() if k in (
+            "fxpress int8 (per-token dynamic)", "fxpress prune 50% + int8")}
     models: dict[str, torch.nn.Module] = {"fp32": enc}
     apply_s: dict[str, float] = {"fp32": 0.0}
     models["torch quantize_dynamic"], apply_s["torch quantize_dynamic"] = _torch_dynamic(enc)
+    models["torch prune.global_unstructured 50%"], apply_s["torch prune.global_unstructured 50%"] = \
+        _torch_prune(enc, 0.5)
     for label, text in variants.items():
         start = time.perf_counter()
         res = fxpress.compress(gm, text, calibration=data[:2], policy="warn")
@@ -88,16 +103,31 @@ def _minilm(size: str) -> Table:
     lat = _interleaved_medians({k: (lambda m=m: m(*data[0])) for k, m in models.items()}, repeat)
     t = Table(f"all-MiniLM-L6-v2, {len(data)} batches of up to 32 sentences "
               f"({sum(len(b[0]) for b in data)} sentences), latency on one batch of 32", [
-        "variant", "apply s", "state_dict", "x fp32 bytes", "mean cosine", "min cosine",
-        "latency ms (median)", "speed-up vs fp32", "speed vs quantize_dynamic"])
+        "variant", "apply s", "state_dict", "x fp32 bytes", "file", "fp32 safetensors / file",
+        "mean cosine", "min cosine", "latency ms (median)", "speed-up vs fp32",
+        "speed vs quantize_dynamic"])
+    from bench.case_deep_compression import fp32_safetensors_bytes
+    from fxpress.graph.artifact import artifact_size
+
+    fp32_file = fp32_safetensors_bytes(enc)
     for k, m in models.items():
         with torch.no_grad():
             cos = torch.cat([torch.nn.functional.cosine_similarity(m(*b), r, dim=1)
                              for b, r in zip(data, ref)])
         b = _state_bytes(m)
-        t.add(k, round(apply_s[k], 2), mb(b), round(b / fp32_bytes, 4), round(float(cos.mean()), 4),
+        if k == "fp32":
+            f = fp32_file
+        elif isinstance(m, torch.fx.GraphModule):
+            f = artifact_size(m)
+        else:  # torch's modules have no fxpress file; their state_dict is what they save
+            f = None
+        t.add(k, round(apply_s[k], 2), mb(b), round(b / fp32_bytes, 4), mb(f) if f else "n/a",
+              round(fp32_file / f, 2) if f else "n/a", round(float(cos.mean()), 4),
               round(float(cos.min()), 4), round(lat[k] * 1e3, 1), round(lat["fp32"] / lat[k], 2),
               round(lat["torch quantize_dynamic"] / lat[k], 2))
+    t.notes.append("torch prune.global_unstructured keeps weight_orig and a float mask per "
+                   "pruned weight: its state_dict grows (x fp32 bytes > 1) and it saves nothing; "
+                   "file = the fxpress artifact (entropy=False), fp32 row = safetensors file.")
     t.notes.append("apply s for fxpress = capture reuse + the quantize pass + the verifier's run "
                    "on the calibration batches; quantize_dynamic keeps embeddings in float.")
     return t

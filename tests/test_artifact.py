@@ -351,3 +351,24 @@ def test_pipeline_records_disk_bytes_and_result_embeds_them(mlp, calib, tmp_path
     assert {row["name"] for row in report["baseline"]["layers"]} == {"layers.0", "layers.1", "head"}
     assert fxpress.load(path).meta["fxpress"]["passes"] == [str(p) for p in
                                                            fxpress.Pipeline.parse(res.pipeline).passes]
+
+
+def test_packed_bit_masks_store_as_bit_indices_bit_exactly():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for nbytes in (2, 17, 2400):
+        for p in (0.0, 0.02, 0.1, 0.3, 1.0):
+            t = torch.from_numpy(np.packbits(rng.random(nbytes * 8) < p, bitorder="little"))
+            for entropy in (False, True):
+                entry, streams = artifact.encode_tensor("m", t, entropy)
+                assert torch.equal(artifact.decode_tensor("m", entry, streams), t)
+    t = torch.from_numpy(np.packbits(rng.random(2400 * 8) < 0.1, bitorder="little"))
+    entry, streams = artifact.encode_tensor("m", t)
+    assert entry["encoding"] == "bitidx" and set(entry["streams"]) == {"index"}
+    assert entry["stored_bytes"] < 0.7 * t.numel()  # ~0.5 bits per position, not 1
+    # a header that claims more bytes than its indices can reach is refused
+    bad = json.loads(json.dumps(entry))
+    bad["shape"] = [entry["entries"] * 16]
+    with pytest.raises(ArtifactFormatError):
+        artifact.decode_tensor("m", bad, streams)

@@ -199,3 +199,17 @@ def test_bad_options_name_the_option(text, option):
 def test_a_glob_that_matches_nothing_is_an_error(mlp, calib):
     with pytest.raises(OptionError, match="match no weighted op"):
         fxpress.compress(mlp, "share{include=[encoder.*]}", calibration=calib)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 asks >= 25x; measured 19.6x: the header "
+                   "(~2.2 KB), safetensors' own header (~1.2 KB) and fp32 biases (1.6 KB) "
+                   "outweigh the 4-bit codes; see bench/case_deep_compression.py")
+def test_pruned_and_shared_digits_mlp_file_is_25x_smaller_than_fp32(mlp, calib, tmp_path):
+    import safetensors.torch
+
+    res = fxpress.compress(mlp, "prune{sparsity=0.9},share{bits=4}", calibration=calib,
+                           policy="warn", progress=False)
+    fp32 = len(safetensors.torch.save({k: v.contiguous() for k, v in mlp.state_dict().items()}))
+    size = fxpress.save(res.module, tmp_path / "m.fxp", entropy=True)
+    assert torch.equal(fxpress.load(tmp_path / "m.fxp")(calib[0][0]), res.module(calib[0][0]))
+    assert fp32 / size >= 25, (size, fp32, fp32 / size)
