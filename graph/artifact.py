@@ -23,7 +23,8 @@ The header holds data only: nodes with their op, target *name* and arguments (ta
 JSON for tuples, slices, dtypes, devices, ...), the module tree (torch.nn modules by class
 name plus their attributes, runtime modules by :meth:`RuntimeModule.config`), export
 graphs' pytree specs (``treespec_dumps``, JSON), and one entry per tensor: dtype, shape,
-encoding, streams, sha256 of every stream and of the decoded tensor.
+encoding, streams, the first 64 bits of the sha256 of every stream and of the decoded
+tensor (the full sha256 of the header and of the payload guard the file as a whole).
 
 Tensors are stored in the smallest of four encodings, chosen per tensor:
 
@@ -576,6 +577,14 @@ def _sha(data: bytes | memoryview | np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _sha64(data) -> str:
+    """The first 64 bits of a sha256, for streams and tensors: the full sha256 of the header
+    (in the prefix) and of the payload (in the header) already guard the whole file; these
+    name the damaged tensor and cost 16 characters each instead of 64, which matters in
+    small artifacts."""
+    return _sha(data)[:16]
+
+
 def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Header entry and payload streams for one tensor, in the encoding that stores it smallest."""
@@ -605,7 +614,7 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
         raw["index"] = (index, True)
         raw["values"] = (_from_ints(values, vdtype), one_byte)
     entry: dict[str, Any] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                             "encoding": plan.encoding, "sha256": _sha(a), "streams": {}}
+                             "encoding": plan.encoding, "sha256": _sha64(a), "streams": {}}
     if plan.encoding in ("relidx", "bitidx"):
         entry["bits"], entry["entries"] = plan.bits, plan.entries
     if plan.encoding == "bitmap":
@@ -624,7 +633,7 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
                 data = np.frombuffer(packed[1], dtype=np.uint8)
                 st = torch.from_numpy(data.copy())
         info["bytes"] = data.nbytes
-        info["sha256"] = _sha(data)
+        info["sha256"] = _sha64(data)
         entry["streams"][sname] = info
         streams[skey] = st
     entry["stored_bytes"] = sum(s["bytes"] for s in entry["streams"].values())
@@ -696,7 +705,7 @@ def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) ->
         if st is None:
             raise ArtifactFormatError(f"{where}: stream {info.get('key')!r} missing from the payload")
         data = _as_ints(st)
-        if _sha(data) != info.get("sha256"):
+        if _sha64(data) != info.get("sha256"):
             raise ArtifactIntegrityError(f"{where}: stream {sname!r} fails its sha256 check; the "
                                          "file is corrupted or was edited. Save it again.")
         sdtype = _dtype(info.get("dtype"), where)
@@ -725,7 +734,7 @@ def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) ->
     else:
         flat = _decode_relidx(torch.from_numpy(raw["index"].view(np.uint8).copy()), raw["values"],
                               entry["bits"], entry["entries"], numel, where)
-    if _sha(flat) != entry.get("sha256"):
+    if _sha64(flat) != entry.get("sha256"):
         raise ArtifactIntegrityError(f"{where}: decoded tensor fails its sha256 check")
     return _from_ints(flat, dtype).reshape(shape)
 
@@ -760,7 +769,9 @@ class _Writer:
                  tuple(t.stride()), t.dtype) if t.numel() else None
         if ident is not None and ident in self.storage_keys:
             return self.storage_keys[ident]  # tied weights are stored once
-        entry, streams = encode_tensor(qualname, t, self.entropy)
+        # streams are named by number: safetensors keeps its own JSON index of them, and
+        # long qualified names there are a fixed cost that dominates small artifacts
+        entry, streams = encode_tensor(str(len(self.tensors)), t, self.entropy)
         self.tensors[qualname] = entry
         self.streams.update(streams)
         if ident is not None:
@@ -1306,7 +1317,7 @@ def _damaged_streams(header: dict, payload: memoryview) -> list[str]:
             if not isinstance(rec, dict):
                 continue
             a, b = rec.get("data_offsets", [0, 0])
-            if _sha(payload[base + a: base + b]) != info.get("sha256"):
+            if _sha64(payload[base + a: base + b]) != info.get("sha256"):
                 bad.append(f"tensor {key!r} stream {sname!r}")
     return bad
 
