@@ -199,3 +199,13 @@ def test_bad_options_name_the_option(text, option):
 def test_a_glob_that_matches_nothing_is_an_error(mlp, calib):
     with pytest.raises(OptionError, match="match no weighted op"):
         fxpress.compress(mlp, "share{include=[encoder.*]}", calibration=calib)
+
+
+def test_kmeans_of_an_all_zero_layer_is_one_zero_centroid():
+    # regression (found by tests/test_properties.py): prune{threshold=1.0} then share raised
+    # UnboundLocalError on a layer whose weights were all zero
+    from fxpress.passes.share import kmeans_1d
+
+    km = kmeans_1d(torch.zeros(12), 4)
+    assert km.centroids.tolist() == [0.0]
+    assert km.encode(torch.zeros(3)).tolist() == [0, 0, 0]
