@@ -1271,9 +1271,39 @@ def _decoded_limit(header: dict, file_size: int, max_bytes: int | None, where: s
                                   "max_bytes= to load() if you trust it")
 
 
+# what to do about a refused file, appended to messages that do not say it already
+_FIX = {
+    ArtifactIntegrityError: "the file is corrupted or was edited; save it again with fxpress.save",
+    ForbiddenTargetError: "the file was not loaded and nothing in it ran; load only artifacts "
+                          "written by fxpress.save (a plugin's runtime module needs that plugin "
+                          "installed)",
+    ArtifactFormatError: "the file is damaged, cut short or not an fxpress artifact; copy it "
+                         "again or save it again with fxpress.save",
+}
+
+
+def _with_fix(e: ArtifactError) -> ArtifactError:
+    msg = str(e)
+    fix = next((f for t, f in _FIX.items() if isinstance(e, t)), None)
+    if fix is None or any(s in msg for s in ("again", "not loaded", "max_bytes=", "newer fxpress")):
+        return e
+    return type(e)(f"{msg.rstrip('.')}; {fix}")
+
+
 def loads(data: bytes | memoryview, runtime_modules: Iterable[type] = (), *,
           max_bytes: int | None = None, where: str = "artifact") -> torch.fx.GraphModule:
     """Rebuild a GraphModule from artifact bytes (see :func:`load`)."""
+    try:
+        return _loads(data, runtime_modules, max_bytes=max_bytes, where=where)
+    except ArtifactError as e:
+        fixed = _with_fix(e)
+        if fixed is e:
+            raise
+        raise fixed from None
+
+
+def _loads(data: bytes | memoryview, runtime_modules: Iterable[type], *,
+           max_bytes: int | None, where: str) -> torch.fx.GraphModule:
     import safetensors.torch
 
     header, payload_view, _ = _split_prefix(data, where)

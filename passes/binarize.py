@@ -322,7 +322,7 @@ class Binarize(Pass):
         if self.bits is not None and self.mode != "pow2":
             raise OptionError(self.name, "bits", f"mode={self.mode} stores "
                               f"{MODE_BITS[self.mode]} bit(s) per weight; bits=... only applies "
-                              "to mode=pow2")
+                              "to mode=pow2: drop bits or use mode=pow2")
         bad = [k for k in self.ops if k not in KINDS]
         if bad or not self.ops:
             raise OptionError(self.name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")

@@ -134,6 +134,7 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 1000,
         return KMeans1D(c, False, [(0, b)], it, ok)
     nonzero = flat[flat != 0]
     parts: list[torch.Tensor] = []
+    sizes: list[int] = []  # stays empty for an all-zero tensor (e.g. after prune{threshold=1})
     if nonzero.numel():
         s = torch.sort(nonzero).values
         neg, pos = s[s < 0], s[s > 0]

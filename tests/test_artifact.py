@@ -19,6 +19,7 @@ from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrit
 from fxpress.graph import artifact
 from fxpress.passes.base import PassContext
 from fxpress.passes.prune import Prune
+from tests.helpers import flip_tensor_byte, node as _node, set_target as _set_target, tamper as _tamper
 from tests.runtime_fixtures import RUNTIME, PackedCodebookLinear, ScaleShift, share_linears
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,27 +162,6 @@ def test_minilm_export_graph_after_prune(minilm, minilm_gm, minilm_batches, tmp_
 
 # -- bad files -----------------------------------------------------------------------------------
 
-def _tamper(data: bytes, mutate) -> bytes:
-    """Edit the header and re-sign it, as a deliberate attacker would (checksums then pass:
-    only the allowlist stands between the file and the interpreter)."""
-    header, payload, _ = artifact._split_prefix(data, "t")
-    mutate(header)
-    return artifact.pack_artifact(header, bytes(payload))
-
-
-def _node(header, op):
-    return next(n for n in header["graph"]["nodes"] if n["op"] == op)
-
-
-def _set_target(target, args=None):
-    def mutate(h):
-        n = _node(h, "call_function")
-        n["target"] = target
-        if args is not None:
-            n["args"] = args
-    return mutate
-
-
 @pytest.fixture
 def mlp_bytes(mlp90):
     return artifact.dumps(mlp90)
@@ -241,12 +221,7 @@ def test_damaged_files_are_refused(mlp_bytes, tmp_path):
         with pytest.raises(ArtifactFormatError, match="truncated|too short"):
             fxpress.load(path)
     # one flipped byte inside a tensor's values: the error names the tensor
-    stream = header["tensors"]["layers.1.weight"]["streams"]["values"]["key"]
-    st_len = int.from_bytes(payload[:8], "little")
-    st_header = json.loads(bytes(payload[8:8 + st_len]))
-    start = len(mlp_bytes) - len(payload) + 8 + st_len + st_header[stream]["data_offsets"][0] + 7
-    flipped = bytearray(mlp_bytes)
-    flipped[start] ^= 0x40
+    flipped = flip_tensor_byte(mlp_bytes, "layers.1.weight")
     path.write_bytes(bytes(flipped))
     with pytest.raises(ArtifactIntegrityError, match="'layers.1.weight' stream 'values'"):
         fxpress.load(path)

@@ -2,6 +2,7 @@
 names the culprit and the fix, and the caller's model is bit-identical afterwards."""
 from __future__ import annotations
 
+import os
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -14,7 +15,8 @@ from fxpress import errors as E
 from fxpress.passes.base import Pass, PassResult, Tolerance
 from fxpress.graph.weights import weighted_ops
 from fxpress.passes.spec import parse_recipe
-from tests.helpers import assert_unchanged, state_snapshot
+from tests.helpers import (assert_unchanged, flip_tensor_byte, node, set_target, state_snapshot,
+                           tamper)
 
 
 @dataclass
@@ -101,6 +103,39 @@ def _compress(text_or_passes, **kw):
     return run
 
 
+def _load_damaged(damage):
+    """Compress the caller's model, save it, damage the bytes with ``damage`` and load them."""
+    def run(model, calib):
+        import tempfile
+
+        from fxpress.graph import artifact
+
+        res = fxpress.compress(model, "prune{sparsity=0.3}", calibration=calib, policy="warn",
+                               progress=False)
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/model.fxp"
+            with open(path, "wb") as f:
+                f.write(damage(artifact.dumps(res.module)))
+            if os.path.exists(MARKER):
+                os.unlink(MARKER)
+            try:
+                return fxpress.load(path)
+            finally:
+                assert not os.path.exists(MARKER), "a crafted artifact ran code"
+    return run
+
+
+MARKER = "/tmp/fxpress_bad_inputs_pwned"
+_GOT_IN = "the file was not loaded"
+_RESAVE = "save it again with fxpress.save"
+
+
+def _huge_header(data: bytes) -> bytes:
+    huge = bytearray(data)
+    huge[16:24] = (1 << 62).to_bytes(8, "little")
+    return bytes(huge)
+
+
 def _example(x):
     return lambda model, calib: fxpress.compress(model, "prune{sparsity=0.5}", example_inputs=x)
 
@@ -159,6 +194,102 @@ CASES = [
          ("needs-calib", "calibration", "calibration=[(x,), ...]")),
     Case("needs-train-data", _compress([_NeedsTrain()]), E.MissingDataError,
          ("needs-train", "train data", "train_data=")),
+    # -- every pass's options --------------------------------------------------------------
+    Case("quantize-bits-0", _compress("quantize{bits=0}"), E.OptionError,
+         ("quantize: option 'bits'", "2 <= bits <= 8", "got 0")),
+    Case("quantize-bits-33", _compress("quantize{bits=33}"), E.OptionError,
+         ("quantize: option 'bits'", "2 <= bits <= 8", "got 33")),
+    Case("quantize-bits-9", _compress("quantize{bits=9}"), E.OptionError,
+         ("quantize: option 'bits'", "2 <= bits <= 8", "got 9")),
+    Case("quantize-bits-float", _compress("quantize{bits=4.5}"), E.OptionError,
+         ("'bits'", "expected int", "4.5")),
+    Case("quantize-group-not-dividing", _compress("quantize{granularity=group,group_size=7}"),
+         E.OptionError, ("'group_size'", "7 does not divide the input width 64", "'layers.0'",
+                         "choose a divisor of 64", "exclude=['layers.0']")),
+    Case("quantize-group-without-size", _compress("quantize{granularity=group}"), E.OptionError,
+         ("'group_size'", "granularity=group needs group_size=N")),
+    Case("quantize-size-without-group", _compress("quantize{group_size=8}"), E.OptionError,
+         ("'group_size'", "only applies with granularity=group")),
+    Case("quantize-smooth-without-dynamic", _compress(
+        "quantize{granularity=group,group_size=8,smooth=0.5}"), E.OptionError,
+        ("'smooth'", "needs activations=dynamic")),
+    Case("quantize-smooth-1.5", _compress("quantize{smooth=1.5}"), E.OptionError,
+         ("'smooth'", "0.0 <= smooth <= 1.0", "1.5")),
+    Case("quantize-scheme-typo", _compress("quantize{scheme=symetric}"), E.OptionError,
+         ("'scheme'", "one of", "did you mean 'symmetric'")),
+    Case("quantize-glob-nothing", _compress("quantize{include=[encoder.*]}"), E.OptionError,
+         ("quantize: option 'include'", "encoder.*", "match no weighted op", "layers.0.weight")),
+    Case("share-bits-0", _compress("share{bits=0}"), E.OptionError,
+         ("share: option 'bits'", "1 <= bits <= 8", "got 0")),
+    Case("share-bits-9", _compress("share{bits=9}"), E.OptionError,
+         ("share: option 'bits'", "1 <= bits <= 8", "got 9")),
+    Case("share-no-ops", _compress("share{ops=[]}"), E.OptionError,
+         ("share: option 'ops'", "give at least one op kind", "linear")),
+    Case("share-unknown-op", _compress("share{ops=[lstm]}"), E.OptionError,
+         ("'ops'", "unknown op kind(s) ['lstm']", "choose from")),
+    Case("share-glob-nothing", _compress("share{exclude=[head],include=[encoder.*]}"),
+         E.OptionError, ("share: option 'include'", "encoder.*", "layers.0.weight")),
+    Case("binarize-bad-mode", _compress("binarize{mode=quad}"), E.OptionError,
+         ("binarize: option 'mode'", "'sign', 'ternary', 'pow2'", "got 'quad'")),
+    Case("binarize-bits-with-sign", _compress("binarize{mode=sign,bits=3}"), E.OptionError,
+         ("binarize: option 'bits'", "mode=sign stores 1 bit", "drop bits or use mode=pow2")),
+    Case("binarize-bits-with-ternary", _compress("binarize{mode=ternary,bits=2}"), E.OptionError,
+         ("option 'bits'", "mode=ternary stores 2 bit", "drop bits or use mode=pow2")),
+    Case("binarize-pow2-bits-9", _compress("binarize{mode=pow2,bits=9}"), E.OptionError,
+         ("option 'bits'", "2 <= bits <= 8", "got 9")),
+    Case("distill-epochs-negative", _compress("distill{epochs=-1}"), E.OptionError,
+         ("distill: option 'epochs'", "0 <= epochs", "got -1")),
+    Case("distill-taps-match-nothing", _compress("distill{taps=[encoder.*]}"), E.OptionError,
+         ("distill: option 'taps'", "['encoder.*'] match no module or node", "layers.0")),
+    Case("distill-training-option-without-epochs", _compress("distill{lr=0.1}"), E.OptionError,
+         ("distill: option 'lr'", "only applies when training", "add epochs=N")),
+    Case("distill-without-train-data", _compress("distill{epochs=1}"), E.MissingDataError,
+         ("pass 'distill'", "needs train data", "train_data=[(x, y), ...]")),
+    # -- every bad artifact ------------------------------------------------------------------
+    Case("artifact-empty", _load_damaged(lambda b: b""), E.ArtifactFormatError,
+         ("model.fxp", "0 bytes is too short", _RESAVE)),
+    Case("artifact-truncated-prefix", _load_damaged(lambda b: b[:10]), E.ArtifactFormatError,
+         ("model.fxp", "too short", "truncated", _RESAVE)),
+    Case("artifact-truncated-payload", _load_damaged(lambda b: b[:len(b) - 100]),
+         E.ArtifactFormatError, ("model.fxp", "truncated or tampered", _RESAVE)),
+    Case("artifact-not-fxpress", _load_damaged(lambda b: b"PK\x03\x04" + bytes(100)),
+         E.ArtifactFormatError, ("not an fxpress artifact", _RESAVE)),
+    Case("artifact-flipped-tensor-byte", _load_damaged(
+        lambda b: flip_tensor_byte(b, "layers.0.weight")), E.ArtifactIntegrityError,
+        ("model.fxp", "sha256", "tensor 'layers.0.weight' stream 'values'", "Save it again")),
+    Case("artifact-flipped-header-byte", _load_damaged(
+        lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:]), E.ArtifactIntegrityError,
+        ("header fails its sha256 check", "again")),
+    Case("artifact-unknown-target", _load_damaged(
+        lambda b: tamper(b, set_target("torch.not_a_function"))), E.ForbiddenTargetError,
+        ("node 'relu'", "'torch.not_a_function' is not in the allowlist", _GOT_IN)),
+    Case("artifact-os-system", _load_damaged(lambda b: tamper(b, set_target(
+        "os.system", {"$": "tuple", "v": [f"touch {MARKER}"]}))), E.ForbiddenTargetError,
+        ("'os.system' is not in the allowlist", _GOT_IN)),
+    Case("artifact-builtins-eval", _load_damaged(lambda b: tamper(b, set_target(
+        "builtins.eval", {"$": "tuple", "v": [f"open('{MARKER}','w')"]}))), E.ForbiddenTargetError,
+        ("'builtins.eval' is not in the allowlist", _GOT_IN)),
+    Case("artifact-import", _load_damaged(lambda b: tamper(b, set_target(
+        "builtins.__import__", {"$": "tuple", "v": ["os"]}))), E.ForbiddenTargetError,
+        ("'builtins.__import__'", _GOT_IN)),
+    Case("artifact-dunder-attribute", _load_damaged(lambda b: tamper(b, lambda h: node(
+        h, "call_module").update(op="get_attr", target="layers.__class__"))),
+        E.ForbiddenTargetError, ("get_attr 'layers.__class__'", "dunder name '__class__'", _GOT_IN)),
+    Case("artifact-dunder-method", _load_damaged(lambda b: tamper(b, lambda h: node(
+        h, "call_module").update(op="call_method", target="__reduce_ex__"))),
+        E.ForbiddenTargetError, ("'__reduce_ex__' is not allowlisted", _GOT_IN)),
+    Case("artifact-runtime-class", _load_damaged(lambda b: tamper(b, lambda h: h["modules"][2].update(
+        kind="runtime", **{"class": "subprocess.Popen"}))), E.ForbiddenTargetError,
+        ("'subprocess.Popen' is not registered", _GOT_IN)),
+    Case("artifact-huge-tensor", _load_damaged(lambda b: tamper(b, lambda h: h["tensors"][
+        "head.weight"].update(shape=[1 << 40, 1 << 7]))), E.ArtifactFormatError,
+        ("tensor 'head.weight'", "17592186044416 bytes", _RESAVE)),
+    Case("artifact-huge-header", _load_damaged(_huge_header), E.ArtifactFormatError,
+         ("header claims 4611686018427387904 bytes", "limit", _RESAVE)),
+    Case("artifact-newer-version", _load_damaged(lambda b: tamper(b, lambda h: h.update(version=99))),
+         E.ArtifactFormatError, ("v1 artifact",)),
+    Case("artifact-missing-file", lambda m, c: fxpress.load("/nonexistent/model.fxp"),
+         E.ArtifactError, ("cannot read artifact /nonexistent/model.fxp", "No such file")),
 ]
 
 

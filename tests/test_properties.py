@@ -1,16 +1,21 @@
 """Property tests: random models and random pipelines of built-in passes."""
 from __future__ import annotations
 
+import functools
 import math
+import tempfile
+from pathlib import Path
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import fxpress
 from fxpress.passes.spec import PassSpec, format_spec, parse_spec
 from tests.helpers import assert_unchanged, state_snapshot
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
+                    phases=[Phase.explicit, Phase.generate, Phase.shrink],
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -66,10 +71,34 @@ def pass_texts():
         st.builds(lambda s, g: f"prune{{sparsity={s},scope={g}}}",
                   st.sampled_from([0.0, 0.1, 0.5, 0.75, 0.9]), st.sampled_from(["layer", "global"])),
         st.builds(lambda t: f"prune{{threshold={t}}}", st.sampled_from([0.0, 0.01, 0.1, 1.0])))
-    return {"prune": prune}
+    share = st.builds(lambda b, g, d: f"share{{bits={b},scope={g},decode={d}}}",
+                      st.integers(1, 8), st.sampled_from(["layer", "global"]),
+                      st.sampled_from(["per_call", "once"]))
+    quantize = st.builds(lambda b, g, s, sc: f"quantize{{bits={b},granularity={g},scheme={s}{sc}}}",
+                         st.integers(2, 8), st.sampled_from(["channel", "tensor"]),
+                         st.sampled_from(["symmetric", "affine"]),
+                         st.sampled_from(["", ",scale=absmax", ",scale=mse"]))
+    binarize = st.one_of(
+        st.builds(lambda m, k: f"binarize{{mode={m},keep_first_last={k}}}",
+                  st.sampled_from(["sign", "ternary"]), st.sampled_from(["true", "false"])),
+        st.builds(lambda b: f"binarize{{mode=pow2,bits={b}}}", st.integers(2, 8)))
+    # taps only: training is too slow for property tests
+    distill = st.sampled_from(["distill", "distill{taps=[*]}"])
+    return {"prune": prune, "share": share, "quantize": quantize, "binarize": binarize,
+            "distill": distill}
 
 
-pipelines = st.lists(st.one_of(*pass_texts().values()), min_size=1, max_size=3).map(",".join)
+def _pipeline(prunes, compressor, distill):
+    # prune, share, quantize and binarize select float weighted ops; after share/quantize/
+    # binarize none is left, so a second weight pass would (rightly) report that its
+    # include globs match nothing: at most one of them, after the prunes
+    return ",".join(prunes + compressor + distill) or "distill"
+
+
+_T = pass_texts()
+pipelines = st.builds(_pipeline, st.lists(_T["prune"], max_size=2),
+                      st.lists(st.one_of(_T["share"], _T["quantize"], _T["binarize"]), max_size=1),
+                      st.lists(_T["distill"], max_size=1))
 
 
 @SETTINGS
@@ -87,6 +116,13 @@ def test_random_pipelines_on_random_models(model_and_input, text):
         assert math.isfinite(r.cumulative.rel_l2) or r.cumulative.rel_l2 == math.inf
         assert r.status in ("ok", "warn")
     assert_unchanged(model, snap)
+    # save -> load round-trips bit-exactly
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.fxp"
+        fxpress.save(res, path)
+        loaded = fxpress.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.module(x))
 
 
 names = st.from_regex(r"[a-z][a-z0-9_\-]{0,10}", fullmatch=True)
@@ -105,3 +141,53 @@ def test_pipeline_text_round_trips(specs):
     again = parse_spec(text)
     assert again == specs
     assert format_spec(again) == text
+
+
+@functools.lru_cache(maxsize=1)
+def _small_artifact() -> bytes:
+    torch.manual_seed(0)
+    model = RandomMLP([6, 5, 3], bias=True).train(False)
+    res = fxpress.compress(model, "prune{sparsity=0.5},share{bits=2}",
+                           example_inputs=(torch.randn(4, 6),), policy="warn", progress=False)
+    from fxpress.graph import artifact
+
+    return artifact.dumps(res.module)
+
+
+def _runtime():
+    return fxpress.registry().runtime_modules()
+
+
+@st.composite
+def mutations(draw):
+    data = _small_artifact()
+    kind = draw(st.sampled_from(["flip", "truncate", "insert", "random"]))
+    if kind == "random":
+        return draw(st.one_of(st.binary(max_size=200), st.binary(min_size=24, max_size=24).map(
+            lambda b: data[:8] + b + data[32:])))  # random prefix fields behind good magic bytes
+    if kind == "truncate":
+        return data[:draw(st.integers(0, len(data) - 1))]
+    if kind == "insert":
+        at = draw(st.integers(0, len(data)))
+        return data[:at] + draw(st.binary(min_size=1, max_size=16)) + data[at:]
+    out = bytearray(data)
+    for i in draw(st.lists(st.integers(0, len(data) - 1), min_size=1, max_size=3, unique=True)):
+        out[i] ^= draw(st.integers(1, 255))
+    return bytes(out)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(mutations())
+def test_damaged_artifacts_never_load_silently(data):
+    assert data != _small_artifact()
+    from fxpress.graph import artifact
+
+    with pytest.raises(fxpress.errors.FxpressError):
+        artifact.loads(data, _runtime())
+
+
+def test_the_small_artifact_itself_loads():
+    from fxpress.graph import artifact
+
+    assert isinstance(artifact.loads(_small_artifact(), _runtime()), torch.fx.GraphModule)
