@@ -190,8 +190,16 @@ class WeightedOp:
             if attr_node is not None and attr_node.op == "get_attr" and not attr_node.users:
                 target = str(attr_node.target)
                 graph.erase_node(attr_node)
-                owner, attr = _resolve(gm, target)
-                if not _attr_used(graph, target):
+                # a tied weight may live under several names (export keeps GPT-2's token
+                # embedding as both wte.weight and lm_head.weight): drop every alias that
+                # no node reads any more, or the float weight would stay in the state_dict
+                names = self.tied if attr_node is self._weight_node and self.tied else (target,)
+                if any([_attr_used(graph, n) for n in names]):  # a list: erase every dead one
+                    continue
+                for n in names:
+                    owner, attr = _resolve(gm, n)
+                    if n != target and type(owner) is not torch.nn.Module:
+                        continue  # an alias held by a real module (called elsewhere) stays
                     owner._parameters.pop(attr, None)
                     owner._buffers.pop(attr, None)
                     owner.__dict__.pop(attr, None)
@@ -203,7 +211,16 @@ class WeightedOp:
 
 
 def _attr_used(graph: torch.fx.Graph, target: str) -> bool:
-    return any(n.op == "get_attr" and n.target == target for n in graph.nodes)
+    """Whether a live get_attr node reads ``target``; dead ones (export leaves some) are
+    erased so the attribute can go."""
+    used = False
+    for n in list(graph.nodes):
+        if n.op == "get_attr" and n.target == target:
+            if n.users:
+                used = True
+            else:
+                graph.erase_node(n)
+    return used
 
 
 def _is_empty_container(m: torch.nn.Module) -> bool:
