@@ -29,7 +29,7 @@ from fxpress.errors import (FxpressError, InputError, OptionError, PassError,
 from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture, clone_structure,
                                    tensors_of)
 from fxpress.graph.artifact import artifact_size
-from fxpress.graph.inspect import layer_summary, stamp_changes
+from fxpress.graph.inspect import human_bytes, layer_summary, stamp_changes
 from fxpress.graph.weights import (compressed_modules, stored_bytes, weighted_ops)
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
 from fxpress.passes.spec import PassSpec, Recipe, format_spec, parse_recipe, parse_spec
@@ -110,14 +110,6 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
     return format(v, spec)
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def format_records(records: Sequence[PassRecord], original_bytes: int) -> str:
     """Render records as a fixed-width table."""
     head = ["#", "pass", "status", "time s", "verify s", "sparsity", "bytes", "on disk", "x smaller",
@@ -127,7 +119,7 @@ def format_records(records: Sequence[PassRecord], original_bytes: int) -> str:
         c, i = r.cumulative, r.incremental
         rows.append([
             str(r.index), r.spec, r.status, f"{r.seconds:.3f}", f"{r.verify_seconds:.3f}",
-            f"{r.sparsity:.1%}", _bytes(r.bytes_after), _bytes(r.disk_bytes) if r.disk_bytes else "-",
+            f"{r.sparsity:.1%}", human_bytes(r.bytes_after), human_bytes(r.disk_bytes) if r.disk_bytes else "-",
             f"{original_bytes / r.disk_bytes:.2f}" if r.disk_bytes else "-",
             _fmt(i.rel_l2 if i else None, ".2e"), _fmt(c.rel_l2 if c else None, ".2e"),
             _fmt(c.cosine if c else None), _fmt(c.top1 if c else None),
