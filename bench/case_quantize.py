@@ -1,4 +1,4 @@
-"""Quantization: fxpress int8 (per-token dynamic) and 4-bit weight-only vs fp32 and
+"""Quantization: fxpress int8 (dynamic activations) and 4-bit weight-only vs fp32 and
 torch's quantize_dynamic, on the real MiniLM and the digits MLP/CNN.
 
 Latencies are medians of repeats taken in interleaved rounds (every variant once per
@@ -6,6 +6,7 @@ round), so load from other processes hits all variants alike; ratios are the poi
 """
 from __future__ import annotations
 
+import collections
 import copy
 import statistics
 import time
@@ -79,8 +80,9 @@ def _minilm(size: str) -> Table:
     with torch.no_grad():
         ref = [enc(*b) for b in data]
     fp32_bytes = _state_bytes(enc)
-    variants = {"fxpress int8 (per-token dynamic)": "quantize{bits=8}",
-                "fxpress int8 + smooth=0.5": "quantize{bits=8,smooth=0.5}",
+    variants = {"fxpress int8 (act_scale=auto)": "quantize{bits=8}",
+                "fxpress int8 act_scale=tensor": "quantize{bits=8,act_scale=tensor}",
+                "fxpress int8 act_scale=token": "quantize{bits=8,act_scale=token}",
                 "fxpress 4-bit g64 affine weight-only":
                     "quantize{bits=4,granularity=group,group_size=64,scheme=affine}",
                 "fxpress 4-bit g128 affine weight-only":
@@ -88,17 +90,22 @@ def _minilm(size: str) -> Table:
                 "fxpress prune 50% + int8": "prune{sparsity=0.5},quantize{bits=8}"}
     if size != "full":
         variants = {k: v for k, v in variants.items() if k in (
-            "fxpress int8 (per-token dynamic)", "fxpress prune 50% + int8")}
+            "fxpress int8 (act_scale=auto)", "fxpress prune 50% + int8")}
     models: dict[str, torch.nn.Module] = {"fp32": enc}
     apply_s: dict[str, float] = {"fp32": 0.0}
     models["torch quantize_dynamic"], apply_s["torch quantize_dynamic"] = _torch_dynamic(enc)
     models["torch prune.global_unstructured 50%"], apply_s["torch prune.global_unstructured 50%"] = \
         _torch_prune(enc, 0.5)
+    choices = {}
     for label, text in variants.items():
         start = time.perf_counter()
         res = fxpress.compress(gm, text, calibration=data[:2], policy="warn")
         apply_s[label] = time.perf_counter() - start
         models[label] = res.module
+        if "auto" in label:
+            picked = [(v["act_scale"], v.get("smooth_alpha")) for v in
+                      res.records[0].stats["layers"].values() if v.get("act_scale")]
+            choices = collections.Counter(a if s is None else f"{a}+smooth{s:g}" for a, s in picked)
     repeat = {"full": 15, "quick": 5, "tiny": 1}[size]
     lat = _interleaved_medians({k: (lambda m=m: m(*data[0])) for k, m in models.items()}, repeat)
     t = Table(f"all-MiniLM-L6-v2, {len(data)} batches of up to 32 sentences "
@@ -128,6 +135,9 @@ def _minilm(size: str) -> Table:
     t.notes.append("torch prune.global_unstructured keeps weight_orig and a float mask per "
                    "pruned weight: its state_dict grows (x fp32 bytes > 1) and it saves nothing; "
                    "file = the fxpress artifact (entropy=False), fp32 row = safetensors file.")
+    if choices:
+        t.notes.append("act_scale=auto chose, per linear layer: " + ", ".join(
+            f"{k} x{n}" for k, n in sorted(choices.items())))
     t.notes.append("apply s for fxpress = capture reuse + the quantize pass + the verifier's run "
                    "on the calibration batches; quantize_dynamic keeps embeddings in float.")
     return t

@@ -55,6 +55,8 @@ class Option:
     def validate(self, pass_name: str, value: Any) -> Any:
         types = self.type if isinstance(self.type, tuple) else (self.type,)
         allowed = tuple(t for t in types if t is not None and t is not type(None))
+        if value is None and self.choices is not None and "none" in self.choices:
+            return "none"  # the bare word none in a spec names the choice "none"
         if value is None:
             if type(None) in types or self.default is None:
                 return None

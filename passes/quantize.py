@@ -7,16 +7,29 @@ byte, 3/5/6/7-bit through :func:`~fxpress.graph.packing.pack_bits`), plus the sc
 and the bias. Decoding is ``w ≈ s · (q - z)``; ``scale="unit"`` is the seed article's
 ``round(w)`` (s = 1). Zeros stay exactly zero in both schemes (``z`` is an integer).
 
-Linear layers with ``activations="dynamic"`` run as an integer matmul: each token (row
-of the input) is quantised to int8 with its own scale at run time, so an outlier
-channel in one token does not flatten the others, and the result is independent of what
-else is in the batch. Weight-only layers (``activations="none"``, convs, embeddings)
-decode their weight on the fly (embeddings decode only the rows they look up).
+Linear layers with ``activations="dynamic"`` run as an integer matmul with the input
+quantised to 8 bits at run time, in one of two ways chosen per layer (``act_scale``):
+``"tensor"``, one affine scale for the whole input (three elementwise passes; layers that
+read one input, such as q, k and v, share one quantisation of it), or ``"token"``, one
+scale per row, so an outlier in one token does not flatten the others (two more passes
+over the input and one over the output). Where a few input *channels* carry outliers
+(after LayerNorm in BERT), SmoothQuant-style migration (``smooth``) divides them out of
+the input and into the weight (one more pass). ``act_scale="auto"`` (the default)
+measures, per layer on the calibration inputs, the output error of per-tensor, smoothed
+per-tensor and per-token activations, and keeps the cheapest whose error is at most
+``act_error`` (or within :data:`AUTO_SLACK` of the best); the stats show every
+candidate's error. The integer product runs in oneDNN's int8 linear (AMX/VNNI), else
+fbgemm's, else ``torch._int_mm``, else a float64 reference.
+
+Weight-only layers (``activations="none"``, convs, embeddings) decode their weight on
+the fly (embeddings decode only the rows they look up). Weight-only linear layers also
+try activation-aware scaling (AWQ-style: input columns that carry large activations get
+finer steps, folded back when the weight is decoded) and keep the most faithful.
 
 >>> res = fxpress.compress(model, "quantize{bits=8}", calibration=batches)     # doctest: +SKIP
 >>> res.records[0].stats["layers"]["fc1.weight"]                               # doctest: +SKIP
-{'kind': 'linear', 'bits': 8, 'kernel': 'fbgemm', 'bytes_before': 76800, 'bytes_after': 19400,
- 'rel_error': 0.0042, ...}
+{'kind': 'linear', 'bits': 8, 'kernel': 'onednn', 'act_scale': 'tensor', 'rel_error': 0.0042,
+ 'act_errors': {'tensor': 0.0042, 'tensor+smooth0.5': 0.0051, ...}, 'bytes_after': 19400, ...}
 
 Fine-tuning (the distill pass's recovery step): :meth:`QuantizedWeight.begin_training`
 adds a float latent weight used through a straight-through estimator, so every forward
@@ -27,7 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
+import threading
 import warnings
 import weakref
 from typing import Any, Iterator
@@ -189,8 +204,10 @@ def _cpu_has_vnni() -> bool:
 
 
 _REDUCE_RANGE = not _cpu_has_vnni()
-#: Order in which dynamic int8 linear kernels are tried; the first that works is used.
-INT8_BACKENDS = ("fbgemm", "int_mm", "reference")
+#: Order in which dynamic int8 linear kernels are tried; the first that works is used
+#: (oneDNN's, which Inductor uses for x86 int8 and which runs on AMX/VNNI, takes
+#: symmetric weights only; layers with affine weights start at fbgemm).
+INT8_BACKENDS = ("onednn", "fbgemm", "int_mm", "reference")
 _backend_override: list[str] = []
 _broken: set[str] = set()
 _prepacked: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -198,7 +215,8 @@ _prepacked: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKe
 
 @contextlib.contextmanager
 def int8_backend(name: str) -> Iterator[None]:
-    """Force one dynamic int8 kernel in the block ("fbgemm", "int_mm" or "reference").
+    """Force one dynamic int8 kernel in the block ("onednn", "fbgemm", "int_mm" or
+    "reference").
 
     >>> with int8_backend("reference"):                     # doctest: +SKIP
     ...     y = quantized_linear(x)
@@ -216,12 +234,67 @@ def _available_backends() -> list[str]:
     if _backend_override:
         return [_backend_override[-1]]
     out = []
+    if ("onednn" not in _broken and hasattr(torch.ops, "onednn")
+            and hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()):
+        out.append("onednn")
     if "fbgemm" not in _broken and hasattr(torch.ops.quantized, "linear_dynamic"):
         out.append("fbgemm")
     if "int_mm" not in _broken and hasattr(torch, "_int_mm"):
         out.append("int_mm")
     out.append("reference")
     return out
+
+
+def quantize_per_tensor(x2: torch.Tensor, levels: int = 255, signed: bool = True
+                        ) -> tuple[torch.Tensor, float, int]:
+    """Affine 8-bit codes of all of ``x2`` with one scale, as fbgemm's dynamic linear
+    quantises its input: the range ``[min(x, 0), max(x, 0)]`` in ``levels`` steps with an
+    integer zero point, so ``x ≈ scale · (codes - zero)``. ``signed``: codes and zero
+    point shifted by -128 into int8 (for ``torch._int_mm``); else uint8 (oneDNN's input).
+    Returns ``(codes, scale, zero)``; rounds half up.
+
+    Three passes over ``x2``: ``x/scale + zero`` lies in ``[0, levels]`` (up to float
+    rounding), so adding 0.5 and truncating in the conversion to uint8 rounds it with no
+    clamp pass.
+    """
+    lo, hi = torch.aminmax(x2)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max((hi - lo) / levels, 1e-12)
+    zero = min(max(round(-lo / scale), 0), levels)
+    q = torch.add(torch.tensor(zero + 0.5), x2, alpha=1.0 / scale)
+    if signed:
+        return q.floor_().clamp_(0, levels).sub_(128).to(torch.int8), scale, zero - 128
+    return q.to(torch.uint8), scale, zero
+
+
+class _Unsupported(NotImplementedError):
+    """A kernel that works but not for this layer (e.g. oneDNN with affine weights)."""
+
+
+_local = threading.local()
+_ROUNDED_ZERO = torch.tensor(128.5)
+
+
+def _shared_input(x2: torch.Tensor, source: torch.Tensor | None, signed: bool
+                  ) -> tuple[torch.Tensor, float, int]:
+    """:func:`quantize_per_tensor` of ``x2``, reused when the previous layer quantised the
+    very same input (q, k and v of an attention block read one LayerNorm output).
+
+    ``source`` is the layer's input tensor, given only by layers the quantize pass marked
+    ``shares_input`` (their input node has no in-place users); the codes are reused while
+    it is the same live object at the same version. One entry per thread.
+    """
+    hit = getattr(_local, "last", None)
+    if source is not None and hit is not None:
+        ref, version, was_signed, value = hit
+        if ref() is source and was_signed == signed and (
+                version is None or version == source._version):
+            return value
+    value = quantize_per_tensor(x2, 255, signed)
+    if source is not None:
+        version = None if source.is_inference() else source._version
+        _local.last = (weakref.ref(source), version, signed, value)
+    return value
 
 
 def per_token_absmax(x2: torch.Tensor) -> torch.Tensor:
@@ -253,12 +326,17 @@ class QuantizedWeight(CompressedModule):
 
     technique = "quantize"
     optional_tensors = ("bias", "zero_point", "smooth")
+    #: how a dynamic linear quantises its input: "token" (a scale per row) or "tensor"
+    #: (one affine scale); artifacts written before the option existed are per-token
+    act_scale = "token"
 
     def __init__(self, kind: str, spec: dict, shape: tuple[int, ...], codes: torch.Tensor,
                  scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
                  bits: int, scheme: str, granularity: str, group_size: int = 0,
-                 activations: str = "none", smooth: torch.Tensor | None = None):
+                 activations: str = "none", smooth: torch.Tensor | None = None,
+                 act_scale: str = "token"):
         super().__init__(kind, spec)
+        self.act_scale = act_scale
         self.shape = list(shape)
         self.bits, self.scheme, self.granularity = int(bits), scheme, granularity
         self.group_size = int(group_size)
@@ -273,7 +351,8 @@ class QuantizedWeight(CompressedModule):
     def config(self) -> dict:
         return {**super().config(), "shape": list(self.shape), "bits": self.bits,
                 "scheme": self.scheme, "granularity": self.granularity,
-                "group_size": self.group_size, "activations": self.activations}
+                "group_size": self.group_size, "activations": self.activations,
+                "act_scale": self.act_scale}
 
     # -- decoding ------------------------------------------------------------------------
     @property
@@ -358,42 +437,56 @@ class QuantizedWeight(CompressedModule):
         return (f"kind={self.kind}, shape={tuple(self.shape)}, bits={self.bits}, "
                 f"scheme={self.scheme}, granularity={self.granularity}"
                 + (f", group_size={self.group_size}" if self.granularity == "group" else "")
-                + f", activations={self.activations}")
+                + f", activations={self.activations}"
+                + (f", act_scale={self.act_scale}" if self.activations == "dynamic" else ""))
 
 
 class QuantizedLinear(QuantizedWeight):
     """A linear layer with integer weights.
 
-    ``activations="dynamic"``: each input row is quantised to int8 with its own scale and
-    multiplied in integers (fbgemm's prepacked kernel, else ``torch._int_mm``, else a
-    float reference of the same integer product). ``"none"``: the weight is decoded and
+    ``activations="dynamic"``: the input is quantised to 8 bits at run time, with one
+    affine scale for the whole input (``act_scale="tensor"``) or one scale per row
+    (``"token"``), and multiplied in integers by the first kernel of
+    :data:`INT8_BACKENDS` that runs here (oneDNN, fbgemm, ``torch._int_mm``, or a float64
+    reference of the same integer product). ``"none"``: the weight is decoded and
     multiplied in float.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    #: set by the quantize pass when the input node has no in-place users, so layers
+    #: reading one input (q, k, v) may reuse its per-tensor codes (:func:`_shared_input`)
+    shares_input = False
+
+    def __init__(self, *args: Any, shares_input: bool = False, **kwargs: Any):
         super().__init__(LINEAR, {}, *args, **kwargs)
+        self.shares_input = bool(shares_input)
+
+    def config(self) -> dict:
+        return {**super().config(), "shares_input": self.shares_input}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations != "dynamic" or self._training_path() or x.requires_grad:
             return F.linear(x, self.weight_float(), self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        source = x if self.shares_input and self.act_scale == "tensor" else None
         if self.smooth is not None:
-            x2 = x2 / self.smooth
+            x2, source = x2 / self.smooth, None
         if x2.dtype != torch.float32:
-            x2 = x2.float()
+            x2, source = x2.float(), None
         for backend in _available_backends():
             try:
-                y = getattr(self, f"_mm_{backend}")(x2)
+                y = getattr(self, f"_mm_{backend}")(x2, source)
                 break
+            except _Unsupported:
+                if _backend_override:
+                    raise
             except (RuntimeError, NotImplementedError):
                 if _backend_override or backend == "reference":
                     raise
                 _broken.add(backend)  # the operator is missing or refuses: try the next
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
-    # the int8 weight and its per-output-channel scale and zero point, for the kernels
-    def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         codes = self.codes()
         zero = self.zero()
         rows = codes.shape[0]
@@ -402,56 +495,97 @@ class QuantizedLinear(QuantizedWeight):
             zero = zero.reshape(-1).expand(rows) if zero.numel() == 1 else zero.reshape(-1)
             if self.bits == 8:  # affine codes 0..255 shift into int8 with the zero point
                 codes, zero = codes - 128, zero - 128
-        return codes.to(torch.int8), scale.contiguous(), None if zero is None else zero.contiguous()
+        rowsum = codes.sum(1, dtype=torch.int32)
+        return (codes.to(torch.int8), scale.contiguous(),
+                None if zero is None else zero.contiguous(), rowsum)
 
     def _cached(self, backend: str, build):
-        key = (backend, self.qweight.data_ptr(), self.qweight._version, self.scale._version)
+        key = (backend, self.act_scale, self.qweight.data_ptr(), self.qweight._version,
+               self.scale._version)
         hit = _prepacked.get(self)
         if hit is None or hit[0] != key:
             hit = (key, build())
             _prepacked[self] = hit
         return hit[1]
 
-    def _mm_fbgemm(self, x2: torch.Tensor) -> torch.Tensor:
+    def _mm_onednn(self, x2: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        if self.zero_point is not None:
+            raise _Unsupported("oneDNN's int8 linear takes symmetric weights only")
+
         def build():
-            wq, scale, zero = self._int8_weight()
+            wq, scale, _, _ = self._int8_weight()
+            return (torch.ops.onednn.qlinear_prepack(wq, None), scale.float().contiguous(),
+                    torch.zeros(len(scale), dtype=torch.long))
+        packed, sw, zw = self._cached("onednn", build)
+        if self.act_scale == "tensor":
+            xq, sx, zx = _shared_input(x2, source, signed=False)
+            return torch.ops.onednn.qlinear_pointwise(xq, sx, zx, packed, sw, zw, self.bias,
+                                                      1.0, 0, torch.float32, "none", [], "")
+        # per token: each row divided by its absmax spans [-1, 1], one fixed scale 1/127;
+        # 128.5 + 127·x/amax lies in [1.5, 255.5], so truncating to uint8 rounds it
+        amax = per_token_absmax(x2)
+        xq = torch.addcmul(_ROUNDED_ZERO, x2, 127.0 / amax).to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0 / 127, 128, packed, sw, zw, None,
+                                               1.0, 0, torch.float32, "none", [], "")
+        if self.bias is None:
+            return y.mul_(amax)
+        return torch.addcmul(self.bias, y, amax, out=y)
+
+    def _mm_fbgemm(self, x2: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        per_tensor = self.act_scale == "tensor"
+
+        def build():
+            wq, scale, zero, _ = self._int8_weight()
             zp = torch.zeros(len(scale), dtype=torch.long) if zero is None else zero.long()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # quantized-tensor creation warns of deprecation
                 qw = torch._make_per_channel_quantized_tensor(wq, scale.double(), zp, 0)
-                return torch.ops.quantized.linear_prepack(qw, None)
+                return torch.ops.quantized.linear_prepack(qw, self.bias if per_tensor else None)
         packed = self._cached("fbgemm", build)
-        # fbgemm quantises its input with one scale; dividing each row by its own absmax
-        # first makes that scale a per-token one (every row then spans [-1, 1])
+        if per_tensor:  # fbgemm quantises the input with one affine scale and adds the bias
+            return torch.ops.quantized.linear_dynamic(x2, packed, _REDUCE_RANGE)
+        # dividing each row by its own absmax first makes fbgemm's one scale a per-token
+        # one (every row then spans [-1, 1])
         amax = per_token_absmax(x2)
         y = torch.ops.quantized.linear_dynamic(x2 / amax, packed, _REDUCE_RANGE)
         if self.bias is None:
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)
 
-    def _int_product(self, xq: torch.Tensor, sx: torch.Tensor, acc: torch.Tensor,
-                     sw: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-        if zero is not None:
-            acc = acc - xq.sum(1, keepdim=True, dtype=torch.int32) * zero.to(torch.int32)
+    def _quantize_input(self, x2: torch.Tensor, source: torch.Tensor | None):
+        """int8 codes of the input, their scale ([rows, 1] or 0-d) and zero point (or None)."""
+        if self.act_scale == "tensor":
+            xq, sx, zx = _shared_input(x2, source, signed=True)
+            return xq, torch.tensor(sx), torch.tensor(zx, dtype=torch.int32)
+        xq, sx = quantize_per_token(x2)
+        return xq, sx, None
+
+    def _finish(self, acc: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor,
+                zx: torch.Tensor | None, sw: torch.Tensor, zw: torch.Tensor | None,
+                rowsum: torch.Tensor) -> torch.Tensor:
+        """Scale an integer product ``xq @ wq.T`` into the output, removing the zero points:
+        sum (x - zx)(w - zw) = sum x·w - zw·sum x - zx·sum (w - zw)."""
+        if zw is not None:
+            acc = acc - xq.sum(1, keepdim=True, dtype=acc.dtype) * zw.to(acc.dtype)
+            rowsum = rowsum - xq.shape[1] * zw
+        if zx is not None:
+            acc = acc - zx.to(acc.dtype) * rowsum.to(acc.dtype)
         if self.bias is None:
             return acc * (sx * sw)
-        return torch.addcmul(self.bias, acc, sx * sw)
+        bias = self.bias.double() if acc.dtype == torch.float64 else self.bias
+        return torch.addcmul(bias, acc, sx * sw)
 
-    def _mm_int_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        wq, sw, zero = self._cached("int_mm", self._int8_weight)
-        xq, sx = quantize_per_token(x2)
-        return self._int_product(xq, sx, torch._int_mm(xq, wq.t()), sw, zero)
+    def _mm_int_mm(self, x2: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        wq, sw, zw, rowsum = self._cached("int_mm", self._int8_weight)
+        xq, sx, zx = self._quantize_input(x2, source)
+        return self._finish(torch._int_mm(xq, wq.t()), xq, sx, zx, sw, zw, rowsum)
 
-    def _mm_reference(self, x2: torch.Tensor) -> torch.Tensor:
-        wq, sw, zero = self._int8_weight()
-        xq, sx = quantize_per_token(x2)
+    def _mm_reference(self, x2: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        wq, sw, zw, rowsum = self._int8_weight()
+        xq, sx, zx = self._quantize_input(x2, source)
         # float64 holds every int8 x int8 sum exactly
-        acc = (xq.double() @ wq.double().t()).round_().to(torch.int64)
-        if zero is not None:
-            acc = acc - xq.sum(1, keepdim=True, dtype=torch.int64) * zero.to(torch.int64)
-        y = acc.double() * (sx.double() * sw.double())
-        if self.bias is not None:
-            y = y + self.bias.double()
+        acc = (xq.double() @ wq.double().t()).round_()
+        y = self._finish(acc, xq, sx.double(), zx, sw.double(), zw, rowsum)
         return y.float()
 
 
@@ -545,10 +679,10 @@ class Quantize(Pass):
                         "every selected layer's input width)", type=(int, _NONE), low=1)
     scheme = option("symmetric", "'symmetric' (q in ±(2^(b-1)-1), zero point 0) or 'affine' "
                     "(q in 0..2^b-1 with an integer zero point)", choices=SCHEMES)
-    activations = option(None, "'dynamic': linear layers quantise each input row to int8 at run "
-                         "time and multiply in integers; 'none': weight-only (decode, float "
-                         "matmul). Default: dynamic, or none with granularity=group",
-                         type=(str, _NONE), choices=("dynamic", "none", None))
+    activations = option("auto", "'dynamic': linear layers quantise their input to 8 bits at "
+                         "run time and multiply in integers; 'none': weight-only (decode, float "
+                         "matmul); 'auto': dynamic, or none with granularity=group",
+                         choices=("auto", "dynamic", "none"))
     scale = option(None, "'absmax': scale from each channel/group's full range; 'mse': the "
                    "clipped range with the least squared error; 'unit': s = 1, the seed article's "
                    "round(w). Default: absmax at 8 bits, mse below", type=(str, _NONE),
@@ -557,6 +691,16 @@ class Quantize(Pass):
                     "layers: divides input columns by absmax(x)^a / absmax(w)^(1-a) measured on "
                     "the calibration batches, and multiplies the weight by it", type=(float, _NONE),
                     low=0.0, high=1.0)
+    act_scale = option("auto", "how dynamic linear layers quantise their input at run time: "
+                       "'tensor' (one affine scale: the fastest), 'token' (a scale per row), or "
+                       "'auto': per layer, the cheapest of per-tensor, smoothed per-tensor and "
+                       "per-token whose output error on the calibration inputs is at most "
+                       "act_error (else within AUTO_SLACK of the best); "
+                       "stats['layers'][...]['act_errors'] lists every candidate's error",
+                       choices=("auto", "tensor", "token"))
+    act_error = option(0.03, "with act_scale=auto: the layer output error (relative L2) up to "
+                       "which the cheapest activation scaling is good enough; lower it for "
+                       "fidelity, raise it for speed", type=float, low=0.0)
     max_layer_error = option(None, "re-quantize at 8 bits every layer whose own output error "
                              "(relative L2 on the calibration inputs) exceeds this; the "
                              "layers kept at 8 bits are listed in stats['promoted']",
@@ -574,7 +718,7 @@ class Quantize(Pass):
         if self.scale is None:
             self.scale = "absmax" if self.bits == 8 else "mse"
             self.options["scale"] = self.scale
-        if self.activations is None:
+        if self.activations == "auto":
             self.activations = "none" if self.granularity == "group" else "dynamic"
             self.options["activations"] = self.activations
         if self.activations == "dynamic" and self.granularity == "group":
@@ -587,6 +731,9 @@ class Quantize(Pass):
         if self.smooth is not None and self.activations != "dynamic":
             raise OptionError(self.name, "smooth", "smoothing moves activation outliers into "
                               "the weights for int8 activations; it needs activations=dynamic")
+        if self.act_scale != "auto" and self.activations != "dynamic":
+            raise OptionError(self.name, "act_scale", "chooses how int8 activations are "
+                              "scaled; it needs activations=dynamic")
         if self.smooth is not None and self.scale == "unit":
             raise OptionError(self.name, "smooth", "a smoothed weight needs a real scale, not scale=unit")
 
@@ -612,25 +759,22 @@ class Quantize(Pass):
         layers: dict[str, dict] = {}
         promoted: list[str] = []
         for op in chosen:
-            module = built.get((op.name, op.kind))
-            if module is None:
-                module = self._build(op, rec)
-                built[(op.name, op.kind)] = module
-            else:
-                module = _share(module)
             x = rec.sample.get(op._input) if isinstance(op._input, torch.fx.Node) else None
-            w, b = op.weight().detach(), op.bias()
-            if op.name not in layers:
-                layers[op.name] = self._layer_stats(op, module, w, b, x)
-                if (self.max_layer_error is not None and self.bits < 8
-                        and layers[op.name]["rel_error"] > self.max_layer_error):
-                    # the most sensitive layers keep 8 bits (per channel: the integer
-                    # kernel can still run them)
-                    module = self._build(op, rec, bits=8)
-                    built[(op.name, op.kind)] = module
-                    layers[op.name] = dict(self._layer_stats(op, module, w, b, x),
-                                           error_at_low_bits=layers[op.name]["rel_error"])
-                    promoted.append(op.name)
+            module = built.get((op.name, op.kind))
+            if module is not None:
+                op.replace_with(_share(module))
+                continue
+            module, stats = self._choose(op, rec, x, self.bits)
+            if (self.max_layer_error is not None and self.bits < 8
+                    and stats["rel_error"] > self.max_layer_error):
+                # the most sensitive layers keep 8 bits (per channel: the integer
+                # kernel can still run them)
+                low = stats["rel_error"]
+                module, stats = self._choose(op, rec, x, 8)
+                stats["error_at_low_bits"] = low
+                promoted.append(op.name)
+            built[(op.name, op.kind)] = module
+            layers[op.name] = stats
             op.replace_with(module)
         before = sum(v["bytes_before"] for v in layers.values())
         after = sum(v["bytes_after"] for v in layers.values())
@@ -640,17 +784,65 @@ class Quantize(Pass):
             "bytes_before": before, "bytes_after": after,
             "worst_layer": worst, "promoted": promoted, "kernels": sorted({v["kernel"] for v in layers.values()})})
 
-    def _build(self, op, rec: _InputRecorder, bits: int | None = None) -> QuantizedWeight:
+    def _dynamic(self, op, bits: int) -> bool:
+        # a promoted layer (bits != self.bits) gets 8-bit channel scales and the integer kernel
+        return op.kind == LINEAR and (self.activations == "dynamic" or bits != self.bits)
+
+    def _candidates(self, op, bits: int) -> list[tuple[str, float | None]]:
+        """(act_scale, smoothing alpha) variants for one layer, cheapest first."""
+        if not self._dynamic(op, bits):
+            # weight-only: activation-aware scaling (AWQ-style) costs nothing at run time,
+            # since the weight is decoded anyway: try it on linear layers
+            if op.kind == LINEAR and self.act_scale == "auto" and self.smooth is None:
+                return [("token", None)] + [("token", a) for a in WEIGHT_ONLY_ALPHAS]
+            return [("token", None)]
+        alphas = [self.smooth] if self.smooth is not None else [None]
+        if self.act_scale != "auto":
+            return [(self.act_scale, alphas[0])]
+        if self.smooth is None:
+            return [("tensor", None)] + [("tensor", a) for a in AUTO_ALPHAS] + [("token", None)]
+        return [("tensor", self.smooth), ("token", self.smooth)]
+
+    def _choose(self, op, rec: _InputRecorder, x: torch.Tensor | None, bits: int
+                ) -> tuple[QuantizedWeight, dict]:
+        """The layer's runtime module and its stats: with several candidates, the cheapest
+        whose output error on the calibration sample ``x`` is at most ``act_error`` or
+        within :data:`AUTO_SLACK` of the best (per-token, the safest, when there is no
+        sample)."""
+        w, b = op.weight().detach(), op.bias()
+        cands = self._candidates(op, bits)
+        if len(cands) > 1 and x is None:
+            cands = [c for c in cands if c == ("token", self.smooth)]
+        ref = None
+        if x is not None:
+            with torch.no_grad():
+                ref = op_forward(op.kind, op.spec, x, w, b)
+        tried = []
+        for act, alpha in cands:
+            module = self._build(op, rec, bits, act, alpha)
+            tried.append((module, _output_error(module, x, ref), act, alpha))
+        best = min(t[1] for t in tried)
+        # candidates of a weight-only layer cost the same: keep the best
+        good = max(self.act_error, best * (1 + AUTO_SLACK)) if self._dynamic(op, bits) else best
+        module, err, act, alpha = next(t for t in tried if not t[1] > good)
+        stats = self._layer_stats(op, module, w, b, err)
+        if len(tried) > 1:
+            dynamic = self._dynamic(op, bits)
+            stats["act_errors"] = {_label(a if dynamic else "weight", al): e for _, e, a, al in tried}
+        if alpha is not None:
+            stats["smooth_alpha"] = alpha
+        return module, stats
+
+    def _build(self, op, rec: _InputRecorder, bits: int, act: str = "token",
+               alpha: float | None = None) -> QuantizedWeight:
         w = op.weight().detach().float()
         w2 = w.reshape(w.shape[0], -1)
-        bits = bits or self.bits
-        # a promoted layer (bits given) gets 8-bit channel scales and the integer kernel
         granularity = "channel" if bits != self.bits else self.granularity
         scale_mode = "absmax" if bits != self.bits else self.scale
-        dynamic = op.kind == LINEAR and (self.activations == "dynamic" or bits != self.bits)
+        dynamic = self._dynamic(op, bits)
         smooth = None
-        if dynamic and self.smooth is not None and op._input in rec.absmax:
-            a = self.smooth
+        if op.kind == LINEAR and alpha is not None and op._input in rec.absmax:
+            a = alpha
             xmax = rec.absmax[op._input].clamp(min=1e-5)
             wmax = w2.abs().amax(0).clamp(min=1e-5)
             smooth = (xmax.pow(a) / wmax.pow(1 - a)).clamp(min=1e-5)
@@ -660,33 +852,84 @@ class Quantize(Pass):
         args = (tuple(w.shape), codes, scale, zero, op.bias(), bits, self.scheme,
                 granularity, (self.group_size or 0) if granularity == "group" else 0)
         if op.kind == LINEAR:
+            shares = (dynamic and smooth is None and isinstance(op._input, torch.fx.Node)
+                      and _never_written(op.node.graph.owning_module, op._input))
             return QuantizedLinear(*args, activations="dynamic" if dynamic else "none",
-                                   smooth=smooth)
+                                   smooth=smooth, act_scale=act, shares_input=shares)
         if op.kind == CONV:
             return QuantizedConv(op.spec, *args)
         return QuantizedEmbedding(op.spec, *args)
 
     @staticmethod
-    def _layer_stats(op, module: QuantizedWeight, w, b, x) -> dict:
-        """Bits, bytes and the layer's own output error on a calibration sample."""
+    def _layer_stats(op, module: QuantizedWeight, w, b, err: float) -> dict:
+        """Bits, bytes, kernel and the layer's own output error on a calibration sample."""
         bytes_before = w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-        err = float("nan")
-        if x is not None:
-            with torch.no_grad():
-                ref = op_forward(op.kind, op.spec, x, w, b)
-                out = module(x)
-                denom = float(ref.double().norm())
-                err = float((out.double() - ref.double()).norm()) / denom if denom > 0 else 0.0
         kernel = "decode+float"
         if op.kind == LINEAR and module.activations == "dynamic":
-            kernel = _available_backends()[0]
+            kernel = next(k for k in _available_backends()
+                          if k != "onednn" or module.zero_point is None)
         elif op.kind == EMBEDDING:
             kernel = "gather+decode"
         return {"kind": op.kind, "bits": module.bits, "granularity": module.granularity,
                 "activations": module.activations if op.kind == LINEAR else "none",
+                "act_scale": module.act_scale if module.activations == "dynamic" else None,
                 "kernel": kernel, "smoothed": module.smooth is not None,
                 "bytes_before": bytes_before, "bytes_after": stored_bytes(module),
                 "rel_error": err}
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+                      operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.iconcat, operator.setitem, operator.delitem}
+_READ_ONLY_MODULES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd,
+                      CompressedModule)
+
+
+def _never_written(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """True when no user of ``node`` can write into its value in place (so layers that
+    read it may share one quantisation of it)."""
+    for user in node.users:
+        t = user.target
+        if user.op == "call_module":
+            if not isinstance(gm.get_submodule(t), _READ_ONLY_MODULES):
+                return False
+        elif user.op in ("call_function", "call_method"):
+            if user.kwargs.get("inplace") or "out" in user.kwargs:
+                return False
+            if isinstance(t, torch._ops.OpOverload):
+                if t._schema.is_mutable:
+                    return False
+                continue
+            name = t if isinstance(t, str) else getattr(t, "__name__", "")
+            if name in ("setitem", "__setitem__") or t in _INPLACE_OPERATORS or (
+                    name.endswith("_") and not name.endswith("__")):
+                return False
+    return True
+
+
+#: act_scale="auto" keeps the cheapest candidate whose error is at most (1 + AUTO_SLACK)
+#: times the best candidate's.
+AUTO_SLACK = 0.25
+#: SmoothQuant strengths act_scale="auto" tries with per-tensor activations.
+AUTO_ALPHAS = (0.5, 0.75)
+#: Activation-aware scaling strengths tried on weight-only linear layers (the most
+#: faithful on the calibration sample is kept).
+WEIGHT_ONLY_ALPHAS = (0.25, 0.5)
+
+
+def _label(act: str, alpha: float | None) -> str:
+    return act if alpha is None else f"{act}+smooth{alpha:g}"  # e.g. tensor+smooth0.5
+
+
+def _output_error(module: QuantizedWeight, x: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    """Relative L2 error of ``module(x)`` against the float layer's output ``ref``."""
+    if x is None:
+        return float("nan")
+    with torch.no_grad():
+        out = module(x)
+    denom = float(ref.double().norm())
+    return float((out.double() - ref.double()).norm()) / denom if denom > 0 else 0.0
 
 
 def _share(module: QuantizedWeight) -> QuantizedWeight:
@@ -696,5 +939,6 @@ def _share(module: QuantizedWeight) -> QuantizedWeight:
 
 __all__ = ["Quantize", "QuantizedWeight", "QuantizedLinear", "QuantizedConv",
            "QuantizedEmbedding", "quantize_weight", "dequantize_weight", "store_codes",
-           "load_codes", "code_range", "quantize_per_token", "per_token_absmax",
+           "load_codes", "code_range", "quantize_per_token", "quantize_per_tensor",
+           "per_token_absmax", "AUTO_SLACK", "AUTO_ALPHAS", "WEIGHT_ONLY_ALPHAS",
            "int8_backend", "INT8_BACKENDS", "RUNTIME_MODULES"]

@@ -1,4 +1,4 @@
-"""quantize: packed integer weights, per-token int8 linear, errors, fine-tuning hooks."""
+"""quantize: packed integer weights, per-tensor/per-token int8 linear, errors, fine-tuning hooks."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,7 @@ import fxpress
 from fxpress.errors import OptionError
 from fxpress.graph.packing import packed_size
 from fxpress.graph.weights import compressed_modules, stored_bytes, weighted_ops
+from fxpress.passes import quantize as Q
 from fxpress.passes.quantize import (QuantizedLinear, code_range, dequantize_weight,
                                      int8_backend, load_codes, quantize_weight, store_codes)
 
@@ -62,27 +63,97 @@ def test_pruned_zeros_stay_exactly_zero(mlp, calib, spec):
         assert (m.weight_float()[z] == 0).all()
 
 
-def test_dynamic_int8_matches_reference_within_activation_rounding(mlp, calib):
-    res = fxpress.compress(mlp, "quantize{bits=8}", calibration=calib)
+@pytest.mark.parametrize("act_scale", ["token", "tensor"])
+def test_dynamic_int8_matches_reference_within_activation_rounding(mlp, calib, act_scale):
+    res = fxpress.compress(mlp, f"quantize{{bits=8,act_scale={act_scale}}}", calibration=calib)
     m = res.module.get_submodule("layers.1")
     assert isinstance(m, QuantizedLinear) and m.activations == "dynamic"
+    assert m.act_scale == act_scale
     x = torch.relu(mlp.layers[0](calib[0][0])).detach()
     w = m.weight_float()
     exact = torch.nn.functional.linear(x.double(), w.double(), m.bias.double())
-    # each input row is rounded to a grid of at most 2*max|x_row|/255 per step (fbgemm's
-    # affine 8 bits over the row scaled to [-1, 1]; 1/127 of max|x_row| for int_mm and
-    # the reference): the output error is at most half a step times sum |w| per output
-    amax = x.abs().amax(1, keepdim=True).double()
-    step = amax * (2 / 127)  # covers fbgemm's 7-bit reduced range on CPUs without VNNI
-    bound = step / 2 * w.abs().sum(1).double() + 1e-5 * exact.abs()
+    # each input value is rounded to a grid of step max|x_row|/127 (per token) or
+    # (max(x, 0) - min(x, 0))/255 (per tensor); fbgemm's 7-bit reduced range on CPUs
+    # without VNNI doubles it: the output error is at most half a step times sum |w|
+    if act_scale == "token":
+        span = 2 * x.abs().amax(1, keepdim=True).double()
+    else:
+        span = (x.max().clamp(min=0) - x.min().clamp(max=0)).double()
+    bound = span / 127 / 2 * w.abs().sum(1).double() + 1e-5 * exact.abs()
     with torch.no_grad():
         outs = {}
-        for backend in ("fbgemm", "int_mm", "reference"):
+        for backend in Q._available_backends():
             with int8_backend(backend):
                 outs[backend] = m(x).double()
             assert ((outs[backend] - exact).abs() <= bound).all(), backend
-    # int_mm and the reference compute the same integer product; only float rounding differs
-    assert torch.allclose(outs["int_mm"], outs["reference"], rtol=1e-5, atol=1e-5)
+    # int_mm, oneDNN and the reference compute the same integer product from the same
+    # codes; only float rounding differs
+    for backend in ("int_mm", "onednn"):
+        if backend in outs:
+            assert torch.allclose(outs[backend], outs["reference"], rtol=1e-5, atol=1e-4), backend
+
+
+def test_layers_reading_one_input_share_its_codes_only_when_nothing_writes_it(calib):
+    class Heads(torch.nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+            self.inplace = inplace
+
+        def forward(self, x):
+            h = torch.tanh(x)
+            a = self.q(h)
+            if self.inplace:
+                h.mul_(2)
+            return a + self.k(h)
+
+    torch.manual_seed(0)
+    for inplace in (False, True):
+        model = Heads(inplace)
+        res = fxpress.compress(model, "quantize{bits=8,act_scale=tensor}", calibration=calib)
+        q, k = res.module.get_submodule("q"), res.module.get_submodule("k")
+        assert q.shares_input is k.shares_input is (not inplace)
+        x = calib[0][0]
+        with torch.no_grad():
+            assert torch.allclose(res.module(x), model(x), atol=0.05)
+    # the cache checks identity and version: an input written in place is re-quantised
+    x = torch.randn(8, 64)
+    first = Q._shared_input(x, x, signed=False)
+    assert Q._shared_input(x, x, signed=False) is first
+    x.mul_(3)
+    again = Q._shared_input(x, x, signed=False)
+    assert again is not first and again[1] == pytest.approx(3 * first[1], rel=1e-5)
+
+
+def test_weight_only_linear_keeps_its_most_faithful_scaling(mlp, calib):
+    res = fxpress.compress(mlp, "quantize{bits=4,granularity=group,group_size=4,scheme=affine}",
+                           calibration=calib)
+    layers = res.records[0].stats["layers"]
+    for v in layers.values():
+        assert list(v["act_errors"]) == ["weight"] + [f"weight+smooth{a:g}" for a in Q.WEIGHT_ONLY_ALPHAS]
+        assert v["rel_error"] == min(v["act_errors"].values())
+    # the scaling is folded into the decoded weight: the module is still a plain linear
+    m = res.module.get_submodule("layers.0")
+    x = calib[0][0]
+    with torch.no_grad():
+        assert torch.allclose(m(x), torch.nn.functional.linear(x, m.weight_float(), m.bias), atol=1e-5)
+
+
+def test_auto_act_scale_keeps_the_cheapest_good_enough_candidate(mlp, calib):
+    res = fxpress.compress(mlp, "quantize{bits=8}", calibration=calib)
+    for name, v in res.records[0].stats["layers"].items():
+        errs = v["act_errors"]
+        assert list(errs) == ["tensor", "tensor+smooth0.5", "tensor+smooth0.75", "token"]
+        chosen = v["act_scale"] + (f"+smooth{v['smooth_alpha']:g}" if "smooth_alpha" in v else "")
+        assert errs[chosen] == v["rel_error"]
+        good = max(0.03, min(errs.values()) * (1 + Q.AUTO_SLACK))
+        assert errs[chosen] <= good
+        cheaper = list(errs)[:list(errs).index(chosen)]
+        assert all(errs[c] > good for c in cheaper), name
+    # asking for no error budget picks the most faithful candidate (within the slack)
+    strict = fxpress.compress(mlp, "quantize{bits=8,act_error=0}", calibration=calib)
+    for v in strict.records[0].stats["layers"].values():
+        assert v["rel_error"] <= min(v["act_errors"].values()) * (1 + Q.AUTO_SLACK)
 
 
 def test_affine_int8_kernels_agree(mlp, calib):
@@ -138,6 +209,8 @@ def test_state_dict_is_the_compressed_size(mlp, calib):
     ("quantize{granularity=group}", "group_size"),
     ("quantize{granularity=group,group_size=64,activations=dynamic}", "activations"),
     ("quantize{scheme=affine,scale=unit}", "scale"),
+    ("quantize{activations=none,act_scale=token}", "act_scale"),
+    ("quantize{act_scale=row}", "act_scale"),
     ("quantize{granularity=rows}", "granularity"),
 ])
 def test_bad_options_name_the_option(text, option):
