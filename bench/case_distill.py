@@ -131,7 +131,8 @@ def _recovery_table(size: str) -> Table:
         "0.5-point target: once shared, a layer trains only its 16 centroids and its bias (the "
         "indices stay fixed, as in Deep Compression), so recovery has far fewer parameters to "
         "move than there are surviving weights (compare 'weights left' with 'trained by the "
-        "last distill', which counts biases too)"]
+        "last distill': a float layer's weights, pruned ones masked, and biases; a shared "
+        "layer's centroids and bias)"]
     if id(deep) in missed:
         t.notes.append(
             f"Deep Compression's order (the demo, examples/digits.toml) {verdict[missed[id(deep)]]} "
