@@ -142,6 +142,41 @@ def train_data(batch_size: int = 64) -> list[tuple]:
             for i in range(0, len(d.x_train), batch_size)]
 
 
+def few_labels(fraction: float, batch_size: int = 64) -> tuple[list[tuple], list[tuple]]:
+    """The training set with labels kept for only ``fraction`` of it.
+
+    Returns ``(labelled, unlabelled)``: ``(x, y)`` batches of the first ``fraction`` of the
+    (already shuffled) training images, and ``(x,)`` batches of the rest, whose labels are
+    withheld. A student can learn from the unlabelled ones only through a teacher (a
+    transfer set, as in Hinton et al. 2015).
+    """
+    d = digits_data()
+    k = round(len(d.x_train) * fraction)
+    labelled = [(d.x_train[i:min(i + batch_size, k)], d.y_train[i:min(i + batch_size, k)])
+                for i in range(0, k, batch_size)]
+    unlabelled = [(d.x_train[i:i + batch_size],) for i in range(k, len(d.x_train), batch_size)]
+    return labelled, unlabelled
+
+
+def student_accuracies(teacher: nn.Module, batches: list[tuple], epochs: int, seeds,
+                       hidden: tuple[int, ...] = (32,), lr: float = 1e-2, **distiller) -> list[float]:
+    """Test accuracy of a fresh ``DigitsMLP(hidden)`` per seed, trained by ``fxpress.Distiller``.
+
+    Every call runs the same loop (Adam, cosine schedule, the seed's initial weights and
+    batch order); ``distiller`` keywords choose the loss: ``alpha=0.0`` is labels only.
+    """
+    import fxpress
+
+    d, accs = digits_data(), []
+    for seed in seeds:
+        torch.manual_seed(seed)  # the same initial student for every loss
+        student = DigitsMLP(hidden)
+        fit = fxpress.Distiller(teacher, student, **distiller)
+        fit.fit(batches, epochs=epochs, lr=lr, seed=seed, progress=False)
+        accs.append(accuracy(fit.student, d.x_test, d.y_test))
+    return accs
+
+
 def evaluate(module: nn.Module) -> dict[str, float]:
     d = digits_data()
     return {"test accuracy": accuracy(module, d.x_test, d.y_test)}

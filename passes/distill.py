@@ -490,6 +490,10 @@ def _loss_item(t: torch.Tensor | float) -> float:
     return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
 
 
+#: every part :meth:`Distiller.loss` may report
+_LOSS_PARTS = ("loss", "kd", "ce", "feature")
+
+
 class Distiller:
     """Knowledge distillation from ``teacher`` into ``student``.
 
@@ -501,6 +505,12 @@ class Distiller:
     batches carry labels (``(inputs..., label)``), the KL term alone when they do not,
     plus ``beta`` times the mean over ``pairs`` of ``MSE(proj(student tap), teacher tap)``.
     ``output_loss="mse"`` matches raw outputs instead (embeddings, regression).
+
+    Labelled and unlabelled batches may be mixed (Hinton's transfer set: inputs only the
+    teacher labels). Each batch is judged on its own: ``labels=True``/``False`` says all
+    batches do or do not end with a label; ``inputs=N`` says the model takes N inputs, so
+    a batch with more items ends with a label; by default a batch (or a bare tensor) is
+    labelled when its last item is an integer vector as long as the batch.
 
     ``pairs`` maps student tap names to teacher tap names (a list of names pairs each with
     itself). A model that lacks the named taps is captured on the first batch and tapped
@@ -515,7 +525,8 @@ class Distiller:
     def __init__(self, teacher: nn.Module, student: nn.Module,
                  pairs: Mapping[str, str] | Sequence[str] | Sequence[tuple[str, str]] | None = None,
                  temperature: float = 4.0, alpha: float = 0.5, beta: float = 1.0, *,
-                 output_loss: str = "kl", labels: bool | None = None, keep_zeros: bool = True):
+                 output_loss: str = "kl", labels: bool | None = None, inputs: int | None = None,
+                 keep_zeros: bool = True):
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
             raise InputError("Distiller: teacher and student must be torch.nn.Module instances")
         if teacher is student:
@@ -534,7 +545,11 @@ class Distiller:
         else:
             self.pairs = [(p, p) if isinstance(p, str) else (str(p[0]), str(p[1])) for p in pairs]
         self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
+        if inputs is not None and (isinstance(inputs, bool) or not isinstance(inputs, int) or inputs < 1):
+            raise InputError(f"Distiller: inputs must be a positive int (the model's input count), "
+                             f"got {inputs!r}")
         self.output_loss, self.labels, self.keep_zeros = output_loss, labels, keep_zeros
+        self.inputs = inputs
         self.projections: list[nn.Module] = []
 
     # -- data --------------------------------------------------------------------------------
@@ -546,6 +561,8 @@ class Distiller:
                              f"got {type(batch).__name__}")
         batch = tuple(batch)
         has = self.labels
+        if has is None and self.inputs is not None:
+            has = len(batch) > self.inputs
         if has is None:  # a trailing integer vector as long as the batch is a label
             y, x0 = batch[-1], batch[0]
             has = (len(batch) >= 2 and isinstance(y, torch.Tensor) and not y.is_floating_point()
@@ -739,6 +756,7 @@ class Distiller:
             for epoch in range(epochs):
                 start = time.perf_counter()
                 sums: dict[str, float] = {}
+                counts: dict[str, int] = {}  # per part: "ce" only in labelled batches
                 n = 0
                 batches = _in_step(iter(_epoch_batches(data, epoch, seed, d, state)), d, device)
                 with _train_mode(trainee):
@@ -762,13 +780,14 @@ class Distiller:
                                 p.mul_(m)
                         for k, v in parts.items():
                             sums[k] = sums.get(k, 0.0) + v
+                            counts[k] = counts.get(k, 0) + 1
                         n += 1
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(epoch=epoch + 1, loss=f"{parts['loss']:.4f}", refresh=False)
                 if sched is not None and not steps:
                     sched.step()
-                record = self._reduce(sums, n, d, device)
+                record = self._reduce(sums, counts, n, d, device)
                 record.update(epoch=epoch + 1, seconds=time.perf_counter() - start)
                 history.epochs.append(record)
                 if bar is not None:  # one redraw per epoch with the epoch's mean loss
@@ -779,18 +798,25 @@ class Distiller:
         return history
 
     @staticmethod
-    def _reduce(sums: dict[str, float], n: int, d: _Dist, device: torch.device) -> dict:
-        keys = sorted(sums)
+    def _reduce(sums: dict[str, float], counts: dict[str, int], n: int, d: _Dist,
+                device: torch.device) -> dict:
+        """Each loss part's mean over the batches that had it, over every rank."""
+        # a fixed key list: with mixed batches a rank may have seen no labelled one, and
+        # all_reduce needs the same tensor everywhere
+        keys = sorted(set(_LOSS_PARTS) | set(sums))
         local = n
+        vals = [sums.get(k, 0.0) for k in keys] + [float(counts.get(k, 0)) for k in keys]
         if d.active:
             import torch.distributed as dist
 
             where = device if d.backend == "nccl" else torch.device("cpu")
-            t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64, device=where)
+            t = torch.tensor(vals + [float(n)], dtype=torch.float64, device=where)
             dist.all_reduce(t)
             vals, n = t[:-1].tolist(), int(t[-1].item())
-            sums = dict(zip(keys, vals))
-        out = {k: sums[k] / n if n else float("nan") for k in keys}
+        sums = dict(zip(keys, vals[:len(keys)]))
+        counts = dict(zip(keys, (int(c) for c in vals[len(keys):])))
+        out = {k: sums[k] / counts[k] for k in keys if counts[k]}
+        out.setdefault("loss", float("nan"))  # no batch at all
         out["steps"] = local     # this rank's optimizer steps
         out["batches"] = n       # batches seen by all ranks together
         return out
@@ -879,11 +905,11 @@ class Distill(Pass):
                                   method if method in ("fx", "export") else "auto")
             insert_taps(teacher, names, pass_name=self.name)
             pairs = {n: n for n in names}
-        first = next(iter(data))
-        first = (first,) if isinstance(first, torch.Tensor) else tuple(first)
+        # a batch longer than the model's inputs ends with a label; shorter ones (a transfer
+        # set the teacher labels) get the KL term alone, so the two kinds may be mixed
         distiller = Distiller(teacher, gm, pairs=pairs, temperature=self.temperature,
                               alpha=self.alpha, beta=self.beta, output_loss=self.output_loss,
-                              labels=len(first) > len(ctx.example_inputs))
+                              inputs=len(ctx.example_inputs))
         history = distiller.fit(data, self.epochs, self.lr, optimizer=self.optimizer,
                                 weight_decay=self.weight_decay, schedule=self.schedule, seed=ctx.seed,
                                 progress=ctx.progress)
