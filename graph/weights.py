@@ -258,9 +258,11 @@ def _set_submodule(gm: torch.fx.GraphModule, qualname: str, module: torch.nn.Mod
     owner = gm
     for part in owner_name.split(".") if owner_name else ():
         if not hasattr(owner, part):
-            owner.add_module(part, torch.nn.Module())
+            owner.add_module(part, torch.nn.Module().train(gm.training))
         owner = getattr(owner, part)
-    owner._modules[attr] = module
+    # a new module is built in training mode; it takes the graph's mode instead, so a
+    # saved and reloaded model is in the mode it was saved in, all the way down
+    owner._modules[attr] = module.train(gm.training)
 
 
 def _bind(names: Sequence[str], node: torch.fx.Node) -> dict[str, Any]:

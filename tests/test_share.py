@@ -185,7 +185,38 @@ def test_fine_tuning_sums_gradients_into_centroids_and_keeps_zero(mlp, calib):
     assert not torch.equal(m.weight_float(), w.detach())  # the centroids moved
 
 
+def test_bias_bits_store_biases_on_a_grid_through_fine_tuning_and_reload(mlp, calib, tmp_path):
+    plain = fxpress.compress(mlp, "prune{sparsity=0.9},share{bits=4}", calibration=calib,
+                             policy="warn").module
+    res = fxpress.compress(mlp, "prune{sparsity=0.9},share{bits=4,bias_bits=8}",
+                           calibration=calib, policy="warn")
+    m, ref = _codebooks(res.module)["layers.0"], mlp.layers[0].bias.detach()
+    assert set(m.state_dict()) >= {"bias_codes", "bias_grid"} and "bias" not in m.state_dict()
+    def step(b):  # the grid spans [min(b, 0), max(b, 0)] in 255 steps (0 is on it)
+        return (b.max().clamp(min=0) - b.min().clamp(max=0)) / 255
+
+    assert (m.bias - ref).abs().max() <= step(ref) / 2 + 1e-6
+    # 410 biases: 1 byte each instead of 4, plus a float32 [scale, zero] per layer
+    assert stored_bytes(plain) - stored_bytes(res.module) == 3 * 410 - 3 * 8
+    assert res.records[-1].status == "ok"
+    # fine-tuning trains a float bias and puts it back on a (new) grid
+    params = m.begin_training()
+    assert any(p is m.bias for p in params) and isinstance(m.bias, torch.nn.Parameter)
+    with torch.no_grad():
+        m.bias.add_(0.25)
+        trained = m.bias.detach().clone()
+    m.end_training()
+    assert not isinstance(m.bias, torch.nn.Parameter) and "bias" not in m.state_dict()
+    assert (m.bias - trained).abs().max() <= step(trained) / 2 + 1e-6
+    # the file stores the codes; the loaded module decodes the same biases, bit for bit
+    fxpress.save(res.module, tmp_path / "m.fxp")
+    loaded = fxpress.load(tmp_path / "m.fxp")
+    assert torch.equal(loaded.get_submodule("layers.0").bias, m.bias)
+    assert torch.equal(loaded(calib[0][0]), res.module(calib[0][0]))
+
+
 @pytest.mark.parametrize("text, option", [
+    ("share{bias_bits=1}", "bias_bits"), ("share{bias_bits=9}", "bias_bits"),
     ("share{bits=9}", "bits"), ("share{bits=0}", "bits"), ("share{bits=2.5}", "bits"),
     ("share{scope=model}", "scope"), ("share{ops=[dense]}", "ops"),
     ("share{decode=lazy}", "decode"), ("share{iters=3}", "iters"), ("share{max_iter=0}", "max_iter"),
