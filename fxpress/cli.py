@@ -102,7 +102,6 @@ def _open(ref: str):
     import fxpress
     from fxpress.errors import InputError
     from fxpress.graph import artifact
-    from fxpress.graph.inspect import memory_header
 
     p = Path(ref)
     if p.is_file():
@@ -122,7 +121,7 @@ def _open(ref: str):
                              "it with inputs and save an artifact, then inspect that") from None
     else:
         raise InputError(f"{ref}: returned {type(made).__name__}, not a torch.nn.Module")
-    return gm, memory_header(gm)
+    return gm, artifact.artifact_header(gm)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

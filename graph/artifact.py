@@ -432,15 +432,41 @@ def _plan(a: np.ndarray, mask: np.ndarray, item: int) -> _Plan:
     bitmap = _Plan("bitmap", _packed_size(n, 1) + nnz * item)
     if bitmap.size < best.size:
         best = bitmap
-    # fillers(bits) = sum over gaps of (gap - 1) >> bits: one histogram serves every width
-    hist = np.bincount(_gaps(mask) - 1)
-    values = np.arange(hist.size, dtype=np.int64)
-    for bits in range(1, 9):
-        entries = int(hist @ (values >> bits)) + nnz
+    for bits, fillers in enumerate(_fillers(mask), 1):
+        entries = fillers + nnz
         size = _packed_size(entries, bits) + entries * item
         if size < best.size:
             best = _Plan("relidx", size, bits, entries)
     return best
+
+
+_BLOCK = 1 << 22
+
+
+def _fillers(mask: np.ndarray) -> list[int]:
+    """Filler entries relative indices need at widths 1..8: the sum over :func:`_gaps` of
+    ``(gap - 1) >> bits``. One histogram of the gaps serves every width; it is built a
+    block of positions at a time (positions are 8 bytes each: all at once they would
+    outweigh the tensor)."""
+    hist = np.zeros(0, dtype=np.int64)
+    far: list[int] = []  # gaps that start in an earlier block: up to the tensor's size
+    last = -1
+    for start in range(0, mask.size, _BLOCK):
+        pos = np.flatnonzero(mask[start:start + _BLOCK])
+        if not pos.size:
+            continue
+        pos += start
+        far.append(int(pos[0]) - last - 1)
+        h = np.bincount(np.diff(pos) - 1)
+        if h.size > hist.size:
+            h[:hist.size] += hist
+            hist = h
+        else:
+            hist[:h.size] += h
+        last = int(pos[-1])
+    far.append(mask.size - last - 1)  # the tail
+    values = np.arange(hist.size, dtype=np.int64)
+    return [int(hist @ (values >> bits)) + sum(g >> bits for g in far) for bits in range(1, 9)]
 
 
 def _gaps(mask: np.ndarray) -> np.ndarray:
@@ -587,9 +613,13 @@ def _sha64(data) -> str:
 
 def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Header entry and payload streams for one tensor, in the encoding that stores it smallest."""
+    """Header entry and payload streams for one tensor, in the encoding that stores it smallest.
+
+    A dense stream without a codec is a view of ``t`` itself (no copy).
+    """
     t = t.detach().to("cpu")
     a = _as_ints(t)
+    digest = _sha64(a)
     mask = a != 0
     plan = _plan(a, mask, t.element_size())
     positions = None
@@ -603,8 +633,7 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
     if plan.encoding == "bitidx":
         raw["index"] = (_encode_bitidx(positions, a.size * 8, plan.bits, plan.entries), True)
     elif plan.encoding == "dense":
-        # a copy: safetensors refuses streams that share memory (e.g. views of one buffer)
-        raw["data"] = (t.reshape(-1).clone(), t.element_size() == 1)
+        raw["data"] = (t.reshape(-1), t.element_size() == 1)
     elif plan.encoding == "bitmap":
         # numpy's little-endian packbits is graph.packing's 1-bit layout
         raw["bitmap"] = (torch.from_numpy(np.packbits(mask, bitorder="little")), True)
@@ -614,7 +643,7 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
         raw["index"] = (index, True)
         raw["values"] = (_from_ints(values, vdtype), one_byte)
     entry: dict[str, Any] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                             "encoding": plan.encoding, "sha256": _sha64(a), "streams": {}}
+                             "encoding": plan.encoding, "sha256": digest, "streams": {}}
     if plan.encoding in ("relidx", "bitidx"):
         entry["bits"], entry["entries"] = plan.bits, plan.entries
     if plan.encoding == "bitmap":
@@ -633,7 +662,8 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
                 data = np.frombuffer(packed[1], dtype=np.uint8)
                 st = torch.from_numpy(data.copy())
         info["bytes"] = data.nbytes
-        info["sha256"] = _sha64(data)
+        # a dense stream without a codec holds the tensor's own bytes: same digest
+        info["sha256"] = digest if sname == "data" and "codec" not in info else _sha64(data)
         entry["streams"][sname] = info
         streams[skey] = st
     entry["stored_bytes"] = sum(s["bytes"] for s in entry["streams"].values())
@@ -753,11 +783,13 @@ def _is_guards_fn(m: torch.nn.Module) -> bool:
 
 
 class _Writer:
-    def __init__(self, gm: torch.fx.GraphModule, entropy: bool):
-        self.gm, self.entropy = gm, entropy
+    """Walks a GraphModule into the header's parts; hands each encoded stream to ``store``."""
+
+    def __init__(self, gm: torch.fx.GraphModule, entropy: bool, store: "_Store"):
+        self.gm, self.entropy, self.store = gm, entropy, store
         self.allow = Allowlist()
         self.tensors: dict[str, dict] = {}
-        self.streams: dict[str, torch.Tensor] = {}
+        self.streams: dict[str, tuple[torch.dtype, list[int], int]] = {}  # key -> dtype, shape, bytes
         self.storage_keys: dict[tuple, str] = {}
         self.modules: list[dict] = []
         self.dropped: list[str] = []
@@ -771,9 +803,15 @@ class _Writer:
             return self.storage_keys[ident]  # tied weights are stored once
         # streams are named by number: safetensors keeps its own JSON index of them, and
         # long qualified names there are a fixed cost that dominates small artifacts
-        entry, streams = encode_tensor(str(len(self.tensors)), t, self.entropy)
+        key, entropy = str(len(self.tensors)), self.entropy
+        entry, streams = encode_tensor(key, t, entropy)
         self.tensors[qualname] = entry
-        self.streams.update(streams)
+        for skey, st in streams.items():
+            self.streams[skey] = (st.dtype, list(st.shape), st.numel() * st.element_size())
+            # a stream that is a view of the model's tensor costs nothing to keep
+            shared = st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            self.store.put(skey, _as_ints(st), shared, lambda: encode_tensor(key, t, entropy)[1])
+        del streams
         if ident is not None:
             self.storage_keys[ident] = qualname
         return qualname
@@ -927,22 +965,187 @@ def _json_safe(obj: Any) -> Any:
                           .replace("-Infinity", "null").replace("Infinity", "null"))
 
 
-def dumps(gm: torch.fx.GraphModule, *, entropy: bool = False, report: Any = None) -> bytes:
-    """The artifact as bytes (what :func:`save` writes).
+# The header holds the payload's sha256 and comes before the payload, so the payload is
+# read twice after each tensor is encoded once: for the digest, then to be written (save)
+# or not at all (artifact_size). A store keeps the encoded streams in between. Streams that
+# are views of the model's own tensors (dense, no codec) are kept by reference in every
+# store: they cost no memory.
 
-    >>> len(dumps(torch.fx.symbolic_trace(torch.nn.Linear(4, 2)))) > PREFIX_SIZE
-    True
-    """
-    import safetensors.torch
+_CHUNK = 1 << 22
 
+
+class _Store:
+    """Streams by key, kept by reference when they are views of the model's tensors."""
+
+    def __init__(self) -> None:
+        self.views: dict[str, np.ndarray] = {}
+
+    def put(self, key: str, data: np.ndarray, shared: bool,
+            rebuild: Callable[[], Mapping[str, torch.Tensor]]) -> None:
+        """``data``: the stream's bytes; ``shared``: a view of a model tensor; ``rebuild``:
+        encodes the stream's tensor again (every stream of it, by key)."""
+        if shared:
+            self.views[key] = data
+        else:
+            self._put(key, data, rebuild)
+
+    def _put(self, key, data, rebuild) -> None:
+        raise NotImplementedError
+
+    def chunks(self, key: str) -> Iterable[Any]:
+        if key in self.views:
+            return _pieces(self.views[key])
+        return self._chunks(key)
+
+    def _chunks(self, key: str) -> Iterable[Any]:
+        raise NotImplementedError
+
+
+def _pieces(a: np.ndarray) -> Iterable[memoryview]:
+    view = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return (view[i:i + _CHUNK] for i in range(0, len(view), _CHUNK))
+
+
+class _Keep(_Store):
+    """Every stream in memory (:func:`dumps`, which returns the whole file anyway)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: dict[str, np.ndarray] = {}
+
+    def _put(self, key, data, rebuild) -> None:
+        self.data[key] = data
+
+    def _chunks(self, key):
+        return _pieces(self.data[key])
+
+
+class _Spool(_Store):
+    """Encoded streams in an anonymous temporary file next to the artifact (:func:`save`)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.file = tempfile.TemporaryFile(dir=folder)
+        self.at: dict[str, tuple[int, int]] = {}
+
+    def _put(self, key, data, rebuild) -> None:
+        start = self.file.tell()
+        for piece in _pieces(data):
+            self.file.write(piece)
+        self.at[key] = (start, self.file.tell() - start)
+
+    def _chunks(self, key):
+        self.file.flush()
+        start, n = self.at[key]
+        fd = self.file.fileno()
+        for i in range(0, n, _CHUNK):
+            piece = os.pread(fd, min(_CHUNK, n - i), start + i)
+            if len(piece) != min(_CHUNK, n - i):
+                raise ArtifactError(f"the temporary stream file was cut short at stream {key!r}")
+            yield piece
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Recompute(_Store):
+    """Nothing but the views: a stream is encoded again when the payload reaches it
+    (:func:`artifact_size`). The other streams of that tensor wait until read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rebuild: dict[str, Callable[[], Mapping[str, torch.Tensor]]] = {}
+        self.sizes: dict[str, int] = {}
+        self.ready: dict[str, np.ndarray] = {}
+
+    def _put(self, key, data, rebuild) -> None:
+        self.rebuild[key], self.sizes[key] = rebuild, data.nbytes
+
+    def _chunks(self, key):
+        if key not in self.ready:
+            for k, st in self.rebuild[key]().items():
+                if k in self.rebuild and k not in self.views:
+                    self.ready[k] = _as_ints(st)
+        data = self.ready.pop(key)
+        if data.nbytes != self.sizes[key]:  # encoding is deterministic; never expected
+            raise ArtifactError(f"stream {key!r} encoded to {data.nbytes} bytes, then to "
+                                f"{self.sizes[key]}")
+        return _pieces(data)
+
+
+# safetensors' names, in the order it lays tensors out in its payload (widest first; then
+# by name). test_artifact checks the payload against safetensors.torch.save byte for byte.
+_ST_DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64",
+              torch.complex64: "C64", torch.float32: "F32", torch.uint32: "U32",
+              torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
+              torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ST_RANK = {d: i for i, d in enumerate(_ST_DTYPES)}
+
+
+def _safetensors_index(streams: Mapping[str, tuple[torch.dtype, list[int], int]]
+                       ) -> tuple[bytes, list[str]]:
+    """The safetensors payload's 8-byte length and JSON index for ``streams`` (key -> dtype,
+    shape, bytes), and the keys in payload order: what ``safetensors.torch.save`` writes
+    before the tensors' bytes."""
+    for key, (dtype, _, _) in streams.items():
+        if dtype not in _ST_DTYPES:
+            raise UnsupportedGraphError(f"stream {key!r}: safetensors cannot store {dtype}")
+    order = sorted(streams, key=lambda k: (_ST_RANK[streams[k][0]], k))
+    items, at = [], 0
+    for key in order:
+        dtype, shape, n = streams[key]
+        items.append(f'{json.dumps(key)}:{{"dtype":"{_ST_DTYPES[dtype]}","shape":'
+                     f'[{",".join(str(s) for s in shape)}],"data_offsets":[{at},{at + n}]}}')
+        at += n
+    index = ("{" + ",".join(items) + "}").encode()
+    index += b" " * (-len(index) % 8)
+    return struct.pack("<Q", len(index)) + index, order
+
+
+@dataclass
+class _Layout:
+    """What :func:`save` writes: the file's head (prefix + header, final) and its payload,
+    produced piece by piece from the store."""
+
+    header: dict
+    head: bytes
+    payload_bytes: int
+    index: bytes
+    order: list[str]
+    store: _Store
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + self.payload_bytes
+
+    def payload(self) -> Iterable[Any]:
+        if not self.order:
+            return
+        yield self.index
+        for key in self.order:
+            yield from self.store.chunks(key)
+
+    def chunks(self) -> Iterable[Any]:
+        yield self.head
+        yield from self.payload()
+
+
+def _layout(gm: torch.fx.GraphModule, entropy: bool, report: Any, store: _Store) -> _Layout:
     if not isinstance(gm, torch.fx.GraphModule):
         raise UnsupportedGraphError(f"save: expected a torch.fx.GraphModule, got {type(gm).__name__}; "
                                     "capture the model first (fxpress.capture)")
-    w = _Writer(gm, entropy)
+    w = _Writer(gm, entropy, store)
     w.walk()
     nodes = w.nodes()
-    payload = safetensors.torch.save(w.streams) if w.streams else b""
-    header = {
+    index, order = _safetensors_index(w.streams)
+    lay = _Layout({}, b"", len(index) + sum(n for _, _, n in w.streams.values()) if order else 0,
+                  index, order, store)
+    digest = hashlib.sha256()
+    for piece in lay.payload():
+        digest.update(piece)
+    lay.header = {
         "format": "fxpress", "version": VERSION,
         "torch": torch.__version__,
         "graph": {"class_name": type(gm).__name__ if type(gm).__name__.isidentifier()
@@ -952,19 +1155,51 @@ def dumps(gm: torch.fx.GraphModule, *, entropy: bool = False, report: Any = None
         "meta": _json_safe(gm.meta.get("fxpress", {})),
         "dropped": w.dropped,
         "entropy": bool(entropy),
-        "payload": {"length": len(payload), "sha256": _sha(payload)},
+        "payload": {"length": lay.payload_bytes, "sha256": digest.hexdigest()},
     }
     if report is not None:
-        header["report"] = _json_safe(report)
-    return pack_artifact(header, payload)
+        lay.header["report"] = _json_safe(report)
+    lay.head = _pack_header(lay.header)
+    return lay
+
+
+def dumps(gm: torch.fx.GraphModule, *, entropy: bool = False, report: Any = None) -> bytes:
+    """The artifact as bytes (what :func:`save` writes).
+
+    >>> len(dumps(torch.fx.symbolic_trace(torch.nn.Linear(4, 2)))) > PREFIX_SIZE
+    True
+    """
+    return b"".join(_layout(gm, entropy, report, _Keep()).chunks())
+
+
+def _pack_header(header: dict) -> bytes:
+    """Prefix + header. The header is zlib-compressed (flag bit 0): its JSON is repetitive,
+    and on small models it would otherwise outweigh the tensors."""
+    head = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
+    prefix = _PREFIX.pack(MAGIC, VERSION, _FLAG_ZLIB_HEADER, len(head), hashlib.sha256(head).digest())
+    return prefix + head
 
 
 def pack_artifact(header: dict, payload: bytes) -> bytes:
-    """Prefix + header + payload. The header is zlib-compressed (flag bit 0): its JSON is
-    repetitive, and on small models it would otherwise outweigh the tensors."""
-    head = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
-    prefix = _PREFIX.pack(MAGIC, VERSION, _FLAG_ZLIB_HEADER, len(head), hashlib.sha256(head).digest())
-    return prefix + head + payload
+    """Prefix + header + payload (the header's "payload" entry must describe ``payload``)."""
+    return _pack_header(header) + payload
+
+
+def artifact_header(gm: torch.fx.GraphModule, entropy: bool = False) -> dict:
+    """The header ``save(gm)`` would write, with ``file_bytes``: the file's exact size.
+
+    Nothing is written and the payload is never held: each stream is encoded, counted and
+    dropped, then encoded again when the payload digest reaches it; dense tensors are read
+    in place.
+    """
+    lay = _layout(gm, entropy, None, _Recompute())
+    lay.header["file_bytes"] = lay.size
+    return lay.header
+
+
+def artifact_size(gm: torch.fx.GraphModule, entropy: bool = False) -> int:
+    """Bytes ``save(gm)`` would write (see :func:`artifact_header`)."""
+    return artifact_header(gm, entropy)["file_bytes"]
 
 
 def save(gm: torch.fx.GraphModule, path: str | os.PathLike, *, entropy: bool = False,
@@ -977,21 +1212,34 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike, *, entropy: bool = F
     ``entropy=True`` also compresses the bitmap, index and 8-bit streams (slower).
     ``report`` is any JSON-able data to embed (``fxpress report`` reads pipeline records
     from it). The bytes go to a temporary file in the same directory, are fsynced and
-    renamed over ``path``: an interrupted save never leaves a broken file there.
+    renamed over ``path``: an interrupted save never leaves a broken file there. The file
+    is written stream by stream: encoded streams wait in an anonymous temporary file, dense
+    ones are read from the model, so no copy of the whole artifact is held in memory.
     """
-    data = dumps(gm, entropy=entropy, report=report)
-    write_atomic(Path(path), data)
-    return len(data)
+    path, parent = _target(Path(path))
+    spool = _Spool(parent)
+    try:
+        lay = _layout(gm, entropy, report, spool)
+        write_atomic(path, lay.chunks())
+    finally:
+        spool.close()
+    return lay.size
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace."""
-    path = Path(path)
+def _target(path: Path) -> tuple[Path, Path]:
+    """``path`` and its folder, refused when ``path`` is a folder or its folder is missing."""
     if path.is_dir():
         raise ArtifactError(f"{path} is a directory; give a file name such as {path / 'model.fxp'}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ArtifactError(f"cannot write {path}: directory {parent} does not exist")
+    return path, parent
+
+
+def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or byte strings in order) to ``path`` via a temp file in the
+    same directory + fsync + os.replace."""
+    path, parent = _target(Path(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
         # mkstemp makes the file private (0600); give it the mode a plain open() would
@@ -999,9 +1247,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            view = memoryview(data)
-            for i in range(0, len(view), 1 << 22):
-                f.write(view[i:i + (1 << 22)])
+            pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+            for piece in pieces:
+                view = memoryview(piece)
+                for i in range(0, len(view), _CHUNK):
+                    f.write(view[i:i + _CHUNK])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1467,11 +1717,7 @@ def load(path: str | os.PathLike, runtime_modules: Iterable[type] = (), *,
     return loads(data, runtime_modules, max_bytes=max_bytes, where=str(p))
 
 
-def artifact_size(gm: torch.fx.GraphModule, entropy: bool = False) -> int:
-    """Bytes ``save(gm)`` would write (serialised in memory)."""
-    return len(dumps(gm, entropy=entropy))
-
-
-__all__ = ["save", "load", "dumps", "loads", "read_header", "artifact_size", "write_atomic",
+__all__ = ["save", "load", "dumps", "loads", "read_header", "artifact_size", "artifact_header",
+           "write_atomic",
            "Allowlist", "pack_artifact", "encode_tensor", "decode_tensor", "plan_encoding", "MAGIC", "VERSION",
            "PREFIX_SIZE", "CODECS"]

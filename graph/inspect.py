@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
+from fxpress.graph.artifact import artifact_header
 from fxpress.graph.capture import node_shape
 from fxpress.graph.weights import CompressedModule, RuntimeModule, stored_bytes, weighted_ops
 
@@ -358,10 +359,10 @@ def layers(gm: torch.fx.GraphModule, header: dict | None = None) -> list[Layer]:
     """Rows per tensor owner: every module holding tensors directly, and each runtime module.
 
     ``header`` (from :func:`fxpress.graph.artifact.read_header`, or of the bytes ``save``
-    would write) supplies the bytes on disk; without it they are computed in memory.
+    would write) supplies the bytes on disk; without it they are counted (nothing is written).
     """
     if header is None:
-        header = memory_header(gm)
+        header = artifact_header(gm)
     disk = {k: e["stored_bytes"] for k, e in header.get("tensors", {}).items()}
     refs: dict[str, str] = {}
     for m in header.get("modules", []):
@@ -403,16 +404,6 @@ def layers(gm: torch.fx.GraphModule, header: dict | None = None) -> list[Layer]:
     return rows
 
 
-def memory_header(gm: torch.fx.GraphModule) -> dict:
-    """The header ``save(gm)`` would write, with ``file_bytes`` (serialised in memory)."""
-    from fxpress.graph.artifact import _split_prefix, dumps
-
-    data = dumps(gm)
-    header = _split_prefix(data, "memory")[0]
-    header["file_bytes"] = len(data)
-    return header
-
-
 def histograms(gm: torch.fx.GraphModule, bins: int = 120) -> dict[str, dict]:
     """Weight histograms per layer (exact zeros counted apart, so codebooks show as spikes)."""
     out = {}
@@ -442,7 +433,7 @@ def _layer_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
 
 def layer_summary(gm: torch.fx.GraphModule, bins: int = 120) -> dict[str, Any]:
     """Per-layer rows and histograms as JSON-able data (what artifacts embed as a baseline)."""
-    header = memory_header(gm)
+    header = artifact_header(gm)
     return {"layers": [r.as_dict() for r in layers(gm, header)], "histograms": histograms(gm, bins),
             "file_bytes": header["file_bytes"]}
 

@@ -328,6 +328,82 @@ def test_pipeline_records_disk_bytes_and_result_embeds_them(mlp, calib, tmp_path
                                                            fxpress.Pipeline.parse(res.pipeline).passes]
 
 
+def test_filler_counts_are_the_same_block_by_block(monkeypatch):
+    import numpy as np
+
+    def whole(mask):  # every gap at once
+        hist = np.bincount(artifact._gaps(mask) - 1)
+        values = np.arange(hist.size)
+        return [int(hist @ (values >> bits)) for bits in range(1, 9)]
+
+    rng = np.random.default_rng(1)
+    for block in (1, 7, 64, 1 << 22):
+        monkeypatch.setattr(artifact, "_BLOCK", block)
+        for n in (0, 1, 16, 1000):
+            for p in (0.0, 0.01, 0.3, 1.0):
+                mask = rng.random(n) < p
+                assert artifact._fillers(mask) == whole(mask), (block, n, p)
+
+
+class _EveryDtype(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        for i, dt in enumerate((torch.bool, torch.int64, torch.float16, torch.bfloat16, torch.int8,
+                                torch.uint8, torch.float64, torch.int32, torch.int16)):
+            self.register_buffer(f"b{i}", (torch.arange(200) % 7 == 0).to(dt))  # sparse
+            self.register_buffer(f"d{i}", torch.arange(1, 41).to(dt))           # dense
+        self.register_buffer("strided", torch.randn(8, 6).t())  # not contiguous
+        self.register_buffer("empty", torch.zeros(0))
+
+    def forward(self, x):
+        return self.lin(x) + self.strided.sum()
+
+
+def test_save_streams_safetensors_own_layout_and_sizes_are_counted_exactly(tmp_path):
+    gm = torch.fx.symbolic_trace(_EveryDtype())
+    for entropy in (False, True):
+        path = tmp_path / f"m{entropy}.fxp"
+        size = fxpress.save(gm, path, entropy=entropy)
+        data = path.read_bytes()
+        assert size == len(data) and data == artifact.dumps(gm, entropy=entropy)
+        header, payload, _ = artifact._split_prefix(data, "t")
+        # the payload written stream by stream is what safetensors itself writes
+        assert bytes(payload) == safetensors.torch.save(safetensors.torch.load(bytes(payload)))
+        counted = artifact.artifact_header(gm, entropy=entropy)
+        assert counted.pop("file_bytes") == size == artifact.artifact_size(gm, entropy=entropy)
+        assert json.loads(json.dumps(counted)) == header
+        loaded = fxpress.load(path)
+        for name, b in gm.named_buffers():
+            assert torch.equal(loaded.get_buffer(name), b)
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("mFalse.fxp", "mTrue.fxp")]
+
+
+def test_save_and_size_never_hold_the_whole_artifact(tmp_path):
+    import tracemalloc
+
+    # 8 x 4 MB of weights, half of them half pruned: the old writer held every stream, the
+    # safetensors bytes and the packed file (numpy arrays and bytes, which tracemalloc
+    # sees; torch's own tensors it does not)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])
+    with torch.no_grad():
+        for lin in net[::2]:
+            lin.weight.masked_fill_(torch.rand_like(lin.weight) < 0.5, 0.0)
+    gm = torch.fx.symbolic_trace(net)
+    payload = 0
+    for run in (lambda: artifact.artifact_size(gm), lambda: fxpress.save(gm, tmp_path / "m.fxp")):
+        tracemalloc.start()
+        try:
+            size = run()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        payload = payload or size
+        assert size == payload > 24 << 20
+        assert peak < size // 2, f"{peak / 2**20:.1f} MB traced for a {size / 2**20:.1f} MB file"
+
+
 def test_packed_bit_masks_store_as_bit_indices_bit_exactly():
     import numpy as np
 
