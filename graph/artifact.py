@@ -77,12 +77,17 @@ import torch.nn.functional as F
 from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
                             ForbiddenTargetError, UnsupportedGraphError)
 from fxpress.graph.capture import node_shape
+from fxpress.graph.header_dict import HEADER_ZDICT
 from fxpress.graph.weights import RuntimeModule
 
 MAGIC = b"\x89FXPRESS"
 VERSION = 1
 _PREFIX = struct.Struct("<8sIIQ32s")
 _FLAG_ZLIB_HEADER = 1
+#: The header is zlib-compressed from the preset dictionary of graph.header_dict (what
+#: save writes; flag 1 alone is what fxpress wrote before, and still loads).
+_FLAG_ZDICT_HEADER = 2
+_KNOWN_FLAGS = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER
 PREFIX_SIZE = _PREFIX.size  # 56
 #: A header larger than this is refused before it is read.
 MAX_HEADER_BYTES = 256 << 20
@@ -1173,10 +1178,13 @@ def dumps(gm: torch.fx.GraphModule, *, entropy: bool = False, report: Any = None
 
 
 def _pack_header(header: dict) -> bytes:
-    """Prefix + header. The header is zlib-compressed (flag bit 0): its JSON is repetitive,
-    and on small models it would otherwise outweigh the tensors."""
-    head = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
-    prefix = _PREFIX.pack(MAGIC, VERSION, _FLAG_ZLIB_HEADER, len(head), hashlib.sha256(head).digest())
+    """Prefix + header. The header is zlib-compressed from a preset dictionary of typical
+    header text (flags 1 and 2; see graph/header_dict.py): its JSON is repetitive, and on
+    small models it would otherwise outweigh the tensors."""
+    z = zlib.compressobj(9, zdict=HEADER_ZDICT)
+    head = z.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode()) + z.flush()
+    flags = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER
+    prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(head), hashlib.sha256(head).digest())
     return prefix + head
 
 
@@ -1294,10 +1302,10 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     if hashlib.sha256(head).digest() != hsha:
         raise ArtifactIntegrityError(f"{where}: header fails its sha256 check; the file is "
                                      "corrupted or was edited")
-    if flags & ~_FLAG_ZLIB_HEADER:
+    if flags & ~_KNOWN_FLAGS or flags & _FLAG_ZDICT_HEADER and not flags & _FLAG_ZLIB_HEADER:
         raise ArtifactFormatError(f"{where}: unknown flags {flags:#x}; a newer fxpress wrote it")
     if flags & _FLAG_ZLIB_HEADER:
-        d = zlib.decompressobj()
+        d = zlib.decompressobj(zdict=HEADER_ZDICT) if flags & _FLAG_ZDICT_HEADER else zlib.decompressobj()
         try:
             head = d.decompress(head, MAX_HEADER_BYTES)
         except zlib.error as e:

@@ -423,3 +423,29 @@ def test_packed_bit_masks_store_as_bit_indices_bit_exactly():
     bad["shape"] = [entry["entries"] * 16]
     with pytest.raises(ArtifactFormatError):
         artifact.decode_tensor("m", bad, streams)
+
+
+def test_headers_compress_from_the_preset_dictionary_and_old_files_still_load(mlp_bytes, mlp90,
+                                                                              tmp_path, calib):
+    import hashlib
+    import json
+    import zlib
+
+    magic, version, flags, hlen, _ = artifact._PREFIX.unpack(mlp_bytes[:artifact.PREFIX_SIZE])
+    assert flags == 3  # zlib + the preset dictionary
+    header, payload, raw = artifact._split_prefix(mlp_bytes, "t")
+    plain = zlib.compress(raw, 9)
+    assert hlen < 0.8 * len(plain)  # the dictionary pays for itself
+    # a file written before the dictionary (flag 1: plain zlib) loads the same module
+    old = artifact._PREFIX.pack(magic, version, 1, len(plain), hashlib.sha256(plain).digest())
+    path = tmp_path / "old.fxp"
+    path.write_bytes(old + plain + bytes(payload))
+    assert torch.equal(fxpress.load(path)(calib[0][0]), mlp90(calib[0][0]))
+    # flag 2 without flag 1, or an unknown flag, is refused
+    head = mlp_bytes[artifact.PREFIX_SIZE:artifact.PREFIX_SIZE + hlen]
+    for bad in (2, 7):
+        path.write_bytes(artifact._PREFIX.pack(magic, version, bad, hlen, hashlib.sha256(head).digest())
+                         + mlp_bytes[artifact.PREFIX_SIZE:])
+        with pytest.raises(ArtifactFormatError, match="unknown flags"):
+            fxpress.load(path)
+    assert json.loads(raw) == header
