@@ -87,7 +87,13 @@ _FLAG_ZLIB_HEADER = 1
 #: The header is zlib-compressed from the preset dictionary of graph.header_dict (what
 #: save writes; flag 1 alone is what fxpress wrote before, and still loads).
 _FLAG_ZDICT_HEADER = 2
-_KNOWN_FLAGS = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER
+#: Streams smaller than BLOB_STREAM_BYTES share one safetensors tensor, BLOB_KEY, in the
+#: order of the header's tensor table (see _unblob): safetensors' own JSON index costs
+#: ~65 bytes a tensor, most of a small stream's worth.
+_FLAG_BLOB_STREAMS = 4
+_KNOWN_FLAGS = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_BLOB_STREAMS
+BLOB_KEY = "blob"
+BLOB_STREAM_BYTES = 1 << 16
 PREFIX_SIZE = _PREFIX.size  # 56
 #: A header larger than this is refused before it is read.
 MAX_HEADER_BYTES = 256 << 20
@@ -795,6 +801,7 @@ class _Writer:
         self.allow = Allowlist()
         self.tensors: dict[str, dict] = {}
         self.streams: dict[str, tuple[torch.dtype, list[int], int]] = {}  # key -> dtype, shape, bytes
+        self.blob: list[tuple[str, int]] = []  # small streams (key, bytes), in blob order
         self.storage_keys: dict[tuple, str] = {}
         self.modules: list[dict] = []
         self.dropped: list[str] = []
@@ -811,8 +818,15 @@ class _Writer:
         key, entropy = str(len(self.tensors)), self.entropy
         entry, streams = encode_tensor(key, t, entropy)
         self.tensors[qualname] = entry
-        for skey, st in streams.items():
-            self.streams[skey] = (st.dtype, list(st.shape), st.numel() * st.element_size())
+        for info in entry["streams"].values():
+            skey = info["key"]
+            st = streams[skey]
+            n = st.numel() * st.element_size()
+            if n < BLOB_STREAM_BYTES:
+                info["blob"] = True
+                self.blob.append((skey, n))
+            else:
+                self.streams[skey] = (st.dtype, list(st.shape), n)
             # a stream that is a view of the model's tensor costs nothing to keep
             shared = st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
             self.store.put(skey, _as_ints(st), shared, lambda: encode_tensor(key, t, entropy)[1])
@@ -1120,6 +1134,7 @@ class _Layout:
     index: bytes
     order: list[str]
     store: _Store
+    blob: list[tuple[str, int]]
 
     @property
     def size(self) -> int:
@@ -1130,7 +1145,11 @@ class _Layout:
             return
         yield self.index
         for key in self.order:
-            yield from self.store.chunks(key)
+            if key == BLOB_KEY:
+                for skey, _ in self.blob:
+                    yield from self.store.chunks(skey)
+            else:
+                yield from self.store.chunks(key)
 
     def chunks(self) -> Iterable[Any]:
         yield self.head
@@ -1144,9 +1163,13 @@ def _layout(gm: torch.fx.GraphModule, entropy: bool, report: Any, store: _Store)
     w = _Writer(gm, entropy, store)
     w.walk()
     nodes = w.nodes()
-    index, order = _safetensors_index(w.streams)
-    lay = _Layout({}, b"", len(index) + sum(n for _, _, n in w.streams.values()) if order else 0,
-                  index, order, store)
+    streams = dict(w.streams)
+    blob_bytes = sum(n for _, n in w.blob)
+    if w.blob:
+        streams[BLOB_KEY] = (torch.uint8, [blob_bytes], blob_bytes)
+    index, order = _safetensors_index(streams)
+    lay = _Layout({}, b"", len(index) + sum(n for _, _, n in streams.values()) if order else 0,
+                  index, order, store, w.blob)
     digest = hashlib.sha256()
     for piece in lay.payload():
         digest.update(piece)
@@ -1162,6 +1185,8 @@ def _layout(gm: torch.fx.GraphModule, entropy: bool, report: Any, store: _Store)
         "entropy": bool(entropy),
         "payload": {"length": lay.payload_bytes, "sha256": digest.hexdigest()},
     }
+    if w.blob:
+        lay.header["blob"] = {"key": BLOB_KEY, "bytes": blob_bytes}
     if report is not None:
         lay.header["report"] = _json_safe(report)
     lay.head = _pack_header(lay.header)
@@ -1183,7 +1208,7 @@ def _pack_header(header: dict) -> bytes:
     small models it would otherwise outweigh the tensors."""
     z = zlib.compressobj(9, zdict=HEADER_ZDICT)
     head = z.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode()) + z.flush()
-    flags = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER
+    flags = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | (_FLAG_BLOB_STREAMS if "blob" in header else 0)
     prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(head), hashlib.sha256(head).digest())
     return prefix + head
 
@@ -1319,6 +1344,8 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     if not isinstance(header, dict) or header.get("format") != "fxpress" \
             or header.get("version") != VERSION:
         raise ArtifactFormatError(f"{where}: header does not describe an fxpress v{VERSION} artifact")
+    if bool(flags & _FLAG_BLOB_STREAMS) != ("blob" in header):
+        raise ArtifactFormatError(f"{where}: the prefix and the header disagree on the blob")
     return header, view[PREFIX_SIZE + hlen:], head
 
 
@@ -1584,6 +1611,7 @@ def _loads(data: bytes | memoryview, runtime_modules: Iterable[type], *,
         streams = safetensors.torch.load(bytes(payload_view)) if len(payload_view) else {}
     except Exception as e:
         raise ArtifactFormatError(f"{where}: payload is not valid safetensors: {e}") from None
+    streams = _unblob(header, streams, where)
     with _located(where):
         decoded = {key: decode_tensor(key, entry, streams) for key, entry in header["tensors"].items()}
     root = _build_modules(plan, decoded, header["tensors"])
@@ -1591,18 +1619,66 @@ def _loads(data: bytes | memoryview, runtime_modules: Iterable[type], *,
     return gm
 
 
+def _blob_streams(header: dict) -> Iterable[tuple[str, str, dict, int, int]]:
+    """(tensor, stream name, info, start, end) of each stream stored in the blob, in order."""
+    at = 0
+    for key, entry in header["tensors"].items():
+        for sname, info in entry.get("streams", {}).items():
+            if isinstance(info, dict) and info.get("blob"):
+                n = info.get("bytes")
+                if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < BLOB_STREAM_BYTES:
+                    raise ArtifactFormatError(f"tensor {key!r}: blob stream {sname!r} has a bad "
+                                              f"size {_short_repr(n)}")
+                yield key, sname, info, at, at + n
+                at += n
+
+
+def _unblob(header: dict, streams: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Split the blob tensor back into the small streams it holds, each as a tensor of its
+    stored dtype, after checking that the header's stream sizes tile it exactly."""
+    blob_info = header.get("blob")
+    blob = streams.pop(BLOB_KEY, None)
+    if blob_info is None:
+        if blob is not None:
+            raise ArtifactFormatError(f"{where}: payload holds a blob the header does not declare")
+        return streams
+    if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1 or not isinstance(
+            blob_info, dict) or blob_info.get("bytes") != blob.numel():
+        raise ArtifactFormatError(f"{where}: the header's blob and the payload's disagree")
+    end = 0
+    with _located(where):
+        for key, sname, info, a, end in _blob_streams(header):
+            skey = info.get("key")
+            if not isinstance(skey, str) or skey in streams or end > blob.numel():
+                raise ArtifactFormatError(f"tensor {key!r}: blob stream {sname!r} is misplaced")
+            dtype = torch.uint8 if info.get("codec") is not None else _dtype(info.get("dtype"), key)
+            piece = blob[a:end].clone()
+            if piece.numel() % piece.new_empty((), dtype=dtype).element_size():
+                raise ArtifactFormatError(f"tensor {key!r}: blob stream {sname!r} is not whole "
+                                          f"{dtype_name(dtype)} elements")
+            streams[skey] = piece.view(dtype)
+    if end != blob.numel():
+        raise ArtifactFormatError(f"{where}: the blob holds {blob.numel()} bytes, its streams "
+                                  f"{end}")
+    return streams
+
+
 def _damaged_streams(header: dict, payload: memoryview) -> list[str]:
     try:
         n = struct.unpack("<Q", payload[:8])[0]
         st_header = json.loads(bytes(payload[8:8 + n]))
+        base = 8 + n
+        bad = []
+        blob = st_header.get(BLOB_KEY, {}).get("data_offsets", [0, 0])[0]
+        for key, sname, info, a, b in _blob_streams(header) if "blob" in header else ():
+            if _sha64(payload[base + blob + a: base + blob + b]) != info.get("sha256"):
+                bad.append(f"tensor {key!r} stream {sname!r}")
     except Exception:
         return []
-    base = 8 + n
-    bad = []
     for key, entry in header["tensors"].items():
         for sname, info in entry.get("streams", {}).items():
             rec = st_header.get(info.get("key"))
-            if not isinstance(rec, dict):
+            if not isinstance(rec, dict) or info.get("blob"):
                 continue
             a, b = rec.get("data_offsets", [0, 0])
             if _sha64(payload[base + a: base + b]) != info.get("sha256"):

@@ -64,7 +64,12 @@ def flip_tensor_byte(data: bytes, tensor: str, stream: str = "values", offset: i
     key = header["tensors"][tensor]["streams"][stream]["key"]
     st_len = int.from_bytes(payload[:8], "little")
     st_header = json.loads(bytes(payload[8:8 + st_len]))
-    start = len(data) - len(payload) + 8 + st_len + st_header[key]["data_offsets"][0] + offset
+    if key in st_header:
+        at = st_header[key]["data_offsets"][0]
+    else:  # a small stream inside the blob
+        at = st_header[artifact.BLOB_KEY]["data_offsets"][0] + next(
+            a for t, s, _, a, _ in artifact._blob_streams(header) if (t, s) == (tensor, stream))
+    start = len(data) - len(payload) + 8 + st_len + at + offset
     flipped = bytearray(data)
     flipped[start] ^= mask
     return bytes(flipped)

@@ -432,20 +432,39 @@ def test_headers_compress_from_the_preset_dictionary_and_old_files_still_load(ml
     import zlib
 
     magic, version, flags, hlen, _ = artifact._PREFIX.unpack(mlp_bytes[:artifact.PREFIX_SIZE])
-    assert flags == 3  # zlib + the preset dictionary
+    assert flags == 7  # zlib + the preset dictionary + small streams in one blob
     header, payload, raw = artifact._split_prefix(mlp_bytes, "t")
     plain = zlib.compress(raw, 9)
     assert hlen < 0.8 * len(plain)  # the dictionary pays for itself
     # a file written before the dictionary (flag 1: plain zlib) loads the same module
-    old = artifact._PREFIX.pack(magic, version, 1, len(plain), hashlib.sha256(plain).digest())
+    old = artifact._PREFIX.pack(magic, version, 1 | 4, len(plain), hashlib.sha256(plain).digest())
     path = tmp_path / "old.fxp"
     path.write_bytes(old + plain + bytes(payload))
     assert torch.equal(fxpress.load(path)(calib[0][0]), mlp90(calib[0][0]))
-    # flag 2 without flag 1, or an unknown flag, is refused
+    # flag 2 without flag 1, an unknown flag, or a blob flag the header contradicts is refused
     head = mlp_bytes[artifact.PREFIX_SIZE:artifact.PREFIX_SIZE + hlen]
-    for bad in (2, 7):
+    for bad, error in ((6, "unknown flags"), (15, "unknown flags"), (3, "disagree on the blob")):
         path.write_bytes(artifact._PREFIX.pack(magic, version, bad, hlen, hashlib.sha256(head).digest())
                          + mlp_bytes[artifact.PREFIX_SIZE:])
-        with pytest.raises(ArtifactFormatError, match="unknown flags"):
+        with pytest.raises(ArtifactFormatError, match=error):
             fxpress.load(path)
     assert json.loads(raw) == header
+
+
+def test_small_streams_share_one_blob_and_its_tiling_is_checked(mlp_bytes, tmp_path):
+    import json
+
+    header, payload, _ = artifact._split_prefix(mlp_bytes, "t")
+    st_len = int.from_bytes(payload[:8], "little")
+    index = json.loads(bytes(payload[8:8 + st_len]))
+    small = [info for e in header["tensors"].values() for info in e["streams"].values()
+             if info["bytes"] < artifact.BLOB_STREAM_BYTES]
+    assert small and all(info.get("blob") for info in small)
+    assert set(index) == {artifact.BLOB_KEY}  # the digits MLP's streams are all small
+    assert index[artifact.BLOB_KEY]["shape"] == [sum(info["bytes"] for info in small)]
+    # a header whose blob streams do not tile the blob is refused, naming the problem
+    bad = dict(header, blob=dict(header["blob"], bytes=header["blob"]["bytes"] + 1))
+    path = tmp_path / "bad.fxp"
+    path.write_bytes(artifact.pack_artifact(bad, bytes(payload)))
+    with pytest.raises(ArtifactFormatError, match="blob"):
+        fxpress.load(path)
