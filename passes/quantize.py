@@ -497,8 +497,10 @@ class QuantizedLinear(QuantizedWeight):
                 None if zero is None else zero.contiguous(), rowsum)
 
     def _cached(self, backend: str, build):
+        bias = self.bias  # fbgemm's per-tensor prepack holds a copy of it
         key = (backend, self.act_scale, self.qweight.data_ptr(), self.qweight._version,
-               self.scale._version)
+               self.scale._version, id(bias),
+               None if bias is None or bias.is_inference() else bias._version)
         hit = _prepacked.get(self)
         if hit is None or hit[0] != key:
             hit = (key, build())

@@ -97,7 +97,7 @@ class KMeans1D:
 
     def encode(self, w: torch.Tensor) -> torch.Tensor:
         """The code of every value of ``w`` (int64, same shape)."""
-        w = w.detach().float()
+        w = w.detach().float().contiguous()  # bucketize copies a strided input anyway
         if not self.zero_code:
             first, b = self.segments[0]
             return torch.bucketize(w, b, right=True) + first
