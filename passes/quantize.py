@@ -249,23 +249,33 @@ def _available_backends() -> list[str]:
     return out
 
 
-def quantize_per_tensor(x2: torch.Tensor, levels: int = 255, signed: bool = True
-                        ) -> tuple[torch.Tensor, float, int]:
+def quantize_per_tensor(x2: torch.Tensor, levels: int = 255, signed: bool = True,
+                        col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
     """Affine 8-bit codes of all of ``x2`` with one scale, as fbgemm's dynamic linear
     quantises its input: the range ``[min(x, 0), max(x, 0)]`` in ``levels`` steps with an
     integer zero point, so ``x ≈ scale · (codes - zero)``. ``signed``: codes and zero
     point shifted by -128 into int8 (for ``torch._int_mm``); else uint8 (oneDNN's input).
     Returns ``(codes, scale, zero)``; rounds half up.
 
+    ``col_scale`` (positive, one per column): quantise ``x2 · col_scale`` (SmoothQuant's
+    ``x / s``) without building it: the range comes from per-column minima and maxima.
+
     Three passes over ``x2``: ``x/scale + zero`` lies in ``[0, levels]`` (up to float
     rounding), so adding 0.5 and truncating in the conversion to uint8 rounds it with no
     clamp pass.
     """
-    lo, hi = torch.aminmax(x2)
+    if col_scale is None:
+        lo, hi = torch.aminmax(x2)
+    else:
+        lo, hi = torch.aminmax(x2, dim=0)
+        lo, hi = (lo * col_scale).min(), (hi * col_scale).max()
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     scale = max((hi - lo) / levels, 1e-12)
     zero = min(max(round(-lo / scale), 0), levels)
-    q = torch.add(torch.tensor(zero + 0.5), x2, alpha=1.0 / scale)
+    if col_scale is None:
+        q = torch.add(torch.tensor(zero + 0.5), x2, alpha=1.0 / scale)
+    else:
+        q = torch.addcmul(torch.tensor(zero + 0.5), x2, col_scale / scale)
     if signed:
         return q.floor_().clamp_(0, levels).sub_(128).to(torch.int8), scale, zero - 128
     return q.to(torch.uint8), scale, zero
@@ -295,6 +305,11 @@ def _shared_input(x2: torch.Tensor, source: torch.Tensor | None, signed: bool
         version = None if source.is_inference() else source._version
         _local.last = (weakref.ref(source), version, signed, value)
     return value
+
+
+def _smoothed(x2: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
+    """``x2`` with its columns divided by the smoothing factors (``inv`` = their inverses)."""
+    return x2 if inv is None else x2 * inv
 
 
 def per_token_absmax(x2: torch.Tensor) -> torch.Tensor:
@@ -469,13 +484,16 @@ class QuantizedLinear(QuantizedWeight):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         source = x if self.shares_input and self.act_scale == "tensor" else None
-        if self.smooth is not None:
-            x2, source = x2 / self.smooth, None
+        # smoothing divides the input's columns by ``smooth``: the kernels multiply by its
+        # inverse, folded into the quantisation where they can (per-tensor scales)
+        inv = None if self.smooth is None else self.smooth.reciprocal()
+        if inv is not None:
+            source = None
         if x2.dtype != torch.float32:
             x2, source = x2.float(), None
         for backend in self.kernels():
             try:
-                y = getattr(self, f"_mm_{backend}")(x2, source)
+                y = getattr(self, f"_mm_{backend}")(x2, source, inv)
                 break
             except (RuntimeError, NotImplementedError):
                 if _backend_override or backend == "reference":
@@ -518,7 +536,8 @@ class QuantizedLinear(QuantizedWeight):
             return kernels[1:]
         return kernels
 
-    def _mm_onednn(self, x2: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    def _mm_onednn(self, x2: torch.Tensor, source: torch.Tensor | None,
+                   inv: torch.Tensor | None) -> torch.Tensor:
         if self.zero_point is not None:
             raise NotImplementedError("oneDNN's int8 linear takes symmetric weights only")
 
@@ -528,9 +547,11 @@ class QuantizedLinear(QuantizedWeight):
                     torch.zeros(len(scale), dtype=torch.long))
         packed, sw, zw = self._cached("onednn", build)
         if self.act_scale == "tensor":
-            xq, sx, zx = _shared_input(x2, source, signed=False)
+            xq, sx, zx = (_shared_input(x2, source, signed=False) if inv is None else
+                          quantize_per_tensor(x2, 255, signed=False, col_scale=inv))
             return torch.ops.onednn.qlinear_pointwise(xq, sx, zx, packed, sw, zw, self.bias,
                                                       1.0, 0, torch.float32, "none", [], "")
+        x2 = _smoothed(x2, inv)
         # per token: each row divided by its absmax spans [-1, 1], one fixed scale 1/127;
         # 128.5 + 127·x/amax lies in [1.5, 255.5], so truncating to uint8 rounds it
         amax = per_token_absmax(x2)
@@ -541,8 +562,10 @@ class QuantizedLinear(QuantizedWeight):
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)
 
-    def _mm_fbgemm(self, x2: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    def _mm_fbgemm(self, x2: torch.Tensor, source: torch.Tensor | None,
+                   inv: torch.Tensor | None) -> torch.Tensor:
         per_tensor = self.act_scale == "tensor"
+        x2 = _smoothed(x2, inv)  # fbgemm quantises inside its kernel: smooth first
 
         def build():
             wq, scale, zero, _ = self._int8_weight()
@@ -562,12 +585,15 @@ class QuantizedLinear(QuantizedWeight):
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)
 
-    def _quantize_input(self, x2: torch.Tensor, source: torch.Tensor | None):
-        """int8 codes of the input, their scale ([rows, 1] or 0-d) and zero point (or None)."""
+    def _quantize_input(self, x2: torch.Tensor, source: torch.Tensor | None,
+                        inv: torch.Tensor | None):
+        """int8 codes of the (smoothed) input, their scale ([rows, 1] or 0-d) and zero point
+        (or None)."""
         if self.act_scale == "tensor":
-            xq, sx, zx = _shared_input(x2, source, signed=True)
+            xq, sx, zx = (_shared_input(x2, source, signed=True) if inv is None else
+                          quantize_per_tensor(x2, 255, signed=True, col_scale=inv))
             return xq, torch.tensor(sx), torch.tensor(zx, dtype=torch.int32)
-        xq, sx = quantize_per_token(x2)
+        xq, sx = quantize_per_token(_smoothed(x2, inv))
         return xq, sx, None
 
     def _finish(self, acc: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor,
@@ -585,14 +611,16 @@ class QuantizedLinear(QuantizedWeight):
         bias = self.bias.double() if acc.dtype == torch.float64 else self.bias
         return torch.addcmul(bias, acc, sx * sw)
 
-    def _mm_int_mm(self, x2: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    def _mm_int_mm(self, x2: torch.Tensor, source: torch.Tensor | None,
+                   inv: torch.Tensor | None) -> torch.Tensor:
         wq, sw, zw, rowsum = self._cached("int_mm", self._int8_weight)
-        xq, sx, zx = self._quantize_input(x2, source)
+        xq, sx, zx = self._quantize_input(x2, source, inv)
         return self._finish(torch._int_mm(xq, wq.t()), xq, sx, zx, sw, zw, rowsum)
 
-    def _mm_reference(self, x2: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    def _mm_reference(self, x2: torch.Tensor, source: torch.Tensor | None,
+                      inv: torch.Tensor | None) -> torch.Tensor:
         wq, sw, zw, rowsum = self._int8_weight()
-        xq, sx, zx = self._quantize_input(x2, source)
+        xq, sx, zx = self._quantize_input(x2, source, inv)
         # float64 holds every int8 x int8 sum exactly
         acc = (xq.double() @ wq.double().t()).round_()
         y = self._finish(acc, xq, sx.double(), zx, sw.double(), zw, rowsum)

@@ -93,6 +93,28 @@ def test_dynamic_int8_matches_reference_within_activation_rounding(mlp, calib, a
             assert torch.allclose(outs[backend], outs["reference"], rtol=1e-5, atol=1e-4), backend
 
 
+def test_smoothed_per_tensor_input_quantises_without_a_smoothing_pass(mlp, calib):
+    res = fxpress.compress(mlp, "quantize{bits=8,act_scale=tensor,smooth=0.5}", calibration=calib)
+    m = res.module.get_submodule("layers.1")
+    assert m.smooth is not None and m.act_scale == "tensor"
+    x = torch.relu(mlp.layers[0](calib[0][0])).detach()
+    exact = torch.nn.functional.linear(x.double(), m.weight_float().double(), m.bias.double())
+    # the per-column range gives the same codes as quantising x / smooth itself
+    inv = m.smooth.reciprocal()
+    folded = Q.quantize_per_tensor(x, 255, signed=False, col_scale=inv)
+    direct = Q.quantize_per_tensor(x * inv, 255, signed=False)
+    assert folded[1:] == pytest.approx(direct[1:]) and (folded[0].int() - direct[0].int()).abs().max() <= 1
+    with torch.no_grad():
+        outs = {}
+        for backend in Q._available_backends():
+            with int8_backend(backend):
+                outs[backend] = m(x).double()
+            assert (outs[backend] - exact).norm() / exact.norm() < 0.01, backend
+    for backend in ("int_mm", "onednn"):
+        if backend in outs:
+            assert torch.allclose(outs[backend], outs["reference"], rtol=1e-5, atol=1e-4), backend
+
+
 def test_layers_reading_one_input_share_its_codes_only_when_nothing_writes_it(calib):
     class Heads(torch.nn.Module):
         def __init__(self, inplace: bool):
