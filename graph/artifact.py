@@ -451,7 +451,7 @@ def _plan(a: np.ndarray, mask: np.ndarray, item: int) -> _Plan:
     return best
 
 
-_BLOCK = 1 << 22
+_BLOCK = 1 << 20
 
 
 def _fillers(mask: np.ndarray) -> list[int]:

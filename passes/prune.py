@@ -24,8 +24,9 @@ _NONE = type(None)
 
 
 #: Elements per block. Large layers (GPT-2's 38M-entry tied embedding) are processed block
-#: by block, so temporaries stay small whatever the layer size.
-BLOCK = 1 << 22
+#: by block, so temporaries stay small whatever the layer size. (Blocks of a few MB: the
+#: allocator keeps freed blocks of the size of the largest it has recently freed.)
+BLOCK = 1 << 20
 
 
 def _flat(w: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ import os
 import threading
 import warnings
 import weakref
+from collections import Counter
 from typing import Any, Iterator
 
 import torch
@@ -54,8 +55,8 @@ import torch.nn.functional as F
 from fxpress.errors import OptionError
 from fxpress.graph.capture import _flat_graph_inputs, eval_mode
 from fxpress.graph.packing import pack_bits, unpack_bits
-from fxpress.graph.weights import (CONV, EMBEDDING, LINEAR, CompressedModule, op_forward,
-                                   select, stored_bytes)
+from fxpress.graph.weights import (CONV, EMBEDDING, LINEAR, CompressedModule, caches_enabled,
+                                   op_forward, select, stored_bytes)
 from fxpress.graph.weights import weighted_ops as _weighted_ops
 from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
 
@@ -175,6 +176,30 @@ def store_codes(codes: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
     if pad:
         u = torch.cat([u, u.new_zeros(rows, pad)], 1)
     return pack_bits(u, bits).view(rows, -1)
+
+
+def quantize_stored(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
+                    granularity: str = "channel", group_size: int = 0, scale: str = "absmax"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_weight` then :func:`store_codes`, about a million weights at a time
+    when rows have their own scales: the float temporaries and int32 codes of a large
+    weight (an embedding table) never exist whole. Returns (stored codes, scale, zero)."""
+    rows, cols = w2.shape
+    step = max(1, (1 << 20) // max(cols, 1))
+    if granularity == "tensor" or rows <= step:  # one scale for every row: all at once
+        codes, s, zero = quantize_weight(w2, bits, scheme, granularity, group_size, scale)
+        return store_codes(codes, bits, scheme), s, zero
+    out, scales, zeros = None, [], []
+    for start in range(0, rows, step):
+        codes, s, zero = quantize_weight(w2[start:start + step], bits, scheme, granularity,
+                                         group_size, scale)
+        block = store_codes(codes, bits, scheme)
+        if out is None:
+            out = block.new_empty((rows, *block.shape[1:]))
+        out[start:start + block.shape[0]] = block
+        scales.append(s)
+        zeros.append(zero)
+    return out, torch.cat(scales), None if zeros[0] is None else torch.cat(zeros)
 
 
 def load_codes(stored: torch.Tensor, bits: int, scheme: str, cols: int) -> torch.Tensor:
@@ -349,14 +374,15 @@ class QuantizedWeight(CompressedModule):
                  scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
                  bits: int, scheme: str, granularity: str, group_size: int = 0,
                  activations: str = "none", smooth: torch.Tensor | None = None,
-                 act_scale: str = "token"):
+                 act_scale: str = "token", stored: bool = False):
         super().__init__(kind, spec)
         self.act_scale = act_scale
         self.shape = list(shape)
         self.bits, self.scheme, self.granularity = int(bits), scheme, granularity
         self.group_size = int(group_size)
         self.activations = activations
-        self.register_buffer("qweight", store_codes(codes, bits, scheme))
+        # ``stored``: ``codes`` are already what store_codes returns (see quantize_stored)
+        self.register_buffer("qweight", codes if stored else store_codes(codes, bits, scheme))
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero_point", None if zero is None else
                              (zero - code_range(bits, scheme)[0]).to(torch.uint8))
@@ -391,10 +417,38 @@ class QuantizedWeight(CompressedModule):
         return dequantize_weight(self.codes(), self.scale, self.zero())
 
     def weight_float(self) -> torch.Tensor:
-        w2 = self.stored_weight()
-        if self.smooth is not None:
-            w2 = w2 / self.smooth
-        return w2.reshape(self.shape)
+        if self._training_path():
+            w2 = self.stored_weight()
+            if self.smooth is not None:
+                w2 = w2 / self.smooth
+            return w2.reshape(self.shape)
+        # decoded a block of rows at a time into the result: the int32 codes and float
+        # temporaries of a whole embedding table would weigh several times the result
+        out = torch.empty(self.shape[0], self.cols, dtype=torch.float32, device=self.scale.device)
+        for start, w2 in self._decoded_rows():
+            out[start:start + w2.shape[0]] = w2
+        return out.reshape(self.shape)
+
+    def count_weights(self) -> tuple[int, int]:
+        if self._training_path():
+            return super().count_weights()
+        nonzeros = sum(int(torch.count_nonzero(w2)) for _, w2 in self._decoded_rows())
+        return self.shape[0] * self.cols, nonzeros
+
+    def _decoded_rows(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, decoded float rows) of the stored weight, ``w / smooth`` when
+        smoothed, about a million weights at a time (codes are packed row by row)."""
+        rows, cols = self.shape[0], self.cols
+        step = max(1, (1 << 20) // max(cols, 1))
+        per_row = self.scale.shape[0] > 1
+        zero = self.zero()
+        with torch.no_grad():
+            for start in range(0, rows, step):
+                end = min(rows, start + step)
+                codes = load_codes(self.qweight[start:end], self.bits, self.scheme, cols)
+                w2 = dequantize_weight(codes, self.scale[start:end] if per_row else self.scale,
+                                       zero[start:end] if per_row and zero is not None else zero)
+                yield start, (w2 / self.smooth if self.smooth is not None else w2)
 
     # -- fine-tuning -------------------------------------------------------------------------
     def _on_grid(self, w2: torch.Tensor) -> torch.Tensor:
@@ -502,7 +556,8 @@ class QuantizedLinear(QuantizedWeight):
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        codes = self.codes()
+        # 8-bit symmetric codes are stored as int8 already: no int32 detour (4x their size)
+        codes = self.qweight if self.bits == 8 and self.scheme == "symmetric" else self.codes()
         zero = self.zero()
         rows = codes.shape[0]
         scale = self.scale.reshape(-1).expand(rows) if self.scale.numel() == 1 else self.scale.reshape(-1)
@@ -522,7 +577,8 @@ class QuantizedLinear(QuantizedWeight):
         hit = _prepacked.get(self)
         if hit is None or hit[0] != key:
             hit = (key, build())
-            _prepacked[self] = hit
+            if caches_enabled():
+                _prepacked[self] = hit
         return hit[1]
 
     def kernels(self) -> list[str]:
@@ -536,28 +592,51 @@ class QuantizedLinear(QuantizedWeight):
             return kernels[1:]
         return kernels
 
+    def _packed_product(self, backend: str, build, apply) -> torch.Tensor:
+        """``apply(packed, rows)`` over the prepacked weight ``build(weight, rows)``: cached
+        whole, or, when runtime caches are off and the weight is large, prepacked a block
+        of output channels at a time and dropped (a language model's head is never copied
+        whole for one call); channels are independent, so the result is the same."""
+        rows, cols = self.shape[0], self.cols
+        if caches_enabled() or _prepacked.get(self) is not None or rows * cols <= 1 << 22:
+            return apply(self._cached(backend, build), slice(None))
+        step = max(1, (1 << 20) // max(cols, 1))
+        weight = self._int8_weight()
+        y = None
+        for start in range(0, rows, step):
+            block = slice(start, start + step)
+            part = apply(build(weight, block), block)
+            if y is None:
+                y = part.new_empty((part.shape[0], rows))
+            y[:, block] = part
+        return y
+
     def _mm_onednn(self, x2: torch.Tensor, source: torch.Tensor | None,
                    inv: torch.Tensor | None) -> torch.Tensor:
         if self.zero_point is not None:
             raise NotImplementedError("oneDNN's int8 linear takes symmetric weights only")
 
-        def build():
-            wq, scale, _, _ = self._int8_weight()
-            return (torch.ops.onednn.qlinear_prepack(wq, None), scale.float().contiguous(),
-                    torch.zeros(len(scale), dtype=torch.long))
-        packed, sw, zw = self._cached("onednn", build)
+        def build(weight=None, rows: slice = slice(None)):
+            wq, scale, _, _ = weight or self._int8_weight()
+            return (torch.ops.onednn.qlinear_prepack(wq[rows], None),
+                    scale[rows].float().contiguous(), torch.zeros(len(scale[rows]), dtype=torch.long))
+
         if self.act_scale == "tensor":
             xq, sx, zx = (_shared_input(x2, source, signed=False) if inv is None else
                           quantize_per_tensor(x2, 255, signed=False, col_scale=inv))
-            return torch.ops.onednn.qlinear_pointwise(xq, sx, zx, packed, sw, zw, self.bias,
-                                                      1.0, 0, torch.float32, "none", [], "")
+            bias = self.bias
+            return self._packed_product("onednn", build, lambda p, rows: (
+                torch.ops.onednn.qlinear_pointwise(xq, sx, zx, p[0], p[1], p[2],
+                                                   None if bias is None else bias[rows],
+                                                   1.0, 0, torch.float32, "none", [], "")))
         x2 = _smoothed(x2, inv)
         # per token: each row divided by its absmax spans [-1, 1], one fixed scale 1/127;
         # 128.5 + 127·x/amax lies in [1.5, 255.5], so truncating to uint8 rounds it
         amax = per_token_absmax(x2)
         xq = torch.addcmul(_ROUNDED_ZERO, x2, 127.0 / amax).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0 / 127, 128, packed, sw, zw, None,
-                                               1.0, 0, torch.float32, "none", [], "")
+        y = self._packed_product("onednn", build, lambda p, rows: (
+            torch.ops.onednn.qlinear_pointwise(xq, 1.0 / 127, 128, p[0], p[1], p[2], None,
+                                               1.0, 0, torch.float32, "none", [], "")))
         if self.bias is None:
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)
@@ -567,20 +646,25 @@ class QuantizedLinear(QuantizedWeight):
         per_tensor = self.act_scale == "tensor"
         x2 = _smoothed(x2, inv)  # fbgemm quantises inside its kernel: smooth first
 
-        def build():
-            wq, scale, zero, _ = self._int8_weight()
+        def build(weight=None, rows: slice = slice(None)):
+            wq, scale, zero, _ = weight or self._int8_weight()
             zp = torch.zeros(len(scale), dtype=torch.long) if zero is None else zero.long()
+            bias = self.bias[rows] if per_tensor and self.bias is not None else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # quantized-tensor creation warns of deprecation
-                qw = torch._make_per_channel_quantized_tensor(wq, scale.double(), zp, 0)
-                return torch.ops.quantized.linear_prepack(qw, self.bias if per_tensor else None)
-        packed = self._cached("fbgemm", build)
+                qw = torch._make_per_channel_quantized_tensor(wq[rows], scale[rows].double(),
+                                                              zp[rows], 0)
+                return torch.ops.quantized.linear_prepack(qw, bias)
+
         if per_tensor:  # fbgemm quantises the input with one affine scale and adds the bias
-            return torch.ops.quantized.linear_dynamic(x2, packed, _REDUCE_RANGE)
+            return self._packed_product("fbgemm", build, lambda p, rows: (
+                torch.ops.quantized.linear_dynamic(x2, p, _REDUCE_RANGE)))
         # dividing each row by its own absmax first makes fbgemm's one scale a per-token
         # one (every row then spans [-1, 1])
         amax = per_token_absmax(x2)
-        y = torch.ops.quantized.linear_dynamic(x2 / amax, packed, _REDUCE_RANGE)
+        xs = x2 / amax
+        y = self._packed_product("fbgemm", build, lambda p, rows: (
+            torch.ops.quantized.linear_dynamic(xs, p, _REDUCE_RANGE)))
         if self.bias is None:
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)
@@ -790,29 +874,37 @@ class Quantize(Pass):
         batches = ctx.calibration or [ctx.example_inputs]
         rec = _record_inputs(gm, chosen, batches)
 
-        # one set of codes per distinct weight and kind; ops of one kind that share a weight
-        # share its buffers (a weight tied between an embedding and a linear, as in GPT-2,
-        # gets one module of each kind)
+        # one module per distinct weight and kind; ops of one kind that share a weight
+        # share its module's buffers, and a weight tied between an embedding and a linear
+        # (GPT-2's) gets one module of each kind over the same codes and scales
         built: dict[tuple[str, str], QuantizedWeight] = {}
+        codes: dict[tuple, tuple] = {}
         layers: dict[str, dict] = {}
         promoted: list[str] = []
+        readers = Counter(op._input for op in chosen if isinstance(op._input, torch.fx.Node))
         for op in chosen:
             x = rec.sample.get(op._input) if isinstance(op._input, torch.fx.Node) else None
             module = built.get((op.name, op.kind))
             if module is not None:
-                op.replace_with(_share(module))
-                continue
-            module, stats = self._choose(op, rec, x, self.bits)
-            if (self.max_layer_error is not None and self.bits < 8
-                    and stats["rel_error"] > self.max_layer_error):
-                # the most sensitive layers keep 8 bits (per channel: the integer
-                # kernel can still run them)
-                low = stats["rel_error"]
-                module, stats = self._choose(op, rec, x, 8)
-                stats["error_at_low_bits"] = low
-                promoted.append(op.name)
-            built[(op.name, op.kind)] = module
-            layers[op.name] = stats
+                module = _share(module)
+            else:
+                module, stats = self._choose(op, rec, x, self.bits, codes)
+                if (self.max_layer_error is not None and self.bits < 8
+                        and stats["rel_error"] > self.max_layer_error):
+                    # the most sensitive layers keep 8 bits (per channel: the integer
+                    # kernel can still run them)
+                    low = stats["rel_error"]
+                    module, stats = self._choose(op, rec, x, 8, codes)
+                    stats["error_at_low_bits"] = low
+                    promoted.append(op.name)
+                built[(op.name, op.kind)] = module
+                layers[op.name] = stats
+            del x
+            if isinstance(op._input, torch.fx.Node) and op._input in readers:
+                readers[op._input] -= 1
+                if not readers[op._input]:  # its last reader is built: drop the recorded input
+                    rec.sample.pop(op._input, None)
+                    rec.absmax.pop(op._input, None)
             op.replace_with(module)
         before = sum(v["bytes_before"] for v in layers.values())
         after = sum(v["bytes_after"] for v in layers.values())
@@ -827,7 +919,14 @@ class Quantize(Pass):
         return op.kind == LINEAR and (self.activations == "dynamic" or bits != self.bits)
 
     def _candidates(self, op, bits: int) -> list[tuple[str, float | None]]:
-        """(act_scale, smoothing alpha) variants for one layer, cheapest first."""
+        """(act_scale, smoothing alpha) variants for one layer, cheapest first. A weight
+        tied to another op (GPT-2's head and token embedding) is never smoothed: its
+        codes are shared, and a smoothed copy would be stored beside them."""
+        if len(op.tied) > 1 and self.smooth is None:
+            return [("tensor", None), ("token", None)] if (
+                self._dynamic(op, bits) and self.act_scale == "auto") else [
+                (self.act_scale if self._dynamic(op, bits) and self.act_scale != "auto"
+                 else "token", None)]
         if not self._dynamic(op, bits):
             # weight-only: activation-aware scaling (AWQ-style) costs nothing at run time,
             # since the weight is decoded anyway: try it on linear layers
@@ -841,8 +940,8 @@ class Quantize(Pass):
             return [("tensor", None)] + [("tensor", a) for a in AUTO_ALPHAS] + [("token", None)]
         return [("tensor", self.smooth), ("token", self.smooth)]
 
-    def _choose(self, op, rec: _InputRecorder, x: torch.Tensor | None, bits: int
-                ) -> tuple[QuantizedWeight, dict]:
+    def _choose(self, op, rec: _InputRecorder, x: torch.Tensor | None, bits: int,
+                codes: dict[tuple, tuple]) -> tuple[QuantizedWeight, dict]:
         """The layer's runtime module and its stats: with several candidates, the cheapest
         whose output error on the calibration sample ``x`` is at most ``act_error`` or
         within :data:`AUTO_SLACK` of the best (per-token, the safest, when there is no
@@ -857,7 +956,7 @@ class Quantize(Pass):
                 ref = op_forward(op.kind, op.spec, x, w, b)
         tried = []
         for act, alpha in cands:
-            module = self._build(op, rec, bits, act, alpha)
+            module = self._build(op, rec, bits, act, alpha, codes)
             tried.append((module, _output_error(module, x, ref), act, alpha))
         best = min(t[1] for t in tried)
         # candidates of a weight-only layer cost the same: keep the best
@@ -872,7 +971,11 @@ class Quantize(Pass):
         return module, stats
 
     def _build(self, op, rec: _InputRecorder, bits: int, act: str = "token",
-               alpha: float | None = None) -> QuantizedWeight:
+               alpha: float | None = None, codes: dict[tuple, tuple] | None = None
+               ) -> QuantizedWeight:
+        """The module for ``op`` with activation scaling ``act`` and smoothing ``alpha``;
+        ``codes`` remembers each unsmoothed weight's quantisation by (weight, bits), so
+        candidates and modules of different kinds over one weight share it."""
         w = op.weight().detach().float()
         w2 = w.reshape(w.shape[0], -1)
         granularity = "channel" if bits != self.bits else self.granularity
@@ -885,18 +988,24 @@ class Quantize(Pass):
             wmax = w2.abs().amax(0).clamp(min=1e-5)
             smooth = (xmax.pow(a) / wmax.pow(1 - a)).clamp(min=1e-5)
             w2 = w2 * smooth
-        codes, scale, zero = quantize_weight(w2, bits, self.scheme, granularity,
-                                             self.group_size or 0, scale=scale_mode)
-        args = (tuple(w.shape), codes, scale, zero, op.bias(), bits, self.scheme,
+        key = (min(op.tied or (op.name,)), bits, tuple(w2.shape))  # the weight, however named
+        if smooth is None and codes is not None and key in codes:
+            stored, scale, zero = codes[key]
+        else:
+            stored, scale, zero = quantize_stored(w2, bits, self.scheme, granularity,
+                                                  self.group_size or 0, scale=scale_mode)
+            if smooth is None and codes is not None:  # a smoothed weight is the op's own
+                codes[key] = (stored, scale, zero)
+        args = (tuple(w.shape), stored, scale, zero, op.bias(), bits, self.scheme,
                 granularity, (self.group_size or 0) if granularity == "group" else 0)
         if op.kind == LINEAR:
             shares = (dynamic and smooth is None and isinstance(op._input, torch.fx.Node)
                       and _never_written(op.node.graph.owning_module, op._input))
             return QuantizedLinear(*args, activations="dynamic" if dynamic else "none",
-                                   smooth=smooth, act_scale=act, shares_input=shares)
+                                   smooth=smooth, act_scale=act, shares_input=shares, stored=True)
         if op.kind == CONV:
-            return QuantizedConv(op.spec, *args)
-        return QuantizedEmbedding(op.spec, *args)
+            return QuantizedConv(op.spec, *args, stored=True)
+        return QuantizedEmbedding(op.spec, *args, stored=True)
 
     @staticmethod
     def _layer_stats(op, module: QuantizedWeight, w, b, err: float) -> dict:
@@ -975,7 +1084,7 @@ def _share(module: QuantizedWeight) -> QuantizedWeight:
 
 
 __all__ = ["Quantize", "QuantizedWeight", "QuantizedLinear", "QuantizedConv",
-           "QuantizedEmbedding", "quantize_weight", "dequantize_weight", "store_codes",
-           "load_codes", "code_range", "quantize_per_token", "quantize_per_tensor",
+           "QuantizedEmbedding", "quantize_weight", "quantize_stored", "dequantize_weight",
+           "store_codes", "load_codes", "code_range", "quantize_per_token", "quantize_per_tensor",
            "per_token_absmax", "AUTO_SLACK", "AUTO_ALPHAS", "WEIGHT_ONLY_ALPHAS",
            "int8_backend", "INT8_BACKENDS", "RUNTIME_MODULES"]

@@ -72,8 +72,16 @@ def looks_like_logits(ref: Outputs) -> bool:
     return not unit
 
 
+#: Elements compared per step: float64 temporaries of whole outputs (a language model's
+#: logits) would weigh hundreds of megabytes.
+_STEP = 1 << 18
+
+
 def compare(new: Outputs, ref: Outputs, top1: bool = True) -> Metrics:
-    """Metrics of outputs ``new`` against ``ref`` (same structure); ``top1`` for logits."""
+    """Metrics of outputs ``new`` against ``ref`` (same structure); ``top1`` for logits.
+
+    Sums run in float64, a block of each output at a time.
+    """
     max_abs, err2, ref2 = 0.0, 0.0, 0.0
     cos_sum, cos_n, cos_min = 0.0, 0, 1.0
     agree, total, nonfinite = 0, 0, 0
@@ -83,21 +91,37 @@ def compare(new: Outputs, ref: Outputs, top1: bool = True) -> Metrics:
         for n, r in zip(nb, rb):
             if n.shape != r.shape:
                 raise ValueError(f"output shape changed: {tuple(r.shape)} became {tuple(n.shape)}")
-            n, r = n.double(), r.double()
-            bad = ~torch.isfinite(n) & torch.isfinite(r)
-            nonfinite += int(bad.sum())
-            ok = torch.isfinite(n) & torch.isfinite(r)
-            d = torch.where(ok, n - r, torch.zeros((), dtype=n.dtype))
-            if d.numel():
-                max_abs = max(max_abs, float(d.abs().max()))
-            err2 += float((d * d).sum())
-            r0 = torch.where(ok, r, torch.zeros((), dtype=r.dtype))
-            ref2 += float((r0 * r0).sum())
-            rows_n = n.reshape(n.shape[0], -1) if n.dim() >= 1 and n.shape[0] else n.reshape(1, -1)
-            rows_r = r.reshape(rows_n.shape)
-            rows_n = torch.nan_to_num(rows_n, nan=0.0, posinf=0.0, neginf=0.0)
-            cos = torch.nn.functional.cosine_similarity(rows_n, rows_r, dim=1, eps=1e-12)
-            both_zero = (rows_n.abs().sum(1) == 0) & (rows_r.abs().sum(1) == 0)
+            # each sample (row) flattened; per row: dot product, squared norms, |x| sums
+            rows = n.shape[0] if n.dim() >= 1 and n.shape[0] else 1
+            n2, r2 = n.reshape(rows, -1), r.reshape(rows, -1)
+            cols = n2.shape[1]
+            sums = torch.zeros(5, rows, dtype=torch.float64)
+            row_step = max(1, _STEP // max(cols, 1))
+            col_step = min(max(cols, 1), _STEP)
+            for a in range(0, rows, row_step):
+                for c in range(0, cols, col_step):
+                    x = n2[a:a + row_step, c:c + col_step].double()
+                    y = r2[a:a + row_step, c:c + col_step].double()
+                    fx, fy = torch.isfinite(x), torch.isfinite(y)
+                    nonfinite += int((~fx & fy).sum())
+                    ok = fx & fy
+                    d = torch.where(ok, x - y, torch.zeros((), dtype=x.dtype))
+                    if d.numel():
+                        max_abs = max(max_abs, float(d.abs().max()))
+                    err2 += float((d * d).sum())
+                    y0 = torch.where(ok, y, torch.zeros((), dtype=y.dtype))
+                    ref2 += float((y0 * y0).sum())
+                    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+                    part = sums[:, a:a + row_step]
+                    part[0] += (x * y).sum(1)
+                    part[1] += (x * x).sum(1)
+                    part[2] += (y * y).sum(1)
+                    part[3] += x.abs().sum(1)
+                    part[4] += y.abs().sum(1)
+            # cosine_similarity's definition: x / max(|x|, eps) . y / max(|y|, eps)
+            eps = 1e-12
+            cos = sums[0] / (sums[1].sqrt().clamp(min=eps) * sums[2].sqrt().clamp(min=eps))
+            both_zero = (sums[3] == 0) & (sums[4] == 0)
             cos = torch.where(both_zero, torch.ones_like(cos), cos)
             cos_sum += float(cos.sum())
             cos_n += cos.numel()
