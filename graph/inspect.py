@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx
@@ -61,20 +62,24 @@ def _tensors_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[list[tor
 def _digest(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
-        t = t.detach().contiguous().cpu()
+        t = t.detach().cpu()
         h.update(str((tuple(t.shape), t.dtype)).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        if not t.numel():
+            continue
+        if t.dim() == 0 or t.is_contiguous():
+            parts = (t,)
+        else:  # a transposed view (GPT-2's Conv1D weights): row-major bytes a block of rows
+            parts = t.split(max(1, (1 << 20) // max(t[0].numel(), 1)))  # at a time, no copy
+        for part in parts:
+            h.update(part.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
 def _weight_stats(m: Any, tensors: list[torch.Tensor]) -> tuple[int, int, float]:
     """(weights, non-zeros, stored bits per weight) of a node's module or tensors."""
     if isinstance(m, CompressedModule):
-        with torch.no_grad():
-            w = m.weight_float()
-        n = w.numel()
-        return n, int(torch.count_nonzero(w)), m.weight_bits() / max(n, 1)
+        n, nonzeros = m.count_weights()
+        return n, nonzeros, m.weight_bits() / max(n, 1)
     if m is not None and isinstance(getattr(m, "weight", None), torch.Tensor):
         w = m.weight
         return w.numel(), int(torch.count_nonzero(w)), float(w.element_size() * 8)
@@ -235,9 +240,10 @@ def diff(before, after) -> GraphDiff:
     return d
 
 
-def stamp_changes(before: torch.fx.GraphModule, after: torch.fx.GraphModule, pass_name: str) -> int:
+def stamp_changes(before, after: torch.fx.GraphModule, pass_name: str) -> int:
     """Mark every node ``pass_name`` created, changed or rewired (``node.meta["fxpress_pass"]``);
-    return how many. The pipeline calls it after each kept pass."""
+    return how many. ``before``: a GraphModule or its :func:`to_networkx` graph. The
+    pipeline calls it after each kept pass."""
     touched = diff(before, after).touched()
     for node in after.graph.nodes:
         if node.name in touched:
@@ -406,29 +412,47 @@ def layers(gm: torch.fx.GraphModule, header: dict | None = None) -> list[Layer]:
 
 def histograms(gm: torch.fx.GraphModule, bins: int = 120) -> dict[str, dict]:
     """Weight histograms per layer (exact zeros counted apart, so codebooks show as spikes)."""
-    out = {}
-    for name, w in _layer_weights(gm).items():
-        w = w.detach().float().reshape(-1)
-        nz = w[w != 0]
-        lo, hi = (float(nz.min()), float(nz.max())) if nz.numel() else (0.0, 0.0)
-        if hi <= lo:
-            hi = lo + 1e-12
-        counts = torch.histc(nz, bins=bins, min=lo, max=hi) if nz.numel() else torch.zeros(bins)
-        out[name] = {"lo": lo, "hi": hi, "counts": [int(c) for c in counts.tolist()],
-                     "zeros": int(w.numel() - nz.numel()), "numel": int(w.numel()),
-                     "distinct": int(torch.unique(nz).numel()) if nz.numel() <= 1 << 22 else None}
-    return out
+    return {name: _histogram(w, bins) for name, w in _layer_weights(gm)}
 
 
-def _layer_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _histogram(w: torch.Tensor, bins: int, step: int = 1 << 20) -> dict:
+    """One layer's histogram, a block of weights at a time (a whole embedding table's
+    float copy and non-zero copy would weigh more than the table)."""
+    flat = w.detach().reshape(-1)
+    lo, hi, nnz = math.inf, -math.inf, 0
+    for block in flat.split(step):
+        block = block.float()
+        nz = block[block != 0]
+        if nz.numel():
+            lo, hi, nnz = min(lo, float(nz.min())), max(hi, float(nz.max())), nnz + nz.numel()
+    if not nnz:
+        lo = hi = 0.0
+    if hi <= lo:
+        hi = lo + 1e-12
+    counts = torch.zeros(bins, dtype=torch.int64)
+    if nnz:
+        for block in flat.split(step):
+            block = block.float()
+            counts += torch.histc(block[block != 0], bins=bins, min=lo, max=hi).long()
+    distinct = None
+    if nnz <= 1 << 22:
+        f = flat.float()
+        distinct = int(torch.unique(f[f != 0]).numel())
+    return {"lo": lo, "hi": hi, "counts": [int(c) for c in counts.tolist()],
+            "zeros": int(flat.numel() - nnz), "numel": int(flat.numel()), "distinct": distinct}
+
+
+def _layer_weights(gm: torch.fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]]:
+    """(layer, weight) once per layer; runtime modules' weights decoded one at a time."""
+    seen: set[str] = set()
     for op in weighted_ops(gm):
-        out.setdefault(op.module_name, op.weight())
+        if op.module_name not in seen:
+            seen.add(op.module_name)
+            yield op.module_name, op.weight()
     for name, m in gm.named_modules():
         if isinstance(m, CompressedModule):
             with torch.no_grad():
-                out[name] = m.weight_float()
-    return out
+                yield name, m.weight_float()
 
 
 def layer_summary(gm: torch.fx.GraphModule, bins: int = 120) -> dict[str, Any]:

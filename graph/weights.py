@@ -19,8 +19,13 @@ with the graph before them (see ``clone_structure``).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fnmatch
+import functools
 import itertools
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -151,6 +156,7 @@ class WeightedOp:
 
         The old tensor is left untouched (other graphs may share it).
         """
+        trim_heap()  # the temporaries that computed ``w``
         old = self.weight()
         if tuple(w.shape) != tuple(old.shape):
             raise ValueError(f"{self.name}: new weight shape {tuple(w.shape)} != {tuple(old.shape)}")
@@ -172,6 +178,7 @@ class WeightedOp:
         for embeddings. Weight and bias tensors that no other node uses are dropped from
         the graph, so its state_dict holds only what the module stores.
         """
+        trim_heap()  # the temporaries that built ``module``
         gm, node, graph = self.gm, self.node, self.gm.graph
         if self.form == "module":
             qualname = str(node.target)
@@ -468,6 +475,54 @@ class RuntimeModule(torch.nn.Module):
         return m
 
 
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps freed blocks below its adaptive mmap threshold (a few MB: most layers'
+    weights and the temporaries that compute them) in its heaps, resident between the
+    blocks still in use: without this, what one layer or step freed still counts while
+    the next allocates its own. Replacing a weight trims; so does the pipeline between
+    steps.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return None
+
+
+_CACHES = threading.local()
+
+
+@contextlib.contextmanager
+def runtime_caches(enabled: bool) -> Iterator[None]:
+    """Allow or forbid runtime modules to keep decoded or prepacked copies of their weights
+    (``cache_weight``, an integer kernel's prepacked weight) while the block runs in this
+    thread; copies made before stay in use. The pipeline runs with caches off: through a
+    graph, a copy per layer would pile up on top of the graph before the pass, which it
+    keeps until the pass is verified. The first call after the pipeline builds them."""
+    stack = _CACHES.__dict__.setdefault("stack", [])
+    stack.append(bool(enabled))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def caches_enabled() -> bool:
+    """False inside ``runtime_caches(False)`` (in this thread)."""
+    stack = getattr(_CACHES, "stack", None)
+    return stack[-1] if stack else True
+
+
 class CompressedModule(RuntimeModule):
     """Base of the runtime modules that replace a weighted op (``Int8Linear``,
     ``CodebookLinear``, ...): a linear, conv or embedding whose weight is stored in a
@@ -498,6 +553,13 @@ class CompressedModule(RuntimeModule):
         """The decoded weight, in the layout of :meth:`WeightedOp.weight`."""
         raise NotImplementedError
 
+    def count_weights(self) -> tuple[int, int]:
+        """(weights, non-zeros) of the decoded weight. This decodes it whole; a subclass
+        that can decode a part at a time overrides it, so counting holds no full copy."""
+        with torch.no_grad():
+            w = self.weight_float()
+        return w.numel(), int(torch.count_nonzero(w))
+
     def dense_weight(self) -> torch.Tensor:
         """The weight to compute with: decoded now, or the copy kept when ``cache_weight``.
 
@@ -511,7 +573,8 @@ class CompressedModule(RuntimeModule):
         if cached is None:
             with torch.no_grad():
                 cached = self.weight_float()
-            self.register_buffer("weight_cache", cached, persistent=False)
+            if caches_enabled():
+                self.register_buffer("weight_cache", cached, persistent=False)
         return cached
 
     def drop_cache(self) -> None:
@@ -588,5 +651,6 @@ def sparsity(t: torch.Tensor) -> float:
     return 1.0 - float(torch.count_nonzero(t)) / max(t.numel(), 1)
 
 
-__all__ = ["WeightedOp", "weighted_ops", "RuntimeModule", "CompressedModule", "compressed_modules", "select", "unique_weights", "op_forward",
+__all__ = ["WeightedOp", "weighted_ops", "RuntimeModule", "CompressedModule", "compressed_modules",
+           "runtime_caches", "caches_enabled", "trim_heap", "select", "unique_weights", "op_forward",
            "conv_forward", "stored_bytes", "sparsity", "LINEAR", "CONV", "EMBEDDING", "KINDS"]

@@ -14,6 +14,7 @@ graph that passed.
 from __future__ import annotations
 
 import difflib
+import gc
 import math
 import sys
 import time
@@ -29,8 +30,9 @@ from fxpress.errors import (FxpressError, InputError, OptionError, PassError,
 from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture, clone_structure,
                                    tensors_of)
 from fxpress.graph.artifact import artifact_size
-from fxpress.graph.inspect import human_bytes, layer_summary, stamp_changes
-from fxpress.graph.weights import (compressed_modules, stored_bytes, weighted_ops)
+from fxpress.graph.inspect import human_bytes, layer_summary, stamp_changes, to_networkx
+from fxpress.graph.weights import (compressed_modules, runtime_caches, stored_bytes, trim_heap,
+                                   weighted_ops)
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
 from fxpress.passes.spec import PassSpec, Recipe, format_spec, parse_recipe, parse_spec
 from fxpress.passes.verify import Metrics, Verifier, misses
@@ -144,11 +146,10 @@ def weight_counts(gm: torch.nn.Module) -> tuple[int, int]:
         w = op.weight()
         params += w.numel()
         zeros += w.numel() - int(torch.count_nonzero(w))
-    with torch.no_grad():
-        for _, m in compressed_modules(gm):
-            w = m.weight_float()
-            params += w.numel()
-            zeros += w.numel() - int(torch.count_nonzero(w))
+    for _, m in compressed_modules(gm):
+        n, nonzeros = m.count_weights()
+        params += n
+        zeros += n - nonzeros
     return params, zeros
 
 
@@ -289,7 +290,7 @@ class Pipeline:
             gm.meta.setdefault("fxpress", {"method": "given", "passes": []})
         else:
             gm = capture(model, example_inputs, capture_method)
-        with TRACE_LOCK.running():
+        with TRACE_LOCK.running(), runtime_caches(False):
             batches = calib or [example_inputs]
             labelled = None
             if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in self.passes):
@@ -312,12 +313,15 @@ class Pipeline:
                 for i, p in enumerate(self.passes):
                     if bar is not None:
                         bar.set_postfix_str(p.name)
-                    record, gm, current_out = self._run_one(
+                    record, gm, current_out, before = self._run_one(
                         i + 1, p, gm, ctx, verifier, current_out, policy,
                         deferred_to=next((j + 1 for j in recovers_at if j > i), None))
                     records.append(record)
                     ctx.history.append(record)
-                    self.last_good = gm
+                    if self.last_good is not gm:  # kept (a rollback returns the graph before)
+                        self.last_good = gm
+                        release_memory()
+                        self._finish(p, before, gm, record)
                     if bar is not None:
                         bar.update(1)
             finally:
@@ -339,6 +343,9 @@ class Pipeline:
             except FxpressError as e:
                 e.last_good = current
                 raise
+        # what stamping the kept graph diffs against, taken while only ``current`` is held
+        before = to_networkx(current)
+        trim_heap()  # what verification and measuring freed
         work = clone_structure(current, copy_tensors=not p.replaces_tensors)
         names = {id(t): n for n, t in list(current.named_parameters(remove_duplicate=False))
                  + list(current.named_buffers(remove_duplicate=False))}
@@ -377,9 +384,11 @@ class Pipeline:
             raise PassError(p.name, f"left a graph that fails lint: {type(e).__name__}: {e}",
                             last_good=current) from e
 
+        trim_heap()  # the pass's temporaries
         v_start = time.perf_counter()
         try:
             new_out = verifier.run(new, annotate=True)
+            trim_heap()  # the run's activations and kernels' temporaries
             record.cumulative = verifier.compare_to_reference(new_out)
             record.incremental = verifier.compare(new_out, current_out)
         except Exception as e:
@@ -389,7 +398,6 @@ class Pipeline:
         record.changed = bool(result.changed)
         record.stats = dict(result.stats)
         record.bytes_after = stored_bytes(new)
-        record.params, record.zeros = weight_counts(new)
 
         metrics = record.cumulative if p.tol.against == "reference" else record.incremental
         bad = misses(p.tol, metrics)
@@ -412,23 +420,41 @@ class Pipeline:
                 record.params, record.zeros = weight_counts(current)
                 for inst in self.instruments:
                     inst.run_after_pass(p, current, record)
-                return record, current, current_out
+                return record, current, current_out, None
             else:
                 record.status = "failed"
                 record.message = what
+                record.params, record.zeros = weight_counts(new)
                 raise VerificationError(
                     p.name, key, limit, value,
                     f"pass '{p.name}' {what}" if broken else None,
                     last_good=current, record=record)
 
-        stamp_changes(current, new, str(p))
         new.meta.setdefault("fxpress", dict(current.meta.get("fxpress", {})))
         new.meta["fxpress"] = dict(new.meta["fxpress"])
         new.meta["fxpress"]["passes"] = list(current.meta.get("fxpress", {}).get("passes", [])) + [str(p)]
+        # kept: run() finishes the record (_finish) once ``current`` is gone
+        return record, new, new_out, before
+
+    def _finish(self, p: Pass, before: Any, new: torch.fx.GraphModule, record: PassRecord) -> None:
+        """Stamp, count and measure a kept pass's graph, then tell the instruments. Runs
+        after the graph before the pass is released: none of it needs those weights, and
+        decoding or encoding the new ones then costs no memory on top of them."""
+        stamp_changes(before, new, str(p))
+        record.params, record.zeros = weight_counts(new)
         record.disk_bytes = artifact_size(new)
         for inst in self.instruments:
             inst.run_after_pass(p, new, record)
-        return record, new, new_out
+
+
+def release_memory() -> None:
+    """Free what a replaced graph held and hand the freed pages back to the OS.
+
+    A GraphModule is a reference cycle (module <-> graph <-> nodes): until Python's next
+    full collection, the graph a pass replaced keeps every tensor only it held.
+    """
+    gc.collect()
+    trim_heap()
 
 
 def _calibration_list(calibration: Iterable[Any] | None) -> list[tuple]:

@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 import weakref
+from collections import Counter
 from typing import Any, Iterator
 
 import torch
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from fxpress.errors import OptionError
 from fxpress.graph.capture import _flat_graph_inputs, eval_mode
 from fxpress.graph.packing import pack_bits, unpack_bits
-from fxpress.graph.weights import (CONV, EMBEDDING, LINEAR, CompressedModule, op_forward,
-                                   select, stored_bytes)
+from fxpress.graph.weights import (CONV, EMBEDDING, LINEAR, CompressedModule, caches_enabled,
+                                   op_forward, select, stored_bytes)
 from fxpress.graph.weights import weighted_ops as _weighted_ops
 from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
 
@@ -162,6 +163,30 @@ def store_codes(codes: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
     return pack_bits(u, bits).view(rows, -1)
 
 
+def quantize_stored(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
+                    granularity: str = "channel", group_size: int = 0, scale: str = "absmax"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_weight` then :func:`store_codes`, about a million weights at a time
+    when rows have their own scales: the float temporaries and int32 codes of a large
+    weight (an embedding table) never exist whole. Returns (stored codes, scale, zero)."""
+    rows, cols = w2.shape
+    step = max(1, (1 << 20) // max(cols, 1))
+    if granularity == "tensor" or rows <= step:  # one scale for every row: all at once
+        codes, s, zero = quantize_weight(w2, bits, scheme, granularity, group_size, scale)
+        return store_codes(codes, bits, scheme), s, zero
+    out, scales, zeros = None, [], []
+    for start in range(0, rows, step):
+        codes, s, zero = quantize_weight(w2[start:start + step], bits, scheme, granularity,
+                                         group_size, scale)
+        block = store_codes(codes, bits, scheme)
+        if out is None:
+            out = block.new_empty((rows, *block.shape[1:]))
+        out[start:start + block.shape[0]] = block
+        scales.append(s)
+        zeros.append(zero)
+    return out, torch.cat(scales), None if zeros[0] is None else torch.cat(zeros)
+
+
 def load_codes(stored: torch.Tensor, bits: int, scheme: str, cols: int) -> torch.Tensor:
     """Inverse of :func:`store_codes`: int32 codes ``[rows, cols]``."""
     if bits == 8 and scheme == "symmetric":
@@ -257,13 +282,15 @@ class QuantizedWeight(CompressedModule):
     def __init__(self, kind: str, spec: dict, shape: tuple[int, ...], codes: torch.Tensor,
                  scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
                  bits: int, scheme: str, granularity: str, group_size: int = 0,
-                 activations: str = "none", smooth: torch.Tensor | None = None):
+                 activations: str = "none", smooth: torch.Tensor | None = None,
+                 stored: bool = False):
         super().__init__(kind, spec)
         self.shape = list(shape)
         self.bits, self.scheme, self.granularity = int(bits), scheme, granularity
         self.group_size = int(group_size)
         self.activations = activations
-        self.register_buffer("qweight", store_codes(codes, bits, scheme))
+        # ``stored``: ``codes`` are already what store_codes returns (see quantize_stored)
+        self.register_buffer("qweight", codes if stored else store_codes(codes, bits, scheme))
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero_point", None if zero is None else
                              (zero - code_range(bits, scheme)[0]).to(torch.uint8))
@@ -297,10 +324,38 @@ class QuantizedWeight(CompressedModule):
         return dequantize_weight(self.codes(), self.scale, self.zero())
 
     def weight_float(self) -> torch.Tensor:
-        w2 = self.stored_weight()
-        if self.smooth is not None:
-            w2 = w2 / self.smooth
-        return w2.reshape(self.shape)
+        if self._training_path():
+            w2 = self.stored_weight()
+            if self.smooth is not None:
+                w2 = w2 / self.smooth
+            return w2.reshape(self.shape)
+        # decoded a block of rows at a time into the result: the int32 codes and float
+        # temporaries of a whole embedding table would weigh several times the result
+        out = torch.empty(self.shape[0], self.cols, dtype=torch.float32, device=self.scale.device)
+        for start, w2 in self._decoded_rows():
+            out[start:start + w2.shape[0]] = w2
+        return out.reshape(self.shape)
+
+    def count_weights(self) -> tuple[int, int]:
+        if self._training_path():
+            return super().count_weights()
+        nonzeros = sum(int(torch.count_nonzero(w2)) for _, w2 in self._decoded_rows())
+        return self.shape[0] * self.cols, nonzeros
+
+    def _decoded_rows(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, decoded float rows) of the stored weight, ``w / smooth`` when
+        smoothed, about a million weights at a time (codes are packed row by row)."""
+        rows, cols = self.shape[0], self.cols
+        step = max(1, (1 << 20) // max(cols, 1))
+        per_row = self.scale.shape[0] > 1
+        zero = self.zero()
+        with torch.no_grad():
+            for start in range(0, rows, step):
+                end = min(rows, start + step)
+                codes = load_codes(self.qweight[start:end], self.bits, self.scheme, cols)
+                w2 = dequantize_weight(codes, self.scale[start:end] if per_row else self.scale,
+                                       zero[start:end] if per_row and zero is not None else zero)
+                yield start, (w2 / self.smooth if self.smooth is not None else w2)
 
     # -- fine-tuning -------------------------------------------------------------------------
     def _on_grid(self, w2: torch.Tensor) -> torch.Tensor:
@@ -394,7 +449,8 @@ class QuantizedLinear(QuantizedWeight):
 
     # the int8 weight and its per-output-channel scale and zero point, for the kernels
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        codes = self.codes()
+        # 8-bit symmetric codes are stored as int8 already: no int32 detour (4x their size)
+        codes = self.qweight if self.bits == 8 and self.scheme == "symmetric" else self.codes()
         zero = self.zero()
         rows = codes.shape[0]
         scale = self.scale.reshape(-1).expand(rows) if self.scale.numel() == 1 else self.scale.reshape(-1)
@@ -409,22 +465,36 @@ class QuantizedLinear(QuantizedWeight):
         hit = _prepacked.get(self)
         if hit is None or hit[0] != key:
             hit = (key, build())
-            _prepacked[self] = hit
+            if caches_enabled():
+                _prepacked[self] = hit
         return hit[1]
 
     def _mm_fbgemm(self, x2: torch.Tensor) -> torch.Tensor:
-        def build():
-            wq, scale, zero = self._int8_weight()
+        def build(weight=None, rows: slice = slice(None)):
+            wq, scale, zero = weight or self._int8_weight()
             zp = torch.zeros(len(scale), dtype=torch.long) if zero is None else zero.long()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # quantized-tensor creation warns of deprecation
-                qw = torch._make_per_channel_quantized_tensor(wq, scale.double(), zp, 0)
+                qw = torch._make_per_channel_quantized_tensor(wq[rows], scale[rows].double(),
+                                                              zp[rows], 0)
                 return torch.ops.quantized.linear_prepack(qw, None)
-        packed = self._cached("fbgemm", build)
         # fbgemm quantises its input with one scale; dividing each row by its own absmax
         # first makes that scale a per-token one (every row then spans [-1, 1])
         amax = per_token_absmax(x2)
-        y = torch.ops.quantized.linear_dynamic(x2 / amax, packed, _REDUCE_RANGE)
+        xs = x2 / amax
+        rows, cols = self.shape[0], self.cols
+        if caches_enabled() or _prepacked.get(self) is not None or rows * cols <= 1 << 22:
+            y = torch.ops.quantized.linear_dynamic(xs, self._cached("fbgemm", build), _REDUCE_RANGE)
+        else:
+            # nothing kept: prepack a block of output channels at a time, so that a large
+            # weight (a language model's head) is never copied whole, twice, for one call;
+            # channels are independent, the result is the same
+            step = max(1, (1 << 20) // max(cols, 1))
+            weight = self._int8_weight()
+            y = xs.new_empty((xs.shape[0], rows))
+            for start in range(0, rows, step):
+                y[:, start:start + step] = torch.ops.quantized.linear_dynamic(
+                    xs, build(weight, slice(start, start + step)), _REDUCE_RANGE)
         if self.bias is None:
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)
@@ -605,16 +675,18 @@ class Quantize(Pass):
         batches = ctx.calibration or [ctx.example_inputs]
         rec = _record_inputs(gm, chosen, batches)
 
-        # one set of codes per distinct weight and kind; ops of one kind that share a weight
-        # share its buffers (a weight tied between an embedding and a linear, as in GPT-2,
-        # gets one module of each kind)
+        # one module per distinct weight and kind; ops of one kind that share a weight
+        # share its module's buffers, and a weight tied between an embedding and a linear
+        # (GPT-2's) gets one module of each kind over the same codes and scales
         built: dict[tuple[str, str], QuantizedWeight] = {}
+        codes: dict[tuple, tuple] = {}
         layers: dict[str, dict] = {}
         promoted: list[str] = []
+        readers = Counter(op._input for op in chosen if isinstance(op._input, torch.fx.Node))
         for op in chosen:
             module = built.get((op.name, op.kind))
             if module is None:
-                module = self._build(op, rec)
+                module = self._build(op, rec, codes=codes)
                 built[(op.name, op.kind)] = module
             else:
                 module = _share(module)
@@ -626,11 +698,16 @@ class Quantize(Pass):
                         and layers[op.name]["rel_error"] > self.max_layer_error):
                     # the most sensitive layers keep 8 bits (per channel: the integer
                     # kernel can still run them)
-                    module = self._build(op, rec, bits=8)
+                    module = self._build(op, rec, bits=8, codes=codes)
                     built[(op.name, op.kind)] = module
                     layers[op.name] = dict(self._layer_stats(op, module, w, b, x),
                                            error_at_low_bits=layers[op.name]["rel_error"])
                     promoted.append(op.name)
+            if isinstance(op._input, torch.fx.Node) and op._input in readers:
+                readers[op._input] -= 1
+                if not readers[op._input]:  # its last reader is built: drop the recorded input
+                    rec.sample.pop(op._input, None)
+                    rec.absmax.pop(op._input, None)
             op.replace_with(module)
         before = sum(v["bytes_before"] for v in layers.values())
         after = sum(v["bytes_after"] for v in layers.values())
@@ -640,7 +717,10 @@ class Quantize(Pass):
             "bytes_before": before, "bytes_after": after,
             "worst_layer": worst, "promoted": promoted, "kernels": sorted({v["kernel"] for v in layers.values()})})
 
-    def _build(self, op, rec: _InputRecorder, bits: int | None = None) -> QuantizedWeight:
+    def _build(self, op, rec: _InputRecorder, bits: int | None = None,
+               codes: dict[tuple, tuple] | None = None) -> QuantizedWeight:
+        """The module for ``op``; ``codes`` remembers each weight's quantisation by
+        (weight, bits) so that modules of different kinds over one weight share it."""
         w = op.weight().detach().float()
         w2 = w.reshape(w.shape[0], -1)
         bits = bits or self.bits
@@ -655,16 +735,22 @@ class Quantize(Pass):
             wmax = w2.abs().amax(0).clamp(min=1e-5)
             smooth = (xmax.pow(a) / wmax.pow(1 - a)).clamp(min=1e-5)
             w2 = w2 * smooth
-        codes, scale, zero = quantize_weight(w2, bits, self.scheme, granularity,
-                                             self.group_size or 0, scale=scale_mode)
-        args = (tuple(w.shape), codes, scale, zero, op.bias(), bits, self.scheme,
+        key = (min(op.tied or (op.name,)), bits, tuple(w2.shape))  # the weight, however named
+        if smooth is None and codes is not None and key in codes:
+            stored, scale, zero = codes[key]
+        else:
+            stored, scale, zero = quantize_stored(w2, bits, self.scheme, granularity,
+                                                  self.group_size or 0, scale=scale_mode)
+            if smooth is None and codes is not None:  # a smoothed weight is the op's own
+                codes[key] = (stored, scale, zero)
+        args = (tuple(w.shape), stored, scale, zero, op.bias(), bits, self.scheme,
                 granularity, (self.group_size or 0) if granularity == "group" else 0)
         if op.kind == LINEAR:
             return QuantizedLinear(*args, activations="dynamic" if dynamic else "none",
-                                   smooth=smooth)
+                                   smooth=smooth, stored=True)
         if op.kind == CONV:
-            return QuantizedConv(op.spec, *args)
-        return QuantizedEmbedding(op.spec, *args)
+            return QuantizedConv(op.spec, *args, stored=True)
+        return QuantizedEmbedding(op.spec, *args, stored=True)
 
     @staticmethod
     def _layer_stats(op, module: QuantizedWeight, w, b, x) -> dict:
@@ -695,6 +781,7 @@ def _share(module: QuantizedWeight) -> QuantizedWeight:
 
 
 __all__ = ["Quantize", "QuantizedWeight", "QuantizedLinear", "QuantizedConv",
-           "QuantizedEmbedding", "quantize_weight", "dequantize_weight", "store_codes",
+           "QuantizedEmbedding", "quantize_weight", "quantize_stored", "dequantize_weight",
+           "store_codes",
            "load_codes", "code_range", "quantize_per_token", "per_token_absmax",
            "int8_backend", "INT8_BACKENDS", "RUNTIME_MODULES"]

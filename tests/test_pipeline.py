@@ -246,3 +246,32 @@ def test_concurrent_pipelines_match_sequential_runs(mlp, calib):
     for sd in results:
         assert sd.keys() == expected.keys()
         assert all(torch.equal(sd[k], expected[k]) for k in sd)
+
+
+def test_replaced_graphs_are_freed_and_no_runtime_cache_is_kept(mlp, calib):
+    import gc
+    import weakref
+
+    from fxpress.graph.weights import caches_enabled, compressed_modules
+
+    class Watch(fxpress.Instrument):
+        def __init__(self):
+            self.graphs, self.caching = [], []
+
+        def run_before_pass(self, pass_, gm, ctx):
+            self.graphs.append(weakref.ref(gm))
+            self.caching.append(caches_enabled())
+
+    watch = Watch()
+    gc.disable()  # the pipeline itself must collect the graphs it replaced
+    try:
+        res = fxpress.compress(mlp, "prune{sparsity=0.5},quantize{bits=8}", calibration=calib,
+                               instruments=[watch])
+        assert [g() is None for g in watch.graphs] == [True, True]
+    finally:
+        gc.enable()
+    assert watch.caching == [False, False] and caches_enabled()
+    from fxpress.passes.quantize import _prepacked
+    assert not any(m in _prepacked for _, m in compressed_modules(res.module))
+    x = calib[0][0]
+    assert torch.equal(res.module(x), res.module(x))  # caches are built on first use again

@@ -9,7 +9,8 @@ from fxpress.errors import OptionError
 from fxpress.graph.packing import packed_size
 from fxpress.graph.weights import compressed_modules, stored_bytes, weighted_ops
 from fxpress.passes.quantize import (QuantizedLinear, code_range, dequantize_weight,
-                                     int8_backend, load_codes, quantize_weight, store_codes)
+                                     int8_backend, load_codes, quantize_stored, quantize_weight,
+                                     store_codes)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -41,6 +42,27 @@ def test_per_channel_scales_follow_each_row(mlp):
     assert s_tensor.shape == (1, 1)
     _, s_group, _ = quantize_weight(w, 4, granularity="group", group_size=16)
     assert s_group.shape == (w.shape[0], w.shape[1] // 16)
+
+
+def test_large_weights_quantize_and_decode_a_block_of_rows_at_a_time():
+    # 2100 x 512: blocks of 2048 rows; every block must give what the whole weight gives
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2100, 512, generator=g)
+    w[w.abs() < 0.3] = 0
+    for bits, scheme, granularity, scale in [(8, "symmetric", "channel", "absmax"),
+                                             (4, "affine", "group", "mse"),
+                                             (3, "symmetric", "channel", "unit"),
+                                             (8, "affine", "tensor", "absmax")]:
+        group = 64 if granularity == "group" else 0
+        codes, s, z = quantize_weight(w, bits, scheme, granularity, group, scale)
+        stored, s2, z2 = quantize_stored(w, bits, scheme, granularity, group, scale)
+        assert torch.equal(stored, store_codes(codes, bits, scheme)) and torch.equal(s, s2)
+        assert (z is None and z2 is None) or torch.equal(z, z2)
+        m = QuantizedLinear(tuple(w.shape), stored, s2, z2, None, bits, scheme, granularity,
+                            group, stored=True)
+        whole = dequantize_weight(codes, s, z)
+        assert torch.equal(m.weight_float(), whole)
+        assert m.count_weights() == (whole.numel(), int(torch.count_nonzero(whole)))
 
 
 def test_unit_scale_is_round(mlp):
@@ -208,3 +230,29 @@ def test_minilm_export_graph_quantizes_and_passes_the_verifier(minilm_gm, minilm
     with torch.no_grad():
         out = res.module(ids[:5, :9], mask[:5, :9])
     assert out.shape == (5, 384)
+
+
+def test_a_weight_tied_between_an_embedding_and_a_linear_keeps_one_set_of_codes(tmp_path):
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(300, 32)
+            self.head = torch.nn.Linear(32, 300, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    ids = torch.randint(0, 300, (4, 8))
+    res = fxpress.compress(model, "quantize{bits=8}", example_inputs=(ids,), policy="warn")
+    mods = dict(compressed_modules(res.module))
+    assert {type(m).__name__ for m in mods.values()} == {"QuantizedEmbedding", "QuantizedLinear"}
+    assert len({m.qweight.data_ptr() for m in mods.values()}) == 1
+    assert stored_bytes(res.module) < 300 * 32 * 1.5  # the int8 codes once, plus scales
+    path = tmp_path / "tied.fxp"
+    fxpress.save(res.module, path)
+    header = fxpress.graph.read_header(path)
+    assert sum(e["dtype"] == "int8" for e in header["tensors"].values()) == 1
+    assert torch.equal(fxpress.load(path)(ids), res.module(ids))
