@@ -899,6 +899,9 @@ class Quantize(Pass):
                     promoted.append(op.name)
                 built[(op.name, op.kind)] = module
                 layers[op.name] = stats
+                if len(op.tied) == 1:  # only a tied weight's other ops can reuse its codes
+                    for key in [k for k in codes if k[0] == op.name]:
+                        del codes[key]
             del x
             if isinstance(op._input, torch.fx.Node) and op._input in readers:
                 readers[op._input] -= 1
