@@ -925,11 +925,12 @@ class Quantize(Pass):
         """(act_scale, smoothing alpha) variants for one layer, cheapest first. A weight
         tied to another op (GPT-2's head and token embedding) is never smoothed: its
         codes are shared, and a smoothed copy would be stored beside them."""
-        if len(op.tied) > 1 and self.smooth is None:
-            return [("tensor", None), ("token", None)] if (
-                self._dynamic(op, bits) and self.act_scale == "auto") else [
-                (self.act_scale if self._dynamic(op, bits) and self.act_scale != "auto"
-                 else "token", None)]
+        cands = self._all_candidates(op, bits)
+        if len(op.tied) > 1:
+            cands = [c for c in cands if c[1] is None] or cands
+        return cands
+
+    def _all_candidates(self, op, bits: int) -> list[tuple[str, float | None]]:
         if not self._dynamic(op, bits):
             # weight-only: activation-aware scaling (AWQ-style) costs nothing at run time,
             # since the weight is decoded anyway: try it on linear layers
