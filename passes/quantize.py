@@ -555,7 +555,7 @@ class QuantizedLinear(QuantizedWeight):
                 _broken.add(backend)  # the operator is missing or refuses: try the next
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
-    def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         # 8-bit symmetric codes are stored as int8 already: no int32 detour (4x their size)
         codes = self.qweight if self.bits == 8 and self.scheme == "symmetric" else self.codes()
         zero = self.zero()
@@ -565,9 +565,18 @@ class QuantizedLinear(QuantizedWeight):
             zero = zero.reshape(-1).expand(rows) if zero.numel() == 1 else zero.reshape(-1)
             if self.bits == 8:  # affine codes 0..255 shift into int8 with the zero point
                 codes, zero = codes - 128, zero - 128
-        rowsum = codes.sum(1, dtype=torch.int32)
-        return (codes.to(torch.int8), scale.contiguous(),
-                None if zero is None else zero.contiguous(), rowsum)
+        return codes.to(torch.int8), scale.contiguous(), None if zero is None else zero.contiguous()
+
+    def _int8_weight_sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`_int8_weight` and each code row's sum (what removing an input zero point
+        needs), summed a block of rows at a time: ``sum(dtype=int32)`` converts the whole
+        tensor first, a 4x copy of the codes (150 MB on GPT-2's head)."""
+        codes, scale, zero = self._int8_weight()
+        rowsum = torch.empty(codes.shape[0], dtype=torch.int32)
+        step = max(1, (1 << 20) // max(codes.shape[1], 1))
+        for start in range(0, codes.shape[0], step):
+            torch.sum(codes[start:start + step], 1, dtype=torch.int32, out=rowsum[start:start + step])
+        return codes, scale, zero, rowsum
 
     def _cached(self, backend: str, build):
         bias = self.bias  # fbgemm's per-tensor prepack holds a copy of it
@@ -617,7 +626,7 @@ class QuantizedLinear(QuantizedWeight):
             raise NotImplementedError("oneDNN's int8 linear takes symmetric weights only")
 
         def build(weight=None, rows: slice = slice(None)):
-            wq, scale, _, _ = weight or self._int8_weight()
+            wq, scale, _ = weight or self._int8_weight()
             return (torch.ops.onednn.qlinear_prepack(wq[rows], None),
                     scale[rows].float().contiguous(), torch.zeros(len(scale[rows]), dtype=torch.long))
 
@@ -647,7 +656,7 @@ class QuantizedLinear(QuantizedWeight):
         x2 = _smoothed(x2, inv)  # fbgemm quantises inside its kernel: smooth first
 
         def build(weight=None, rows: slice = slice(None)):
-            wq, scale, zero, _ = weight or self._int8_weight()
+            wq, scale, zero = weight or self._int8_weight()
             zp = torch.zeros(len(scale), dtype=torch.long) if zero is None else zero.long()
             bias = self.bias[rows] if per_tensor and self.bias is not None else None
             with warnings.catch_warnings():
@@ -697,13 +706,13 @@ class QuantizedLinear(QuantizedWeight):
 
     def _mm_int_mm(self, x2: torch.Tensor, source: torch.Tensor | None,
                    inv: torch.Tensor | None) -> torch.Tensor:
-        wq, sw, zw, rowsum = self._cached("int_mm", self._int8_weight)
+        wq, sw, zw, rowsum = self._cached("int_mm", self._int8_weight_sums)
         xq, sx, zx = self._quantize_input(x2, source, inv)
         return self._finish(torch._int_mm(xq, wq.t()), xq, sx, zx, sw, zw, rowsum)
 
     def _mm_reference(self, x2: torch.Tensor, source: torch.Tensor | None,
                       inv: torch.Tensor | None) -> torch.Tensor:
-        wq, sw, zw, rowsum = self._int8_weight()
+        wq, sw, zw, rowsum = self._int8_weight_sums()
         xq, sx, zx = self._quantize_input(x2, source, inv)
         # float64 holds every int8 x int8 sum exactly
         acc = (xq.double() @ wq.double().t()).round_()
@@ -952,10 +961,10 @@ class Quantize(Pass):
         sample)."""
         w, b = op.weight().detach(), op.bias()
         cands = self._candidates(op, bits)
-        if x is not None and op.kind != EMBEDDING and x.shape[0] * w.shape[0] > 1 << 22:
+        if x is not None and op.kind != EMBEDDING and x.shape[0] * w.shape[0] > CANDIDATE_OUTPUTS:
             # a wide layer (a language model's head) is measured on fewer rows, so that the
             # candidates' outputs stay small
-            x = x[:max(16, (1 << 22) // w.shape[0])]
+            x = x[:max(16, CANDIDATE_OUTPUTS // w.shape[0])]
         if len(cands) > 1 and x is None:
             cands = [c for c in cands if c == ("token", self.smooth)]
         ref = None
@@ -1062,6 +1071,10 @@ def _never_written(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return True
 
 
+#: Output values (rows x channels) a layer's candidates are measured on at most: a wide
+#: layer (a language model's head) gets fewer calibration rows, so that the float and
+#: candidate outputs held during the search stay a few MB.
+CANDIDATE_OUTPUTS = 1 << 20
 #: act_scale="auto" keeps the cheapest candidate whose error is at most (1 + AUTO_SLACK)
 #: times the best candidate's.
 AUTO_SLACK = 0.25
