@@ -1,6 +1,7 @@
 """Child process of the scale case: one pipeline on GPT-2 small, measured from the OS.
 
-Run by bench/case_scale.py as ``python -m bench.scale_child WEIGHTS PIPELINE OUT``. The
+Run by bench/case_scale.py as ``python -m bench.scale_child WEIGHTS PIPELINE OUT [SIZE [MODE]]``
+(MODE ``copy``: the default transactional pipeline; ``in_place``: ``in_place=True``). The
 weights are loaded from a safetensors file onto a model built on the meta device, so the
 measurement starts from a model that occupies exactly its bytes (no init spike). Prints
 one JSON line.
@@ -25,7 +26,7 @@ def peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(weights: str, pipeline: str, out: str, size: str = "full") -> None:
+def main(weights: str, pipeline: str, out: str, size: str = "full", mode: str = "copy") -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -54,7 +55,8 @@ def main(weights: str, pipeline: str, out: str, size: str = "full") -> None:
     model.train(False)
     loaded = rss_now()
     start = time.perf_counter()
-    res = fxpress.compress(model, pipeline, example_inputs=inputs, policy="warn", progress=False)
+    res = fxpress.compress(model, pipeline, example_inputs=inputs, policy="warn", progress=False,
+                           in_place=mode == "in_place")
     times["pipeline"] = time.perf_counter() - start
     times.update({r.spec: r.seconds for r in res.records})
     times["capture"] = res.capture.get("seconds", 0.0)

@@ -96,11 +96,13 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: A
              calibration: Iterable[Any] | None = None, train_data: Any = None,
              policy: str = "strict", capture_method: str = "auto",
              instruments: Iterable[Instrument] = (), progress: bool | None = None,
-             seed: int = 0, top1: bool | None = None) -> PipelineResult:
+             seed: int = 0, top1: bool | None = None, in_place: bool | None = None) -> PipelineResult:
     """Capture ``model`` and run ``pipeline`` on it, verifying after every pass.
 
     ``pipeline`` is text (``"prune{sparsity=0.9},quantize{bits=8}"``), a :class:`Pipeline`
-    or a list of passes. The caller's model is never modified.
+    or a list of passes. The caller's model is never modified. ``in_place=True`` rewrites
+    one graph instead of a copy per pass: a weight copy less at the peak, no ``last_good``
+    (see :mod:`fxpress.passes.pipeline`).
     """
     if isinstance(pipeline, str):
         pipe = Pipeline.parse(pipeline, policy=policy, instruments=instruments, progress=progress)
@@ -109,7 +111,8 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: A
     else:
         pipe = Pipeline(list(pipeline), policy=policy, instruments=instruments, progress=progress)
     return pipe.run(model, example_inputs, calibration=calibration, train_data=train_data,
-                    policy=policy, capture_method=capture_method, seed=seed, top1=top1)
+                    policy=policy, capture_method=capture_method, seed=seed, top1=top1,
+                    in_place=in_place)
 
 
 __all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",

@@ -54,6 +54,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     recipe = pipe.recipe
     if args.policy:
         pipe.policy = args.policy
+    if args.in_place:
+        pipe.in_place = True
     make_model = recipe.resolve("model")
     if make_model is None:
         raise PipelineSpecError(f"recipe {args.recipe}: needs model = \"file.py:callable\"")
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("run", help="run a TOML recipe and print the per-pass table")
     sr.add_argument("recipe")
     sr.add_argument("--policy", choices=("strict", "warn", "rollback"))
+    sr.add_argument("--in-place", action="store_true",
+                    help="rewrite one graph instead of a copy per pass: a weight copy less "
+                         "in memory, no rollback")
     sr.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     sr.add_argument("-o", "--output", help="save the artifact here (default: the recipe's output)")
     sr.add_argument("--entropy", action="store_true", help="entropy-code index/bitmap streams")

@@ -20,7 +20,8 @@ import torch.fx
 
 from fxpress.graph.artifact import artifact_header
 from fxpress.graph.capture import node_shape
-from fxpress.graph.weights import CompressedModule, RuntimeModule, stored_bytes, weighted_ops
+from fxpress.graph.weights import (CompressedModule, RuntimeModule, nonzeros, stored_bytes,
+                                   tensor_memo, weighted_ops)
 
 #: node attributes compared by :func:`diff` (the digest catches values changed in place)
 COMPARED = ("op", "target", "module_type", "shape", "dtype", "params", "nonzeros",
@@ -62,29 +63,44 @@ def _tensors_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[list[tor
 def _digest(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
-        t = t.detach().cpu()
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        if not t.numel():
-            continue
+        h.update(_tensor_digest(t))
+    return h.hexdigest()
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    """A hash of one tensor's shape, dtype and values (remembered while it lives unwritten).
+    A view's is its base's and its geometry, so a weight read both whole and transposed
+    (GPT-2's Conv1D) is hashed once."""
+    if t._base is not None:
+        geometry = (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        return hashlib.blake2b(_tensor_digest(t._base) + str(geometry).encode(), digest_size=8).digest()
+    return tensor_memo(t, "digest", _hash_values)
+
+
+def _hash_values(t: torch.Tensor) -> bytes:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(str((tuple(t.shape), t.dtype)).encode())
+    t = t.detach().cpu()
+    if t.numel():
         if t.dim() == 0 or t.is_contiguous():
             parts = (t,)
-        else:  # a transposed view (GPT-2's Conv1D weights): row-major bytes a block of rows
-            parts = t.split(max(1, (1 << 20) // max(t[0].numel(), 1)))  # at a time, no copy
+        else:  # a transposed tensor: row-major bytes a block of rows at a time, no copy
+            parts = t.split(max(1, (1 << 20) // max(t[0].numel(), 1)))
         for part in parts:
             h.update(part.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    return h.digest()
 
 
 def _weight_stats(m: Any, tensors: list[torch.Tensor]) -> tuple[int, int, float]:
     """(weights, non-zeros, stored bits per weight) of a node's module or tensors."""
     if isinstance(m, CompressedModule):
-        n, nonzeros = m.count_weights()
-        return n, nonzeros, m.weight_bits() / max(n, 1)
+        n, nz = m.count_weights()
+        return n, nz, m.weight_bits() / max(n, 1)
     if m is not None and isinstance(getattr(m, "weight", None), torch.Tensor):
         w = m.weight
-        return w.numel(), int(torch.count_nonzero(w)), float(w.element_size() * 8)
+        return w.numel(), nonzeros(w), float(w.element_size() * 8)
     n = sum(t.numel() for t in tensors)
-    nz = sum(int(torch.count_nonzero(t)) for t in tensors)
+    nz = sum(nonzeros(t) for t in tensors)
     bits = float(tensors[0].element_size() * 8) if tensors else 0.0
     return n, nz, bits
 
@@ -434,12 +450,27 @@ def _histogram(w: torch.Tensor, bins: int, step: int = 1 << 20) -> dict:
         for block in flat.split(step):
             block = block.float()
             counts += torch.histc(block[block != 0], bins=bins, min=lo, max=hi).long()
-    distinct = None
-    if nnz <= 1 << 22:
-        f = flat.float()
-        distinct = int(torch.unique(f[f != 0]).numel())
     return {"lo": lo, "hi": hi, "counts": [int(c) for c in counts.tolist()],
-            "zeros": int(flat.numel() - nnz), "numel": int(flat.numel()), "distinct": distinct}
+            "zeros": int(flat.numel() - nnz), "numel": int(flat.numel()),
+            "distinct": _distinct(flat) if nnz else 0}
+
+
+#: Layers with more distinct non-zero values than this report ``distinct: None``.
+DISTINCT_MAX = 4096
+
+
+def _distinct(flat: torch.Tensor, step: int = 1 << 16) -> int | None:
+    """How many distinct non-zero values ``flat`` holds, or None past :data:`DISTINCT_MAX`
+    (a float layer): blocks are merged into the running set of values, so a layer of a
+    few codebook values is counted exactly and a float layer stops at its first block
+    instead of sorting all its weights."""
+    seen = torch.empty(0)
+    for block in flat.split(step):
+        block = block.float()
+        seen = torch.unique(torch.cat([seen, block[block != 0]]))
+        if seen.numel() > DISTINCT_MAX:
+            return None
+    return int(seen.numel())
 
 
 def _layer_weights(gm: torch.fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ import functools
 import itertools
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -650,9 +651,38 @@ def stored_bytes(module: torch.nn.Module) -> int:
 
 def sparsity(t: torch.Tensor) -> float:
     """Fraction of exact zeros in ``t``."""
-    return 1.0 - float(torch.count_nonzero(t)) / max(t.numel(), 1)
+    return 1.0 - nonzeros(t) / max(t.numel(), 1)
+
+
+def nonzeros(t: torch.Tensor) -> int:
+    """``count_nonzero(t)``, remembered while ``t`` lives unwritten (:func:`tensor_memo`)."""
+    return tensor_memo(t, "nonzeros", lambda x: int(torch.count_nonzero(x)))
+
+
+_MEMO: dict[tuple, tuple[weakref.ref, Any]] = {}
+
+
+def tensor_memo(t: torch.Tensor, name: str, compute):
+    """``compute(t)``, remembered while the tensor lives and is not written.
+
+    A pipeline measures its graph before and after every pass (counts, digests), and most
+    tensors are the same on both sides: on a 124M-parameter model recounting and rehashing
+    them cost seconds a pass. The entry is keyed by the data's address, geometry, dtype
+    and version counter (bumped by every write in place) and dies with the tensor that
+    owns the data (a view's base), so an address reused by a new tensor is never a hit.
+    """
+    if t.is_inference() or t.device.type == "meta":  # no version counter / no data
+        return compute(t)
+    key = (name, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0]() is not None:
+        return hit[1]
+    value = compute(t)
+    owner = t._base if t._base is not None else t
+    _MEMO[key] = (weakref.ref(owner, lambda _, k=key: _MEMO.pop(k, None)), value)
+    return value
 
 
 __all__ = ["WeightedOp", "weighted_ops", "RuntimeModule", "CompressedModule", "compressed_modules",
            "runtime_caches", "caches_enabled", "trim_heap", "select", "unique_weights", "op_forward",
-           "conv_forward", "stored_bytes", "sparsity", "LINEAR", "CONV", "EMBEDDING", "KINDS"]
+           "conv_forward", "stored_bytes", "sparsity", "nonzeros", "tensor_memo", "LINEAR", "CONV", "EMBEDDING", "KINDS"]

@@ -10,6 +10,12 @@ tensors instead of writing into them — a pass that does not promise this gets 
 copy). A pass that raises, returns the wrong thing, breaks the graph or fails
 verification under policy ``strict`` raises an error carrying ``last_good``, the last
 graph that passed.
+
+``in_place=True`` trades that transaction for memory: a pass that promises to replace
+tensors rewrites the pipeline's own graph instead of a copy, so each weight it replaces
+is freed as it goes instead of living on in the graph before the pass (one copy of the
+weights less at the peak on a large model). The caller's model is still never modified,
+but there is no ``last_good`` (errors carry None) and policy ``rollback`` is refused.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import gc
 import math
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,8 +38,8 @@ from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture, clone_st
                                    tensors_of)
 from fxpress.graph.artifact import artifact_size
 from fxpress.graph.inspect import human_bytes, layer_summary, stamp_changes, to_networkx
-from fxpress.graph.weights import (compressed_modules, runtime_caches, stored_bytes, trim_heap,
-                                   weighted_ops)
+from fxpress.graph.weights import (compressed_modules, nonzeros, runtime_caches, stored_bytes,
+                                   trim_heap, weighted_ops)
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
 from fxpress.passes.spec import PassSpec, Recipe, format_spec, parse_recipe, parse_spec
 from fxpress.passes.verify import Metrics, Verifier, misses
@@ -145,11 +152,11 @@ def weight_counts(gm: torch.nn.Module) -> tuple[int, int]:
         seen.add(op.name)
         w = op.weight()
         params += w.numel()
-        zeros += w.numel() - int(torch.count_nonzero(w))
+        zeros += w.numel() - nonzeros(w)
     for _, m in compressed_modules(gm):
-        n, nonzeros = m.count_weights()
+        n, nz = m.count_weights()
         params += n
-        zeros += n - nonzeros
+        zeros += n - nz
     return params, zeros
 
 
@@ -226,7 +233,8 @@ class Pipeline:
     """
 
     def __init__(self, passes: Iterable[Pass], *, policy: str = "strict",
-                 instruments: Iterable[Instrument] = (), progress: bool | None = None):
+                 instruments: Iterable[Instrument] = (), progress: bool | None = None,
+                 in_place: bool = False):
         self.passes = list(passes)
         for p in self.passes:
             if not isinstance(p, Pass):
@@ -234,6 +242,7 @@ class Pipeline:
         if policy not in POLICIES:
             raise InputError(f"Pipeline: policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
+        self.in_place = bool(in_place)
         self.instruments = list(instruments)
         self.progress = progress
         self.recipe: Recipe | None = None
@@ -251,6 +260,7 @@ class Pipeline:
         """Build a pipeline from a TOML recipe (path, text or dict); keeps it as ``.recipe``."""
         recipe = parse_recipe(source)
         kwargs.setdefault("policy", recipe.policy)
+        kwargs.setdefault("in_place", recipe.in_place)
         pipe = cls([resolve_pass(s, registry) for s in recipe.passes], **kwargs)
         pipe.recipe = recipe
         return pipe
@@ -268,14 +278,21 @@ class Pipeline:
     def run(self, model: torch.nn.Module, example_inputs: Any = None, *,
             calibration: Iterable[Any] | None = None, train_data: Any = None,
             policy: str | None = None, capture_method: str = "auto",
-            seed: int = 0, top1: bool | None = None) -> PipelineResult:
+            seed: int = 0, top1: bool | None = None, in_place: bool | None = None) -> PipelineResult:
         """Capture (unless given a GraphModule), then run every pass with verification.
 
         ``top1``: measure argmax agreement (None: when the outputs look like class logits).
+        ``in_place``: rewrite one graph instead of a copy per pass (see the module docs);
+        None keeps the pipeline's setting.
         """
         policy = policy or self.policy
         if policy not in POLICIES:
             raise InputError(f"policy must be one of {POLICIES}, got {policy!r}")
+        in_place = self.in_place if in_place is None else bool(in_place)
+        if in_place and policy == "rollback":
+            raise InputError("policy 'rollback' needs the graph before each pass, which "
+                             "in_place=True does not keep; choose policy 'strict' or 'warn', "
+                             "or run with in_place=False")
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
         calib = _calibration_list(calibration)
@@ -313,13 +330,16 @@ class Pipeline:
                 for i, p in enumerate(self.passes):
                     if bar is not None:
                         bar.set_postfix_str(p.name)
+                    if in_place and p.replaces_tensors:
+                        self.last_good = None  # rewritten as the pass goes
                     record, gm, current_out, before = self._run_one(
                         i + 1, p, gm, ctx, verifier, current_out, policy,
-                        deferred_to=next((j + 1 for j in recovers_at if j > i), None))
+                        deferred_to=next((j + 1 for j in recovers_at if j > i), None),
+                        in_place=in_place)
                     records.append(record)
                     ctx.history.append(record)
-                    if self.last_good is not gm:  # kept (a rollback returns the graph before)
-                        self.last_good = gm
+                    self.last_good = gm
+                    if before is not None:  # kept (a rollback returns the graph before)
                         release_memory()
                         self._finish(p, before, gm, record)
                     if bar is not None:
@@ -333,7 +353,8 @@ class Pipeline:
             inst.run_after_pipeline(result)
         return result
 
-    def _run_one(self, index, p, current, ctx, verifier, current_out, policy, deferred_to):
+    def _run_one(self, index, p, current, ctx, verifier, current_out, policy, deferred_to,
+                 in_place=False):
         for inst in self.instruments:
             inst.run_before_pass(p, current, ctx)
         missing = [w for w in p.needs if not getattr(ctx, w)]
@@ -346,22 +367,29 @@ class Pipeline:
         # what stamping the kept graph diffs against, taken while only ``current`` is held
         before = to_networkx(current)
         trim_heap()  # what verification and measuring freed
-        work = clone_structure(current, copy_tensors=not p.replaces_tensors)
+        # in place, only a pass that replaces tensors: a pass that may write into them gets
+        # its own copies (the first graph's tensors are the caller's model's)
+        in_place = in_place and p.replaces_tensors
+        work = current if in_place else clone_structure(current, copy_tensors=not p.replaces_tensors)
+        last_good = None if in_place else current
         names = {id(t): n for n, t in list(current.named_parameters(remove_duplicate=False))
                  + list(current.named_buffers(remove_duplicate=False))}
-        versions = {id(t): t._version for t in tensors_of(current)}
+        # weakly: in place, what the pass replaces must be free to go (a tensor that died
+        # was no one else's, so a write into it harmed nothing)
+        watched = [(weakref.ref(t), names.get(id(t), "?"), t._version) for t in tensors_of(current)]
+        del names
         record = PassRecord(index, p.name, str(p), bytes_before=stored_bytes(current),
                             tolerance=p.tol.limits())
         start = time.perf_counter()
         try:
             result = p.run(work, ctx)
         except FxpressError as e:
-            e.last_good = current
+            e.last_good = last_good
             raise
         except Exception as e:
-            raise PassError(p.name, f"raised {type(e).__name__}: {e}", last_good=current) from e
+            raise PassError(p.name, f"raised {type(e).__name__}: {e}", last_good=last_good) from e
         except KeyboardInterrupt as e:
-            e.last_good = current  # type: ignore[attr-defined]
+            e.last_good = last_good  # type: ignore[attr-defined]
             raise
         record.seconds = time.perf_counter() - start
 
@@ -369,20 +397,21 @@ class Pipeline:
             got = type(result.module if isinstance(result, PassResult) else result).__name__
             raise PassError(p.name, f"returned {got}; a pass must return "
                             "PassResult(module=<GraphModule>, changed=..., stats={...})",
-                            last_good=current)
-        touched = [names.get(id(t), "?") for t in tensors_of(current) if t._version != versions[id(t)]]
+                            last_good=last_good)
+        touched = [name for ref, name, version in watched
+                   if (t := ref()) is not None and t._version != version]
         if touched:
             raise PassError(p.name, f"wrote into shared tensor(s) {touched[:5]} in place; a pass "
                             "that sets replaces_tensors=True must replace tensors "
                             "(WeightedOp.set_weight) instead of writing into them",
-                            last_good=current)
+                            last_good=last_good)
         new = result.module
         try:
             new.graph.lint()
             new.recompile()
         except Exception as e:
             raise PassError(p.name, f"left a graph that fails lint: {type(e).__name__}: {e}",
-                            last_good=current) from e
+                            last_good=last_good) from e
 
         trim_heap()  # the pass's temporaries
         v_start = time.perf_counter()
@@ -393,7 +422,7 @@ class Pipeline:
             record.incremental = verifier.compare(new_out, current_out)
         except Exception as e:
             raise PassError(p.name, f"the rewritten graph does not run on the calibration "
-                            f"inputs: {type(e).__name__}: {e}", last_good=current) from e
+                            f"inputs: {type(e).__name__}: {e}", last_good=last_good) from e
         record.verify_seconds = time.perf_counter() - v_start
         record.changed = bool(result.changed)
         record.stats = dict(result.stats)
@@ -428,7 +457,7 @@ class Pipeline:
                 raise VerificationError(
                     p.name, key, limit, value,
                     f"pass '{p.name}' {what}" if broken else None,
-                    last_good=current, record=record)
+                    last_good=last_good, record=record)
 
         new.meta.setdefault("fxpress", dict(current.meta.get("fxpress", {})))
         new.meta["fxpress"] = dict(new.meta["fxpress"])

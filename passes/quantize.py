@@ -94,16 +94,17 @@ def _grid(g: torch.Tensor, bits: int, scheme: str, ratio: float
     """Codes, scale and zero point of grouped weights ``g`` with the range clipped by ``ratio``."""
     lo, hi = code_range(bits, scheme)
     if scheme == "symmetric":
-        amax = g.abs().amax(-1) * ratio
+        amax = torch.maximum(g.amax(-1), g.amin(-1).neg_()) * ratio  # |g|'s max, no |g| copy
         scale = torch.where(amax > 0, amax / hi, torch.ones_like(amax))
-        return torch.round(g / scale.unsqueeze(-1)).clamp(lo, hi), scale, None
+        # one temporary the size of ``g``, rounded and clamped in place
+        return (g / scale.unsqueeze(-1)).round_().clamp_(lo, hi), scale, None
     # the range always includes 0, so an integer zero point represents 0 exactly
     wmin = g.amin(-1).clamp(max=0) * ratio
     wmax = g.amax(-1).clamp(min=0) * ratio
     span = wmax - wmin
     scale = torch.where(span > 0, span / (hi - lo), torch.ones_like(span))
     zero = torch.round(-wmin / scale).clamp(lo, hi)
-    codes = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), lo, hi)
+    codes = (g / scale.unsqueeze(-1)).round_().add_(zero.unsqueeze(-1)).clamp_(lo, hi)
     return codes, scale, zero
 
 

@@ -219,7 +219,8 @@ def format_spec(specs: list[PassSpec]) -> str:
 # -- TOML recipes --------------------------------------------------------------------------
 
 RECIPE_KEYS = ("model", "example_inputs", "calibration", "train_data", "evaluate", "policy",
-               "output", "entropy", "pipeline", "pass", "seed", "capture", "description")
+               "output", "entropy", "pipeline", "pass", "seed", "capture", "description",
+               "in_place")
 
 
 @dataclass
@@ -236,6 +237,7 @@ class Recipe:
     policy: str = "strict"
     output: str | None = None
     entropy: bool = False
+    in_place: bool = False
     seed: int = 0
     capture: str = "auto"
     description: str = ""
@@ -313,11 +315,12 @@ def parse_recipe(source: str | Path | dict, path: Path | None = None) -> Recipe:
                 "policy", "capture", "description"):
         if key in data and not isinstance(data[key], str):
             raise PipelineSpecError(f"{where}: '{key}' must be a string")
-    if "entropy" in data and not isinstance(data["entropy"], bool):
-        raise PipelineSpecError(f"{where}: 'entropy' must be true or false")
+    for key in ("entropy", "in_place"):
+        if key in data and not isinstance(data[key], bool):
+            raise PipelineSpecError(f"{where}: '{key}' must be true or false")
     kwargs = {k: data[k] for k in ("model", "example_inputs", "calibration", "train_data",
-                                   "evaluate", "policy", "output", "entropy", "seed", "capture",
-                                   "description") if k in data}
+                                   "evaluate", "policy", "output", "entropy", "in_place", "seed",
+                                   "capture", "description") if k in data}
     return Recipe(path=path, passes=passes, **kwargs)
 
 

@@ -151,3 +151,15 @@ def test_cli_run_output_inspect_diff_report(tmp_path, capsys):
                         "--window-size=1200,1600", html_path.as_uri()],
                        capture_output=True, timeout=120)
         assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_histogram_counts_distinct_values_of_codebook_layers_only():
+    from fxpress.graph.inspect import DISTINCT_MAX, _histogram
+
+    codes = torch.tensor([0.0, -0.5, 0.25, 1.0])[torch.randint(0, 4, (300_000,))]
+    h = _histogram(codes, 16)
+    assert h["distinct"] == 3 and h["zeros"] == int((codes == 0).sum())
+    assert _histogram(torch.randn(300_000), 16)["distinct"] is None  # past DISTINCT_MAX
+    few = torch.arange(1, DISTINCT_MAX + 1, dtype=torch.float32).repeat(3)
+    assert _histogram(few, 16)["distinct"] == DISTINCT_MAX
+    assert _histogram(torch.zeros(10), 16)["distinct"] == 0

@@ -275,3 +275,69 @@ def test_replaced_graphs_are_freed_and_no_runtime_cache_is_kept(mlp, calib):
     assert not any(m in _prepacked for _, m in compressed_modules(res.module))
     x = calib[0][0]
     assert torch.equal(res.module(x), res.module(x))  # caches are built on first use again
+
+
+class ReplacesAll(Pass):
+    """Replaces every weight, and reports which replaced weights were still alive right after
+    (held by the graph before the pass) -- what in_place=True frees."""
+
+    name = "replaces-all"
+    replaces_tensors = True
+    tolerance = Tolerance(min_cosine=0.0)
+
+    def run(self, gm, ctx):
+        import gc
+        import weakref
+
+        alive = 0
+        for op in weighted_ops(gm):
+            old = weakref.ref(op.weight())
+            op.set_weight(op.weight() * 0.5)
+            gc.collect()
+            alive += old() is not None
+        return PassResult(gm, True, {"alive": alive})
+
+
+def test_in_place_frees_what_a_pass_replaces_and_matches_the_copying_run(mlp, calib):
+    snap = state_snapshot(mlp)
+    passes = "prune{sparsity=0.5},quantize{bits=8}"
+    copied = fxpress.compress(mlp, passes, calibration=calib)
+    inplace = fxpress.compress(mlp, passes, calibration=calib, in_place=True)
+    x = calib[0][0]
+    assert torch.equal(copied.module(x), inplace.module(x))
+    assert [r.stats["bytes_after"] for r in inplace.records[1:]] == \
+        [r.stats["bytes_after"] for r in copied.records[1:]]
+    assert [r.zeros for r in inplace.records] == [r.zeros for r in copied.records]
+    sd_copied, sd_inplace = copied.module.state_dict(), inplace.module.state_dict()
+    assert sd_copied.keys() == sd_inplace.keys()
+    assert all(torch.equal(sd_copied[k], sd_inplace[k]) for k in sd_copied)
+    # a weight the pipeline made (prune's) outlives its replacement only in the graph kept
+    # for last_good; the caller's own weights are the caller's
+    steps = fxpress.Pipeline.parse("prune{sparsity=0.5}").passes + [ReplacesAll()]
+    kept = fxpress.compress(mlp, steps, calibration=calib)
+    freed = fxpress.compress(mlp, steps, calibration=calib, in_place=True)
+    assert kept.records[1].stats["alive"] == len(weighted_ops(kept.module)) == 3
+    assert freed.records[1].stats["alive"] == 0
+    kept_snap = state_snapshot(kept.module)
+    given = fxpress.compress(kept.module, [ReplacesAll()], calibration=calib, in_place=True)
+    assert given.records[0].stats["alive"] == 3  # a given GraphModule keeps its weights
+    assert_unchanged(kept.module, kept_snap)
+    assert_unchanged(mlp, snap)
+
+
+def test_in_place_has_no_last_good_and_refuses_rollback(mlp, calib):
+    snap = state_snapshot(mlp)
+    with pytest.raises(VerificationError) as e:
+        fxpress.compress(mlp, [DoubleFirst()], calibration=calib, in_place=True)
+    assert e.value.last_good is None
+    with pytest.raises(fxpress.errors.InputError, match="rollback.*in_place"):
+        fxpress.compress(mlp, [Identity()], calibration=calib, policy="rollback", in_place=True)
+    # a pass that may write into tensors still gets its own copy: the caller stays whole
+    res = fxpress.compress(mlp, [WritesInPlaceHonestly()], calibration=calib, in_place=True)
+    assert res.records[0].status == "ok"
+    assert_unchanged(mlp, snap)
+    pipe = fxpress.Pipeline.from_recipe('pipeline = "prune{sparsity=0.5}"\nin_place = true\n',
+                                        fxpress.registry())
+    assert pipe.in_place
+    with pytest.raises(fxpress.errors.PipelineSpecError, match="in_place"):
+        fxpress.Pipeline.from_recipe('pipeline = "prune"\nin_place = "yes"\n', fxpress.registry())

@@ -170,3 +170,28 @@ def test_runtime_modules_rebuild_from_config_and_tensors():
     x = torch.randn(2, 4)
     assert torch.equal(rebuilt(x), m(x)) and rebuilt.bias is None
     assert set(rebuilt.state_dict()) == {"w"}
+
+
+def test_tensor_memo_recomputes_after_writes_and_for_new_tensors():
+    from fxpress.graph.weights import nonzeros, tensor_memo
+
+    calls = []
+
+    def count(t):
+        calls.append(1)
+        return int(torch.count_nonzero(t))
+
+    w = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    assert tensor_memo(w, "t", count) == 2 and tensor_memo(w, "t", count) == 2
+    assert len(calls) == 1  # the second call is remembered
+    assert tensor_memo(w.t(), "t", count) == 2 and len(calls) == 2  # a view has its own entry
+    w[0, 0] = 5.0  # a write in place bumps the version counter
+    assert tensor_memo(w, "t", count) == 3 and len(calls) == 3
+    with torch.no_grad():
+        w.zero_()
+    assert nonzeros(w) == 0
+    del w
+    for _ in range(3):  # a new tensor, possibly at the freed address, is counted afresh
+        v = torch.ones(2, 2)
+        assert nonzeros(v) == 4
+        del v
