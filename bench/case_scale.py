@@ -63,7 +63,7 @@ def run(size: str) -> list[Table]:
         row("fp32 safetensors file", lambda r: mb(fp32_file))
         row("file ratio (fp32 / artifact)", lambda r: round(fp32_file / r["file_bytes"], 2))
     row("statuses", lambda r: " ".join(r["statuses"]))
-    t.notes.append("Measured in child processes (ru_maxrss), one per column; the model is loaded "
+    t.notes.append("Measured in child processes (the kernel's VmHWM), one per column; the model is loaded "
                    "from safetensors onto meta-device modules, so the baseline holds no init spike. "
                    "The caller's fp32 model stays alive throughout (the pipeline never modifies it), "
                    "so 2x is that model plus one rewritten copy. in_place=True rewrites one graph "

@@ -14,16 +14,27 @@ import sys
 import time
 
 
+def _status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status("VmRSS") or 0
 
 
 def peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process image's peak resident memory: the kernel's VmHWM. Not ru_maxrss where
+    VmHWM exists: Linux carries ru_maxrss over fork and exec, so a child of a large parent
+    (the bench, after the pass-speed case) would report the parent's size."""
+    hwm = _status("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(weights: str, pipeline: str, out: str, size: str = "full", mode: str = "copy") -> None:
