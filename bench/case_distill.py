@@ -18,7 +18,7 @@ def _kd_table(size: str) -> Table:
     data, batches = digits_data(), train_data()
     tiny = size == "tiny"
     teacher = trained_mlp(hidden=(32, 16) if tiny else (256, 128), epochs=5 if tiny else 40)
-    seeds = range(1 if tiny else 3 if size == "quick" else 5)
+    seeds = range(1 if size != "full" else 5)
     budgets = (2,) if tiny else (30,) if size == "quick" else (10, 30)
     fractions = (0.1,) if size != "full" else (0.1, 0.2)
     few_epochs = 2 if tiny else 30
@@ -94,7 +94,7 @@ def _recovery_table(size: str) -> Table:
     data = digits_data()
     tiny = size == "tiny"
     model = trained_mlp(hidden=(32,) if tiny else (300, 100), epochs=5 if tiny else 40)
-    ep = (lambda n: 2) if tiny else (lambda n: n)
+    ep = (lambda n: 2) if tiny else (lambda n: n) if size == "full" else (lambda n: max(2, n // 3))
     base = accuracy(model, data.x_test, data.y_test)
     dims = "-".join(str(n) for n in (64, *((32,) if tiny else (300, 100)), 10))
     t = Table(f"digits MLP {dims}: compress, then recover by distillation against the "
@@ -153,8 +153,9 @@ def _tap_table(size: str) -> Table:
               ["model", "capture", "taps", "max abs error", "forward s without taps",
                "forward s with taps", "with / without"])
     x = calibration()[0]
-    cases = [("digits MLP", trained_mlp(hidden=(32,), epochs=5) if size == "tiny" else trained_mlp(), x),
-             ("digits CNN", trained_cnn(epochs=2 if size == "tiny" else 30), x)]
+    cases = [("digits MLP", trained_mlp(hidden=(32,), epochs=5) if size == "tiny" else trained_mlp(), x)]
+    if size != "quick":  # the quick subset skips training a CNN
+        cases.append(("digits CNN", trained_cnn(epochs=2 if size == "tiny" else 30), x))
     if size != "tiny":
         from examples.minilm import batches, sentence_encoder
 
@@ -166,8 +167,9 @@ def _tap_table(size: str) -> Table:
         plain = fxpress.capture(model, inputs)
         rec = res.records[0]
         with torch.no_grad():
-            without = median_time(lambda: plain(*inputs), repeat=3 if size == "tiny" else 15)
-            with_taps = median_time(lambda: res.module(*inputs), repeat=3 if size == "tiny" else 15)
+            repeat = {"full": 15, "quick": 5}.get(size, 3)
+            without = median_time(lambda: plain(*inputs), repeat=repeat)
+            with_taps = median_time(lambda: res.module(*inputs), repeat=repeat)
         t.add(name, res.capture["method"], len(rec.stats["taps"]), rec.cumulative.max_abs,
               without, with_taps, with_taps / without)
     return t

@@ -50,10 +50,10 @@ def run(size: str) -> list[Table]:
                 continue
             p = fxpress.Pipeline.parse(text).passes[0]
             ctx = fxpress.PassContext(example_inputs=inputs, calibration=[inputs], reference=model)
-            repeat = 3 if size == "full" else 2
+            repeat, warmup = (3, 1) if size == "full" else (1, 0)
             # each run gets its own structural copy, made outside the timed call
-            copies = [fxpress.graph.clone_structure(gm) for _ in range(repeat + 1)]
-            secs = median_time(lambda: p.run(copies.pop(), ctx), repeat=repeat, warmup=1)
+            copies = [fxpress.graph.clone_structure(gm) for _ in range(repeat + warmup)]
+            secs = median_time(lambda: p.run(copies.pop(), ctx), repeat=repeat, warmup=warmup)
             t.add(text, secs, secs / floor)
         tables.append(t)
     tables[-1].notes.append("x floor: the pass's time over one read+write of the same weights "

@@ -49,7 +49,10 @@ def _digits_table(name: str, model, size: str) -> Table:
         "accuracy", "Δ accuracy", "verifier (default tolerance)"])
     pipelines = ["share{bits=4}", "binarize{mode=sign,keep_first_last=false}",
                  "prune{sparsity=0.9},share{bits=4}"]
-    if size != "tiny":
+    if size == "quick":
+        pipelines = ["share{bits=3}", "share{bits=4}", "binarize{mode=ternary}",
+                     "prune{sparsity=0.9,scope=global},share{bits=4}"]
+    elif size == "full":
         pipelines = ([f"share{{bits={b}}}" for b in (2, 3, 4, 5, 6)]
                      + ["share{bits=4,scope=global}"]
                      + [f"binarize{{mode={m}}}" for m in ("sign", "ternary", "pow2")]
@@ -96,14 +99,14 @@ def _minilm_table(size: str) -> Table:
                   "cosine mean", "cosine min", "k-means s (pass)", "forward s (median)",
                   "forward / fp32 (median of paired rounds)"])
     x = data[0]
-    rounds = 7 if size != "tiny" else 1
+    rounds = {"full": 7, "quick": 3}.get(size, 1)
     with torch.no_grad():
         fp32_s, _ = _paired(lambda: gm(*x), lambda: gm(*x), rounds)
     t.add("fp32", 32.0, fp32, 1.0, 1.0, 1.0, "-", round(fp32_s, 4), 1.0)
     include = "" if size != "tiny" else ",include=[*layer.0.attention.self.query*]"
     texts = ["share{bits=4%s}", "share{bits=6%s}", "share{bits=4,decode=once%s}",
              "share{bits=4,ops=[linear]%s}"]
-    for text in texts if size != "tiny" else texts[2:3]:
+    for text in texts if size == "full" else texts[2:3]:
         text = text % include
         res = fxpress.compress(gm, text, calibration=data, policy="warn", progress=False)
         with torch.no_grad():
@@ -120,7 +123,7 @@ def _minilm_table(size: str) -> Table:
     def fit_all(bits):
         return [kmeans_1d(w, 1 << bits) for w in linears]
 
-    for bits in (4, 6):
+    for bits in (4, 6) if size == "full" else (4,):
         start = time.perf_counter()
         fits = fit_all(bits)
         once = time.perf_counter() - start
@@ -143,6 +146,8 @@ def run(size: str) -> list[Table]:
     if size == "tiny":
         mlp, cnn = trained_mlp(hidden=(16,), epochs=5), trained_cnn(epochs=2)
     else:
-        mlp, cnn = trained_mlp(), trained_cnn()
-    return [_digits_table("MLP 64-300-100-10", mlp, size), _digits_table("CNN", cnn, size),
-            _minilm_table(size)]
+        mlp, cnn = trained_mlp(), (trained_cnn() if size == "full" else None)
+    tables = [_digits_table("MLP 64-300-100-10", mlp, size)]
+    if size != "quick":  # the quick subset keeps one digits model
+        tables.append(_digits_table("CNN", cnn, size))
+    return tables + [_minilm_table(size)]
