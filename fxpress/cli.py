@@ -1,7 +1,8 @@
 """The ``fxpress`` command.
 
     fxpress passes [--json]          every registered pass, its options and its plugin
-    fxpress run RECIPE [--policy P]  run a TOML recipe, print the per-pass table, save `output`
+    fxpress run RECIPE [--policy P] [--in-place]
+                                     run a TOML recipe, print the per-pass table, save `output`
     fxpress inspect MODEL            per-layer table of an artifact (or file.py:callable)
     fxpress diff A B                 what changed between two artifacts/models
     fxpress report ARTIFACT -o F     one self-contained HTML page about an artifact

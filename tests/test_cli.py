@@ -68,3 +68,18 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).parent / "fxpress"
     r = subprocess.run([str(exe), "passes"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "prune" in r.stdout
+
+
+def test_run_in_place_gives_the_same_artifact_and_refuses_rollback(tmp_path, capsys):
+    recipe = _recipe(tmp_path, "prune{sparsity=0.5},quantize{bits=8}")
+    a, b = tmp_path / "a.fxp", tmp_path / "b.fxp"
+    assert main(["run", str(recipe), "-o", str(a)]) == 0
+    assert main(["run", str(recipe), "--in-place", "-o", str(b)]) == 0
+    import fxpress
+    import torch
+
+    x = torch.rand(8, 64)
+    assert torch.equal(fxpress.load(a)(x), fxpress.load(b)(x))
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--in-place", "--policy", "rollback"]) == 2
+    assert "in_place" in capsys.readouterr().err
