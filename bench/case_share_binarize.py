@@ -148,6 +148,6 @@ def run(size: str) -> list[Table]:
     else:
         mlp, cnn = trained_mlp(), (trained_cnn() if size == "full" else None)
     tables = [_digits_table("MLP 64-300-100-10", mlp, size)]
-    if size != "quick":  # the quick subset keeps one digits model
+    if cnn is not None:  # the quick subset keeps one digits model
         tables.append(_digits_table("CNN", cnn, size))
     return tables + [_minilm_table(size)]

@@ -330,12 +330,15 @@ class Pipeline:
                 for i, p in enumerate(self.passes):
                     if bar is not None:
                         bar.set_postfix_str(p.name)
-                    if in_place and p.replaces_tensors:
+                    # in place, only a pass that replaces tensors: a pass that may write
+                    # into them gets its own copies (the first graph's are the caller's)
+                    rewrite = in_place and p.replaces_tensors
+                    if rewrite:
                         self.last_good = None  # rewritten as the pass goes
                     record, gm, current_out, before = self._run_one(
                         i + 1, p, gm, ctx, verifier, current_out, policy,
                         deferred_to=next((j + 1 for j in recovers_at if j > i), None),
-                        in_place=in_place)
+                        in_place=rewrite)
                     records.append(record)
                     ctx.history.append(record)
                     self.last_good = gm
@@ -367,9 +370,6 @@ class Pipeline:
         # what stamping the kept graph diffs against, taken while only ``current`` is held
         before = to_networkx(current)
         trim_heap()  # what verification and measuring freed
-        # in place, only a pass that replaces tensors: a pass that may write into them gets
-        # its own copies (the first graph's tensors are the caller's model's)
-        in_place = in_place and p.replaces_tensors
         work = current if in_place else clone_structure(current, copy_tensors=not p.replaces_tensors)
         last_good = None if in_place else current
         names = {id(t): n for n, t in list(current.named_parameters(remove_duplicate=False))
