@@ -17,7 +17,7 @@ from fxpress.errors import FxpressError
 from fxpress.graph.capture import capture
 from fxpress.passes import pipeline as _pipeline
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult, Tolerance, option
-from fxpress.passes.distill import Distiller
+from fxpress.passes.distill_train import Distiller
 from fxpress.passes.pipeline import GraphDumper, Instrument, PassRecord, PassTimer, PipelineResult
 from fxpress.plugins.manager import load_registry
 from fxpress.plugins.spec import hookimpl

@@ -17,7 +17,8 @@ from examples.digits import (DigitsMLP, accuracy, few_labels, student_accuracies
 from fxpress.errors import MissingDataError, OptionError, VerificationError
 from fxpress.graph.weights import CompressedModule, weighted_ops
 from fxpress.passes.base import Pass, PassResult, Tolerance
-from fxpress.passes.distill import Distill, Tap, _Dist, _epoch_batches, collect, tap_modules
+from fxpress.passes.distill import Distill, Tap, collect, tap_modules
+from fxpress.passes.distill_data import Dist, epoch_batches
 from fxpress.passes.prune import Prune
 from fxpress.passes.verify import Verifier
 from tests.conftest import ROOT
@@ -286,12 +287,12 @@ def test_verifier_measures_accuracy_ratio_on_labelled_batches(small_mlp, calib):
 def test_batches_are_split_like_a_distributed_sampler():
     data = list(range(7))
     state: dict = {}
-    shards = [list(_epoch_batches(data, 3, 0, _Dist(rank=r, world=2), state)) for r in (0, 1)]
+    shards = [list(epoch_batches(data, 3, 0, Dist(rank=r, world=2), state)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 4  # padded to equal length
     assert set(shards[0] + shards[1]) == set(data)
-    single = list(_epoch_batches(data, 3, 0, _Dist(), state))
+    single = list(epoch_batches(data, 3, 0, Dist(), state))
     assert shards[0] == single[0::2] and shards[1] == (single + single[:1])[1::2]
-    assert single != list(_epoch_batches(data, 4, 0, _Dist(), state))  # reshuffled per epoch
+    assert single != list(epoch_batches(data, 4, 0, Dist(), state))  # reshuffled per epoch
 
 
 def test_torchrun_two_processes_train_identical_weights(tmp_path):
