@@ -328,3 +328,13 @@ def test_recovery_trains_an_export_graph_and_skips_parameters_it_never_uses(mini
     pooler = sum(p.numel() for n, p in minilm_gm.named_parameters() if "pooler" in n)
     # BERT's pooler is computed but its output is dropped: it gets no gradient, so it is left out
     assert distill_rec.stats["trained_parameters"] == total - pooler
+
+
+def test_train_config_checks_its_fields():
+    from fxpress.errors import InputError
+    from fxpress.passes.distill_train import TrainConfig
+
+    assert TrainConfig(epochs=3, lr=0.1).schedule == "cosine"
+    for bad in ({"epochs": 0}, {"lr": 0.0}, {"optimizer": "lion"}, {"schedule": "step"}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            TrainConfig(**bad)
