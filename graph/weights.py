@@ -627,6 +627,25 @@ class CompressedModule(RuntimeModule):
         return f"kind={self.kind}"
 
 
+def kind_classes(base: type[CompressedModule], prefix: str, what: str) -> dict[str, type]:
+    """One subclass of ``base`` per op kind, ``{prefix}Linear``, ``{prefix}Conv`` and
+    ``{prefix}Embedding``, defined in ``base``'s module (the names artifacts store), so a
+    pass's runtime modules say by their class which op they replaced.
+
+    >>> classes = kind_classes(CompressedModule, "Example", "with an example weight")
+    >>> classes[LINEAR].__name__, classes[LINEAR].__doc__
+    ('ExampleLinear', 'A linear layer with an example weight (see :class:`CompressedModule`).')
+    """
+    out = {}
+    for kind, suffix, noun in ((LINEAR, "Linear", "linear layer"), (CONV, "Conv", "conv layer"),
+                               (EMBEDDING, "Embedding", "embedding")):
+        name = prefix + suffix
+        out[kind] = type(name, (base,), {
+            "__module__": base.__module__, "__qualname__": name,
+            "__doc__": f"A {noun} {what} (see :class:`{base.__name__}`)."})
+    return out
+
+
 def compressed_modules(gm: torch.nn.Module) -> list[tuple[str, CompressedModule]]:
     """Every runtime module of ``gm`` with its qualified name."""
     return [(n, m) for n, m in gm.named_modules() if isinstance(m, CompressedModule)]

@@ -30,12 +30,14 @@ Example::
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fxpress.errors import OptionError
 from fxpress.graph.packing import pack_bits, rows_byte_aligned, unpack_bits, unpack_rows
-from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, CompressedModule, select,
-                                   weighted_ops)
+from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, CompressedModule, kind_classes,
+                                   select, weighted_ops)
 from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
 
 MODES = ("sign", "ternary", "pow2")
@@ -203,10 +205,7 @@ class BinaryModule(CompressedModule):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def weight_float(self) -> torch.Tensor:
         latent = self._parameters.get("latent")
@@ -269,19 +268,9 @@ class BinaryModule(CompressedModule):
         return f"mode={self.mode}, bits={self.bits}, shape={tuple(self.shape)}, cache_weight={self.cache_weight}"
 
 
-class BinaryLinear(BinaryModule):
-    """A linear layer with binarized weights (see :class:`BinaryModule`)."""
-
-
-class BinaryConv(BinaryModule):
-    """A conv layer with binarized weights (see :class:`BinaryModule`)."""
-
-
-class BinaryEmbedding(BinaryModule):
-    """An embedding with a binarized table; a lookup unpacks only its rows."""
-
-
-BINARY_CLASSES = {LINEAR: BinaryLinear, CONV: BinaryConv, EMBEDDING: BinaryEmbedding}
+#: BinaryLinear, BinaryConv and BinaryEmbedding (an embedding lookup unpacks only its rows)
+BINARY_CLASSES = kind_classes(BinaryModule, "Binary", "with binarized weights")
+BinaryLinear, BinaryConv, BinaryEmbedding = (BINARY_CLASSES[k] for k in (LINEAR, CONV, EMBEDDING))
 
 
 # -- the pass -----------------------------------------------------------------------------
@@ -299,7 +288,7 @@ class Binarize(Pass):
     # (distill); a pipeline with a recovery step defers this check to it.
     tolerance = Tolerance(min_cosine=0.6, min_top1=0.6)
     replaces_tensors = True
-    runtime_modules = (BinaryLinear, BinaryConv, BinaryEmbedding)
+    runtime_modules = tuple(BINARY_CLASSES.values())
 
     mode = option("sign", "'sign': α·sign(w), 1 bit; 'ternary': {-α, 0, α}, 2 bits; "
                   "'pow2': ±2^k with a per-layer exponent window", choices=MODES)

@@ -34,6 +34,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -43,10 +44,10 @@ import torch
 from fxpress.errors import OptionError
 from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, unpack_bits,
                                     unpack_rows)
-from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, CompressedModule, select,
-                                   unique_weights, weighted_ops)
+from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, CompressedModule, kind_classes,
+                                   select, unique_weights, weighted_ops)
 from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
-from fxpress.passes.quantize import dequantize_weight, load_codes, quantize_weight, store_codes
+from fxpress.passes.quantize_grid import dequantize_weight, load_codes, quantize_weight, store_codes
 
 # -- 1-D k-means ------------------------------------------------------------------------------
 
@@ -252,10 +253,7 @@ class CodebookModule(CompressedModule):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def _table(self) -> torch.Tensor:
         # code 0 of a layer with zeros decodes to exactly 0.0, also while it is trained
@@ -336,19 +334,10 @@ class CodebookModule(CompressedModule):
                 f"zero_code={self.zero_code}, sparse={self.sparse}, cache_weight={self.cache_weight}")
 
 
-class CodebookLinear(CodebookModule):
-    """A linear layer with a k-means codebook weight (see :class:`CodebookModule`)."""
-
-
-class CodebookConv(CodebookModule):
-    """A conv layer with a k-means codebook weight (see :class:`CodebookModule`)."""
-
-
-class CodebookEmbedding(CodebookModule):
-    """An embedding with a k-means codebook table; a lookup unpacks only its rows."""
-
-
-CODEBOOK_CLASSES = {LINEAR: CodebookLinear, CONV: CodebookConv, EMBEDDING: CodebookEmbedding}
+#: CodebookLinear, CodebookConv and CodebookEmbedding (an embedding lookup unpacks only its rows)
+CODEBOOK_CLASSES = kind_classes(CodebookModule, "Codebook", "with a k-means codebook weight")
+CodebookLinear, CodebookConv, CodebookEmbedding = (CODEBOOK_CLASSES[k]
+                                                   for k in (LINEAR, CONV, EMBEDDING))
 
 
 # -- the pass -----------------------------------------------------------------------------
@@ -364,7 +353,7 @@ class Share(Pass):
     # embeddings to cosine ~0.99; 2-3 bits go past this and need fine-tuning.
     tolerance = Tolerance(min_cosine=0.98, min_top1=0.95)
     replaces_tensors = True
-    runtime_modules = (CodebookLinear, CodebookConv, CodebookEmbedding)
+    runtime_modules = tuple(CODEBOOK_CLASSES.values())
 
     bits = option(4, "bits per weight index; the codebook holds up to 2**bits centroids",
                   low=1, high=8)

@@ -271,7 +271,7 @@ def test_replaced_graphs_are_freed_and_no_runtime_cache_is_kept(mlp, calib):
     finally:
         gc.enable()
     assert watch.caching == [False, False] and caches_enabled()
-    from fxpress.passes.quantize import _prepacked
+    from fxpress.passes.int8 import _prepacked
     assert not any(m in _prepacked for _, m in compressed_modules(res.module))
     x = calib[0][0]
     assert torch.equal(res.module(x), res.module(x))  # caches are built on first use again

@@ -8,10 +8,12 @@ import fxpress
 from fxpress.errors import OptionError
 from fxpress.graph.packing import packed_size
 from fxpress.graph.weights import compressed_modules, stored_bytes, weighted_ops
+from fxpress.passes import int8 as I8
 from fxpress.passes import quantize as Q
-from fxpress.passes.quantize import (QuantizedLinear, code_range, dequantize_weight,
-                                     int8_backend, load_codes, quantize_stored, quantize_weight,
-                                     store_codes)
+from fxpress.passes.int8 import int8_backend
+from fxpress.passes.quantize_grid import (code_range, dequantize_weight, load_codes, quantize_stored,
+                                          quantize_weight, store_codes)
+from fxpress.passes.quantize_modules import QuantizedLinear
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -104,7 +106,7 @@ def test_dynamic_int8_matches_reference_within_activation_rounding(mlp, calib, a
     bound = span / 127 / 2 * w.abs().sum(1).double() + 1e-5 * exact.abs()
     with torch.no_grad():
         outs = {}
-        for backend in Q._available_backends():
+        for backend in I8._available_backends():
             with int8_backend(backend):
                 outs[backend] = m(x).double()
             assert ((outs[backend] - exact).abs() <= bound).all(), backend
@@ -123,12 +125,12 @@ def test_smoothed_per_tensor_input_quantises_without_a_smoothing_pass(mlp, calib
     exact = torch.nn.functional.linear(x.double(), m.weight_float().double(), m.bias.double())
     # the per-column range gives the same codes as quantising x / smooth itself
     inv = m.smooth.reciprocal()
-    folded = Q.quantize_per_tensor(x, 255, signed=False, col_scale=inv)
-    direct = Q.quantize_per_tensor(x * inv, 255, signed=False)
+    folded = I8.quantize_per_tensor(x, 255, signed=False, col_scale=inv)
+    direct = I8.quantize_per_tensor(x * inv, 255, signed=False)
     assert folded[1:] == pytest.approx(direct[1:]) and (folded[0].int() - direct[0].int()).abs().max() <= 1
     with torch.no_grad():
         outs = {}
-        for backend in Q._available_backends():
+        for backend in I8._available_backends():
             with int8_backend(backend):
                 outs[backend] = m(x).double()
             assert (outs[backend] - exact).norm() / exact.norm() < 0.01, backend
@@ -162,10 +164,10 @@ def test_layers_reading_one_input_share_its_codes_only_when_nothing_writes_it(ca
             assert torch.allclose(res.module(x), model(x), atol=0.05)
     # the cache checks identity and version: an input written in place is re-quantised
     x = torch.randn(8, 64)
-    first = Q._shared_input(x, x, signed=False)
-    assert Q._shared_input(x, x, signed=False) is first
+    first = I8._shared_input(x, x, signed=False)
+    assert I8._shared_input(x, x, signed=False) is first
     x.mul_(3)
-    again = Q._shared_input(x, x, signed=False)
+    again = I8._shared_input(x, x, signed=False)
     assert again is not first and again[1] == pytest.approx(3 * first[1], rel=1e-5)
 
 

@@ -1,0 +1,349 @@
+"""The int8 matmul behind dynamic activation quantisation: the kernels (oneDNN, fbgemm,
+``torch._int_mm`` and a float64 reference of the same integer product), which of them runs
+here (:data:`INT8_BACKENDS`, :func:`int8_backend`), and the run-time quantisation of the
+input (per tensor, per token, shared between layers that read one input).
+
+:class:`Int8Kernels` is the part of :class:`~fxpress.passes.quantize_modules.QuantizedLinear`
+that multiplies: it needs the layer's ``qweight``, ``scale``, ``zero_point``, ``bias``,
+``smooth``, ``shape``, ``bits``, ``scheme``, ``act_scale`` and ``shares_input``, and its
+``codes()`` and ``zero()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+import weakref
+from typing import Iterator
+
+import torch
+
+from fxpress.graph.weights import caches_enabled
+
+def _cpu_has_vnni() -> bool:
+    # fbgemm's AVX2/AVX512 kernels without VNNI add u8*s8 pairs in int16 and can saturate
+    # at full 8-bit range; with VNNI (or AMX) they accumulate in int32.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+_REDUCE_RANGE = not _cpu_has_vnni()
+#: Layers with fewer input or output features than this skip the oneDNN kernel (see
+#: :meth:`QuantizedLinear.kernels`; on the 64-300-100-10 digits MLP it was 1.3x slower
+#: than fbgemm, on MiniLM's 384/1536-wide layers 1.2x faster).
+ONEDNN_MIN_WIDTH = 256
+#: Order in which dynamic int8 linear kernels are tried; the first that works is used
+#: (oneDNN's, which Inductor uses for x86 int8 and which runs on AMX/VNNI, takes
+#: symmetric weights only; layers with affine weights start at fbgemm).
+INT8_BACKENDS = ("onednn", "fbgemm", "int_mm", "reference")
+_backend_override: list[str] = []
+_broken: set[str] = set()
+_prepacked: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def int8_backend(name: str) -> Iterator[None]:
+    """Force one dynamic int8 kernel in the block ("onednn", "fbgemm", "int_mm" or
+    "reference").
+
+    >>> with int8_backend("reference"):                     # doctest: +SKIP
+    ...     y = quantized_linear(x)
+    """
+    if name not in INT8_BACKENDS:
+        raise ValueError(f"backend must be one of {INT8_BACKENDS}, got {name!r}")
+    _backend_override.append(name)
+    try:
+        yield
+    finally:
+        _backend_override.pop()
+
+
+def _available_backends() -> list[str]:
+    if _backend_override:
+        return [_backend_override[-1]]
+    out = []
+    if ("onednn" not in _broken and hasattr(torch.ops, "onednn")
+            and hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()):
+        out.append("onednn")
+    if "fbgemm" not in _broken and hasattr(torch.ops.quantized, "linear_dynamic"):
+        out.append("fbgemm")
+    if "int_mm" not in _broken and hasattr(torch, "_int_mm"):
+        out.append("int_mm")
+    out.append("reference")
+    return out
+
+
+def quantize_per_tensor(x2: torch.Tensor, levels: int = 255, signed: bool = True,
+                        col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
+    """Affine 8-bit codes of all of ``x2`` with one scale, as fbgemm's dynamic linear
+    quantises its input: the range ``[min(x, 0), max(x, 0)]`` in ``levels`` steps with an
+    integer zero point, so ``x ≈ scale · (codes - zero)``. ``signed``: codes and zero
+    point shifted by -128 into int8 (for ``torch._int_mm``); else uint8 (oneDNN's input).
+    Returns ``(codes, scale, zero)``; rounds half up.
+
+    ``col_scale`` (positive, one per column): quantise ``x2 · col_scale`` (SmoothQuant's
+    ``x / s``) without building it: the range comes from per-column minima and maxima.
+
+    Three passes over ``x2``: ``x/scale + zero`` lies in ``[0, levels]`` (up to float
+    rounding), so adding 0.5 and truncating in the conversion to uint8 rounds it with no
+    clamp pass.
+    """
+    if col_scale is None:
+        lo, hi = torch.aminmax(x2)
+    else:
+        # amin/amax along dim 0 are ~7x faster here than aminmax(dim=0)
+        lo, hi = (x2.amin(0) * col_scale).min(), (x2.amax(0) * col_scale).max()
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max((hi - lo) / levels, 1e-12)
+    zero = min(max(round(-lo / scale), 0), levels)
+    if col_scale is None:
+        q = torch.add(torch.tensor(zero + 0.5), x2, alpha=1.0 / scale)
+    else:
+        q = torch.addcmul(torch.tensor(zero + 0.5), x2, col_scale / scale)
+    if signed:
+        return q.floor_().clamp_(0, levels).sub_(128).to(torch.int8), scale, zero - 128
+    return q.to(torch.uint8), scale, zero
+
+
+_local = threading.local()
+_ROUNDED_ZERO = torch.tensor(128.5)
+
+
+def _shared_input(x2: torch.Tensor, source: torch.Tensor | None, signed: bool
+                  ) -> tuple[torch.Tensor, float, int]:
+    """:func:`quantize_per_tensor` of ``x2``, reused when the previous layer quantised the
+    very same input (q, k and v of an attention block read one LayerNorm output).
+
+    ``source`` is the layer's input tensor, given only by layers the quantize pass marked
+    ``shares_input`` (their input node has no in-place users); the codes are reused while
+    it is the same live object at the same version. One entry per thread.
+    """
+    hit = getattr(_local, "last", None)
+    if source is not None and hit is not None:
+        ref, version, was_signed, value = hit
+        if ref() is source and was_signed == signed and (
+                version is None or version == source._version):
+            return value
+    value = quantize_per_tensor(x2, 255, signed)
+    if source is not None:
+        version = None if source.is_inference() else source._version
+        _local.last = (weakref.ref(source), version, signed, value)
+    return value
+
+
+def _smoothed(x2: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
+    """``x2`` with its columns divided by the smoothing factors (``inv`` = their inverses)."""
+    return x2 if inv is None else x2 * inv
+
+
+def per_token_absmax(x2: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` of each row as ``[rows, 1]``, at least a tiny positive number.
+
+    Two reductions (max and min) read ``x`` twice but write nothing, which measured
+    faster on CPU than ``x.abs().amax()`` or ``aminmax``.
+    """
+    return torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_()).clamp_(min=1e-12)
+
+
+def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row of ``x2`` and the row scales ``[rows, 1]``."""
+    amax = per_token_absmax(x2)
+    return torch.mul(x2, 127.0 / amax).round_().to(torch.int8), amax / 127.0
+
+
+class Int8Kernels:
+    """Dynamic int8 linear: quantise the input at run time, multiply in integers, rescale."""
+
+    def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x)`` through the first kernel of :meth:`kernels` that runs here."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        source = x if self.shares_input and self.act_scale == "tensor" else None
+        # smoothing divides the input's columns by ``smooth``: the kernels multiply by its
+        # inverse, folded into the quantisation where they can (per-tensor scales)
+        inv = None if self.smooth is None else self.smooth.reciprocal()
+        if inv is not None:
+            source = None
+        if x2.dtype != torch.float32:
+            x2, source = x2.float(), None
+        for backend in self.kernels():
+            try:
+                y = getattr(self, f"_mm_{backend}")(x2, source, inv)
+                break
+            except (RuntimeError, NotImplementedError):
+                if _backend_override or backend == "reference":
+                    raise
+                _broken.add(backend)  # the operator is missing or refuses: try the next
+        return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+    def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        # 8-bit symmetric codes are stored as int8 already: no int32 detour (4x their size)
+        codes = self.qweight if self.bits == 8 and self.scheme == "symmetric" else self.codes()
+        zero = self.zero()
+        rows = codes.shape[0]
+        scale = self.scale.reshape(-1).expand(rows) if self.scale.numel() == 1 else self.scale.reshape(-1)
+        if zero is not None:
+            zero = zero.reshape(-1).expand(rows) if zero.numel() == 1 else zero.reshape(-1)
+            if self.bits == 8:  # affine codes 0..255 shift into int8 with the zero point
+                codes, zero = codes - 128, zero - 128
+        return codes.to(torch.int8), scale.contiguous(), None if zero is None else zero.contiguous()
+
+    def _int8_weight_sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`_int8_weight` and each code row's sum (what removing an input zero point
+        needs), summed a block of rows at a time: ``sum(dtype=int32)`` converts the whole
+        tensor first, a 4x copy of the codes (150 MB on GPT-2's head)."""
+        codes, scale, zero = self._int8_weight()
+        rowsum = torch.empty(codes.shape[0], dtype=torch.int32)
+        step = max(1, (1 << 20) // max(codes.shape[1], 1))
+        for start in range(0, codes.shape[0], step):
+            torch.sum(codes[start:start + step], 1, dtype=torch.int32, out=rowsum[start:start + step])
+        return codes, scale, zero, rowsum
+
+    def _cached(self, backend: str, build):
+        bias = self.bias  # fbgemm's per-tensor prepack holds a copy of it
+        key = (backend, self.act_scale, self.qweight.data_ptr(), self.qweight._version,
+               self.scale._version, id(bias),
+               None if bias is None or bias.is_inference() else bias._version)
+        hit = _prepacked.get(self)
+        if hit is None or hit[0] != key:
+            hit = (key, build())
+            if caches_enabled():
+                _prepacked[self] = hit
+        return hit[1]
+
+    def kernels(self) -> list[str]:
+        """The dynamic int8 kernels this layer tries, in order. oneDNN's needs symmetric
+        weights, and only pays off on wide layers: it takes the input already quantised,
+        and the three elementwise passes that does cost more than its faster matmul saves
+        when the layer is narrow (fbgemm quantises inside its kernel)."""
+        kernels = _available_backends()
+        if kernels[0] == "onednn" and not _backend_override and (
+                self.zero_point is not None or min(self.shape[0], self.cols) < ONEDNN_MIN_WIDTH):
+            return kernels[1:]
+        return kernels
+
+    def _packed_product(self, backend: str, build, apply) -> torch.Tensor:
+        """``apply(packed, rows)`` over the prepacked weight ``build(weight, rows)``: cached
+        whole, or, when runtime caches are off and the weight is large, prepacked a block
+        of output channels at a time and dropped (a language model's head is never copied
+        whole for one call); channels are independent, so the result is the same."""
+        rows, cols = self.shape[0], self.cols
+        if caches_enabled() or _prepacked.get(self) is not None or rows * cols <= 1 << 22:
+            return apply(self._cached(backend, build), slice(None))
+        step = max(1, (1 << 20) // max(cols, 1))
+        weight = self._int8_weight()
+        y = None
+        for start in range(0, rows, step):
+            block = slice(start, start + step)
+            part = apply(build(weight, block), block)
+            if y is None:
+                y = part.new_empty((part.shape[0], rows))
+            y[:, block] = part
+        return y
+
+    def _mm_onednn(self, x2: torch.Tensor, source: torch.Tensor | None,
+                   inv: torch.Tensor | None) -> torch.Tensor:
+        if self.zero_point is not None:
+            raise NotImplementedError("oneDNN's int8 linear takes symmetric weights only")
+
+        def build(weight=None, rows: slice = slice(None)):
+            wq, scale, _ = weight or self._int8_weight()
+            return (torch.ops.onednn.qlinear_prepack(wq[rows], None),
+                    scale[rows].float().contiguous(), torch.zeros(len(scale[rows]), dtype=torch.long))
+
+        if self.act_scale == "tensor":
+            xq, sx, zx = (_shared_input(x2, source, signed=False) if inv is None else
+                          quantize_per_tensor(x2, 255, signed=False, col_scale=inv))
+            bias = self.bias
+            return self._packed_product("onednn", build, lambda p, rows: (
+                torch.ops.onednn.qlinear_pointwise(xq, sx, zx, p[0], p[1], p[2],
+                                                   None if bias is None else bias[rows],
+                                                   1.0, 0, torch.float32, "none", [], "")))
+        x2 = _smoothed(x2, inv)
+        # per token: each row divided by its absmax spans [-1, 1], one fixed scale 1/127;
+        # 128.5 + 127·x/amax lies in [1.5, 255.5], so truncating to uint8 rounds it
+        amax = per_token_absmax(x2)
+        xq = torch.addcmul(_ROUNDED_ZERO, x2, 127.0 / amax).to(torch.uint8)
+        y = self._packed_product("onednn", build, lambda p, rows: (
+            torch.ops.onednn.qlinear_pointwise(xq, 1.0 / 127, 128, p[0], p[1], p[2], None,
+                                               1.0, 0, torch.float32, "none", [], "")))
+        if self.bias is None:
+            return y.mul_(amax)
+        return torch.addcmul(self.bias, y, amax, out=y)
+
+    def _mm_fbgemm(self, x2: torch.Tensor, source: torch.Tensor | None,
+                   inv: torch.Tensor | None) -> torch.Tensor:
+        per_tensor = self.act_scale == "tensor"
+        x2 = _smoothed(x2, inv)  # fbgemm quantises inside its kernel: smooth first
+
+        def build(weight=None, rows: slice = slice(None)):
+            wq, scale, zero = weight or self._int8_weight()
+            zp = torch.zeros(len(scale), dtype=torch.long) if zero is None else zero.long()
+            bias = self.bias[rows] if per_tensor and self.bias is not None else None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # quantized-tensor creation warns of deprecation
+                qw = torch._make_per_channel_quantized_tensor(wq[rows], scale[rows].double(),
+                                                              zp[rows], 0)
+                return torch.ops.quantized.linear_prepack(qw, bias)
+
+        if per_tensor:  # fbgemm quantises the input with one affine scale and adds the bias
+            return self._packed_product("fbgemm", build, lambda p, rows: (
+                torch.ops.quantized.linear_dynamic(x2, p, _REDUCE_RANGE)))
+        # dividing each row by its own absmax first makes fbgemm's one scale a per-token
+        # one (every row then spans [-1, 1])
+        amax = per_token_absmax(x2)
+        xs = x2 / amax
+        y = self._packed_product("fbgemm", build, lambda p, rows: (
+            torch.ops.quantized.linear_dynamic(xs, p, _REDUCE_RANGE)))
+        if self.bias is None:
+            return y.mul_(amax)
+        return torch.addcmul(self.bias, y, amax, out=y)
+
+    def _quantize_input(self, x2: torch.Tensor, source: torch.Tensor | None,
+                        inv: torch.Tensor | None):
+        """int8 codes of the (smoothed) input, their scale ([rows, 1] or 0-d) and zero point
+        (or None)."""
+        if self.act_scale == "tensor":
+            xq, sx, zx = (_shared_input(x2, source, signed=True) if inv is None else
+                          quantize_per_tensor(x2, 255, signed=True, col_scale=inv))
+            return xq, torch.tensor(sx), torch.tensor(zx, dtype=torch.int32)
+        xq, sx = quantize_per_token(_smoothed(x2, inv))
+        return xq, sx, None
+
+    def _finish(self, acc: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor,
+                zx: torch.Tensor | None, sw: torch.Tensor, zw: torch.Tensor | None,
+                rowsum: torch.Tensor) -> torch.Tensor:
+        """Scale an integer product ``xq @ wq.T`` into the output, removing the zero points:
+        sum (x - zx)(w - zw) = sum x·w - zw·sum x - zx·sum (w - zw)."""
+        if zw is not None:
+            acc = acc - xq.sum(1, keepdim=True, dtype=acc.dtype) * zw.to(acc.dtype)
+            rowsum = rowsum - xq.shape[1] * zw
+        if zx is not None:
+            acc = acc - zx.to(acc.dtype) * rowsum.to(acc.dtype)
+        if self.bias is None:
+            return acc * (sx * sw)
+        bias = self.bias.double() if acc.dtype == torch.float64 else self.bias
+        return torch.addcmul(bias, acc, sx * sw)
+
+    def _mm_int_mm(self, x2: torch.Tensor, source: torch.Tensor | None,
+                   inv: torch.Tensor | None) -> torch.Tensor:
+        wq, sw, zw, rowsum = self._cached("int_mm", self._int8_weight_sums)
+        xq, sx, zx = self._quantize_input(x2, source, inv)
+        return self._finish(torch._int_mm(xq, wq.t()), xq, sx, zx, sw, zw, rowsum)
+
+    def _mm_reference(self, x2: torch.Tensor, source: torch.Tensor | None,
+                      inv: torch.Tensor | None) -> torch.Tensor:
+        wq, sw, zw, rowsum = self._int8_weight_sums()
+        xq, sx, zx = self._quantize_input(x2, source, inv)
+        # float64 holds every int8 x int8 sum exactly
+        acc = (xq.double() @ wq.double().t()).round_()
+        y = self._finish(acc, xq, sx.double(), zx, sw.double(), zw, rowsum)
+        return y.float()
+
+
+__all__ = ["INT8_BACKENDS", "ONEDNN_MIN_WIDTH", "Int8Kernels", "int8_backend",
+           "quantize_per_tensor", "quantize_per_token", "per_token_absmax"]

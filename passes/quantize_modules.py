@@ -1,0 +1,238 @@
+"""The quantize pass's runtime modules: a linear, conv or embedding whose weight is stored
+as packed integer codes and scales (:mod:`fxpress.passes.quantize_grid`), decoded on the
+fly or multiplied in int8 (:mod:`fxpress.passes.int8`).
+
+Artifacts name these classes ``fxpress.passes.quantize.<class>`` (where they were first
+defined): ``__module__`` keeps that name, so old and new artifacts load alike.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, CompressedModule
+from fxpress.passes.int8 import Int8Kernels, _prepacked
+from fxpress.passes.quantize_grid import code_range, dequantize_weight, load_codes, store_codes
+
+#: the module the artifact format names these classes by
+ARTIFACT_MODULE = "fxpress.passes.quantize"
+
+class QuantizedWeight(CompressedModule):
+    """A weighted op whose weight is stored as packed integer codes and scales.
+
+    Buffers (the whole state_dict): ``qweight`` (int8 ``[rows, cols]`` for 8-bit
+    symmetric, else uint8 codes packed per row), ``scale`` (float32 per channel, tensor
+    or group), ``zero_point`` (uint8, affine only), ``bias`` (float, optional) and
+    ``smooth`` (float32 per input column, when the pass migrated activation outliers
+    into the weight, SmoothQuant-style: the stored weight is ``w · smooth``).
+    """
+
+    technique = "quantize"
+    optional_tensors = ("bias", "zero_point", "smooth")
+    #: how a dynamic linear quantises its input: "token" (a scale per row) or "tensor"
+    #: (one affine scale); artifacts written before the option existed are per-token
+    act_scale = "token"
+
+    def __init__(self, kind: str, spec: dict, shape: tuple[int, ...], codes: torch.Tensor,
+                 scale: torch.Tensor, zero: torch.Tensor | None, bias: torch.Tensor | None,
+                 bits: int, scheme: str, granularity: str, group_size: int = 0,
+                 activations: str = "none", smooth: torch.Tensor | None = None,
+                 act_scale: str = "token", stored: bool = False):
+        super().__init__(kind, spec)
+        self.act_scale = act_scale
+        self.shape = list(shape)
+        self.bits, self.scheme, self.granularity = int(bits), scheme, granularity
+        self.group_size = int(group_size)
+        self.activations = activations
+        # ``stored``: ``codes`` are already what store_codes returns (see quantize_stored)
+        self.register_buffer("qweight", codes if stored else store_codes(codes, bits, scheme))
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero_point", None if zero is None else
+                             (zero - code_range(bits, scheme)[0]).to(torch.uint8))
+        self.register_buffer("smooth", None if smooth is None else smooth.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def config(self) -> dict:
+        return {**super().config(), "shape": list(self.shape), "bits": self.bits,
+                "scheme": self.scheme, "granularity": self.granularity,
+                "group_size": self.group_size, "activations": self.activations,
+                "act_scale": self.act_scale}
+
+    # -- decoding ------------------------------------------------------------------------
+    @property
+    def cols(self) -> int:
+        return int(math.prod(self.shape[1:]))
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes ``[rows, cols]`` (int32)."""
+        return load_codes(self.qweight, self.bits, self.scheme, self.cols)
+
+    def zero(self) -> torch.Tensor | None:
+        if self.zero_point is None:
+            return None
+        return self.zero_point.to(torch.int32) + code_range(self.bits, self.scheme)[0]
+
+    def stored_weight(self) -> torch.Tensor:
+        """The decoded 2-D weight as stored (``w · smooth`` when smoothed)."""
+        latent = getattr(self, "latent", None)
+        if latent is not None:
+            return self._on_grid(self.keep_zeros(latent))
+        return dequantize_weight(self.codes(), self.scale, self.zero())
+
+    def weight_float(self) -> torch.Tensor:
+        if self._training_path():
+            w2 = self.stored_weight()
+            if self.smooth is not None:
+                w2 = w2 / self.smooth
+            return w2.reshape(self.shape)
+        # decoded a block of rows at a time into the result: the int32 codes and float
+        # temporaries of a whole embedding table would weigh several times the result
+        out = torch.empty(self.shape[0], self.cols, dtype=torch.float32, device=self.scale.device)
+        for start, w2 in self._decoded_rows():
+            out[start:start + w2.shape[0]] = w2
+        return out.reshape(self.shape)
+
+    def count_weights(self) -> tuple[int, int]:
+        if self._training_path():
+            return super().count_weights()
+        nonzeros = sum(int(torch.count_nonzero(w2)) for _, w2 in self._decoded_rows())
+        return self.shape[0] * self.cols, nonzeros
+
+    def _decoded_rows(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, decoded float rows) of the stored weight, ``w / smooth`` when
+        smoothed, about a million weights at a time (codes are packed row by row)."""
+        rows, cols = self.shape[0], self.cols
+        step = max(1, (1 << 20) // max(cols, 1))
+        per_row = self.scale.shape[0] > 1
+        zero = self.zero()
+        with torch.no_grad():
+            for start in range(0, rows, step):
+                end = min(rows, start + step)
+                codes = load_codes(self.qweight[start:end], self.bits, self.scheme, cols)
+                w2 = dequantize_weight(codes, self.scale[start:end] if per_row else self.scale,
+                                       zero[start:end] if per_row and zero is not None else zero)
+                yield start, (w2 / self.smooth if self.smooth is not None else w2)
+
+    # -- fine-tuning -------------------------------------------------------------------------
+    def _on_grid(self, w2: torch.Tensor) -> torch.Tensor:
+        """Straight-through fake quantisation of ``w2`` on this module's fixed grid."""
+        lo, hi = code_range(self.bits, self.scheme)
+        rows_s = self.scale.shape[0]
+        g = w2.reshape(rows_s if rows_s > 1 else 1, self.scale.shape[1], -1)
+        s = self.scale.unsqueeze(-1)
+        z = self.zero()
+        zz = 0.0 if z is None else z.unsqueeze(-1).float()
+        q = torch.clamp(torch.round(g.detach() / s) + zz, lo, hi)
+        snapped = ((q - zz) * s).reshape(w2.shape)
+        return w2 + (snapped - w2).detach()
+
+    def begin_training(self) -> list[torch.nn.Parameter]:
+        """Add a float latent weight (``latent``, the decoded weight) and make the bias
+        trainable; return both for an optimizer. Forward then snaps the latent onto the
+        stored grid (same scales and zero points) with a straight-through estimator, so
+        what is trained is exactly what :meth:`end_training` will store."""
+        if getattr(self, "latent", None) is None:
+            w2 = dequantize_weight(self.codes(), self.scale, self.zero())
+            self.remember_zeros(w2)  # pruned weights stay exactly zero
+            self.latent = torch.nn.Parameter(w2, requires_grad=True)
+        params = [self.latent]
+        if self.bias is not None:
+            bias = self._buffers.pop("bias")
+            self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=True)
+            params.append(self.bias)
+        return params
+
+    def end_training(self) -> None:
+        """Re-quantise the latent weight into ``qweight`` with the same scales, drop it."""
+        latent = getattr(self, "latent", None)
+        if latent is None:
+            return
+        with torch.no_grad():
+            lo, hi = code_range(self.bits, self.scheme)
+            rows_s = self.scale.shape[0]
+            g = self.keep_zeros(latent.detach()).reshape(
+                rows_s if rows_s > 1 else 1, self.scale.shape[1], -1)
+            z = self.zero()
+            zz = 0.0 if z is None else z.unsqueeze(-1).float()
+            q = torch.clamp(torch.round(g / self.scale.unsqueeze(-1)) + zz, lo, hi)
+            self.qweight = store_codes(q.reshape(latent.shape).to(torch.int32), self.bits, self.scheme)
+        del self.latent
+        if isinstance(self.bias, torch.nn.Parameter):
+            bias = self._parameters.pop("bias")
+            self.register_buffer("bias", bias.detach())
+        _prepacked.pop(self, None)
+
+    def _training_path(self) -> bool:
+        return getattr(self, "latent", None) is not None
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, shape={tuple(self.shape)}, bits={self.bits}, "
+                f"scheme={self.scheme}, granularity={self.granularity}"
+                + (f", group_size={self.group_size}" if self.granularity == "group" else "")
+                + f", activations={self.activations}"
+                + (f", act_scale={self.act_scale}" if self.activations == "dynamic" else ""))
+
+
+class QuantizedLinear(Int8Kernels, QuantizedWeight):
+    """A linear layer with integer weights.
+
+    ``activations="dynamic"``: the input is quantised to 8 bits at run time, with one
+    affine scale for the whole input (``act_scale="tensor"``) or one scale per row
+    (``"token"``), and multiplied in integers by the first kernel of
+    :data:`INT8_BACKENDS` that runs here (oneDNN, fbgemm, ``torch._int_mm``, or a float64
+    reference of the same integer product). ``"none"``: the weight is decoded and
+    multiplied in float.
+    """
+
+    #: set by the quantize pass when the input node has no in-place users, so layers
+    #: reading one input (q, k, v) may reuse its per-tensor codes (:func:`_shared_input`)
+    shares_input = False
+
+    def __init__(self, *args: Any, shares_input: bool = False, **kwargs: Any):
+        super().__init__(LINEAR, {}, *args, **kwargs)
+        self.shares_input = bool(shares_input)
+
+    def config(self) -> dict:
+        return {**super().config(), "shares_input": self.shares_input}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations != "dynamic" or self._training_path() or x.requires_grad:
+            return F.linear(x, self.weight_float(), self.bias)
+        return self.int8_forward(x)
+
+
+class QuantizedConv(QuantizedWeight):
+    """A conv with integer weights, decoded on the fly (weight-only)."""
+
+    def __init__(self, spec: dict, *args: Any, **kwargs: Any):
+        super().__init__(CONV, spec, *args, **kwargs)
+
+
+class QuantizedEmbedding(QuantizedWeight):
+    """An embedding table with integer rows; a lookup decodes only the rows it reads."""
+
+    def __init__(self, spec: dict, *args: Any, **kwargs: Any):
+        super().__init__(EMBEDDING, spec, *args, **kwargs)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if self._training_path() or self.granularity == "tensor" or self.smooth is not None:
+            return F.embedding(indices, self.weight_float(), self.spec.get("padding_idx"))
+        flat = indices.reshape(-1)
+        rows = self.qweight.index_select(0, flat)
+        codes = load_codes(rows, self.bits, self.scheme, self.cols)
+        zero = self.zero()
+        out = dequantize_weight(codes, self.scale.index_select(0, flat),
+                                None if zero is None else zero.index_select(0, flat))
+        return out.reshape(*indices.shape, self.cols)
+
+
+RUNTIME_MODULES = (QuantizedLinear, QuantizedConv, QuantizedEmbedding)
+for _cls in RUNTIME_MODULES + (QuantizedWeight,):
+    _cls.__module__ = ARTIFACT_MODULE
+
+
+__all__ = ["QuantizedWeight", "QuantizedLinear", "QuantizedConv", "QuantizedEmbedding",
+           "RUNTIME_MODULES"]
