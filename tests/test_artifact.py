@@ -338,7 +338,7 @@ def test_filler_counts_are_the_same_block_by_block(monkeypatch):
 
     rng = np.random.default_rng(1)
     for block in (1, 7, 64, 1 << 22):
-        monkeypatch.setattr(artifact, "_BLOCK", block)
+        monkeypatch.setattr(artifact.tensors, "_BLOCK", block)
         for n in (0, 1, 16, 1000):
             for p in (0.0, 0.01, 0.3, 1.0):
                 mask = rng.random(n) < p

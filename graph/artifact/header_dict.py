@@ -72,7 +72,7 @@ _DATA = (
 HEADER_ZDICT: bytes = zlib.decompress(base64.b64decode(_DATA))
 HEADER_ZDICT_SHA256 = "3285f5b98d80a652967b8a9b6d8c03fcc7847af264c5f1278a1ef69bc2dee531"
 if hashlib.sha256(HEADER_ZDICT).hexdigest() != HEADER_ZDICT_SHA256:  # pragma: no cover
-    raise ImportError("fxpress.graph.header_dict was edited: artifacts written with the "
+    raise ImportError("fxpress.graph.artifact.header_dict was edited: artifacts written with the "
                       "original dictionary could not be read; restore it")
 
 __all__ = ["HEADER_ZDICT", "HEADER_ZDICT_SHA256"]

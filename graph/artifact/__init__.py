@@ -1,0 +1,76 @@
+"""Save a GraphModule as one safe, really compressed file, and load it back.
+
+>>> fxpress.save(res.module, "model.fxp")                     # doctest: +SKIP
+>>> gm = fxpress.load("model.fxp")                            # doctest: +SKIP
+
+File layout (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic  b"\\x89FXPRESS"  (the high byte catches 7-bit and text-mode damage)
+    8       4     u32 format version (1)
+    12      4     u32 flags: bit 0 = header is zlib-compressed (always set by this version)
+    16      8     u64 header length H (as stored)
+    24      32    sha256 of the H stored header bytes
+    56      H     header: UTF-8 JSON (graph, module tree, tensor table, metadata), zlib
+    56+H    P     payload: a standard safetensors blob holding every stream
+
+One file, not a directory: a single ``os.replace`` makes the write atomic (a directory
+cannot be swapped atomically), one sha256 chain covers everything, and a file is what
+people copy, upload and attach. The payload is plain safetensors, so
+``safetensors.torch.load(data[header["payload"]["offset"]:])`` reads the streams anywhere.
+
+The header holds data only: nodes with their op, target *name* and arguments (tagged
+JSON for tuples, slices, dtypes, devices, ...), the module tree (torch.nn modules by class
+name plus their attributes, runtime modules by :meth:`RuntimeModule.config`), export
+graphs' pytree specs (``treespec_dumps``, JSON), and one entry per tensor: dtype, shape,
+encoding, streams, the first 64 bits of the sha256 of every stream and of the decoded
+tensor (the full sha256 of the header and of the payload guard the file as a whole).
+
+Tensors are stored in the smallest of four encodings, chosen per tensor:
+
+* ``dense``: the bytes as they are (packed integer buffers are already at their bit width);
+* ``bitmap``: one bit per element (is it non-zero?) plus the non-zero values;
+* ``relidx``: Deep Compression's relative indices: for each non-zero, the gap since the
+  previous one in ``bits`` bits (1..8, the best width is searched), with a zero "filler"
+  entry when a gap does not fit, plus the values;
+* ``bitidx`` (uint8 tensors that are bit sets, such as a codebook layer's packed 1-bit
+  mask of non-zeros): relative indices of the set *bits*, in ``bits`` bits each, code
+  ``2**bits - 1`` being a filler step of ``2**bits - 1`` positions; no values stream (every
+  listed bit is 1). A 10%-dense mask costs about 0.5 bits per position instead of 1.
+
+"Zero" means all bits zero, so ``-0.0`` stays dense and decoding is bit-exact.
+With ``entropy=True`` the bitmap, index and 8-bit integer streams (values included) are further compressed
+with the standard-library codec that makes each one smallest (zlib, bz2 or lzma).
+
+Loading never unpickles and never evaluates text: every call target, method name, module
+class and attribute is looked up in an allowlist (torch and torch.nn.functional functions,
+ATen overloads, Tensor methods, ``operator``, a few builtins, torch.nn module classes and
+the runtime module classes handed in). Everything is checked before anything is built,
+so a bad file raises an :class:`~fxpress.errors.ArtifactError` and leaves nothing behind.
+
+The package, one concern per module:
+
+* :mod:`.format`: the prefix, flags, header packing, checksums;
+* :mod:`.schema`: the allowlist and the validation of a header before anything is built;
+* :mod:`.values`: tagged JSON values (node arguments, module attributes);
+* :mod:`.tensors`: the tensor codecs (dense, bitmap, relative and bit indices, entropy coding);
+* :mod:`.write`: the writer, the stream stores, atomic saves;
+* :mod:`.read`: the loader, building the modules and the graph;
+* :mod:`.header_dict`: the preset dictionary the header is compressed from.
+"""
+from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, EXPANSION_LIMIT, MAGIC,
+                                           MAX_HEADER_BYTES, MIN_DECODED_LIMIT, PREFIX_SIZE,
+                                           VERSION, _PREFIX, _pack_header, _sha, _sha64,
+                                           _split_prefix, pack_artifact, read_header)
+from fxpress.graph.artifact.read import _blob_streams, _unblob, load, loads
+from fxpress.graph.artifact.schema import Allowlist, class_name
+from fxpress.graph.artifact.tensors import (CODECS, SPARSE_MIN_NUMEL, _as_ints, _fillers, _gaps,
+                                            decode_tensor, encode_tensor, plan_encoding)
+from fxpress.graph.artifact.values import dtype_name
+from fxpress.graph.artifact.write import (artifact_header, artifact_size, dumps, save,
+                                          write_atomic)
+
+__all__ = ["save", "load", "dumps", "loads", "read_header", "artifact_size", "artifact_header",
+           "write_atomic",
+           "Allowlist", "pack_artifact", "encode_tensor", "decode_tensor", "plan_encoding", "MAGIC", "VERSION",
+           "PREFIX_SIZE", "CODECS"]

@@ -1,0 +1,397 @@
+"""Tensor codecs: each tensor in the smallest of dense / bitmap / relative-index / bit-index
+storage, streams optionally entropy-coded, every stream and tensor checked by digest."""
+from __future__ import annotations
+
+import bz2
+import lzma
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from fxpress.errors import ArtifactFormatError, ArtifactIntegrityError, UnsupportedGraphError
+from fxpress.graph.artifact.format import _sha64
+from fxpress.graph.artifact.values import _dtype, _short_repr, dtype_name
+
+SPARSE_MIN_NUMEL = 16
+CODECS = ("zlib", "bz2", "lzma")
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_ints(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bits as a flat integer array of the same element size (bit-exact: the
+    encodings below work on bit patterns, so -0.0 and NaN payloads survive)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        return flat.view(torch.uint8).numpy()
+    size = flat.element_size()
+    if size not in _INT_VIEW:
+        raise UnsupportedGraphError(f"cannot store dtype {flat.dtype} ({size}-byte elements)")
+    return flat.view(_INT_VIEW[size]).numpy()
+
+
+def _from_ints(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if a.size == 0:
+        return torch.empty(a.shape, dtype=dtype)
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(dtype)
+
+
+def _packed_size(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+@dataclass
+class _Plan:
+    encoding: str
+    size: int
+    bits: int = 0
+    entries: int = 0
+
+
+def plan_encoding(t: torch.Tensor) -> _Plan:
+    """The smallest of dense / bitmap / relative-index storage for ``t`` (sizes in bytes).
+
+    >>> plan_encoding(torch.tensor([0.0] * 60 + [1.0] * 4)).encoding
+    'relidx'
+    """
+    a = _as_ints(t)
+    return _plan(a, a != 0, t.element_size())
+
+
+def _plan(a: np.ndarray, mask: np.ndarray, item: int) -> _Plan:
+    n = a.size
+    best = _Plan("dense", n * item)
+    if n < SPARSE_MIN_NUMEL:
+        return best
+    nnz = int(np.count_nonzero(mask))
+    if nnz * item + min(n, 8 * nnz) // 8 >= best.size:
+        return best  # neither sparse form can win: each value costs its bytes plus >= 1 bit
+    bitmap = _Plan("bitmap", _packed_size(n, 1) + nnz * item)
+    if bitmap.size < best.size:
+        best = bitmap
+    for bits, fillers in enumerate(_fillers(mask), 1):
+        entries = fillers + nnz
+        size = _packed_size(entries, bits) + entries * item
+        if size < best.size:
+            best = _Plan("relidx", size, bits, entries)
+    return best
+
+
+_BLOCK = 1 << 20
+
+
+def _fillers(mask: np.ndarray) -> list[int]:
+    """Filler entries relative indices need at widths 1..8: the sum over :func:`_gaps` of
+    ``(gap - 1) >> bits``. One histogram of the gaps serves every width; it is built a
+    block of positions at a time (positions are 8 bytes each: all at once they would
+    outweigh the tensor)."""
+    hist = np.zeros(0, dtype=np.int64)
+    far: list[int] = []  # gaps that start in an earlier block: up to the tensor's size
+    last = -1
+    for start in range(0, mask.size, _BLOCK):
+        pos = np.flatnonzero(mask[start:start + _BLOCK])
+        if not pos.size:
+            continue
+        pos += start
+        far.append(int(pos[0]) - last - 1)
+        h = np.bincount(np.diff(pos) - 1)
+        if h.size > hist.size:
+            h[:hist.size] += hist
+            hist = h
+        else:
+            hist[:h.size] += h
+        last = int(pos[-1])
+    far.append(mask.size - last - 1)  # the tail
+    values = np.arange(hist.size, dtype=np.int64)
+    return [int(hist @ (values >> bits)) + sum(g >> bits for g in far) for bits in range(1, 9)]
+
+
+def _gaps(mask: np.ndarray) -> np.ndarray:
+    """Distances between consecutive non-zeros, from position -1, and last the distance from
+    the last non-zero to the end (the tail carries no value: fillers alone cover it)."""
+    pos = np.flatnonzero(mask)
+    return np.diff(pos, prepend=-1, append=mask.size)
+
+
+def _encode_relidx(a: np.ndarray, mask: np.ndarray, bits: int) -> tuple[torch.Tensor, np.ndarray, int]:
+    from fxpress.graph.packing import pack_bits
+
+    gaps = _gaps(mask)
+    span = 1 << bits
+    fillers = (gaps - 1) >> bits
+    # each non-zero: its fillers (code span-1, a step of `span`), then its own step code;
+    # the tail contributes fillers only
+    counts = fillers.copy()
+    counts[:-1] += 1
+    total = int(counts.sum())
+    codes = np.full(total, span - 1, dtype=np.uint8)
+    values = np.zeros(total, dtype=a.dtype)
+    real = (np.cumsum(counts) - 1)[:-1]
+    codes[real] = gaps[:-1] - 1 - fillers[:-1] * span
+    values[real] = a[mask]
+    return pack_bits(torch.from_numpy(codes), bits), values, total
+
+
+def _decode_relidx(index: torch.Tensor, values: np.ndarray, bits: int, entries: int,
+                   n: int, where: str) -> np.ndarray:
+    from fxpress.graph.packing import unpack_bits
+
+    codes = unpack_bits(index, bits, entries).numpy().astype(np.int64)
+    pos = np.cumsum(codes + 1) - 1
+    out = np.zeros(n, dtype=values.dtype)
+    if entries:
+        if int(pos[-1]) >= n:
+            raise ArtifactIntegrityError(f"{where}: relative indices run past the tensor's end")
+        out[pos] = values
+    return out
+
+
+def _plan_bitidx(a: np.ndarray, beat: int) -> tuple[_Plan, np.ndarray | None]:
+    """The ``bitidx`` plan for the uint8 array ``a`` if it stores in fewer than ``beat``
+    bytes, with the bit positions; else (a plan that loses, None). Costs one popcount
+    when no width can win."""
+    n = a.size * 8
+    ones = int(np.bitwise_count(a).sum(dtype=np.int64))
+    # each width needs >= max(ones, n / step) entries of `bits` bits: skip hopeless tensors
+    if n < SPARSE_MIN_NUMEL or min(_packed_size(max(ones, -(-n // ((1 << b) - 1))), b)
+                                   for b in range(1, 9)) >= beat:
+        return _Plan("dense", beat), None
+    pos = np.flatnonzero(np.unpackbits(a, bitorder="little"))
+    gaps = np.diff(pos, prepend=-1) - 1                 # zeros before each set bit
+    tail = n - 1 - int(pos[-1]) if pos.size else n      # zeros after the last one
+    best = _Plan("dense", beat)
+    for bits in range(1, 9):
+        step = (1 << bits) - 1
+        entries = int((gaps // step).sum()) + pos.size + -(-tail // step)
+        size = _packed_size(entries, bits)
+        if size < best.size:
+            best = _Plan("bitidx", size, bits, entries)
+    return best, pos
+
+
+def _encode_bitidx(pos: np.ndarray, n: int, bits: int, entries: int) -> torch.Tensor:
+    from fxpress.graph.packing import pack_bits
+
+    step = (1 << bits) - 1
+    gaps = np.diff(pos, prepend=-1) - 1
+    tail = n - 1 - int(pos[-1]) if pos.size else n
+    fill = gaps // step
+    counts = fill + 1
+    codes = np.full(entries, step, dtype=np.uint8)
+    real = np.cumsum(counts) - 1
+    codes[real] = gaps - fill * step
+    return pack_bits(torch.from_numpy(codes), bits)
+
+
+def _decode_bitidx(index: np.ndarray, bits: int, entries: int, nbytes: int, where: str) -> np.ndarray:
+    from fxpress.graph.packing import unpack_bits
+
+    step = (1 << bits) - 1
+    codes = unpack_bits(torch.from_numpy(index.copy()), bits, entries).numpy().astype(np.int64)
+    real = codes != step
+    pos = np.cumsum(np.where(real, codes + 1, step)) - 1
+    out = np.zeros(nbytes * 8, dtype=np.uint8)
+    ones = pos[real]
+    if ones.size:
+        if int(ones[-1]) >= out.size:
+            raise ArtifactIntegrityError(f"{where}: bit indices run past the tensor's end")
+        out[ones] = 1
+    return np.packbits(out, bitorder="little")
+
+
+def _compress(data: bytes, codec: str) -> bytes:
+    if codec == "zlib":
+        return zlib.compress(data, 9)
+    if codec == "bz2":
+        return bz2.compress(data, 9)
+    if codec == "lzma":
+        return lzma.compress(data, preset=6)  # 9 allocates ~700 MB per call for no gain here
+    raise ValueError(codec)
+
+
+def _decompress(data: bytes, codec: str, size: int, where: str) -> bytes:
+    # every decoder is bounded by the declared size: a crafted stream cannot balloon
+    try:
+        if codec == "zlib":
+            d = zlib.decompressobj()
+            out = d.decompress(data, size)
+            ok = d.eof and not d.unconsumed_tail
+        elif codec == "bz2":
+            d = bz2.BZ2Decompressor()
+            out = d.decompress(data, size)
+            ok = d.eof
+        elif codec == "lzma":
+            d = lzma.LZMADecompressor()
+            out = d.decompress(data, size)
+            ok = d.eof
+        else:
+            raise ArtifactFormatError(f"{where}: unknown codec {codec!r} (known: {', '.join(CODECS)})")
+    except (zlib.error, OSError, lzma.LZMAError, EOFError) as e:
+        raise ArtifactIntegrityError(f"{where}: {codec} stream does not decode: {e}") from None
+    if not ok or len(out) != size:
+        raise ArtifactIntegrityError(f"{where}: {codec} stream decodes to a different size than "
+                                     f"the {size} bytes the header declares")
+    return out
+
+
+def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Header entry and payload streams for one tensor, in the encoding that stores it smallest.
+
+    A dense stream without a codec is a view of ``t`` itself (no copy).
+    """
+    t = t.detach().to("cpu")
+    a = _as_ints(t)
+    digest = _sha64(a)
+    mask = a != 0
+    plan = _plan(a, mask, t.element_size())
+    positions = None
+    if t.dtype == torch.uint8:
+        bplan, positions = _plan_bitidx(a, plan.size)
+        if positions is not None and bplan.encoding == "bitidx":
+            plan = bplan
+    raw: dict[str, tuple[torch.Tensor, bool]] = {}  # stream -> (tensor, may be entropy-coded)
+    vdtype = t.dtype if t.dtype != torch.bool else torch.uint8
+    one_byte = t.element_size() == 1  # 8-bit values (int8 weights, codes) are entropy-coded too
+    if plan.encoding == "bitidx":
+        raw["index"] = (_encode_bitidx(positions, a.size * 8, plan.bits, plan.entries), True)
+    elif plan.encoding == "dense":
+        raw["data"] = (t.reshape(-1), t.element_size() == 1)
+    elif plan.encoding == "bitmap":
+        # numpy's little-endian packbits is graph.packing's 1-bit layout
+        raw["bitmap"] = (torch.from_numpy(np.packbits(mask, bitorder="little")), True)
+        raw["values"] = (_from_ints(a[mask], vdtype), one_byte)
+    else:
+        index, values, total = _encode_relidx(a, mask, plan.bits)
+        raw["index"] = (index, True)
+        raw["values"] = (_from_ints(values, vdtype), one_byte)
+    entry: dict[str, Any] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                             "encoding": plan.encoding, "sha256": digest, "streams": {}}
+    if plan.encoding in ("relidx", "bitidx"):
+        entry["bits"], entry["entries"] = plan.bits, plan.entries
+    if plan.encoding == "bitmap":
+        entry["nnz"] = int(raw["values"][0].numel())
+    streams: dict[str, torch.Tensor] = {}
+    for sname, (st, codable) in raw.items():
+        skey = f"{key}::{sname}"
+        st = st.contiguous()
+        data = _as_ints(st)
+        info: dict[str, Any] = {"key": skey, "dtype": dtype_name(st.dtype), "raw_bytes": data.nbytes}
+        if entropy and codable and data.nbytes >= 64:
+            packed = min(((c, _compress(data.tobytes(), c)) for c in CODECS),
+                         key=lambda cz: len(cz[1]))
+            if len(packed[1]) < data.nbytes:
+                info["codec"] = packed[0]
+                data = np.frombuffer(packed[1], dtype=np.uint8)
+                st = torch.from_numpy(data.copy())
+        info["bytes"] = data.nbytes
+        # a dense stream without a codec holds the tensor's own bytes: same digest
+        info["sha256"] = digest if sname == "data" and "codec" not in info else _sha64(data)
+        entry["streams"][sname] = info
+        streams[skey] = st
+    entry["stored_bytes"] = sum(s["bytes"] for s in entry["streams"].values())
+    return entry, streams
+
+
+def _expected_stream_bytes(entry: dict, item: int, numel: int, where: str) -> dict[str, int]:
+    enc = entry.get("encoding")
+    if enc == "dense":
+        return {"data": numel * item}
+    if enc == "bitmap":
+        nnz = entry.get("nnz")
+        if not isinstance(nnz, int) or not 0 <= nnz <= numel:
+            raise ArtifactFormatError(f"{where}: bad non-zero count {nnz!r}")
+        return {"bitmap": _packed_size(numel, 1), "values": nnz * item}
+    if enc == "relidx":
+        bits, entries = entry.get("bits"), entry.get("entries")
+        if not isinstance(bits, int) or not 1 <= bits <= 8 or not isinstance(entries, int) \
+                or entries < 0:
+            raise ArtifactFormatError(f"{where}: bad relative-index parameters")
+        # fillers cover every gap, the tail included, so a claimed size has to be paid for
+        if numel > (entries + 1) << bits:
+            raise ArtifactFormatError(f"{where}: claims {numel} elements but its {entries} "
+                                      f"relative indices of {bits} bits cannot reach that far")
+        return {"index": _packed_size(entries, bits), "values": entries * item}
+    if enc == "bitidx":
+        bits, entries = entry.get("bits"), entry.get("entries")
+        if entry.get("dtype") != "uint8" or not isinstance(bits, int) or not 1 <= bits <= 8 \
+                or not isinstance(entries, int) or entries < 0:
+            raise ArtifactFormatError(f"{where}: bad bit-index parameters")
+        # every entry steps at most 2**bits - 1 positions, fillers cover the tail
+        if numel * 8 > entries * ((1 << bits) - 1):
+            raise ArtifactFormatError(f"{where}: claims {numel} bytes but its {entries} bit "
+                                      f"indices of {bits} bits cannot reach that far")
+        return {"index": _packed_size(entries, bits)}
+    raise ArtifactFormatError(f"{where}: unknown encoding {enc!r}")
+
+
+def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], int]:
+    where = f"tensor {key!r}"
+    if not isinstance(entry, dict):
+        raise ArtifactFormatError(f"{where}: malformed entry")
+    dtype = _dtype(entry.get("dtype"), where)
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or len(shape) > 16 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < (1 << 48) for s in shape):
+        raise ArtifactFormatError(f"{where}: bad shape {_short_repr(shape)}")
+    numel = math.prod(shape)
+    item = torch.empty((), dtype=dtype).element_size()
+    expected = _expected_stream_bytes(entry, item, numel, where)
+    streams = entry.get("streams")
+    if not isinstance(streams, dict) or set(streams) != set(expected):
+        raise ArtifactFormatError(f"{where}: expected streams {sorted(expected)}")
+    for sname, info in streams.items():
+        if not isinstance(info, dict) or info.get("raw_bytes") != expected[sname]:
+            raise ArtifactFormatError(
+                f"{where}: stream {sname!r} should hold {expected[sname]} bytes, header says "
+                f"{info.get('raw_bytes') if isinstance(info, dict) else info!r}")
+    return dtype, shape, numel * item
+
+
+def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Rebuild one tensor bit for bit, checking every stream's and the result's sha256."""
+    where = f"tensor {key!r}"
+    dtype, shape, _ = _check_tensor_entry(key, entry)
+    raw: dict[str, np.ndarray] = {}
+    for sname, info in entry["streams"].items():
+        st = payload.get(info.get("key"))
+        if st is None:
+            raise ArtifactFormatError(f"{where}: stream {info.get('key')!r} missing from the payload")
+        data = _as_ints(st)
+        if _sha64(data) != info.get("sha256"):
+            raise ArtifactIntegrityError(f"{where}: stream {sname!r} fails its sha256 check; the "
+                                         "file is corrupted or was edited. Save it again.")
+        sdtype = _dtype(info.get("dtype"), where)
+        if info.get("codec") is not None:
+            data = np.frombuffer(_decompress(data.tobytes(), info["codec"], info["raw_bytes"],
+                                             f"{where} {sname}"), dtype=np.uint8)
+            data = _as_ints(torch.from_numpy(data.copy()).view(sdtype if sdtype != torch.bool
+                                                               else torch.uint8))
+        if data.nbytes != info["raw_bytes"]:
+            raise ArtifactFormatError(f"{where}: stream {sname!r} has {data.nbytes} bytes, "
+                                      f"expected {info['raw_bytes']}")
+        raw[sname] = data
+    numel = math.prod(shape)
+    enc = entry["encoding"]
+    if enc == "dense":
+        flat = raw["data"]
+    elif enc == "bitidx":
+        flat = _decode_bitidx(raw["index"].view(np.uint8), entry["bits"], entry["entries"], numel,
+                              where)
+    elif enc == "bitmap":
+        mask = np.unpackbits(raw["bitmap"].view(np.uint8), count=numel, bitorder="little").view(bool)
+        if int(np.count_nonzero(mask)) != raw["values"].size:
+            raise ArtifactIntegrityError(f"{where}: bitmap and values disagree")
+        flat = np.zeros(numel, dtype=raw["values"].dtype)
+        flat[mask] = raw["values"]
+    else:
+        flat = _decode_relidx(torch.from_numpy(raw["index"].view(np.uint8).copy()), raw["values"],
+                              entry["bits"], entry["entries"], numel, where)
+    if _sha64(flat) != entry.get("sha256"):
+        raise ArtifactIntegrityError(f"{where}: decoded tensor fails its sha256 check")
+    return _from_ints(flat, dtype).reshape(shape)
