@@ -444,7 +444,9 @@ def compress_to_target(model: torch.nn.Module, registry: Mapping[str, PassInfo],
         if not over and not bad:
             break
         if over:  # the estimate of the file's fixed part was short: shrink the layer budget
-            correction += size - target_bytes + max(8, (target_bytes - table.fixed_bytes) // 200)
+            # (a quarter more than the excess: the next choices' estimates err alike)
+            correction += math.ceil(1.25 * (size - target_bytes)) + max(
+                16, (target_bytes - table.fixed_bytes) // 100)
         if bad and not over:
             if not _back_off(table, choices, forbid):
                 break

@@ -38,6 +38,8 @@ METRICS = ("cosine", "rel_l2", "top1")
 #: header); the planner corrects the estimate against the measured file.
 HEADER_BYTES_PER_TENSOR = 24
 KEEP = "keep"
+#: Files up to this size are measured whole for every candidate (header included).
+EXACT_FILE_BYTES = 4 << 20
 
 
 def _group(width: int) -> int | None:
@@ -285,6 +287,9 @@ def sensitivity(model: torch.nn.Module, registry: Mapping[str, PassInfo], exampl
 
     original_file = artifact_size(gm, entropy)
     base_state = _state(gm)
+    # a small model's file is mostly header (module configs, tensor entries): there each
+    # candidate's bytes are the whole file's change; a large one counts its tensors
+    exact = original_file <= EXACT_FILE_BYTES
     ops = weighted_ops(gm)
     seen, unique = set(), []
     for op in ops:
@@ -319,7 +324,10 @@ def sensitivity(model: torch.nn.Module, registry: Mapping[str, PassInfo], exampl
             if evaluate is not None:
                 with eval_mode(new), torch.no_grad():
                     score = float(evaluate(new))
-            nbytes = candidate_bytes(base_state, new, keys, entropy)
+            if exact:  # the whole file's change, header included: exact, and cheap here
+                nbytes = max(0, keep + artifact_size(new, entropy) - original_file)
+            else:
+                nbytes = candidate_bytes(base_state, new, keys, entropy)
             del new
             ls.trials.append(Trial(text, nbytes, m.rel_l2, m.cosine, m.cosine_min, m.top1, score,
                                    time.perf_counter() - t0, _error(use, m, score, base_score)))
