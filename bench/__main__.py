@@ -4,6 +4,7 @@
     python -m bench --quick    # a small subset (about 2 minutes)
     python -m bench --tiny     # every code path on tiny sizes (the smoke test uses this)
     python -m bench CASE ...   # only the named cases
+    python -m bench zoo --readme   # also write the zoo coverage table into README.md
 
 A case is a module ``bench/case_*.py`` with ``TITLE`` and ``run(size) -> list[Table]``
 where size is "full", "quick" or "tiny".
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true")
     g.add_argument("--tiny", action="store_true")
+    p.add_argument("--readme", action="store_true", help="write the tables of cases that "
+                   "feed README (update_readme(): zoo) between their README markers")
     p.add_argument("--out", default=None, help="Markdown file to write (default bench/results.md "
                    "for full runs, none otherwise)")
     args = p.parse_args(argv)
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             f"\n_{name}: {time.perf_counter() - t0:.1f} s_\n"
         print(text, flush=True)
         parts.append(text)
+        if args.readme and hasattr(mod, "update_readme"):
+            print("README.md updated" if mod.update_readme() else
+                  f"README.md not updated ({name}: no full run or no markers)")
     footer = f"\nTotal: {time.perf_counter() - start:.1f} s\n"
     print(footer)
     parts.append(footer)

