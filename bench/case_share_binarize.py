@@ -13,7 +13,7 @@ TITLE = "Weight sharing and binarization: stored bits, bytes, accuracy"
 
 def _stored_bits_per_weight(gm) -> tuple[float, int]:
     """Bits per weight over the compressed layers (state_dict, bias excluded) and their count."""
-    from fxpress.graph.weights import compressed_modules
+    from fxpress.graph.runtime import compressed_modules
 
     mods = [m for _, m in compressed_modules(gm)]
     n = sum(m.weight_float().numel() for m in mods)
@@ -38,7 +38,7 @@ def _paired(fn, base, rounds: int) -> tuple[float, float]:
 def _digits_table(name: str, model, size: str) -> Table:
     import fxpress
     from examples.digits import accuracy, calibration, digits_data
-    from fxpress.graph.weights import stored_bytes
+    from fxpress.graph.memory import stored_bytes
 
     data = digits_data()
     calib = calibration()
@@ -80,7 +80,8 @@ def _digits_table(name: str, model, size: str) -> Table:
 def _minilm_table(size: str) -> Table:
     import fxpress
     from examples.minilm import batches, sentence_encoder
-    from fxpress.graph.weights import stored_bytes, weighted_ops
+    from fxpress.graph.memory import stored_bytes
+    from fxpress.graph.weights import weighted_ops
     from fxpress.passes.share import kmeans_1d
 
     model = sentence_encoder()

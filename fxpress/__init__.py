@@ -10,33 +10,62 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable
 
 from fxpress import errors
+from fxpress._lazy import lazy_exports
 from fxpress.errors import FxpressError
-from fxpress.graph.capture import capture
-from fxpress.passes import pipeline as _pipeline
-from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult, Tolerance, option
-from fxpress.passes.distill_train import Distiller
-from fxpress.passes.pipeline import GraphDumper, Instrument, PassRecord, PassTimer, PipelineResult
-from fxpress.plugins.manager import load_registry
-from fxpress.plugins.spec import hookimpl
 
 __version__ = "0.1.0"
+
+# The public face loads lazily: ``import fxpress`` (or ``fxpress.errors``) imports neither
+# torch.fx nor the passes, the plugins or the CLI; each name below imports its module on
+# first use (PEP 562).
+_LAZY = {
+    "capture": "fxpress.graph.capture",
+    "Pipeline": "fxpress.passes.pipeline", "PipelineResult": "fxpress.passes.records",
+    "PassRecord": "fxpress.passes.records",
+    "Pass": "fxpress.passes.base", "PassContext": "fxpress.passes.base",
+    "PassInfo": "fxpress.passes.base", "PassResult": "fxpress.passes.base",
+    "PassTraits": "fxpress.passes.base", "Tolerance": "fxpress.passes.base",
+    "option": "fxpress.passes.base",
+    "Instrument": "fxpress.passes.instruments", "PassTimer": "fxpress.passes.instruments",
+    "GraphDumper": "fxpress.passes.instruments",
+    "Distiller": "fxpress.passes.distill_train",
+    "hookimpl": "fxpress.plugins.hookspecs",
+}
+_SUBPACKAGES = ("graph", "passes", "plugins", "cli", "report")
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from fxpress.graph.capture import capture
+    from fxpress.passes.base import (Pass, PassContext, PassInfo, PassRegistry, PassResult,
+                                     PassTraits, Tolerance, option)
+    from fxpress.passes.distill_train import Distiller
+    from fxpress.passes.instruments import GraphDumper, Instrument, PassTimer
+    from fxpress.passes.pipeline import Pipeline
+    from fxpress.passes.records import PassRecord, PipelineResult
+    from fxpress.plugins.hookspecs import hookimpl
+
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, _SUBPACKAGES)
 
 
 @functools.lru_cache(maxsize=None)
 def _cached_registry():
+    from fxpress.plugins.manager import load_registry
+
     return load_registry()
 
 
-def registry(reload: bool = False, *, entry_points: bool | None = None) -> _pipeline.PassRegistry:
+def registry(reload: bool = False, *, entry_points: bool | None = None) -> "PassRegistry":
     """The pass registry (built-ins and installed plugins), loaded once and cached.
 
     ``reload=True`` scans the entry points again (after installing a plugin);
     ``entry_points=False`` returns the built-ins only, uncached.
     """
     if entry_points is not None:
+        from fxpress.plugins.manager import load_registry
+
         return load_registry(entry_points=entry_points)
     if reload:
         _cached_registry.cache_clear()
@@ -48,24 +77,6 @@ def list_passes() -> dict[str, dict]:
     return {name: info.describe() for name, info in sorted(registry().items())}
 
 
-class Pipeline(_pipeline.Pipeline):
-    """A pipeline whose pass names resolve through the plugin registry by default.
-
-    >>> str(Pipeline.parse("prune{sparsity=0.5}"))
-    'prune{sparsity=0.5}'
-    """
-
-    @classmethod
-    def parse(cls, text: str, registry_: Mapping[str, PassInfo] | None = None, **kwargs: Any):
-        return super().parse(text, registry_ if registry_ is not None else registry(), **kwargs)
-
-    @classmethod
-    def from_recipe(cls, source: str | Path | dict, registry_: Mapping[str, PassInfo] | None = None,
-                    **kwargs: Any):
-        return super().from_recipe(source, registry_ if registry_ is not None else registry(),
-                                   **kwargs)
-
-
 def save(module, path: str | Path, *, entropy: bool = False, report: Any = None) -> int:
     """Save a GraphModule (or a :class:`PipelineResult`, with its records and the per-layer
     baseline embedded for ``fxpress report``) as one artifact; return its size in bytes.
@@ -74,6 +85,7 @@ def save(module, path: str | Path, *, entropy: bool = False, report: Any = None)
     >>> fxpress.save(res, "model.fxp")                                             # doctest: +SKIP
     """
     from fxpress.graph import artifact
+    from fxpress.passes.records import PipelineResult
 
     if isinstance(module, PipelineResult):
         report = {**module.as_dict(), **(report or {})} if report is None or isinstance(report, dict) \
@@ -104,9 +116,11 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: A
     one graph instead of a copy per pass: a weight copy less at the peak, no ``last_good``
     (see :mod:`fxpress.passes.pipeline`).
     """
+    from fxpress.passes.pipeline import Pipeline
+
     if isinstance(pipeline, str):
         pipe = Pipeline.parse(pipeline, policy=policy, instruments=instruments, progress=progress)
-    elif isinstance(pipeline, _pipeline.Pipeline):
+    elif isinstance(pipeline, Pipeline):
         pipe = pipeline
     else:
         pipe = Pipeline(list(pipeline), policy=policy, instruments=instruments, progress=progress)
@@ -116,6 +130,6 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: A
 
 
 __all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",
-           "Pass", "PassContext", "PassResult", "PassInfo", "Tolerance", "option", "Instrument",
-           "PassTimer", "GraphDumper", "registry", "list_passes", "hookimpl", "errors",
-           "FxpressError", "Distiller", "save", "load"]
+           "Pass", "PassContext", "PassResult", "PassInfo", "PassTraits", "Tolerance", "option",
+           "Instrument", "PassTimer", "GraphDumper", "registry", "list_passes", "hookimpl",
+           "errors", "FxpressError", "Distiller", "save", "load"]

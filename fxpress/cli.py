@@ -111,7 +111,7 @@ def _open(ref: str):
         return fxpress.load(p), artifact.read_header(p)
     if ":" not in ref:
         raise InputError(f"{ref}: no such file; give an artifact path or file.py:callable")
-    from fxpress.passes.spec import load_reference
+    from fxpress.passes.recipes import load_reference
 
     made = load_reference(ref, Path.cwd(), "model")()
     if isinstance(made, torch.fx.GraphModule):
@@ -163,7 +163,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from fxpress.graph.inspect import layer_summary
-    from fxpress.graph.report import render_report
+    from fxpress.report import render_report
 
     gm, header = _open(args.result)
     before = None

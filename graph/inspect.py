@@ -20,8 +20,9 @@ import torch.fx
 
 from fxpress.graph.artifact import artifact_header
 from fxpress.graph.capture import node_shape
-from fxpress.graph.weights import (CompressedModule, RuntimeModule, nonzeros, stored_bytes,
-                                   tensor_memo, weighted_ops)
+from fxpress.graph.memory import nonzeros, stored_bytes, tensor_memo
+from fxpress.graph.runtime import CompressedModule, RuntimeModule
+from fxpress.graph.weights import weighted_ops
 
 #: node attributes compared by :func:`diff` (the digest catches values changed in place)
 COMPARED = ("op", "target", "module_type", "shape", "dtype", "params", "nonzeros",

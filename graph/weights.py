@@ -15,24 +15,22 @@ A weighted op appears in three forms, depending on how the model was captured:
 (:meth:`WeightedOp.replace_with`). Passes never pattern-match ``nn.Linear`` themselves.
 
 Tensors are replaced, never written in place: graphs inside a pipeline share tensors
-with the graph before them (see ``clone_structure``).
+with the graph before them (see ``clone_structure``). The modules a pass writes into a
+graph are in :mod:`fxpress.graph.runtime`; sizes, memos and heap trimming in
+:mod:`fxpress.graph.memory`.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fnmatch
-import functools
 import itertools
-import sys
-import threading
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx
 import torch.nn.functional as F
+
+from fxpress.graph.memory import trim_heap
 
 LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"
 KINDS = (LINEAR, CONV, EMBEDDING)
@@ -409,299 +407,26 @@ def unique_weights(ops: Iterable[WeightedOp]) -> list[WeightedOp]:
             out.append(op)
     return out
 
-
-# -- computing an op from a (decoded) weight: shared by every runtime module -----------------
-
-def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 spec: dict) -> torch.Tensor:
-    """Compute a conv exactly as ``nn.ConvNd`` would, from a spec of :class:`WeightedOp`."""
-    fn = (F.conv1d, F.conv2d, F.conv3d)[spec["dims"] - 1]
-    if spec.get("padding_mode", "zeros") != "zeros":
-        x = F.pad(x, spec["reversed_padding"], mode=spec["padding_mode"])
-        padding: Any = 0
-    else:
-        padding = spec["padding"]
-    return fn(x, weight, bias, spec["stride"], padding, spec["dilation"], spec["groups"])
+# names that lived here before graph/runtime.py and graph/memory.py were split out
+_MOVED = {"RuntimeModule": "runtime", "CompressedModule": "runtime",
+          "compressed_modules": "runtime", "op_forward": "runtime", "conv_forward": "runtime",
+          "kind_classes": "runtime",
+          "trim_heap": "memory", "runtime_caches": "memory", "caches_enabled": "memory",
+          "stored_bytes": "memory", "sparsity": "memory", "nonzeros": "memory",
+          "tensor_memo": "memory"}
 
 
-def op_forward(kind: str, spec: dict, x: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """Compute a weighted op of ``kind`` with the given weight (layout of :meth:`WeightedOp.weight`)."""
-    if kind == LINEAR:
-        return F.linear(x, weight, bias)
-    if kind == CONV:
-        return conv_forward(x, weight, bias, spec)
-    if kind == EMBEDDING:
-        return F.embedding(x, weight, spec.get("padding_idx"))
-    raise ValueError(f"unknown weighted op kind {kind!r}")
+def __getattr__(name: str) -> Any:
+    """Old import paths (``fxpress.graph.weights.CompressedModule``) keep working."""
+    where = _MOVED.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+    warnings.warn(f"fxpress.graph.weights.{name} moved to fxpress.graph.{where}.{name}",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(f"fxpress.graph.{where}"), name)
 
 
-# -- runtime modules ------------------------------------------------------------------------
-
-class RuntimeModule(torch.nn.Module):
-    """Base of every module a pass writes into a graph, so artifacts can store it as data.
-
-    The contract: all tensors are parameters or buffers (``state_dict`` holds exactly what
-    is stored), and every other attribute the module needs is returned by :meth:`config`
-    as JSON-able values (tuples come back as lists). :meth:`from_state` rebuilds the
-    module from that config and the tensors without running ``__init__`` and without
-    pickle: it sets each config key as an attribute, then registers the tensors.
-    Subclasses list tensors that may be ``None`` in ``optional_tensors``.
-    """
-
-    #: tensor names that may be None (e.g. "bias"); registered as None buffers on rebuild
-    optional_tensors: tuple[str, ...] = ()
-
-    def config(self) -> dict:
-        """JSON-able attributes (everything but tensors) needed to rebuild the module."""
-        return {}
-
-    @classmethod
-    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
-                   parameters: Iterable[str] = ()) -> "RuntimeModule":
-        """Rebuild from :meth:`config` and the state_dict tensors (``parameters``: which
-        of them are trainable parameters rather than buffers)."""
-        m = cls.__new__(cls)
-        torch.nn.Module.__init__(m)
-        for k, v in config.items():
-            setattr(m, k, v)
-        for name in cls.optional_tensors:
-            if name not in tensors:  # a present one is registered below, as what it is
-                m.register_buffer(name, None)
-        params = set(parameters)
-        for name, t in tensors.items():
-            if name in params:
-                m._buffers.pop(name, None)  # an optional tensor (bias) stored as a parameter
-                m.register_parameter(name, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
-            else:
-                m.register_buffer(name, t)
-        return m
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
-
-    glibc keeps freed blocks below its adaptive mmap threshold (a few MB: most layers'
-    weights and the temporaries that compute them) in its heaps, resident between the
-    blocks still in use: without this, what one layer or step freed still counts while
-    the next allocates its own. Replacing a weight trims; so does the pipeline between
-    steps.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=None)
-def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return None
-
-
-_CACHES = threading.local()
-
-
-@contextlib.contextmanager
-def runtime_caches(enabled: bool) -> Iterator[None]:
-    """Allow or forbid runtime modules to keep decoded or prepacked copies of their weights
-    (``cache_weight``, an integer kernel's prepacked weight) while the block runs in this
-    thread; copies made before stay in use. The pipeline runs with caches off: through a
-    graph, a copy per layer would pile up on top of the graph before the pass, which it
-    keeps until the pass is verified. The first call after the pipeline builds them."""
-    stack = _CACHES.__dict__.setdefault("stack", [])
-    stack.append(bool(enabled))
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-def caches_enabled() -> bool:
-    """False inside ``runtime_caches(False)`` (in this thread)."""
-    stack = getattr(_CACHES, "stack", None)
-    return stack[-1] if stack else True
-
-
-class CompressedModule(RuntimeModule):
-    """Base of the runtime modules that replace a weighted op (``Int8Linear``,
-    ``CodebookLinear``, ...): a linear, conv or embedding whose weight is stored in a
-    compressed form and decoded by :meth:`weight_float`.
-
-    Subclasses store only the compressed tensors (packed integers, codebooks, scales) as
-    buffers or parameters, so ``state_dict`` is the compressed size, and implement
-    ``weight_float``; ``forward`` computes the op from the decoded weight unless a
-    subclass has a faster path. ``config()`` must include everything but tensors.
-    """
-
-    #: The pass that writes this module ("quantize", "share", ...).
-    technique: str = ""
-    optional_tensors = ("bias",)
-    #: ``False``: decode the weight on every call (memory: only the compressed tensors are
-    #: held). ``True``: decode once and keep the dense weight (speed); the copy is a
-    #: non-persistent buffer, so ``state_dict`` (and the artifact) stay the compressed size.
-    cache_weight: bool = False
-
-    def __init__(self, kind: str, spec: dict | None = None):
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        self.kind = kind
-        self.spec = dict(spec or {})
-
-    def weight_float(self) -> torch.Tensor:
-        """The decoded weight, in the layout of :meth:`WeightedOp.weight`."""
-        raise NotImplementedError
-
-    def count_weights(self) -> tuple[int, int]:
-        """(weights, non-zeros) of the decoded weight. This decodes it whole; a subclass
-        that can decode a part at a time overrides it, so counting holds no full copy."""
-        with torch.no_grad():
-            w = self.weight_float()
-        return w.numel(), int(torch.count_nonzero(w))
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weight to compute with: decoded now, or the copy kept when ``cache_weight``.
-
-        While the module is fine-tuned (a non-bias parameter requires grad) it always
-        decodes, so gradients reach what is trained.
-        """
-        if not self.cache_weight or any(p.requires_grad for n, p in self.named_parameters(
-                recurse=False) if n != "bias"):
-            return self.weight_float()
-        cached = self._buffers.get("weight_cache")
-        if cached is None:
-            with torch.no_grad():
-                cached = self.weight_float()
-            if caches_enabled():
-                self.register_buffer("weight_cache", cached, persistent=False)
-        return cached
-
-    def drop_cache(self) -> None:
-        """Forget the decoded copy (after the compressed tensors change)."""
-        self._buffers.pop("weight_cache", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # subclasses register ``bias`` as a parameter or buffer (or leave it None)
-        return op_forward(self.kind, self.spec, x, self.dense_weight(), getattr(self, "bias", None))
-
-    def config(self) -> dict:
-        return {"kind": self.kind, "spec": self.spec, "cache_weight": bool(self.cache_weight)}
-
-    # -- fine-tuning (the distill pass's recovery step) ----------------------------------
-    def begin_training(self) -> list[torch.nn.Parameter]:
-        """Prepare to be fine-tuned; return the parameters an optimizer may update.
-
-        The default trains nothing (the compressed weight stays frozen). A subclass that
-        can be fine-tuned returns e.g. its codebook (gradients of weights sharing a
-        centroid sum into it), or a float latent weight used through a straight-through
-        estimator; every forward in training must stay on the module's grid.
-        """
-        return []
-
-    def remember_zeros(self, w: torch.Tensor) -> None:
-        """Record which weights are exactly zero as fine-tuning starts: they stay zero
-        (pruned weights), whatever a latent float weight learns. See :meth:`keep_zeros`."""
-        mask = w.detach() == 0
-        self._zero_mask = mask if bool(mask.any()) else None
-
-    def keep_zeros(self, w: torch.Tensor) -> torch.Tensor:
-        """``w`` with the weights recorded by :meth:`remember_zeros` forced to zero (their
-        gradient is zero too, so an optimizer never moves them)."""
-        mask = getattr(self, "_zero_mask", None)
-        return w if mask is None else w.masked_fill(mask.view(w.shape), 0)
-
-    def end_training(self) -> None:
-        """Leave training: fold what was learned back into the compressed storage (e.g.
-        re-quantise a latent weight) so ``state_dict`` is again exactly the compressed form."""
-
-    def weight_bits(self) -> int:
-        """Bits this module stores for its weight (bias excluded)."""
-        return sum(t.numel() * t.element_size() * 8 for n, t in self.state_dict().items()
-                   if n != "bias")
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}"
-
-
-def kind_classes(base: type[CompressedModule], prefix: str, what: str) -> dict[str, type]:
-    """One subclass of ``base`` per op kind, ``{prefix}Linear``, ``{prefix}Conv`` and
-    ``{prefix}Embedding``, defined in ``base``'s module (the names artifacts store), so a
-    pass's runtime modules say by their class which op they replaced.
-
-    >>> classes = kind_classes(CompressedModule, "Example", "with an example weight")
-    >>> classes[LINEAR].__name__, classes[LINEAR].__doc__
-    ('ExampleLinear', 'A linear layer with an example weight (see :class:`CompressedModule`).')
-    """
-    out = {}
-    for kind, suffix, noun in ((LINEAR, "Linear", "linear layer"), (CONV, "Conv", "conv layer"),
-                               (EMBEDDING, "Embedding", "embedding")):
-        name = prefix + suffix
-        out[kind] = type(name, (base,), {
-            "__module__": base.__module__, "__qualname__": name,
-            "__doc__": f"A {noun} {what} (see :class:`{base.__name__}`)."})
-    return out
-
-
-def compressed_modules(gm: torch.nn.Module) -> list[tuple[str, CompressedModule]]:
-    """Every runtime module of ``gm`` with its qualified name."""
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, CompressedModule)]
-
-
-# -- accounting ----------------------------------------------------------------------------
-
-def stored_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every tensor in ``module``'s state_dict, each storage counted once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for t in module.state_dict(keep_vars=True).values():
-        if not isinstance(t, torch.Tensor):
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
-
-
-def sparsity(t: torch.Tensor) -> float:
-    """Fraction of exact zeros in ``t``."""
-    return 1.0 - nonzeros(t) / max(t.numel(), 1)
-
-
-def nonzeros(t: torch.Tensor) -> int:
-    """``count_nonzero(t)``, remembered while ``t`` lives unwritten (:func:`tensor_memo`)."""
-    return tensor_memo(t, "nonzeros", lambda x: int(torch.count_nonzero(x)))
-
-
-_MEMO: dict[tuple, tuple[weakref.ref, Any]] = {}
-
-
-def tensor_memo(t: torch.Tensor, name: str, compute):
-    """``compute(t)``, remembered while the tensor lives and is not written.
-
-    A pipeline measures its graph before and after every pass (counts, digests), and most
-    tensors are the same on both sides: on a 124M-parameter model recounting and rehashing
-    them cost seconds a pass. The entry is keyed by the data's address, geometry, dtype
-    and version counter (bumped by every write in place) and dies with the tensor that
-    owns the data (a view's base), so an address reused by a new tensor is never a hit.
-    """
-    if t.is_inference() or t.device.type == "meta":  # no version counter / no data
-        return compute(t)
-    key = (name, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version)
-    hit = _MEMO.get(key)
-    if hit is not None and hit[0]() is not None:
-        return hit[1]
-    value = compute(t)
-    owner = t._base if t._base is not None else t
-    _MEMO[key] = (weakref.ref(owner, lambda _, k=key: _MEMO.pop(k, None)), value)
-    return value
-
-
-__all__ = ["WeightedOp", "weighted_ops", "RuntimeModule", "CompressedModule", "compressed_modules",
-           "runtime_caches", "caches_enabled", "trim_heap", "select", "unique_weights", "op_forward",
-           "conv_forward", "stored_bytes", "sparsity", "nonzeros", "tensor_memo", "LINEAR", "CONV", "EMBEDDING", "KINDS"]
+__all__ = ["WeightedOp", "weighted_ops", "select", "unique_weights", "LINEAR", "CONV", "EMBEDDING",
+           "KINDS"]

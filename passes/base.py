@@ -1,10 +1,11 @@
-"""The pass contract: a registry name, typed options, a default tolerance, ``run(gm, ctx)``.
+"""The pass contract: a registry name, typed options, traits, ``run(gm, ctx)``.
 
 A pass is a class::
 
     class DoubleFirst(Pass):
         name = "double-first"
         summary = "Doubles the first linear weight (a deliberately wrong pass)."
+        traits = PassTraits(tolerance=Tolerance(min_cosine=0.5), replaces_tensors=True)
         factor = option(2.0, "what to multiply by", low=0.0)
 
         def run(self, gm, ctx):
@@ -14,14 +15,16 @@ A pass is a class::
 
 Options are class attributes made with :func:`option`; they are validated (name, type,
 range, choices) when the pass is built, so a pipeline fails at parse time, not halfway.
-A pass that declares no ``tolerance`` is held to numerical equivalence by the verifier:
-lossiness is something a pass must declare.
+What the pipeline needs to know about a pass (its tolerance, the data it needs, whether it
+replaces tensors, whether it recovers accuracy, the runtime modules it writes) is its
+:class:`PassTraits`: one object, documented in one place.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -152,6 +155,69 @@ EQUIVALENCE = Tolerance(max_rel_l2=1e-5)
 EXACT = Tolerance(max_rel_l2=1e-6)
 
 
+@dataclass(frozen=True)
+class PassTraits:
+    """What a pass does, as the pipeline, the verifier and the artifact loader see it.
+
+    A pass class declares ``traits = PassTraits(...)``; a pass whose traits depend on its
+    options overrides :meth:`Pass.configure_traits` (e.g. ``distill`` recovers only when
+    ``epochs > 0``). Each field:
+
+    ``tolerance``
+        The verifier's default limits for the pass (overridden per use with ``tol.`` keys).
+        ``None`` holds the pass to numerical equivalence (relative L2 ≤ 1e-5): a lossy pass
+        must say so.
+    ``needs``
+        Data the pass takes from the context: ``"calibration"``, ``"train_data"``. A pipeline
+        run without it stops with a ``MissingDataError`` before the pass runs.
+    ``replaces_tensors``
+        The promise that the pass replaces tensors (``WeightedOp.set_weight``, new modules)
+        and never writes into one in place. The pipeline then shares tensors with the graph
+        before the pass instead of copying them, and ``in_place=True`` may rewrite the
+        pipeline's own graph. A write into a shared tensor is detected (version counters)
+        and fails the pass. ``False``: the pass gets a full copy of the weights.
+    ``recovers``
+        The pass trains the graph to win back what earlier lossy passes cost (distill): a
+        lossy pass before it that misses its tolerance is ``deferred`` to it, not failed.
+    ``runtime_modules``
+        The runtime module classes the pass writes into graphs: the artifact loader's
+        allowlist.
+
+    Older plugins set these as loose class attributes (``replaces_tensors = True``); that
+    still works, with a ``DeprecationWarning``, and reading ``pass_.replaces_tensors`` too.
+    """
+
+    tolerance: Tolerance | None = None
+    needs: tuple[str, ...] = ()
+    replaces_tensors: bool = False
+    recovers: bool = False
+    runtime_modules: tuple[type, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needs", tuple(self.needs))
+        object.__setattr__(self, "runtime_modules", tuple(self.runtime_modules))
+
+
+TRAIT_NAMES = tuple(f.name for f in dataclasses.fields(PassTraits))
+
+
+class _TraitAlias:
+    """``Pass.<trait>``: the old loose attribute, read from (and written into) ``traits``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        return getattr((obj if obj is not None else owner).traits, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        warnings.warn(f"{type(obj).__name__}: setting pass.{self.name} is deprecated; return "
+                      f"the traits from configure_traits() instead", DeprecationWarning,
+                      stacklevel=2)
+        obj.traits = dataclasses.replace(obj.__dict__.get("traits", type(obj).traits),
+                                         **{self.name: value})
+
+
 @dataclass
 class PassResult:
     """What a pass returns: the rewritten graph, whether it changed, and its statistics."""
@@ -189,21 +255,39 @@ class PassContext:
 
 
 class Pass:
-    """Base class of every pass. Subclasses set ``name``, options and ``run``."""
+    """Base class of every pass. Subclasses set ``name``, ``summary``, ``traits``, options
+    and ``run``; see the module docs and :class:`PassTraits`."""
 
+    #: The registry name (``prune``); a pipeline text names the pass by it.
     name: ClassVar[str] = ""
+    #: One line for ``fxpress passes``.
     summary: ClassVar[str] = ""
-    #: Default tolerance; None holds the pass to numerical equivalence.
-    tolerance: ClassVar[Tolerance | None] = None
-    #: Data the pass needs from the context ("calibration", "train_data").
-    needs: ClassVar[tuple[str, ...]] = ()
-    #: The pass promises to replace tensors, never to write into them; the pipeline then
-    #: shares tensors with the previous graph instead of copying them.
-    replaces_tensors: ClassVar[bool] = False
-    #: The pass trains the graph to win back what earlier lossy passes cost.
-    recovers: ClassVar[bool] = False
-    #: Runtime module classes this pass writes into graphs (the artifact loader's allowlist).
-    runtime_modules: ClassVar[tuple[type, ...]] = ()
+    #: What the pass does (tolerance, data it needs, promises); see :class:`PassTraits`.
+    traits: ClassVar[PassTraits] = PassTraits()
+
+    # the old loose attributes, kept readable (and settable, deprecated) as aliases
+    tolerance = _TraitAlias()
+    needs = _TraitAlias()
+    replaces_tensors = _TraitAlias()
+    recovers = _TraitAlias()
+    runtime_modules = _TraitAlias()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        loose = {k: cls.__dict__[k] for k in TRAIT_NAMES
+                 if k in cls.__dict__ and not isinstance(cls.__dict__[k], _TraitAlias)}
+        if loose:
+            warnings.warn(f"{cls.__module__}.{cls.__qualname__} sets {', '.join(sorted(loose))} "
+                          "as class attributes; declare traits = PassTraits(...) instead",
+                          DeprecationWarning, stacklevel=2)
+            for k in loose:
+                delattr(cls, k)
+            cls.traits = dataclasses.replace(cls.traits, **loose)
+
+    def configure_traits(self, traits: PassTraits) -> PassTraits:
+        """The traits of this instance, given the class's; options are set already.
+        Override when they depend on options (return ``dataclasses.replace(traits, ...)``)."""
+        return traits
 
     def __init__(self, **options: Any):
         tol = options.pop("tol", None) or {}
@@ -223,7 +307,8 @@ class Pass:
         for k, v in self.options.items():
             setattr(self, k, v)  # instance attributes shadow the class's Option declarations
         self._given = {k: self.options[k] for k in options}
-        base = self.tolerance if self.tolerance is not None else EQUIVALENCE
+        self.traits = self.configure_traits(self.__dict__.get("traits", type(self).traits))
+        base = self.traits.tolerance if self.traits.tolerance is not None else EQUIVALENCE
         self.tol = base.merged(tol, self.name)
         self._tol_given = dict(tol)
         self.check_options()
@@ -250,7 +335,7 @@ class Pass:
         return items
 
     def __str__(self) -> str:
-        from fxpress.passes.spec import format_pass  # local: spec imports base
+        from fxpress.passes.recipes import format_pass  # local: recipes imports base
         return format_pass(self.name, self.spec_items())
 
     def __repr__(self) -> str:
@@ -284,7 +369,7 @@ class PassInfo:
         return self.cls.name
 
     def describe(self) -> dict[str, Any]:
-        tol = self.cls.tolerance
+        tol = self.cls.traits.tolerance
         return {
             "name": self.cls.name,
             "summary": self.cls.summary,
@@ -293,7 +378,7 @@ class PassInfo:
                         for k, o in self.cls.options_spec().items()},
             "tolerance": (tol or EQUIVALENCE).limits(),
             "tolerance_against": (tol or EQUIVALENCE).against,
-            "needs": list(self.cls.needs),
+            "needs": list(self.cls.traits.needs),
             "plugin": self.plugin,
             "distribution": self.distribution,
         }
@@ -310,7 +395,7 @@ class PassRegistry(dict):
         """Every runtime module class a registered pass declares (artifact allowlist)."""
         out: list[type] = []
         for info in self.values():
-            for m in info.cls.runtime_modules:
+            for m in info.cls.traits.runtime_modules:
                 if m not in out:
                     out.append(m)
         return out

@@ -30,15 +30,17 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from fxpress.errors import OptionError
 from fxpress.graph.packing import pack_bits, rows_byte_aligned, unpack_bits, unpack_rows
-from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, CompressedModule, kind_classes,
-                                   select, weighted_ops)
-from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
+from fxpress.graph.runtime import CompressedModule, kind_classes
+from fxpress.graph.weights import CONV, EMBEDDING, KINDS, LINEAR, select, weighted_ops
+from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
+                                 check_glob_matches, option)
 
 MODES = ("sign", "ternary", "pow2")
 MODE_BITS = {"sign": 1, "ternary": 2}
@@ -286,9 +288,8 @@ class Binarize(Pass):
     # ~75% of the predictions; ternary ~99%, pow2 all. The default tolerance follows the
     # mode (MODE_TOLERANCE; the class value is sign's). Deeper models need fine-tuning
     # (distill); a pipeline with a recovery step defers this check to it.
-    tolerance = Tolerance(min_cosine=0.6, min_top1=0.6)
-    replaces_tensors = True
-    runtime_modules = tuple(BINARY_CLASSES.values())
+    traits = PassTraits(tolerance=Tolerance(min_cosine=0.6, min_top1=0.6), replaces_tensors=True,
+                        runtime_modules=tuple(BINARY_CLASSES.values()))
 
     mode = option("sign", "'sign': α·sign(w), 1 bit; 'ternary': {-α, 0, α}, 2 bits; "
                   "'pow2': ±2^k with a per-layer exponent window", choices=MODES)
@@ -302,10 +303,9 @@ class Binarize(Pass):
                     "at the first forward and keep it (speed, not stored)",
                     choices=("per_call", "once"))
 
-    def __init__(self, **options):
+    def configure_traits(self, traits: PassTraits) -> PassTraits:
         # the default tolerance depends on the mode; tol.* overrides still apply on top
-        self.tolerance = MODE_TOLERANCE.get(options.get("mode", "sign"), type(self).tolerance)
-        super().__init__(**options)
+        return dataclasses.replace(traits, tolerance=MODE_TOLERANCE.get(self.mode, traits.tolerance))
 
     def check_options(self) -> None:
         if self.bits is not None and self.mode != "pow2":

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import re
 from typing import Any, Iterator, Sequence
@@ -28,8 +29,8 @@ from torch import nn
 
 from fxpress.errors import MissingDataError, OptionError
 from fxpress.graph.capture import capture, clone_structure
-from fxpress.graph.weights import RuntimeModule
-from fxpress.passes.base import EXACT, Pass, PassContext, PassResult, Tolerance, option
+from fxpress.graph.runtime import RuntimeModule
+from fxpress.passes.base import EXACT, Pass, PassContext, PassResult, PassTraits, Tolerance, option
 
 TAPS_CONTAINER = "fxpress_taps"
 
@@ -304,8 +305,7 @@ class Distill(Pass):
     name = "distill"
     summary = ("Insert identity taps for feature distillation; with epochs>0, recover accuracy by "
                "distilling the original model into the compressed graph (KD + CE + tap MSE).")
-    tolerance = RECOVERY
-    runtime_modules = (Tap,)
+    traits = PassTraits(tolerance=RECOVERY, runtime_modules=(Tap,))
 
     taps = option([], "globs over module paths or node names to tap (default: each top-level block)")
     epochs = option(0, "training epochs over train_data; 0 only inserts taps", low=0)
@@ -328,11 +328,12 @@ class Distill(Pass):
             given = [k for k in training if k in self._given]
             if given:
                 raise OptionError(self.name, given[0], "only applies when training; add epochs=N")
-            self.tol = EXACT.merged(self._tol_given, self.name)
-        # what the pipeline reads depends on the mode: an instance overrides the class
-        self.recovers = self.epochs > 0
-        self.needs = ("train_data",) if self.epochs > 0 else ()
-        self.replaces_tensors = self.epochs == 0  # training writes weights in place
+
+    def configure_traits(self, traits: PassTraits) -> PassTraits:
+        if self.epochs == 0:  # taps only: exact, and no tensor is written
+            return dataclasses.replace(traits, tolerance=EXACT, replaces_tensors=True)
+        # training recovers accuracy, needs data and writes weights in place
+        return dataclasses.replace(traits, recovers=True, needs=("train_data",))
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         before = len(tap_modules(gm))

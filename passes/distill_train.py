@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from fxpress.errors import InputError, MissingDataError
 from fxpress.graph.capture import capture, clone_structure, eval_mode
-from fxpress.graph.weights import compressed_modules
+from fxpress.graph.runtime import compressed_modules
 from fxpress.passes.distill import collect, insert_taps, tap_modules
 from fxpress.passes.distill_data import Dist, distributed, epoch_batches, in_step, steps_per_rank
 

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from fxpress.graph.weights import caches_enabled
+from fxpress.graph.memory import caches_enabled
 
 def _cpu_has_vnni() -> bool:
     # fbgemm's AVX2/AVX512 kernels without VNNI add u8*s8 pairs in int16 and can saturate

@@ -1,12 +1,12 @@
-"""The pass manager: for each pass, copy → run → lint/recompile → verify → commit.
+"""The pass manager: for each pass, snapshot → run → check → commit or roll back.
 
->>> pipe = Pipeline.parse("prune{sparsity=0.5}", registry)          # doctest: +SKIP
+>>> pipe = Pipeline.parse("prune{sparsity=0.5}")                     # doctest: +SKIP
 >>> res = pipe.run(model, example_inputs=(x,), calibration=batches)  # doctest: +SKIP
 >>> print(res.report())                                              # doctest: +SKIP
 
 Runs are transactional. The caller's model is never modified: the pipeline works on a
 structural copy (own module objects and graph; tensors shared, since passes replace
-tensors instead of writing into them — a pass that does not promise this gets a full
+tensors instead of writing into them — a pass whose traits do not promise this gets a full
 copy). A pass that raises, returns the wrong thing, breaks the graph or fails
 verification under policy ``strict`` raises an error carrying ``last_good``, the last
 graph that passed.
@@ -16,197 +16,45 @@ tensors rewrites the pipeline's own graph instead of a copy, so each weight it r
 is freed as it goes instead of living on in the graph before the pass (one copy of the
 weights less at the peak on a large model). The caller's model is still never modified,
 but there is no ``last_good`` (errors carry None) and policy ``rollback`` is refused.
+
+Verification, memory trimming and the progress bar are instruments
+(:mod:`fxpress.passes.instruments`) the run calls at fixed points, like the caller's own.
 """
 from __future__ import annotations
 
 import difflib
-import gc
-import math
-import sys
 import time
+import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx
 
-from fxpress.errors import (FxpressError, InputError, OptionError, PassError,
-                            PipelineSpecError, UnknownPassError, VerificationError)
-from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture, clone_structure,
-                                   tensors_of)
+from fxpress.errors import FxpressError, InputError, PassError, UnknownPassError, VerificationError
 from fxpress.graph.artifact import artifact_size
-from fxpress.graph.inspect import human_bytes, layer_summary, stamp_changes, to_networkx
-from fxpress.graph.weights import (compressed_modules, nonzeros, runtime_caches, stored_bytes,
-                                   trim_heap, weighted_ops)
+from fxpress.graph.capture import TRACE_LOCK, as_input_tuple, capture, clone_structure, tensors_of
+from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
+from fxpress.graph.memory import runtime_caches, stored_bytes
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
-from fxpress.passes.spec import PassSpec, Recipe, format_spec, parse_recipe, parse_spec
-from fxpress.passes.verify import Metrics, Verifier, misses
+from fxpress.passes.instruments import (GraphDumper, Instrument, MemoryTrim, PassTimer, Progress,
+                                        Verification, release_memory)
+from fxpress.passes.recipes import PassSpec, Recipe, parse_recipe, parse_spec
+from fxpress.passes.records import PassRecord, PipelineResult, format_records, weight_counts
+from fxpress.passes.verify import Verifier
 
 POLICIES = ("strict", "warn", "rollback")
 
 
-@dataclass
-class PassRecord:
-    """What one pass did: timing, bytes, sparsity, error metrics and the verdict.
+def default_registry() -> Mapping[str, PassInfo]:
+    """The registry names resolve through when none is given: the face's
+    ``fxpress.registry()`` (built-ins and installed plugins), looked up at call time so
+    that ``passes/`` imports nothing of ``plugins/``."""
+    import fxpress
 
-    ``status``: "ok"; "warn" (missed its tolerance, kept: policy warn); "deferred" (missed,
-    kept because a later step such as distill recovers accuracy); "rolled back"; "failed".
-    """
-
-    index: int
-    name: str
-    spec: str
-    seconds: float = 0.0
-    verify_seconds: float = 0.0
-    bytes_before: int = 0
-    bytes_after: int = 0
-    disk_bytes: int = 0         # what fxpress.save would write for the graph after the pass
-    params: int = 0
-    zeros: int = 0
-    changed: bool = False
-    status: str = "ok"
-    message: str = ""
-    cumulative: Metrics | None = None
-    incremental: Metrics | None = None
-    tolerance: dict = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.params if self.params else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("index", "name", "spec", "seconds", "verify_seconds",
-                                            "bytes_before", "bytes_after", "disk_bytes", "params", "zeros",
-                                            "changed", "status", "message", "tolerance", "stats")}
-        d["sparsity"] = self.sparsity
-        d["cumulative"] = self.cumulative.as_dict() if self.cumulative else None
-        d["incremental"] = self.incremental.as_dict() if self.incremental else None
-        return d
-
-
-@dataclass
-class PipelineResult:
-    """The compressed graph and one record per pass."""
-
-    module: torch.fx.GraphModule
-    records: list[PassRecord]
-    pipeline: str = ""
-    capture: dict = field(default_factory=dict)
-    original_bytes: int = 0
-    original_disk_bytes: int = 0
-    #: per-layer rows and weight histograms of the captured graph (``fxpress report``'s "before")
-    baseline: dict = field(default_factory=dict)
-
-    def report(self) -> str:
-        """The per-pass table (time, sparsity, bytes, error metrics, status)."""
-        return format_records(self.records, self.original_bytes)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "capture": self.capture,
-                "original_bytes": self.original_bytes,
-                "original_disk_bytes": self.original_disk_bytes, "baseline": self.baseline,
-                "records": [r.as_dict() for r in self.records]}
-
-
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return str(v)
-    return format(v, spec)
-
-
-def format_records(records: Sequence[PassRecord], original_bytes: int) -> str:
-    """Render records as a fixed-width table."""
-    head = ["#", "pass", "status", "time s", "verify s", "sparsity", "bytes", "on disk", "x smaller",
-            "rel_l2 Δ", "rel_l2", "cosine", "top1"]
-    rows = []
-    for r in records:
-        c, i = r.cumulative, r.incremental
-        rows.append([
-            str(r.index), r.spec, r.status, f"{r.seconds:.3f}", f"{r.verify_seconds:.3f}",
-            f"{r.sparsity:.1%}", human_bytes(r.bytes_after), human_bytes(r.disk_bytes) if r.disk_bytes else "-",
-            f"{original_bytes / r.disk_bytes:.2f}" if r.disk_bytes else "-",
-            _fmt(i.rel_l2 if i else None, ".2e"), _fmt(c.rel_l2 if c else None, ".2e"),
-            _fmt(c.cosine if c else None), _fmt(c.top1 if c else None),
-        ])
-    widths = [max(len(h), *(len(row[k]) for row in rows)) if rows else len(h)
-              for k, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) if k in (1, 2) else c.rjust(w)  # noqa: E731
-                                   for k, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    notes = [f"  [{r.index}] {r.name}: {r.message}" for r in records if r.message]
-    return "\n".join(out + notes)
-
-
-def weight_counts(gm: torch.nn.Module) -> tuple[int, int]:
-    """(weights, exact zeros) over every weighted op, decoding runtime modules."""
-    params = zeros = 0
-    seen: set[str] = set()
-    for op in weighted_ops(gm):
-        if op.name in seen:
-            continue
-        seen.add(op.name)
-        w = op.weight()
-        params += w.numel()
-        zeros += w.numel() - nonzeros(w)
-    for _, m in compressed_modules(gm):
-        n, nz = m.count_weights()
-        params += n
-        zeros += n - nz
-    return params, zeros
-
-
-class Instrument:
-    """Observes a pipeline run. Override any of the three calls."""
-
-    def run_before_pass(self, pass_: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
-        pass
-
-    def run_after_pass(self, pass_: Pass, gm: torch.fx.GraphModule, record: PassRecord) -> None:
-        pass
-
-    def run_after_pipeline(self, result: PipelineResult) -> None:
-        pass
-
-
-class PassTimer(Instrument):
-    """Wall time of each pass including verification, in ``self.times`` (name, seconds)."""
-
-    def __init__(self) -> None:
-        self.times: list[tuple[str, float]] = []
-        self._start = 0.0
-
-    def run_before_pass(self, pass_, gm, ctx):
-        self._start = time.perf_counter()
-
-    def run_after_pass(self, pass_, gm, record):
-        self.times.append((str(pass_), time.perf_counter() - self._start))
-
-
-class GraphDumper(Instrument):
-    """Writes each graph's code before and after every pass into ``folder``.
-
-    Files: ``00-captured.py``, ``01-prune.before.py``, ``01-prune.after.py``, ...
-    """
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self._i = 0
-
-    def _write(self, name: str, gm: torch.fx.GraphModule) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / name).write_text(gm.code)
-
-    def run_before_pass(self, pass_, gm, ctx):
-        self._i += 1
-        self._write(f"{self._i:02d}-{pass_.name}.before.py", gm)
-
-    def run_after_pass(self, pass_, gm, record):
-        self._write(f"{self._i:02d}-{pass_.name}.after.py", gm)
+    return fxpress.registry()
 
 
 def resolve_pass(spec: PassSpec, registry: Mapping[str, PassInfo], text: str | None = None) -> Pass:
@@ -225,10 +73,37 @@ def resolve_pass(spec: PassSpec, registry: Mapping[str, PassInfo], text: str | N
     return cls(**dict(spec.options))
 
 
+@dataclass
+class _Snapshot:
+    """What a pass starts from: the graph to roll back to, the graph it may rewrite, and
+    the version counters of the tensors it promised not to write into."""
+
+    work: torch.fx.GraphModule
+    last_good: torch.fx.GraphModule | None
+    before: Any  # the networkx view stamping diffs the kept graph against
+    watched: list
+
+    @classmethod
+    def take(cls, current: torch.fx.GraphModule, p: Pass, in_place: bool) -> "_Snapshot":
+        before = to_networkx(current)  # taken while only ``current`` is held
+        work = current if in_place else clone_structure(
+            current, copy_tensors=not p.traits.replaces_tensors)
+        names = {id(t): n for n, t in list(current.named_parameters(remove_duplicate=False))
+                 + list(current.named_buffers(remove_duplicate=False))}
+        # weakly: in place, what the pass replaces must be free to go (a tensor that died
+        # was no one else's, so a write into it harmed nothing)
+        watched = [(weakref.ref(t), names.get(id(t), "?"), t._version) for t in tensors_of(current)]
+        return cls(work, None if in_place else current, before, watched)
+
+    def touched(self) -> list[str]:
+        return [name for ref, name, version in self.watched
+                if (t := ref()) is not None and t._version != version]
+
+
 class Pipeline:
     """A list of passes and how to run them.
 
-    >>> Pipeline.parse("prune{sparsity=0.5},prune{threshold=0.01}", registry)  # doctest: +SKIP
+    >>> Pipeline.parse("prune{sparsity=0.5},prune{threshold=0.01}")  # doctest: +SKIP
     Pipeline('prune{sparsity=0.5},prune{threshold=0.01}')
     """
 
@@ -249,15 +124,19 @@ class Pipeline:
         self.last_good: torch.fx.GraphModule | None = None
 
     @classmethod
-    def parse(cls, text: str, registry: Mapping[str, PassInfo], **kwargs: Any) -> "Pipeline":
-        """Build a pipeline from text such as ``prune{sparsity=0.5},quantize{bits=8}``."""
+    def parse(cls, text: str, registry: Mapping[str, PassInfo] | None = None,
+              **kwargs: Any) -> "Pipeline":
+        """Build a pipeline from text such as ``prune{sparsity=0.5},quantize{bits=8}``;
+        names resolve through ``registry`` (default: the plugin registry)."""
+        registry = _registry_arg(registry, kwargs)
         specs = parse_spec(text)
         return cls([resolve_pass(s, registry, text) for s in specs], **kwargs)
 
     @classmethod
-    def from_recipe(cls, source: str | Path | dict, registry: Mapping[str, PassInfo],
+    def from_recipe(cls, source: str | Path | dict, registry: Mapping[str, PassInfo] | None = None,
                     **kwargs: Any) -> "Pipeline":
         """Build a pipeline from a TOML recipe (path, text or dict); keeps it as ``.recipe``."""
+        registry = _registry_arg(registry, kwargs)
         recipe = parse_recipe(source)
         kwargs.setdefault("policy", recipe.policy)
         kwargs.setdefault("in_place", recipe.in_place)
@@ -282,8 +161,7 @@ class Pipeline:
         """Capture (unless given a GraphModule), then run every pass with verification.
 
         ``top1``: measure argmax agreement (None: when the outputs look like class logits).
-        ``in_place``: rewrite one graph instead of a copy per pass (see the module docs);
-        None keeps the pipeline's setting.
+        ``policy`` and ``in_place``: None keeps the pipeline's own setting.
         """
         policy = policy or self.policy
         if policy not in POLICIES:
@@ -308,81 +186,99 @@ class Pipeline:
         else:
             gm = capture(model, example_inputs, capture_method)
         with TRACE_LOCK.running(), runtime_caches(False):
-            batches = calib or [example_inputs]
             labelled = None
             if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in self.passes):
                 labelled = _labelled(train_data, len(example_inputs))
-            verifier = Verifier(model, batches, top1=top1, labelled=labelled)
-            current_out = verifier.run(gm, annotate=True)
-            capture_metrics = verifier.compare_to_reference(current_out)
-            gm.meta["fxpress"]["capture_error"] = capture_metrics.as_dict()
+            check = Verification(Verifier(model, calib or [example_inputs], top1=top1,
+                                          labelled=labelled), gm)
+            gm.meta["fxpress"]["capture_error"] = check.capture_metrics.as_dict()
             ctx = PassContext(example_inputs=example_inputs, calibration=calib or None,
                               train_data=train_data, reference=model, seed=seed,
                               progress=self.progress)
             original_bytes = stored_bytes(gm)
             baseline = layer_summary(gm)
+            instruments = [MemoryTrim(), check, Progress(len(self.passes), self.progress),
+                           *self.instruments]
+            _notify(instruments, "run_before_pipeline", self, gm, ctx)
             records: list[PassRecord] = []
             self.last_good = gm
-            recovers_at = [i for i, p in enumerate(self.passes) if p.recovers]
-
-            bar = _progress(len(self.passes), self.progress)
-            try:
-                for i, p in enumerate(self.passes):
-                    if bar is not None:
-                        bar.set_postfix_str(p.name)
-                    # in place, only a pass that replaces tensors: a pass that may write
-                    # into them gets its own copies (the first graph's are the caller's)
-                    rewrite = in_place and p.replaces_tensors
-                    if rewrite:
-                        self.last_good = None  # rewritten as the pass goes
-                    record, gm, current_out, before = self._run_one(
-                        i + 1, p, gm, ctx, verifier, current_out, policy,
-                        deferred_to=next((j + 1 for j in recovers_at if j > i), None),
-                        in_place=rewrite)
-                    records.append(record)
-                    ctx.history.append(record)
-                    self.last_good = gm
-                    if before is not None:  # kept (a rollback returns the graph before)
-                        release_memory()
-                        self._finish(p, before, gm, record)
-                    if bar is not None:
-                        bar.update(1)
-            finally:
-                if bar is not None:
-                    bar.close()
+            recovers_at = [i + 1 for i, p in enumerate(self.passes) if p.traits.recovers]
+            for index, p in enumerate(self.passes, 1):
+                # in place, only a pass that replaces tensors: a pass that may write
+                # into them gets its own copies (the first graph's are the caller's)
+                rewrite = in_place and p.traits.replaces_tensors
+                if rewrite:
+                    self.last_good = None  # rewritten as the pass goes
+                deferred_to = next((j for j in recovers_at if j > index), None)
+                try:
+                    record, gm, before = self._run_one(index, p, gm, ctx, instruments, check,
+                                                       policy, deferred_to, rewrite)
+                except BaseException as e:
+                    _notify(instruments, "run_after_pass_failed", p, getattr(e, "last_good", None), e)
+                    raise
+                records.append(record)
+                ctx.history.append(record)
+                self.last_good = gm
+                if before is not None:  # kept; the graph before it is released now
+                    self._commit(p, before, gm, record, instruments)
         result = PipelineResult(gm, records, str(self), dict(gm.meta.get("fxpress", {})),
                                 original_bytes, baseline["file_bytes"], baseline)
-        for inst in self.instruments:
-            inst.run_after_pipeline(result)
+        _notify(instruments, "run_after_pipeline", result)
         return result
 
-    def _run_one(self, index, p, current, ctx, verifier, current_out, policy, deferred_to,
-                 in_place=False):
-        for inst in self.instruments:
-            inst.run_before_pass(p, current, ctx)
-        missing = [w for w in p.needs if not getattr(ctx, w)]
-        if missing:
-            try:
-                ctx.require(p.name, missing[0])
-            except FxpressError as e:
-                e.last_good = current
-                raise
-        # what stamping the kept graph diffs against, taken while only ``current`` is held
-        before = to_networkx(current)
-        trim_heap()  # what verification and measuring freed
-        work = current if in_place else clone_structure(current, copy_tensors=not p.replaces_tensors)
-        last_good = None if in_place else current
-        names = {id(t): n for n, t in list(current.named_parameters(remove_duplicate=False))
-                 + list(current.named_buffers(remove_duplicate=False))}
-        # weakly: in place, what the pass replaces must be free to go (a tensor that died
-        # was no one else's, so a write into it harmed nothing)
-        watched = [(weakref.ref(t), names.get(id(t), "?"), t._version) for t in tensors_of(current)]
-        del names
+    def _run_one(self, index: int, p: Pass, current: torch.fx.GraphModule, ctx: PassContext,
+                 instruments: list[Instrument], check: Verification, policy: str,
+                 deferred_to: int | None, in_place: bool):
+        """Snapshot, run, check; return (record, graph to go on with, ``before`` view if
+        the pass is to be committed, None if it was rolled back)."""
+        _notify(instruments, "run_before_pass", p, current, ctx)
+        for what in p.traits.needs:
+            if not getattr(ctx, what):
+                try:
+                    ctx.require(p.name, what)
+                except FxpressError as e:
+                    e.last_good = current
+                    raise
+        snap = _Snapshot.take(current, p, in_place)
         record = PassRecord(index, p.name, str(p), bytes_before=stored_bytes(current),
                             tolerance=p.tol.limits())
+        new = self._execute(p, snap, ctx, record)
+        for inst in instruments:
+            try:
+                inst.run_after_run(p, new, record)
+            except FxpressError:
+                raise
+            except Exception as e:
+                what = ("the rewritten graph does not run on the calibration inputs"
+                        if inst is check else f"instrument {type(inst).__name__} failed")
+                raise PassError(p.name, f"{what}: {type(e).__name__}: {e}",
+                                last_good=snap.last_good) from e
+        record.bytes_after = stored_bytes(new)
+        record.status, miss, record.message = check.verdict(p, record, policy, deferred_to)
+        if record.status == "failed":
+            record.params, record.zeros = weight_counts(new)
+            key, limit, value = miss
+            raise VerificationError(p.name, key, limit, value,
+                                    f"pass '{p.name}' {record.message}" if key == "nonfinite" else None,
+                                    last_good=snap.last_good, record=record)
+        if record.status == "rolled back":
+            record.bytes_after = record.bytes_before
+            record.params, record.zeros = weight_counts(current)
+            _notify(instruments, "run_after_pass", p, current, record)
+            return record, current, None
+        meta = dict(current.meta.get("fxpress", {}))
+        new.meta["fxpress"] = {**meta, **new.meta.get("fxpress", {}),
+                               "passes": list(meta.get("passes", [])) + [str(p)]}
+        return record, new, snap.before
+
+    @staticmethod
+    def _execute(p: Pass, snap: _Snapshot, ctx: PassContext, record: PassRecord) -> torch.fx.GraphModule:
+        """Run the pass on its snapshot and check what it handed back: a GraphModule that
+        lints, with no promised-shared tensor written into."""
+        last_good = snap.last_good
         start = time.perf_counter()
         try:
-            result = p.run(work, ctx)
+            result = p.run(snap.work, ctx)
         except FxpressError as e:
             e.last_good = last_good
             raise
@@ -392,17 +288,15 @@ class Pipeline:
             e.last_good = last_good  # type: ignore[attr-defined]
             raise
         record.seconds = time.perf_counter() - start
-
         if not isinstance(result, PassResult) or not isinstance(result.module, torch.fx.GraphModule):
             got = type(result.module if isinstance(result, PassResult) else result).__name__
             raise PassError(p.name, f"returned {got}; a pass must return "
                             "PassResult(module=<GraphModule>, changed=..., stats={...})",
                             last_good=last_good)
-        touched = [name for ref, name, version in watched
-                   if (t := ref()) is not None and t._version != version]
+        touched = snap.touched()
         if touched:
             raise PassError(p.name, f"wrote into shared tensor(s) {touched[:5]} in place; a pass "
-                            "that sets replaces_tensors=True must replace tensors "
+                            "whose traits say replaces_tensors=True must replace tensors "
                             "(WeightedOp.set_weight) instead of writing into them",
                             last_good=last_good)
         new = result.module
@@ -412,78 +306,36 @@ class Pipeline:
         except Exception as e:
             raise PassError(p.name, f"left a graph that fails lint: {type(e).__name__}: {e}",
                             last_good=last_good) from e
-
-        trim_heap()  # the pass's temporaries
-        v_start = time.perf_counter()
-        try:
-            new_out = verifier.run(new, annotate=True)
-            trim_heap()  # the run's activations and kernels' temporaries
-            record.cumulative = verifier.compare_to_reference(new_out)
-            record.incremental = verifier.compare(new_out, current_out)
-        except Exception as e:
-            raise PassError(p.name, f"the rewritten graph does not run on the calibration "
-                            f"inputs: {type(e).__name__}: {e}", last_good=last_good) from e
-        record.verify_seconds = time.perf_counter() - v_start
         record.changed = bool(result.changed)
         record.stats = dict(result.stats)
-        record.bytes_after = stored_bytes(new)
+        return new
 
-        metrics = record.cumulative if p.tol.against == "reference" else record.incremental
-        bad = misses(p.tol, metrics)
-        if bad:
-            key, limit, value = bad[0]
-            what = ", ".join(f"{k} = {v:.6g} (limit {lim:.6g})" for k, lim, v in bad)
-            broken = key == "nonfinite"  # NaN/Inf is never kept, whatever the policy
-            if broken:
-                what = f"produced {int(value)} NaN/Inf output values the original model does not have"
-            if deferred_to is not None and not broken:
-                record.status = "deferred"
-                record.message = f"missed {what}; left to the recovery step #{deferred_to}"
-            elif policy == "warn" and not broken:
-                record.status = "warn"
-                record.message = f"missed {what}; kept (policy warn)"
-            elif policy == "rollback":
-                record.status = "rolled back"
-                record.message = f"missed {what}; change dropped (policy rollback)"
-                record.bytes_after = record.bytes_before
-                record.params, record.zeros = weight_counts(current)
-                for inst in self.instruments:
-                    inst.run_after_pass(p, current, record)
-                return record, current, current_out, None
-            else:
-                record.status = "failed"
-                record.message = what
-                record.params, record.zeros = weight_counts(new)
-                raise VerificationError(
-                    p.name, key, limit, value,
-                    f"pass '{p.name}' {what}" if broken else None,
-                    last_good=last_good, record=record)
-
-        new.meta.setdefault("fxpress", dict(current.meta.get("fxpress", {})))
-        new.meta["fxpress"] = dict(new.meta["fxpress"])
-        new.meta["fxpress"]["passes"] = list(current.meta.get("fxpress", {}).get("passes", [])) + [str(p)]
-        # kept: run() finishes the record (_finish) once ``current`` is gone
-        return record, new, new_out, before
-
-    def _finish(self, p: Pass, before: Any, new: torch.fx.GraphModule, record: PassRecord) -> None:
-        """Stamp, count and measure a kept pass's graph, then tell the instruments. Runs
-        after the graph before the pass is released: none of it needs those weights, and
-        decoding or encoding the new ones then costs no memory on top of them."""
+    @staticmethod
+    def _commit(p: Pass, before: Any, new: torch.fx.GraphModule, record: PassRecord,
+                instruments: list[Instrument]) -> None:
+        """Keep a pass: release the graph before it (the instruments' commit hook), then
+        stamp, count and measure the kept graph. None of that needs the old weights, so
+        decoding or encoding the new ones costs no memory on top of them."""
+        _notify(instruments, "run_after_commit", p, new, record)
         stamp_changes(before, new, str(p))
         record.params, record.zeros = weight_counts(new)
         record.disk_bytes = artifact_size(new)
-        for inst in self.instruments:
-            inst.run_after_pass(p, new, record)
+        _notify(instruments, "run_after_pass", p, new, record)
 
 
-def release_memory() -> None:
-    """Free what a replaced graph held and hand the freed pages back to the OS.
+def _notify(instruments: Iterable[Instrument], hook: str, *args: Any) -> None:
+    for inst in instruments:
+        getattr(inst, hook)(*args)
 
-    A GraphModule is a reference cycle (module <-> graph <-> nodes): until Python's next
-    full collection, the graph a pass replaced keeps every tensor only it held.
-    """
-    gc.collect()
-    trim_heap()
+
+def _registry_arg(registry: Mapping[str, PassInfo] | None, kwargs: dict) -> Mapping[str, PassInfo]:
+    """``registry=``, or the old face's ``registry_=`` (deprecated), or the default."""
+    if "registry_" in kwargs:
+        warnings.warn("Pipeline.parse/from_recipe(registry_=...) is deprecated; use registry=",
+                      DeprecationWarning, stacklevel=3)
+        old = kwargs.pop("registry_")
+        registry = old if registry is None else registry
+    return default_registry() if registry is None else registry
 
 
 def _calibration_list(calibration: Iterable[Any] | None) -> list[tuple]:
@@ -509,13 +361,6 @@ def _labelled(train_data: Any, n_inputs: int, limit: int = 32) -> list[tuple] | 
     return out or None
 
 
-def _progress(total: int, enabled: bool | None):
-    if enabled is False or total == 0:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    # disable=None: shown only on a terminal; delay: only for pipelines that take a while
-    return tqdm(total=total, desc="fxpress", unit="pass", delay=1.0,
-                disable=None if enabled is None else not enabled, file=sys.stderr, leave=False)
+__all__ = ["Pipeline", "PipelineResult", "PassRecord", "Instrument", "PassTimer", "GraphDumper",
+           "resolve_pass", "format_records", "weight_counts", "release_memory", "POLICIES",
+           "PassSpec"]

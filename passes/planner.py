@@ -39,7 +39,7 @@ from fxpress.errors import InputError
 from fxpress.graph.capture import as_input_tuple, capture, clone_structure, eval_mode
 from fxpress.passes.base import PassInfo
 from fxpress.passes.sensitivity import (KEEP, METRICS, SensitivityTable, Trial, sensitivity)
-from fxpress.passes.spec import format_pass, format_value, parse_spec
+from fxpress.passes.recipes import format_pass, format_value, parse_spec
 
 #: Default recovery steps with train data: after pruning, and after the coding passes.
 RECOVERY = ("distill{epochs=30,lr=0.01}", "distill{epochs=10,lr=0.001}")

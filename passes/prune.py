@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 
 from fxpress.errors import OptionError
-from fxpress.graph.weights import KINDS, select, sparsity, unique_weights, weighted_ops
-from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
+from fxpress.graph.memory import sparsity
+from fxpress.graph.weights import KINDS, select, unique_weights, weighted_ops
+from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
+                                 check_glob_matches, option)
 
 _NONE = type(None)
 
@@ -135,8 +137,7 @@ class Prune(Pass):
 
     name = "prune"
     summary = "Zero the smallest-magnitude weights: |w| < threshold, or a target sparsity per layer or global."
-    tolerance = Tolerance(min_cosine=0.9, min_top1=0.9)
-    replaces_tensors = True
+    traits = PassTraits(tolerance=Tolerance(min_cosine=0.9, min_top1=0.9), replaces_tensors=True)
 
     threshold = option(None, "zero every weight with |w| < threshold", type=(float, _NONE), low=0.0)
     sparsity = option(None, "fraction of weights to zero (0 <= s < 1)", type=(float, _NONE),

@@ -47,10 +47,12 @@ import torch.fx
 
 from fxpress.errors import OptionError
 from fxpress.graph.capture import _flat_graph_inputs, eval_mode
-from fxpress.graph.weights import (CONV, EMBEDDING, LINEAR, CompressedModule, op_forward, select,
-                                   stored_bytes)
+from fxpress.graph.memory import stored_bytes
+from fxpress.graph.runtime import CompressedModule, op_forward
+from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, select
 from fxpress.graph.weights import weighted_ops as _weighted_ops
-from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
+from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
+                                 check_glob_matches, option)
 from fxpress.passes.int8 import (INT8_BACKENDS, int8_backend, per_token_absmax,
                                  quantize_per_tensor, quantize_per_token)
 from fxpress.passes.quantize_grid import (GRANULARITIES, SCHEMES, code_range, dequantize_weight,
@@ -112,9 +114,8 @@ class Quantize(Pass):
                "linear layers run int8 x int8 with per-token activation scales.")
     # int8 keeps sentence-embedding cosine >= 0.99 and 4-bit groups >= 0.97 on MiniLM;
     # narrower widths lose more and must say so with tol.* overrides
-    tolerance = Tolerance(min_cosine=0.97, min_top1=0.95)
-    replaces_tensors = True
-    runtime_modules = RUNTIME_MODULES
+    traits = PassTraits(tolerance=Tolerance(min_cosine=0.97, min_top1=0.95), replaces_tensors=True,
+                        runtime_modules=RUNTIME_MODULES)
 
     bits = option(8, "bits per weight code (2-8)", type=int, low=2, high=8)
     granularity = option("channel", "one scale per output 'channel', per 'tensor', or per "

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, CompressedModule
+from fxpress.graph.runtime import CompressedModule
+from fxpress.graph.weights import CONV, EMBEDDING, LINEAR
 from fxpress.passes.int8 import Int8Kernels, _prepacked
 from fxpress.passes.quantize_grid import code_range, dequantize_weight, load_codes, store_codes
 

@@ -27,9 +27,10 @@ import torch.fx
 
 from fxpress.errors import FxpressError, InputError, OptionError
 from fxpress.graph.capture import as_input_tuple, capture, clone_structure, eval_mode
-from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, tensor_memo, weighted_ops
+from fxpress.graph.memory import tensor_memo
+from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, weighted_ops
 from fxpress.passes.base import Pass, PassContext, PassInfo
-from fxpress.passes.spec import PassSpec, format_spec, parse_spec
+from fxpress.passes.recipes import PassSpec, format_spec, parse_spec
 from fxpress.passes.verify import Metrics, Verifier
 
 #: The metrics a budget can be stated in (``evaluate`` adds the user's own score).
@@ -226,7 +227,7 @@ def apply_candidate(gm: torch.fx.GraphModule, steps: Sequence[Pass], ctx: PassCo
     """``steps`` run on a structural copy of ``gm`` (sharing every tensor no step replaces)."""
     work = gm
     for p in steps:
-        work = clone_structure(work, copy_tensors=not p.replaces_tensors)
+        work = clone_structure(work, copy_tensors=not p.traits.replaces_tensors)
         work = p.run(work, ctx).module
     work.graph.lint()
     work.recompile()

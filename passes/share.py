@@ -44,9 +44,11 @@ import torch
 from fxpress.errors import OptionError
 from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, unpack_bits,
                                     unpack_rows)
-from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, CompressedModule, kind_classes,
-                                   select, unique_weights, weighted_ops)
-from fxpress.passes.base import Pass, PassContext, PassResult, Tolerance, check_glob_matches, option
+from fxpress.graph.runtime import CompressedModule, kind_classes
+from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, unique_weights,
+                                   weighted_ops)
+from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
+                                 check_glob_matches, option)
 from fxpress.passes.quantize_grid import dequantize_weight, load_codes, quantize_weight, store_codes
 
 # -- 1-D k-means ------------------------------------------------------------------------------
@@ -351,9 +353,8 @@ class Share(Pass):
                "centroids, bits-bit indices packed; pruned zeros stay exactly zero.")
     # 4-bit sharing changes the digits models' outputs by ~1% (rel. L2) and MiniLM's
     # embeddings to cosine ~0.99; 2-3 bits go past this and need fine-tuning.
-    tolerance = Tolerance(min_cosine=0.98, min_top1=0.95)
-    replaces_tensors = True
-    runtime_modules = tuple(CODEBOOK_CLASSES.values())
+    traits = PassTraits(tolerance=Tolerance(min_cosine=0.98, min_top1=0.95), replaces_tensors=True,
+                        runtime_modules=tuple(CODEBOOK_CLASSES.values()))
 
     bits = option(4, "bits per weight index; the codebook holds up to 2**bits centroids",
                   low=1, high=8)

@@ -6,7 +6,7 @@ from fxpress.passes.prune import Prune
 from fxpress.passes.binarize import Binarize
 from fxpress.passes.quantize import Quantize
 from fxpress.passes.share import Share
-from fxpress.plugins.spec import hookimpl
+from fxpress.plugins.hookspecs import hookimpl
 
 BUILTIN_PASSES = (Prune, Share, Quantize, Binarize, Distill)
 

@@ -17,7 +17,7 @@ import pluggy
 
 from fxpress.errors import PluginError
 from fxpress.passes.base import Pass, PassInfo, PassRegistry
-from fxpress.plugins import builtin, spec
+from fxpress.plugins import builtin, hookspecs
 
 BUILTIN = "builtin"
 
@@ -29,8 +29,8 @@ def plugins_disabled() -> bool:
 def plugin_manager(entry_points: bool | None = None, extra_plugins: Iterable[Any] = ()
                    ) -> tuple[pluggy.PluginManager, dict[str, str | None], list[PluginError]]:
     """A pluggy manager with the built-ins, the entry points and ``extra_plugins`` registered."""
-    pm = pluggy.PluginManager(spec.PROJECT)
-    pm.add_hookspecs(spec)
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
     pm.register(builtin, name=BUILTIN)
     dists: dict[str, str | None] = {BUILTIN: "fxpress"}
     errors: list[PluginError] = []
@@ -38,7 +38,7 @@ def plugin_manager(entry_points: bool | None = None, extra_plugins: Iterable[Any
         entry_points = not plugins_disabled()
     if entry_points:
         importlib.invalidate_caches()  # see packages installed since the last scan
-        for ep in importlib.metadata.entry_points(group=spec.ENTRY_POINT_GROUP):
+        for ep in importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else None
             if ep.name in dists:
                 errors.append(PluginError(ep.name, dist, "a plugin of that name is already loaded"))

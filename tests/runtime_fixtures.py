@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from fxpress.graph.packing import pack_bits, unpack_bits
-from fxpress.graph.weights import CompressedModule, RuntimeModule, weighted_ops
+from fxpress.graph.runtime import CompressedModule, RuntimeModule
+from fxpress.graph.weights import weighted_ops
 
 
 class PackedCodebookLinear(CompressedModule):

@@ -14,7 +14,7 @@ import fxpress
 from fxpress import errors as E
 from fxpress.passes.base import Pass, PassResult, Tolerance
 from fxpress.graph.weights import weighted_ops
-from fxpress.passes.spec import parse_recipe
+from fxpress.passes.recipes import parse_recipe
 from tests.helpers import (assert_unchanged, flip_tensor_byte, node, set_target, state_snapshot,
                            tamper)
 

@@ -7,7 +7,7 @@ import torch
 
 import fxpress
 from fxpress.errors import OptionError
-from fxpress.graph.weights import compressed_modules
+from fxpress.graph.runtime import compressed_modules
 from fxpress.passes.binarize import (BinaryLinear, decode, pow2_encode, pow2_window, sign_encode,
                                      ternary_encode)
 from tests.helpers import assert_unchanged, rebuild, state_snapshot

@@ -15,7 +15,8 @@ import fxpress
 from examples.digits import (DigitsMLP, accuracy, few_labels, student_accuracies, train_data,
                              trained_mlp)
 from fxpress.errors import MissingDataError, OptionError, VerificationError
-from fxpress.graph.weights import CompressedModule, weighted_ops
+from fxpress.graph.runtime import CompressedModule
+from fxpress.graph.weights import weighted_ops
 from fxpress.passes.base import Pass, PassResult, Tolerance
 from fxpress.passes.distill import Distill, Tap, collect, tap_modules
 from fxpress.passes.distill_data import Dist, epoch_batches

@@ -6,7 +6,7 @@ import torch
 
 import fxpress
 from examples.digits import accuracy, calibration, train_data
-from fxpress.graph.weights import compressed_modules
+from fxpress.graph.runtime import compressed_modules
 from tests.helpers import assert_unchanged, state_snapshot
 
 PIPELINES = [

@@ -252,7 +252,8 @@ def test_replaced_graphs_are_freed_and_no_runtime_cache_is_kept(mlp, calib):
     import gc
     import weakref
 
-    from fxpress.graph.weights import caches_enabled, compressed_modules
+    from fxpress.graph.memory import caches_enabled
+    from fxpress.graph.runtime import compressed_modules
 
     class Watch(fxpress.Instrument):
         def __init__(self):

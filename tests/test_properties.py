@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import fxpress
-from fxpress.passes.spec import PassSpec, format_spec, parse_spec
+from fxpress.passes.recipes import PassSpec, format_spec, parse_spec
 from tests.helpers import assert_unchanged, state_snapshot
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,

@@ -7,7 +7,9 @@ import torch
 import fxpress
 from fxpress.errors import OptionError
 from fxpress.graph.packing import packed_size
-from fxpress.graph.weights import compressed_modules, stored_bytes, weighted_ops
+from fxpress.graph.memory import stored_bytes
+from fxpress.graph.runtime import compressed_modules
+from fxpress.graph.weights import weighted_ops
 from fxpress.passes import int8 as I8
 from fxpress.passes import quantize as Q
 from fxpress.passes.int8 import int8_backend

@@ -8,7 +8,9 @@ import fxpress
 from examples.digits import accuracy
 from fxpress.errors import OptionError
 from fxpress.graph.packing import pack_bits, unpack_bits, unpack_rows
-from fxpress.graph.weights import compressed_modules, stored_bytes, weighted_ops
+from fxpress.graph.memory import stored_bytes
+from fxpress.graph.runtime import compressed_modules
+from fxpress.graph.weights import weighted_ops
 from fxpress.passes.share import CodebookEmbedding, CodebookLinear, kmeans_1d
 from tests.helpers import assert_unchanged, rebuild, state_snapshot
 

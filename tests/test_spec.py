@@ -2,7 +2,7 @@ import pytest
 
 import fxpress
 from fxpress.errors import OptionError, PipelineSpecError, UnknownPassError
-from fxpress.passes.spec import format_spec, parse_recipe, parse_spec
+from fxpress.passes.recipes import format_spec, parse_recipe, parse_spec
 
 
 @pytest.mark.parametrize("text", [

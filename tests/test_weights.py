@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 import fxpress
-from fxpress.graph.weights import CompressedModule, op_forward, weighted_ops
+from fxpress.graph.runtime import CompressedModule, op_forward
+from fxpress.graph.weights import weighted_ops
 
 
 class _Functional(torch.nn.Module):
@@ -173,7 +174,7 @@ def test_runtime_modules_rebuild_from_config_and_tensors():
 
 
 def test_tensor_memo_recomputes_after_writes_and_for_new_tensors():
-    from fxpress.graph.weights import nonzeros, tensor_memo
+    from fxpress.graph.memory import nonzeros, tensor_memo
 
     calls = []
 

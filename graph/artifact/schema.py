@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fxpress.errors import ArtifactFormatError, ForbiddenTargetError
 from fxpress.graph.artifact.tensors import _check_tensor_entry
 from fxpress.graph.artifact.values import _Decoder, _short_repr
-from fxpress.graph.weights import RuntimeModule
+from fxpress.graph.runtime import RuntimeModule
 
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 

@@ -20,7 +20,7 @@ from fxpress.graph.artifact.schema import Allowlist, _join, class_name
 from fxpress.graph.artifact.tensors import _as_ints, encode_tensor
 from fxpress.graph.artifact.values import _Encoder, dtype_name
 from fxpress.graph.capture import node_shape
-from fxpress.graph.weights import RuntimeModule
+from fxpress.graph.runtime import RuntimeModule
 
 _BASE_MODULE_KEYS = frozenset(vars(torch.nn.Module()).keys())
 _HOOK_KEYS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
