@@ -1,0 +1,721 @@
+"""Export a compressed model to ONNX, for stock ONNX Runtime (``pip install 'fxpress[onnx]'``).
+
+``fxpress.export_onnx(res, "model.onnx")`` (or ``fxpress export-onnx model.fxp -o model.onnx``)
+turns a compressed GraphModule, a :class:`~fxpress.PipelineResult` or a saved artifact into
+an ONNX model whose compressed layers keep fxpress's own integers and scales:
+
+* ``QuantizedLinear`` with int8 activations (``activations=dynamic``): the input is
+  quantised at run time exactly as fxpress does it and multiplied in integers by
+  ``MatMulInteger`` against fxpress's codes, then scaled by fxpress's per-channel scales.
+  Per-tensor activations use ``DynamicQuantizeLinear`` (one affine uint8 scale, what
+  fxpress's per-tensor mode computes; layers reading one input share it, like q, k and v
+  do in fxpress), per-token activations one symmetric scale per row; smoothed layers
+  divide their input columns first. ONNX Runtime fuses the chain into its
+  ``DynamicQuantizeMatMul`` kernel, the same one its own ``quantize_dynamic`` output uses.
+* weight-only ``QuantizedLinear`` (``granularity=group`` and ``activations=none``) at 2, 4
+  or 8 bits: ``com.microsoft.MatMulNBits`` with fxpress's codes, group scales and zero
+  points (per-channel or per-tensor scales are repeated per block, which is exact);
+  other widths (3, 5-7 bits) and group sizes MatMulNBits cannot take are decoded to float.
+* ``QuantizedEmbedding`` (per row or per tensor): ``Gather`` of the integer rows, then
+  the scale (and zero point) of the rows looked up, as fxpress decodes them.
+* every other compressed module (codebooks, binarized layers, quantized convs, a plugin's
+  module): the nearest form ONNX runs, the decoded float weight.
+
+Batch and sequence axes stay dynamic (every input axis the model allows). After export
+the model is run by ONNX Runtime on the example inputs and compared with fxpress's own
+outputs; the metrics are returned in :attr:`OnnxExport.check`.
+
+>>> out = fxpress.export_onnx(res, "model.onnx")          # doctest: +SKIP
+>>> out.check["rel_l2"], out.layers["bert.encoder.layer.0.attention.self.query"]  # doctest: +SKIP
+(0.0009, 'MatMulInteger (per-tensor input)')
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import math
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from fxpress.errors import FxpressError, InputError
+
+#: How to get what this module needs.
+INSTALL_HINT = "pip install 'fxpress[onnx]'"
+#: Opset of the default ONNX domain the exporter writes (LayerNormalization, Gelu: >= 20).
+OPSET = 20
+#: The custom op that stands for a compressed layer during export, and its ONNX node.
+_DOMAIN = "fxpress.onnx"
+_PLACEHOLDER = "CompressedLayer"
+
+
+class ExportError(FxpressError):
+    """The model could not be exported to ONNX (the message says which layer or input)."""
+
+
+class MissingExtraError(FxpressError, ImportError):
+    """An optional feature's packages are not installed; the message says how to get them."""
+
+
+def _require() -> None:
+    missing = []
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(f"ONNX export needs {', '.join(missing)}, which are not "
+                                f"installed: {INSTALL_HINT}")
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote: the path (or None), the ONNX model, the form each
+    compressed layer took, the input/output names, and ``check``: ONNX Runtime's outputs
+    against fxpress's on the example inputs (max_abs, rel_l2, cosine, cosine_min)."""
+
+    path: Path | None
+    model: Any
+    layers: dict[str, str] = field(default_factory=dict)
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    check: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        forms: dict[str, int] = {}
+        for form in self.layers.values():
+            forms[form] = forms.get(form, 0) + 1
+        lines = [f"{n} x {form}" for form, n in sorted(forms.items(), key=lambda kv: -kv[1])]
+        check = ", ".join(f"{k} {v:.4g}" for k, v in self.check.items())
+        where = f"wrote {self.path}" if self.path else "ONNX model"
+        return "\n".join([f"{where}: inputs {self.input_names}, outputs {self.output_names}",
+                          *("  " + line for line in lines),
+                          f"  onnxruntime vs fxpress on the example inputs: {check}"])
+
+
+# -- the placeholder op ------------------------------------------------------------------------
+
+_registry: dict[int, torch.nn.Module] = {}
+_registry_lock = threading.Lock()
+_keys = itertools.count()
+_op_defined = False
+
+
+def _define_op() -> None:
+    """Define ``fxpress_onnx::compressed_layer(x, key)`` (calls the registered module) and
+    its ONNX schema, once per process."""
+    global _op_defined
+    if _op_defined:
+        return
+    from onnx.defs import OpSchema, register_schema
+
+    from fxpress.graph.weights import op_forward
+
+    @torch.library.custom_op("fxpress_onnx::compressed_layer", mutates_args=())
+    def compressed_layer(x: torch.Tensor, key: int) -> torch.Tensor:
+        return _registry[key](x).clone()
+
+    @compressed_layer.register_fake
+    def _(x, key):
+        mod = _registry[key]
+        shape = _weight_shape(mod)
+        w = x.new_empty(shape, dtype=torch.float32)
+        return op_forward(mod.kind, mod.spec, x if x.is_floating_point() else x, w, None)
+
+    register_schema(OpSchema(
+        _PLACEHOLDER, _DOMAIN, 1, doc="a compressed fxpress layer (replaced after export)",
+        inputs=[OpSchema.FormalParameter("x", "T")],
+        outputs=[OpSchema.FormalParameter("y", "tensor(float)")],
+        type_constraints=[("T", ["tensor(float)", "tensor(int64)", "tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("key", OpSchema.AttrType.INT, "layer key")]))
+    _op_defined = True
+
+
+def _translation() -> dict:
+    import onnxscript
+
+    opset = onnxscript.values.Opset(_DOMAIN, 1)
+
+    def lower(x, key: int):
+        return getattr(opset, _PLACEHOLDER)(x, key=key)
+
+    return {torch.ops.fxpress_onnx.compressed_layer.default: lower}
+
+
+def _weight_shape(mod) -> list[int]:
+    shape = getattr(mod, "shape", None)
+    if shape is not None:
+        return list(shape)
+    with torch.no_grad():
+        return list(mod.weight_float().shape)
+
+
+class _Decoded(torch.nn.Module):
+    """A compressed layer as its decoded float weight (the form ONNX runs for codebooks,
+    binarized layers and convs)."""
+
+    def __init__(self, mod):
+        super().__init__()
+        from fxpress.graph.weights import op_forward
+
+        self._forward = op_forward
+        self.kind, self.spec = mod.kind, dict(mod.spec)
+        with torch.no_grad():
+            self.register_buffer("weight", mod.weight_float().detach().float().contiguous())
+            bias = getattr(mod, "bias", None)
+            self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x):
+        return self._forward(self.kind, self.spec, x, self.weight, self.bias)
+
+
+# -- choosing each layer's ONNX form -----------------------------------------------------------
+
+def _nbits_block(mod) -> int | None:
+    """MatMulNBits block size that represents ``mod``'s scales exactly, or None."""
+    if mod.bits not in (2, 4, 8):
+        return None
+    cols = mod.cols
+    if mod.granularity == "group":
+        g = mod.group_size
+        return g if g >= 16 and g & (g - 1) == 0 else None
+    for block in (128, 64, 32, 16):  # channel / tensor scales repeat per block
+        if cols % block == 0:
+            return block
+    return 32 if cols >= 32 else None
+
+
+def _form(mod) -> str:
+    """How a compressed module is exported: "int8", "nbits", "gather" or "decoded"."""
+    from fxpress.passes.quantize import QuantizedEmbedding, QuantizedLinear
+
+    if getattr(mod, "latent", None) is not None:
+        return "decoded"
+    if isinstance(mod, QuantizedLinear):
+        if mod.activations == "dynamic" and mod.granularity != "group":
+            return "int8"
+        if _nbits_block(mod) is not None:
+            return "nbits"
+        return "decoded"
+    if isinstance(mod, QuantizedEmbedding) and mod.granularity in ("channel", "tensor") \
+            and mod.smooth is None:
+        return "gather"
+    return "decoded"
+
+
+def _lowered(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[int, tuple[str, Any]]]:
+    """A structural copy of ``gm`` in which every compressed layer is either the placeholder
+    op (integer forms, filled in after export) or a float op on its decoded weight."""
+    from fxpress.graph.capture import clone_structure
+    from fxpress.graph.weights import CompressedModule
+
+    out = clone_structure(gm)
+    keys: dict[int, tuple[str, Any]] = {}
+    for node in list(out.graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = out.get_submodule(node.target)
+        if not isinstance(mod, CompressedModule):
+            continue
+        form = _form(mod)
+        if form == "decoded":
+            _set_module(out, str(node.target), _Decoded(mod))
+            keys[-len(keys) - 1] = (str(node.target), (mod, form))
+            continue
+        key = next(_keys)
+        with _registry_lock:
+            _registry[key] = mod
+        keys[key] = (str(node.target), (mod, form))
+        with out.graph.inserting_before(node):
+            new = out.graph.call_function(torch.ops.fxpress_onnx.compressed_layer.default,
+                                          (node.args[0], key))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        out.graph.erase_node(node)
+    out.graph.eliminate_dead_code()
+    out.delete_all_unused_submodules()
+    out.recompile()
+    return out, keys
+
+
+def _set_module(gm, qualname: str, module) -> None:
+    parent, _, name = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+# -- building the integer subgraphs ------------------------------------------------------------
+
+class _Builder:
+    """Adds nodes and initializers to an ONNX graph under unique names."""
+
+    def __init__(self, graph):
+        from onnx import helper, numpy_helper
+
+        self.graph, self.helper, self.numpy_helper = graph, helper, numpy_helper
+        self.names = {v.name for v in itertools.chain(graph.input, graph.output,
+                                                       graph.initializer, graph.value_info)}
+        for n in graph.node:
+            self.names.update(n.output)
+        self.nodes: list = []
+        self.shared: dict[tuple, tuple] = {}
+
+    def name(self, base: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9_.]", "_", base)
+        out, i = base, 0
+        while out in self.names:
+            i += 1
+            out = f"{base}_{i}"
+        self.names.add(out)
+        return out
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self.name(base)
+        self.graph.initializer.append(self.numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], base: str, outputs: int = 1,
+             domain: str = "", **attrs) -> list[str]:
+        outs = [self.name(f"{base}.{op}" + (f".{i}" if i else "")) for i in range(outputs)]
+        self.nodes.append(self.helper.make_node(op, list(inputs), outs, name=self.name(base + "/" + op),
+                                                domain=domain or None, **attrs))
+        return outs
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _int8_linear(b: _Builder, mod, x: str, y: str, base: str) -> str:
+    """``y = mod(x)`` for a dynamic int8 QuantizedLinear: fxpress's codes and scales."""
+    codes = mod.codes()  # int32 [N, K]
+    zero = mod.zero()
+    n = mod.shape[0]
+    scale = mod.scale.reshape(-1).float()
+    scale = scale.expand(n) if scale.numel() == 1 else scale
+    if zero is None:  # symmetric codes fit int8
+        w = b.const(base + ".qweight", _np(codes.t().to(torch.int8)))
+        wzp = None
+    else:  # affine codes 0..2^bits-1 with an integer zero point per channel (or tensor)
+        w = b.const(base + ".qweight", _np(codes.t().to(torch.uint8)))
+        z = zero.reshape(-1)
+        wzp = b.const(base + ".zero_point", _np((z.expand(n) if z.numel() == 1 else z).to(torch.uint8)))
+    sw = b.const(base + ".scale", _np(scale))
+    src = x
+    if mod.smooth is not None:  # the stored weight is w * smooth: divide the input columns
+        inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
+        src = b.node("Mul", [x, inv], base)[0]
+    if mod.act_scale == "tensor":
+        key = ("dql", src)
+        if key not in b.shared:  # q, k and v read one input: quantise it once, as fxpress does
+            b.shared[key] = tuple(b.node("DynamicQuantizeLinear", [src], base, outputs=3))
+        xq, sx, zx = b.shared[key]
+        acc = b.node("MatMulInteger", [xq, w, zx] + ([wzp] if wzp else []), base)[0]
+        prod = b.node("Mul", [sx, sw], base + ".scales")[0]
+    else:  # per token: one symmetric scale per row, offset by 128 into uint8
+        last = b.const(base + ".last_axis", np.array([-1], np.int64))
+        amax = b.node("Max", [b.node("ReduceMax", [src, last], base, keepdims=1)[0],
+                              b.node("Neg", [b.node("ReduceMin", [src, last], base, keepdims=1)[0]],
+                                     base)[0],
+                              b.const(base + ".tiny", np.array(1e-12, np.float32))], base)[0]
+        inv127 = b.node("Div", [b.const(base + ".c127", np.array(127.0, np.float32)), amax], base)[0]
+        q = b.node("Round", [b.node("Mul", [src, inv127], base)[0]], base)[0]
+        q = b.node("Add", [q, b.const(base + ".c128", np.array(128.0, np.float32))], base)[0]
+        xq = b.node("Cast", [q], base, to=2)[0]  # uint8
+        zx = b.const(base + ".x_zero_point", np.array(128, np.uint8))
+        acc = b.node("MatMulInteger", [xq, w, zx] + ([wzp] if wzp else []), base)[0]
+        rowscale = b.node("Div", [amax, b.const(base + ".c127b", np.array(127.0, np.float32))], base)[0]
+        # the channel scales first, the row scales after: ORT's MatMulIntegerToFloat fusion
+        # takes a per-tensor input scale only, and a product with per-row scales would be
+        # mis-fused into it
+        accf = b.node("Cast", [acc], base, to=1)[0]
+        out = b.node("Mul", [b.node("Mul", [accf, sw], base)[0], rowscale], base)[0]
+        return _finish(b, mod, out, y, base)
+    accf = b.node("Cast", [acc], base, to=1)[0]
+    return _finish(b, mod, b.node("Mul", [accf, prod], base)[0], y, base)
+
+
+def _finish(b: _Builder, mod, out: str, y: str, base: str) -> str:
+    bias = getattr(mod, "bias", None)
+    if bias is None:
+        b.nodes.append(b.helper.make_node("Identity", [out], [y], name=b.name(base + "/Identity")))
+    else:
+        bb = b.const(base + ".bias", _np(bias.float()))
+        b.nodes.append(b.helper.make_node("Add", [out, bb], [y], name=b.name(base + "/Add")))
+    return y
+
+
+def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: int) -> str:
+    """``y = mod(x)`` for a weight-only QuantizedLinear as com.microsoft.MatMulNBits."""
+    from fxpress.passes.quantize import code_range
+
+    bits, block = mod.bits, _nbits_block(mod)
+    n, k = mod.shape[0], mod.cols
+    lo, _ = code_range(bits, mod.scheme)
+    u = (mod.codes() - lo).to(torch.uint8)  # unsigned codes [N, K]
+    zero = mod.zero()
+    zu = None if zero is None else (zero - lo)  # unsigned zero point
+    blocks = -(-k // block)
+    # scales (and zero points) per (row, block): exact repeats of channel / tensor scales
+    cols_per_scale = k // mod.scale.shape[1]
+    col_of_block = torch.arange(blocks) * block // cols_per_scale
+    scale = mod.scale.float().expand(n, -1)[:, col_of_block]
+    if zu is None:
+        zu = torch.full((n, blocks), 1 << (bits - 1), dtype=torch.int32)  # symmetric: q + 2^(b-1)
+        u = (mod.codes() + (1 << (bits - 1))).to(torch.uint8)
+    else:
+        zu = zu.expand(n, -1)[:, col_of_block]
+    pad = blocks * block - k
+    if pad:
+        u = torch.cat([u, zu.repeat_interleave(block, 1)[:, k:].to(torch.uint8)], 1)
+    per_byte = 8 // bits
+    blob = block * bits // 8
+    u3 = u.reshape(n, blocks, blob, per_byte).to(torch.int32)
+    packed = sum(u3[..., i] << (bits * i) for i in range(per_byte)).to(torch.uint8)
+    zpad = (-blocks) % per_byte
+    zz = torch.cat([zu, zu.new_zeros(n, zpad)], 1) if zpad else zu
+    z3 = zz.reshape(n, -1, per_byte).to(torch.int32)
+    zpacked = sum(z3[..., i] << (bits * i) for i in range(per_byte)).to(torch.uint8).reshape(-1)
+    src = x
+    if mod.smooth is not None:  # activation-aware scaling: the stored weight is w * smooth
+        inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
+        src = b.node("Mul", [x, inv], base)[0]
+    inputs = [src, b.const(base + ".qweight", _np(packed)), b.const(base + ".scales", _np(scale.reshape(-1))),
+              b.const(base + ".zero_points", _np(zpacked))]
+    out = b.node("MatMulNBits", inputs, base, domain="com.microsoft", K=k, N=n, bits=bits,
+                 block_size=block, accuracy_level=accuracy_level)[0]
+    return _finish(b, mod, out, y, base)
+
+
+def _gather_embedding(b: _Builder, mod, x: str, y: str, base: str) -> str:
+    """``y = mod(indices)``: gather the integer rows, then decode them with their scales."""
+    codes = mod.codes()
+    zero = mod.zero()
+    dtype = torch.int8 if zero is None else torch.uint8
+    table = b.const(base + ".qweight", _np(codes.to(dtype)))
+    rows = b.node("Gather", [table, x], base, axis=0)[0]
+    val = b.node("Cast", [rows], base, to=1)[0]
+    per_row = mod.scale.shape[0] > 1
+    if zero is not None:
+        z = b.const(base + ".zero_point", _np(zero.float().reshape(-1, 1) if per_row else zero.float().reshape(())))
+        if per_row:
+            z = b.node("Gather", [z, x], base, axis=0)[0]
+        val = b.node("Sub", [val, z], base)[0]
+    s = b.const(base + ".scale", _np(mod.scale.float().reshape(-1, 1) if per_row else mod.scale.float().reshape(())))
+    if per_row:
+        s = b.node("Gather", [s, x], base, axis=0)[0]
+    b.nodes.append(b.helper.make_node("Mul", [val, s], [y], name=b.name(base + "/Mul")))
+    return y
+
+
+def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: int) -> dict[str, str]:
+    """Replace every placeholder node of ``model`` (an onnx ModelProto) by its integer
+    subgraph; return ``{layer: form}``."""
+    from onnx import helper
+
+    graph = model.graph
+    b = _Builder(graph)
+    forms: dict[str, str] = {}
+    new_nodes = []
+    for node in graph.node:
+        if node.domain != _DOMAIN:
+            new_nodes.append(node)
+            continue
+        key = next(a.i for a in node.attribute if a.name == "key")
+        qualname, (mod, form) = keys[key]
+        b.nodes = []
+        x, y = node.input[0], node.output[0]
+        if form == "int8":
+            _int8_linear(b, mod, x, y, qualname)
+            forms[qualname] = f"MatMulInteger (per-{mod.act_scale} input" + (
+                ", smoothed)" if mod.smooth is not None else ")")
+        elif form == "nbits":
+            _nbits_linear(b, mod, x, y, qualname, accuracy_level)
+            forms[qualname] = f"MatMulNBits ({mod.bits}-bit, block {_nbits_block(mod)})"
+        else:
+            _gather_embedding(b, mod, x, y, qualname)
+            forms[qualname] = "Gather int + scale"
+        new_nodes.extend(b.nodes)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    for name, (_mod, form) in keys.values():
+        forms.setdefault(name, "decoded float")
+    opsets = {o.domain: o for o in model.opset_import}
+    opsets.pop(_DOMAIN, None)
+    if "com.microsoft" not in opsets:
+        opsets["com.microsoft"] = helper.make_opsetid("com.microsoft", 1)
+    del model.opset_import[:]
+    model.opset_import.extend(opsets.values())
+    return forms
+
+
+# -- the public function -----------------------------------------------------------------------
+
+def _as_graph_module(model) -> torch.fx.GraphModule:
+    from fxpress.passes.pipeline import PipelineResult
+
+    if isinstance(model, (str, Path)):
+        import fxpress
+
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"export_onnx: artifact {str(path)!r} does not exist or is not a file")
+        return fxpress.load(path)
+    if isinstance(model, PipelineResult):
+        return model.module
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    raise InputError(f"export_onnx: expected a compressed GraphModule, a PipelineResult or an "
+                     f"artifact path, got {type(model).__name__}; capture a plain model first "
+                     f"(fxpress.capture(model, example_inputs))")
+
+
+def example_inputs_from(gm: torch.fx.GraphModule) -> tuple:
+    """Example inputs built from the shapes and dtypes capture stored on the placeholders:
+    floats random (seeded), integers ones (a valid index and an all-ones mask)."""
+    from fxpress.graph.capture import node_shape
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        shape, dtype = node_shape(node)
+        if shape is None or not all(isinstance(s, int) for s in shape):
+            raise InputError(f"export_onnx: the graph does not record the shape of input "
+                             f"'{node.name}'; pass example_inputs=")
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        elif dtype == torch.bool:
+            out.append(torch.ones(shape, dtype=dtype))
+        else:
+            out.append(torch.ones(shape, dtype=dtype))
+    return tuple(out)
+
+
+def _dynamic_shapes(inputs: tuple) -> tuple:
+    """Batch (axis 0) and, for integer inputs (token ids, masks), sequence (axis 1) stay
+    dynamic where the model allows (``Dim.AUTO``); feature and image axes are fixed."""
+    from torch.export import Dim
+
+    def spec(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        axes = [0] + ([1] if t.dim() > 1 and not t.is_floating_point() else [])
+        return {i: Dim.AUTO for i in axes}
+
+    return tuple(spec(t) for t in inputs)
+
+
+def _name_axes(model, input_names: list[str]) -> None:
+    """Rename the symbolic dims of the inputs: axis 0 "batch", axis 1 of integer inputs
+    "sequence" (in every value of the graph that uses them)."""
+    rename: dict[str, str] = {}
+    for inp in model.graph.input:
+        tt = inp.type.tensor_type
+        for i, d in enumerate(tt.shape.dim):
+            if d.dim_param and d.dim_param not in rename:
+                if i == 0:
+                    rename[d.dim_param] = "batch"
+                elif i == 1 and tt.elem_type in (6, 7):  # int32 / int64: token ids, masks
+                    rename[d.dim_param] = "sequence"
+                else:
+                    rename[d.dim_param] = f"{inp.name}_dim{i}"
+    if len(set(rename.values())) != len(rename):  # two unrelated batch axes: keep numbering
+        seen: dict[str, int] = {}
+        for k, v in list(rename.items()):
+            seen[v] = seen.get(v, 0) + 1
+            if seen[v] > 1:
+                rename[k] = f"{v}{seen[v]}"
+    for vi in itertools.chain(model.graph.input, model.graph.output, model.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings; keep them out of the caller's terminal."""
+    buf = io.StringIO()
+    # torch.onnx, onnx_ir and onnxruntime.transformers log through many module loggers
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        logging.disable(previous)
+
+
+def _outputs(gm, inputs) -> list[torch.Tensor]:
+    from fxpress.graph.capture import _flat_graph_inputs, eval_mode
+
+    with torch.no_grad(), eval_mode(gm):
+        out = gm(*_flat_graph_inputs(gm, inputs))
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _check(session, input_names, inputs, ref: list[torch.Tensor]) -> dict[str, float]:
+    feeds = {name: _np(t) for name, t in zip(input_names, _flat_inputs(inputs))}
+    got = session.run(None, feeds)
+    a = torch.cat([_rows(torch.as_tensor(g)) for g in got], 1)
+    r = torch.cat([_rows(t) for t in ref], 1)
+    if a.shape != r.shape:
+        raise ExportError(f"export_onnx: onnxruntime returned shape {tuple(a.shape)}, fxpress "
+                          f"{tuple(r.shape)}")
+    diff = a - r
+    cos = torch.nn.functional.cosine_similarity(a, r, dim=1)
+    denom = float(r.norm())
+    return {"max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
+            "rel_l2": float(diff.norm()) / denom if denom > 0 else float(diff.norm()),
+            "cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.double().reshape(t.shape[0] if t.dim() else 1, -1)
+
+
+def _flat_inputs(inputs) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tuple(inputs)) if isinstance(t, torch.Tensor)]
+
+
+def session(model, threads: int | None = None, optimized: bool = True):
+    """An ``onnxruntime.InferenceSession`` on an exported model (a path, bytes or a
+    ModelProto), with ``threads`` intra-op threads and all graph optimizations."""
+    _require()
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    data = model if isinstance(model, (str, bytes)) else (
+        str(model) if isinstance(model, Path) else model.SerializeToString())
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(model, path: str | Path | None = None, example_inputs: Any = None, *,
+                input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                fuse: bool = True, accuracy_level: int = 0, check: bool = True) -> OnnxExport:
+    """Export a compressed model (a GraphModule from :func:`fxpress.compress`, a
+    :class:`PipelineResult`, or an artifact path) to ONNX and return :class:`OnnxExport`.
+
+    ``example_inputs``: a tuple of inputs to trace with (default: built from the shapes the
+    graph recorded at capture). Every input axis the model allows stays dynamic: batch and
+    sequence. ``path``: where to write the ``.onnx`` file (weights inside it). ``fuse``:
+    apply ONNX Runtime's transformer fusions (LayerNorm, Gelu, SkipLayerNorm, ...) where
+    its optimizer finds them. ``accuracy_level``: MatMulNBits' compute type for 4-bit
+    layers (0: float, exact; 4: int8 activations, faster and less faithful). ``check``: run
+    the model in ONNX Runtime on the example inputs and compare with fxpress's outputs
+    (:attr:`OnnxExport.check`).
+    """
+    _require()
+    import onnx
+
+    gm = _as_graph_module(model)
+    if example_inputs is None:
+        example_inputs = example_inputs_from(gm)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    elif not isinstance(example_inputs, (tuple, list)):
+        raise InputError(f"export_onnx: example_inputs must be a tensor or a tuple of tensors, "
+                         f"got {type(example_inputs).__name__}")
+    inputs = tuple(example_inputs)
+    if not 0 <= int(accuracy_level) <= 4:
+        raise InputError(f"export_onnx: accuracy_level must be 0-4 (MatMulNBits), got {accuracy_level}")
+    _define_op()
+    flat = _flat_inputs(inputs)
+    names = list(input_names) if input_names else [
+        n.name for n in gm.graph.nodes if n.op == "placeholder"][:len(flat)]
+    if len(names) != len(flat):
+        raise InputError(f"export_onnx: {len(names)} input names for {len(flat)} inputs")
+    lowered, keys = _lowered(gm)
+    try:
+        for mod in lowered.modules():  # a copy: exported graphs refuse train()
+            mod.training = False
+        ref = _outputs(gm, inputs) if check else []
+        with _quiet() as log:
+            try:
+                prog = torch.onnx.export(
+                    lowered, tuple(_flat_graph_args(lowered, inputs)), dynamo=True,
+                    opset_version=OPSET, custom_translation_table=_translation(),
+                    dynamic_shapes=_dynamic_shapes(tuple(_flat_graph_args(lowered, inputs))),
+                    input_names=names, output_names=list(output_names) if output_names else None,
+                    optimize=True, verbose=False, report=False)
+            except Exception as e:  # noqa: BLE001 (torch.onnx raises many kinds)
+                raise ExportError(f"export_onnx: torch.onnx could not export the graph: "
+                                  f"{_first_line(e)}\n{_tail(log.getvalue())}") from e
+        mp = prog.model_proto
+        forms = _fill_placeholders(mp, {k: v for k, v in keys.items() if k >= 0} | {
+            k: v for k, v in keys.items() if k < 0}, accuracy_level)
+    finally:
+        with _registry_lock:
+            for k in keys:
+                _registry.pop(k, None)
+    _name_axes(mp, names)
+    if fuse:
+        mp = _fuse(mp)
+    out_names = [o.name for o in mp.graph.output]
+    result = OnnxExport(None, mp, forms, names, out_names)
+    if check:
+        sess = session(mp)
+        result.check = _check(sess, [i.name for i in sess.get_inputs()], inputs, ref)
+    if path is not None:
+        path = Path(path)
+        try:
+            onnx.save_model(mp, str(path))
+        except OSError as e:
+            raise ExportError(f"export_onnx: cannot write {str(path)!r}: {e.strerror or e}") from e
+        result.path = path
+    return result
+
+
+def _flat_graph_args(gm, inputs) -> list:
+    from fxpress.graph.capture import _flat_graph_inputs
+
+    return list(_flat_graph_inputs(gm, inputs))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _tail(text: str, lines: int = 8) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _fuse(mp):
+    """ONNX Runtime's offline transformer fusions (onnxruntime.transformers), where its
+    optimizer recognises the graph; the model unchanged where it does not."""
+    try:
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
+    except ImportError:
+        return mp
+    try:
+        with _quiet():
+            opts = FusionOptions("bert")
+            opts.enable_attention = False  # attention over integer matmuls is not a pattern it knows
+            copy = type(mp)()
+            copy.CopyFrom(mp)
+            m = BertOnnxModel(copy)
+            m.optimize(opts, add_dynamic_axes=False)
+            m.topological_sort()
+            return m.model
+    except Exception:  # noqa: BLE001 (an optimizer that does not apply leaves the model as it was)
+        return mp

@@ -1,0 +1,188 @@
+"""ONNX export: every built-in pass's output runs in stock onnxruntime and matches fxpress.
+
+The compressed layers keep fxpress's integers: int8 layers are MatMulInteger over the very
+codes fxpress stores, 4-bit group layers MatMulNBits; the rest are decoded. Axes stay
+dynamic, so the model runs at batch sizes and lengths it was not exported with.
+"""
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import FxpressError, InputError
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from fxpress.onnx_export import ExportError, MissingExtraError, export_onnx, session  # noqa: E402
+from fxpress.passes.verify import compare  # noqa: E402
+from tests.helpers import assert_unchanged, state_snapshot  # noqa: E402
+
+
+def _run(out, *inputs) -> torch.Tensor:
+    sess = session(out.model, threads=1)
+    names = [i.name for i in sess.get_inputs()]
+    return torch.as_tensor(sess.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
+
+
+def _ops(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def _initializer(model, name: str) -> np.ndarray:
+    return next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4):
+    m = compare([got], [ref], top1=False)
+    assert m.rel_l2 <= rel and m.nonfinite == 0, m
+
+
+# -- every pass on the digits models ----------------------------------------------------------
+
+MLP_PIPELINES = [
+    "prune{sparsity=0.5},distill{taps=[layers.*]}",
+    "quantize{bits=8}",
+    "quantize{bits=8,act_scale=token,scheme=affine}",
+    "quantize{bits=4,granularity=group,group_size=16,tol.min_cosine=0,tol.min_top1=0}",
+    "share{bits=4,bias_bits=8}",
+]
+
+
+def test_every_pass_on_the_mlp_runs_in_onnxruntime(small_mlp, calib, digits):
+    x = digits.x_test[:37]  # a batch size the graph was not exported with
+    for text in MLP_PIPELINES:
+        res = fxpress.compress(small_mlp, text, calibration=calib[:1], policy="warn")
+        out = export_onnx(res)
+        with torch.no_grad():
+            ref = res.module(x)
+        # per-token inputs: ORT rounds like fxpress's reference kernel, fbgemm's differs by ~0.4%
+        _close(_run(out, x), ref, 1e-2 if "token" in text else 1e-5)
+        ops = _ops(out.model)
+        if text.startswith("quantize{bits=8"):
+            assert ops.get("MatMulInteger") == 2, (text, ops)
+            assert "MatMul" not in ops and "Gemm" not in ops
+        if "group_size" in text:
+            assert ops.get("MatMulNBits") == 2, (text, ops)
+        assert out.check["rel_l2"] < 1e-2
+
+
+def test_int8_layers_keep_fxpress_codes_and_scales(small_mlp, calib):
+    res = fxpress.compress(small_mlp, "quantize{bits=8}", calibration=calib[:1])
+    out = export_onnx(res)
+    for name, form in out.layers.items():
+        assert form.startswith("MatMulInteger"), out.layers
+        mod = res.module.get_submodule(name)
+        w = _initializer(out.model, f"{name}.qweight")
+        assert w.dtype == np.int8 and np.array_equal(w, mod.codes().t().numpy())
+        assert np.array_equal(_initializer(out.model, f"{name}.scale"), mod.scale.reshape(-1).numpy())
+
+
+def test_cnn_quantized_shared_and_binarized_layers(cnn, digits):
+    x = digits.images(digits.x_test[:9])
+    for text in ("quantize{bits=8}", "share{bits=5}",
+                 "binarize{mode=ternary,tol.min_cosine=0,tol.min_top1=0}"):
+        res = fxpress.compress(cnn, text, example_inputs=(x,), policy="warn")
+        out = export_onnx(res, example_inputs=(x,))
+        assert out.layers and all(f == "decoded float" or f.startswith("MatMulInteger")
+                                  for f in out.layers.values()), out.layers
+        with torch.no_grad():
+            ref = res.module(x[:3])
+        _close(_run(out, x[:3]), ref, 1e-4)
+
+
+# -- a tiny BERT: integer layers, embeddings, dynamic batch and sequence ---------------------
+
+class _Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(3)
+        self.bert = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, vocab_size=300,
+                                         max_position_embeddings=64)).train(False)
+
+    def forward(self, ids, mask):
+        h = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
+
+def _bert_batch(b: int, s: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 300, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[0, s // 2:] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return _Encoder().train(False)
+
+
+def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
+    calib = [_bert_batch(4, 12, 0), _bert_batch(4, 12, 1)]
+    held_out = _bert_batch(3, 19, 7)  # other batch size and sequence length
+    res = fxpress.compress(encoder, "quantize{bits=8}", calibration=calib)
+    before = state_snapshot(res.module)
+    out = export_onnx(res, tmp_path / "bert8.onnx", calib[0])
+    assert_unchanged(res.module, before)
+    assert out.path.stat().st_size > 0
+    forms = set(out.layers.values())
+    assert any(f.startswith("MatMulInteger") for f in forms) and "Gather int + scale" in forms
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in out.model.graph.input]
+    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    with torch.no_grad():
+        ref = res.module(*held_out)
+    m = compare([_run(out, *held_out)], [ref], top1=False)
+    assert m.cosine_min >= 0.9999 and m.rel_l2 < 5e-3, m  # per-token rounding may differ by one step
+
+
+
+def test_artifact_exports_without_example_inputs(small_mlp, calib, tmp_path, digits):
+    res = fxpress.compress(small_mlp, "prune{sparsity=0.5},quantize{bits=8}", calibration=calib[:1])
+    fxpress.save(res, tmp_path / "m.fxp")
+    out = export_onnx(str(tmp_path / "m.fxp"), tmp_path / "m.onnx")
+    x = digits.x_test[:5]
+    with torch.no_grad():
+        ref = fxpress.load(tmp_path / "m.fxp")(x)
+    _close(_run(out, x), ref, 1e-5)
+    stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in out.model.graph.initializer)
+    assert stored < 0.35 * 4 * sum(p.numel() for p in small_mlp.parameters())  # int8, not float
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_bad_inputs_get_typed_errors(small_mlp, tmp_path):
+    with pytest.raises(InputError, match="nothing.fxp"):
+        export_onnx(str(tmp_path / "nothing.fxp"))
+    with pytest.raises(InputError, match="GraphModule"):
+        export_onnx(small_mlp)
+    gm = fxpress.capture(small_mlp, (torch.randn(2, 64),))
+    with pytest.raises(InputError, match="accuracy_level"):
+        export_onnx(gm, accuracy_level=9)
+    with pytest.raises(ExportError, match="cannot write"):
+        export_onnx(gm, tmp_path / "no" / "such" / "dir" / "m.onnx")
+    assert issubclass(ExportError, FxpressError)
+
+
+def test_missing_extra_names_the_install_command(small_mlp, monkeypatch):
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.split(".")[0] == "onnxruntime":
+            raise ImportError("no onnxruntime")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(MissingExtraError, match=r"pip install 'fxpress\[onnx\]'"):
+        export_onnx(fxpress.capture(small_mlp, (torch.randn(2, 64),)))
