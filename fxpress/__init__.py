@@ -33,8 +33,9 @@ _LAZY = {
     "GraphDumper": "fxpress.passes.instruments",
     "Distiller": "fxpress.passes.distill_train",
     "hookimpl": "fxpress.plugins.hookspecs",
+    "export_onnx": "fxpress.onnx_export",
 }
-_SUBPACKAGES = ("graph", "passes", "plugins", "cli", "report")
+_SUBPACKAGES = ("graph", "passes", "plugins", "cli", "report", "onnx_export")
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from fxpress.graph.capture import capture
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fxpress.passes.instruments import GraphDumper, Instrument, PassTimer
     from fxpress.passes.pipeline import Pipeline
     from fxpress.passes.records import PassRecord, PipelineResult
+    from fxpress.onnx_export import export_onnx
     from fxpress.plugins.hookspecs import hookimpl
 
 
@@ -132,4 +134,4 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: A
 __all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",
            "Pass", "PassContext", "PassResult", "PassInfo", "PassTraits", "Tolerance", "option",
            "Instrument", "PassTimer", "GraphDumper", "registry", "list_passes", "hookimpl",
-           "errors", "FxpressError", "Distiller", "save", "load"]
+           "errors", "FxpressError", "Distiller", "save", "load", "export_onnx"]

@@ -6,6 +6,8 @@
     fxpress inspect MODEL            per-layer table of an artifact (or file.py:callable)
     fxpress diff A B                 what changed between two artifacts/models
     fxpress report ARTIFACT -o F     one self-contained HTML page about an artifact
+    fxpress export-onnx ARTIFACT -o F.onnx
+                                     the compressed model for ONNX Runtime (fxpress[onnx])
     fxpress --version
 
 Exit codes: 0 ok, 1 verification failed, 2 bad input (recipe, options, model, plugin).
@@ -177,6 +179,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from fxpress.errors import InputError
+    from fxpress.onnx_export import export_onnx
+
+    src = Path(args.artifact)
+    if not src.is_file():
+        raise InputError(f"{args.artifact}: no such artifact file")
+    out = export_onnx(src, Path(args.output), fuse=not args.no_fuse,
+                      accuracy_level=args.accuracy_level)
+    print(out.summary())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fxpress import __version__
 
@@ -213,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp2.add_argument("-o", "--output", required=True, metavar="HTML")
     sp2.add_argument("--before", help="compare with this artifact instead of the embedded baseline")
     sp2.set_defaults(func=_cmd_report)
+    so = sub.add_parser("export-onnx", help="export an artifact to ONNX for ONNX Runtime "
+                        "(int8 as MatMulInteger, 4-bit groups as MatMulNBits); needs fxpress[onnx]")
+    so.add_argument("artifact")
+    so.add_argument("-o", "--output", required=True, metavar="ONNX")
+    so.add_argument("--no-fuse", action="store_true",
+                    help="skip ONNX Runtime's offline transformer fusions")
+    so.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
+                    help="MatMulNBits compute type for 4-bit layers: 0 float (exact), 4 int8 "
+                         "(faster, less faithful)")
+    so.set_defaults(func=_cmd_export_onnx)
     return p
 
 

@@ -120,9 +120,25 @@ class UnsupportedGraphError(ArtifactError):
     """``save`` met something it cannot store as data (a custom module class, a hook, a lambda)."""
 
 
+class MissingExtraError(FxpressError, ImportError):
+    """An optional feature needs packages that are not installed; the message names the
+    extra to install (``pip install 'fxpress[onnx]'``)."""
+
+    def __init__(self, feature: str, extra: str, missing: list[str] | tuple[str, ...]):
+        self.feature, self.extra, self.missing = feature, extra, list(missing)
+        self.install = f"pip install 'fxpress[{extra}]'"
+        super().__init__(f"{feature} needs {', '.join(self.missing)}, which "
+                         f"{'is' if len(self.missing) == 1 else 'are'} not installed: {self.install}")
+
+
+class ExportError(FxpressError):
+    """A model could not be exported to another runtime (ONNX); the message names the layer,
+    the input or the file."""
+
+
 __all__ = [
     "FxpressError", "InputError", "CaptureError", "PipelineSpecError", "UnknownPassError",
     "OptionError", "PluginError", "PassError", "MissingDataError", "VerificationError",
     "ArtifactError", "ArtifactFormatError", "ArtifactIntegrityError", "ForbiddenTargetError",
-    "UnsupportedGraphError",
+    "UnsupportedGraphError", "MissingExtraError", "ExportError",
 ]

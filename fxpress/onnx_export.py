@@ -48,7 +48,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from fxpress.errors import FxpressError, InputError
+from fxpress.errors import ExportError, InputError, MissingExtraError
 
 #: How to get what this module needs.
 INSTALL_HINT = "pip install 'fxpress[onnx]'"
@@ -59,14 +59,6 @@ _DOMAIN = "fxpress.onnx"
 _PLACEHOLDER = "CompressedLayer"
 
 
-class ExportError(FxpressError):
-    """The model could not be exported to ONNX (the message says which layer or input)."""
-
-
-class MissingExtraError(FxpressError, ImportError):
-    """An optional feature's packages are not installed; the message says how to get them."""
-
-
 def _require() -> None:
     missing = []
     for name in ("onnx", "onnxruntime", "onnxscript"):
@@ -75,8 +67,7 @@ def _require() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise MissingExtraError(f"ONNX export needs {', '.join(missing)}, which are not "
-                                f"installed: {INSTALL_HINT}")
+        raise MissingExtraError("ONNX export", "onnx", missing)
 
 
 @dataclass
@@ -120,7 +111,7 @@ def _define_op() -> None:
         return
     from onnx.defs import OpSchema, register_schema
 
-    from fxpress.graph.weights import op_forward
+    from fxpress.graph.runtime import op_forward
 
     @torch.library.custom_op("fxpress_onnx::compressed_layer", mutates_args=())
     def compressed_layer(x: torch.Tensor, key: int) -> torch.Tensor:
@@ -167,7 +158,7 @@ class _Decoded(torch.nn.Module):
 
     def __init__(self, mod):
         super().__init__()
-        from fxpress.graph.weights import op_forward
+        from fxpress.graph.runtime import op_forward
 
         self._forward = op_forward
         self.kind, self.spec = mod.kind, dict(mod.spec)
@@ -198,7 +189,7 @@ def _nbits_block(mod) -> int | None:
 
 def _form(mod) -> str:
     """How a compressed module is exported: "int8", "nbits", "gather" or "decoded"."""
-    from fxpress.passes.quantize import QuantizedEmbedding, QuantizedLinear
+    from fxpress.passes.quantize_modules import QuantizedEmbedding, QuantizedLinear
 
     if getattr(mod, "latent", None) is not None:
         return "decoded"
@@ -218,7 +209,7 @@ def _lowered(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[int, 
     """A structural copy of ``gm`` in which every compressed layer is either the placeholder
     op (integer forms, filled in after export) or a float op on its decoded weight."""
     from fxpress.graph.capture import clone_structure
-    from fxpress.graph.weights import CompressedModule
+    from fxpress.graph.runtime import CompressedModule
 
     out = clone_structure(gm)
     keys: dict[int, tuple[str, Any]] = {}
@@ -357,7 +348,7 @@ def _finish(b: _Builder, mod, out: str, y: str, base: str) -> str:
 
 def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: int) -> str:
     """``y = mod(x)`` for a weight-only QuantizedLinear as com.microsoft.MatMulNBits."""
-    from fxpress.passes.quantize import code_range
+    from fxpress.passes.quantize_grid import code_range
 
     bits, block = mod.bits, _nbits_block(mod)
     n, k = mod.shape[0], mod.cols
@@ -462,7 +453,7 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
 # -- the public function -----------------------------------------------------------------------
 
 def _as_graph_module(model) -> torch.fx.GraphModule:
-    from fxpress.passes.pipeline import PipelineResult
+    from fxpress.passes.records import PipelineResult
 
     if isinstance(model, (str, Path)):
         import fxpress

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import fxpress
-from fxpress.errors import FxpressError, InputError
+from fxpress.errors import ExportError, FxpressError, InputError, MissingExtraError
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from fxpress.onnx_export import ExportError, MissingExtraError, export_onnx, session  # noqa: E402
+from fxpress.onnx_export import export_onnx, session  # noqa: E402
 from fxpress.passes.verify import compare  # noqa: E402
 from tests.helpers import assert_unchanged, state_snapshot  # noqa: E402
 
@@ -158,6 +158,18 @@ def test_artifact_exports_without_example_inputs(small_mlp, calib, tmp_path, dig
     _close(_run(out, x), ref, 1e-5)
     stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in out.model.graph.initializer)
     assert stored < 0.35 * 4 * sum(p.numel() for p in small_mlp.parameters())  # int8, not float
+
+
+def test_cli_export_onnx(small_mlp, calib, tmp_path, capsys):
+    from fxpress.cli import main
+
+    res = fxpress.compress(small_mlp, "quantize{bits=8}", calibration=calib[:1])
+    fxpress.save(res, tmp_path / "m.fxp")
+    assert main(["export-onnx", str(tmp_path / "m.fxp"), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "MatMulInteger" in capsys.readouterr().out
+    assert onnx.load(str(tmp_path / "m.onnx")).graph.node
+    assert main(["export-onnx", str(tmp_path / "none.fxp"), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "none.fxp" in capsys.readouterr().err
 
 
 # -- bad input ---------------------------------------------------------------------------------
