@@ -39,6 +39,7 @@ from fxpress.errors import InputError
 from fxpress.graph.capture import as_input_tuple, capture, clone_structure, eval_mode
 from fxpress.passes.base import PassInfo
 from fxpress.passes.sensitivity import (KEEP, METRICS, SensitivityTable, Trial, sensitivity)
+from fxpress.passes.layer_rules import escape
 from fxpress.passes.recipes import format_pass, format_value, parse_spec
 
 #: Default recovery steps with train data: after pruning, and after the coding passes.
@@ -198,43 +199,68 @@ def allocate(table: SensitivityTable, layer_budget: int | None = None, *,
 
 # -- from choices to a pipeline --------------------------------------------------------------
 
-def _escape(name: str) -> str:
-    """A glob that matches exactly ``name``."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def plan_passes(choices: Mapping[str, str], recovery: Sequence[str] | None = None
-                ) -> list[tuple[str, dict]]:
+def plan_passes(choices: Mapping[str, str], recovery: Sequence[str] | None = None,
+                registry: Mapping[str, PassInfo] | None = None) -> list[tuple[str, dict]]:
     """The pipeline for per-layer ``choices`` (layer -> candidate text) as (pass, options).
 
-    Every distinct step (pass name and options) becomes one pass restricted to its layers
-    with ``include``; pruning goes first, then ``recovery[0]``, then the coding passes, then
-    ``recovery[1]`` (either may be None).
+    One pass per technique and stage, restricted to its layers with ``include``: its
+    options are the ones most of those layers chose, and a ``layers`` rule per layer that
+    chose others (see :mod:`fxpress.passes.layer_rules`). Pruning goes first, then
+    ``recovery[0]``, then the coding passes, then ``recovery[1]`` (either may be None).
+    ``registry`` gives the defaults a rule resets (an option the base sets and the layer's
+    choice does not); without it each distinct choice becomes a pass of its own.
     """
-    groups: dict[tuple[str, str], tuple[str, dict, list[str]]] = {}
+    per_pass: dict[tuple[bool, str], list[tuple[str, dict]]] = {}
     for layer, text in choices.items():
         if text == KEEP:
             continue
         for spec in parse_spec(text):
-            key = (spec.name, format_pass(spec.name, sorted(spec.options.items())))
-            if key not in groups:
-                groups[key] = (spec.name, dict(spec.options), [])
-            groups[key][2].append(_escape(layer))
-    early = [groups[k] for k in sorted(groups) if k[0] in EARLY]
-    late = [groups[k] for k in sorted(groups) if k[0] not in EARLY]
-    out: list[tuple[str, dict]] = []
-    for name, opts, layers in early:
-        out.append((name, {**opts, "include": layers}))
+            per_pass.setdefault((spec.name not in EARLY, spec.name), []).append(
+                (layer, dict(spec.options)))
+    out: dict[bool, list[tuple[str, dict]]] = {False: [], True: []}
+    for (late, name), members in sorted(per_pass.items()):
+        if registry is None or name not in registry:
+            variants: dict[str, tuple[dict, list[str]]] = {}
+            for layer, opts in members:
+                key = format_pass(name, sorted(opts.items()))
+                variants.setdefault(key, (opts, []))[1].append(escape(layer))
+            for key in sorted(variants):
+                opts, layers = variants[key]
+                out[late].append((name, {**opts, "include": layers}))
+            continue
+        info = registry[name]
+        spec = (info.cls if isinstance(info, PassInfo) else info).options_spec()
+        counts: dict[str, int] = {}
+        for _, opts in members:
+            key = format_pass(name, sorted(opts.items()))
+            counts[key] = counts.get(key, 0) + 1
+        base_key = max(counts, key=lambda k: (counts[k], -list(counts).index(k)))
+        base = next(o for _, o in members if format_pass(name, sorted(o.items())) == base_key)
+        rules: dict[str, dict] = {}
+        for layer, opts in members:
+            if opts == base:
+                continue
+            diff = {k: v for k, v in opts.items() if base.get(k, _UNSET) != v}
+            diff.update({k: spec[k].default for k in base if k not in opts and k in spec})
+            rules[escape(layer)] = diff
+        entry = {**base, "include": [escape(layer) for layer, _ in members]}
+        if rules:
+            entry["layers"] = rules
+        out[late].append((name, entry))
+    early, late = out[False], out[True]
+    result: list[tuple[str, dict]] = list(early)
     rec = list(recovery or (None, None)) + [None, None]
     if early and late and rec[0]:
-        out += [(s.name, dict(s.options)) for s in parse_spec(rec[0])]
-    for name, opts, layers in late:
-        out.append((name, {**opts, "include": layers}))
-    if out and rec[1]:
-        out += [(s.name, dict(s.options)) for s in parse_spec(rec[1])]
-    elif out and early and not late and rec[0]:
-        out += [(s.name, dict(s.options)) for s in parse_spec(rec[0])]
-    return out
+        result += [(s.name, dict(s.options)) for s in parse_spec(rec[0])]
+    result += late
+    if result and rec[1]:
+        result += [(s.name, dict(s.options)) for s in parse_spec(rec[1])]
+    elif result and early and not late and rec[0]:
+        result += [(s.name, dict(s.options)) for s in parse_spec(rec[0])]
+    return result
+
+
+_UNSET = object()
 
 
 def pipeline_text(passes: Sequence[tuple[str, dict]]) -> str:
