@@ -106,20 +106,53 @@ def load(path: str | Path, *, max_bytes: int | None = None):
     return artifact.load(path, registry().runtime_modules(), max_bytes=max_bytes)
 
 
-def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: Any = None, *,
+def compress(model, pipeline: str | Pipeline | Iterable[Pass] | None = None,
+             example_inputs: Any = None, *, target: Any = None, max_drop: float | None = None,
+             metric: str = "cosine", evaluate: Any = None, candidates: Any = None,
+             recovery: Any = "auto", entropy: bool = False, max_rounds: int = 5,
              calibration: Iterable[Any] | None = None, train_data: Any = None,
              policy: str = "strict", capture_method: str = "auto",
              instruments: Iterable[Instrument] = (), progress: bool | None = None,
              seed: int = 0, top1: bool | None = None, in_place: bool | None = None) -> PipelineResult:
-    """Capture ``model`` and run ``pipeline`` on it, verifying after every pass.
+    """Capture ``model`` and run ``pipeline`` on it, verifying after every pass; or, with
+    ``target``/``max_drop`` and no pipeline, plan per-layer choices that meet them.
 
     ``pipeline`` is text (``"prune{sparsity=0.9},quantize{bits=8}"``), a :class:`Pipeline`
     or a list of passes. The caller's model is never modified. ``in_place=True`` rewrites
     one graph instead of a copy per pass: a weight copy less at the peak, no ``last_good``
     (see :mod:`fxpress.passes.pipeline`).
+
+    Compress to a target (see :mod:`fxpress.passes.planner`)::
+
+        res = fxpress.compress(model, (x,), target="40x", max_drop=0.005,
+                               evaluate=val_accuracy, calibration=batches, train_data=train)
+        res.plan.met, res.plan.missed, res.plan.toml      # did it, by how much not, the recipe
+
+    ``target``: the file size as a fraction of the fp32 graph's (``0.16``) or a factor
+    (``"40x"``); ``max_drop``: the budget, a drop in ``metric`` ("cosine", "top1", "rel_l2"
+    against the original on the calibration batches) or in ``evaluate(module) -> score``.
+    A miss of either is reported (``res.plan.missed``, a ``PlanMissedWarning``), never silent.
     """
     from fxpress.passes.pipeline import Pipeline
 
+    if target is not None or max_drop is not None:
+        if pipeline is not None and not _looks_like_inputs(pipeline):
+            raise errors.InputError("compress: give either a pipeline or target=/max_drop= "
+                                    "(the planner writes the pipeline), not both")
+        if pipeline is not None:
+            if example_inputs is not None:
+                raise errors.InputError("compress: example inputs given twice")
+            example_inputs = pipeline
+        from fxpress.passes.planner import compress_to_target
+
+        return compress_to_target(
+            model, registry(), example_inputs, target=target, max_drop=max_drop, metric=metric,
+            evaluate=evaluate, calibration=calibration, train_data=train_data,
+            candidates=candidates, recovery=recovery, entropy=entropy, max_rounds=max_rounds,
+            seed=seed, progress=progress, pipeline_cls=Pipeline, capture_method=capture_method)
+    if pipeline is None:
+        raise errors.InputError("compress: give a pipeline (e.g. 'quantize{bits=8}') or a "
+                                "target (target=0.16, target='40x') and/or max_drop=...")
     if isinstance(pipeline, str):
         pipe = Pipeline.parse(pipeline, policy=policy, instruments=instruments, progress=progress)
     elif isinstance(pipeline, Pipeline):
@@ -129,6 +162,15 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass], example_inputs: A
     return pipe.run(model, example_inputs, calibration=calibration, train_data=train_data,
                     policy=policy, capture_method=capture_method, seed=seed, top1=top1,
                     in_place=in_place)
+
+
+def _looks_like_inputs(value: Any) -> bool:
+    """Example inputs (a tensor, or a tuple of them) rather than a pipeline."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
 
 
 __all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 import torch
 
 from fxpress.errors import MissingDataError, OptionError
+from fxpress.passes.layer_rules import format_rules, parse_rules, run_with_rules
 
 _MISSING = object()
 
@@ -290,6 +291,7 @@ class Pass:
         return traits
 
     def __init__(self, **options: Any):
+        rules = options.pop("layers", None)  # per-layer options: passes/layer_rules.py
         tol = options.pop("tol", None) or {}
         for k in [k for k in options if k.startswith("tol.")]:
             tol[k[4:]] = options.pop(k)
@@ -312,6 +314,7 @@ class Pass:
         self.tol = base.merged(tol, self.name)
         self._tol_given = dict(tol)
         self.check_options()
+        self.layer_rules = parse_rules(type(self), self.name, self._given, rules)
 
     @classmethod
     def options_spec(cls) -> dict[str, Option]:
@@ -328,9 +331,16 @@ class Pass:
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def apply(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Run the pass honouring its per-layer rules (``layers=``): :meth:`run` once over the
+        layers no rule touches and once per distinct set of overrides. What the pipeline calls."""
+        return run_with_rules(self, gm, ctx)
+
     # -- text form ---------------------------------------------------------------------
     def spec_items(self) -> list[tuple[str, Any]]:
         items = list(self._given.items())
+        if self.layer_rules:
+            items.append(("layers", format_rules(self.layer_rules)))
         items += [(f"tol.{k}", v) for k, v in self._tol_given.items()]
         return items
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fxpress.errors import OptionError
+from fxpress.graph.weights import select, weighted_ops
 
 #: Options a rule may not set: they choose the layers, or judge the whole pass.
 NOT_PER_LAYER = ("include", "exclude", "layers", "tol")
@@ -121,7 +122,7 @@ def escape(name: str) -> str:
 
 def run_with_rules(p, gm, ctx):
     """Run pass ``p`` honouring its layer rules (see the module docstring)."""
-    from fxpress.graph.weights import select, weighted_ops  # graph/ is below passes/
+
     from fxpress.passes.base import PassResult
 
     rules: list[LayerRule] = getattr(p, "layer_rules", [])

@@ -278,7 +278,7 @@ class Pipeline:
         last_good = snap.last_good
         start = time.perf_counter()
         try:
-            result = p.run(snap.work, ctx)
+            result = p.apply(snap.work, ctx)
         except FxpressError as e:
             e.last_good = last_good
             raise

@@ -280,20 +280,44 @@ def _toml_value(v: Any) -> str:
     return f'"{s}"'
 
 
+def _has_none(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, dict):
+        return any(_has_none(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_none(x) for x in v)
+    return False
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
 def recipe_toml(passes: Sequence[tuple[str, dict]], *, policy: str, seed: int, entropy: bool,
                 comment: str = "") -> str:
-    """A TOML recipe of ``passes`` ([[pass]] tables) that ``Pipeline.from_recipe`` reads."""
+    """A TOML recipe of ``passes`` that ``Pipeline.from_recipe`` reads: ``[[pass]]`` tables
+    with a ``[pass.layers."pattern"]`` table per layer rule; the pipeline text instead (one
+    pass a line) when an option must be reset to none, which TOML cannot say."""
     lines = [f"# {line}" for line in comment.splitlines()] if comment else []
     lines += [f'policy = "{policy}"', f"seed = {seed}", f"entropy = {_toml_value(entropy)}", ""]
+    if any(_has_none(o) for _, o in passes):
+        text = ",\n".join(format_pass(n, list(o.items())) for n, o in passes)
+        if "'''" not in text:
+            return "\n".join(lines + ["pipeline = '''", text, "'''", ""])
+        return "\n".join(lines + [f"pipeline = {_toml_value(text.replace(chr(10), ''))}", ""])
     for name, opts in passes:
         lines.append("[[pass]]")
         lines.append(f'name = "{name}"')
-        tol = {k[4:]: v for k, v in opts.items() if k.startswith("tol.")}
         for k, v in opts.items():
-            if not k.startswith("tol.") and v is not None:
+            if not k.startswith("tol.") and k != "layers":
                 lines.append(f"{k} = {_toml_value(v)}")
-        for k, v in tol.items():
-            lines.append(f"tol.{k} = {_toml_value(v)}")
+        for k, v in opts.items():
+            if k.startswith("tol."):
+                lines.append(f"tol.{k[4:]} = {_toml_value(v)}")
+        for pattern, rule in (opts.get("layers") or {}).items():
+            lines.append(f"[pass.layers.{_toml_value(pattern)}]")
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in rule.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -449,7 +473,7 @@ def compress_to_target(model: torch.nn.Module, registry: Mapping[str, PassInfo],
             choices = allocate(table, max_error=max_drop, forbid=forbid)
         if choices is None:
             break
-        passes = plan_passes({k: t.candidate for k, t in choices.items()}, recovery)
+        passes = plan_passes({k: t.candidate for k, t in choices.items()}, recovery, registry)
         text = pipeline_text(passes)
         if not passes:  # everything kept in float
             passes, text = [("distill", {})], "distill"

@@ -140,6 +140,25 @@ class _Parser:
                     continue
                 self.expect("]")
                 return items
+        if ch == "{":  # a table: {key=value,...}; keys are bare words or quoted strings
+            self.i += 1
+            table: dict[str, Any] = {}
+            if self.peek() == "}":
+                self.i += 1
+                return table
+            while True:
+                self.ws()
+                kpos = self.i
+                key = self.string() if self.peek() in "\"'" else self.match(_BARE, "a key")
+                if key in table:
+                    raise self.error(f"key {key!r} given twice", kpos)
+                self.expect("=")
+                table[key] = self.value()
+                if self.peek() == ",":
+                    self.i += 1
+                    continue
+                self.expect("}")
+                return table
         word = self.match(_BARE, "a value")
         return _word_value(word)
 
@@ -199,6 +218,8 @@ def format_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(format_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{format_value(str(k))}={format_value(x)}" for k, x in v.items()) + "}"
     s = str(v)
     if _BARE.fullmatch(s) and _word_value(s) == s:
         return s

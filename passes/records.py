@@ -68,16 +68,24 @@ class PipelineResult:
     original_disk_bytes: int = 0
     #: per-layer rows and weight histograms of the captured graph (``fxpress report``'s "before")
     baseline: dict = field(default_factory=dict)
+    #: what ``compress(..., target=...)`` planned (``fxpress.passes.planner.Plan``): per-layer
+    #: choices, the sensitivity table, every round, the reproducing recipe; None otherwise
+    plan: Any = None
 
     def report(self) -> str:
-        """The per-pass table (time, sparsity, bytes, error metrics, status)."""
-        return format_records(self.records, self.original_bytes)
+        """The per-pass table (time, sparsity, bytes, error metrics, status), and the plan's
+        per-layer table when there is one."""
+        text = format_records(self.records, self.original_bytes)
+        return text + ("\n\n" + self.plan.format() if self.plan is not None else "")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "capture": self.capture,
-                "original_bytes": self.original_bytes,
-                "original_disk_bytes": self.original_disk_bytes, "baseline": self.baseline,
-                "records": [r.as_dict() for r in self.records]}
+        d = {"pipeline": self.pipeline, "capture": self.capture,
+             "original_bytes": self.original_bytes,
+             "original_disk_bytes": self.original_disk_bytes, "baseline": self.baseline,
+             "records": [r.as_dict() for r in self.records]}
+        if self.plan is not None:
+            d["plan"] = self.plan.as_dict()
+        return d
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:

@@ -228,7 +228,7 @@ def apply_candidate(gm: torch.fx.GraphModule, steps: Sequence[Pass], ctx: PassCo
     work = gm
     for p in steps:
         work = clone_structure(work, copy_tensors=not p.traits.replaces_tensors)
-        work = p.run(work, ctx).module
+        work = p.apply(work, ctx).module
     work.graph.lint()
     work.recompile()
     return work
