@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import threading
 import time
 import warnings
@@ -203,6 +204,52 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
 
 
+def _is_cache(x: Any) -> bool:
+    # transformers' KV caches (DynamicCache, EncoderDecoderCache, ...) derive from a class
+    # named Cache; they hold tensors but are no pytree node, so no graph can return them
+    return any(c.__name__ == "Cache" for c in type(x).__mro__[:-1])
+
+
+def cache_free_kwargs(model: torch.nn.Module, outputs: Any) -> dict[str, Any]:
+    """``{"use_cache": False}`` when ``outputs`` hold a KV-cache object and ``model.forward``
+    takes ``use_cache`` (transformers' causal LMs and encoder-decoders by default), else {}.
+
+    A cache only speeds up generation step by step; a captured graph computes one call,
+    and its outputs must be tensors and plain structures to be stored and compared.
+    """
+    if not any(_is_cache(leaf) for leaf in pytree.tree_leaves(outputs)):
+        return {}
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _drop_bound_inputs(gm: torch.fx.GraphModule, bound: dict[str, Any], example_inputs: tuple) -> None:
+    """Make an exported graph take only the positional inputs: the keyword arguments it was
+    exported with (constants such as ``use_cache=False``) leave its signature."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        # export's generated input guards read every input; they are code, never stored
+        # in an artifact either, and would still expect the dropped ones
+        if node.op == "call_module" and str(node.target) == "_guards_fn" and not node.users:
+            graph.erase_node(node)
+            gm._modules.pop("_guards_fn", None)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target in bound:
+            if node.users:
+                raise CaptureError(f"export: the graph reads the keyword argument {node.target!r} "
+                                   "it was captured with as an input")
+            graph.erase_node(node)
+    spec = pytree.tree_structure((tuple(example_inputs), {}))
+    info = graph._codegen.pytree_info
+    graph._codegen.pytree_info = info._replace(
+        orig_args=[a for a in info.orig_args if a not in bound], in_spec=spec)
+    gm._in_spec = spec
+    gm.recompile()
+
+
 def _capture_fx(model, example_inputs, concrete_args, leaf_modules):
     tracer = _LeafTracer(tuple(leaf_modules or ()))
     graph = tracer.trace(model, concrete_args=concrete_args)
@@ -211,10 +258,19 @@ def _capture_fx(model, example_inputs, concrete_args, leaf_modules):
     return gm
 
 
-def _capture_export(model, example_inputs, dynamic):
+def _capture_export(model, example_inputs, dynamic, bound=None):
     shapes = _dynamic_shapes(example_inputs) if dynamic else None
-    ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
-    return ep.module()
+    if not bound:
+        ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
+        return ep.module()
+    if shapes is not None:  # with keyword arguments, shapes are given by argument name
+        names = list(inspect.signature(model.forward).parameters)[:len(example_inputs)]
+        shapes = {**dict(zip(names, shapes)), **{k: None for k in bound}}
+    ep = torch.export.export(model, example_inputs, kwargs=dict(bound), dynamic_shapes=shapes,
+                             strict=False)
+    gm = ep.module()
+    _drop_bound_inputs(gm, bound, example_inputs)
+    return gm
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *,
@@ -249,16 +305,22 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 f"capture: {type(model).__name__} does not run on the example inputs {shapes}: "
                 f"{type(e).__name__}: {e}. Pass inputs shaped like real model inputs.") from e
 
+        # a KV cache in the outputs (transformers' default use_cache=True): capture the one
+        # call without it, and say so in the capture report
+        bound = cache_free_kwargs(model, expected)
+        if bound:
+            expected = model(*example_inputs, **bound)
         causes: dict[str, BaseException] = {}
         order = ("fx", "export") if method == "auto" else (method,)
         for m in order:
             start = time.perf_counter()
             try:
                 if m == "fx":
-                    gm = _capture_fx(model, example_inputs, concrete_args, leaf_modules)
+                    gm = _capture_fx(model, example_inputs, {**(concrete_args or {}), **bound}
+                                     if bound else concrete_args, leaf_modules)
                     gm = clone_structure(gm)  # never share module objects with the caller
                 else:
-                    gm = _capture_export(model, example_inputs, dynamic)
+                    gm = _capture_export(model, example_inputs, dynamic, bound)
                 annotate_shapes(gm, example_inputs)
                 got = gm(*example_inputs)
                 if not _outputs_match(got, expected):
@@ -277,6 +339,11 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 "input_count": len(example_inputs),
                 "passes": [],
             }
+            if bound:
+                gm.meta["fxpress"]["call_kwargs"] = dict(bound)
+                gm.meta["fxpress"]["why"] += ("; the model returns a KV cache (use_cache=True): "
+                                              "captured one call with use_cache=False, outputs "
+                                              "without the cache")
             for sub in gm.modules():
                 sub.training = False
             return gm

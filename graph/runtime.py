@@ -14,13 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from fxpress.graph.memory import caches_enabled
-from fxpress.graph.weights import CONV, EMBEDDING, KINDS, LINEAR
+from fxpress.graph.weights import CONV, EMBEDDING, KINDS, LINEAR, stored_conv_transpose_weight
 
 # -- computing an op from a (decoded) weight: shared by every runtime module -----------------
 
 def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  spec: dict) -> torch.Tensor:
-    """Compute a conv exactly as ``nn.ConvNd`` would, from a spec of :class:`WeightedOp`."""
+    """Compute a conv exactly as ``nn.ConvNd`` (or ``nn.ConvTransposeNd``) would, from a spec
+    of :class:`WeightedOp` and a weight in its layout (output channels first)."""
+    if spec.get("transposed"):
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spec["dims"] - 1]
+        return fn(x, stored_conv_transpose_weight(weight, spec["groups"]), bias, spec["stride"],
+                  spec["padding"], spec["output_padding"], spec["groups"], spec["dilation"])
     fn = (F.conv1d, F.conv2d, F.conv3d)[spec["dims"] - 1]
     if spec.get("padding_mode", "zeros") != "zeros":
         x = F.pad(x, spec["reversed_padding"], mode=spec["padding_mode"])

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 
 from fxpress.graph.memory import trim_heap
 
@@ -50,10 +51,39 @@ _FUNCTIONS: dict[Any, tuple[str, tuple[str, ...], int]] = {
     _aten.convolution.default: (CONV, ("input", "weight", "bias", "stride", "padding", "dilation",
                                        "transposed", "output_padding", "groups"), -1),
 }
+#: transposed convolutions (``ConvTransposeNd``): their own argument order
+_TRANSPOSED_CONV: set[Any] = set()
 for _n in (1, 2, 3):
     _conv_args = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     _FUNCTIONS[getattr(F, f"conv{_n}d")] = (CONV, _conv_args, _n)
     _FUNCTIONS[getattr(_aten, f"conv{_n}d").default] = (CONV, _conv_args, _n)
+    _convt_args = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+                   "dilation")
+    _packet = getattr(_aten, f"conv_transpose{_n}d")
+    for _t in (getattr(F, f"conv_transpose{_n}d"), *(getattr(_packet, o) for o in _packet.overloads())):
+        _FUNCTIONS[_t] = (CONV, _convt_args, _n)
+        _TRANSPOSED_CONV.add(_t)
+
+
+def transposed_conv_layout(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A transposed conv's stored weight ``[in, out/groups, *k]`` as ``[out, in/groups, *k]``,
+    the layout of every other conv (output channels first: per-channel scales and rows
+    follow the real output channels). A new contiguous tensor.
+
+    >>> transposed_conv_layout(torch.zeros(4, 3, 2, 2), groups=2).shape
+    torch.Size([6, 2, 2, 2])
+    """
+    i, og, k = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    return (w.reshape(groups, i // groups, og, *k).transpose(1, 2)
+            .reshape(groups * og, i // groups, *k).contiguous())
+
+
+def stored_conv_transpose_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of :func:`transposed_conv_layout`: ``[out, in/g, *k]`` back to
+    ``[in, out/g, *k]`` as ``F.conv_transpose*d`` takes it."""
+    o, ig, k = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    return (w.reshape(groups, o // groups, ig, *k).transpose(1, 2)
+            .reshape(groups * ig, o // groups, *k).contiguous())
 
 
 def _is_hf_conv1d(m: torch.nn.Module) -> bool:
@@ -67,7 +97,9 @@ def _module_kind(m: torch.nn.Module) -> tuple[str, int, bool] | None:
         return LINEAR, 0, False
     if isinstance(m, torch.nn.Embedding):
         return EMBEDDING, 0, False
-    for n, cls in ((1, torch.nn.Conv1d), (2, torch.nn.Conv2d), (3, torch.nn.Conv3d)):
+    for n, cls in ((1, torch.nn.Conv1d), (2, torch.nn.Conv2d), (3, torch.nn.Conv3d),
+                   (1, torch.nn.ConvTranspose1d), (2, torch.nn.ConvTranspose2d),
+                   (3, torch.nn.ConvTranspose3d)):
         if type(m) is cls or (isinstance(m, cls) and type(m).forward is cls.forward):
             return CONV, n, False
     if _is_hf_conv1d(m):
@@ -126,6 +158,9 @@ class WeightedOp:
     _bias_node: torch.fx.Node | None = None
     #: every qualified name bound to the same weight tensor (tied weights), own name first
     tied: tuple[str, ...] = ()
+    #: further call_module nodes of the same module (a module called more than once is one
+    #: op: replacing it replaces every call)
+    calls: list = field(default_factory=list)
 
     # -- reading -----------------------------------------------------------------------
     @property
@@ -137,6 +172,8 @@ class WeightedOp:
         """The weight as ``[out, in, *kernel]`` (linear/conv) or ``[num, dim]`` (embedding)."""
         owner, attr = _resolve(self.gm, self.name)
         w = getattr(owner, attr)
+        if self.spec.get("transposed"):  # ConvTranspose: stored [in, out/groups, *k]
+            return transposed_conv_layout(w, self.spec["groups"])
         return w.t() if self.transposed else w
 
     def bias(self) -> torch.Tensor | None:
@@ -149,6 +186,21 @@ class WeightedOp:
     def numel(self) -> int:
         return self.weight().numel()
 
+    def current_input(self, node: torch.fx.Node | None = None) -> Any:
+        """The op's input as the graph has it now. ``_input`` is the node it had when the
+        ops were listed (passes key calibration data by it); once an upstream weighted op
+        is replaced, that node is erased and the graph feeds this op from its replacement."""
+        node = self.node if node is None else node
+        if self.form == "module":
+            return node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        return _bind(_FUNCTIONS[node.target][1], node).get("input")
+
+    @property
+    def key(self) -> str:
+        """One name per weight tensor: the same for every op of a tied weight (and for the
+        calls of a module called more than once). Passes key what they build by it."""
+        return min(self.tied or (self.name,))
+
     # -- writing -----------------------------------------------------------------------
     def set_weight(self, w: torch.Tensor) -> None:
         """Replace the weight with ``w`` (same layout as :meth:`weight` returns).
@@ -160,6 +212,8 @@ class WeightedOp:
         if tuple(w.shape) != tuple(old.shape):
             raise ValueError(f"{self.name}: new weight shape {tuple(w.shape)} != {tuple(old.shape)}")
         value: torch.Tensor | None = w.t().contiguous() if self.transposed else w
+        if self.spec.get("transposed"):
+            value = stored_conv_transpose_weight(w, self.spec["groups"])
         for name in self.tied or (self.name,):  # tied weights stay tied
             owner, attr = _resolve(self.gm, name)
             value = _assign(owner, attr, value)
@@ -182,12 +236,13 @@ class WeightedOp:
         if self.form == "module":
             qualname = str(node.target)
             _set_submodule(gm, qualname, module)
-            node.args, node.kwargs = (self._input,), {}
+            for call in (node, *self.calls):  # a module called twice: every call site
+                call.args, call.kwargs = (self.current_input(call),), {}
             return qualname
         tmp = _free_name(gm, "_fxpress_new_module")
         _set_submodule(gm, tmp, module)
         with graph.inserting_before(node):
-            new = graph.call_module(tmp, (self._input,))
+            new = graph.call_module(tmp, (self.current_input(),))
         new.meta = dict(node.meta)
         new.meta.pop("nn_module_stack", None)
         node.replace_all_uses_with(new)
@@ -295,6 +350,11 @@ def _op_from_module(gm, node) -> WeightedOp | None:
             "padding_mode": m.padding_mode}
         if m.padding_mode != "zeros":
             spec["reversed_padding"] = tuple(m._reversed_padding_repeated_twice)
+        if isinstance(m, torch.nn.modules.conv._ConvTransposeNd):
+            if m.padding_mode != "zeros" or len(node.args) > 1 or node.kwargs.get("output_size") is not None:
+                return None  # output_size picks output_padding at run time
+            spec["transposed"] = True
+            spec["output_padding"] = tuple(m.output_padding)
     elif k == EMBEDDING:
         spec = {"padding_idx": m.padding_idx}
         if m.max_norm is not None:
@@ -326,11 +386,9 @@ def _op_from_function(gm, node) -> WeightedOp | None:
             return None
         kind, transposed = LINEAR, True
     if kind == CONV:
-        if dims == -1:
-            if a.get("transposed", False):
-                return None
-            if any(int(p) != 0 for p in (a.get("output_padding") or ())):
-                return None
+        is_transposed = node.target in _TRANSPOSED_CONV or (dims == -1 and bool(a.get("transposed", False)))
+        if not is_transposed and any(int(p) != 0 for p in (a.get("output_padding") or ())):
+            return None
         wt = getattr(*_resolve(gm, str(w.target)))
         dims = wt.dim() - 2
         spec = {"dims": dims, "stride": _tuple(a.get("stride", 1), dims),
@@ -338,6 +396,11 @@ def _op_from_function(gm, node) -> WeightedOp | None:
                 else _tuple(a.get("padding", 0), dims),
                 "dilation": _tuple(a.get("dilation", 1), dims), "groups": int(a.get("groups", 1)),
                 "padding_mode": "zeros"}
+        if is_transposed:
+            if isinstance(spec["padding"], str):
+                return None
+            spec["transposed"] = True
+            spec["output_padding"] = _tuple(a.get("output_padding", 0) or 0, dims)
     if kind == EMBEDDING:
         if a.get("max_norm") is not None:
             return None
@@ -367,10 +430,17 @@ def weighted_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None = None) -
             gm.named_buffers(remove_duplicate=False)):
         names.setdefault(id(t), []).append(n)
     ops = []
+    modules: dict[str, WeightedOp] = {}
     for node in gm.graph.nodes:
         op = None
         if node.op == "call_module":
+            first = modules.get(str(node.target))
+            if first is not None:  # the same module again: one op, another call site
+                first.calls.append(node)
+                continue
             op = _op_from_module(gm, node)
+            if op is not None:
+                modules[str(node.target)] = op
         elif node.op == "call_function":
             op = _op_from_function(gm, node)
         if op is not None and op.kind in wanted:
@@ -379,6 +449,70 @@ def weighted_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None = None) -
             op.tied = (op.name, *[n for n in group if n != op.name])
             ops.append(op)
     return ops
+
+
+#: ATen ops that read several weights inside one fused call (export graphs)
+_FUSED_FUNCTIONS = {getattr(_aten, n).input for n in ("lstm", "gru", "rnn_tanh", "rnn_relu")} | {
+    _aten._native_multi_head_attention.default, _aten._transformer_encoder_layer_fwd.default}
+
+
+def _fused_module(m: torch.nn.Module) -> bool:
+    # a torch.nn module that is not itself a weighted op but reads weights (its own or its
+    # children's) inside its forward: nn.MultiheadAttention, LSTM/GRU/RNN, TransformerEncoder
+    return type(m).__module__.startswith("torch.nn.") and _module_kind(m) is None
+
+
+class FusedWeightOp(WeightedOp):
+    """A weight that a fused module or op reads inside one call (an LSTM's gate matrices,
+    ``nn.MultiheadAttention``'s projections): it can be rewritten in place of the float
+    weight (:meth:`set_weight`: prune), but no runtime module can take its op's place."""
+
+    def replace_with(self, module: torch.nn.Module) -> str:
+        raise TypeError(f"{self.name}: read inside a fused {self.spec.get('host', 'op')}; it "
+                        "cannot be replaced by a runtime module")
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        super().set_weight(w)
+        owner, _ = _resolve(self.gm, self.name)
+        if isinstance(owner, torch.nn.RNNBase):  # the RNN kernel reads its list of weights
+            owner._init_flat_weights()
+
+
+def fused_weights(gm: torch.fx.GraphModule) -> list[FusedWeightOp]:
+    """Every 2-D+ float weight read inside a fused call (see :class:`FusedWeightOp`), as
+    linear ops (``[out, in]``), in graph order.
+
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.LSTM(4, 8)))
+    >>> [op.name for op in fused_weights(gm)]
+    ['0.weight_ih_l0', '0.weight_hh_l0']
+    """
+    out: dict[str, FusedWeightOp] = {}
+
+    def add(name: str, node: torch.fx.Node, host: str) -> None:
+        t = getattr(*_resolve(gm, name), None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2 and name not in out:
+            out[name] = FusedWeightOp(gm, node, LINEAR, "fused", name, {"host": host})
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            try:
+                m = gm.get_submodule(str(node.target))
+            except AttributeError:
+                continue
+            if _fused_module(m):
+                for pname, _ in m.named_parameters():
+                    add(f"{node.target}.{pname}", node, type(m).__name__)
+        elif node.op == "call_function" and node.target in _FUSED_FUNCTIONS:
+            for a in pytree.tree_leaves((node.args, node.kwargs)):
+                if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                    add(str(a.target), node, str(node.target))
+    return list(out.values())
+
+
+def skipped_weights(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """weight name -> why a pass that replaces ops by runtime modules leaves it in float."""
+    return {op.name: f"read inside a fused {op.spec['host']} call; no runtime module can "
+                     "replace it (prune rewrites it)" for op in fused_weights(gm)}
 
 
 def select(ops: Sequence[WeightedOp], include: Sequence[str] = ("*",),
@@ -401,9 +535,8 @@ def unique_weights(ops: Iterable[WeightedOp]) -> list[WeightedOp]:
     """One op per distinct weight tensor (tied weights appear once)."""
     seen, out = set(), []
     for op in ops:
-        key = min(op.tied or (op.name,))
-        if key not in seen:
-            seen.add(key)
+        if op.key not in seen:
+            seen.add(op.key)
             out.append(op)
     return out
 
@@ -428,5 +561,5 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"fxpress.graph.{where}"), name)
 
 
-__all__ = ["WeightedOp", "weighted_ops", "select", "unique_weights", "LINEAR", "CONV", "EMBEDDING",
-           "KINDS"]
+__all__ = ["WeightedOp", "FusedWeightOp", "fused_weights", "skipped_weights", "weighted_ops", "select", "unique_weights", "transposed_conv_layout",
+           "stored_conv_transpose_weight", "LINEAR", "CONV", "EMBEDDING", "KINDS"]

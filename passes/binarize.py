@@ -39,6 +39,7 @@ from fxpress.errors import OptionError
 from fxpress.graph.packing import pack_bits, rows_byte_aligned, unpack_bits, unpack_rows
 from fxpress.graph.runtime import CompressedModule, kind_classes
 from fxpress.graph.weights import CONV, EMBEDDING, KINDS, LINEAR, select, weighted_ops
+from fxpress.graph.weights import skipped_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 
@@ -332,13 +333,13 @@ class Binarize(Pass):
         with torch.no_grad():
             for op in chosen:
                 w = op.weight().detach()
-                first = built.get(op.name)
+                first = built.get(op.key)
                 module = BINARY_CLASSES[op.kind](op.kind, op.spec, self.mode, bits, w, op.bias(),
                                                  self.decode == "once")
                 if first is not None:  # a tied weight: point at the same stored tensors
                     module.codes, module.alpha = first.codes, first.alpha
                 else:
-                    built[op.name] = module
+                    built[op.key] = module
                     stats = {"bytes_before": w.numel() * w.element_size(),
                              "bytes_after": module.weight_bits() // 8}
                     if self.mode == "pow2":
@@ -350,5 +351,6 @@ class Binarize(Pass):
         n = sum(m.numel for m in built.values())
         stored_bits = sum(m.weight_bits() for m in built.values())
         return PassResult(gm, changed=bool(chosen), stats={
+            "skipped": skipped_weights(gm),
             "layers": layers, "mode": self.mode, "bits": bits, "kept_float": kept,
             "weights": n, "bits_per_weight": stored_bits / n if n else 0.0})

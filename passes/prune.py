@@ -19,6 +19,7 @@ import torch
 from fxpress.errors import OptionError
 from fxpress.graph.memory import sparsity
 from fxpress.graph.weights import KINDS, select, unique_weights, weighted_ops
+from fxpress.graph.weights import LINEAR, fused_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 
@@ -159,7 +160,8 @@ class Prune(Pass):
             raise OptionError(self.name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")
 
     def run(self, gm, ctx: PassContext) -> PassResult:
-        all_ops = weighted_ops(gm, self.ops)
+        # weights that fused modules (LSTM, MultiheadAttention) read are pruned in place too
+        all_ops = weighted_ops(gm, self.ops) + (fused_weights(gm) if LINEAR in self.ops else [])
         chosen, unmatched = select(all_ops, self.include, self.exclude)
         check_glob_matches(self.name, unmatched, [op.name for op in all_ops])
         ops = unique_weights(chosen)

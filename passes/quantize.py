@@ -51,6 +51,7 @@ from fxpress.graph.memory import stored_bytes
 from fxpress.graph.runtime import CompressedModule, op_forward
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, select
 from fxpress.graph.weights import weighted_ops as _weighted_ops
+from fxpress.graph.weights import skipped_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 from fxpress.passes.int8 import (INT8_BACKENDS, int8_backend, per_token_absmax,
@@ -236,6 +237,7 @@ class Quantize(Pass):
         after = sum(v["bytes_after"] for v in layers.values())
         worst = max(layers, key=lambda k: layers[k]["rel_error"], default=None)
         return PassResult(gm, changed=bool(chosen), stats={
+            "skipped": skipped_weights(gm),
             "layers": layers, "quantized_layers": len(layers), "bits": self.bits,
             "bytes_before": before, "bytes_after": after,
             "worst_layer": worst, "promoted": promoted, "kernels": sorted({v["kernel"] for v in layers.values()})})
@@ -319,7 +321,7 @@ class Quantize(Pass):
             wmax = w2.abs().amax(0).clamp(min=1e-5)
             smooth = (xmax.pow(a) / wmax.pow(1 - a)).clamp(min=1e-5)
             w2 = w2 * smooth
-        key = (min(op.tied or (op.name,)), bits, tuple(w2.shape))  # the weight, however named
+        key = (op.key, bits, tuple(w2.shape))  # the weight, however named
         if smooth is None and codes is not None and key in codes:
             stored, scale, zero = codes[key]
         else:

@@ -47,6 +47,7 @@ from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, un
 from fxpress.graph.runtime import CompressedModule, kind_classes
 from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, unique_weights,
                                    weighted_ops)
+from fxpress.graph.weights import skipped_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 from fxpress.passes.quantize_grid import dequantize_weight, load_codes, quantize_weight, store_codes
@@ -385,7 +386,7 @@ class Share(Pass):
         all_ops = weighted_ops(gm, self.ops)
         chosen, unmatched = select(all_ops, self.include, self.exclude)
         check_glob_matches(self.name, unmatched, [op.name for op in all_ops])
-        weights = {op.name: op.weight().detach() for op in unique_weights(chosen)}
+        weights = {op.key: op.weight().detach() for op in unique_weights(chosen)}
         k = 1 << self.bits
         start = time.perf_counter()
         with torch.no_grad():
@@ -408,18 +409,18 @@ class Share(Pass):
         layers: dict[str, dict] = {}
         built: dict[str, CodebookModule] = {}
         for op in chosen:
-            w = weights[op.name]
-            codebook, codes = encoded[op.name]
+            w = weights[op.key]
+            codebook, codes = encoded[op.key]
             bias = op.bias()
             module = CODEBOOK_CLASSES[op.kind](op.kind, op.spec, tuple(w.shape), self.bits,
-                                               codebook, codes, bias, fits[op.name].zero_code,
+                                               codebook, codes, bias, fits[op.key].zero_code,
                                                self.decode == "once", bias_bits=self.bias_bits)
-            first = built.get(op.name)
+            first = built.get(op.key)
             if first is not None:  # a tied weight: point at the same stored tensors
                 module.codebook, module.codes = first.codebook, first.codes
             else:
-                built[op.name] = module
-                fit = fits[op.name]
+                built[op.key] = module
+                fit = fits[op.key]
                 layers[op.name] = {
                     "clusters": int(codebook.numel()), "zero_code": fit.zero_code,
                     "iterations": fit.iterations, "converged": fit.converged,
@@ -429,6 +430,7 @@ class Share(Pass):
         n = sum(w.numel() for w in weights.values())
         stored_bits = sum(m.weight_bits() for m in built.values())
         return PassResult(gm, changed=bool(chosen), stats={
+            "skipped": skipped_weights(gm),
             "layers": layers, "weights": n, "bits": self.bits, "scope": self.scope,
             "kmeans_seconds": kmeans_seconds,
             "bits_per_weight": stored_bits / n if n else 0.0})

@@ -16,7 +16,7 @@ from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrit
                             ForbiddenTargetError)
 from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, EXPANSION_LIMIT,
                                            MIN_DECODED_LIMIT, _sha, _sha64, _split_prefix)
-from fxpress.graph.artifact.schema import Allowlist, _Checked, _validate
+from fxpress.graph.artifact.schema import Allowlist, _Checked, _validate, derived_attributes
 from fxpress.graph.artifact.tensors import _check_tensor_entry, decode_tensor
 from fxpress.graph.artifact.values import _Decoder, _dtype, _short_repr, dtype_name
 
@@ -204,6 +204,10 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor],
                     mod.register_buffer(n, t, persistent=bool(r.get("persistent", True)))
                 else:
                     object.__setattr__(mod, n, t)
+        if m.get("kind") == "torch.nn":
+            _, rebuild = derived_attributes(type(mod))
+            if rebuild is not None:
+                getattr(mod, rebuild)()
         mod.training = bool(m.get("training", False))
         built[path] = mod
         if path:

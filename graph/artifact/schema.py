@@ -96,6 +96,9 @@ class Allowlist:
             cls = getattr(torch.nn, name)
             if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and not name.startswith("_"):
                 self.modules[f"torch.nn.{name}"] = cls
+        # MultiheadAttention's out_proj: a public torch.nn class torch.nn does not re-export
+        self.modules["torch.nn.NonDynamicallyQuantizableLinear"] = \
+            torch.nn.modules.linear.NonDynamicallyQuantizableLinear
         self.runtime: dict[str, type] = {}
         for cls in runtime_modules:
             if not (isinstance(cls, type) and issubclass(cls, RuntimeModule)):
@@ -179,6 +182,20 @@ def _check_ident(name: Any, where: str) -> str:
     if name.startswith("__"):
         raise ForbiddenTargetError(f"{where}: dunder name {name!r} is refused")
     return name
+
+
+#: attributes a torch.nn module derives from its own parameters: never stored, rebuilt after
+#: loading by the named method (RNNs keep their weights in a list for the fused kernel)
+DERIVED_ATTRIBUTES: dict[type, tuple[tuple[str, ...], str]] = {
+    torch.nn.RNNBase: (("_flat_weights", "_flat_weight_refs"), "_init_flat_weights")}
+
+
+def derived_attributes(cls: type) -> tuple[tuple[str, ...], str | None]:
+    """(attribute names, rebuilding method) of ``cls`` (see ``DERIVED_ATTRIBUTES``)."""
+    for base, entry in DERIVED_ATTRIBUTES.items():
+        if issubclass(cls, base):
+            return entry
+    return (), None
 
 
 def _check_config_key(cls: type, key: Any, where: str) -> str:

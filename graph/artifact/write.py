@@ -16,7 +16,7 @@ import torch.fx
 
 from fxpress.errors import ArtifactError, UnsupportedGraphError
 from fxpress.graph.artifact.format import BLOB_KEY, BLOB_STREAM_BYTES, VERSION, _pack_header
-from fxpress.graph.artifact.schema import Allowlist, _join, class_name
+from fxpress.graph.artifact.schema import Allowlist, _join, class_name, derived_attributes
 from fxpress.graph.artifact.tensors import _as_ints, encode_tensor
 from fxpress.graph.artifact.values import _Encoder, dtype_name
 from fxpress.graph.capture import node_shape
@@ -118,8 +118,9 @@ class _Writer:
                     "for fx), or make it a RuntimeModule with config()/from_state()")
         config = {}
         encode = _Encoder(self.allow, where)
+        derived, _ = derived_attributes(type(m))
         for k, v in vars(m).items():
-            if k in _BASE_MODULE_KEYS or (not path and not isinstance(v, torch.Tensor)):
+            if k in _BASE_MODULE_KEYS or k in derived or (not path and not isinstance(v, torch.Tensor)):
                 continue
             if isinstance(v, torch.Tensor):
                 entry["tensors"][k] = {"ref": self.tensor_ref(_join(path, k), v), "kind": "attr",
