@@ -121,8 +121,9 @@ class Quantize(Pass):
     bits = option(8, "bits per weight code (2-8)", type=int, low=2, high=8)
     granularity = option("channel", "one scale per output 'channel', per 'tensor', or per "
                          "'group' of group_size input columns", choices=GRANULARITIES)
-    group_size = option(None, "input columns per scale with granularity=group (must divide "
-                        "every selected layer's input width)", type=(int, _NONE), low=1)
+    group_size = option(None, "input columns per scale with granularity=group (a layer whose "
+                        "input width it does not divide gets a shorter last group)",
+                        type=(int, _NONE), low=1)
     scheme = option("symmetric", "'symmetric' (q in ±(2^(b-1)-1), zero point 0) or 'affine' "
                     "(q in 0..2^b-1 with an integer zero point)", choices=SCHEMES)
     activations = option("auto", "'dynamic': linear layers quantise their input to 8 bits at "
@@ -188,13 +189,6 @@ class Quantize(Pass):
         all_ops = _weighted_ops(gm, kinds)
         chosen, unmatched = select(all_ops, self.include, self.exclude)
         check_glob_matches(self.name, unmatched, [op.name for op in all_ops])
-        for op in chosen:
-            cols = int(math.prod(op.weight().shape[1:]))
-            if self.granularity == "group" and cols % self.group_size:
-                raise OptionError(self.name, "group_size", f"{self.group_size} does not divide the "
-                                  f"input width {cols} of layer '{op.module_name}' "
-                                  f"({op.node.format_node()}); choose a divisor of {cols} or "
-                                  f"exclude=['{op.module_name}']")
         batches = ctx.calibration or [ctx.example_inputs]
         rec = _record_inputs(gm, chosen, batches)
 
@@ -287,18 +281,29 @@ class Quantize(Pass):
         if x is not None:
             with torch.no_grad():
                 ref = op_forward(op.kind, op.spec, x, w, b)
-        tried = []
+        tried, weight_errors = [], {}
+        dynamic = self._dynamic(op, bits)
         for act, alpha in cands:
             module = self._build(op, rec, bits, act, alpha, codes)
-            tried.append((module, _output_error(module, x, ref), act, alpha))
-        best = min(t[1] for t in tried)
+            werr = _weight_error(module, w)
+            weight_errors[_label(act if dynamic else "weight", alpha)] = werr
+            tried.append((module, _output_error(module, x, ref), act, alpha, werr))
+        # the calibration sample does not show every input: a smoothing that fits it by
+        # giving up the weight of columns it leaves (nearly) idle is not kept
+        plain = [t[4] for t in tried if t[3] is None]
+        limit = max(plain) * SMOOTH_WEIGHT_SLACK if plain else math.inf
+        kept = [t for t in tried if t[3] is None or not t[4] > limit]
+        best = min(t[1] for t in kept)
         # candidates of a weight-only layer cost the same: keep the best
-        good = max(self.act_error, best * (1 + AUTO_SLACK)) if self._dynamic(op, bits) else best
-        module, err, act, alpha = next(t for t in tried if not t[1] > good)
+        good = max(self.act_error, best * (1 + AUTO_SLACK)) if dynamic else best
+        module, err, act, alpha, werr = next(t for t in kept if not t[1] > good)
         stats = self._layer_stats(op, module, w, b, err)
-        if len(tried) > 1:
-            dynamic = self._dynamic(op, bits)
-            stats["act_errors"] = {_label(a if dynamic else "weight", al): e for _, e, a, al in tried}
+        stats["weight_error"] = werr
+        if len(cands) > 1:
+            stats["act_errors"] = {_label(a if dynamic else "weight", al): e for _, e, a, al, _ in tried}
+            stats["weight_errors"] = weight_errors
+            stats["rejected"] = [_label(a if dynamic else "weight", al)
+                                 for _, _, a, al, we in tried if we > limit]
         if alpha is not None:
             stats["smooth_alpha"] = alpha
         return module, stats
@@ -317,7 +322,8 @@ class Quantize(Pass):
         smooth = None
         if op.kind == LINEAR and alpha is not None and op._input in rec.absmax:
             a = alpha
-            xmax = rec.absmax[op._input].clamp(min=1e-5)
+            xmax = rec.absmax[op._input]
+            xmax = torch.maximum(xmax, SMOOTH_INPUT_FLOOR * xmax.mean()).clamp(min=1e-5)
             wmax = w2.abs().amax(0).clamp(min=1e-5)
             smooth = (xmax.pow(a) / wmax.pow(1 - a)).clamp(min=1e-5)
             w2 = w2 * smooth
@@ -394,6 +400,13 @@ CANDIDATE_OUTPUTS = 1 << 20
 #: act_scale="auto" keeps the cheapest candidate whose error is at most (1 + AUTO_SLACK)
 #: times the best candidate's.
 AUTO_SLACK = 0.25
+#: A smoothed candidate is dropped when its decoded weight's relative error exceeds the
+#: unsmoothed one's by this factor (smoothing fitted to what calibration showed must not
+#: give up the weights of input columns the calibration left idle).
+SMOOTH_WEIGHT_SLACK = 1.5
+#: Smoothing treats an input column as at least this fraction of the layer's mean
+#: per-column absmax, so a column the calibration left idle is not scaled to nothing.
+SMOOTH_INPUT_FLOOR = 0.1
 #: SmoothQuant strengths act_scale="auto" tries with per-tensor activations.
 AUTO_ALPHAS = (0.5, 0.75)
 #: Activation-aware scaling strengths tried on weight-only linear layers (the most
@@ -403,6 +416,15 @@ WEIGHT_ONLY_ALPHAS = (0.25, 0.5)
 
 def _label(act: str, alpha: float | None) -> str:
     return act if alpha is None else f"{act}+smooth{alpha:g}"  # e.g. tensor+smooth0.5
+
+
+def _weight_error(module: QuantizedWeight, w: torch.Tensor) -> float:
+    """Relative L2 error of the module's decoded weight against the float weight ``w``."""
+    with torch.no_grad():
+        denom = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+        err = float(torch.linalg.vector_norm(module.weight_float().reshape(w.shape) - w,
+                                             dtype=torch.float64))
+    return err / denom if denom > 0 else 0.0
 
 
 def _output_error(module: QuantizedWeight, x: torch.Tensor | None, ref: torch.Tensor | None) -> float:

@@ -23,6 +23,37 @@ def code_range(bits: int, scheme: str) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
+def group_count(cols: int, group_size: int) -> int:
+    """Groups of ``group_size`` columns in a row of ``cols`` (the last may be shorter)."""
+    return max(1, -(-cols // max(int(group_size), 1)))
+
+
+def to_groups(w2: torch.Tensor, groups: int, group_size: int = 0) -> torch.Tensor:
+    """``w2`` ``[rows, cols]`` as ``[rows, groups, size]``.
+
+    ``size`` is ``group_size`` (or ``cols / groups`` when not given); a last group shorter
+    than ``size`` (a width ``group_size`` does not divide) is padded with zeros. Padding is
+    exact on both grids: every range includes 0 (it changes no scale), and 0 has an exact
+    code (it adds no error to a clipping search). :func:`from_groups` drops it again.
+    """
+    rows, cols = w2.shape
+    if groups == 1:
+        return w2.reshape(rows, 1, cols)
+    size = int(group_size) or cols // groups
+    if size * groups < cols or size * (groups - 1) >= cols:
+        raise ValueError(f"{groups} groups of {size} columns do not cover {cols} columns")
+    pad = size * groups - cols
+    if pad:
+        w2 = torch.nn.functional.pad(w2, (0, pad))
+    return w2.reshape(rows, groups, size)
+
+
+def from_groups(g: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`to_groups`: ``[rows, cols]`` without the padding."""
+    flat = g.reshape(g.shape[0], -1)
+    return flat if flat.shape[1] == cols else flat[:, :cols]
+
+
 def _grouped(w2: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
     """``w2`` [rows, cols] viewed as [rows or 1, groups, group] for per-group statistics."""
     rows, cols = w2.shape
@@ -30,7 +61,7 @@ def _grouped(w2: torch.Tensor, granularity: str, group_size: int) -> torch.Tenso
         return w2.reshape(1, 1, -1)
     if granularity == "channel":
         return w2.reshape(rows, 1, cols)
-    return w2.reshape(rows, cols // group_size, group_size)
+    return to_groups(w2, group_count(cols, group_size), group_size)
 
 
 #: Clipping ratios tried by scale="mse" (1.0 = the absmax range).
@@ -89,7 +120,8 @@ def quantize_weight(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
                 s = torch.where(better, s2, s)
                 if zero is not None:
                     zero = torch.where(better, z2, zero)
-    return (codes.reshape(w2.shape).to(torch.int32), s.float(),
+    codes = from_groups(codes, w2.numel() // codes.shape[0]).reshape(w2.shape)
+    return (codes.to(torch.int32), s.float(),
             None if zero is None else zero.to(torch.int32))
 
 
@@ -98,16 +130,16 @@ def _sq_error(g, codes, scale, zero):
     return ((codes - zz) * scale.unsqueeze(-1) - g).pow(2).sum(-1)
 
 
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
-                      ) -> torch.Tensor:
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                      group_size: int = 0) -> torch.Tensor:
     """``scale · (codes - zero)`` as float32 ``[rows, cols]`` (the inverse grid of
-    :func:`quantize_weight`)."""
+    :func:`quantize_weight`); ``group_size`` is needed where it does not divide ``cols``."""
     rows, cols = codes.shape
-    groups = scale.shape[1]
-    g = codes.reshape(codes.shape[0] if scale.shape[0] > 1 else 1, groups, -1).float()
+    flat = codes.reshape(rows if scale.shape[0] > 1 else 1, -1)
+    g = to_groups(flat, scale.shape[1], group_size).float()
     if zero is not None:
         g = g - zero.unsqueeze(-1).float()
-    return (g * scale.unsqueeze(-1)).reshape(rows, cols)
+    return from_groups(g * scale.unsqueeze(-1), flat.shape[1]).reshape(rows, cols)
 
 
 def store_codes(codes: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
@@ -164,5 +196,6 @@ def load_codes(stored: torch.Tensor, bits: int, scheme: str, cols: int) -> torch
     return u.to(torch.int32) + lo
 
 
-__all__ = ["SCHEMES", "GRANULARITIES", "CLIP_RATIOS", "code_range", "quantize_weight",
+__all__ = ["SCHEMES", "GRANULARITIES", "CLIP_RATIOS", "code_range", "group_count", "to_groups",
+           "from_groups", "quantize_weight",
            "dequantize_weight", "store_codes", "quantize_stored", "load_codes"]

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from fxpress.graph.runtime import CompressedModule
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR
 from fxpress.passes.int8 import Int8Kernels, _prepacked
-from fxpress.passes.quantize_grid import code_range, dequantize_weight, load_codes, store_codes
+from fxpress.passes.quantize_grid import (code_range, dequantize_weight, from_groups, load_codes,
+                                          store_codes, to_groups)
 
 #: the module the artifact format names these classes by
 ARTIFACT_MODULE = "fxpress.passes.quantize"
@@ -81,7 +82,7 @@ class QuantizedWeight(CompressedModule):
         latent = getattr(self, "latent", None)
         if latent is not None:
             return self._on_grid(self.keep_zeros(latent))
-        return dequantize_weight(self.codes(), self.scale, self.zero())
+        return dequantize_weight(self.codes(), self.scale, self.zero(), self.group_size)
 
     def weight_float(self) -> torch.Tensor:
         if self._training_path():
@@ -114,21 +115,28 @@ class QuantizedWeight(CompressedModule):
                 end = min(rows, start + step)
                 codes = load_codes(self.qweight[start:end], self.bits, self.scheme, cols)
                 w2 = dequantize_weight(codes, self.scale[start:end] if per_row else self.scale,
-                                       zero[start:end] if per_row and zero is not None else zero)
+                                       zero[start:end] if per_row and zero is not None else zero,
+                                       self.group_size)
                 yield start, (w2 / self.smooth if self.smooth is not None else w2)
 
     # -- fine-tuning -------------------------------------------------------------------------
-    def _on_grid(self, w2: torch.Tensor) -> torch.Tensor:
-        """Straight-through fake quantisation of ``w2`` on this module's fixed grid."""
+    def _snap(self, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, decoded) of ``w2`` on this module's fixed grid (its scales and zero
+        points), both as float ``[rows, cols]``; no gradient."""
         lo, hi = code_range(self.bits, self.scheme)
-        rows_s = self.scale.shape[0]
-        g = w2.reshape(rows_s if rows_s > 1 else 1, self.scale.shape[1], -1)
+        flat = w2.detach().reshape(self.scale.shape[0] if self.scale.shape[0] > 1 else 1, -1)
+        g = to_groups(flat, self.scale.shape[1], self.group_size)
         s = self.scale.unsqueeze(-1)
         z = self.zero()
         zz = 0.0 if z is None else z.unsqueeze(-1).float()
-        q = torch.clamp(torch.round(g.detach() / s) + zz, lo, hi)
-        snapped = ((q - zz) * s).reshape(w2.shape)
-        return w2 + (snapped - w2).detach()
+        q = torch.clamp(torch.round(g / s) + zz, lo, hi)
+        cols = flat.shape[1]
+        return (from_groups(q, cols).reshape(w2.shape),
+                from_groups((q - zz) * s, cols).reshape(w2.shape))
+
+    def _on_grid(self, w2: torch.Tensor) -> torch.Tensor:
+        """Straight-through fake quantisation of ``w2`` on this module's fixed grid."""
+        return w2 + (self._snap(w2)[1] - w2).detach()
 
     def begin_training(self) -> list[torch.nn.Parameter]:
         """Add a float latent weight (``latent``, the decoded weight) and make the bias
@@ -136,7 +144,7 @@ class QuantizedWeight(CompressedModule):
         stored grid (same scales and zero points) with a straight-through estimator, so
         what is trained is exactly what :meth:`end_training` will store."""
         if getattr(self, "latent", None) is None:
-            w2 = dequantize_weight(self.codes(), self.scale, self.zero())
+            w2 = dequantize_weight(self.codes(), self.scale, self.zero(), self.group_size)
             self.remember_zeros(w2)  # pruned weights stay exactly zero
             self.latent = torch.nn.Parameter(w2, requires_grad=True)
         params = [self.latent]
@@ -152,14 +160,8 @@ class QuantizedWeight(CompressedModule):
         if latent is None:
             return
         with torch.no_grad():
-            lo, hi = code_range(self.bits, self.scheme)
-            rows_s = self.scale.shape[0]
-            g = self.keep_zeros(latent.detach()).reshape(
-                rows_s if rows_s > 1 else 1, self.scale.shape[1], -1)
-            z = self.zero()
-            zz = 0.0 if z is None else z.unsqueeze(-1).float()
-            q = torch.clamp(torch.round(g / self.scale.unsqueeze(-1)) + zz, lo, hi)
-            self.qweight = store_codes(q.reshape(latent.shape).to(torch.int32), self.bits, self.scheme)
+            q = self._snap(self.keep_zeros(latent.detach()))[0]
+            self.qweight = store_codes(q.to(torch.int32), self.bits, self.scheme)
         del self.latent
         if isinstance(self.bias, torch.nn.Parameter):
             bias = self._parameters.pop("bias")
@@ -226,7 +228,8 @@ class QuantizedEmbedding(QuantizedWeight):
         codes = load_codes(rows, self.bits, self.scheme, self.cols)
         zero = self.zero()
         out = dequantize_weight(codes, self.scale.index_select(0, flat),
-                                None if zero is None else zero.index_select(0, flat))
+                                None if zero is None else zero.index_select(0, flat),
+                                self.group_size)
         return out.reshape(*indices.shape, self.cols)
 
 
