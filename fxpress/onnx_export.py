@@ -357,9 +357,12 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
     zero = mod.zero()
     zu = None if zero is None else (zero - lo)  # unsigned zero point
     blocks = -(-k // block)
-    # scales (and zero points) per (row, block): exact repeats of channel / tensor scales
-    cols_per_scale = k // mod.scale.shape[1]
-    col_of_block = torch.arange(blocks) * block // cols_per_scale
+    # scales (and zero points) per (row, block): a group's own, or exact repeats of channel /
+    # tensor scales (a group layer's block is its group, the last one perhaps shorter)
+    if mod.granularity == "group":
+        col_of_block = torch.arange(blocks)
+    else:
+        col_of_block = torch.arange(blocks) * block // (k // mod.scale.shape[1])
     scale = mod.scale.float().expand(n, -1)[:, col_of_block]
     if zu is None:
         zu = torch.full((n, blocks), 1 << (bits - 1), dtype=torch.int32)  # symmetric: q + 2^(b-1)

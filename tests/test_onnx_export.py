@@ -74,6 +74,18 @@ def test_every_pass_on_the_mlp_runs_in_onnxruntime(small_mlp, calib, digits):
         assert out.check["rel_l2"] < 1e-2
 
 
+def test_group_layers_with_a_shorter_last_group_run_as_matmulnbits(mlp, calib, digits):
+    # group_size 64: one group over layers.0's 64 inputs, 4 + a last of 44 over layers.1's
+    # 300, 1 + a last of 36 over the head's 100
+    res = fxpress.compress(mlp, "quantize{bits=4,granularity=group,group_size=64,scheme=affine,"
+                           "tol.min_cosine=0,tol.min_top1=0}", calibration=calib[:1])
+    out = export_onnx(res)
+    assert _ops(out.model).get("MatMulNBits") == 3, out.layers
+    x = digits.x_test[:5]
+    with torch.no_grad():
+        _close(_run(out, x), res.module(x), 1e-5)
+
+
 def test_int8_layers_keep_fxpress_codes_and_scales(small_mlp, calib):
     res = fxpress.compress(small_mlp, "quantize{bits=8}", calibration=calib[:1])
     out = export_onnx(res)
