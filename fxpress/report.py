@@ -183,6 +183,70 @@ def _graph_matplotlib(g) -> str:
     return _png(fig)
 
 
+def _plan_section(plan: dict) -> str:
+    """What ``compress(..., target=...)`` chose per layer, the sensitivity table behind it,
+    and the size/error frontier it predicts for itself and for uniform settings."""
+    head = (f'<p class="meta">{_esc(plan.get("file_bytes"))} bytes = {_num(plan.get("ratio"))}x '
+            f'the fp32 file; target {_num(plan.get("target_ratio"))}x; {_esc(plan.get("metric"))} '
+            f'drop {_num(plan.get("drop"))} (budget {_esc(plan.get("max_drop"))}); '
+            f'{"met" if plan.get("met") else "MISSED " + _esc(plan.get("missed"))}; '
+            f'{len(plan.get("attempts") or [])} round(s)</p>')
+    rows = [[f"<code>{_esc(r['layer'])}</code>", _esc(r["kind"]), f"{r['params']:,}",
+             f"<code>{_esc(r['choice'])}</code>", f"{r['bytes']:,}", f"{r['bits_per_weight']:.2f}",
+             f"{r['error']:.3g}"] for r in plan.get("rows", [])]
+    parts = [head, _table(["layer", "kind", "params", "choice", "bytes", "bits/weight",
+                           "error alone"], rows, left=2)]
+    sens = plan.get("sensitivity") or {}
+    layers_ = sens.get("layers") or []
+    cands = []
+    for ls in layers_:
+        for t in ls["trials"]:
+            if t["candidate"] not in cands:
+                cands.append(t["candidate"])
+    if layers_ and cands:
+        srows = []
+        for ls in layers_:
+            by = {t["candidate"]: t for t in ls["trials"]}
+            srows.append([f"<code>{_esc(ls['name'])}</code>"] + [
+                f"{by[c]['error']:.2g} @ {8 * by[c]['bytes'] / max(ls['params'], 1):.1f}b"
+                if c in by else "-" for c in cands])
+        parts.append(f"<h3>Sensitivity: error alone ({_esc(sens.get('metric'))}) @ bits per "
+                     "weight, each candidate on each layer</h3>"
+                     + _table(["layer"] + [f"<code>{_esc(c)}</code>" for c in cands], srows))
+    front = plan.get("frontier") or {}
+    if front.get("uniform"):
+        parts.append('<h3>Predicted size/error frontier: planner vs uniform settings</h3>'
+                     f'<div class="figure" id="frontier">{_frontier_figure(front, plan)}</div>')
+    return "".join(parts)
+
+
+def _frontier_figure(front: dict, plan: dict) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    floor = 1e-9
+    u, p = front["uniform"], front.get("planner") or []
+    ax.scatter([d["ratio"] for d in u], [max(d["predicted_error"], floor) for d in u],
+               color="#9ca3af", label="uniform settings (predicted)")
+    for d in u:
+        ax.annotate(d["setting"][:28], (d["ratio"], max(d["predicted_error"], floor)), fontsize=6)
+    ax.plot([d["ratio"] for d in p], [max(d["predicted_error"], floor) for d in p], "o-",
+            color="#2563eb", label="planner at the same sizes (predicted)")
+    att = plan.get("attempts") or []
+    if att and all(a.get("drop") is not None for a in att):
+        ax.scatter([a["ratio"] for a in att], [max(a["drop"], floor) for a in att], marker="*",
+                   s=90, color="#dc2626", label="planner rounds (measured drop)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("file size / fp32 file")
+    ax.set_ylabel("error (sum of layers' errors alone)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpress report",
                   before: dict | None = None) -> str:
     """The HTML page (a string).
@@ -224,6 +288,8 @@ def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpre
     parts.append("<h2>Weight histograms, before and after</h2>"
                  f'<div class="figure" id="histograms">'
                  f'{_hist_figure(baseline.get("histograms", {}), histograms(gm))}</div>')
+    if report.get("plan"):
+        parts.append("<h2>Plan: per-layer choices</h2>" + _plan_section(report["plan"]))
     drawing, how = _graph_figure(g)
     parts.append(f"<h2>Graph</h2><p class=\"note\">Drawn with {_esc(how)}; nodes a pass changed are "
                  f"coloured by pass.</p><div class=\"figure graph\" id=\"graph\">{drawing}</div>")

@@ -392,7 +392,7 @@ class Plan:
                 "max_drop": self.max_drop, "metric": self.metric, "file_bytes": self.file_bytes,
                 "ratio": self.ratio, "score": self.score, "drop": self.drop, "met": self.met,
                 "missed": self.missed, "attempts": self.attempts, "seconds": self.seconds,
-                "sensitivity": self.table.as_dict()}
+                "sensitivity": self.table.as_dict(), "frontier": predicted_frontier(self.table)}
 
 
 def compress_to_target(model: torch.nn.Module, registry: Mapping[str, PassInfo],
@@ -595,14 +595,25 @@ def uniform_candidates(table: SensitivityTable) -> list[str]:
     return sorted(common or ())
 
 
-def predicted_frontier(table: SensitivityTable, ratios: Sequence[float]) -> list[dict]:
-    """The planner's predicted error at each size ratio (no pipeline run): for plots."""
-    out = []
-    for r in ratios:
-        choices = allocate(table, int(r * table.original_file_bytes) - table.fixed_bytes)
-        out.append({"ratio": r, "predicted_error": None if choices is None else
-                    sum(t.error for t in choices.values())})
-    return out
+def predicted_frontier(table: SensitivityTable) -> dict[str, list[dict]]:
+    """The size/error frontier the table predicts, with no pipeline run (for the report):
+    each uniform setting (a candidate measured on every layer, all layers taking it) and
+    the planner's allocation at the same file size. Errors are sums of the layers' errors
+    alone, in the table's metric; bytes are file bytes."""
+    uniform, planner = [], []
+    for cand in uniform_candidates(table):
+        picks = [next(t for t in ls.trials if t.candidate == cand) for ls in table.layers]
+        size = table.fixed_bytes + sum(t.bytes for t in picks)
+        uniform.append({"setting": cand, "bytes": size, "ratio": size / table.original_file_bytes,
+                        "predicted_error": sum(t.error for t in picks)})
+    uniform.sort(key=lambda d: d["bytes"])
+    for u in uniform:  # the uniform setting itself fits its own size: never None
+        choices = allocate(table, u["bytes"] - table.fixed_bytes)
+        psize = table.fixed_bytes + sum(t.bytes for t in choices.values())
+        planner.append({"at": u["setting"], "bytes": psize,
+                        "ratio": psize / table.original_file_bytes,
+                        "predicted_error": sum(t.error for t in choices.values())})
+    return {"uniform": uniform, "planner": planner}
 
 
 __all__ = ["compress_to_target", "allocate", "plan_passes", "pipeline_text", "recipe_toml",

@@ -172,3 +172,20 @@ def test_recovery_with_train_data_keeps_accuracy(model, table):
     assert res.plan.file_bytes <= res.plan.target_bytes
     assert any(r.name == "distill" for r in res.records)
     assert accuracy(res.module, d.x_test, d.y_test) > 0.8
+
+
+def test_the_report_shows_the_plan(model, table, tmp_path):
+    from fxpress.cli import main
+
+    res = compress_to_target(model, fxpress.registry(), calibration=calibration(2),
+                             target=0.2, table=table)
+    path = tmp_path / "m.fxp"
+    fxpress.save(res, path)
+    assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "Plan: per-layer choices" in html and 'id="frontier"' in html
+    assert all(f"<code>{name}</code>" in html for name in res.plan.choices)
+    front = res.plan.as_dict()["frontier"]
+    # the planner's predicted error at each uniform setting's size is never worse
+    for u, p in zip(front["uniform"], front["planner"]):
+        assert p["bytes"] <= u["bytes"] and p["predicted_error"] <= u["predicted_error"] + 1e-12
