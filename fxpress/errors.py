@@ -136,9 +136,18 @@ class ExportError(FxpressError):
     the input or the file."""
 
 
+class PlanMissedWarning(UserWarning):
+    """``compress(..., target=...)`` returned a model that misses the size target or the
+    accuracy budget; ``missed`` says by how much (also ``result.plan.missed``)."""
+
+    def __init__(self, message: str, missed: dict | None = None):
+        super().__init__(message)
+        self.missed = dict(missed or {})
+
+
 __all__ = [
     "FxpressError", "InputError", "CaptureError", "PipelineSpecError", "UnknownPassError",
     "OptionError", "PluginError", "PassError", "MissingDataError", "VerificationError",
     "ArtifactError", "ArtifactFormatError", "ArtifactIntegrityError", "ForbiddenTargetError",
-    "UnsupportedGraphError", "MissingExtraError", "ExportError",
+    "UnsupportedGraphError", "MissingExtraError", "ExportError", "PlanMissedWarning",
 ]

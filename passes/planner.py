@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from fxpress.errors import InputError
+from fxpress.errors import InputError, PlanMissedWarning
 from fxpress.graph.capture import as_input_tuple, capture, clone_structure, eval_mode
 from fxpress.passes.base import PassInfo
 from fxpress.passes.sensitivity import (KEEP, METRICS, SensitivityTable, Trial, sensitivity)
@@ -47,15 +47,6 @@ RECOVERY = ("distill{epochs=30,lr=0.01}", "distill{epochs=10,lr=0.001}")
 #: Passes that go before the first recovery step (their damage is trained away before
 #: the coding passes snap the weights to a grid).
 EARLY = ("prune",)
-
-
-class PlanMissedWarning(UserWarning):
-    """The planner's result misses the size target or the accuracy budget; ``.missed`` says
-    by how much (also in ``result.plan.missed``)."""
-
-    def __init__(self, message: str, missed: dict):
-        super().__init__(message)
-        self.missed = dict(missed)
 
 
 def parse_target(target: Any) -> float:
