@@ -6,17 +6,12 @@ went, how the weights changed, and the graph itself. Every image is inlined.
 """
 from __future__ import annotations
 
-import base64
 import html as _html
-import io
-import shutil
-import subprocess
 from typing import Any
 
 import torch
 
-from fxpress.graph.inspect import (histograms, human_bytes, layers, pass_colors, to_dot,
-                                   to_networkx)
+from fxpress.graph.inspect import histograms, human_bytes, layers, to_networkx
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px 32px;color:#111;max-width:1300px}
@@ -24,22 +19,13 @@ h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bo
 table{border-collapse:collapse;font-size:12px;margin:8px 0} td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f3f4f6} td.l,th.l{text-align:left} .meta{color:#555;font-size:13px}
 .figure{margin:8px 0} .figure img,.figure svg{max-width:100%;height:auto;border:1px solid #eee}
-.graph{max-height:1400px;overflow:auto;border:1px solid #eee}
+.figure{overflow-x:auto} .graph{border:1px solid #eee}
 .ok{color:#15803d} .bad{color:#b91c1c} .note{color:#555;font-size:12px}
 """
 
 
 def _esc(v: Any) -> str:
     return _html.escape(str(v))
-
-
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def _table(head: list[str], rows: list[list[Any]], left: int = 1) -> str:
@@ -78,109 +64,244 @@ def _num(v: Any, spec: str = ".4f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
-def _bytes_figure(before: dict[str, int], after: dict[str, int]) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# -- drawing: plain SVG written here (no plotting library), legible at model size -----------
 
-    names = [n for n in after if after[n] or before.get(n)]
-    names = sorted(names, key=lambda n: -(before.get(n, 0) or after[n]))[:40]
-    if not names:
+_FONT = "font-family:Helvetica,Arial,sans-serif"
+_CHAR_W = 6.6   # px per character of 11px text, generous so labels are never clipped
+
+
+def _svg(width: float, height: float, body: list[str], label: str) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{_esc(label)}" '
+            f'width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
+            f'style="{_FONT};font-size:11px">' + "".join(body) + "</svg>")
+
+
+def _text(x: float, y: float, s: Any, anchor: str = "start", size: int = 11, weight: str = "normal",
+          fill: str = "#111") -> str:
+    return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="{size}" '
+            f'font-weight="{weight}" fill="{fill}">{_esc(s)}</text>')
+
+
+def _legend(x: float, y: float, items: list[tuple[str, str]]) -> tuple[list[str], float]:
+    """Swatches and labels in one row from (x, y); returns the SVG and the width used."""
+    out, cx = [], x
+    for color, label in items:
+        out.append(f'<rect x="{cx:.1f}" y="{y - 9:.1f}" width="12" height="12" fill="{color}" '
+                   f'stroke="#374151" stroke-width="0.5"/>')
+        out.append(_text(cx + 17, y + 1, label))
+        cx += 17 + _CHAR_W * len(label) + 18
+    return out, cx - x
+
+
+_INDEX = __import__("re").compile(r"\.(\d+)(?=\.|$)")
+
+
+def _collapse(names: list[str], signature) -> list[tuple[str, list[str]]]:
+    """Group names that differ only in one repeated block index (``layer.0.x`` ...
+    ``layer.5.x``) when every repeat has the same rows (``signature``): ``[(label, members)]``
+    with labels like ``bert.encoder.layer.[0-5].attention.self.query``, in first-seen order."""
+    by_block: dict[str, dict[int, list[str]]] = {}
+    for n in names:
+        for match in _INDEX.finditer(n):
+            prefix = n[:match.start()]
+            by_block.setdefault(prefix, {}).setdefault(int(match.group(1)), []).append(n)
+    chosen: dict[str, tuple[str, list[int]]] = {}
+    for prefix, blocks in sorted(by_block.items(), key=lambda kv: len(kv[0])):
+        if len(blocks) < 2:
+            continue
+        idx = sorted(blocks)
+        first = blocks[idx[0]]
+        def rest(name: str, i: int) -> str:
+            return name[len(prefix) + len(str(i)) + 1:]
+        sig0 = [(rest(n, idx[0]), signature(n)) for n in first]
+        if all([(rest(n, i), signature(n)) for n in blocks[i]] == sig0 for i in idx[1:]):
+            for i in idx:
+                for n in blocks[i]:
+                    chosen.setdefault(n, (prefix, idx))
+    out: dict[str, list[str]] = {}
+    for n in names:
+        if n in chosen:
+            prefix, idx = chosen[n]
+            i = int(n[len(prefix) + 1:].split(".")[0])
+            rng = f"[{idx[0]}-{idx[-1]}]" if idx == list(range(idx[0], idx[-1] + 1)) else "[*]"
+            label = f"{prefix}.{rng}{n[len(prefix) + 1 + len(str(i)):]}"
+        else:
+            label = n
+        out.setdefault(label, []).append(n)
+    return list(out.items())
+
+
+def _bytes_figure(before: dict[str, int], after: dict[str, int],
+                  params: dict[str, int] | None = None) -> str:
+    names = [n for n in after if after[n] or before.get(n)] + [n for n in before if n not in after]
+    params = params or {}
+    # a repeated block (same names and sizes under each index) is one bar, summed
+    groups = _collapse(names, lambda n: params.get(n, before.get(n)))
+    rows = [(label + (f"  \u00d7{len(m)}" if len(m) > 1 else ""),
+             sum(before.get(n, 0) for n in m), sum(after.get(n, 0) for n in m)) for label, m in groups]
+    rows.sort(key=lambda r: -(r[1] or r[2]))
+    more = len(rows) - 40
+    rows = rows[:40]
+    if not rows:
         return '<p class="note">No tensors.</p>'
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(names) + 1.2))
-    y = range(len(names))
-    b = [before.get(n, 0) / 1024 for n in names]
-    a = [after.get(n, 0) / 1024 for n in names]
-    ax.barh([i + 0.2 for i in y], b, height=0.4, color="#9ca3af", label="before (captured graph)")
-    ax.barh([i - 0.2 for i in y], a, height=0.4, color="#2563eb", label="after (this artifact)")
-    ax.set_yticks(list(y), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("KiB on disk")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
+    label_w = max(_CHAR_W * max(len(r[0]) for r in rows) + 16, 120)
+    plot_w, bar_h, row_h, top = 560, 8, 24, 34
+    width = label_w + plot_w + 120
+    height = top + row_h * len(rows) + 40
+    peak = max(max(r[1], r[2]) for r in rows) or 1
+    body, _ = _legend(label_w, 16, [("#9ca3af", "before (captured graph)"), ("#2563eb", "after (this artifact)")])
+    for i, (label, b, a) in enumerate(rows):
+        y = top + i * row_h
+        body.append(_text(label_w - 8, y + 12, label, "end"))
+        for j, (v, color) in enumerate(((b, "#9ca3af"), (a, "#2563eb"))):
+            w = plot_w * v / peak
+            body.append(f'<rect x="{label_w:.1f}" y="{y + 2 + j * (bar_h + 1):.1f}" width="{max(w, 0.5):.1f}" '
+                        f'height="{bar_h}" fill="{color}"><title>{_esc(label)}: {human_bytes(v)}</title></rect>')
+        body.append(_text(label_w + plot_w * max(a, b) / peak + 6, y + 12,
+                          f"{human_bytes(a)}" + (f" (was {human_bytes(b)})" if b else ""), size=10,
+                          fill="#374151"))
+    body.append(f'<line x1="{label_w}" y1="{top - 4}" x2="{label_w}" y2="{height - 30}" stroke="#374151"/>')
+    body.append(_text(label_w, height - 12, "bytes on disk per layer (repeated blocks summed, \u00d7 = repeats)"
+                      + (f"; {more} smaller rows not shown" if more > 0 else ""), size=10, fill="#555"))
+    return _svg(width, height, body, "bytes per layer before and after")
 
 
 def _hist_figure(before: dict[str, dict], after: dict[str, dict], limit: int = 8) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = sorted(after, key=lambda n: -after[n]["numel"])[:limit]
     if not names:
         return '<p class="note">No weighted layers.</p>'
+    cell_w, cell_h, pad = 520, 170, 14
     cols = 2
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows), squeeze=False)
-    for ax in axes.flat[len(names):]:
-        ax.axis("off")
-    for ax, name in zip(axes.flat, names):
-        for data, color, label in ((before.get(name), "#9ca3af", "before"),
-                                   (after[name], "#2563eb", "after")):
-            if not data:
+    width, height = cols * (cell_w + pad) + pad, rows * (cell_h + 64) + 40
+    body, _ = _legend(pad, 16, [("#9ca3af", "before"), ("#2563eb", "after")])
+    body.append(_text(pad + 140, 17, "non-zero weights, log count; exact zeros and distinct values "
+                      "in each caption", size=10, fill="#555"))
+    for k, name in enumerate(names):
+        x0 = pad + (k % cols) * (cell_w + pad)
+        y0 = 36 + (k // cols) * (cell_h + 64)
+        body.append(_text(x0, y0 + 12, name, weight="bold"))
+        datas = [(before.get(name), "#9ca3af", "before", 0.6), (after[name], "#2563eb", "after", 0.85)]
+        lo = min(d["lo"] for d, *_ in datas if d)
+        hi = max(d["hi"] for d, *_ in datas if d)
+        span = (hi - lo) or 1.0
+        top = max(max(d["counts"] or [0]) for d, *_ in datas if d) or 1
+        import math
+        ly = math.log10(top + 1)
+        py0, ph = y0 + 20, cell_h - 30
+        body.append(f'<rect x="{x0}" y="{py0}" width="{cell_w}" height="{ph}" fill="none" stroke="#e5e7eb"/>')
+        captions = []
+        for d, color, label, alpha in datas:
+            if not d:
                 continue
-            counts = data["counts"]
-            lo, hi = data["lo"], data["hi"]
-            width = (hi - lo) / max(len(counts), 1)
-            xs = [lo + (i + 0.5) * width for i in range(len(counts))]
-            ax.bar(xs, counts, width=width, color=color, alpha=0.55 if label == "before" else 0.85,
-                   label=f"{label}: {data['zeros'] / max(data['numel'], 1):.0%} zeros"
-                         + (f", {data['distinct']} distinct" if data.get("distinct") is not None
-                            and data["distinct"] <= 256 else ""))
-        ax.set_yscale("log")
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
-    fig.suptitle("non-zero weights (log count); exact zeros are counted in the legend", fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
+            n = max(len(d["counts"]), 1)
+            bw = (d["hi"] - d["lo"]) / n
+            for i, c in enumerate(d["counts"]):
+                if not c:
+                    continue
+                x = x0 + cell_w * (d["lo"] + i * bw - lo) / span
+                h = ph * math.log10(c + 1) / ly
+                body.append(f'<rect x="{x:.1f}" y="{py0 + ph - h:.1f}" width="{max(cell_w * bw / span, 1):.1f}" '
+                            f'height="{h:.1f}" fill="{color}" fill-opacity="{alpha}"/>')
+            zeros = d["zeros"] / max(d["numel"], 1)
+            distinct = d.get("distinct")
+            captions.append(f"{label}: {zeros:.0%} zeros" + (f", {distinct} distinct values"
+                                                             if distinct is not None and distinct <= 256 else ""))
+        body.append(_text(x0, py0 + ph + 14, f"{lo:.3g}", size=10, fill="#555"))
+        body.append(_text(x0 + cell_w, py0 + ph + 14, f"{hi:.3g}", "end", size=10, fill="#555"))
+        body.append(_text(x0 + cell_w / 2, py0 + ph + 14, "; ".join(captions), "middle", size=10))
+    return _svg(width, height, body, "weight histograms before and after")
 
 
-def _graph_figure(g) -> tuple[str, str]:
-    """(html, how): Graphviz SVG when ``dot`` is installed, else a matplotlib drawing."""
-    dot = shutil.which("dot")
-    if dot:
-        try:
-            svg = subprocess.run([dot, "-Tsvg"], input=to_dot(g).encode(), capture_output=True,
-                                 timeout=120, check=True).stdout.decode()
-            return svg[svg.find("<svg"):], "Graphviz dot"
-        except (subprocess.SubprocessError, OSError):
-            pass
-    return _graph_matplotlib(g), "networkx + matplotlib (Graphviz not installed)"
+def _layer_passes(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Layer (module path) -> the pass that last rewrote it, from the graph's node metadata."""
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        p = node.meta.get("fxpress_pass")
+        if p and node.op in ("call_module", "get_attr"):
+            name = str(node.target)
+            out[name] = p
+            out[name.rsplit(".", 1)[0]] = out.get(name.rsplit(".", 1)[0], p)
+    return out
 
 
-def _graph_matplotlib(g) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import networkx as nx
+def _block_figure(gm: torch.fx.GraphModule, rows: list) -> tuple[str, str]:
+    """The model as the user wrote it: a box per top-level block, a row per layer (module
+    path, type, bits, sparsity, bytes), repeated blocks drawn once with "×N", rows coloured by
+    the pass that rewrote them."""
+    passes = _layer_passes(gm)
+    names = [r.name for r in rows if r.params or r.disk_bytes]
+    info = {r.name: r for r in rows}
+    colors = {}
+    for p in passes.values():
+        colors.setdefault(p, _PASS_PALETTE[len(colors) % len(_PASS_PALETTE)])
 
-    simple = nx.DiGraph(g)
-    for layer, nodes in enumerate(nx.topological_generations(simple)):
-        for n in nodes:
-            simple.nodes[n]["layer"] = layer
-    # layers run top to bottom: multipartite puts each generation at its own x; turn it
-    gens = [list(ns) for ns in nx.topological_generations(simple)]
-    pos = {n: (y, -x) for n, (x, y) in nx.multipartite_layout(simple, subset_key="layer").items()}
-    depth, width = len(gens), max(len(ns) for ns in gens)
-    fig, ax = plt.subplots(figsize=(min(3 + 2.2 * width, 16), min(1.5 + 0.7 * depth, 80)))
-    colors = pass_colors(g)
-    fill = [colors.get(d.get("pass"), "#e5e7eb" if d["op"] in ("placeholder", "output", "get_attr")
-                       else "#ffffff") for _, d in simple.nodes(data=True)]
-    big = simple.number_of_nodes() > 120
-    nx.draw_networkx_edges(simple, pos, ax=ax, arrows=not big, arrowsize=8, width=0.6,
-                           edge_color="#9ca3af")
-    nx.draw_networkx_nodes(simple, pos, ax=ax, node_color=fill, edgecolors="#374151",
-                           node_size=60 if big else 900, node_shape="s", linewidths=0.6)
-    labels = {n: (n if big else f"{n}\n{d['target'].split('.')[-1]}")
-              for n, d in simple.nodes(data=True) if not big or d.get("params")}
-    nx.draw_networkx_labels(simple, pos, labels, ax=ax, font_size=5 if big else 7)
-    for name, c in colors.items():
-        ax.scatter([], [], color=c, marker="s", label=f"changed by {name}")
-    if colors:
-        ax.legend(loc="upper right", fontsize=7)
-    ax.axis("off")
-    return _png(fig)
+    def sig(n: str):  # the structure of a layer: what it is, how big, which pass rewrote it
+        r = info[n]
+        return (r.type, r.params, passes.get(n, ""))
+
+    groups = _collapse(names, sig)
+    # top-level block: the label up to and including its repeat marker, or its first part
+    blocks: list[tuple[str, list[tuple[str, list[str]]]]] = []
+    for label, members in groups:  # consecutive layers under one parent form a block
+        if "]" in label:
+            head = label[:label.index("]") + 1]
+        else:
+            head = ".".join(label.split(".")[:-1][:2]) or label
+        if not blocks or blocks[-1][0] != head:
+            blocks.append((head, []))
+        blocks[-1][1].append((label, members))
+    row_h, head_h, gap = 20, 26, 22
+    inner = [label[len(head) + 1:] if label != head else label
+             for head, items in blocks for label, _ in items]
+    label_w = max(_CHAR_W * max((len(s) for s in inner), default=10) + 24, 160)
+    cols_w = [140, 60, 80, 90]  # type, bits, sparsity, bytes
+    width = 40 + label_w + sum(cols_w) + 40
+    height = 40 + sum(head_h + row_h * len(items) + gap for _, items in blocks) + 30
+    body, _ = _legend(40, 18, [(c, f"rewritten by {p}") for p, c in colors.items()]
+                      or [("#ffffff", "no pass rewrote a layer")])
+    y = 40
+    for b, (head, items) in enumerate(blocks):
+        reps = len(items[0][1])
+        box_h = head_h + row_h * len(items)
+        body.append(f'<rect x="30" y="{y}" width="{width - 60}" height="{box_h}" rx="6" fill="#f9fafb" '
+                    f'stroke="#6b7280"/>')
+        title = head + (f"   \u00d7{reps}" if "]" in head else "")
+        body.append(_text(40, y + 17, title, weight="bold", size=12))
+        hx = 40 + label_w
+        for w, h in zip(cols_w, ("type", "bits", "sparsity", "bytes")):
+            body.append(_text(hx + w - 8, y + 17, h + (" (all)" if h == "bytes" and "]" in head else ""),
+                              "end", size=10, fill="#555"))
+            hx += w
+        for i, (label, members) in enumerate(items):
+            rs = [info[n] for n in members]
+            r = rs[0]
+            ry = y + head_h + i * row_h
+            fill = colors.get(passes.get(members[0], ""), "#ffffff")
+            body.append(f'<rect x="36" y="{ry}" width="{width - 72}" height="{row_h - 2}" fill="{fill}" '
+                        f'fill-opacity="0.35" stroke="#d1d5db"/>')
+            short = label[len(head) + 1:] if label != head else label
+            body.append(_text(44, ry + 13, short))
+            bits = sorted({round(x.bits, 2) for x in rs})
+            sparsity = sum(x.sparsity for x in rs) / len(rs)
+            cells = [r.type, f"{bits[0]:g}" + (f"-{bits[-1]:g}" if len(bits) > 1 else ""),
+                     f"{sparsity:.0%}", human_bytes(sum(x.disk_bytes for x in rs))]
+            cx = 40 + label_w
+            for w, c in zip(cols_w, cells):
+                body.append(_text(cx + w - 8, ry + 13, c, "end"))
+                cx += w
+        if b < len(blocks) - 1:  # data flows to the next block
+            ax = width / 2
+            body.append(f'<line x1="{ax}" y1="{y + box_h}" x2="{ax}" y2="{y + box_h + gap - 4}" '
+                        f'stroke="#374151" stroke-width="1.2"/>'
+                        f'<path d="M{ax - 4},{y + box_h + gap - 9} L{ax},{y + box_h + gap - 2} '
+                        f'L{ax + 4},{y + box_h + gap - 9} Z" fill="#374151"/>')
+        y += box_h + gap
+    return _svg(width, height, body, "model layers by block"), (
+        f"{len(names)} layers in {len(blocks)} blocks; repeated blocks drawn once")
+
+
+_PASS_PALETTE = ("#2563eb", "#16a34a", "#d97706", "#db2777", "#7c3aed", "#0891b2", "#dc2626")
 
 
 def _plan_section(plan: dict) -> str:
@@ -221,30 +342,52 @@ def _plan_section(plan: dict) -> str:
 
 
 def _frontier_figure(front: dict, plan: dict) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Log-log scatter of predicted error against file size: uniform settings, the planner,
+    and the planner's measured rounds (SVG)."""
+    import math
 
-    fig, ax = plt.subplots(figsize=(7, 4))
     floor = 1e-9
     u, p = front["uniform"], front.get("planner") or []
-    ax.scatter([d["ratio"] for d in u], [max(d["predicted_error"], floor) for d in u],
-               color="#9ca3af", label="uniform settings (predicted)")
+    att = [a for a in (plan.get("attempts") or []) if a.get("drop") is not None]
+    pts = ([(d["ratio"], max(d["predicted_error"], floor)) for d in u + p]
+           + [(a["ratio"], max(a["drop"], floor)) for a in att])
+    pts = [(x, y) for x, y in pts if x and x > 0]
+    if not pts:
+        return '<p class="note">No frontier points.</p>'
+    lx = [math.log10(x) for x, _ in pts]
+    ly = [math.log10(y) for _, y in pts]
+    x0, x1 = min(lx), max(lx) if max(lx) > min(lx) else min(lx) + 1
+    y0, y1 = min(ly), max(ly) if max(ly) > min(ly) else min(ly) + 1
+    left, top, w, h = 70, 40, 560, 300
+    width = left + w + 230
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + w * (math.log10(x) - x0) / (x1 - x0),
+                top + h - h * (math.log10(max(y, floor)) - y0) / (y1 - y0))
+
+    body, _ = _legend(left, 18, [("#9ca3af", "uniform settings (predicted)"),
+                                 ("#2563eb", "planner (predicted)"),
+                                 ("#dc2626", "planner rounds (measured drop)")])
+    body.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#9ca3af"/>')
     for d in u:
-        ax.annotate(d["setting"][:28], (d["ratio"], max(d["predicted_error"], floor)), fontsize=6)
-    ax.plot([d["ratio"] for d in p], [max(d["predicted_error"], floor) for d in p], "o-",
-            color="#2563eb", label="planner at the same sizes (predicted)")
-    att = plan.get("attempts") or []
-    if att and all(a.get("drop") is not None for a in att):
-        ax.scatter([a["ratio"] for a in att], [max(a["drop"], floor) for a in att], marker="*",
-                   s=90, color="#dc2626", label="planner rounds (measured drop)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("file size / fp32 file")
-    ax.set_ylabel("error (sum of layers' errors alone)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _png(fig)
+        cx, cy = at(d["ratio"], d["predicted_error"])
+        body.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="#9ca3af"/>')
+        body.append(_text(cx + 6, cy - 4, str(d["setting"])[:28], size=9, fill="#374151"))
+    line = [at(d["ratio"], d["predicted_error"]) for d in p]
+    if line:
+        body.append('<polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="'
+                    + " ".join(f"{x:.1f},{y:.1f}" for x, y in line) + '"/>')
+        body += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="#2563eb"/>' for x, y in line]
+    for a in att:
+        cx, cy = at(a["ratio"], a["drop"])
+        body.append(f'<rect x="{cx - 5:.1f}" y="{cy - 5:.1f}" width="10" height="10" fill="#dc2626"/>')
+    body.append(_text(left, top + h + 16, f"{10 ** x0:.3g}", size=10, fill="#555"))
+    body.append(_text(left + w, top + h + 16, f"{10 ** x1:.3g}", "end", size=10, fill="#555"))
+    body.append(_text(left + w / 2, top + h + 30, "file size / fp32 file (log)", "middle", size=10))
+    body.append(_text(left - 6, top + 10, f"{10 ** y1:.2g}", "end", size=10, fill="#555"))
+    body.append(_text(left - 6, top + h, f"{10 ** y0:.2g}", "end", size=10, fill="#555"))
+    body.append(_text(left - 6, top + h / 2, "error (log)", "end", size=10))
+    return _svg(width, top + h + 44, body, "predicted size/error frontier")
 
 
 def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpress report",
@@ -277,21 +420,24 @@ def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpre
     rest = file_bytes - sum(r.disk_bytes for r in rows)
     lrows.append(["<i>header: graph, modules, tensor table</i>", "", "", "", "", "",
                   human_bytes(rest), f"{rest / total:.1%}"])
-    parts.append("<h2>Layers</h2>" + _table(["layer", "type", "params", "sparsity", "bits",
-                                             "memory", "on disk", "share of file"], lrows, left=2))
+    table = _table(["layer", "type", "params", "sparsity", "bits", "memory", "on disk",
+                    "share of file"], lrows, left=2)
+    parts.append("<h2>Layers</h2>" + (table if len(lrows) <= 30 else
+                                      f"<details><summary>{len(lrows)} rows (every layer, "
+                                      f"repeats included)</summary>{table}</details>"))
     before_bytes = {r["name"]: r["disk_bytes"] for r in baseline.get("layers", [])}
     after_bytes = {r.name: r.disk_bytes for r in rows}
     note = "" if before_bytes else '<p class="note">No baseline embedded: bars show this ' \
                                    'artifact only.</p>'
     parts.append("<h2>Bytes per layer, before and after</h2>" + note +
-                 f'<div class="figure" id="bytes">{_bytes_figure(before_bytes, after_bytes)}</div>')
+                 f'<div class="figure" id="bytes">{_bytes_figure(before_bytes, after_bytes, {r.name: r.params for r in rows})}</div>')
     parts.append("<h2>Weight histograms, before and after</h2>"
                  f'<div class="figure" id="histograms">'
                  f'{_hist_figure(baseline.get("histograms", {}), histograms(gm))}</div>')
     if report.get("plan"):
         parts.append("<h2>Plan: per-layer choices</h2>" + _plan_section(report["plan"]))
-    drawing, how = _graph_figure(g)
-    parts.append(f"<h2>Graph</h2><p class=\"note\">Drawn with {_esc(how)}; nodes a pass changed are "
+    drawing, how = _block_figure(gm, rows)
+    parts.append(f"<h2>Model</h2><p class=\"note\">{_esc(how)}; rows a pass rewrote are "
                  f"coloured by pass.</p><div class=\"figure graph\" id=\"graph\">{drawing}</div>")
     if header.get("dropped"):
         parts.append("<p class='note'>Not stored: " + _esc("; ".join(header["dropped"])) + "</p>")
