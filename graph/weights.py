@@ -2,17 +2,21 @@
 
 A weighted op appears in three forms, depending on how the model was captured:
 
-* ``call_module`` on ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` (and transformers'
-  ``Conv1D``, a linear stored transposed), from ``torch.fx.symbolic_trace``;
-* ``call_function`` on ``F.linear``, ``F.conv1d/2d/3d``, ``F.embedding`` with a ``get_attr``
-  weight, from symbolic tracing of functional code;
+* ``call_module`` on ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
+  ``nn.Embedding`` (and transformers' ``Conv1D``, a linear stored transposed), from
+  ``torch.fx.symbolic_trace``; a module called more than once is one op (``op.calls``);
+* ``call_function`` on ``F.linear``, ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``,
+  ``F.embedding`` with a ``get_attr`` weight, from symbolic tracing of functional code;
 * ATen ops from ``torch.export`` (``aten.linear``, ``aten.addmm`` with a parameter,
-  ``aten.conv1d/2d/3d``, ``aten.convolution``, ``aten.embedding``).
+  ``aten.conv1d/2d/3d``, ``aten.conv_transpose*``, ``aten.convolution``, ``aten.embedding``).
 
 :func:`weighted_ops` yields a :class:`WeightedOp` for each, with one way to read the weight
-(always ``[out, in, *kernel]``, or ``[num, dim]`` for embeddings), to replace it
+(always ``[out, in, *kernel]``, or ``[num, dim]`` for embeddings; a transposed conv's
+``[in, out/groups, *k]`` is presented output-channel first), to replace it
 (:meth:`WeightedOp.set_weight`) and to swap the op for a runtime module
 (:meth:`WeightedOp.replace_with`). Passes never pattern-match ``nn.Linear`` themselves.
+Weights that a fused module or op reads inside one call (LSTM/GRU gates,
+``nn.MultiheadAttention``) are :func:`fused_weights`: rewritable in place, never replaceable.
 
 Tensors are replaced, never written in place: graphs inside a pipeline share tensors
 with the graph before them (see ``clone_structure``). The modules a pass writes into a
