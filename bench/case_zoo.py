@@ -1,7 +1,7 @@
 """The zoo matrix: every zoo architecture through every built-in pass, then save and load
 in this process and in a fresh one (``tests/zoo.py``, ``tests/zoo_matrix.py``).
 
-    python -m bench zoo              # the full matrix (zoo + held-out models), ~10 min
+    python -m bench zoo              # the full matrix (zoo + held-out models), ~15 min
     python -m bench zoo --readme     # ... and write the zoo table into README.md
     python -m bench zoo --quick      # a few models
     python -c "from bench import case_zoo; case_zoo.update_readme()"   # README from bench/zoo.json
