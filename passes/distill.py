@@ -32,6 +32,9 @@ from fxpress.graph.capture import capture, clone_structure
 from fxpress.graph.runtime import RuntimeModule
 from fxpress.passes.base import EXACT, Pass, PassContext, PassResult, PassTraits, Tolerance, option
 
+#: learning-rate schedules (the trainer's TrainConfig checks the same list)
+SCHEDULES = ("cosine", "constant", "plateau")
+
 TAPS_CONTAINER = "fxpress_taps"
 
 
@@ -293,23 +296,41 @@ def _tap_node(gm: torch.fx.GraphModule, node: torch.fx.Node, name: str) -> None:
 RECOVERY = Tolerance(min_top1=0.95, min_accuracy_ratio=0.99, against="reference")
 
 
-class Distill(Pass):
-    """Insert distillation taps; with ``epochs > 0``, also fine-tune against the original model.
+#: The most epochs a recovery step trains when ``epochs`` is not given (early stopping
+#: usually ends it sooner).
+AUTO_EPOCHS = 60
+_NONE = type(None)
 
-    ``distill{taps=[layers.*]}`` only inserts taps and is held to exactness (rel. L2 ≤ 1e-6).
-    ``distill{epochs=5,lr=1e-3}`` is a recovery step: it distils the caller's model into the
-    compressed graph on ``train_data`` and is verified against the original model on task
-    metrics (top-1 agreement ≥ 0.95, accuracy ratio on labelled batches ≥ 0.99).
+
+class Distill(Pass):
+    """Recover accuracy by distilling the original model into the compressed graph; or
+    only insert taps.
+
+    ``distill`` with ``train_data`` is a recovery step that needs no tuning: it holds out
+    10% of the batches, picks its learning rate with a short range test, trains (KD + CE)
+    until the held-out loss stops improving (at most 60 epochs) and keeps the best
+    epoch's weights. It is verified against the original model on task metrics (top-1
+    agreement ≥ 0.95, accuracy ratio on labelled batches ≥ 0.99). Without ``train_data``
+    it only inserts taps (unless a lossy step before it waits for its recovery: then the
+    data is missing). ``distill{epochs=0}`` / ``distill{taps=[layers.*]}`` insert taps
+    and are held to exactness (rel. L2 ≤ 1e-6).
     """
 
     name = "distill"
-    summary = ("Insert identity taps for feature distillation; with epochs>0, recover accuracy by "
-               "distilling the original model into the compressed graph (KD + CE + tap MSE).")
+    summary = ("Recover accuracy by distilling the original model into the compressed graph "
+               "(KD + CE, held-out early stopping, automatic learning rate); without train_data "
+               "or with epochs=0, only insert identity taps.")
     traits = PassTraits(tolerance=RECOVERY, runtime_modules=(Tap,))
 
     taps = option([], "globs over module paths or node names to tap (default: each top-level block)")
-    epochs = option(0, "training epochs over train_data; 0 only inserts taps", low=0)
-    lr = option(1e-3, "learning rate", low=0.0, low_open=True)
+    epochs = option(None, "most training epochs (default: up to 60 with early stopping when "
+                    "train_data is given); 0 only inserts taps", type=(int, _NONE), low=0)
+    lr = option(None, "learning rate (default: chosen by a learning-rate range test)",
+                type=(float, _NONE), low=0.0, low_open=True)
+    holdout = option(0.1, "fraction of the train_data batches held out for early stopping "
+                     "(0: train every epoch, keep the last)", low=0.0, high=0.5)
+    patience = option(8, "stop after this many epochs without a better held-out loss "
+                      "(0: never stop early)", low=0)
     temperature = option(4.0, "softmax temperature T of the KL term (scaled by T²)", low=0.0,
                          low_open=True)
     alpha = option(0.5, "weight of the KL term; 1-alpha weighs cross-entropy on labels", low=0.0,
@@ -318,31 +339,41 @@ class Distill(Pass):
     output_loss = option("kl", "'kl' on softened logits, or 'mse' on raw outputs (embeddings)",
                          choices=("kl", "mse"))
     optimizer = option("adam", "optimizer", choices=("adam", "sgd"))
-    schedule = option("cosine", "learning-rate schedule", choices=("cosine", "constant"))
+    schedule = option("cosine", "learning-rate schedule over the epochs", choices=SCHEDULES)
     weight_decay = option(0.0, "weight decay", low=0.0)
 
+    TRAINING = ("lr", "holdout", "patience", "temperature", "alpha", "beta", "output_loss",
+                "optimizer", "schedule", "weight_decay")
+
     def check_options(self) -> None:
-        training = ("lr", "temperature", "alpha", "beta", "output_loss", "optimizer", "schedule",
-                    "weight_decay")
         if self.epochs == 0:
-            given = [k for k in training if k in self._given]
+            given = [k for k in self.TRAINING if k in self._given]
             if given:
-                raise OptionError(self.name, given[0], "only applies when training; add epochs=N")
+                raise OptionError(self.name, given[0], "only applies when training; drop epochs=0")
 
     def configure_traits(self, traits: PassTraits) -> PassTraits:
         if self.epochs == 0:  # taps only: exact, and no tensor is written
             return dataclasses.replace(traits, tolerance=EXACT, replaces_tensors=True)
-        # training recovers accuracy, needs data and writes weights in place
-        return dataclasses.replace(traits, recovers=True, needs=("train_data",))
+        # training recovers accuracy and writes weights in place; epochs=None trains when
+        # the run has train_data (and only inserts taps without it), so it needs none
+        return dataclasses.replace(traits, recovers=True,
+                                   needs=("train_data",) if self.epochs else ())
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        training = self.epochs != 0 and ctx.train_data is not None
+        if self.epochs is None and ctx.train_data is None:
+            waiting = [r.index for r in ctx.history if getattr(r, "status", "") == "deferred"]
+            if waiting:
+                raise MissingDataError(self.name, f"recovers the lossy step(s) #{waiting} before "
+                                       "it and needs train_data=[(x, y), ...]; give it, or write "
+                                       "distill{epochs=0} to only insert taps")
         before = len(tap_modules(gm))
         names: list[str] = []
-        if self.taps or self.epochs == 0 or self.beta > 0:
+        if self.taps or not training or self.beta > 0:
             names = insert_taps(gm, self.taps or None, pass_name=self.name)
         added = len(tap_modules(gm)) - before
         stats: dict[str, Any] = {"taps": names, "inserted": added}
-        if self.epochs == 0:
+        if not training:
             return PassResult(gm, changed=added > 0, stats=stats)
 
         data = ctx.require(self.name, "train_data")
@@ -362,14 +393,16 @@ class Distill(Pass):
             pairs = {n: n for n in names}
         # a batch longer than the model's inputs ends with a label; shorter ones (a transfer
         # set the teacher labels) get the KL term alone, so the two kinds may be mixed
-        from fxpress.passes.distill_train import Distiller  # the trainer imports the taps
+        from fxpress.passes.distill_train import Distiller, TrainConfig  # they import the taps
 
         distiller = Distiller(teacher, gm, pairs=pairs, temperature=self.temperature,
                               alpha=self.alpha, beta=self.beta, output_loss=self.output_loss,
                               inputs=len(ctx.example_inputs))
-        history = distiller.fit(data, self.epochs, self.lr, optimizer=self.optimizer,
-                                weight_decay=self.weight_decay, schedule=self.schedule, seed=ctx.seed,
-                                progress=ctx.progress)
+        config = TrainConfig(epochs=self.epochs or AUTO_EPOCHS, lr=self.lr,
+                             optimizer=self.optimizer, weight_decay=self.weight_decay,
+                             schedule=self.schedule, holdout=self.holdout, patience=self.patience,
+                             seed=ctx.seed, progress=ctx.progress)
+        history = distiller.fit(data, config=config)
         stats.update(history.as_dict())
         return PassResult(distiller.student, changed=True, stats=stats)
 

@@ -105,3 +105,76 @@ def in_step(batches: Iterator[Any], d: Dist, device: torch.device) -> Iterator[A
         if int(flag.item()) == 0:
             return
         yield b
+
+
+# -- held-out batches ---------------------------------------------------------------------------
+
+class Picked:
+    """The batches of a sequence at ``indices``, in order (a view: nothing is copied)."""
+
+    def __init__(self, data: Any, indices: list[int]):
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data[self.indices[i]]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.data[i] for i in self.indices)
+
+
+class EveryNth:
+    """Every ``n``-th batch of a re-iterable (``keep=True``), or all the others."""
+
+    def __init__(self, data: Any, n: int, keep: bool):
+        self.data, self.n, self.keep = data, n, keep
+
+    def __iter__(self) -> Iterator[Any]:
+        return (b for i, b in enumerate(self.data) if (i % self.n == self.n - 1) == self.keep)
+
+
+def split_holdout(data: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
+    """(training batches, held-out batches): about ``fraction`` of the batches held out.
+
+    Deterministic for a seed, and it draws from its own ``torch.Generator`` (the global
+    random state is never touched). A sequence of batches loses a random subset of
+    batches; a DataLoader over a sized dataset is split by examples into two loaders of
+    the same settings; any other iterable holds out every ``round(1/fraction)``-th batch.
+    Fewer than four batches, or ``fraction == 0``: nothing is held out (``None``).
+    """
+    from torch.utils.data import DataLoader, RandomSampler, random_split
+
+    if fraction <= 0:
+        return data, None
+    g = torch.Generator().manual_seed(int(seed) + 7919)  # not the shuffle's stream
+    if isinstance(data, DataLoader):
+        try:
+            n = len(data.dataset)  # type: ignore[arg-type]
+            batches = len(data)
+        except TypeError:
+            n = batches = 0
+        if batches >= 4 and data.batch_size is not None:
+            k = max(1, round(fraction * n))
+            train_set, held_set = random_split(data.dataset, [n - k, k], generator=g)
+            common = dict(batch_size=data.batch_size, num_workers=data.num_workers,
+                          collate_fn=data.collate_fn, pin_memory=data.pin_memory)
+            shuffle = isinstance(data.sampler, RandomSampler)
+            return (DataLoader(train_set, shuffle=shuffle, drop_last=data.drop_last, **common),
+                    DataLoader(held_set, shuffle=False, **common))
+        if batches and batches < 4:
+            return data, None
+    elif hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, torch.Tensor):
+        n = len(data)
+        if n < 4:
+            return data, None
+        k = min(max(1, round(fraction * n)), n - 1)
+        held = sorted(torch.randperm(n, generator=g)[:k].tolist())
+        chosen = set(held)
+        return Picked(data, [i for i in range(n) if i not in chosen]), Picked(data, held)
+    every = max(2, round(1 / fraction))
+    need = max(4, every)  # at least one held-out batch and three to train on
+    if sum(1 for _ in zip(range(need), iter(data))) < need:
+        return data, None
+    return EveryNth(data, every, keep=False), EveryNth(data, every, keep=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -32,47 +32,64 @@ from torch.utils import _pytree as pytree
 from fxpress.errors import InputError, MissingDataError
 from fxpress.graph.capture import capture, clone_structure, eval_mode
 from fxpress.graph.runtime import compressed_modules
-from fxpress.passes.distill import collect, insert_taps, tap_modules
-from fxpress.passes.distill_data import Dist, distributed, epoch_batches, in_step, steps_per_rank
+from fxpress.passes.distill import SCHEDULES, collect, insert_taps, tap_modules
+from fxpress.passes.distill_data import (Dist, distributed, epoch_batches, in_step, split_holdout,
+                                         steps_per_rank)
+from fxpress.passes.distill_tuning import BestState, RangeTest, Snapshot, lr_range_test
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How :meth:`Distiller.fit` trains: one object instead of a long parameter list.
 
+    ``epochs``: the most epochs. ``lr``: the learning rate; ``None`` chooses it with a
+    short learning-rate range test (:func:`~fxpress.passes.distill_tuning.lr_range_test`).
     ``optimizer``: "adam" or "sgd" (momentum 0.9). ``schedule``: "cosine" anneals the
-    learning rate to zero over the run (per batch; per epoch for an iterable of unknown
-    length), "constant" keeps it. ``device``: where to train (default: the student's
-    device; under torchrun with one GPU per rank, ``cuda:LOCAL_RANK``). ``progress``:
-    True shows a bar, None only on a terminal, False never.
+    rate to zero over ``epochs`` (per batch; per epoch for an iterable of unknown length),
+    "plateau" halves it when the held-out loss stalls, "constant" keeps it.
+    ``holdout``: the fraction of the batches held out (a deterministic split from
+    ``seed``) and evaluated after every epoch; the weights of the epoch with the lowest
+    held-out loss are restored at the end. ``patience``: stop after this many epochs
+    without a better held-out loss (0: run every epoch). ``device``: where to train
+    (default: the student's device; under torchrun with one GPU per rank,
+    ``cuda:LOCAL_RANK``). ``progress``: True shows a bar, None only on a terminal.
     """
 
     epochs: int = 5
-    lr: float = 1e-3
+    lr: float | None = 1e-3
     optimizer: str = "adam"
     weight_decay: float = 0.0
     schedule: str = "cosine"
+    holdout: float = 0.0
+    patience: int = 0
     seed: int = 0
     progress: bool | None = True
     device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> InputError:
+            return InputError(f"Distiller.fit: {name} {why}, got {getattr(self, name)!r}")
+
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise InputError(f"Distiller.fit: epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise InputError(f"Distiller.fit: lr must be > 0, got {self.lr}")
+            raise bad("epochs", "must be >= 1")
+        if self.lr is not None and not self.lr > 0:
+            raise bad("lr", "must be > 0 (or None: chosen by a range test)")
         if self.optimizer not in ("adam", "sgd"):
-            raise InputError(f"Distiller.fit: optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise InputError(f"Distiller.fit: schedule must be 'cosine' or 'constant', got "
-                             f"{self.schedule!r}")
+            raise bad("optimizer", "must be 'adam' or 'sgd'")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"must be one of {SCHEDULES}")
+        if not 0 <= self.holdout < 1:
+            raise bad("holdout", "must satisfy 0 <= holdout < 1")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise bad("patience", "must be an int >= 0")
 
-
-# -- the trainer ------------------------------------------------------------------------------
 
 @dataclass
 class History:
-    """What :meth:`Distiller.fit` did: one dict per epoch (mean losses, steps, seconds).
+    """What :meth:`Distiller.fit` did: one dict per epoch (mean training losses, the
+    learning rate, held-out loss/accuracy/agreement when data was held out, steps,
+    seconds), the rate used (and the range test's curve when it chose it), the epoch
+    whose weights were kept and whether training stopped early.
 
     Losses are averaged over every rank, so each rank holds the same history.
     """
@@ -81,6 +98,11 @@ class History:
     world_size: int = 1
     trained_parameters: int = 0
     kept_zeros: int = 0
+    holdout_batches: int = 0
+    lr: float = 0.0
+    lr_test: RangeTest | None = None
+    best_epoch: int = 0
+    stopped_early: bool = False
 
     @property
     def loss(self) -> list[float]:
@@ -94,7 +116,10 @@ class History:
 
     def as_dict(self) -> dict:
         return {"epochs": self.epochs, "world_size": self.world_size,
-                "trained_parameters": self.trained_parameters, "kept_zeros": self.kept_zeros}
+                "trained_parameters": self.trained_parameters, "kept_zeros": self.kept_zeros,
+                "holdout_batches": self.holdout_batches, "lr": self.lr,
+                "lr_test": self.lr_test.as_dict() if self.lr_test else None,
+                "best_epoch": self.best_epoch, "stopped_early": self.stopped_early}
 
 
 class FeatureProjection(nn.Module):
@@ -310,10 +335,11 @@ class Distiller:
             out.append(FeatureProjection(d, s.shape[d], t.shape[d]))
         return out
 
-    def fit(self, train_data: Iterable[Any], epochs: int = 5, lr: float = 1e-3, *,
+    def fit(self, train_data: Iterable[Any], epochs: int = 5, lr: float | None = 1e-3, *,
             optimizer: str = "adam", weight_decay: float = 0.0, schedule: str = "cosine",
-            seed: int = 0, progress: bool | None = True,
-            device: str | torch.device | None = None, config: TrainConfig | None = None) -> History:
+            holdout: float = 0.0, patience: int = 0, seed: int = 0,
+            progress: bool | None = True, device: str | torch.device | None = None,
+            config: TrainConfig | None = None) -> History:
         """Train the student for ``epochs`` passes over ``train_data``; return the history.
 
         ``train_data``: a list of batches, a DataLoader, or any re-iterable of batches.
@@ -322,7 +348,8 @@ class Distiller:
         """
         cfg = config if config is not None else TrainConfig(
             epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-            schedule=schedule, seed=seed, progress=progress, device=device)
+            schedule=schedule, holdout=holdout, patience=patience, seed=seed, progress=progress,
+            device=device)
         first = next(iter(train_data), None)
         if first is None:
             raise MissingDataError("distill", "train_data is empty; pass batches of (inputs..., label)")
@@ -336,7 +363,6 @@ class Distiller:
                 dist.destroy_process_group()
 
     def _fit(self, data: Any, first: Any, cfg: TrainConfig, d: Dist) -> History:
-        torch.manual_seed(cfg.seed)
         x0, y0 = self._split(first)
         if self.pairs:
             self.student = self._tapped(self.student, [s for s, _ in self.pairs], x0)
@@ -357,32 +383,40 @@ class Distiller:
         flags = [(p, p.requires_grad) for p in student.parameters()]
         hooked: list[nn.Parameter] = []
         started: list = []
-        try:
-            for _, m in compressed:
-                hooked += list(m.begin_training())
-                started.append(m)
-            # a compressed module's own tensors train only if its hook returned them
-            owned = {id(p) for _, m in compressed for p in m.parameters()}
-            plain = [p for p in student.parameters() if id(p) not in owned and p.is_floating_point()]
-            for p in student.parameters():
-                p.requires_grad_(False)
-            trainable = list({id(p): p for p in plain + hooked}.values())
-            for p in trainable:
-                p.requires_grad_(True)
-            run = _Run(student, teacher, data, _to(x0, device), _to(y0, device), device, d)
-            history = self._loop(run, trainable, plain, cfg)
-        finally:
-            for m in started:
-                m.end_training()
-            for p, f in flags:
-                p.requires_grad_(f)
-            student.to(home)
+        # the caller's random state is theirs: projections' init, dropout and a
+        # DataLoader's shuffle draw from a forked state seeded with cfg.seed
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(torch.Generator().manual_seed(cfg.seed).get_state())
+            if cuda:
+                torch.cuda.set_rng_state(torch.Generator().manual_seed(cfg.seed).get_state(), device)
+            try:
+                for _, m in compressed:
+                    hooked += list(m.begin_training())
+                    started.append(m)
+                # a compressed module's own tensors train only if its hook returned them
+                owned = {id(p) for _, m in compressed for p in m.parameters()}
+                plain = [p for p in student.parameters() if id(p) not in owned and p.is_floating_point()]
+                for p in student.parameters():
+                    p.requires_grad_(False)
+                trainable = list({id(p): p for p in plain + hooked}.values())
+                for p in trainable:
+                    p.requires_grad_(True)
+                run = _Run(student, teacher, data, _to(x0, device), _to(y0, device), device, d)
+                history = self._loop(run, trainable, plain, cfg)
+            finally:
+                for m in started:
+                    m.end_training()
+                for p, f in flags:
+                    p.requires_grad_(f)
+                student.to(home)
         return history
 
-    def _loop(self, run: "_Run", trainable: list[nn.Parameter], plain: list[nn.Parameter],
-              cfg: TrainConfig) -> History:
-        student, teacher, data, device, d = run.student, run.teacher, run.data, run.device, run.d
-        x0, y0d = run.x0, run.y0
+    def _prepare(self, run: "_Run", trainable: list[nn.Parameter],
+                 plain: list[nn.Parameter]) -> tuple["_Trainee", list[nn.Parameter], dict]:
+        """The trainee (student + projections), the parameters that reach the loss, and the
+        masks of plain weights that must stay zero."""
+        student, teacher, device, x0 = run.student, run.teacher, run.device, run.x0
         s_names = [s for s, _ in self.pairs]
         with torch.no_grad(), eval_mode(teacher), eval_mode(student), \
                 collect(teacher) as t_acts, collect(student) as s_acts:
@@ -399,83 +433,169 @@ class Distiller:
             with torch.no_grad():
                 t_out = teacher(*x0)
             s_out, s_feats = trainee(*x0)
-            self.loss(s_out, t_out, y0d, s_feats, t_acts)[0].backward()
+            self.loss(s_out, t_out, run.y0, s_feats, t_acts)[0].backward()
         params = [p for p in trainee.parameters() if p.requires_grad]
-        unused = [p for p in params if p.grad is None]
-        for p in unused:
-            p.requires_grad_(False)
+        for p in params:
+            if p.grad is None:
+                p.requires_grad_(False)
         params = [p for p in params if p.grad is not None]
         for p in params:
             p.grad = None
         if not params:
             raise InputError("distill: the student has no trainable parameter that reaches the loss")
         self.projections = list(trainee.projections)
-
         plain_ids = {id(p) for p in plain}
         masks = {p: p.detach() != 0 for p in params if self.keep_zeros and id(p) in plain_ids
                  and p.dim() >= 2 and not bool((p != 0).all())}
+        return trainee, params, masks
+
+    def _step(self, run: "_Run", model: nn.Module, opt: torch.optim.Optimizer, masks: dict,
+              batch: Any) -> dict[str, float]:
+        """One optimizer step on ``batch``; the loss parts."""
+        x, y = self._split(batch)
+        x, y = _to(x, run.device), _to(y, run.device)
+        with torch.no_grad(), eval_mode(run.teacher), collect(run.teacher) as t_acts:
+            t_out = run.teacher(*x)
+        s_out, s_feats = model(*x)
+        loss, parts = self.loss(s_out, t_out, y, s_feats, t_acts)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p, m in masks.items():  # pruned weights get no update...
+            if p.grad is not None:
+                p.grad.mul_(m)
+        opt.step()
+        with torch.no_grad():
+            for p, m in masks.items():  # ...and stay exactly zero
+                p.mul_(m)
+        return parts
+
+    def _loop(self, run: "_Run", trainable: list[nn.Parameter], plain: list[nn.Parameter],
+              cfg: TrainConfig) -> History:
+        trainee, params, masks = self._prepare(run, trainable, plain)
+        d, device = run.d, run.device
         model: nn.Module = trainee
         if d.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = (torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-               if cfg.optimizer == "adam"
-               else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
-
+        data, held = split_holdout(run.data, cfg.holdout, cfg.seed)
+        history = History(world_size=d.world, trained_parameters=sum(p.numel() for p in params),
+                          kept_zeros=sum(int((~m).sum()) for m in masks.values()),
+                          holdout_batches=_count(held))
+        state: dict = {}
+        lr = cfg.lr
+        if lr is None:
+            history.lr_test = self._range_test(run, model, trainee, params, masks, data, cfg, state)
+            lr = history.lr_test.chosen
+        history.lr = lr
+        opt = _optimizer(params, lr, cfg)
         steps = steps_per_rank(data, d)
-        sched = None
+        sched: Any = None
         if cfg.schedule == "cosine":
             # stepped per batch; an iterable of unknown length anneals per epoch instead
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * (steps or 1))
-        history = History(world_size=d.world, trained_parameters=sum(p.numel() for p in params),
-                          kept_zeros=sum(int((~m).sum()) for m in masks.values()))
+        elif cfg.schedule == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, factor=0.5, patience=max(1, cfg.patience // 2 if cfg.patience else 2))
+        best = BestState(trainee) if held is not None else None
         bar = _bar(cfg.epochs * steps if steps else None, cfg.progress and d.rank == 0)
-        state: dict = {}
         try:
-            for epoch in range(cfg.epochs):
+            for epoch in range(1, cfg.epochs + 1):
                 start = time.perf_counter()
                 sums: dict[str, float] = {}
                 counts: dict[str, int] = {}  # per part: "ce" only in labelled batches
                 n = 0
-                batches = in_step(iter(epoch_batches(data, epoch, cfg.seed, d, state)), d, device)
+                lr_now = opt.param_groups[0]["lr"]
+                batches = in_step(iter(epoch_batches(data, epoch - 1, cfg.seed, d, state)), d, device)
                 with _train_mode(trainee):
                     for batch in batches:
-                        x, y = self._split(batch)
-                        x, y = _to(x, device), _to(y, device)
-                        with torch.no_grad(), eval_mode(teacher), collect(teacher) as t_acts:
-                            t_out = teacher(*x)
-                        s_out, s_feats = model(*x)
-                        loss, parts = self.loss(s_out, t_out, y, s_feats, t_acts)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        for p, m in masks.items():  # pruned weights get no update...
-                            if p.grad is not None:
-                                p.grad.mul_(m)
-                        opt.step()
-                        if sched is not None and steps:
+                        parts = self._step(run, model, opt, masks, batch)
+                        if cfg.schedule == "cosine" and steps:
                             sched.step()
-                        with torch.no_grad():
-                            for p, m in masks.items():  # ...and stay exactly zero
-                                p.mul_(m)
                         for k, v in parts.items():
                             sums[k] = sums.get(k, 0.0) + v
                             counts[k] = counts.get(k, 0) + 1
                         n += 1
                         if bar is not None:
                             bar.update(1)
-                            bar.set_postfix(epoch=epoch + 1, loss=f"{parts['loss']:.4f}", refresh=False)
-                if sched is not None and not steps:
+                            bar.set_postfix(epoch=epoch, loss=f"{parts['loss']:.4f}", refresh=False)
+                if cfg.schedule == "cosine" and not steps:
                     sched.step()
                 record = self._reduce(sums, counts, n, d, device)
-                record.update(epoch=epoch + 1, seconds=time.perf_counter() - start)
+                record.update(epoch=epoch, lr=lr_now)
+                if held is not None:
+                    record.update(self._evaluate(run, trainee, held))
+                record["seconds"] = time.perf_counter() - start
                 history.epochs.append(record)
+                if cfg.schedule == "plateau":
+                    sched.step(record.get("val_loss", record["loss"]))
                 if bar is not None:  # one redraw per epoch with the epoch's mean loss
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.4f}")
+                    bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
+                if best is not None:
+                    best.update(epoch, record["val_loss"])
+                    if cfg.patience and best.since(epoch) >= cfg.patience and epoch < cfg.epochs:
+                        history.stopped_early = True
+                        break
         finally:
             if bar is not None:
                 bar.close()
+        if best is not None and best.epoch:
+            best.restore()
+            history.best_epoch = best.epoch
+        else:
+            history.best_epoch = len(history.epochs)
         return history
+
+    def _range_test(self, run: "_Run", model: nn.Module, trainee: nn.Module,
+                    params: list[nn.Parameter], masks: dict, data: Any, cfg: TrainConfig,
+                    state: dict) -> RangeTest:
+        """The learning-rate range test on the training batches; the weights are restored."""
+        snap = Snapshot(trainee)
+        opt = _optimizer(params, 1e-6, cfg)
+
+        def batches() -> Iterator[Any]:
+            for k in range(1_000_000):  # as many passes over the data as the test needs
+                yield from epoch_batches(data, -1 - k, cfg.seed, run.d, state)
+
+        it = in_step(batches(), run.d, run.device)
+
+        def step(lr: float) -> float:
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with _train_mode(trainee):
+                loss = self._step(run, model, opt, masks, next(it))["loss"]
+            return _mean_over_ranks(loss, run.d, run.device)
+
+        try:
+            return lr_range_test(step)
+        finally:
+            snap.restore()
+
+    def _evaluate(self, run: "_Run", trainee: "_Trainee", held: Any) -> dict[str, float]:
+        """Loss (and accuracy, agreement with the teacher) on the held-out batches."""
+        total = correct = agree = labelled = n = 0.0
+        with torch.no_grad(), eval_mode(trainee), eval_mode(run.teacher):
+            for batch in held:
+                x, y = self._split(batch)
+                x, y = _to(x, run.device), _to(y, run.device)
+                with collect(run.teacher) as t_acts:
+                    t_out = run.teacher(*x)
+                s_out, s_feats = trainee(*x)
+                total += self.loss(s_out, t_out, y, s_feats, t_acts)[1]["loss"]
+                n += 1
+                if self.output_loss == "kl":
+                    s, t = _first_float(s_out), _first_float(t_out)
+                    s, t = s.reshape(-1, s.shape[-1]).argmax(-1), t.reshape(-1, t.shape[-1]).argmax(-1)
+                    agree += float((s == t).float().mean())
+                    if y is not None:
+                        correct += float((s == y.reshape(-1)).float().sum())
+                        labelled += y.numel()
+        out = {"val_loss": total / n if n else float("nan")}
+        if self.output_loss == "kl" and n:
+            out["val_agreement"] = agree / n
+            if labelled:
+                out["val_accuracy"] = correct / labelled
+        return out
 
     @staticmethod
     def _reduce(sums: dict[str, float], counts: dict[str, int], n: int, d: Dist,
@@ -500,6 +620,32 @@ class Distiller:
         out["steps"] = local     # this rank's optimizer steps
         out["batches"] = n       # batches seen by all ranks together
         return out
+
+
+def _optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def _mean_over_ranks(value: float, d: Dist, device: torch.device) -> float:
+    if not d.active:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64,
+                     device=device if d.backend == "nccl" else torch.device("cpu"))
+    dist.all_reduce(t)
+    return float(t.item()) / d.world
+
+
+def _count(batches: Any) -> int:
+    if batches is None:
+        return 0
+    try:
+        return len(batches)
+    except TypeError:
+        return sum(1 for _ in batches)
 
 
 def _bar(total: int | None, enabled: bool | None):

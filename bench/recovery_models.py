@@ -1,0 +1,90 @@
+"""Digits classifiers that are not the demo's MLP, for the recovery benchmark
+(bench/case_recovery.py): another MLP width, a LeNet-5-width CNN and a small transformer
+encoder that reads the 8x8 image as 8 tokens of 8 pixels. All train on scikit-learn's
+digits with the same seeded Adam loop as the demo (examples/digits.train)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+import bench.common  # noqa: F401  (sets sys.path)
+
+
+class EncoderLayer(nn.Module):
+    """A post-norm transformer encoder layer (as ``nn.TransformerEncoderLayer``), written
+    out with ``nn.Linear`` projections so that tracing sees every weight (torch.fx keeps
+    ``torch.nn``'s own transformer modules whole, as leaves)."""
+
+    def __init__(self, d_model: int, heads: int, ff: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.out = nn.Linear(d_model, d_model)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.ff1, self.ff2 = nn.Linear(d_model, ff), nn.Linear(ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        split = lambda h: h.reshape(b, t, self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        a = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)),
+                                                             split(self.v(x)))
+        x = self.norm1(x + self.out(a.transpose(1, 2).reshape(b, t, c)))
+        return self.norm2(x + self.ff2(torch.relu(self.ff1(x))))
+
+
+class DigitsTransformer(nn.Module):
+    """A transformer encoder over the image's rows: 8 tokens of 8 pixels, a learned
+    position embedding, mean pooling and a linear head."""
+
+    def __init__(self, d_model: int = 64, heads: int = 4, layers: int = 2, ff: int = 128,
+                 classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(8, d_model)
+        self.pos = nn.Parameter(torch.zeros(1, 8, d_model))
+        self.layers = nn.ModuleList(EncoderLayer(d_model, heads, ff) for _ in range(layers))
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(-1, 8, 8)) + self.pos
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(1))
+
+
+def build(kind: str) -> nn.Module:
+    from examples.digits import DigitsCNN, DigitsMLP
+
+    if kind == "mlp-128-64":
+        return DigitsMLP(hidden=(128, 64))
+    if kind == "cnn-20-50-500":
+        return DigitsCNN(20, 50, 500)
+    if kind == "transformer-64x2":
+        return DigitsTransformer()
+    if kind == "mlp-256-256-128":
+        return DigitsMLP(hidden=(256, 256, 128))
+    raise KeyError(kind)
+
+
+#: the models the benchmark reports; HELD_OUT is run only for the final, separate check
+MODELS = ("mlp-128-64", "cnn-20-50-500", "transformer-64x2")
+HELD_OUT = ("mlp-256-256-128",)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(kind: str, seed: int) -> nn.Module:
+    from examples.digits import digits_data, train
+
+    torch.manual_seed(seed)
+    model = build(kind)
+    epochs = 40 if kind.startswith("mlp") else 30
+    return train(model, digits_data(), epochs=epochs, lr=1e-3 if kind.startswith("transformer") else 2e-3,
+                 seed=seed)
+
+
+def trained(kind: str, seed: int) -> nn.Module:
+    """A fresh copy of the seeded, trained model (trained once per process)."""
+    import copy
+
+    return copy.deepcopy(_trained(kind, seed))

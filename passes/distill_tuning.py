@@ -1,0 +1,119 @@
+"""What distill chooses by itself: the learning rate, when to stop, which state to keep.
+
+* :func:`lr_range_test` (Smith 2017, "Cyclical Learning Rates"): a few dozen optimizer
+  steps with the learning rate growing geometrically from ``lo`` to ``hi``; the loss
+  (smoothed) falls, bottoms out and blows up. The rate a tenth of the one at the bottom is
+  the largest that still trains steadily (fastai's ``lr_min``). The caller restores the
+  weights afterwards (:class:`Snapshot`), so the test costs time, not accuracy.
+* :class:`Snapshot`: a copy of every parameter and buffer of a module, restored in place
+  (optimizers keep their references).
+* :class:`BestState`: the snapshot of the epoch with the lowest held-out loss, and how
+  many epochs ago that was (early stopping's patience counter).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+class Snapshot:
+    """Every parameter and buffer of ``module`` as it is now; :meth:`restore` puts them back.
+
+    Tensors are restored in place, so an optimizer built on the parameters stays valid;
+    a tensor the module has replaced since (same name, same shape) is written as well.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        with torch.no_grad():
+            self.saved = {n: t.detach().clone() for n, t in _named_tensors(module)}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n, t in _named_tensors(self.module):
+                s = self.saved.get(n)
+                if s is not None and s.shape == t.shape:
+                    t.copy_(s)
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    for n, b in module.named_buffers():
+        if b is not None:
+            yield n, b
+
+
+@dataclass
+class BestState:
+    """The best epoch so far on the held-out loss, with its weights (early stopping)."""
+
+    module: nn.Module
+    min_delta: float = 1e-4     # relative: a loss must beat the best by this much to count
+    epoch: int = 0              # 1-based; 0 before the first evaluation
+    loss: float = math.inf
+    snapshot: Snapshot | None = None
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record epoch ``epoch``'s held-out loss; True (and a snapshot) if it is the best."""
+        if math.isfinite(loss) and loss < self.loss * (1 - self.min_delta):
+            self.epoch, self.loss = epoch, loss
+            self.snapshot = Snapshot(self.module)
+            return True
+        return False
+
+    def since(self, epoch: int) -> int:
+        """Epochs since the best one."""
+        return epoch - self.epoch
+
+    def restore(self) -> None:
+        if self.snapshot is not None:
+            self.snapshot.restore()
+
+
+@dataclass
+class RangeTest:
+    """The learning-rate range test's curve and the rate it chose."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)   # smoothed
+    chosen: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"lrs": self.lrs, "losses": self.losses, "chosen": self.chosen}
+
+
+def lr_range_test(step: Callable[[float], float], steps: int = 60, lo: float = 1e-6,
+                  hi: float = 1.0, beta: float = 0.8) -> RangeTest:
+    """Run ``step(lr) -> loss`` with ``lr`` growing from ``lo`` to ``hi``; pick a rate.
+
+    ``step`` takes one optimizer step at the given rate on the next batch and returns the
+    batch's loss. The test stops early when the smoothed loss exceeds four times its
+    minimum (or is not finite). The choice is a tenth of the rate at the smoothed minimum,
+    clipped to ``[10·lo, hi/10]``.
+    """
+    out = RangeTest()
+    gamma = (hi / lo) ** (1.0 / max(steps - 1, 1))
+    avg, best, best_i = 0.0, math.inf, 0
+    for i in range(steps):
+        lr = lo * gamma ** i
+        loss = step(lr)
+        if not math.isfinite(loss):
+            break
+        avg = beta * avg + (1 - beta) * loss
+        smooth = avg / (1 - beta ** (i + 1))
+        out.lrs.append(lr)
+        out.losses.append(smooth)
+        if smooth < best:
+            best, best_i = smooth, i
+        if i >= 5 and smooth > 4 * best:
+            break
+    pick = out.lrs[best_i] / 10 if out.lrs else lo * 10
+    out.chosen = float(min(max(pick, lo * 10), hi / 10))
+    return out
+
+
+__all__ = ["Snapshot", "BestState", "RangeTest", "lr_range_test"]
