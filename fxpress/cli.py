@@ -55,6 +55,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     pipe = fxpress.Pipeline.from_recipe(Path(args.recipe))
     recipe = pipe.recipe
+    if args.pipeline:  # pipeline text or a built-in recipe name instead of the recipe's passes
+        pipe.passes = fxpress.Pipeline.parse(args.pipeline).passes
     if args.policy:
         pipe.policy = args.policy
     if args.in_place:
@@ -204,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("run", help="run a TOML recipe and print the per-pass table")
     sr.add_argument("recipe")
     sr.add_argument("--policy", choices=("strict", "warn", "rollback"))
+    sr.add_argument("--pipeline", metavar="TEXT",
+                    help="run this pipeline text, or a built-in recipe such as deep-compression, "
+                         "instead of the recipe's passes (model and data still come from it)")
     sr.add_argument("--in-place", action="store_true",
                     help="rewrite one graph instead of a copy per pass: a weight copy less "
                          "in memory, no rollback")

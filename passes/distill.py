@@ -298,7 +298,7 @@ RECOVERY = Tolerance(min_top1=0.95, min_accuracy_ratio=0.99, against="reference"
 
 #: The most epochs a recovery step trains when ``epochs`` is not given (early stopping
 #: usually ends it sooner).
-AUTO_EPOCHS = 60
+AUTO_EPOCHS = 30
 _NONE = type(None)
 
 
@@ -308,7 +308,7 @@ class Distill(Pass):
 
     ``distill`` with ``train_data`` is a recovery step that needs no tuning: it holds out
     10% of the batches, picks its learning rate with a short range test, trains (KD + CE)
-    until the held-out loss stops improving (at most 60 epochs) and keeps the best
+    until the held-out loss stops improving (at most 30 epochs) and keeps the best
     epoch's weights. It is verified against the original model on task metrics (top-1
     agreement ≥ 0.95, accuracy ratio on labelled batches ≥ 0.99). Without ``train_data``
     it only inserts taps (unless a lossy step before it waits for its recovery: then the
@@ -323,13 +323,13 @@ class Distill(Pass):
     traits = PassTraits(tolerance=RECOVERY, runtime_modules=(Tap,))
 
     taps = option([], "globs over module paths or node names to tap (default: each top-level block)")
-    epochs = option(None, "most training epochs (default: up to 60 with early stopping when "
+    epochs = option(None, "most training epochs (default: up to 30 with early stopping when "
                     "train_data is given); 0 only inserts taps", type=(int, _NONE), low=0)
     lr = option(None, "learning rate (default: chosen by a learning-rate range test)",
                 type=(float, _NONE), low=0.0, low_open=True)
     holdout = option(0.1, "fraction of the train_data batches held out for early stopping "
                      "(0: train every epoch, keep the last)", low=0.0, high=0.5)
-    patience = option(8, "stop after this many epochs without a better held-out loss "
+    patience = option(5, "stop after this many epochs without a better held-out loss "
                       "(0: never stop early)", low=0)
     temperature = option(4.0, "softmax temperature T of the KL term (scaled by T²)", low=0.0,
                          low_open=True)

@@ -2,9 +2,12 @@
 
 * :func:`lr_range_test` (Smith 2017, "Cyclical Learning Rates"): a few dozen optimizer
   steps with the learning rate growing geometrically from ``lo`` to ``hi``; the loss
-  (smoothed) falls, bottoms out and blows up. The rate a tenth of the one at the bottom is
-  the largest that still trains steadily (fastai's ``lr_min``). The caller restores the
-  weights afterwards (:class:`Snapshot`), so the test costs time, not accuracy.
+  (smoothed) falls, bottoms out and blows up. A tenth of the largest rate before it
+  climbs clearly above its minimum trains steadily (fastai's ``lr_min`` is a tenth of the
+  rate at the minimum; taking the edge of the valley instead keeps the choice sane when
+  the curve is flat, as it is for a model that is already nearly right). The caller
+  restores the weights afterwards (:class:`Snapshot`), so the test costs time, not
+  accuracy.
 * :class:`Snapshot`: a copy of every parameter and buffer of a module, restored in place
   (optimizers keep their references).
 * :class:`BestState`: the snapshot of the epoch with the lowest held-out loss, and how
@@ -87,13 +90,14 @@ class RangeTest:
 
 
 def lr_range_test(step: Callable[[float], float], steps: int = 60, lo: float = 1e-6,
-                  hi: float = 1.0, beta: float = 0.8) -> RangeTest:
+                  hi: float = 1.0, beta: float = 0.8, valley: float = 1.25) -> RangeTest:
     """Run ``step(lr) -> loss`` with ``lr`` growing from ``lo`` to ``hi``; pick a rate.
 
     ``step`` takes one optimizer step at the given rate on the next batch and returns the
     batch's loss. The test stops early when the smoothed loss exceeds four times its
-    minimum (or is not finite). The choice is a tenth of the rate at the smoothed minimum,
-    clipped to ``[10·lo, hi/10]``.
+    minimum (or is not finite). The choice is a tenth of the largest rate, from the
+    minimum on, whose smoothed loss stays within ``valley`` times the minimum, clipped to
+    ``[10·lo, hi/10]``.
     """
     out = RangeTest()
     gamma = (hi / lo) ** (1.0 / max(steps - 1, 1))
@@ -111,7 +115,10 @@ def lr_range_test(step: Callable[[float], float], steps: int = 60, lo: float = 1
             best, best_i = smooth, i
         if i >= 5 and smooth > 4 * best:
             break
-    pick = out.lrs[best_i] / 10 if out.lrs else lo * 10
+    edge = best_i
+    while edge + 1 < len(out.losses) and out.losses[edge + 1] <= best * valley:
+        edge += 1
+    pick = out.lrs[edge] / 10 if out.lrs else lo * 10
     out.chosen = float(min(max(pick, lo * 10), hi / 10))
     return out
 

@@ -39,6 +39,7 @@ from fxpress.graph.capture import TRACE_LOCK, as_input_tuple, capture, clone_str
 from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
 from fxpress.graph.memory import runtime_caches, stored_bytes
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
+from fxpress.passes.gradual import advise, expand
 from fxpress.passes.instruments import (GraphDumper, Instrument, MemoryTrim, PassTimer, Progress,
                                         Verification, release_memory)
 from fxpress.passes.recipes import PassSpec, Recipe, parse_recipe, parse_spec
@@ -175,9 +176,10 @@ class Pipeline:
             raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
         calib = _calibration_list(calibration)
         if example_inputs is None:
-            if not calib:
-                raise InputError("give example_inputs=(x,) or calibration=[(x,), ...]")
-            example_inputs = calib[0]
+            example_inputs = calib[0] if calib else _first_inputs(train_data)
+            if example_inputs is None:
+                raise InputError("give example_inputs=(x,), calibration=[(x,), ...] or "
+                                 "train_data=[(x, y), ...]")
         example_inputs = as_input_tuple(example_inputs)
 
         if isinstance(model, torch.fx.GraphModule):
@@ -185,9 +187,10 @@ class Pipeline:
             gm.meta.setdefault("fxpress", {"method": "given", "passes": []})
         else:
             gm = capture(model, example_inputs, capture_method)
+        passes = expand(self.passes)  # staged passes (prune{steps=N}) and their recoveries
         with TRACE_LOCK.running(), runtime_caches(False):
             labelled = None
-            if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in self.passes):
+            if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in passes):
                 labelled = _labelled(train_data, len(example_inputs))
             check = Verification(Verifier(model, calib or [example_inputs], top1=top1,
                                           labelled=labelled), gm)
@@ -197,13 +200,13 @@ class Pipeline:
                               progress=self.progress)
             original_bytes = stored_bytes(gm)
             baseline = layer_summary(gm)
-            instruments = [MemoryTrim(), check, Progress(len(self.passes), self.progress),
+            instruments = [MemoryTrim(), check, Progress(len(passes), self.progress),
                            *self.instruments]
             _notify(instruments, "run_before_pipeline", self, gm, ctx)
             records: list[PassRecord] = []
             self.last_good = gm
-            recovers_at = [i + 1 for i, p in enumerate(self.passes) if p.traits.recovers]
-            for index, p in enumerate(self.passes, 1):
+            recovers_at = [i + 1 for i, p in enumerate(passes) if p.traits.recovers]
+            for index, p in enumerate(passes, 1):
                 # in place, only a pass that replaces tensors: a pass that may write
                 # into them gets its own copies (the first graph's are the caller's)
                 rewrite = in_place and p.traits.replaces_tensors
@@ -221,6 +224,7 @@ class Pipeline:
                 self.last_good = gm
                 if before is not None:  # kept; the graph before it is released now
                     self._commit(p, before, gm, record, instruments)
+        advise(passes, records)
         result = PipelineResult(gm, records, str(self), dict(gm.meta.get("fxpress", {})),
                                 original_bytes, baseline["file_bytes"], baseline)
         _notify(instruments, "run_after_pipeline", result)
@@ -348,6 +352,22 @@ def _calibration_list(calibration: Iterable[Any] | None) -> list[tuple]:
     for i, b in enumerate(calibration):
         out.append(as_input_tuple(b, what=f"calibration batch {i}"))
     return out
+
+
+def _first_inputs(train_data: Any) -> tuple | None:
+    """The inputs of the first training batch (without its label), as example inputs."""
+    if train_data is None or isinstance(train_data, torch.Tensor):
+        return None
+    batch = next(iter(train_data), None)
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if not isinstance(batch, (tuple, list)) or not batch:
+        return None
+    y, x = batch[-1], batch[0]
+    labelled = (len(batch) >= 2 and isinstance(y, torch.Tensor) and not y.is_floating_point()
+                and y.dim() == 1 and isinstance(x, torch.Tensor) and x.dim() >= 1
+                and len(x) == len(y))
+    return tuple(batch[:-1]) if labelled else tuple(batch)
 
 
 def _labelled(train_data: Any, n_inputs: int, limit: int = 32) -> list[tuple] | None:

@@ -22,6 +22,7 @@ from fxpress.graph.weights import KINDS, select, unique_weights, weighted_ops
 from fxpress.graph.weights import LINEAR, fused_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
+from fxpress.passes.gradual import cubic_schedule
 
 _NONE = type(None)
 
@@ -148,8 +149,12 @@ class Prune(Pass):
     include = option(["*"], "glob patterns on weight or layer names to prune")
     exclude = option([], "glob patterns to leave alone")
     ops = option(["linear", "conv"], "kinds of weighted ops to prune (linear, conv, embedding)")
+    steps = option(1, "reach the sparsity in this many stages on Zhu & Gupta's cubic schedule, "
+                   "each followed by the next recovery step (distill)", low=1, high=20)
 
     def check_options(self) -> None:
+        if self.steps > 1 and self.sparsity is None:
+            raise OptionError(self.name, "steps", "needs sparsity=...; a threshold has no schedule")
         if (self.threshold is None) == (self.sparsity is None):
             raise OptionError(self.name, "sparsity", "give exactly one of threshold=... or sparsity=...")
         if self.threshold is not None and "scope" in self._given:
@@ -158,6 +163,15 @@ class Prune(Pass):
         bad = [k for k in self.ops if k not in KINDS]
         if bad:
             raise OptionError(self.name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")
+
+    def stages(self) -> list["Prune"]:
+        """This prune as ``steps`` prunes to the sparsities of the cubic schedule
+        (:mod:`fxpress.passes.gradual`); itself when ``steps`` is 1."""
+        if self.steps == 1:
+            return [self]
+        given = {k: v for k, v in self._given.items() if k not in ("steps", "sparsity")}
+        return [Prune(**given, sparsity=round(s, 4), tol=dict(self._tol_given))
+                for s in cubic_schedule(self.sparsity, self.steps)]
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         # weights that fused modules (LSTM, MultiheadAttention) read are pruned in place too

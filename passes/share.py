@@ -24,8 +24,10 @@ article's "merge similar weights into their mean", done as the paper does it.
   scale and a zero point: a quarter of its float bytes). On small models the float biases
   are a large share of a Deep-Compressed file (the 64-300-100-10 digits MLP: 1.6 KB of
   ~5); the grid step is (max - min)/255 of the layer's biases.
-* Centroids can be fine-tuned (:meth:`CodebookModule.begin_training`): the indices stay
-  fixed and the gradients of all weights that share a centroid sum into it.
+* Centroids can be fine-tuned (:meth:`CodebookModule.begin_training`): the gradients of
+  all weights that share a centroid sum into it, and a latent weight per weight, trained
+  straight through, may move a weight to the neighbouring centroid (pruned weights stay
+  zero); the stored form stays a codebook and packed indices.
 
 Example::
 
@@ -276,8 +278,32 @@ class CodebookModule(CompressedModule):
         return full
 
     def weight_float(self) -> torch.Tensor:
+        latent = self._parameters.get("latent")
+        if latent is not None:  # fine-tuning: each weight on its nearest centroid (see begin_training)
+            codes = self._nearest(latent.detach())
+            self.codes_unpacked = codes
+            lat = self.keep_zeros(latent)
+            # value: codebook[codes] exactly; gradient: summed into each centroid, and
+            # straight through to each weight's latent (which decides its centroid)
+            return self._table().index_select(0, codes).view(self.shape) + (lat - lat.detach())
         # index_select's backward is index_add: gradients of weights sharing a centroid sum
         return self._table().index_select(0, self._codes()).view(self.shape)
+
+    def _nearest(self, w: torch.Tensor) -> torch.Tensor:
+        """The code of the nearest centroid for every weight of ``w``; with ``zero_code``
+        a zero weight keeps code 0 and a non-zero one never takes it."""
+        table = self._table().detach()
+        first = 1 if self.zero_code else 0
+        cand = table[first:]
+        flat = w.reshape(-1)
+        if cand.numel() == 0:
+            return torch.zeros(flat.numel(), dtype=torch.int64, device=flat.device)
+        values, order = torch.sort(cand)
+        mids = (values[1:] + values[:-1]) / 2
+        codes = order[torch.bucketize(flat.to(values.dtype), mids)] + first
+        if self.zero_code:
+            codes = codes.masked_fill(flat == 0, 0)
+        return codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.kind == EMBEDDING and not self.cache_weight and not self.sparse
@@ -293,11 +319,18 @@ class CodebookModule(CompressedModule):
 
     # -- fine-tuning -------------------------------------------------------------------
     def begin_training(self) -> list[torch.nn.Parameter]:
-        """Make the centroids (and the bias) trainable; return them for the optimizer.
+        """Make the centroids, a latent weight per weight and the bias trainable; return
+        them for the optimizer.
 
-        The indices stay fixed. Decoding is a gather, so the gradient of a centroid is the
-        sum of the gradients of all weights that share it (Deep Compression, section 3.3).
-        The reserved zero centroid never moves. Call :meth:`end_training` when done.
+        Forward decodes every weight as the centroid nearest to its latent (initially its
+        own centroid, so nothing changes until training moves something). Decoding is a
+        gather, so the gradient of a centroid is the sum of the gradients of all weights
+        that share it (Deep Compression, section 3.3); the same gradient passes straight
+        through to each latent, so a weight whose gradient keeps pulling it away from its
+        cluster moves to the neighbouring centroid (its index is re-assigned). Pruned
+        weights (code 0 of a layer with zeros) stay exactly zero and the reserved zero
+        centroid never moves. :meth:`end_training` stores the trained centroids and the
+        final assignment packed as before.
 
         Example::
 
@@ -307,29 +340,44 @@ class CodebookModule(CompressedModule):
             module.end_training()                 # state_dict is the compressed form again
         """
         if isinstance(self.codebook, torch.nn.Parameter):
-            return [p for p in (self.codebook, self.bias) if p is not None]
+            return [p for p in (self.codebook, self._parameters.get("latent"), self.bias)
+                    if p is not None]
         self.drop_cache()
         # own copies: the pipeline's graphs share tensors, and an optimizer writes in place
-        self.register_buffer("codes_unpacked", self._codes(), persistent=False)
+        codes = self._codes()
+        self.register_buffer("codes_unpacked", codes, persistent=False)
         codebook = self._buffers.pop("codebook")
         self.codebook = torch.nn.Parameter(codebook.detach().clone())
+        with torch.no_grad():
+            w = self._table().index_select(0, codes).view(self.shape).clone()
+        self._zero_mask = (codes == 0).view(self.shape) if self.zero_code else None
+        self.latent = torch.nn.Parameter(w)
         if self.bias is not None:
             bias = self.bias.detach().clone()
             self._buffers.pop("bias", None)
             self.bias = torch.nn.Parameter(bias)
-        return [p for p in (self.codebook, self.bias) if p is not None]
+        return [p for p in (self.codebook, self.latent, self.bias) if p is not None]
 
     def end_training(self) -> None:
-        """Store the trained centroids back as a buffer (code 0 of a sparse layer: 0.0)."""
+        """Store the trained centroids back as a buffer (code 0 of a sparse layer: 0.0)
+        and each weight's final index, packed."""
         if not isinstance(self.codebook, torch.nn.Parameter):
             return
         codebook = self._parameters.pop("codebook").detach().clone()
         if self.zero_code:
             codebook[0] = 0
         self.register_buffer("codebook", codebook)
+        latent = self._parameters.pop("latent", None)
+        if latent is not None:
+            codes = self._nearest(latent.detach())
+            if self.sparse:  # the same weights are non-zero: the mask stays as it is
+                self.codes = pack_bits(codes[codes != 0], self.bits)
+            else:
+                self.codes = pack_bits(codes, self.bits)
         if self.bias is not None:
             self._store_bias(self.bias.detach())  # a trained bias goes back onto its grid
         self._buffers.pop("codes_unpacked", None)
+        self._zero_mask = None
         self.drop_cache()
 
     def extra_repr(self) -> str:

@@ -1,0 +1,83 @@
+"""Gradual compression: prune a little, recover, prune more (Zhu & Gupta 2017).
+
+A pass that can be applied in stages says so with ``stages() -> list[Pass]`` (``prune``
+with ``steps=N``: N prunes to the sparsities of Zhu & Gupta's cubic schedule). The
+pipeline runs :func:`expand` on its list before running: each stage but the last is
+followed by a copy of the next recovery step (a pass that ``recovers``, e.g. ``distill``),
+so ``prune{sparsity=0.95,steps=3},distill`` runs as::
+
+    prune{sparsity=0.669},distill,prune{sparsity=0.915},distill,prune{sparsity=0.95},distill
+
+Nothing is reordered: the stages take the place of the pass, in order, and each stage's
+record shows its own options (its sparsity).
+"""
+from __future__ import annotations
+
+from fxpress.errors import OptionError
+
+
+def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
+    """Zhu & Gupta's sparsities after each of ``steps`` equal stages:
+    ``s_t = s_f + (s_i - s_f)·(1 - t/n)³``, t = 1..n; the last is ``final``.
+
+    >>> [round(s, 3) for s in cubic_schedule(0.95, 3)]
+    [0.669, 0.915, 0.95]
+    """
+    return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
+
+
+def expand(passes: list) -> list:
+    """The passes with every staged pass replaced by its stages and recovery steps."""
+    out: list = []
+    for i, p in enumerate(passes):
+        stages = p.stages() if hasattr(p, "stages") else [p]
+        if len(stages) == 1:
+            out.append(stages[0])
+            continue
+        recovery = next((q for q in passes[i + 1:] if q.traits.recovers), None)
+        if recovery is None:
+            raise OptionError(p.name, "steps", "compresses in stages with a recovery step after "
+                              "each; add one after it (e.g. ',distill') or drop steps")
+        for k, stage in enumerate(stages):
+            out.append(stage)
+            if k + 1 < len(stages):
+                out.append(type(recovery)(**recovery._given, tol=dict(recovery._tol_given)))
+    return out
+
+
+
+
+
+def advise(passes: list, records: list) -> None:
+    """Say in the records where a recovery step would do better; reorder nothing.
+
+    A pass that changed the outputs after the last recovery step keeps its whole loss
+    (nothing trains through it afterwards); a recovery step with no lossy pass before it
+    has nothing to win back.
+    """
+    recovering = [i for i, p in enumerate(passes) if p.traits.recovers]
+    if not recovering:
+        return
+
+    def lossy(i: int) -> bool:
+        inc = getattr(records[i], "incremental", None)
+        rel = getattr(inc, "rel_l2", None)
+        return (not passes[i].traits.recovers and records[i].status != "rolled back"
+                and rel is not None and rel > 1e-5)
+
+    last = recovering[-1]
+    for i in range(last + 1, min(len(passes), len(records))):
+        if lossy(i):
+            _note(records[i], f"changed the outputs after the last recovery step (#{last + 1} "
+                  f"{passes[last].name}), so nothing wins that back; '...,{passes[i].name},"
+                  f"{passes[last].name}' trains through it (or move it before #{last + 1})")
+    first = recovering[0]
+    if first < len(records) and not any(lossy(i) for i in range(first)) \
+            and "epochs" in getattr(records[first], "stats", {}):
+        _note(records[first], "trained with no lossy pass before it: nothing to recover; "
+              "put it after the pass it should recover from")
+
+
+def _note(record, text: str) -> None:
+    record.message = f"{record.message}; {text}" if record.message else text
+__all__ = ["cubic_schedule", "expand", "advise"]

@@ -1,0 +1,193 @@
+"""Recovery from defaults (issue 18): held-out early stopping that restores the best epoch,
+a learning rate chosen by a range test, training through every compressed form (masks,
+codebooks with re-assignment, straight-through grids), the caller's RNG and model left
+alone, gradual pruning and the built-in deep-compression recipe."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxpress
+from examples.digits import DigitsMLP, accuracy, train_data, trained_mlp
+from fxpress.graph.weights import compressed_modules
+from fxpress.passes.distill_data import split_holdout
+from fxpress.passes.distill_tuning import lr_range_test
+from tests.helpers import assert_unchanged, state_snapshot
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _held_loss(d: fxpress.Distiller, held) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for x, y in held:
+            total += d.loss(d.student(x), d.teacher(x), y, [], {})[1]["loss"]
+    return total / len(held)
+
+
+def test_early_stopping_restores_the_epoch_with_the_best_held_out_loss(one_thread):
+    teacher = trained_mlp(hidden=(32,), epochs=20)
+    torch.manual_seed(3)
+    student = DigitsMLP(hidden=(8,))
+    data = train_data()
+    d = fxpress.Distiller(teacher, student)
+    # a rate far too high for steady progress: the held-out loss wanders, so the best
+    # epoch is not the last one and patience ends the run
+    h = d.fit(data, epochs=25, lr=0.3, schedule="constant", holdout=0.2, patience=3,
+              progress=False)
+    vals = [e["val_loss"] for e in h.epochs]
+    assert h.holdout_batches == 4 and len(vals) == len(h)
+    assert h.best_epoch == 1 + vals.index(min(vals))
+    assert h.stopped_early and h.best_epoch == len(h) - 3
+    _, held = split_holdout(data, 0.2, 0)
+    # the student holds the best epoch's weights, not the last epoch's
+    assert _held_loss(d, held) == pytest.approx(min(vals), rel=1e-5)
+    assert _held_loss(d, held) < vals[-1]
+
+
+def test_holdout_split_is_deterministic_and_leaves_the_global_rng_alone():
+    data = list(range(20))
+    state = torch.get_rng_state()
+    a_train, a_held = split_holdout(data, 0.1, seed=5)
+    b_train, b_held = split_holdout(data, 0.1, seed=5)
+    assert torch.equal(state, torch.get_rng_state())
+    assert list(a_held) == list(b_held) and len(a_held) == 2
+    assert sorted(list(a_train) + list(a_held)) == data
+    assert list(split_holdout(data, 0.1, seed=6)[1]) != list(a_held)
+    assert split_holdout(data[:3], 0.1, seed=5) == (data[:3], None)  # too few to hold any out
+
+    class Stream:  # re-iterable, no length: every 4th batch is held out
+        def __iter__(self):
+            return iter(range(20))
+
+    train, held = split_holdout(Stream(), 0.25, seed=0)
+    assert list(held) == [3, 7, 11, 15, 19] and sorted(list(train) + list(held)) == data
+
+
+def test_range_test_picks_a_tenth_of_the_rate_at_the_loss_minimum():
+    def valley(lr: float) -> float:  # falls until lr = 1e-2, then explodes
+        e = torch.tensor(lr).log10().item() + 2
+        return 0.1 + (-e if e < 0 else 50 * e * e)
+
+    curve = lr_range_test(valley, steps=61)
+    # a tenth of the valley's edge (smoothing lags the raw minimum a few steps)
+    assert 1e-3 <= curve.chosen <= 5e-3
+    assert len(curve.lrs) < 61  # stopped once the loss blew up
+    flat = lr_range_test(lambda lr: 0.05 if lr < 0.1 else 5.0, steps=61)
+    assert 3e-3 <= flat.chosen <= 1e-2  # a flat curve: a tenth of where it blows up
+
+
+def test_default_recovery_leaves_rng_and_model_alone_and_reports_its_curve(mlp, calib, one_thread):
+    snap = state_snapshot(mlp)
+    rng = torch.get_rng_state()
+    res = fxpress.compress(mlp, "prune{sparsity=0.9,scope=global},distill{epochs=6}",
+                           calibration=calib, train_data=train_data(), progress=False)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert_unchanged(mlp, snap)
+    st = res.records[-1].stats
+    assert st["lr_test"]["chosen"] == st["lr"] and 1e-5 <= st["lr"] <= 0.1
+    assert len(st["lr_test"]["lrs"]) == len(st["lr_test"]["losses"]) > 5
+    assert st["holdout_batches"] == 2 and 1 <= st["best_epoch"] <= len(st["epochs"])
+    assert {"loss", "val_loss", "val_accuracy", "val_agreement", "lr"} <= set(st["epochs"][0])
+    assert res.records[-1].status == "ok"
+    # the same seed gives the same run
+    again = fxpress.compress(mlp, "prune{sparsity=0.9,scope=global},distill{epochs=6}",
+                             calibration=calib, train_data=train_data(), progress=False)
+    assert again.records[-1].stats["lr"] == st["lr"]
+    x = calib[0][0]
+    assert torch.equal(again.module(x), res.module(x))
+
+
+def _codebooks(gm):
+    return {n: m for n, m in compressed_modules(gm) if m.technique == "share"}
+
+
+def test_codebook_recovery_moves_centroids_reassigns_consistently_and_keeps_zeros(
+        small_mlp, calib, digits, one_thread):
+    shared = fxpress.compress(small_mlp, "prune{sparsity=0.8},share{bits=3}", calibration=calib,
+                              policy="warn", progress=False).module
+    res = fxpress.compress(small_mlp, "prune{sparsity=0.8},share{bits=3},distill{epochs=4}",
+                           calibration=calib, train_data=train_data(), policy="warn",
+                           progress=False)
+    before, after = _codebooks(shared), _codebooks(res.module)
+    moved = reassigned = 0
+    for name, m in after.items():
+        o = before[name]
+        assert set(m.state_dict()) == set(o.state_dict())  # still a codebook and packed codes
+        assert not any(isinstance(t, torch.nn.Parameter) for t in m.state_dict(keep_vars=True).values()
+                       if t is not m.bias)
+        w, w0 = m.weight_float(), o.weight_float()
+        assert torch.equal(w == 0, w0 == 0)  # pruned stay zero, nothing else became zero
+        assert set(torch.unique(w).tolist()) <= set(m._table().tolist())
+        moved += int(not torch.equal(m.codebook, o.codebook))
+        # each kept weight sits on the centroid nearest to where it trained: decoding the
+        # decoded weight again gives the same codes
+        assert torch.equal(m._nearest(w), m._codes())
+        reassigned += int((m._codes() != o._codes()).sum())
+    assert moved == len(after) and reassigned > 0
+    assert accuracy(res.module, digits.x_test, digits.y_test) > \
+        accuracy(shared, digits.x_test, digits.y_test)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize{bits=4,activations=none}",
+                                      "binarize{mode=ternary,keep_first_last=false}"])
+def test_ste_recovery_ends_on_the_grid_and_stays_stored_compressed(small_mlp, calib, pipeline,
+                                                                   one_thread):
+    lossy = fxpress.compress(small_mlp, pipeline, calibration=calib, policy="warn",
+                             progress=False).module
+    res = fxpress.compress(small_mlp, f"{pipeline},distill{{epochs=3,lr=0.003}}", calibration=calib,
+                           train_data=train_data(), policy="warn", progress=False)
+    old = dict(compressed_modules(lossy))
+    changed = 0
+    for name, m in compressed_modules(res.module):
+        o = old[name]
+        assert set(m.state_dict()) == set(o.state_dict()) and "latent" not in m.state_dict()
+        for k, t in m.state_dict().items():  # codes stay integers, of the same size
+            assert t.dtype == o.state_dict()[k].dtype and t.shape == o.state_dict()[k].shape, k
+        w = m.weight_float()
+        changed += int(not torch.equal(w, o.weight_float()))
+        if m.technique == "quantize":  # per-channel 4-bit symmetric: integers in [-7, 7]
+            q = m.stored_weight() / m.scale.reshape(-1, 1)
+            assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= 7 + 1e-4
+        else:  # ternary: each row is 0 or ±α
+            a = w.abs()
+            assert bool(((a == 0) | (a == a.amax(1, keepdim=True))).all())
+    assert changed  # it trained
+
+
+def test_gradual_pruning_runs_stages_with_a_recovery_after_each(small_mlp, calib, one_thread):
+    res = fxpress.compress(small_mlp, "prune{sparsity=0.9,scope=global,steps=3},distill{epochs=2}",
+                           calibration=calib, train_data=train_data(), policy="warn",
+                           progress=False)
+    names = [r.name for r in res.records]
+    assert names == ["prune", "distill"] * 3
+    sparsities = [r.stats["sparsity"] for r in res.records if r.name == "prune"]
+    assert sparsities[0] < sparsities[1] < sparsities[2] == pytest.approx(0.9, abs=1e-3)
+    with pytest.raises(fxpress.errors.OptionError, match="steps.*recovery"):
+        fxpress.compress(small_mlp, "prune{sparsity=0.9,steps=3}", calibration=calib)
+
+
+def test_deep_compression_recipe_needs_only_the_model_and_training_data(one_thread):
+    model = trained_mlp(hidden=(32,), epochs=20)
+    data = train_data()[:8]
+    res = fxpress.compress(model, "deep-compression", train_data=data, policy="warn",
+                           progress=False)
+    assert [r.name for r in res.records] == ["prune", "distill"] * 3 + ["share", "distill"]
+    assert res.records[-1].sparsity > 0.9 and res.records[-1].stats["lr"] > 0
+    x, y = data[0]
+    assert float((res.module(x).argmax(1) == model(x).argmax(1)).float().mean()) > 0.8
+
+
+def test_a_lossy_pass_after_the_last_recovery_is_pointed_out(small_mlp, calib, one_thread):
+    res = fxpress.compress(small_mlp, "prune{sparsity=0.5},distill{epochs=1},share{bits=4}",
+                           calibration=calib, train_data=train_data(), policy="warn",
+                           progress=False)
+    share = res.records[-1]
+    assert "after the last recovery" in share.message and "distill" in share.message
