@@ -76,8 +76,8 @@ def test_tapping_twice_adds_nothing_and_node_names_work(mlp, calib):
 def test_tap_errors_name_the_option(mlp, calib):
     with pytest.raises(OptionError, match="taps.*encoder.*layers.0"):
         fxpress.compress(mlp, "distill{taps=[encoder.*]}", calibration=calib)
-    with pytest.raises(OptionError, match="'lr'.*epochs=N"):
-        fxpress.Pipeline.parse("distill{lr=0.1}")
+    with pytest.raises(OptionError, match="'lr'.*epochs=0"):  # taps only: nothing to train
+        fxpress.Pipeline.parse("distill{epochs=0,lr=0.1}")
 
 
 def test_a_tap_rebuilds_from_its_config_without_tensors():
@@ -164,7 +164,8 @@ def test_labelled_and_unlabelled_batches_mix_in_a_recovery_step(mlp, calib):
     res = fxpress.compress(mlp, "prune{sparsity=0.5},distill{epochs=1,lr=1e-3}", calibration=calib,
                            train_data=data, progress=False)
     epoch = res.records[-1].stats["epochs"][0]
-    assert epoch["batches"] == len(data) and {"kd", "ce", "loss"} <= set(epoch)
+    held = res.records[-1].stats["holdout_batches"]  # held out for early stopping
+    assert held >= 1 and epoch["batches"] == len(data) - held and {"kd", "ce", "loss"} <= set(epoch)
     # each part is a mean over the batches that have it: CE over the labelled ones only
     d = fxpress.Distiller(mlp, DigitsMLP(hidden=(16,)), alpha=0.0)
     only_ce = d.fit(labelled + unlabelled, epochs=1, lr=1e-6, progress=False)[0]
@@ -310,7 +311,8 @@ def test_torchrun_two_processes_train_identical_weights(tmp_path):
     h0, h1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     drop_time = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]  # noqa: E731
     assert h0["world_size"] == 2 and drop_time(h0) == drop_time(h1)  # losses averaged over ranks
-    assert [e["steps"] for e in h0["epochs"]] == [11, 11]  # 22 batches shared by 2 ranks
+    # 22 batches, 2 held out for early stopping, the other 20 shared by 2 ranks
+    assert h0["holdout_batches"] == 2 and [e["steps"] for e in h0["epochs"]] == [10, 10]
     single = trained_mlp(hidden=(32,))
     assert not torch.equal(w0["layers.0.weight"], single.layers[0].weight)
     assert (w0["layers.0.weight"] == 0).float().mean() == pytest.approx(0.8, abs=1e-3)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fxpress
 from examples.digits import DigitsMLP, accuracy, train_data, trained_mlp
-from fxpress.graph.weights import compressed_modules
+from fxpress.graph.runtime import compressed_modules
 from fxpress.passes.distill_data import split_holdout
 from fxpress.passes.distill_tuning import lr_range_test
 from tests.helpers import assert_unchanged, state_snapshot
