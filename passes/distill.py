@@ -311,9 +311,9 @@ class Distill(Pass):
     until the held-out loss stops improving (at most 30 epochs) and keeps the best
     epoch's weights. It is verified against the original model on task metrics (top-1
     agreement ≥ 0.95, accuracy ratio on labelled batches ≥ 0.99). Without ``train_data``
-    it only inserts taps (unless a lossy step before it waits for its recovery: then the
-    data is missing). ``distill{epochs=0}`` / ``distill{taps=[layers.*]}`` insert taps
-    and are held to exactness (rel. L2 ≤ 1e-6).
+    it only inserts taps (and is no recovery step: lossy passes before it are judged on
+    their own). ``distill{epochs=0}`` inserts taps only, held to exactness (rel. L2 ≤ 1e-6);
+    ``distill{epochs=N}`` needs ``train_data``.
     """
 
     name = "distill"
@@ -342,6 +342,9 @@ class Distill(Pass):
     schedule = option("cosine", "learning-rate schedule over the epochs", choices=SCHEDULES)
     weight_decay = option(0.0, "weight decay", low=0.0)
 
+    #: without epochs and without train_data it only inserts taps (see passes/gradual.trains)
+    recovers_without_train_data = False
+
     TRAINING = ("lr", "holdout", "patience", "temperature", "alpha", "beta", "output_loss",
                 "optimizer", "schedule", "weight_decay")
 
@@ -360,13 +363,8 @@ class Distill(Pass):
                                    needs=("train_data",) if self.epochs else ())
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        # without epochs, train when the run has data; only insert taps when it has none
         training = self.epochs != 0 and ctx.train_data is not None
-        if self.epochs is None and ctx.train_data is None:
-            waiting = [r.index for r in ctx.history if getattr(r, "status", "") == "deferred"]
-            if waiting:
-                raise MissingDataError(self.name, f"recovers the lossy step(s) #{waiting} before "
-                                       "it and needs train_data=[(x, y), ...]; give it, or write "
-                                       "distill{epochs=0} to only insert taps")
         before = len(tap_modules(gm))
         names: list[str] = []
         if self.taps or not training or self.beta > 0:

@@ -48,14 +48,29 @@ def expand(passes: list) -> list:
 
 
 
-def advise(passes: list, records: list) -> None:
+def trains(p, train_data) -> bool:
+    """Whether ``p`` is a recovery step in a run with (or without) ``train_data``.
+
+    A pass whose traits say it recovers is one, unless the run has no training data and
+    the pass says it then does nothing to recover (``recovers_without_train_data = False``:
+    ``distill`` without ``epochs`` trains when there is data and only inserts taps when
+    there is none, so lossy passes before it are then judged on their own).
+    """
+    if not p.traits.recovers:
+        return False
+    if train_data is None and "train_data" not in p.traits.needs:
+        return bool(getattr(p, "recovers_without_train_data", True))
+    return True
+
+
+def advise(passes: list, records: list, train_data=None) -> None:
     """Say in the records where a recovery step would do better; reorder nothing.
 
     A pass that changed the outputs after the last recovery step keeps its whole loss
     (nothing trains through it afterwards); a recovery step with no lossy pass before it
     has nothing to win back.
     """
-    recovering = [i for i, p in enumerate(passes) if p.traits.recovers]
+    recovering = [i for i, p in enumerate(passes) if trains(p, train_data)]
     if not recovering:
         return
 
@@ -80,4 +95,4 @@ def advise(passes: list, records: list) -> None:
 
 def _note(record, text: str) -> None:
     record.message = f"{record.message}; {text}" if record.message else text
-__all__ = ["cubic_schedule", "expand", "advise"]
+__all__ = ["cubic_schedule", "expand", "trains", "advise"]

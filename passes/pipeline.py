@@ -39,7 +39,7 @@ from fxpress.graph.capture import TRACE_LOCK, as_input_tuple, capture, clone_str
 from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
 from fxpress.graph.memory import runtime_caches, stored_bytes
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
-from fxpress.passes.gradual import advise, expand
+from fxpress.passes.gradual import advise, expand, trains
 from fxpress.passes.instruments import (GraphDumper, Instrument, MemoryTrim, PassTimer, Progress,
                                         Verification, release_memory)
 from fxpress.passes.recipes import PassSpec, Recipe, parse_recipe, parse_spec
@@ -205,7 +205,9 @@ class Pipeline:
             _notify(instruments, "run_before_pipeline", self, gm, ctx)
             records: list[PassRecord] = []
             self.last_good = gm
-            recovers_at = [i + 1 for i, p in enumerate(passes) if p.traits.recovers]
+            # a step recovers only with data to train on (distill without epochs and without
+            # train_data only inserts taps); one that needs the data recovers or stops
+            recovers_at = [i + 1 for i, p in enumerate(passes) if trains(p, train_data)]
             for index, p in enumerate(passes, 1):
                 # in place, only a pass that replaces tensors: a pass that may write
                 # into them gets its own copies (the first graph's are the caller's)
@@ -224,7 +226,7 @@ class Pipeline:
                 self.last_good = gm
                 if before is not None:  # kept; the graph before it is released now
                     self._commit(p, before, gm, record, instruments)
-        advise(passes, records)
+        advise(passes, records, train_data)
         result = PipelineResult(gm, records, str(self), dict(gm.meta.get("fxpress", {})),
                                 original_bytes, baseline["file_bytes"], baseline)
         _notify(instruments, "run_after_pipeline", result)

@@ -238,8 +238,8 @@ CASES = [
          ("distill: option 'epochs'", "0 <= epochs", "got -1")),
     Case("distill-taps-match-nothing", _compress("distill{taps=[encoder.*]}"), E.OptionError,
          ("distill: option 'taps'", "['encoder.*'] match no module or node", "layers.0")),
-    Case("distill-training-option-without-epochs", _compress("distill{lr=0.1}"), E.OptionError,
-         ("distill: option 'lr'", "only applies when training", "add epochs=N")),
+    Case("distill-training-option-with-epochs-0", _compress("distill{epochs=0,lr=0.1}"),
+         E.OptionError, ("distill: option 'lr'", "only applies when training", "drop epochs=0")),
     Case("distill-without-train-data", _compress("distill{epochs=1}"), E.MissingDataError,
          ("pass 'distill'", "needs train data", "train_data=[(x, y), ...]")),
     # -- every bad artifact ------------------------------------------------------------------

@@ -60,10 +60,12 @@ def test_old_loose_pass_attributes_become_traits_with_a_warning():
 
 def test_traits_follow_options():
     reg = fxpress.registry(entry_points=False)
-    taps = reg["distill"].cls()
+    taps = reg["distill"].cls(epochs=0)
     train = reg["distill"].cls(epochs=2)
+    auto = reg["distill"].cls()  # trains when the run has train_data, else only taps
     assert taps.traits.replaces_tensors and not taps.traits.recovers
     assert train.traits.recovers and train.traits.needs == ("train_data",)
+    assert auto.traits.recovers and auto.traits.needs == ()
     assert reg["binarize"].cls(mode="pow2").tol != reg["binarize"].cls(mode="sign").tol
 
 
