@@ -299,6 +299,8 @@ RECOVERY = Tolerance(min_top1=0.95, min_accuracy_ratio=0.99, against="reference"
 #: The most epochs a recovery step trains when ``epochs`` is not given (early stopping
 #: usually ends it sooner).
 AUTO_EPOCHS = 30
+#: The fraction of the batches held out for early stopping when ``epochs`` is not given.
+AUTO_HOLDOUT = 0.1
 _NONE = type(None)
 
 
@@ -327,8 +329,9 @@ class Distill(Pass):
                     "train_data is given); 0 only inserts taps", type=(int, _NONE), low=0)
     lr = option(None, "learning rate (default: chosen by a learning-rate range test)",
                 type=(float, _NONE), low=0.0, low_open=True)
-    holdout = option(0.1, "fraction of the train_data batches held out for early stopping "
-                     "(0: train every epoch, keep the last)", low=0.0, high=0.5)
+    holdout = option(None, "fraction of the train_data batches held out for early stopping "
+                     "(default: 0.1 when epochs is not given, else 0: every epoch runs and the "
+                     "last is kept)", type=(float, _NONE), low=0.0, high=0.5)
     patience = option(5, "stop after this many epochs without a better held-out loss "
                       "(0: never stop early)", low=0)
     temperature = option(4.0, "softmax temperature T of the KL term (scaled by T²)", low=0.0,
@@ -398,7 +401,9 @@ class Distill(Pass):
                               inputs=len(ctx.example_inputs))
         config = TrainConfig(epochs=self.epochs or AUTO_EPOCHS, lr=self.lr,
                              optimizer=self.optimizer, weight_decay=self.weight_decay,
-                             schedule=self.schedule, holdout=self.holdout, patience=self.patience,
+                             schedule=self.schedule, patience=self.patience,
+                             holdout=AUTO_HOLDOUT if self.holdout is None and self.epochs is None
+                             else self.holdout or 0.0,
                              seed=ctx.seed, progress=ctx.progress)
         history = distiller.fit(data, config=config)
         stats.update(history.as_dict())

@@ -62,3 +62,12 @@ def minilm_gm(minilm, minilm_batches):
     import fxpress
 
     return fxpress.capture(minilm, minilm_batches[0])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny MLPs train faster on one thread, and far faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

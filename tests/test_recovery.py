@@ -16,14 +16,6 @@ from fxpress.passes.distill_tuning import lr_range_test
 from tests.helpers import assert_unchanged, state_snapshot
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _held_loss(d: fxpress.Distiller, held) -> float:
     total = 0.0
     with torch.no_grad():
@@ -87,7 +79,7 @@ def test_range_test_picks_a_tenth_of_the_rate_at_the_loss_minimum():
 def test_default_recovery_leaves_rng_and_model_alone_and_reports_its_curve(mlp, calib, one_thread):
     snap = state_snapshot(mlp)
     rng = torch.get_rng_state()
-    res = fxpress.compress(mlp, "prune{sparsity=0.9,scope=global},distill{epochs=6}",
+    res = fxpress.compress(mlp, "prune{sparsity=0.9,scope=global},distill{epochs=6,holdout=0.1}",
                            calibration=calib, train_data=train_data(), progress=False)
     assert torch.equal(rng, torch.get_rng_state())
     assert_unchanged(mlp, snap)
@@ -98,7 +90,7 @@ def test_default_recovery_leaves_rng_and_model_alone_and_reports_its_curve(mlp, 
     assert {"loss", "val_loss", "val_accuracy", "val_agreement", "lr"} <= set(st["epochs"][0])
     assert res.records[-1].status == "ok"
     # the same seed gives the same run
-    again = fxpress.compress(mlp, "prune{sparsity=0.9,scope=global},distill{epochs=6}",
+    again = fxpress.compress(mlp, "prune{sparsity=0.9,scope=global},distill{epochs=6,holdout=0.1}",
                              calibration=calib, train_data=train_data(), progress=False)
     assert again.records[-1].stats["lr"] == st["lr"]
     x = calib[0][0]
