@@ -8,12 +8,15 @@ ends with the same weights. In one process it is a seeded shuffle per epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from torch import nn
+from torch.utils import _pytree as pytree
 
 from fxpress.errors import InputError
 
@@ -178,3 +181,47 @@ def split_holdout(data: Any, fraction: float, seed: int) -> tuple[Any, Any | Non
     if sum(1 for _ in zip(range(need), iter(data))) < need:
         return data, None
     return EveryNth(data, every, keep=False), EveryNth(data, every, keep=True)
+
+
+# -- devices and ranks ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module):
+    flags = [(m, m.training) for m in model.modules()]
+    for m, _ in flags:  # not model.train(): exported graphs refuse train()
+        m.training = True
+    try:
+        yield model
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def device_of(m: nn.Module) -> torch.device:
+    for t in list(m.parameters()) + list(m.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
+
+def mean_over_ranks(value: float, d: Dist, device: torch.device) -> float:
+    if not d.active:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64,
+                     device=device if d.backend == "nccl" else torch.device("cpu"))
+    dist.all_reduce(t)
+    return float(t.item()) / d.world
+
+
+def count_batches(batches: Any) -> int:
+    if batches is None:
+        return 0
+    try:
+        return len(batches)
+    except TypeError:
+        return sum(1 for _ in batches)

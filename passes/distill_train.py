@@ -1,24 +1,22 @@
-"""distill's trainer: :class:`Distiller` (KD + CE + tap MSE), its :class:`TrainConfig`, and
-the data plumbing that lets the same loop run under ``torchrun``.
+"""distill's trainer: :class:`Distiller` (KD + CE + tap MSE) and its :class:`TrainConfig`.
 
 ``Distiller(teacher, student, pairs=..., temperature=4.0, alpha=0.5, beta=1.0).fit(train_data,
 epochs=5, lr=1e-3)``: KL between softened logits (×T²), cross-entropy on labels when batches
 carry them, and MSE between paired taps through a learned linear projection when widths
 differ (FitNets). Teacher and student may be different architectures, or the student the
 compressed copy of the teacher. Everything about *how* to train (epochs, learning rate,
-optimizer, schedule, seed, device, progress) is one :class:`TrainConfig`.
+optimizer, schedule, hold-out and early stopping, seed, device, progress) is one
+:class:`TrainConfig`; what it may choose itself is :mod:`~fxpress.passes.distill_tuning`.
 
 Compression invariants hold throughout: weights that are exactly zero in plain float
 layers stay zero (gradients and weights masked in every optimizer step), and each
-:class:`~fxpress.graph.weights.CompressedModule` trains only the parameters its
+:class:`~fxpress.graph.runtime.CompressedModule` trains only the parameters its
 ``begin_training()`` returns and is folded back by ``end_training()``.
 
-Under ``torchrun --nproc_per_node=N`` the same code trains with DistributedDataParallel;
-which batches each rank sees is :mod:`fxpress.passes.distill_data`.
+Under ``torchrun`` it trains with DistributedDataParallel (:mod:`~fxpress.passes.distill_data`).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -33,9 +31,11 @@ from fxpress.errors import InputError, MissingDataError
 from fxpress.graph.capture import capture, clone_structure, eval_mode
 from fxpress.graph.runtime import compressed_modules
 from fxpress.passes.distill import SCHEDULES, collect, insert_taps, tap_modules
-from fxpress.passes.distill_data import (Dist, distributed, epoch_batches, in_step, split_holdout,
-                                         steps_per_rank)
-from fxpress.passes.distill_tuning import BestState, RangeTest, Snapshot, lr_range_test
+from fxpress.passes.distill_data import (Dist, count_batches, device_of, distributed, epoch_batches,
+                                         in_step, mean_over_ranks, split_holdout, steps_per_rank,
+                                         to_device, train_mode)
+from fxpress.passes.distill_tuning import (BestState, RangeTest, Snapshot, lr_range_test,
+                                           make_optimizer, progress_bar)
 
 
 @dataclass(frozen=True)
@@ -166,33 +166,11 @@ class _Trainee(nn.Module):
         return out, [p(acts[n]) for p, n in zip(self.projections, self.student_taps)]
 
 
-@contextlib.contextmanager
-def _train_mode(model: nn.Module):
-    flags = [(m, m.training) for m in model.modules()]
-    for m, _ in flags:  # not model.train(): exported graphs refuse train()
-        m.training = True
-    try:
-        yield model
-    finally:
-        for m, f in flags:
-            m.training = f
-
-
 def _first_float(out: Any) -> torch.Tensor:
     for t in pytree.tree_leaves(out):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return t
     raise InputError(f"distill: the model's output has no float tensor ({type(out).__name__})")
-
-
-def _device_of(m: nn.Module) -> torch.device:
-    for t in list(m.parameters()) + list(m.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
 
 
 def _loss_item(t: torch.Tensor | float) -> float:
@@ -368,14 +346,14 @@ class Distiller:
             self.student = self._tapped(self.student, [s for s, _ in self.pairs], x0)
             self.teacher = self._tapped(self.teacher, [t for _, t in self.pairs], x0)
         student, teacher = self.student, self.teacher
-        home = _device_of(student)
+        home = device_of(student)
         device = cfg.device
         if d.backend == "nccl":
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
         device = torch.device(device) if device is not None else home
         student.to(device)
-        if _device_of(teacher) != device:  # never move the caller's teacher: use a copy
+        if device_of(teacher) != device:  # never move the caller's teacher: use a copy
             teacher = clone_structure(teacher, copy_tensors=True).to(device)
 
         # each compressed module says what may train; everything else float trains as is
@@ -402,7 +380,7 @@ class Distiller:
                 trainable = list({id(p): p for p in plain + hooked}.values())
                 for p in trainable:
                     p.requires_grad_(True)
-                run = _Run(student, teacher, data, _to(x0, device), _to(y0, device), device, d)
+                run = _Run(student, teacher, data, to_device(x0, device), to_device(y0, device), device, d)
                 history = self._loop(run, trainable, plain, cfg)
             finally:
                 for m in started:
@@ -453,7 +431,7 @@ class Distiller:
               batch: Any) -> dict[str, float]:
         """One optimizer step on ``batch``; the loss parts."""
         x, y = self._split(batch)
-        x, y = _to(x, run.device), _to(y, run.device)
+        x, y = to_device(x, run.device), to_device(y, run.device)
         with torch.no_grad(), eval_mode(run.teacher), collect(run.teacher) as t_acts:
             t_out = run.teacher(*x)
         s_out, s_feats = model(*x)
@@ -481,14 +459,14 @@ class Distiller:
         data, held = split_holdout(run.data, cfg.holdout, cfg.seed)
         history = History(world_size=d.world, trained_parameters=sum(p.numel() for p in params),
                           kept_zeros=sum(int((~m).sum()) for m in masks.values()),
-                          holdout_batches=_count(held))
+                          holdout_batches=count_batches(held))
         state: dict = {}
         lr = cfg.lr
         if lr is None:
             history.lr_test = self._range_test(run, model, trainee, params, masks, data, cfg, state)
             lr = history.lr_test.chosen
         history.lr = lr
-        opt = _optimizer(params, lr, cfg)
+        opt = make_optimizer(params, lr, cfg)
         steps = steps_per_rank(data, d)
         sched: Any = None
         if cfg.schedule == "cosine":
@@ -498,7 +476,7 @@ class Distiller:
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, factor=0.5, patience=max(1, cfg.patience // 2 if cfg.patience else 2))
         best = BestState(trainee) if held is not None else None
-        bar = _bar(cfg.epochs * steps if steps else None, cfg.progress and d.rank == 0)
+        bar = progress_bar(cfg.epochs * steps if steps else None, cfg.progress and d.rank == 0)
         try:
             for epoch in range(1, cfg.epochs + 1):
                 start = time.perf_counter()
@@ -507,7 +485,7 @@ class Distiller:
                 n = 0
                 lr_now = opt.param_groups[0]["lr"]
                 batches = in_step(iter(epoch_batches(data, epoch - 1, cfg.seed, d, state)), d, device)
-                with _train_mode(trainee):
+                with train_mode(trainee):
                     for batch in batches:
                         parts = self._step(run, model, opt, masks, batch)
                         if cfg.schedule == "cosine" and steps:
@@ -551,7 +529,7 @@ class Distiller:
                     state: dict) -> RangeTest:
         """The learning-rate range test on the training batches; the weights are restored."""
         snap = Snapshot(trainee)
-        opt = _optimizer(params, 1e-6, cfg)
+        opt = make_optimizer(params, 1e-6, cfg)
 
         def batches() -> Iterator[Any]:
             for k in range(1_000_000):  # as many passes over the data as the test needs
@@ -562,9 +540,9 @@ class Distiller:
         def step(lr: float) -> float:
             for g in opt.param_groups:
                 g["lr"] = lr
-            with _train_mode(trainee):
+            with train_mode(trainee):
                 loss = self._step(run, model, opt, masks, next(it))["loss"]
-            return _mean_over_ranks(loss, run.d, run.device)
+            return mean_over_ranks(loss, run.d, run.device)
 
         try:
             return lr_range_test(step)
@@ -577,7 +555,7 @@ class Distiller:
         with torch.no_grad(), eval_mode(trainee), eval_mode(run.teacher):
             for batch in held:
                 x, y = self._split(batch)
-                x, y = _to(x, run.device), _to(y, run.device)
+                x, y = to_device(x, run.device), to_device(y, run.device)
                 with collect(run.teacher) as t_acts:
                     t_out = run.teacher(*x)
                 s_out, s_feats = trainee(*x)
@@ -620,41 +598,3 @@ class Distiller:
         out["steps"] = local     # this rank's optimizer steps
         out["batches"] = n       # batches seen by all ranks together
         return out
-
-
-def _optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-
-
-def _mean_over_ranks(value: float, d: Dist, device: torch.device) -> float:
-    if not d.active:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64,
-                     device=device if d.backend == "nccl" else torch.device("cpu"))
-    dist.all_reduce(t)
-    return float(t.item()) / d.world
-
-
-def _count(batches: Any) -> int:
-    if batches is None:
-        return 0
-    try:
-        return len(batches)
-    except TypeError:
-        return sum(1 for _ in batches)
-
-
-def _bar(total: int | None, enabled: bool | None):
-    if enabled is False:
-        return None
-    from tqdm.auto import tqdm
-
-    # disable=None: shown only on a terminal, like the pipeline's own bar
-    return tqdm(total=total, desc="distill", unit="step", leave=False, mininterval=0.5,
-                disable=None if enabled is None else False)
-
-

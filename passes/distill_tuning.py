@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -123,4 +123,20 @@ def lr_range_test(step: Callable[[float], float], steps: int = 60, lo: float = 1
     return out
 
 
-__all__ = ["Snapshot", "BestState", "RangeTest", "lr_range_test"]
+def make_optimizer(params: list[nn.Parameter], lr: float, cfg: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def progress_bar(total: int | None, enabled: bool | None):
+    if enabled is False:
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: shown only on a terminal, like the pipeline's own bar
+    return tqdm(total=total, desc="distill", unit="step", leave=False, mininterval=0.5,
+                disable=None if enabled is None else False)
+
+
+__all__ = ["Snapshot", "BestState", "RangeTest", "lr_range_test", "make_optimizer", "progress_bar"]
