@@ -96,14 +96,17 @@ def save(module, path: str | Path, *, entropy: bool = False, report: Any = None)
     return artifact.save(module, path, entropy=entropy, report=report)
 
 
-def load(path: str | Path, *, max_bytes: int | None = None):
+def load(path: str | Path, *, max_bytes: int | None = None, limits: Any = None):
     """Load an artifact; runtime modules resolve against the registered passes' classes.
 
     >>> gm = fxpress.load("model.fxp")                                             # doctest: +SKIP
+
+    ``max_bytes`` bounds the decoded tensors, ``limits`` (a
+    ``fxpress.graph.artifact.Limits``) every other bound; see README "Threat model".
     """
     from fxpress.graph import artifact
 
-    return artifact.load(path, registry().runtime_modules(), max_bytes=max_bytes)
+    return artifact.load(path, registry().runtime_modules(), max_bytes=max_bytes, limits=limits)
 
 
 def compress(model, pipeline: str | Pipeline | Iterable[Pass] | None = None,

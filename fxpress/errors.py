@@ -108,12 +108,22 @@ class ArtifactFormatError(ArtifactError):
     """Not an fxpress artifact, an unknown format version, truncated, or sizes that do not add up."""
 
 
-class ArtifactIntegrityError(ArtifactError):
+class ArtifactIntegrityError(ArtifactFormatError):
     """A checksum does not match: the file was corrupted or edited after it was written."""
 
 
-class ForbiddenTargetError(ArtifactError):
+class ArtifactSecurityError(ArtifactFormatError):
+    """The artifact asks for something loading never does: a target, attribute, module class or
+    value outside the closed schema (private names, callables, raw memory access)."""
+
+
+class ForbiddenTargetError(ArtifactSecurityError):
     """The artifact names a function, method, attribute or module class outside the allowlist."""
+
+
+class ArtifactLimitError(ArtifactFormatError):
+    """The artifact is over a load limit (header size, node count, nesting, decoded bytes);
+    raise the limit per call (``fxpress.load(path, max_bytes=..., limits=...)``) if you trust it."""
 
 
 class UnsupportedGraphError(ArtifactError):
@@ -148,6 +158,7 @@ class PlanMissedWarning(UserWarning):
 __all__ = [
     "FxpressError", "InputError", "CaptureError", "PipelineSpecError", "UnknownPassError",
     "OptionError", "PluginError", "PassError", "MissingDataError", "VerificationError",
-    "ArtifactError", "ArtifactFormatError", "ArtifactIntegrityError", "ForbiddenTargetError",
-    "UnsupportedGraphError", "MissingExtraError", "ExportError", "PlanMissedWarning",
+    "ArtifactError", "ArtifactFormatError", "ArtifactIntegrityError", "ArtifactSecurityError",
+    "ForbiddenTargetError", "ArtifactLimitError", "UnsupportedGraphError", "MissingExtraError",
+    "ExportError", "PlanMissedWarning",
 ]

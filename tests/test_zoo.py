@@ -41,10 +41,6 @@ SUITE: dict[tuple[str, str], str | None] = {
 
 #: failure classes of today's code, cell by cell (strict xfails: a fix must remove them)
 KNOWN: dict[tuple[str, str], str] = {
-    key: "1-fresh-load" for key in [
-        ("bert", "quantize8"), ("distilbert", "share4"), ("gpt2", "prune"), ("llama", "quantize8"),
-        ("t5", "share4"), ("vit", "ternary"), ("whisper_encoder", "prune+quantize8"),
-        ("wav2vec2", "pow2"), ("resnet", "quantize8"), ("convnext", "share4")]
 }
 
 

@@ -51,7 +51,11 @@ so a bad file raises an :class:`~fxpress.errors.ArtifactError` and leaves nothin
 The package, one concern per module:
 
 * :mod:`.format`: the prefix, flags, header packing, checksums;
-* :mod:`.schema`: the allowlist and the validation of a header before anything is built;
+* :mod:`.limits`: the load's bounds (:class:`Limits`), overridable per call;
+* :mod:`.ops`: the reviewed list of callable ops; :mod:`.allowlist`: names -> objects;
+* :mod:`.modules`: the torch.nn classes and fields, and runtime module configs, a file may hold;
+* :mod:`.specs`: export graphs' input/output structures (pytree specs);
+* :mod:`.schema`: the closed schema a header is checked against before anything is built;
 * :mod:`.values`: tagged JSON values (node arguments, module attributes);
 * :mod:`.tensors`: the tensor codecs (dense, bitmap, relative and bit indices, entropy coding);
 * :mod:`.write`: the writer, the stream stores, atomic saves;
@@ -62,6 +66,7 @@ from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, EXPANSIO
                                            MAX_HEADER_BYTES, MIN_DECODED_LIMIT, PREFIX_SIZE,
                                            VERSION, _PREFIX, _pack_header, _sha, _sha64,
                                            _split_prefix, pack_artifact, read_header)
+from fxpress.graph.artifact.limits import DEFAULT_LIMITS, Limits
 from fxpress.graph.artifact.read import _blob_streams, _unblob, load, loads
 from fxpress.graph.artifact.schema import Allowlist, class_name
 from fxpress.graph.artifact.tensors import (CODECS, SPARSE_MIN_NUMEL, _as_ints, _fillers, _gaps,
@@ -73,4 +78,4 @@ from fxpress.graph.artifact.write import (artifact_header, artifact_size, dumps,
 __all__ = ["save", "load", "dumps", "loads", "read_header", "artifact_size", "artifact_header",
            "write_atomic",
            "Allowlist", "pack_artifact", "encode_tensor", "decode_tensor", "plan_encoding", "MAGIC", "VERSION",
-           "PREFIX_SIZE", "CODECS"]
+           "PREFIX_SIZE", "CODECS", "Limits", "DEFAULT_LIMITS"]

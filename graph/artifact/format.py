@@ -19,14 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fxpress.errors import ArtifactError, ArtifactFormatError, ArtifactIntegrityError
+from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
+                            ArtifactLimitError)
 from fxpress.graph.artifact.header_dict import HEADER_ZDICT
+from fxpress.graph.artifact.limits import DEFAULT_LIMITS, Limits
 
 MAGIC = b"\x89FXPRESS"
 VERSION = 1
@@ -43,11 +47,10 @@ _KNOWN_FLAGS = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_BLOB_STREAMS
 BLOB_KEY = "blob"
 BLOB_STREAM_BYTES = 1 << 16
 PREFIX_SIZE = _PREFIX.size  # 56
-#: A header larger than this is refused before it is read.
-MAX_HEADER_BYTES = 256 << 20
-#: Decoded tensors may total at most max(this, EXPANSION x file size) unless load() is told more.
-MIN_DECODED_LIMIT = 1 << 30
-EXPANSION_LIMIT = 10_000
+#: the default limits (see .limits.Limits; kept under their old names)
+MAX_HEADER_BYTES = DEFAULT_LIMITS.header_bytes
+MIN_DECODED_LIMIT = DEFAULT_LIMITS.floor
+EXPANSION_LIMIT = DEFAULT_LIMITS.expansion
 
 
 def _sha(data: bytes | memoryview | np.ndarray) -> str:
@@ -80,8 +83,38 @@ def pack_artifact(header: dict, payload: bytes) -> bytes:
     return _pack_header(header) + payload
 
 
-def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = None
-                  ) -> tuple[dict, memoryview, bytes]:
+def _parse_header_text(head: bytes, where: str, limits: Limits) -> Any:
+    """JSON of the decompressed header: its size and number of objects and arrays bounded
+    before it is parsed, its nesting right after (before anything else reads it)."""
+    if len(head) > limits.header_text_bytes:
+        raise ArtifactLimitError(f"{where}: header decompresses past {limits.header_text_bytes} "
+                                 "bytes")
+    containers = head.count(b"{") + head.count(b"[")
+    if containers > limits.json_containers:
+        raise ArtifactLimitError(f"{where}: header holds {containers} JSON objects and arrays, "
+                                 f"over the limit of {limits.json_containers}")
+    try:
+        header = json.loads(head)
+    except RecursionError:
+        raise ArtifactLimitError(f"{where}: header JSON nests deeper than the parser allows") from None
+    except ValueError as e:
+        raise ArtifactFormatError(f"{where}: header is not valid JSON: {e}") from None
+    # nesting, walked without recursion: what reads the header later may recurse
+    stack = [(header, 0)]
+    while stack:
+        obj, level = stack.pop()
+        if level > limits.depth:
+            raise ArtifactLimitError(f"{where}: header JSON nests deeper than {limits.depth} levels")
+        if isinstance(obj, dict):
+            stack.extend((v, level + 1) for v in obj.values() if isinstance(v, (dict, list)))
+        elif isinstance(obj, list):
+            stack.extend((v, level + 1) for v in obj if isinstance(v, (dict, list)))
+    return header
+
+
+def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = None,
+                  limits: Limits | None = None) -> tuple[dict, memoryview, bytes]:
+    limits = limits or DEFAULT_LIMITS
     view = memoryview(data)
     file_size = len(view) if file_size is None else file_size
     if len(view) < PREFIX_SIZE:
@@ -93,10 +126,13 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     if version != VERSION:
         raise ArtifactFormatError(f"{where}: format version {version}; this fxpress reads version "
                                   f"{VERSION}. Upgrade fxpress or save the model again.")
-    if hlen > MAX_HEADER_BYTES or PREFIX_SIZE + hlen > len(view):
+    if PREFIX_SIZE + hlen > len(view):
         raise ArtifactFormatError(f"{where}: header claims {hlen} bytes but the file holds "
-                                  f"{file_size - PREFIX_SIZE} after its prefix (limit "
-                                  f"{MAX_HEADER_BYTES}): truncated or tampered")
+                                  f"{file_size - PREFIX_SIZE} after its prefix (limit {limits.header_bytes}): "
+                                  "truncated or tampered")
+    if hlen > limits.header_bytes:
+        raise ArtifactLimitError(f"{where}: header is {hlen} bytes, over the limit of "
+                                 f"{limits.header_bytes}")
     head = bytes(view[PREFIX_SIZE:PREFIX_SIZE + hlen])
     if hashlib.sha256(head).digest() != hsha:
         raise ArtifactIntegrityError(f"{where}: header fails its sha256 check; the file is "
@@ -106,15 +142,14 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     if flags & _FLAG_ZLIB_HEADER:
         d = zlib.decompressobj(zdict=HEADER_ZDICT) if flags & _FLAG_ZDICT_HEADER else zlib.decompressobj()
         try:
-            head = d.decompress(head, MAX_HEADER_BYTES)
+            # stops at one byte past the limit: a bomb never inflates further
+            head = d.decompress(head, limits.header_text_bytes + 1)
         except zlib.error as e:
             raise ArtifactFormatError(f"{where}: header does not decompress: {e}") from None
         if not d.eof:
-            raise ArtifactFormatError(f"{where}: header decompresses past {MAX_HEADER_BYTES} bytes")
-    try:
-        header = json.loads(head)
-    except ValueError as e:
-        raise ArtifactFormatError(f"{where}: header is not valid JSON: {e}") from None
+            raise ArtifactLimitError(f"{where}: header decompresses past "
+                                     f"{limits.header_text_bytes} bytes (or is cut short)")
+    header = _parse_header_text(head, where, limits)
     if not isinstance(header, dict) or header.get("format") != "fxpress" \
             or header.get("version") != VERSION:
         raise ArtifactFormatError(f"{where}: header does not describe an fxpress v{VERSION} artifact")
@@ -123,23 +158,54 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     return header, view[PREFIX_SIZE + hlen:], head
 
 
-def read_header(path: str | os.PathLike) -> dict:
+def open_regular(path: str | os.PathLike) -> tuple[Any, int]:
+    """``path`` opened for reading and its size, refused unless it is a regular file (a FIFO,
+    a device such as /dev/zero, or a directory would block or never end)."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise ArtifactError(f"cannot read artifact {p}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactFormatError(f"{p} is not a regular file (a directory, FIFO or device); "
+                                      "give the path of an .fxp file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(f: Any, n: int, where: str) -> bytes:
+    """Exactly ``n`` bytes of ``f`` (the size fstat gave): a file that grows while it is read
+    is read up to its size, one that shrinks is refused."""
+    data = f.read(n)
+    if len(data) != n:
+        raise ArtifactFormatError(f"{where}: the file changed size while it was read")
+    return data
+
+
+def read_header(path: str | os.PathLike, *, limits: Limits | None = None) -> dict:
     """The verified header of an artifact (graph, modules, tensor table), without its tensors.
 
     >>> read_header("mlp.fxp")["tensors"]["layers.0.weight"]["encoding"]   # doctest: +SKIP
     'relidx'
     """
+    limits = limits or DEFAULT_LIMITS
     p = Path(path)
+    f, size = open_regular(p)
     try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with f:
             data = f.read(PREFIX_SIZE)
             if len(data) == PREFIX_SIZE:
                 hlen = _PREFIX.unpack(data)[3]
-                if hlen <= MAX_HEADER_BYTES and PREFIX_SIZE + hlen <= size:
-                    data += f.read(hlen)
+                if hlen <= limits.header_bytes and PREFIX_SIZE + hlen <= size:
+                    data += read_bounded(f, hlen, str(p))
     except OSError as e:
         raise ArtifactError(f"cannot read artifact {p}: {e.strerror or e}") from None
-    header, _, _ = _split_prefix(data, str(p), file_size=size)
+    header, _, _ = _split_prefix(data, str(p), file_size=size, limits=limits)
     header["file_bytes"] = size
     return header

@@ -1,5 +1,6 @@
-"""Load: check the header against the schema, decode the tensors within the limits, then
-build the modules and the graph."""
+"""Load: check the header against the closed schema within the limits, decode the tensors,
+then build the modules and the graph. Nothing from the file is executed, and nothing but
+an :class:`~fxpress.errors.ArtifactError` leaves :func:`load`."""
 from __future__ import annotations
 
 import contextlib
@@ -7,18 +8,22 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.fx
 
 from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
-                            ForbiddenTargetError)
-from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, EXPANSION_LIMIT,
-                                           MIN_DECODED_LIMIT, _sha, _sha64, _split_prefix)
-from fxpress.graph.artifact.schema import Allowlist, _Checked, _validate, derived_attributes
-from fxpress.graph.artifact.tensors import _check_tensor_entry, decode_tensor
+                            ArtifactLimitError, ArtifactSecurityError, FxpressError)
+from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _sha64,
+                                           _split_prefix, open_regular, read_bounded)
+from fxpress.graph.artifact.limits import Limits, resolve
+from fxpress.graph.artifact.modules import finish_torch_nn
+from fxpress.graph.artifact.schema import _IDENT, Allowlist, _Checked, _validate
+from fxpress.graph.artifact.specs import spec_from_file
+from fxpress.graph.artifact.tensors import decode_tensor
 from fxpress.graph.artifact.values import _Decoder, _dtype, _short_repr, dtype_name
+
 
 @contextlib.contextmanager
 def _located(where: str):
@@ -29,23 +34,14 @@ def _located(where: str):
         raise type(e)(f"{where}: {e}") from None
 
 
-def _decoded_limit(header: dict, file_size: int, max_bytes: int | None, where: str) -> None:
-    total = 0
-    for key, entry in header["tensors"].items():
-        total += _check_tensor_entry(key, entry)[2]
-    limit = max_bytes if max_bytes is not None else max(MIN_DECODED_LIMIT, EXPANSION_LIMIT * file_size)
-    if total > limit:
-        raise ArtifactFormatError(f"{where}: tensors would decode to {total} bytes, over the "
-                                  f"limit of {limit} for a {file_size}-byte file; pass "
-                                  "max_bytes= to load() if you trust it")
-
-
 # what to do about a refused file, appended to messages that do not say it already
 _FIX = {
     ArtifactIntegrityError: "the file is corrupted or was edited; save it again with fxpress.save",
-    ForbiddenTargetError: "the file was not loaded and nothing in it ran; load only artifacts "
-                          "written by fxpress.save (a plugin's runtime module needs that plugin "
-                          "installed)",
+    ArtifactLimitError: "if you trust the file, raise the limit: fxpress.load(path, max_bytes=..., "
+                        "limits=fxpress.graph.artifact.Limits(...))",
+    ArtifactSecurityError: "the file was not loaded and nothing in it ran; load only artifacts "
+                           "written by fxpress.save (a plugin's runtime module needs that plugin "
+                           "installed)",
     ArtifactFormatError: "the file is damaged, cut short or not an fxpress artifact; copy it "
                          "again or save it again with fxpress.save",
 }
@@ -54,36 +50,46 @@ _FIX = {
 def _with_fix(e: ArtifactError) -> ArtifactError:
     msg = str(e)
     fix = next((f for t, f in _FIX.items() if isinstance(e, t)), None)
-    if fix is None or any(s in msg for s in ("again", "not loaded", "max_bytes=", "newer fxpress")):
+    if fix is None or any(s in msg for s in ("again", "not loaded", "max_bytes=", "newer fxpress",
+                                              "limits=")):
         return e
     return type(e)(f"{msg.rstrip('.')}; {fix}")
 
 
 def loads(data: bytes | memoryview, runtime_modules: Iterable[type] = (), *,
-          max_bytes: int | None = None, where: str = "artifact") -> torch.fx.GraphModule:
+          max_bytes: int | None = None, limits: Limits | None = None,
+          where: str = "artifact") -> torch.fx.GraphModule:
     """Rebuild a GraphModule from artifact bytes (see :func:`load`)."""
+    lim = resolve(limits, max_bytes)
     try:
-        return _loads(data, runtime_modules, max_bytes=max_bytes, where=where)
+        return _loads(data, runtime_modules, limits=lim, where=where)
     except ArtifactError as e:
         fixed = _with_fix(e)
         if fixed is e:
             raise
         raise fixed from None
+    except FxpressError:
+        raise
+    except MemoryError:
+        raise ArtifactLimitError(f"{where}: loading ran out of memory; the file asks for more than "
+                                 "this machine has") from None
+    except (RecursionError, Exception) as e:  # the schema should have caught it: never escapes raw
+        raise ArtifactFormatError(f"{where}: the file does not rebuild ({type(e).__name__}: "
+                                  f"{_short_repr(str(e), 200)}); it was not loaded") from None
 
 
-def _loads(data: bytes | memoryview, runtime_modules: Iterable[type], *,
-           max_bytes: int | None, where: str) -> torch.fx.GraphModule:
+def _loads(data: bytes | memoryview, runtime_modules: Iterable[type], *, limits: Limits,
+           where: str) -> torch.fx.GraphModule:
     import safetensors.torch
 
-    header, payload_view, _ = _split_prefix(data, where)
+    header, payload_view, _ = _split_prefix(data, where, limits=limits)
     allow = Allowlist(runtime_modules)
-    plan = _validate(header, allow, where)
+    plan = _validate(header, allow, where, limits, limits.decoded_limit(len(data)))
     pinfo = header.get("payload", {})
     if not isinstance(pinfo, dict) or pinfo.get("length") != len(payload_view):
         raise ArtifactFormatError(f"{where}: payload is {len(payload_view)} bytes, header declares "
-                                  f"{pinfo.get('length') if isinstance(pinfo, dict) else '?'}: "
+                                  f"{_short_repr(pinfo.get('length')) if isinstance(pinfo, dict) else '?'}: "
                                   "truncated or tampered")
-    _decoded_limit(header, len(data), max_bytes, where)
     if _sha(payload_view) != pinfo.get("sha256"):
         # name the damaged tensor(s) where the payload still parses
         bad = _damaged_streams(header, payload_view)
@@ -98,9 +104,9 @@ def _loads(data: bytes | memoryview, runtime_modules: Iterable[type], *,
     streams = _unblob(header, streams, where)
     with _located(where):
         decoded = {key: decode_tensor(key, entry, streams) for key, entry in header["tensors"].items()}
-    root = _build_modules(plan, decoded, header["tensors"])
-    gm = _build_graph(header, root, allow, where)
-    return gm
+    del streams
+    root = _build_modules(plan, decoded, where)
+    return _build_graph(header, plan, root, allow, where, limits)
 
 
 def _blob_streams(header: dict) -> Iterable[tuple[str, str, dict, int, int]]:
@@ -170,8 +176,7 @@ def _damaged_streams(header: dict, payload: memoryview) -> list[str]:
     return bad
 
 
-def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor],
-                   entries: dict[str, dict]) -> torch.nn.Module:
+def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
     built: dict[str, torch.nn.Module] = {}
     root = torch.nn.Module()
     for m in plan.modules:
@@ -183,16 +188,24 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor],
             cls = plan.classes[path]
             tensors = {n: decoded[r["ref"]] for n, r in refs.items() if r.get("ref") is not None}
             params = [n for n, r in refs.items() if r.get("kind") == "parameter"]
-            mod = cls.from_state(plan.configs[path], tensors, params)
+            try:
+                mod = cls.from_state(dict(plan.configs[path]), tensors, params)
+            except Exception as e:
+                raise ArtifactFormatError(f"{where}: module {path!r}: {cls.__name__}.from_state "
+                                          f"refused its config ({type(e).__name__}: "
+                                          f"{_short_repr(str(e), 200)})") from None
+            if not isinstance(mod, cls):
+                raise ArtifactFormatError(f"{where}: module {path!r}: from_state returned "
+                                          f"{type(mod).__name__}")
             for n, r in refs.items():  # from_state decides trainability; restore what was saved
-                p = mod.get_parameter(n) if n in params else None
+                p = mod._parameters.get(n) if n in params else None
                 if p is not None and "requires_grad" in r and p.is_floating_point():
                     p.requires_grad_(bool(r["requires_grad"]))
         else:
             cls = plan.classes[path]
             mod = cls.__new__(cls)
             torch.nn.Module.__init__(mod)
-            for k, v in plan.configs[path].items():
+            for k, v in plan.configs[path].items():  # checked fields only (see .modules)
                 object.__setattr__(mod, k, v)
         if m.get("kind") != "runtime":
             for n, r in refs.items():
@@ -204,39 +217,101 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor],
                     mod.register_buffer(n, t, persistent=bool(r.get("persistent", True)))
                 else:
                     object.__setattr__(mod, n, t)
-        if m.get("kind") == "torch.nn":
-            _, rebuild = derived_attributes(type(mod))
-            if rebuild is not None:
-                getattr(mod, rebuild)()
+            if path and m.get("kind") == "torch.nn":
+                finish_torch_nn(mod)
         mod.training = bool(m.get("training", False))
         built[path] = mod
         if path:
             parent, _, name = path.rpartition(".")
             built[parent].add_module(name, mod)
+    for path, target in plan.aliases:  # after every real module: an alias may point forward
+        parent, _, name = path.rpartition(".")
+        built[parent].add_module(name, built[target])
+    _no_module_cycles(root, where)
     return root
 
 
-def _build_graph(header: dict, root: torch.nn.Module, allow: Allowlist, where: str
-                 ) -> torch.fx.GraphModule:
+def _no_module_cycles(root: torch.nn.Module, where: str) -> None:
+    """Refuse a module tree in which a module contains itself (through aliases)."""
+    state: dict[int, int] = {}  # id -> 1 on the stack, 2 done
+    stack: list[tuple[torch.nn.Module, Any]] = [(root, iter(root._modules.values()))]
+    state[id(root)] = 1
+    while stack:
+        mod, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            state[id(mod)] = 2
+            stack.pop()
+            continue
+        s = state.get(id(child))
+        if s == 1:
+            raise ArtifactFormatError(f"{where}: the module tree contains itself (an alias cycle)")
+        if s is None:
+            state[id(child)] = 1
+            stack.append((child, iter(child._modules.values())))
+
+
+_NUM = (bool, int, float, torch.fx.Node)
+# ATen types as str(schema type) spells them (dtypes, layouts and memory formats are ints)
+_ARG_KINDS = {"Tensor": (*_NUM, complex), "int": (*_NUM, torch.dtype, torch.layout, torch.memory_format),
+              "SymInt": _NUM, "float": _NUM, "bool": _NUM, "number": (*_NUM, complex),
+              "Scalar": (*_NUM, complex), "complex": (*_NUM, complex), "str": (str,),
+              "Device": (torch.device, str), "Layout": (torch.layout,),
+              "MemoryFormat": (torch.memory_format,), "ScalarType": (torch.dtype,)}
+
+
+def _arg_ok(v: Any, t: str) -> bool:
+    """Does the constant or node ``v`` fit the ATen schema type ``t``?"""
+    if t.startswith("Optional[") and t.endswith("]"):
+        return v is None or _arg_ok(v, t[9:-1])
+    if t.startswith("List[") and t.endswith("]"):
+        t = t[5:-1] + "[]"
+    if t.endswith("?"):
+        return v is None or _arg_ok(v, t[:-1])
+    if t.endswith("]"):
+        inner = t[:t.index("[")]
+        return isinstance(v, torch.fx.Node) or (isinstance(v, (list, tuple)) and all(
+            _arg_ok(x, inner + ("?" if inner == "Tensor" else "")) for x in v)) or (
+            inner in ("int", "SymInt") and isinstance(v, int))
+    kinds = _ARG_KINDS.get(t)
+    return kinds is None or isinstance(v, kinds)
+
+
+def _check_aten_args(op: Any, args: tuple, kwargs: dict, nw: str) -> None:
+    schema = op._schema
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    by_name = {a.name: a for a in schema.arguments}
+    if len(args) > len(positional) or not set(kwargs) <= set(by_name):
+        raise ArtifactSecurityError(f"{nw}: arguments do not fit {schema.name}'s schema")
+    for v, a in [*zip(args, positional), *((kwargs[k], by_name[k]) for k in kwargs)]:
+        if not _arg_ok(v, str(a.type)):
+            raise ArtifactSecurityError(f"{nw}: argument {a.name!r} of {schema.name} is "
+                                        f"{_short_repr(v)}, not a {a.type}")
+
+
+def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: Allowlist, where: str,
+                 limits: Limits) -> torch.fx.GraphModule:
     from torch.fx.passes.shape_prop import TensorMetadata
 
     ginfo = header["graph"]
-    for m in header["modules"]:
-        if "alias" in m:
-            parent, _, name = m["path"].rpartition(".")
-            root.get_submodule(parent).add_module(name, root.get_submodule(m["alias"]))
     graph = torch.fx.Graph()
     env: dict[str, torch.fx.Node] = {}
     for n in ginfo["nodes"]:
         nw = f"{where}: node {n['name']!r}"
-        decode = _Decoder(allow, env, nw)
+        decode = _Decoder(allow, env, nw, depth=limits.depth, string=limits.string)
         args, kwargs = decode(n.get("args", {"$": "tuple", "v": []})), decode(n.get("kwargs", {"$": "dict", "v": []}))
-        if not isinstance(args, tuple) or not isinstance(kwargs, dict) or \
-                not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not all(
+                isinstance(k, str) and _IDENT.fullmatch(k) and not k.startswith("__") for k in kwargs):
             raise ArtifactFormatError(f"{nw}: args must be a tuple and kwargs a dict of names")
         op, target = n["op"], n["target"]
         if op == "call_function":
             target = allow.function(target)
+            if isinstance(target, torch._ops.OpOverload):
+                _check_aten_args(target, args, kwargs, nw)
+        elif op == "output" and (len(args) != 1 or kwargs):
+            raise ArtifactFormatError(f"{nw}: the output node takes one argument")
+        elif op in ("placeholder", "get_attr") and any(isinstance(a, torch.fx.Node) for a in args):
+            raise ArtifactFormatError(f"{nw}: a {op} node takes no node arguments")
         node = graph.create_node(op, target, args, kwargs, name=n["name"])
         env[n["name"]] = node
         if n.get("shape") is not None and "dtype" in n:
@@ -248,21 +323,18 @@ def _build_graph(header: dict, root: torch.nn.Module, allow: Allowlist, where: s
             node.meta["fxpress_pass"] = n["pass"]
     cg = ginfo.get("codegen")
     if cg is not None:
-        from torch.utils import _pytree as pytree
-
-        try:
-            in_spec = pytree.treespec_loads(cg["in_spec"]) if cg.get("in_spec") else None
-            out_spec = pytree.treespec_loads(cg["out_spec"]) if cg.get("out_spec") else None
-        except Exception as e:
-            raise ArtifactFormatError(f"{where}: bad pytree spec: {e}") from None
+        in_spec = spec_from_file(cg["in_spec"], f"{where}: input structure", limits.depth,
+                                 limits.nodes) if cg.get("in_spec") else None
+        out_spec = spec_from_file(cg["out_spec"], f"{where}: output structure", limits.depth,
+                                  limits.nodes) if cg.get("out_spec") else None
         graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(
-            list(cg["orig_args"]), in_spec, out_spec))
+            list(cg.get("orig_args", [])), in_spec, out_spec))
     try:
         graph.lint()
         gm = torch.fx.GraphModule(root, graph, ginfo.get("class_name", "GraphModule"))
     except Exception as e:
         raise ArtifactFormatError(f"{where}: the stored graph does not rebuild: "
-                                  f"{type(e).__name__}: {e}") from None
+                                  f"{type(e).__name__}: {_short_repr(str(e), 200)}") from None
     gm.training = False
     meta = header.get("meta")
     gm.meta["fxpress"] = dict(meta) if isinstance(meta, dict) else {}
@@ -272,18 +344,26 @@ def _build_graph(header: dict, root: torch.nn.Module, allow: Allowlist, where: s
 
 
 def load(path: str | os.PathLike, runtime_modules: Iterable[type] = (), *,
-         max_bytes: int | None = None) -> torch.fx.GraphModule:
+         max_bytes: int | None = None, limits: Limits | None = None) -> torch.fx.GraphModule:
     """Load an artifact written by :func:`save`; ``runtime_modules`` are the classes allowed
     besides torch.nn (``fxpress.load`` passes every registered pass's runtime modules).
 
     >>> gm = load("mlp.fxp")                            # doctest: +SKIP
 
-    Raises :class:`~fxpress.errors.ArtifactError` (format, integrity, forbidden target)
-    before building anything; nothing in the file is executed.
+    ``max_bytes`` bounds the decoded tensors (default ``max(256 MiB, 10,000 x the file
+    size)``), ``limits`` every other bound (:class:`~fxpress.graph.artifact.Limits`).
+    Raises :class:`~fxpress.errors.ArtifactError` (format, integrity, limit, security)
+    before building anything; nothing in the file is executed. Only regular files are
+    read, and never past the size they had when opened.
     """
+    lim = resolve(limits, max_bytes)
     p = Path(path)
+    f, size = open_regular(p)
     try:
-        data = p.read_bytes()
+        with f:
+            if size > lim.decoded_limit(size) + lim.header_bytes + (1 << 20) and lim.max_bytes is not None:
+                raise ArtifactLimitError(f"{p}: the file is {size} bytes, more than max_bytes allows")
+            data = read_bounded(f, size, str(p))
     except OSError as e:
         raise ArtifactError(f"cannot read artifact {p}: {e.strerror or e}") from None
-    return loads(data, runtime_modules, max_bytes=max_bytes, where=str(p))
+    return loads(data, runtime_modules, limits=lim, where=str(p))

@@ -1,210 +1,86 @@
-"""What an artifact may name and say: the allowlist of targets and module classes, and the
-validation of a decoded header before anything in it is built."""
+"""The closed schema of an artifact's header: checked whole, within the load's limits,
+before any tensor is decoded or any module built.
+
+What may appear: the module tree (paths, aliases that never loop, torch.nn classes of
+:mod:`.modules` with their fields, the caller's runtime module classes with their configs),
+the tensor table (dtype, shape, encoding, streams: :mod:`.tensors`), and the graph (nodes
+calling what :mod:`.allowlist` allows, with constant arguments of the kinds :mod:`.values`
+decodes). Names are ASCII identifiers (no dunders, no keywords, no look-alike letters).
+Every refusal is an :class:`~fxpress.errors.ArtifactFormatError` (a security or limit error
+where that is what it is) naming the field, module or node.
+"""
 from __future__ import annotations
 
-import builtins
 import keyword
-import math
-import operator
-import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-import torch.fx
-import torch.nn.functional as F
 
-from fxpress.errors import ArtifactFormatError, ForbiddenTargetError
+from fxpress.errors import (ArtifactFormatError, ArtifactLimitError, ArtifactSecurityError,
+                            ForbiddenTargetError)
+from fxpress.graph.artifact.allowlist import Allowlist, class_name  # noqa: F401 (re-export)
+from fxpress.graph.artifact.limits import Limits
+from fxpress.graph.artifact.modules import check_runtime, check_torch_nn
 from fxpress.graph.artifact.tensors import _check_tensor_entry
 from fxpress.graph.artifact.values import _Decoder, _short_repr
-from fxpress.graph.runtime import RuntimeModule
 
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
-
-
-# torch.* callables that touch files, global state or the compiler: never a graph target.
-_TORCH_DENY = {"load", "save", "from_file", "compile", "manual_seed", "seed", "initial_seed",
-               "get_file_path", "thread_safe_generator", "import_ir_module",
-               "import_ir_module_from_buffer", "prepare_multiprocessing_environment",
-               "compiled_with_cxx11_abi", "vmap", "cond", "while_loop", "export"}
-_TORCH_DENY_PREFIX = ("set_", "get_", "use_", "init_", "is_", "are_", "profiler", "autocast")
-# Tensor methods that take callables, install hooks, or expose raw memory.
-_METHOD_DENY = {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook",
-                "backward", "share_memory_", "storage", "untyped_storage", "set_", "data_ptr",
-                "pin_memory", "from_file", "tolist", "numpy", "record_stream", "module_load"}
-_OPERATOR_DENY = {"attrgetter", "itemgetter", "methodcaller", "call"}
-_BUILTINS = ("getattr", "len", "int", "float", "bool", "abs", "min", "max", "round", "pow",
-             "divmod", "slice")
-_ATEN_DENY = {"from_file", "_print", "save", "load"}
-# ATen's operator overloads are spelled as dunders; these names, and no other dunder, resolve.
-_ATEN_DUNDERS = {f"__{op}__" for op in ("and", "or", "xor", "lshift", "rshift", "iand", "ior",
-                                        "ixor", "ilshift", "irshift")}
-# fx graphs use these private helpers; they compute on tensors and nothing else.
-_EXTRA = {"torch._assert": lambda: torch._assert}
-
-
-def _public_callables(module: Any, prefix: str, deny: set[str] = frozenset(),
-                      deny_prefix: tuple[str, ...] = ()) -> dict[str, Any]:
-    out = {}
-    for name in dir(module):
-        if name.startswith("_") or name in deny or name.startswith(deny_prefix):
-            continue
-        obj = getattr(module, name, None)
-        if callable(obj) and not isinstance(obj, type) and not isinstance(obj, type(os)):
-            out[f"{prefix}.{name}"] = obj
-    return out
-
-
-_STATIC: dict[str, Any] | None = None
-
-
-def _static_functions() -> dict[str, Any]:
-    global _STATIC
-    if _STATIC is None:
-        fns: dict[str, Any] = {}
-        fns.update(_public_callables(math, "math"))
-        fns.update(_public_callables(operator, "operator", _OPERATOR_DENY))
-        fns.update(_public_callables(torch, "torch", _TORCH_DENY, _TORCH_DENY_PREFIX))
-        fns.update(_public_callables(F, "torch.nn.functional"))
-        for name in _BUILTINS:
-            fns[f"builtins.{name}"] = getattr(builtins, name)
-        for name, get in _EXTRA.items():
-            fns[name] = get()
-        _STATIC = fns
-    return _STATIC
-
-
-class Allowlist:
-    """What an artifact may name: functions, Tensor methods, module classes.
-
-    >>> allow = Allowlist(runtime_modules=[])
-    >>> allow.function("torch.relu") is torch.relu
-    True
-    """
-
-    def __init__(self, runtime_modules: Iterable[type] = ()):
-        self.functions = _static_functions()
-        self._names = {}
-        for name, fn in self.functions.items():
-            try:
-                self._names.setdefault(fn, name)
-            except TypeError:  # unhashable callables cannot be looked up by identity
-                pass
-        self.modules: dict[str, type] = {"torch.nn.Module": torch.nn.Module}
-        for name in dir(torch.nn):
-            cls = getattr(torch.nn, name)
-            if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and not name.startswith("_"):
-                self.modules[f"torch.nn.{name}"] = cls
-        # MultiheadAttention's out_proj: a public torch.nn class torch.nn does not re-export
-        self.modules["torch.nn.NonDynamicallyQuantizableLinear"] = \
-            torch.nn.modules.linear.NonDynamicallyQuantizableLinear
-        self.runtime: dict[str, type] = {}
-        for cls in runtime_modules:
-            if not (isinstance(cls, type) and issubclass(cls, RuntimeModule)):
-                raise TypeError(f"runtime module {cls!r} is not a RuntimeModule subclass")
-            self.runtime[class_name(cls)] = cls
-
-    # save side: object -> name
-    def name_of(self, fn: Any) -> str | None:
-        if isinstance(fn, torch._ops.OpOverload):
-            ns = fn.namespace
-            packet, overload = fn._schema.name.split("::")[-1], fn._overloadname
-            if ns == "aten" and packet not in _ATEN_DENY:
-                return f"torch.ops.aten.{packet}.{overload}"
-            return None
-        try:
-            return self._names.get(fn)
-        except TypeError:
-            return None
-
-    # load side: name -> object
-    def function(self, name: str) -> Any:
-        if not isinstance(name, str):
-            raise KeyError(name)
-        if name.startswith("torch.ops."):
-            return _aten_op(name)
-        return self.functions[name]
-
-    def method_allowed(self, name: str) -> bool:
-        return (isinstance(name, str) and name.isidentifier() and not name.startswith("_")
-                and name not in _METHOD_DENY and callable(getattr(torch.Tensor, name, None)))
-
-
-def _aten_op(name: str) -> Any:
-    parts = name.split(".")
-    if len(parts) != 5 or parts[:3] != ["torch", "ops", "aten"]:
-        raise KeyError(name)
-    packet_name, overload = parts[3], parts[4]
-    dunder = packet_name.startswith("__") and packet_name not in _ATEN_DUNDERS
-    if (not packet_name.isidentifier() or dunder or packet_name in _ATEN_DENY
-            or not overload.isidentifier() or overload.startswith("__")):
-        raise KeyError(name)
-    try:
-        packet = getattr(torch.ops.aten, packet_name)
-        if overload not in packet.overloads():
-            raise KeyError(name)
-        op = getattr(packet, overload)
-    except (AttributeError, RuntimeError) as e:
-        raise KeyError(name) from e
-    if not isinstance(op, torch._ops.OpOverload):
-        raise KeyError(name)
-    return op
-
-
-def class_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+_MODULE_KEYS = {"path", "alias", "kind", "class", "config", "tensors", "training"}
+_REF_KEYS = {"ref", "kind", "requires_grad", "persistent"}
+_NODE_KEYS = {"name", "op", "target", "args", "kwargs", "shape", "dtype", "pass"}
+_BASE_KEYS = frozenset(vars(torch.nn.Module()).keys())
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-_IDENT_PART = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)$")
+_IDENT_PART = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _check_qualname(name: Any, where: str, allow_empty: bool = False) -> str:
+def _check_qualname(name: Any, where: str, allow_empty: bool = False, limit: int = 4096) -> str:
     if not isinstance(name, str) or (not name and not allow_empty):
         raise ArtifactFormatError(f"{where}: expected a dotted attribute name, got {_short_repr(name)}")
+    if len(name) > limit:
+        raise ArtifactLimitError(f"{where}: a name of {len(name)} characters (limit {limit})")
     if not name:
         return name
     for part in name.split("."):
-        if not _IDENT_PART.match(part) or keyword.iskeyword(part):
-            raise ForbiddenTargetError(f"{where}: {name!r} is not a plain attribute path")
+        if not _IDENT_PART.fullmatch(part) or keyword.iskeyword(part):
+            raise ForbiddenTargetError(f"{where}: {_short_repr(name)} is not a plain ASCII "
+                                       "attribute path")
         if part.startswith("__"):
             raise ForbiddenTargetError(f"{where}: dunder name {part!r} in {name!r} is refused")
     return name
 
 
-def _check_ident(name: Any, where: str) -> str:
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise ForbiddenTargetError(f"{where}: {_short_repr(name)} is not a plain identifier")
+def _check_ident(name: Any, where: str, limit: int = 4096) -> str:
+    if not isinstance(name, str) or not _IDENT.fullmatch(name) or keyword.iskeyword(name):
+        raise ForbiddenTargetError(f"{where}: {_short_repr(name)} is not a plain identifier (ASCII)")
+    if len(name) > limit:
+        raise ArtifactLimitError(f"{where}: a name of {len(name)} characters (limit {limit})")
     if name.startswith("__"):
         raise ForbiddenTargetError(f"{where}: dunder name {name!r} is refused")
     return name
 
 
-#: attributes a torch.nn module derives from its own parameters: never stored, rebuilt after
-#: loading by the named method (RNNs keep their weights in a list for the fused kernel)
-DERIVED_ATTRIBUTES: dict[type, tuple[tuple[str, ...], str]] = {
-    torch.nn.RNNBase: (("_flat_weights", "_flat_weight_refs"), "_init_flat_weights")}
+def _check_tensor_name(cls: type, name: Any, where: str, limit: int) -> str:
+    """A tensor attribute's name: an identifier that is no method, property or internal of
+    the module class (a single leading underscore is allowed: export's constants)."""
+    _check_ident(name, where, limit)
+    if name in _BASE_KEYS or any(name in vars(base) for base in cls.__mro__):
+        raise ArtifactSecurityError(f"{where}: tensor name {name!r} would replace an attribute "
+                                    f"of {cls.__name__}")
+    return name
 
 
-def derived_attributes(cls: type) -> tuple[tuple[str, ...], str | None]:
-    """(attribute names, rebuilding method) of ``cls`` (see ``DERIVED_ATTRIBUTES``)."""
-    for base, entry in DERIVED_ATTRIBUTES.items():
-        if issubclass(cls, base):
-            return entry
-    return (), None
-
-
-def _check_config_key(cls: type, key: Any, where: str) -> str:
-    _check_ident(key, where)
-    attr = getattr(cls, key, None)
-    if callable(attr) or isinstance(attr, property):
-        raise ForbiddenTargetError(f"{where}: attribute {key!r} would replace a method of "
-                                   f"{cls.__name__}")
-    return key
+def _keys(d: dict, allowed: set, where: str) -> None:
+    extra = [k for k in d if k not in allowed]
+    if extra:
+        raise ArtifactFormatError(f"{where}: unknown field(s) {_short_repr(extra)}")
 
 
 @dataclass
@@ -214,128 +90,187 @@ class _Checked:
     modules: list[dict] = field(default_factory=list)
     classes: dict[str, type] = field(default_factory=dict)
     configs: dict[str, dict] = field(default_factory=dict)
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+    declared_bytes: int = 0
 
 
-def _validate(header: dict, allow: Allowlist, where: str) -> _Checked:
+def _count(what: str, items: Any, limit: int, where: str) -> None:
+    if len(items) > limit:
+        raise ArtifactLimitError(f"{where}: {len(items)} {what}, over the limit of {limit}; "
+                                 f"pass limits=Limits({what}=...) to load() if you trust the file")
+
+
+def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None = None,
+              decoded_limit: int | None = None) -> _Checked:
+    limits = limits or Limits()
+    decoded_limit = decoded_limit if decoded_limit is not None else limits.decoded_limit(0)
     plan = _Checked()
-    tensors = header.get("tensors")
-    modules = header.get("modules")
-    graph = header.get("graph")
+    tensors, modules, graph = header.get("tensors"), header.get("modules"), header.get("graph")
     if not isinstance(tensors, dict) or not isinstance(modules, list) or not isinstance(graph, dict):
         raise ArtifactFormatError(f"{where}: header lacks graph/modules/tensors")
-    paths: set[str] = set()
+    nodes = graph.get("nodes")
+    if not isinstance(nodes, list):
+        raise ArtifactFormatError(f"{where}: graph has no node list")
+    _count("modules", modules, limits.modules, where)
+    _count("tensors", tensors, limits.tensors, where)
+    _count("nodes", nodes, limits.nodes, where)
+    # tensors first: every size adds up and the total fits, before anything else is read
+    for key, entry in tensors.items():
+        try:
+            _check_qualname(key, f"{where}: tensor", limit=limits.string)
+            _, _, nbytes, streams = _check_tensor_entry(key, entry)
+        except ArtifactFormatError as e:
+            raise type(e)(f"{where}: {e}") from None
+        plan.declared_bytes += nbytes + streams
+    if plan.declared_bytes > decoded_limit:
+        raise ArtifactLimitError(f"{where}: tensors and their streams would decode to "
+                                 f"{plan.declared_bytes} bytes, over the limit of {decoded_limit}; "
+                                 "pass max_bytes= to load() if you trust the file")
+    paths: dict[str, bool] = {}  # path -> is a real (not alias) entry
     attrs: set[str] = set()
     for m in modules:
         if not isinstance(m, dict):
             raise ArtifactFormatError(f"{where}: malformed module entry")
-        path = _check_qualname(m.get("path"), f"{where}: module path", allow_empty=True)
-        if path in paths or (path and path.rpartition(".")[0] not in paths):
-            raise ArtifactFormatError(f"{where}: module {path!r} is duplicated or comes before "
-                                      "its parent")
-        paths.add(path)
-        if "alias" in m:
-            if m["alias"] not in paths:
-                raise ArtifactFormatError(f"{where}: module {path!r} aliases unknown {m['alias']!r}")
-            continue
+        _keys(m, _MODULE_KEYS, f"{where}: module {_short_repr(m.get('path'))}")
+        path = _check_qualname(m.get("path"), f"{where}: module path", allow_empty=True,
+                               limit=limits.string)
+        parent = path.rpartition(".")[0]
+        if path in paths or (path and not paths.get(parent)):
+            raise ArtifactFormatError(f"{where}: module {path!r} is duplicated or does not come "
+                                      "after its parent (a real module, not an alias)")
         mw = f"{where}: module {path!r}"
+        if "alias" in m:
+            target = m["alias"]
+            if len(m) != 2 or not isinstance(target, str) or not paths.get(target) or not path \
+                    or target == "" or path.startswith(target + ".") or target == path:
+                raise ArtifactFormatError(f"{mw}: aliases {_short_repr(target)}, which is not an "
+                                          "earlier module outside its own parents (alias cycle?)")
+            paths[path] = False
+            plan.aliases.append((path, target))
+            continue
+        paths[path] = True
         kind, cname = m.get("kind"), m.get("class")
+        cls: type = torch.nn.Module
         if path:
             if kind == "runtime":
-                cls = allow.runtime.get(cname)
+                cls = allow.runtime.get(cname) if isinstance(cname, str) else None
                 if cls is None:
                     raise ForbiddenTargetError(
-                        f"{mw}: runtime module class {cname!r} is not registered by any installed "
-                        "pass plugin; install the plugin that wrote it")
+                        f"{mw}: runtime module class {_short_repr(cname)} is not registered by "
+                        "any installed pass plugin; install the plugin that wrote it")
             elif kind in ("torch.nn", "container"):
-                cls = allow.modules.get(cname)
+                cls = allow.modules.get(cname) if isinstance(cname, str) else None
                 if cls is None or (kind == "container") != (cls is torch.nn.Module):
-                    raise ForbiddenTargetError(f"{mw}: module class {cname!r} is not a torch.nn "
-                                               "module class")
+                    raise ForbiddenTargetError(f"{mw}: module class {_short_repr(cname)} is not a "
+                                               "torch.nn module class on the reviewed list")
             else:
-                raise ArtifactFormatError(f"{mw}: unknown module kind {kind!r}")
+                raise ArtifactFormatError(f"{mw}: unknown module kind {_short_repr(kind)}")
             plan.classes[path] = cls
             config = m.get("config", {})
             if not isinstance(config, dict):
                 raise ArtifactFormatError(f"{mw}: config must be an object")
-            decode = _Decoder(allow, None, mw)
-            plan.configs[path] = {_check_config_key(cls, k, f"{mw} config"): decode(v)
-                                  for k, v in config.items()}
+            _count("config keys", config, 256, mw)
+            for k in config:
+                _check_ident(k, f"{mw} config", limits.string)
+            decode = _Decoder(allow, None, mw, functions=kind == "torch.nn", depth=limits.depth,
+                              string=limits.string)
+            values = {k: decode(v) for k, v in config.items()}
+            if kind == "runtime":
+                plan.configs[path] = check_runtime(cls, values, mw, decoded_limit)
+            else:
+                plan.configs[path] = check_torch_nn(cls, cname.removeprefix("torch.nn."), values, mw)
+        elif kind not in (None, "container", "torch.nn") or m.get("config"):
+            raise ArtifactFormatError(f"{where}: the root module has a kind or config")
+        if not isinstance(m.get("training", False), bool):
+            raise ArtifactFormatError(f"{mw}: training must be true or false")
         ts = m.get("tensors", {})
         if not isinstance(ts, dict):
             raise ArtifactFormatError(f"{mw}: tensors must be an object")
         for tname, ref in ts.items():
-            if kind == "runtime":
-                _check_qualname(tname, f"{mw} tensor")
-            else:
-                _check_ident(tname, f"{mw} tensor")
+            _check_tensor_name(cls, tname, f"{mw} tensor", limits.string)
             if not isinstance(ref, dict) or ref.get("kind") not in ("parameter", "buffer", "attr"):
                 raise ArtifactFormatError(f"{mw}: tensor {tname!r} malformed")
-            if ref.get("ref") is not None and ref["ref"] not in tensors:
-                raise ArtifactFormatError(f"{mw}: tensor {tname!r} refers to missing {ref['ref']!r}")
+            _keys(ref, _REF_KEYS, f"{mw} tensor {tname!r}")
+            r = ref.get("ref")
+            if r is not None and (not isinstance(r, str) or r not in tensors):
+                raise ArtifactFormatError(f"{mw}: tensor {tname!r} refers to missing "
+                                          f"{_short_repr(r)}")
+            if (r is None and ref["kind"] == "attr") or (kind == "runtime" and r is None):
+                raise ArtifactFormatError(f"{mw}: tensor {tname!r} has no data")
+            for flag in ("requires_grad", "persistent"):
+                if not isinstance(ref.get(flag, False), bool):
+                    raise ArtifactFormatError(f"{mw}: tensor {tname!r}: {flag} must be a bool")
             attrs.add(_join(path, tname))
         plan.modules.append(m)
-    # tensors: shapes and streams add up
-    for key, entry in tensors.items():
-        try:
-            _check_tensor_entry(key, entry)
-        except ArtifactFormatError as e:
-            raise type(e)(f"{where}: {e}") from None
-    # the graph
-    nodes = graph.get("nodes")
-    if not isinstance(nodes, list):
-        raise ArtifactFormatError(f"{where}: graph has no node list")
     names: set[str] = set()
     for n in nodes:
         if not isinstance(n, dict):
             raise ArtifactFormatError(f"{where}: malformed node")
         name = n.get("name")
-        nw = f"{where}: node {name!r} ({n.get('op')} {_short_repr(n.get('target'), 60)})"
-        _check_ident(name, nw)
+        op = n.get("op")
+        nw = f"{where}: node {_short_repr(name, 60)} ({op if op in _OPS else _short_repr(op, 20)} " \
+             f"{_short_repr(n.get('target'), 60)})"
+        _keys(n, _NODE_KEYS, nw)
+        _check_ident(name, nw, limits.string)
         if name in names:
             raise ArtifactFormatError(f"{nw}: duplicate node name")
         op, target = n.get("op"), n.get("target")
         if op not in _OPS:
-            raise ArtifactFormatError(f"{nw}: unknown op {op!r}")
+            raise ArtifactFormatError(f"{nw}: unknown op")
         if op == "placeholder":
-            _check_ident(target, nw)
+            _check_ident(target, nw, limits.string)
         elif op == "get_attr":
-            _check_qualname(target, nw)
+            _check_qualname(target, nw, limit=limits.string)
             if target not in attrs and target not in paths:
                 raise ArtifactFormatError(f"{nw}: no tensor or module named {target!r} in the file")
         elif op == "call_module":
-            _check_qualname(target, nw)
-            if target not in plan.classes and not any(
-                    m.get("path") == target for m in modules if isinstance(m, dict)):
+            _check_qualname(target, nw, limit=limits.string)
+            if target not in paths:
                 raise ArtifactFormatError(f"{nw}: no module named {target!r} in the file")
         elif op == "call_method":
             if not allow.method_allowed(target):
-                raise ForbiddenTargetError(f"{nw}: Tensor method {target!r} is not allowlisted; "
-                                           "the file was not loaded")
+                raise ForbiddenTargetError(f"{nw}: Tensor method {_short_repr(target)} is not "
+                                           "allowlisted (the reviewed list); the file was not loaded")
         elif op == "call_function":
             try:
                 fn = allow.function(target)
-            except KeyError:
+            except (KeyError, TypeError):
                 raise ForbiddenTargetError(
-                    f"{nw}: function {target!r} is not in the allowlist (torch, "
-                    "torch.nn.functional, torch.ops.aten, operator, math, a few builtins); "
-                    "the file was not loaded") from None
+                    f"{nw}: function {_short_repr(target)} is not in the allowlist (the reviewed ops of torch, "
+                    "torch.nn.functional, torch.ops.aten, operator, math, a few builtins; "
+                    "nothing that takes raw memory or calls callables); the file was not "
+                    "loaded") from None
             if fn is getattr:
                 args = n.get("args")
                 attr = args["v"][1] if isinstance(args, dict) and isinstance(args.get("v"), list) \
                     and len(args["v"]) == 2 else None
-                if not isinstance(attr, str) or attr.startswith("_") or not attr.isidentifier():
+                kwargs = n.get("kwargs", {"$": "dict", "v": []})
+                if not allow.attribute_allowed(attr) or kwargs != {"$": "dict", "v": []}:
                     raise ForbiddenTargetError(f"{nw}: getattr is allowed only with a constant "
-                                               f"public attribute name, got {_short_repr(attr)}")
+                                               f"tensor data attribute (shape, dtype, ...), got "
+                                               f"{_short_repr(attr)}")
         elif op == "output" and target != "output":
             raise ArtifactFormatError(f"{nw}: output node target must be 'output'")
+        shape = n.get("shape")
+        if shape is not None and not (isinstance(shape, list) and len(shape) <= 64 and all(
+                s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in shape)):
+            raise ArtifactFormatError(f"{nw}: malformed shape")
+        if not isinstance(n.get("pass", ""), str) or not isinstance(n.get("dtype", ""), str):
+            raise ArtifactFormatError(f"{nw}: malformed pass or dtype")
         names.add(name)
     cg = graph.get("codegen")
     if cg is not None:
-        if not isinstance(cg, dict) or cg.get("kind") != "pytree":
+        if not isinstance(cg, dict) or cg.get("kind") != "pytree" or not isinstance(
+                cg.get("orig_args", []), list):
             raise ArtifactFormatError(f"{where}: unknown code generator {_short_repr(cg)}")
+        _count("nodes", cg.get("orig_args", []), limits.nodes, where)
         for a in cg.get("orig_args", []):
-            _check_ident(a, f"{where}: graph argument")
-    if not isinstance(graph.get("class_name", "GraphModule"), str) or \
-            not graph.get("class_name", "GraphModule").isidentifier():
-        raise ArtifactFormatError(f"{where}: bad class name")
+            _check_ident(a, f"{where}: graph argument", limits.string)
+    cname = graph.get("class_name", "GraphModule")
+    if not isinstance(cname, str) or not _IDENT.fullmatch(cname) or len(cname) > 256 \
+            or cname.startswith("__"):
+        raise ArtifactFormatError(f"{where}: bad graph class name {_short_repr(cname)}")
     return plan
+
+
+__all__ = ["Allowlist", "class_name"]

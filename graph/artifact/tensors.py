@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fxpress.errors import ArtifactFormatError, ArtifactIntegrityError, UnsupportedGraphError
+from fxpress.errors import (ArtifactFormatError, ArtifactIntegrityError, ArtifactLimitError,
+                            UnsupportedGraphError)
 from fxpress.graph.artifact.format import _sha64
 from fxpress.graph.artifact.values import _dtype, _short_repr, dtype_name
 
@@ -298,41 +299,56 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
     return entry, streams
 
 
+def _count_field(entry: dict, name: str, lo: int, hi: int, where: str) -> int:
+    v = entry.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ArtifactFormatError(f"{where}: {name} must be an int in [{lo}, {hi}], got "
+                                  f"{_short_repr(v)}")
+    return v
+
+
 def _expected_stream_bytes(entry: dict, item: int, numel: int, where: str) -> dict[str, int]:
+    """The raw bytes of each stream ``entry``'s encoding implies, its counts bounded by the
+    tensor's size (so declared sizes can never exceed what the tensor needs)."""
     enc = entry.get("encoding")
     if enc == "dense":
         return {"data": numel * item}
     if enc == "bitmap":
-        nnz = entry.get("nnz")
-        if not isinstance(nnz, int) or not 0 <= nnz <= numel:
-            raise ArtifactFormatError(f"{where}: bad non-zero count {nnz!r}")
+        nnz = _count_field(entry, "nnz", 0, numel, where)
         return {"bitmap": _packed_size(numel, 1), "values": nnz * item}
     if enc == "relidx":
-        bits, entries = entry.get("bits"), entry.get("entries")
-        if not isinstance(bits, int) or not 1 <= bits <= 8 or not isinstance(entries, int) \
-                or entries < 0:
-            raise ArtifactFormatError(f"{where}: bad relative-index parameters")
+        bits = _count_field(entry, "bits", 1, 8, where)
+        # one entry per non-zero plus a filler per 2**bits zeros, the tail's included
+        entries = _count_field(entry, "entries", 0, numel + (numel >> bits) + 1, where)
         # fillers cover every gap, the tail included, so a claimed size has to be paid for
         if numel > (entries + 1) << bits:
             raise ArtifactFormatError(f"{where}: claims {numel} elements but its {entries} "
                                       f"relative indices of {bits} bits cannot reach that far")
         return {"index": _packed_size(entries, bits), "values": entries * item}
     if enc == "bitidx":
-        bits, entries = entry.get("bits"), entry.get("entries")
-        if entry.get("dtype") != "uint8" or not isinstance(bits, int) or not 1 <= bits <= 8 \
-                or not isinstance(entries, int) or entries < 0:
-            raise ArtifactFormatError(f"{where}: bad bit-index parameters")
+        if entry.get("dtype") != "uint8":
+            raise ArtifactFormatError(f"{where}: bit indices store uint8 tensors only")
+        bits = _count_field(entry, "bits", 1, 8, where)
+        step = (1 << bits) - 1
+        entries = _count_field(entry, "entries", 0, numel * 8 + numel * 8 // step + 1, where)
         # every entry steps at most 2**bits - 1 positions, fillers cover the tail
-        if numel * 8 > entries * ((1 << bits) - 1):
+        if numel * 8 > entries * step:
             raise ArtifactFormatError(f"{where}: claims {numel} bytes but its {entries} bit "
                                       f"indices of {bits} bits cannot reach that far")
         return {"index": _packed_size(entries, bits)}
-    raise ArtifactFormatError(f"{where}: unknown encoding {enc!r}")
+    raise ArtifactFormatError(f"{where}: unknown encoding {_short_repr(enc)}")
 
 
-def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], int]:
-    where = f"tensor {key!r}"
-    if not isinstance(entry, dict):
+_ENTRY_KEYS = {"dtype", "shape", "encoding", "sha256", "streams", "bits", "entries", "nnz",
+               "stored_bytes"}
+_STREAM_KEYS = {"key", "dtype", "raw_bytes", "bytes", "sha256", "codec", "blob"}
+
+
+def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, decoded bytes, bytes of every decoded stream) of a tensor entry, after
+    checking that its fields have their types and its sizes add up."""
+    where = f"tensor {_short_repr(key)}"
+    if not isinstance(entry, dict) or not set(entry) <= _ENTRY_KEYS:
         raise ArtifactFormatError(f"{where}: malformed entry")
     dtype = _dtype(entry.get("dtype"), where)
     shape = entry.get("shape")
@@ -340,23 +356,35 @@ def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], i
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s < (1 << 48) for s in shape):
         raise ArtifactFormatError(f"{where}: bad shape {_short_repr(shape)}")
     numel = math.prod(shape)
+    if numel >= 1 << 48:
+        raise ArtifactLimitError(f"{where}: shape {shape} holds {numel} elements")
+    if not isinstance(entry.get("sha256"), str):
+        raise ArtifactFormatError(f"{where}: no digest")
     item = torch.empty((), dtype=dtype).element_size()
     expected = _expected_stream_bytes(entry, item, numel, where)
     streams = entry.get("streams")
     if not isinstance(streams, dict) or set(streams) != set(expected):
         raise ArtifactFormatError(f"{where}: expected streams {sorted(expected)}")
     for sname, info in streams.items():
-        if not isinstance(info, dict) or info.get("raw_bytes") != expected[sname]:
+        if not isinstance(info, dict) or not set(info) <= _STREAM_KEYS                 or info.get("raw_bytes") != expected[sname]:
             raise ArtifactFormatError(
                 f"{where}: stream {sname!r} should hold {expected[sname]} bytes, header says "
-                f"{info.get('raw_bytes') if isinstance(info, dict) else info!r}")
-    return dtype, shape, numel * item
+                f"{_short_repr(info.get('raw_bytes') if isinstance(info, dict) else info)}")
+        n = info.get("bytes", 0)
+        if not isinstance(info.get("key"), str) or not isinstance(info.get("sha256"), str) \
+                or not isinstance(n, int) or isinstance(n, bool) or n < 0 \
+                or info.get("codec") not in (None, *CODECS) \
+                or not isinstance(info.get("blob", False), bool):
+            raise ArtifactFormatError(f"{where}: stream {sname!r} is malformed")
+        _dtype(info.get("dtype"), where)
+    return dtype, shape, numel * item, sum(expected.values())
 
 
 def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Rebuild one tensor bit for bit, checking every stream's and the result's sha256."""
     where = f"tensor {key!r}"
-    dtype, shape, _ = _check_tensor_entry(key, entry)
+    dtype, shape, _, _ = _check_tensor_entry(key, entry)
+    item = torch.empty((), dtype=dtype).element_size()
     raw: dict[str, np.ndarray] = {}
     for sname, info in entry["streams"].items():
         st = payload.get(info.get("key"))
@@ -375,6 +403,10 @@ def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) ->
         if data.nbytes != info["raw_bytes"]:
             raise ArtifactFormatError(f"{where}: stream {sname!r} has {data.nbytes} bytes, "
                                       f"expected {info['raw_bytes']}")
+        want = 1 if sname in ("index", "bitmap") or dtype == torch.bool else item
+        if data.itemsize != want:
+            raise ArtifactFormatError(f"{where}: stream {sname!r} has {data.itemsize}-byte "
+                                      f"elements, the tensor {want}-byte ones")
         raw[sname] = data
     numel = math.prod(shape)
     enc = entry["encoding"]

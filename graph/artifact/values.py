@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.fx
 
-from fxpress.errors import ArtifactFormatError, ForbiddenTargetError, UnsupportedGraphError
+from fxpress.errors import (ArtifactFormatError, ArtifactLimitError, ArtifactSecurityError,
+                            ForbiddenTargetError, UnsupportedGraphError)
 
 if TYPE_CHECKING:
     from fxpress.graph.artifact.schema import Allowlist
@@ -80,62 +82,93 @@ class _Encoder:
             "artifacts hold numbers, strings, tuples, dtypes, devices and allowlisted functions")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 4
+
+
 def _short_repr(v: Any, n: int = 80) -> str:
-    r = repr(v)
+    """A bounded repr of anything a file holds (deep or huge values included), control
+    characters escaped."""
+    try:
+        r = _REPR.repr(v)
+    except Exception:  # a value whose repr fails cannot come from JSON; say what it is
+        r = f"<{type(v).__name__}>"
     return r if len(r) <= n else r[:n] + "..."
 
 
 class _Decoder:
-    def __init__(self, allow: Allowlist, nodes: Mapping[str, torch.fx.Node] | None, where: str):
-        self.allow, self.nodes, self.where = allow, nodes, where
+    """Tagged JSON -> Python values. ``nodes``: the graph's nodes defined so far (None: no
+    node references allowed); ``functions``: may a value name an allowlisted function (graph
+    arguments only; never a module config); ``depth``/``string``: the load's limits."""
 
-    def __call__(self, v: Any) -> Any:
-        if v is None or isinstance(v, (bool, str, int, float)):
+    def __init__(self, allow: Allowlist, nodes: Mapping[str, torch.fx.Node] | None, where: str,
+                 functions: bool = True, depth: int = 64, string: int = 1 << 20):
+        self.allow, self.nodes, self.where = allow, nodes, where
+        self.functions, self.depth, self.string = functions, depth, string
+
+    def __call__(self, v: Any, level: int = 0) -> Any:
+        if level > self.depth:
+            raise ArtifactLimitError(f"{self.where}: values nest deeper than {self.depth} levels")
+        if v is None or isinstance(v, (bool, int, float)):
+            return v
+        if isinstance(v, str):
+            if len(v) > self.string:
+                raise ArtifactLimitError(f"{self.where}: a string of {len(v)} characters is over "
+                                         f"the limit of {self.string}")
             return v
         if isinstance(v, list):
-            return [self(x) for x in v]
+            return [self(x, level + 1) for x in v]
         if not isinstance(v, dict) or "$" not in v:
             raise ArtifactFormatError(f"{self.where}: malformed value {_short_repr(v)}")
         tag, x = v["$"], v.get("v")
+        if not isinstance(tag, str) or not set(v) <= {"$", "v"}:
+            raise ArtifactFormatError(f"{self.where}: malformed value {_short_repr(v)}")
         if tag == "node":
-            if self.nodes is None or x not in self.nodes:
-                raise ArtifactFormatError(f"{self.where}: refers to node {x!r}, which is not "
-                                          "defined before it")
+            if self.nodes is None or not isinstance(x, str) or x not in self.nodes:
+                raise ArtifactFormatError(f"{self.where}: refers to node {_short_repr(x)}, which is "
+                                          "not defined before it")
             return self.nodes[x]
         if tag == "tuple":
-            return tuple(self(y) for y in self._list(x))
+            return tuple(self(y, level + 1) for y in self._list(x))
         if tag == "size":
             return torch.Size([self._int(y) for y in self._list(x)])
         if tag == "dict":
-            return {self._key(k): self(y) for k, y in (self._pair(p) for p in self._list(x))}
+            return {self._key(k, level): self(y, level + 1)
+                    for k, y in (self._pair(p) for p in self._list(x))}
         if tag == "slice":
             a = self._list(x)
             if len(a) != 3:
                 raise ArtifactFormatError(f"{self.where}: slice needs 3 parts")
-            return slice(*(self(y) for y in a))
+            return slice(*(self(y, level + 1) for y in a))
         if tag == "ellipsis":
             return Ellipsis
         if tag == "float" and x in ("nan", "inf", "-inf"):
             return float(x)
         if tag == "complex":
             a = self._list(x)
+            if len(a) != 2 or not all(isinstance(y, (int, float)) and not isinstance(y, bool)
+                                      for y in a):
+                raise ArtifactFormatError(f"{self.where}: complex needs 2 numbers")
             return complex(float(a[0]), float(a[1]))
         if tag == "dtype":
             return _dtype(x, self.where)
         if tag == "device":
             if not isinstance(x, str) or not _DEVICE.match(x):
-                raise ArtifactFormatError(f"{self.where}: bad device {x!r}")
+                raise ArtifactFormatError(f"{self.where}: bad device {_short_repr(x)}")
             return torch.device(x)
-        if tag == "memory_format" and x in _MEMORY_FORMATS:
+        if tag == "memory_format" and isinstance(x, str) and x in _MEMORY_FORMATS:
             return _MEMORY_FORMATS[x]
-        if tag == "layout" and x in _LAYOUTS:
+        if tag == "layout" and isinstance(x, str) and x in _LAYOUTS:
             return _LAYOUTS[x]
         if tag == "fn":
+            if not self.functions:
+                raise ArtifactSecurityError(f"{self.where}: a function value "
+                                            f"{_short_repr(x)} where only data may stand")
             try:
                 return self.allow.function(x)
             except KeyError:
-                raise ForbiddenTargetError(f"{self.where}: function {x!r} is not in the allowlist; "
-                                           "the file was not loaded") from None
+                raise ForbiddenTargetError(f"{self.where}: function {_short_repr(x)} is not in the "
+                                           "allowlist; the file was not loaded") from None
         raise ArtifactFormatError(f"{self.where}: unknown value tag {_short_repr(v)}")
 
     def _list(self, x: Any) -> list:
@@ -153,8 +186,8 @@ class _Decoder:
             raise ArtifactFormatError(f"{self.where}: malformed dict item {_short_repr(p)}")
         return p[0], p[1]
 
-    def _key(self, k: Any) -> Any:
-        k = self(k)
+    def _key(self, k: Any, level: int) -> Any:
+        k = self(k, level + 1)
         if not isinstance(k, (str, int, float, bool, type(None))):
             raise ArtifactFormatError(f"{self.where}: dict key {_short_repr(k)} is not a scalar")
         return k

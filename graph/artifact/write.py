@@ -16,7 +16,9 @@ import torch.fx
 
 from fxpress.errors import ArtifactError, UnsupportedGraphError
 from fxpress.graph.artifact.format import BLOB_KEY, BLOB_STREAM_BYTES, VERSION, _pack_header
-from fxpress.graph.artifact.schema import Allowlist, _join, class_name, derived_attributes
+from fxpress.graph.artifact.modules import TORCH_NN, plain
+from fxpress.graph.artifact.schema import Allowlist, _join, class_name
+from fxpress.graph.artifact.specs import spec_for_file
 from fxpress.graph.artifact.tensors import _as_ints, encode_tensor
 from fxpress.graph.artifact.values import _Encoder, dtype_name
 from fxpress.graph.capture import node_shape
@@ -88,9 +90,10 @@ class _Writer:
             entry["class"] = class_name(type(m))
             encode = _Encoder(self.allow, where)
             config = m.config()
-            bad = [k for k in config if not isinstance(k, str) or k.startswith("__")]
+            bad = [k for k in config if not isinstance(k, str) or not k.isidentifier()
+                   or k.startswith("_")]
             if bad:
-                raise UnsupportedGraphError(f"{where}: config() keys must be plain names, got {bad}")
+                raise UnsupportedGraphError(f"{where}: config() keys must be public names, got {bad}")
             entry["config"] = {k: encode(v) for k, v in config.items()}
             params = {n for n, _ in m.named_parameters()}
             for name, t in m.state_dict(keep_vars=True).items():
@@ -103,31 +106,43 @@ class _Writer:
         if isinstance(m, torch.fx.GraphModule) and path:
             raise UnsupportedGraphError(f"{where}: nested GraphModules are not supported; "
                                         "inline it into the parent graph first")
+        public, derived = frozenset(), frozenset()
         if path:
             cls = type(m)
-            name = class_name(cls) if cls.__module__.startswith("torch.nn") else None
-            torch_name = f"torch.nn.{cls.__name__}"
+            torch_name = self.allow.module_name_of(cls)
             if cls is torch.nn.Module:
                 entry["kind"], entry["class"] = "container", "torch.nn.Module"
-            elif name is not None and self.allow.modules.get(torch_name) is cls:
+            elif torch_name is not None:
                 entry["kind"], entry["class"] = "torch.nn", torch_name
+                public, derived = TORCH_NN[torch_name.removeprefix("torch.nn.")]
             else:
                 raise UnsupportedGraphError(
-                    f"{where}: only torch.nn modules and RuntimeModule subclasses can be stored; "
-                    "capture the model so this module's code becomes graph nodes (its default "
-                    "for fx), or make it a RuntimeModule with config()/from_state()")
+                    f"{where}: only torch.nn modules (the reviewed classes) and RuntimeModule "
+                    "subclasses can be stored; capture the model so this module's code becomes "
+                    "graph nodes (torch.export does), or make it a RuntimeModule with "
+                    "config()/from_state()")
         config = {}
         encode = _Encoder(self.allow, where)
-        derived, _ = derived_attributes(type(m))
         for k, v in vars(m).items():
-            if k in _BASE_MODULE_KEYS or k in derived or (not path and not isinstance(v, torch.Tensor)):
+            if k in _BASE_MODULE_KEYS:
                 continue
             if isinstance(v, torch.Tensor):
                 entry["tensors"][k] = {"ref": self.tensor_ref(_join(path, k), v), "kind": "attr",
                                        "requires_grad": bool(v.requires_grad)}
                 continue
-            if k.startswith("__"):
-                raise UnsupportedGraphError(f"{where}: attribute {k!r} is a dunder name")
+            if not path or entry["kind"] == "container":
+                continue  # a container's plain attributes take no part in the graph
+            if k in derived:  # recomputed on load; stored when plain, for older readers
+                try:
+                    config[k] = encode(plain(v, where))
+                except (UnsupportedGraphError, ArtifactError):
+                    pass
+                continue
+            if k not in public:
+                raise UnsupportedGraphError(
+                    f"{where}: attribute {k!r} is not one of {cls.__name__}'s constructor fields "
+                    f"({', '.join(sorted(public)) or 'none'}); artifacts store torch.nn modules "
+                    "as those fields only. Delete the attribute before saving")
             config[k] = encode(v)
         if path:
             entry["config"] = config
@@ -204,12 +219,9 @@ def _codegen(gm: torch.fx.GraphModule) -> dict | None:
     if type(cg) is torch.fx.graph.CodeGen:
         return None
     if isinstance(cg, torch.fx.graph._PyTreeCodeGen):
-        from torch.utils import _pytree as pytree
-
         info = cg.pytree_info
         return {"kind": "pytree", "orig_args": list(info.orig_args),
-                "in_spec": pytree.treespec_dumps(info.in_spec) if info.in_spec is not None else None,
-                "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+                "in_spec": spec_for_file(info.in_spec), "out_spec": spec_for_file(info.out_spec)}
     raise UnsupportedGraphError(f"graph code generator {type(cg).__name__} is not supported")
 
 

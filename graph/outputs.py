@@ -1,0 +1,62 @@
+"""The output structure artifacts store for models that return a named-field object.
+
+transformers models return ``ModelOutput`` subclasses (``BaseModelOutput``,
+``CausalLMOutputWithPast``, ...). An exported graph rebuilds its output with the pytree
+node type it was captured with, and an artifact that named transformers' class could not
+load in a process that has not imported transformers. Artifacts store such outputs as
+:class:`ModelOutputs` instead: an ordered dict that also answers attribute and index
+access, the ways people read a ``ModelOutput``.
+
+>>> out = ModelOutputs(last_hidden_state=1, pooler_output=2)
+>>> out["pooler_output"], out.pooler_output, out[0], out.to_tuple()
+(2, 2, 1, (1, 2))
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from torch.utils import _pytree as pytree
+
+#: the name artifacts store for ModelOutputs in pytree specs
+SERIALIZED_NAME = "fxpress.ModelOutputs"
+
+
+class ModelOutputs(OrderedDict):
+    """Named outputs: ``out["logits"]``, ``out.logits`` and ``out[0]`` all work."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getitem__(name)
+        except KeyError:
+            raise AttributeError(f"ModelOutputs has no field {name!r}; fields: "
+                                 f"{list(self.keys())}") from None
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+    def __reduce__(self):  # a plain dict of the fields, for copy/deepcopy
+        return (type(self), (), None, None, iter(self.items()))
+
+
+def _flatten(out: ModelOutputs) -> tuple[list[Any], list[str]]:
+    return list(out.values()), list(out.keys())
+
+
+def _unflatten(values, context: list[str]) -> ModelOutputs:
+    return ModelOutputs(zip(context, values))
+
+
+def _flatten_with_keys(out: ModelOutputs):
+    return [(pytree.MappingKey(k), v) for k, v in out.items()], list(out.keys())
+
+
+pytree.register_pytree_node(ModelOutputs, _flatten, _unflatten, serialized_type_name=SERIALIZED_NAME,
+                            flatten_with_keys_fn=_flatten_with_keys)
+
+__all__ = ["ModelOutputs", "SERIALIZED_NAME"]

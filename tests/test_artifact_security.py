@@ -1,0 +1,464 @@
+"""Loading is safe: crafted files cannot run code, read memory or exhaust the machine.
+
+Each test builds its own hostile file, the way an attacker would: the header is edited and
+re-signed (checksums pass; only the closed schema and the limits stand in the way), or a
+file is written from scratch. Bombs run in a child process whose address space is capped
+with ``resource.setrlimit(RLIMIT_AS)``: the refusal must be the limit's own typed error,
+not a MemoryError turned into one.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fxpress.errors import (ArtifactFormatError, ArtifactLimitError, ArtifactSecurityError,
+                            ForbiddenTargetError, FxpressError)
+from fxpress.graph import artifact
+from fxpress.graph.artifact import Limits
+from tests.helpers import node, set_target, tamper
+from tests.runtime_fixtures import RUNTIME, ScaleShift
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "/tmp/fxpress-security-marker"
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")
+        self.fc = torch.nn.Linear(32, 4)
+        self.post = ScaleShift(4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).flatten(1)
+        return self.post(self.fc(y[:, :32]) * x.shape[0])
+
+
+@pytest.fixture(scope="module")
+def net():
+    class Leaves(torch.fx.Tracer):  # the runtime module stays a module (a call_module node)
+        def is_leaf_module(self, m, name):
+            return isinstance(m, ScaleShift) or super().is_leaf_module(m, name)
+
+    torch.manual_seed(0)
+    model = _Net().eval()
+    gm = torch.fx.GraphModule(model, Leaves().trace(model))
+    assert isinstance(gm.post, ScaleShift)
+    return gm, torch.randn(2, 1, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def good(net):
+    return artifact.dumps(net[0])
+
+
+def _load(data, **kw):
+    return artifact.loads(data, RUNTIME, **kw)
+
+
+def _module(h, path):
+    return next(m for m in h["modules"] if m.get("path") == path)
+
+
+def test_the_file_loads_and_runs(net, good):
+    gm, x = net
+    assert torch.equal(_load(good)(x), gm(x))
+
+
+# -- one crafted file per attack class ---------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["_call_impl", "_forward_pre_hooks", "forward", "__dict__",
+                                 "_parameters", "register_forward_hook", "T_destination"])
+def test_config_keys_naming_private_or_method_attributes_are_refused(good, key):
+    for path in ("fc", "post"):  # a torch.nn module and a runtime module
+        bad = tamper(good, lambda h: _module(h, path).setdefault("config", {}).update({key: 1}))
+        with pytest.raises(ArtifactSecurityError):
+            _load(bad)
+
+
+@pytest.mark.parametrize("value", [
+    {"$": "fn", "v": "torch.relu"},                       # a function as data
+    {"$": "fn", "v": "builtins.getattr"},
+    {"$": "tuple", "v": [{"$": "fn", "v": "operator.add"}]},
+    {"$": "dict", "v": [["f", {"$": "fn", "v": "torch.nn.functional.relu"}]]},
+    {"$": "device", "v": "cuda:99999"}, {"$": "slice", "v": [0, 1, 2]},
+])
+def test_functions_and_objects_smuggled_into_configs_are_refused(good, value):
+    for path, key in (("fc", "in_features"), ("post", "options")):
+        bad = tamper(good, lambda h: _module(h, path)["config"].update({key: value}))
+        with pytest.raises(ArtifactFormatError):
+            _load(bad)
+    assert not os.path.exists(MARKER)
+
+
+@pytest.mark.parametrize("target, args", [
+    ("torch.fork", {"$": "tuple", "v": [{"$": "fn", "v": "builtins.getattr"}, "x"]}),
+    ("torch.wait", None), ("torch.vmap", None), ("torch.compile", None), ("torch.cond", None),
+    ("torch.ops.aten.as_strided.default", {"$": "tuple", "v": [[1 << 20], [1], 1 << 30]}),
+    ("torch.ops.aten._reshape_alias.default", None), ("torch.ops.aten.set_.source_Storage", None),
+    ("torch.ops.aten._unsafe_index.Tensor", None), ("torch.ops.aten.empty.memory_format", None),
+    ("torch.ops.aten.as_strided_scatter.default", None), ("torch.ops.aten.from_file.default", None),
+    ("torch.ops.aten.add.out", None), ("torch.ops.higher_order.cond", None),
+    ("torch.as_strided", None), ("torch.empty_strided", None), ("torch.from_file", None),
+    ("torch.frombuffer", None), ("torch.empty", None), ("torch.sparse_coo_tensor", None),
+    ("operator.attrgetter", {"$": "tuple", "v": ["__globals__"]}), ("operator.methodcaller", None),
+    ("operator.call", None), ("builtins.eval", None), ("builtins.exec", None),
+    ("builtins.__import__", None), ("builtins.setattr", None), ("os.system", None),
+    ("torch.Tensor.register_hook", None), ("torch._C._nn.linear", None), ("str.format", None),
+])
+def test_forbidden_call_targets(good, target, args):
+    with pytest.raises(ForbiddenTargetError):
+        _load(tamper(good, set_target(target, args)))
+
+
+@pytest.mark.parametrize("method", ["as_strided", "set_", "storage", "untyped_storage", "data_ptr",
+                                    "register_hook", "apply_", "map_", "backward", "resize_",
+                                    "new_empty", "share_memory_", "__reduce_ex__", "_version",
+                                    "format", "numpy", "tolist"])
+def test_forbidden_methods(good, method):
+    bad = tamper(good, lambda h: node(h, "call_module").update(op="call_method", target=method))
+    with pytest.raises(ForbiddenTargetError):
+        _load(bad)
+
+
+@pytest.mark.parametrize("attr", ["__class__", "grad_fn", "storage", "_base", "__globals__",
+                                  "untyped_storage", "data_ptr", "register_hook", 3, None])
+def test_getattr_reads_only_tensor_data_attributes(good, attr):
+    def mutate(h):
+        n = next(n for n in h["graph"]["nodes"] if n["target"] == "builtins.getattr")
+        n["args"]["v"][1] = attr
+    with pytest.raises(ForbiddenTargetError):
+        _load(tamper(good, mutate))
+
+
+def test_aten_arguments_must_fit_the_schema(good):
+    def mutate(h):
+        n = node(h, "call_function")
+        n["target"] = "torch.ops.aten.relu.default"
+        n["args"] = {"$": "tuple", "v": ["not a tensor"]}
+    with pytest.raises(ArtifactSecurityError, match="argument 'self'"):
+        _load(tamper(good, mutate))
+
+
+@pytest.mark.parametrize("cls", ["torch.nn.DataParallel", "torch.nn.parallel.DistributedDataParallel",
+                                 "torch.nn.Module.__class__", "torch.nn.LazyLinear",
+                                 "torch.nn.utils.rnn.PackedSequence", "subprocess.Popen",
+                                 "torch.nn.Transformer"])
+def test_module_classes_outside_the_reviewed_list(good, cls):
+    with pytest.raises(ForbiddenTargetError):
+        _load(tamper(good, lambda h: _module(h, "fc").update(**{"class": cls})))
+
+
+@pytest.mark.parametrize("name", ["x\u0430", "fc\n", "fc;import os", "__init__", "class",
+                                  "a" * 5000, "é", "fc\x1b[2J"])
+def test_names_are_plain_ascii_identifiers(good, name):
+    for mutate in (lambda h: node(h, "placeholder").update(name=name, target=name),
+                   lambda h: node(h, "call_module").update(target=name),
+                   lambda h: _module(h, "fc").update(path=name)):
+        with pytest.raises(ArtifactFormatError):
+            _load(tamper(good, mutate))
+
+
+@pytest.mark.parametrize("shape", [[1 << 47, 1 << 47], [-1], [float("nan")], [1.5], ["8"],
+                                   [True], [1] * 17, None, {"0": 8}])
+def test_tensor_shapes(good, shape):
+    header, payload, _ = artifact._split_prefix(good, "t")
+    header["tensors"]["fc.weight"]["shape"] = shape
+    bad = _raw_header_file(json.dumps(header), payload=bytes(payload), flags=5)  # NaN as JSON has it
+    with pytest.raises(ArtifactFormatError, match="shape"):
+        _load(bad)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dtype", "torch.float32"), ("dtype", ["float32"]), ("encoding", "pickle"),
+    ("entries", 1 << 60), ("bits", 0), ("bits", 9), ("nnz", -1), ("streams", []),
+    ("sha256", None), ("extra", 1),
+])
+def test_tensor_entry_fields(good, field, value):
+    def mutate(h):
+        e = h["tensors"]["fc.weight"]
+        e[field] = value
+        if field in ("entries", "bits", "nnz"):
+            e["encoding"] = {"entries": "relidx", "bits": "relidx", "nnz": "bitmap"}[field]
+            e.setdefault("bits", 4)
+    with pytest.raises(ArtifactFormatError):
+        _load(tamper(good, mutate))
+
+
+def test_alias_cycles_are_refused(good):
+    def to_root(h):
+        h["modules"].append({"path": "fc.loop", "alias": ""})
+    def cross(h):  # fc.a -> conv, conv.b -> fc: a module that contains itself
+        h["modules"].append({"path": "fc.a", "alias": "conv"})
+        h["modules"].append({"path": "conv.b", "alias": "fc"})
+    def self_alias(h):
+        h["modules"].append({"path": "fc.me", "alias": "fc"})
+    def under_alias(h):
+        h["modules"].append({"path": "fc.a", "alias": "conv"})
+        h["modules"].append({"path": "fc.a.w", "kind": "torch.nn", "class": "torch.nn.ReLU",
+                             "config": {}, "tensors": {}})
+    for mutate in (to_root, cross, self_alias, under_alias):
+        with pytest.raises(ArtifactFormatError):
+            _load(tamper(good, mutate))
+
+
+def test_deep_nesting(good):
+    deep = "x"
+    for _ in range(200):
+        deep = {"$": "tuple", "v": [deep]}
+    bad = tamper(good, lambda h: node(h, "call_function").update(args=deep))
+    with pytest.raises(ArtifactLimitError, match="nests deeper"):
+        _load(bad)
+    text = "[" * 100_000 + "]" * 100_000  # past the parser's own bound
+    with pytest.raises(ArtifactLimitError, match="nests deeper"):
+        _load(_raw_header_file('{"format": "fxpress", "version": 1, "x": ' + text + "}"),
+              limits=Limits(depth=1 << 20))
+    _load(tamper(good, lambda h: h.update(meta={"x": text})))  # brackets in a string are data
+
+
+def test_pytree_specs_cannot_import(good):
+    enum = json.dumps([1, {"type": "builtins.dict", "context": json.dumps(
+        [{"__enum__": True, "fqn": "antigravity:Fly", "name": "x"}]), "children_spec": [
+        {"type": None, "context": None, "children_spec": []}]}])
+    for spec_text in (enum, json.dumps([1, {"type": "antigravity.Fly", "context": "null",
+                                           "children_spec": []}]), "[1, " * 300 + "]" * 300, 7):
+        bad = tamper(good, lambda h: h["graph"].update(codegen={
+            "kind": "pytree", "orig_args": ["x"], "in_spec": None, "out_spec": spec_text}))
+        with pytest.raises(ArtifactFormatError):
+            _load(bad)
+    assert "antigravity" not in sys.modules
+
+
+def test_runtime_config_sizes_are_bounded(good):
+    bad = tamper(good, lambda h: _module(h, "post")["config"].update(shape=[1 << 30, 1 << 20]))
+    with pytest.raises(ArtifactLimitError):
+        _load(bad)
+    bad = tamper(good, lambda h: _module(h, "post")["config"].update(n=1 << 62))
+    with pytest.raises(ArtifactLimitError):
+        _load(bad)
+
+
+def test_non_regular_files_are_refused(tmp_path):
+    fifo = tmp_path / "fifo.fxp"
+    os.mkfifo(fifo)
+    for p in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(ArtifactFormatError, match="not a regular file"):
+            artifact.load(p)
+        with pytest.raises(ArtifactFormatError, match="not a regular file"):
+            artifact.read_header(p)
+
+
+# -- bombs, in a child process with a capped address space ---------------------------------------
+
+def _raw_header_file(text: str | None = None, chunks=(), payload: bytes = b"", flags: int = 1) -> bytes:
+    """A file whose header is ``text`` (or ``chunks`` streamed through zlib without ever
+    being held whole), correctly signed."""
+    z = zlib.compressobj(9)
+    head = z.compress(text.encode()) if text is not None else b""
+    for c in chunks:
+        head += z.compress(c)
+    head += z.flush()
+    prefix = artifact._PREFIX.pack(artifact.MAGIC, artifact.VERSION, flags, len(head),
+                                   hashlib.sha256(head).digest())
+    return prefix + head + payload
+
+
+def _stream_bomb(codec: str, declared: int, inflated: int) -> bytes:
+    """An artifact holding one uint8 tensor of ``declared`` bytes whose only stream is
+    ``codec``-compressed data that inflates to ``inflated`` bytes."""
+    import bz2
+    import lzma
+
+    import safetensors.torch
+
+    block = b"\0" * (1 << 20)
+    c = {"zlib": lambda: zlib.compressobj(1), "bz2": lambda: bz2.BZ2Compressor(9),
+         "lzma": lambda: lzma.LZMACompressor()}[codec]()
+    comp = b"".join(c.compress(block) for _ in range(inflated >> 20)) + c.flush()
+    st = torch.frombuffer(bytearray(comp), dtype=torch.uint8)
+    payload = safetensors.torch.save({"s": st})
+    entry = {"dtype": "uint8", "shape": [declared], "encoding": "dense", "sha256": "0" * 16,
+             "streams": {"data": {"key": "s", "dtype": "uint8", "raw_bytes": declared,
+                                  "bytes": len(comp), "codec": codec,
+                                  "sha256": hashlib.sha256(comp).hexdigest()[:16]}}}
+    header = {"format": "fxpress", "version": 1, "graph": {"nodes": [
+        {"name": "t", "op": "get_attr", "target": "t", "args": {"$": "tuple", "v": []},
+         "kwargs": {"$": "dict", "v": []}},
+        {"name": "output", "op": "output", "target": "output",
+         "args": {"$": "tuple", "v": [{"$": "node", "v": "t"}]}, "kwargs": {"$": "dict", "v": []}}]},
+        "modules": [{"path": "", "training": False, "tensors": {"t": {"ref": "t", "kind": "attr"}}}],
+        "tensors": {"t": entry}, "meta": {}, "dropped": [], "entropy": True,
+        "payload": {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
+    return artifact.pack_artifact(header, payload)
+
+
+_CHILD = textwrap.dedent("""
+    import resource, sys
+    import torch
+    from fxpress.errors import ArtifactFormatError
+    from fxpress.graph import artifact
+    def vm():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+    path, budget = sys.argv[1], int(sys.argv[2])
+    limit = vm() + budget
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        artifact.load(path)
+    except MemoryError:
+        print("RAW MemoryError"); sys.exit(3)
+    except ArtifactFormatError as e:
+        print(type(e).__name__, str(e)[:300]); sys.exit(0)
+    print("LOADED"); sys.exit(4)
+""")
+
+
+def _in_capped_child(tmp_path, data: bytes, budget: int = 768 << 20) -> str:
+    path = tmp_path / "bomb.fxp"
+    path.write_bytes(data)
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(budget)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert "out of memory" not in r.stdout, r.stdout  # refused by a limit, not by the cap
+    return r.stdout
+
+
+def test_header_bombs(tmp_path):
+    # 255 KB of compressed header inflating to 256 MB of tiny JSON arrays
+    bomb = _raw_header_file(chunks=[b'{"format": "fxpress", "version": 1, "x": [',
+                                    *([b"[],[],[],[]," * (1 << 16)] * 320), b"[]]}"])
+    assert len(bomb) < 400_000
+    assert "ArtifactLimitError" in _in_capped_child(tmp_path, bomb)
+    # the same under the text limit: refused by counting containers before parsing
+    small = _raw_header_file(chunks=[b'{"format": "fxpress", "version": 1, "x": [',
+                                     *([b"[],[],[],[]," * (1 << 16)] * 60), b"[]]}"])
+    out = _in_capped_child(tmp_path, small)
+    assert "ArtifactLimitError" in out and "objects and arrays" in out
+
+
+def test_node_count_is_refused_before_anything_is_built(tmp_path):
+    one = b'{"name":"n%d","op":"placeholder","target":"n%d"},'
+    text = [b'{"format":"fxpress","version":1,"modules":[{"path":""}],"tensors":{},'
+            b'"graph":{"nodes":[', *(one.replace(b"%d", str(i).encode()) for i in range(400_000)),
+            b'{"name":"output","op":"output","target":"output"}]}}']
+    data = _raw_header_file(chunks=text)
+    with pytest.raises(ArtifactLimitError, match="400001 nodes"):
+        artifact.loads(data)
+
+
+@pytest.mark.parametrize("codec", ["zlib", "bz2", "lzma"])
+def test_stream_decompression_stops_at_the_declared_size(tmp_path, codec):
+    # a 1 KB tensor whose stream inflates to 2 GB: decoding stops at 1 KB + 1
+    out = _in_capped_child(tmp_path, _stream_bomb(codec, 1024, 1 << 30 if codec == "zlib" else 16 << 20),
+                           budget=384 << 20)
+    assert "ArtifactIntegrityError" in out and "different size" in out
+    # a declared size past the limit is refused before a byte is decoded
+    out = _in_capped_child(tmp_path, _stream_bomb(codec, 1 << 31, 1 << 20))
+    assert "ArtifactLimitError" in out and "over the limit" in out
+
+
+def test_limits_are_documented_and_overridable(good, tmp_path):
+    assert Limits().floor == 256 << 20 and Limits().expansion == 10_000
+    assert Limits().decoded_limit(1 << 20) == 10_000 << 20
+    with pytest.raises(ArtifactLimitError, match="over the limit of 10"):
+        _load(good, max_bytes=10)
+    with pytest.raises(ArtifactLimitError, match="nodes"):
+        _load(good, limits=Limits(nodes=3))
+    path = tmp_path / "m.fxp"
+    path.write_bytes(good)
+    import fxpress
+
+    with pytest.raises(ArtifactLimitError):
+        fxpress.load(path, limits=Limits(tensors=1))
+
+
+# -- a fuzzer over valid headers ----------------------------------------------------------------
+
+_ATOMS = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(1 << 70), max_value=1 << 70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "_call_impl", "__class__", "forward", "torch.fork", "os.system",
+                     "torch.ops.aten.as_strided.default", "x\u0430", "fc", "conv", "post",
+                     "fc.weight", "output", "relu", "\x1b[2J", "nan", "cuda:9999", "float32",
+                     "relidx", "bitmap", "dense", "zlib", "blob", "runtime", "torch.nn",
+                     "container", "torch.nn.Linear", "tuple", "node", "fn", "dict"]),
+    st.text(max_size=12))
+_TAGS = st.sampled_from(["node", "tuple", "size", "dict", "slice", "ellipsis", "float", "complex",
+                         "dtype", "device", "memory_format", "layout", "fn", "bogus"])
+_VALUES = st.recursive(_ATOMS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    st.builds(lambda t, v: {"$": t, "v": v}, _TAGS, inner)), max_leaves=12)
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+def _apply(header, path, how, value, other):
+    parent = header
+    for k in path[:-1]:
+        parent = parent[k]
+    key = path[-1]
+    if how == "set":
+        parent[key] = value
+    elif how == "delete" and isinstance(parent, dict):
+        del parent[key]
+    elif how == "delete":
+        parent.pop(key)
+    elif how == "nest":
+        parent[key] = [parent[key]] if isinstance(parent, list) else {"$": "tuple", "v": [parent[key]]}
+    elif how == "alias":  # the same subtree in two places (a copy: JSON has no references)
+        parent[key] = copy.deepcopy(other)
+    elif how == "add" and isinstance(parent[key], dict):
+        parent[key][str(value)[:8]] = value
+    elif how == "add" and isinstance(parent[key], list):
+        parent[key].append(value)
+    elif how == "grow" and isinstance(parent[key], int) and not isinstance(parent[key], bool):
+        parent[key] = parent[key] * (1 << 40) + 1
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_fuzzed_headers_raise_only_fxpress_errors(good, data):
+    header, payload, _ = artifact._split_prefix(good, "t")
+    paths = [p for p in _paths(header) if p]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        how = data.draw(st.sampled_from(["set", "set", "delete", "nest", "alias", "add", "grow"]))
+        other = data.draw(st.sampled_from(paths))
+        try:
+            sub = header
+            for k in other:
+                sub = sub[k]
+            _apply(header, path, how, data.draw(_VALUES), sub)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed or replaced this path
+        paths = [p for p in _paths(header) if p]
+    try:
+        blob = artifact.pack_artifact(header, bytes(payload))
+    except (ValueError, RecursionError):
+        return  # NaN or a self-referencing alias: not JSON, not a file anyone can write
+    try:
+        _load(blob)
+    except FxpressError:
+        pass
+    assert not os.path.exists(MARKER)
