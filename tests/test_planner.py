@@ -189,3 +189,14 @@ def test_recovery_with_train_data_keeps_accuracy(model, table):
     assert any(r.name == "distill" for r in res.records)
     assert accuracy(res.module, d.x_test, d.y_test) > 0.8
 
+
+
+def test_compress_face_dispatches_to_the_planner(model):
+    x = calibration(1)[0][0]
+    with pytest.raises(InputError, match="either a pipeline or target"):
+        fxpress.compress(model, "quantize{bits=8}", target=0.2, calibration=calibration(1))
+    with pytest.raises(InputError, match="give a pipeline"):
+        fxpress.compress(model, calibration=calibration(1))
+    with pytest.raises(InputError, match="smallest plan is about"):  # (x,) is the example input
+        fxpress.compress(model, (x,), target="1000x", calibration=calibration(1),
+                         candidates=["quantize{bits=8}"])
