@@ -33,6 +33,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     each group of 8 codes into ``bits`` bytes. Fully vectorised.
     """
     _check_bits(bits)
+    if codes.dtype in (torch.uint8, torch.bool) and 8 % bits == 0 and bits < 8:
+        return _pack_bytes(codes.reshape(-1).to(torch.uint8), bits)
     flat = codes.reshape(-1).to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
@@ -55,6 +57,22 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = (flat.view(-1, 8) << (torch.arange(8, dtype=torch.int64) * bits)).sum(1)
     out = (words.unsqueeze(1) >> (torch.arange(bits, dtype=torch.int64) * 8)) & 0xFF
     return out.reshape(-1)[:packed_size(n, bits)].to(torch.uint8)
+
+
+def _pack_bytes(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_bits` of uint8 codes at 1, 2 or 4 bits, in uint8 throughout (the int64
+    route costs 8 bytes per code)."""
+    if flat.numel() and int(flat.max()) >= (1 << bits):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+    per = 8 // bits
+    pad = (-flat.numel()) % per
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    v = flat.view(-1, per)
+    out = v[:, 0].clone()
+    for i in range(1, per):
+        out.bitwise_or_(v[:, i] << (bits * i))
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

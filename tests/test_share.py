@@ -254,3 +254,42 @@ def test_pruned_and_shared_digits_mlp_file_is_25x_smaller_than_fp32(mlp, calib, 
     print(f"fp32 {fp32} B, fxpress {size} B: {fp32 / size:.1f}x")
     assert torch.equal(fxpress.load(tmp_path / "m.fxp")(calib[0][0]), res.module(calib[0][0]))
     assert fp32 / size >= 25, (size, fp32, fp32 / size)
+
+
+@pytest.mark.parametrize("k,zeros", [(16, True), (16, False), (256, True)])
+def test_kmeans_on_a_histogram_is_exact_where_it_counts(k, zeros, monkeypatch):
+    """Above HIST_BINS values k-means runs on a fine histogram: every centroid is still
+    the mean of exactly its members, each value sits with its nearest centroid up to one
+    bin width, zeros keep code 0 and signs, and the error matches the sorted fit's."""
+    from fxpress.passes import share as S
+
+    x = _heavy_tailed(n=S.HIST_BINS * 3, seed=k)
+    if zeros:
+        x[torch.arange(0, x.numel(), 4)] = 0.0
+    km = kmeans_1d(x, k)
+    assert km.grid is not None and km.zero_code == zeros
+    codes = km.encode(x)
+    assert torch.equal(codes.to(torch.uint8), km.codes)
+    c = km.centroids
+    count = torch.bincount(codes, minlength=c.numel()).double()
+    means = torch.bincount(codes, weights=x.double(), minlength=c.numel()) / count.clamp(min=1)
+    used = count > 0
+    assert torch.allclose(means[used], c[used], rtol=0, atol=1e-12)
+    dist = (c[codes] - x.double()).abs()
+    if zeros:
+        assert torch.equal(codes == 0, x == 0)
+        nz = x != 0
+        assert torch.equal(torch.sign(c[codes][nz]).float(), torch.sign(x[nz]))
+    if k <= 16 and zeros:  # (the [n, k] distance matrix stays small)
+        cand = torch.where(torch.sign(c[None, :]) == torch.sign(x[:, None].double()), c[None, :], 1e9)
+        nearest = (x[:, None].double() - cand).abs().min(1).values
+    elif k <= 16:
+        nearest = (x[:, None].double() - c[None, :]).abs().min(1).values
+    if k <= 16:
+        width = float(x.max() - x.min()) / S.HIST_BINS
+        assert (dist - nearest <= width).all()
+    monkeypatch.setattr(S, "HIST_BINS", 1 << 40)
+    exact = kmeans_1d(x, k)
+    sq = float((c[codes] - x.double()).pow(2).sum())
+    sq_exact = float((exact.centroids[exact.encode(x)] - x.double()).pow(2).sum())
+    assert sq <= sq_exact * 1.001
