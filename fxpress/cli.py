@@ -96,10 +96,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             report={"evaluate_before": before, "evaluate_after": after})
         print(f"saved {output} ({size:,} bytes; captured graph {result.original_disk_bytes:,} bytes)")
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {**result.as_dict(), "evaluate_before": before, "evaluate_after": after}, indent=2,
-            default=str))
+        _write_json(args.json, {"status": "ok", "exit_code": EXIT_OK, **result.as_dict(),
+                                "evaluate_before": before, "evaluate_after": after})
     return EXIT_OK
+
+
+def _write_json(path: str, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def _failure_json(e: BaseException, code: int) -> dict:
+    """What ``--json`` holds when a command fails: the outcome, the error and, for a
+    verification failure, the failing pass's full record (every metric it missed)."""
+    out: dict = {"status": "verification_failed" if code == EXIT_VERIFY else "error",
+                 "exit_code": code, "error": {"type": type(e).__name__, "message": str(e)}}
+    record = getattr(e, "record", None)
+    if record is not None:
+        out["failed_record"] = record.as_dict()
+    return out
 
 
 def _open(ref: str):
@@ -255,15 +269,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_INPUT
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe (``fxpress passes | head``) shows up here
+        return code
+    except BrokenPipeError:
+        return _closed_stdout()
     except VerificationError as e:
         print(f"fxpress: verification failed: {e}", file=sys.stderr)
         if e.record is not None:
-            print(f"  see the record of pass #{e.record.index}", file=sys.stderr)
+            from fxpress.passes.records import format_records
+
+            print(f"the record of pass #{e.record.index}:", file=sys.stderr)
+            print(format_records([e.record], 0), file=sys.stderr)
+        _json_outcome(args, _failure_json(e, EXIT_VERIFY))
         return EXIT_VERIFY
     except FxpressError as e:
         print(f"fxpress: error: {e}", file=sys.stderr)
+        _json_outcome(args, _failure_json(e, EXIT_INPUT))
         return EXIT_INPUT
+
+
+def _json_outcome(args: argparse.Namespace, data: dict) -> None:
+    """``--json FILE`` (run) gets the outcome written; ``--json`` (a flag) prints it."""
+    dest = getattr(args, "json", None)
+    if not dest:
+        return
+    try:
+        if dest is True:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            _write_json(dest, data)
+    except (OSError, BrokenPipeError) as e:
+        print(f"fxpress: cannot write the --json outcome: {e}", file=sys.stderr)
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as Unix tools do."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail
+    except (OSError, ValueError):
+        pass
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

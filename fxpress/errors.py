@@ -94,8 +94,10 @@ class VerificationError(FxpressError):
         self.value = value
         self.last_good = last_good
         self.record = record
+        # the record's message names every missed metric, not only the first
+        what = getattr(record, "message", "") or f"{metric} = {value:.6g}, limit {limit:.6g}"
         super().__init__(message or (
-            f"pass '{pass_name}' failed verification: {metric} = {value:.6g}, limit {limit:.6g}. "
+            f"pass '{pass_name}' failed verification: {what}. "
             f"Loosen it with '{pass_name}{{tol.{metric}=...}}', choose policy 'warn' or "
             f"'rollback', or make the pass less aggressive."))
 

@@ -13,6 +13,10 @@ sys.path.insert(0, str(ROOT))  # examples/ holds the shared model and data helpe
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite sees the built-in passes only: a plugin installed in the environment (README's
+# example, a user's own) must not change what the tests see. Tests that install a plugin
+# of their own load it with entry_points=True or unset this variable.
+os.environ["FXPRESS_DISABLE_PLUGINS"] = "1"
 
 from examples import digits as _digits  # noqa: E402
 
