@@ -23,9 +23,12 @@ class InputError(FxpressError, TypeError):
 class CaptureError(FxpressError):
     """Neither torch.fx.symbolic_trace nor torch.export could capture the model."""
 
-    def __init__(self, message: str, causes: dict[str, BaseException] | None = None):
+    def __init__(self, message: str, causes: dict[str, BaseException] | None = None,
+                 details: dict[str, str] | None = None):
         super().__init__(message)
         self.causes = dict(causes or {})
+        #: what torch printed and warned during each failed attempt (kept off the terminal)
+        self.details = dict(details or {})
 
 
 class PipelineSpecError(FxpressError, ValueError):

@@ -32,13 +32,9 @@ outputs; the metrics are returned in :attr:`OnnxExport.check`.
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
-import logging
-import math
 import re
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -384,8 +380,9 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
     if mod.smooth is not None:  # activation-aware scaling: the stored weight is w * smooth
         inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
         src = b.node("Mul", [x, inv], base)[0]
-    inputs = [src, b.const(base + ".qweight", _np(packed)), b.const(base + ".scales", _np(scale.reshape(-1))),
-              b.const(base + ".zero_points", _np(zpacked))]
+    inputs = [src, b.const(base + ".qweight", _np(packed)), b.const(base + ".scales", _np(scale.reshape(-1)))]
+    if zero is not None:  # symmetric codes use MatMulNBits' default zero point 2^(bits-1)
+        inputs.append(b.const(base + ".zero_points", _np(zpacked)))
     out = b.node("MatMulNBits", inputs, base, domain="com.microsoft", K=k, N=n, bits=bits,
                  block_size=block, accuracy_level=accuracy_level)[0]
     return _finish(b, mod, out, y, base)
@@ -539,17 +536,11 @@ def _name_axes(model, input_names: list[str]) -> None:
 
 @contextlib.contextmanager
 def _quiet():
-    """torch.onnx prints progress and warnings; keep them out of the caller's terminal."""
-    buf = io.StringIO()
-    # torch.onnx, onnx_ir and onnxruntime.transformers log through many module loggers
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            warnings.simplefilter("ignore")
-            yield buf
-    finally:
-        logging.disable(previous)
+    """torch.onnx prints progress and warnings: keep them out of the caller's terminal."""
+    from fxpress.graph.capture import quiet
+
+    with quiet() as (buf, _caught):
+        yield buf
 
 
 def _outputs(gm, inputs) -> list[torch.Tensor]:

@@ -311,23 +311,26 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
         if bound:
             expected = model(*example_inputs, **bound)
         causes: dict[str, BaseException] = {}
+        details: dict[str, str] = {}
         order = ("fx", "export") if method == "auto" else (method,)
         for m in order:
             start = time.perf_counter()
             try:
-                if m == "fx":
-                    gm = _capture_fx(model, example_inputs, {**(concrete_args or {}), **bound}
-                                     if bound else concrete_args, leaf_modules)
-                    gm = clone_structure(gm)  # never share module objects with the caller
-                else:
-                    gm = _capture_export(model, example_inputs, dynamic, bound)
-                annotate_shapes(gm, example_inputs)
-                got = gm(*example_inputs)
-                if not _outputs_match(got, expected):
-                    raise CaptureError(f"the {m} graph's outputs differ from the model's on the "
-                                       "example inputs (data-dependent control flow was specialised?)")
+                with quiet() as (noise, caught):  # torch's warnings and graph dumps: into details
+                    if m == "fx":
+                        gm = _capture_fx(model, example_inputs, {**(concrete_args or {}), **bound}
+                                         if bound else concrete_args, leaf_modules)
+                        gm = clone_structure(gm)  # never share module objects with the caller
+                    else:
+                        gm = _capture_export(model, example_inputs, dynamic, bound)
+                    annotate_shapes(gm, example_inputs)
+                    got = gm(*example_inputs)
+                    if not _outputs_match(got, expected):
+                        raise CaptureError(f"the {m} graph's outputs differ from the model's on the "
+                                           "example inputs (data-dependent control flow was specialised?)")
             except Exception as e:
                 causes[m] = e
+                details[m] = _details(noise, caught)
                 continue
             gm.meta["fxpress"] = {
                 "method": m,
@@ -349,12 +352,45 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
             return gm
 
     lines = [f"  {m}: {type(e).__name__}: {_short(e)}" for m, e in causes.items()]
-    raise CaptureError(
-        f"capture: could not capture {type(model).__name__} with {' or '.join(causes)}:\n"
-        + "\n".join(lines)
-        + "\nTry method='export' for models with data-dependent Python control flow, "
-          "concrete_args={...} to fix non-tensor arguments, or leaf_modules=[SomeModule] to "
-          "keep an untraceable submodule whole.", causes)
+    if "export" in causes:  # export was tried: suggesting it again would send the user in a circle
+        hint = ("\nData-dependent Python control flow defeats both: express it with torch.cond "
+                "or tensor ops (torch.where), pass concrete_args={...} to fix non-tensor "
+                "arguments for symbolic tracing, or leaf_modules=[SomeModule] to keep an "
+                "untraceable submodule whole. The full output of each attempt is in the "
+                "error's .details.")
+    else:
+        hint = ("\nTry method='export' (or 'auto') for models with data-dependent Python control "
+                "flow, concrete_args={...} to fix non-tensor arguments, or leaf_modules=[SomeModule] "
+                "to keep an untraceable submodule whole.")
+    err = CaptureError(f"capture: could not capture {type(model).__name__} with "
+                       f"{' or '.join(causes)}:\n" + "\n".join(lines) + hint, causes)
+    err.details = {m: d for m, d in details.items() if d}
+    raise err
+
+
+@contextlib.contextmanager
+def quiet():
+    """Keep torch's (and its exporters') warnings, log records and prints out of the
+    caller's terminal for the block; yields a StringIO that collects what was printed and
+    a list that collects the warnings, for an error's ``details``."""
+    import io
+    import logging
+
+    buf, caught = io.StringIO(), []
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(record=True) as caught, \
+                contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("always")
+            yield buf, caught
+    finally:
+        logging.disable(previous)
+
+
+def _details(buf, caught) -> str:
+    lines = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return "\n".join(lines + ([buf.getvalue().strip()] if buf.getvalue().strip() else []))
 
 
 def _short(e: BaseException, limit: int = 300) -> str:

@@ -111,6 +111,8 @@ class Pipeline:
     def __init__(self, passes: Iterable[Pass], *, policy: str = "strict",
                  instruments: Iterable[Instrument] = (), progress: bool | None = None,
                  in_place: bool = False):
+        if isinstance(passes, str):  # Pipeline("prune{sparsity=0.9},quantize{bits=8}")
+            passes = [resolve_pass(s, _registry_arg(None, {}), passes) for s in parse_spec(passes)]
         self.passes = list(passes)
         for p in self.passes:
             if not isinstance(p, Pass):
