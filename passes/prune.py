@@ -14,6 +14,8 @@ model's weights, so it needs no extra copy of them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fxpress.errors import OptionError
@@ -119,6 +121,41 @@ def zero_below(tensors: list[torch.Tensor], v: float, take_equal: int = 0) -> li
     return out
 
 
+#: Magnitudes sampled to bracket a layer's k-th smallest (see :func:`_zero_smallest_one`).
+SAMPLE = 1 << 15
+
+
+def _zero_smallest_one(t: torch.Tensor, k: int) -> torch.Tensor | None:
+    """:func:`zero_smallest` of one tensor by selection, without sorting it: the k-th
+    smallest magnitude of a strided sample, widened by four standard deviations of a
+    sample quantile's rank, brackets the exact one; one pass counts what lies below the
+    bracket and keeps what lies in it (a few percent), whose k-th value is then exact.
+    None when the bracket misses (the caller falls back to the exact search)."""
+    a = _flat(t).abs()
+    n = a.numel()
+    sample = a[::max(1, n // SAMPLE)].contiguous()
+    m = sample.numel()
+    rank, spread = k / n * m, 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 2
+    lo_v = torch.kthvalue(sample, max(int(rank - spread), 0) + 1).values
+    hi_v = torch.kthvalue(sample, min(int(rank + spread) + 1, m - 1) + 1).values
+    below = a < lo_v
+    n_below = int(torch.count_nonzero(below))
+    cand = a[(a <= hi_v) & ~below]
+    idx = k - n_below
+    if not 1 <= idx <= cand.numel():
+        return None
+    v = torch.kthvalue(cand, idx).values
+    take_equal = k - n_below - int(torch.count_nonzero(cand < v))
+    mask = torch.lt(a, v, out=below)
+    if take_equal > 0:  # ties at the cut: the first ones in order, so the count is exact
+        mask[torch.nonzero(a == v).flatten()[:take_equal]] = True
+    if t.is_contiguous():
+        return t.detach().reshape(-1).masked_fill(mask, 0).view(t.shape)
+    res = torch.empty_like(t)
+    _flat(res).copy_(_flat(t).masked_fill(mask, 0))
+    return res
+
+
 def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """New tensors with exactly the ``k`` smallest magnitudes across ``tensors`` zeroed.
 
@@ -130,6 +167,10 @@ def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         return list(tensors)
     if k >= total:
         return [torch.zeros_like(t) for t in tensors]
+    if len(tensors) == 1 and total <= 1 << 22:
+        out = _zero_smallest_one(tensors[0], k)
+        if out is not None:
+            return [out]
     v = kth_smallest_magnitude(tensors, k)
     return zero_below(tensors, v, k - count_below(tensors, v))
 

@@ -112,3 +112,27 @@ def test_prune_on_export_graph_of_minilm(minilm, minilm_batches):
     assert len(layers) == 6 and all(abs(s - 0.3) < 1e-4 for s in layers.values())
     assert res.records[0].cumulative.cosine > 0.97
     assert all(torch.equal(minilm.state_dict()[k], v) for k, v in snap.items())
+
+
+def test_selection_by_sample_bracket_equals_the_exact_search():
+    """Per-layer sparsity finds its cut by selection (a sample brackets it); the result
+    must be the exact search's, ties at the cut included, on every shape and count."""
+    from fxpress.passes import prune as P
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(1, 120000, (1,), generator=g))
+        w = torch.randn(n, generator=g)
+        if trial % 3 == 1:
+            w = torch.round(w * 4) / 4  # many ties at the cut
+        if trial % 3 == 2:
+            w[: n // 2] = 0
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        got = P.zero_smallest([w], k)[0]
+        if k < n:
+            v = P.kth_smallest_magnitude([w], k)
+            assert torch.equal(got, P.zero_below([w], v, k - P.count_below([w], v))[0]), (n, k)
+        assert int((got == 0).sum()) >= k
+    w = torch.randn(300, 200, generator=g).t()  # a transposed view (GPT-2's Conv1D)
+    got = P.zero_smallest([w], 30000)[0]
+    assert got.stride() == w.stride() and int((got == 0).sum()) == 30000
