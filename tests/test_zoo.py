@@ -148,3 +148,25 @@ def test_causal_lm_with_default_cache_captures_one_call_and_says_so():
         got = gm(*spec.reshaped).logits
         ref = spec.model(*spec.reshaped).logits  # with its cache, as the user calls it
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_non_persistent_buffers_stay_non_persistent_after_load(tmp_path):
+    import torch
+
+    import fxpress
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+    model = Scaled().eval()
+    gm = fxpress.capture(model, (torch.randn(2, 4),), method="export")  # keeps the flag
+    fxpress.save(gm, tmp_path / "m.fxp")
+    loaded = fxpress.load(tmp_path / "m.fxp")
+    assert set(loaded.state_dict()) == set(gm.state_dict()) == {"fc.weight", "fc.bias"}
+    assert torch.equal(loaded.scale, model.scale)

@@ -335,12 +335,29 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
     except Exception as e:
         raise ArtifactFormatError(f"{where}: the stored graph does not rebuild: "
                                   f"{type(e).__name__}: {_short_repr(str(e), 200)}") from None
+    _keep_non_persistent(gm, header)
     gm.training = False
     meta = header.get("meta")
     gm.meta["fxpress"] = dict(meta) if isinstance(meta, dict) else {}
     if isinstance(header.get("report"), dict):
         gm.meta["fxpress_report"] = header["report"]
     return gm
+
+
+def _keep_non_persistent(gm: torch.fx.GraphModule, header: dict) -> None:
+    # GraphModule(root, graph) copies the buffers a graph reads with register_buffer's
+    # default, persistent: mark again those saved non-persistent (export's position_ids),
+    # or a reloaded state_dict would hold one entry more than the saved graph's
+    for m in header["modules"]:
+        for name, r in (m.get("tensors") or {}).items():
+            if r.get("kind") != "buffer" or r.get("persistent", True):
+                continue
+            try:
+                owner = gm.get_submodule(m["path"]) if m.get("path") else gm
+            except AttributeError:
+                continue
+            if name in owner._buffers:
+                owner._non_persistent_buffers_set.add(name)
 
 
 def load(path: str | os.PathLike, runtime_modules: Iterable[type] = (), *,
