@@ -16,6 +16,7 @@ model and seed; the plain pipeline within 2 points.
 
     python -m bench recovery                 # the table (3 models x 3 seeds)
     python -m bench.case_recovery --held-out # a model and seeds never run while choosing defaults
+    python -m bench.case_recovery --models transformer-64x2 --seeds 0
 """
 from __future__ import annotations
 
@@ -115,13 +116,16 @@ def main() -> None:
 
     p = argparse.ArgumentParser(prog="python -m bench.case_recovery")
     p.add_argument("--held-out", action="store_true",
-                   help=f"the held-out check: {', '.join(HELD_OUT)} and seeds 7, 8, 9 "
-                   "(plus the benchmark's models on seed 7)")
+                   help=f"the held-out check: {', '.join(HELD_OUT)} on seeds 7, 8, 9")
+    p.add_argument("--models", help=f"comma-separated (default {','.join(MODELS)})")
+    p.add_argument("--seeds", default="0,1,2")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.held_out:
-        tables = (table(HELD_OUT, (7, 8, 9), "full", "Held-out model")
-                  + table(MODELS, (7,), "full", "Held-out seed"))
+        tables = table(HELD_OUT, (7, 8, 9), "full", "Held-out model")
+    elif args.models:
+        tables = table(tuple(args.models.split(",")), tuple(int(s) for s in args.seeds.split(",")),
+                       "full", "Chosen models")
     else:
         tables = run("full")
     for t in tables:

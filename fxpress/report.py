@@ -390,6 +390,50 @@ def _frontier_figure(front: dict, plan: dict) -> str:
     return _svg(width, top + h + 44, body, "predicted size/error frontier")
 
 
+def _recovery_figure(records: list[dict]) -> str:
+    """Per training step (distill): loss per epoch on the training batches and on the
+    held-out ones, the kept epoch marked; the learning rate it used in the caption."""
+    out = []
+    for r in records:
+        st = r.get("stats") or {}
+        epochs = [e for e in st.get("epochs") or [] if isinstance(e.get("loss"), (int, float))]
+        if not epochs:
+            continue
+        series = [("#2563eb", "training loss", [e["loss"] for e in epochs])]
+        if all(isinstance(e.get("val_loss"), (int, float)) for e in epochs):
+            series.append(("#dc2626", "held-out loss", [e["val_loss"] for e in epochs]))
+        vals = [v for _, _, ys in series for v in ys if v == v and abs(v) != float("inf")]
+        if not vals:
+            continue
+        w, h, left, top, bottom = 420.0, 180.0, 50.0, 24.0, 28.0
+        lo, hi = min(vals), max(vals)
+        span, n = (hi - lo) or 1.0, max(len(epochs) - 1, 1)
+
+        def at(i: int, v: float) -> tuple[float, float]:
+            return left + (w - left - 10) * i / n, top + (h - top - bottom) * (hi - v) / span
+
+        body = [f'<line x1="{left}" y1="{h - bottom}" x2="{w - 10}" y2="{h - bottom}" stroke="#999"/>',
+                _text(left - 4, top + 4, f"{hi:.3g}", "end"), _text(left - 4, h - bottom, f"{lo:.3g}", "end"),
+                _text((w + left) / 2, h - 6, f"epoch (1-{len(epochs)})", "middle")]
+        for color, _, ys in series:
+            pts = " ".join("%.1f,%.1f" % at(i, v) for i, v in enumerate(ys) if v == v)
+            body.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/>')
+        best = st.get("best_epoch")
+        if isinstance(best, int) and 1 <= best <= len(epochs):
+            x, y = at(best - 1, series[-1][2][best - 1])
+            body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="none" stroke="#111"/>')
+        legend, _ = _legend(left, 12, [(c, label) for c, label, _ in series])
+        lr = st.get("lr")
+        cap = (f"#{_esc(r.get('index'))} <code>{_esc(r.get('spec'))}</code>: "
+               f"{len(epochs)} epochs{', stopped early' if st.get('stopped_early') else ''}"
+               f"{f'; kept epoch {best} (circled)' if best else ''}"
+               f"{f'; learning rate {lr:.2g}' if isinstance(lr, (int, float)) and lr else ''}"
+               f"{' (range test)' if st.get('lr_test') else ''}")
+        out.append(f'<div class="figure">{_svg(w, h, body + legend, "recovery curve")}'
+                   f'<p class="note">{cap}</p></div>')
+    return "".join(out)
+
+
 def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpress report",
                   before: dict | None = None) -> str:
     """The HTML page (a string).
@@ -413,6 +457,9 @@ def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpre
              f'<code>{_esc(", ".join(meta.get("passes", [])) or "none")}</code>'
              f'{"; entropy-coded" if header.get("entropy") else ""}</p>']
     parts.append("<h2>Passes</h2>" + _passes_section(report))
+    curves = _recovery_figure(report.get("records") or [])
+    if curves:
+        parts.append("<h2>Recovery curves</h2>" + curves)
     total = file_bytes or 1
     lrows = [[f"<code>{_esc(r.name)}</code>", _esc(r.type), f"{r.params:,}", f"{r.sparsity:.1%}",
               f"{r.bits:g}", human_bytes(r.mem_bytes), human_bytes(r.disk_bytes),

@@ -89,15 +89,22 @@ class RangeTest:
         return {"lrs": self.lrs, "losses": self.losses, "chosen": self.chosen}
 
 
+#: The largest rate the range test may choose. Without it, a pruned and shared transformer
+#: (loss still falling at lr = 1) trained at 0.1 and collapsed to chance; at most 0.03 it
+#: recovered (bench/case_recovery.py), and the MLPs and CNNs chose at most 0.04 anyway.
+MAX_LR = 0.03
+
+
 def lr_range_test(step: Callable[[float], float], steps: int = 60, lo: float = 1e-6,
-                  hi: float = 1.0, beta: float = 0.8, valley: float = 1.25) -> RangeTest:
+                  hi: float = 1.0, beta: float = 0.8, valley: float = 1.25,
+                  max_lr: float = MAX_LR) -> RangeTest:
     """Run ``step(lr) -> loss`` with ``lr`` growing from ``lo`` to ``hi``; pick a rate.
 
     ``step`` takes one optimizer step at the given rate on the next batch and returns the
     batch's loss. The test stops early when the smoothed loss exceeds four times its
     minimum (or is not finite). The choice is a tenth of the largest rate, from the
     minimum on, whose smoothed loss stays within ``valley`` times the minimum, clipped to
-    ``[10·lo, hi/10]``.
+    ``[10·lo, min(hi/10, max_lr)]``.
     """
     out = RangeTest()
     gamma = (hi / lo) ** (1.0 / max(steps - 1, 1))
@@ -119,7 +126,7 @@ def lr_range_test(step: Callable[[float], float], steps: int = 60, lo: float = 1
     while edge + 1 < len(out.losses) and out.losses[edge + 1] <= best * valley:
         edge += 1
     pick = out.lrs[edge] / 10 if out.lrs else lo * 10
-    out.chosen = float(min(max(pick, lo * 10), hi / 10))
+    out.chosen = float(min(max(pick, lo * 10), hi / 10, max_lr))
     return out
 
 

@@ -76,7 +76,8 @@ def test_range_test_picks_a_tenth_of_the_rate_at_the_loss_minimum():
     assert 3e-3 <= flat.chosen <= 1e-2  # a flat curve: a tenth of where it blows up
 
 
-def test_default_recovery_leaves_rng_and_model_alone_and_reports_its_curve(mlp, calib, one_thread):
+def test_default_recovery_leaves_rng_and_model_alone_and_reports_its_curve(mlp, calib, one_thread,
+                                                                          tmp_path):
     snap = state_snapshot(mlp)
     rng = torch.get_rng_state()
     res = fxpress.compress(mlp, "prune{sparsity=0.9,scope=global},distill{epochs=6,holdout=0.1}",
@@ -95,6 +96,13 @@ def test_default_recovery_leaves_rng_and_model_alone_and_reports_its_curve(mlp, 
     assert again.records[-1].stats["lr"] == st["lr"]
     x = calib[0][0]
     assert torch.equal(again.module(x), res.module(x))
+    # the saved report plots the curve
+    from fxpress.graph.artifact import read_header
+    from fxpress.report import render_report
+
+    fxpress.save(res, tmp_path / "m.fxp")
+    page = render_report(fxpress.load(tmp_path / "m.fxp"), read_header(tmp_path / "m.fxp"))
+    assert "Recovery curves" in page and "held-out loss" in page and "range test" in page
 
 
 def _codebooks(gm):
