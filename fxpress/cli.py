@@ -145,6 +145,44 @@ def _open(ref: str):
     return gm, artifact.artifact_header(gm)
 
 
+def _safe(text: str) -> str:
+    """``text`` with control characters escaped (newlines kept): what a file names (a layer,
+    a pass, a capture method) cannot drive the terminal."""
+    from fxpress.graph.artifact.values import escape_controls
+
+    return "\n".join(escape_controls(line) for line in str(text).split("\n"))
+
+
+def _reads_artifacts(command):
+    """A command that opens artifacts: whatever a bad file makes go wrong ends as one line
+    (an ``FxpressError``, control characters escaped), never a traceback."""
+    import functools
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from fxpress.errors import ArtifactError, FxpressError, InputError
+        from fxpress.graph.artifact.values import escape_controls
+
+        try:
+            return command(args)
+        except ArtifactError as e:
+            msg = escape_controls(str(e))
+            if msg == str(e):
+                raise
+            raise type(e)(msg) from None
+        except FxpressError as e:
+            if escape_controls(str(e)) == str(e):
+                raise
+            raise InputError(escape_controls(str(e))) from None
+        except (BrokenPipeError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise InputError(escape_controls(f"{type(e).__name__}: {e}")) from None
+
+    return run
+
+
+@_reads_artifacts
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from fxpress.graph.inspect import format_layers, layers, to_networkx, to_node_link
 
@@ -155,9 +193,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                           "graph": to_node_link(to_networkx(gm))}, indent=1, default=str))
         return EXIT_OK
     meta = header.get("meta") or {}
-    print(f"{args.model}: {header.get('file_bytes', 0):,} bytes; captured with "
-          f"{meta.get('method', '?')}; passes: {', '.join(meta.get('passes', [])) or 'none'}")
-    print(format_layers(rows, header.get("file_bytes")))
+    passes = meta.get("passes", [])
+    passes = ", ".join(str(p) for p in passes) if isinstance(passes, list) else str(passes)
+    print(_safe(f"{args.model}: {header.get('file_bytes', 0):,} bytes; captured with "
+                f"{meta.get('method', '?')}; passes: {passes or 'none'}"))
+    print(_safe(format_layers(rows, header.get("file_bytes"))))
     for what, writer in (("graphml", "write_graphml"), ("dot", "write_dot"),
                          ("node_link", "write_node_link")):
         dest = getattr(args, what)
@@ -169,16 +209,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_reads_artifacts
 def _cmd_diff(args: argparse.Namespace) -> int:
     from fxpress.graph.inspect import diff
 
     a, _ = _open(args.a)
     b, _ = _open(args.b)
     d = diff(a, b)
-    print(json.dumps(d.as_dict(), indent=1, default=str) if args.json else str(d))
+    print(json.dumps(d.as_dict(), indent=1, default=str) if args.json else _safe(str(d)))
     return EXIT_OK
 
 
+@_reads_artifacts
 def _cmd_report(args: argparse.Namespace) -> int:
     from fxpress.graph.inspect import layer_summary
     from fxpress.report import render_report
@@ -195,6 +237,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_reads_artifacts
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from fxpress.errors import InputError
     from fxpress.onnx_export import export_onnx

@@ -143,6 +143,25 @@ def test_getattr_reads_only_tensor_data_attributes(good, attr):
         _load(tamper(good, mutate))
 
 
+@pytest.mark.parametrize("name", ["torch", "self", "getattr", "fx_pytree", "operator"])
+def test_graph_inputs_cannot_shadow_names_the_generated_code_uses(good, name):
+    def mutate(h):
+        n = node(h, "placeholder")
+        text = json.dumps(h["graph"]["nodes"]).replace(f'"v": "{n["name"]}"', f'"v": "{name}"')
+        h["graph"]["nodes"] = json.loads(text)
+        node(h, "placeholder").update(name=name, target=name)
+    with pytest.raises(ForbiddenTargetError, match="shadow"):
+        _load(tamper(good, mutate))
+
+
+def test_functions_are_never_data_in_a_graph(good):
+    def mutate(h):
+        n = node(h, "call_function")
+        n["args"] = {"$": "tuple", "v": [{"$": "fn", "v": "torch.relu"}]}
+    with pytest.raises(ArtifactSecurityError, match="function value"):
+        _load(tamper(good, mutate))
+
+
 def test_aten_arguments_must_fit_the_schema(good):
     def mutate(h):
         n = node(h, "call_function")
@@ -462,3 +481,42 @@ def test_fuzzed_headers_raise_only_fxpress_errors(good, data):
     except FxpressError:
         pass
     assert not os.path.exists(MARKER)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def test_cli_prints_one_escaped_line_for_bad_files(good, tmp_path, capsys):
+    from fxpress.cli import main
+
+    bad_files = {
+        "forbidden": tamper(good, set_target("torch.fork")),
+        "private-config": tamper(good, lambda h: _module(h, "fc")["config"].update(_call_impl=1)),
+        "wrong-types": tamper(good, lambda h: h.update(graph={"nodes": {"x": 1}})),
+        "truncated": good[:len(good) // 2],
+        "noise": bytes(range(256)) * 4,
+        "deep": _raw_header_file('{"format": "fxpress", "version": 1, "x": ' + "[" * 5000 + "]" * 5000 + "}"),
+        "escape\x1b[2J\x07": tamper(good, lambda h: node(h, "placeholder").update(name="x\x1b[2J")),
+    }
+    for name, data in bad_files.items():
+        path = tmp_path / f"{name}.fxp"
+        path.write_bytes(data)
+        for argv in (["inspect", str(path)], ["report", str(path), "-o", str(tmp_path / "r.html")],
+                     ["diff", str(path), str(path)]):
+            code = main(argv)
+            out, err = capsys.readouterr()
+            assert code == 2, (name, argv, out, err)
+            assert err.startswith("fxpress: error: ") and err.count("\n") == 1, (name, err)
+            assert "Traceback" not in err and "\x1b" not in err and "\x07" not in err, (name, err)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_inspect_escapes_terminal_sequences_in_names(tmp_path, capsys):
+    from fxpress.cli import main
+
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
+    gm.meta["fxpress"] = {"method": "\x1b[2Jfx", "passes": ["\x1b]0;owned\x07prune"]}
+    path = tmp_path / "meta.fxp"
+    artifact.save(gm, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b[2Jfx" in out

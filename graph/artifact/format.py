@@ -31,6 +31,7 @@ from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrit
                             ArtifactLimitError)
 from fxpress.graph.artifact.header_dict import HEADER_ZDICT
 from fxpress.graph.artifact.limits import DEFAULT_LIMITS, Limits
+from fxpress.graph.artifact.values import escape_controls
 
 MAGIC = b"\x89FXPRESS"
 VERSION = 1
@@ -162,14 +163,15 @@ def open_regular(path: str | os.PathLike) -> tuple[Any, int]:
     """``path`` opened for reading and its size, refused unless it is a regular file (a FIFO,
     a device such as /dev/zero, or a directory would block or never end)."""
     p = Path(path)
+    shown = escape_controls(str(p))
     try:
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
-        raise ArtifactError(f"cannot read artifact {p}: {e.strerror or e}") from None
+        raise ArtifactError(f"cannot read artifact {shown}: {e.strerror or e}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ArtifactFormatError(f"{p} is not a regular file (a directory, FIFO or device); "
+            raise ArtifactFormatError(f"{shown} is not a regular file (a directory, FIFO or device); "
                                       "give the path of an .fxp file")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
@@ -196,6 +198,7 @@ def read_header(path: str | os.PathLike, *, limits: Limits | None = None) -> dic
     """
     limits = limits or DEFAULT_LIMITS
     p = Path(path)
+    shown = escape_controls(str(p))
     f, size = open_regular(p)
     try:
         with f:
@@ -203,9 +206,9 @@ def read_header(path: str | os.PathLike, *, limits: Limits | None = None) -> dic
             if len(data) == PREFIX_SIZE:
                 hlen = _PREFIX.unpack(data)[3]
                 if hlen <= limits.header_bytes and PREFIX_SIZE + hlen <= size:
-                    data += read_bounded(f, hlen, str(p))
+                    data += read_bounded(f, hlen, shown)
     except OSError as e:
-        raise ArtifactError(f"cannot read artifact {p}: {e.strerror or e}") from None
-    header, _, _ = _split_prefix(data, str(p), file_size=size, limits=limits)
+        raise ArtifactError(f"cannot read artifact {shown}: {e.strerror or e}") from None
+    header, _, _ = _split_prefix(data, shown, file_size=size, limits=limits)
     header["file_bytes"] = size
     return header

@@ -22,7 +22,7 @@ from fxpress.graph.artifact.modules import finish_torch_nn
 from fxpress.graph.artifact.schema import _IDENT, Allowlist, _Checked, _validate
 from fxpress.graph.artifact.specs import spec_from_file
 from fxpress.graph.artifact.tensors import decode_tensor
-from fxpress.graph.artifact.values import _Decoder, _dtype, _short_repr, dtype_name
+from fxpress.graph.artifact.values import _Decoder, _dtype, _short_repr, dtype_name, escape_controls
 
 
 @contextlib.contextmanager
@@ -52,8 +52,8 @@ def _with_fix(e: ArtifactError) -> ArtifactError:
     fix = next((f for t, f in _FIX.items() if isinstance(e, t)), None)
     if fix is None or any(s in msg for s in ("again", "not loaded", "max_bytes=", "newer fxpress",
                                               "limits=")):
-        return e
-    return type(e)(f"{msg.rstrip('.')}; {fix}")
+        return e if escape_controls(msg) == msg else type(e)(escape_controls(msg))
+    return type(e)(escape_controls(f"{msg.rstrip('.')}; {fix}"))
 
 
 def loads(data: bytes | memoryview, runtime_modules: Iterable[type] = (), *,
@@ -71,11 +71,13 @@ def loads(data: bytes | memoryview, runtime_modules: Iterable[type] = (), *,
     except FxpressError:
         raise
     except MemoryError:
-        raise ArtifactLimitError(f"{where}: loading ran out of memory; the file asks for more than "
-                                 "this machine has") from None
+        raise ArtifactLimitError(escape_controls(
+            f"{where}: loading ran out of memory; the file asks for more than this machine "
+            "has")) from None
     except (RecursionError, Exception) as e:  # the schema should have caught it: never escapes raw
-        raise ArtifactFormatError(f"{where}: the file does not rebuild ({type(e).__name__}: "
-                                  f"{_short_repr(str(e), 200)}); it was not loaded") from None
+        raise ArtifactFormatError(escape_controls(
+            f"{where}: the file does not rebuild ({type(e).__name__}: {_short_repr(str(e), 200)}); "
+            "it was not loaded")) from None
 
 
 def _loads(data: bytes | memoryview, runtime_modules: Iterable[type], *, limits: Limits,
@@ -298,7 +300,8 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
     env: dict[str, torch.fx.Node] = {}
     for n in ginfo["nodes"]:
         nw = f"{where}: node {n['name']!r}"
-        decode = _Decoder(allow, env, nw, depth=limits.depth, string=limits.string)
+        # functions are never data in a graph: no op on the reviewed list takes one
+        decode = _Decoder(allow, env, nw, functions=False, depth=limits.depth, string=limits.string)
         args, kwargs = decode(n.get("args", {"$": "tuple", "v": []})), decode(n.get("kwargs", {"$": "dict", "v": []}))
         if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not all(
                 isinstance(k, str) and _IDENT.fullmatch(k) and not k.startswith("__") for k in kwargs):
@@ -375,12 +378,11 @@ def load(path: str | os.PathLike, runtime_modules: Iterable[type] = (), *,
     """
     lim = resolve(limits, max_bytes)
     p = Path(path)
+    shown = escape_controls(str(p))
     f, size = open_regular(p)
     try:
         with f:
-            if size > lim.decoded_limit(size) + lim.header_bytes + (1 << 20) and lim.max_bytes is not None:
-                raise ArtifactLimitError(f"{p}: the file is {size} bytes, more than max_bytes allows")
-            data = read_bounded(f, size, str(p))
+            data = read_bounded(f, size, shown)
     except OSError as e:
-        raise ArtifactError(f"cannot read artifact {p}: {e.strerror or e}") from None
-    return loads(data, runtime_modules, limits=lim, where=str(p))
+        raise ArtifactError(f"cannot read artifact {shown}: {e.strerror or e}") from None
+    return loads(data, runtime_modules, limits=lim, where=shown)

@@ -20,6 +20,7 @@ import torch
 
 from fxpress.errors import (ArtifactFormatError, ArtifactLimitError, ArtifactSecurityError,
                             ForbiddenTargetError)
+from fxpress.graph.artifact import ops
 from fxpress.graph.artifact.allowlist import Allowlist, class_name  # noqa: F401 (re-export)
 from fxpress.graph.artifact.limits import Limits
 from fxpress.graph.artifact.modules import check_runtime, check_torch_nn
@@ -31,6 +32,10 @@ _MODULE_KEYS = {"path", "alias", "kind", "class", "config", "tensors", "training
 _REF_KEYS = {"ref", "kind", "requires_grad", "persistent"}
 _NODE_KEYS = {"name", "op", "target", "args", "kwargs", "shape", "dtype", "pass"}
 _BASE_KEYS = frozenset(vars(torch.nn.Module()).keys())
+#: names the code torch.fx generates refers to (its globals, the builtins a graph may call):
+#: never a graph input's name, which becomes a parameter of the generated forward()
+_RESERVED = ops.BUILTINS | frozenset(
+    "self torch device fx_pytree pytree inf nan NoneType operator math builtins".split())
 
 
 def _join(prefix: str, name: str) -> str:
@@ -219,6 +224,9 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
             raise ArtifactFormatError(f"{nw}: unknown op")
         if op == "placeholder":
             _check_ident(target, nw, limits.string)
+            if target in _RESERVED:  # a forward() parameter named so would shadow it
+                raise ForbiddenTargetError(f"{nw}: input name {target!r} would shadow a name the "
+                                           "generated code uses")
         elif op == "get_attr":
             _check_qualname(target, nw, limit=limits.string)
             if target not in attrs and target not in paths:

@@ -96,6 +96,15 @@ def _short_repr(v: Any, n: int = 80) -> str:
     return r if len(r) <= n else r[:n] + "..."
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line with every control character (ESC, newlines, ...) escaped, so a
+    name or message from a file cannot drive a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class _Decoder:
     """Tagged JSON -> Python values. ``nodes``: the graph's nodes defined so far (None: no
     node references allowed); ``functions``: may a value name an allowlisted function (graph
