@@ -174,3 +174,23 @@ def test_report_needs_no_plotting_library(bert_report, monkeypatch, tmp_path):
     out = tmp_path / "r.html"
     assert main(["report", str(page.with_suffix(".fxp")), "-o", str(out)]) == 0
     assert out.read_text().count("<svg") >= 3
+
+
+def test_collapse_groups_gpt2_sized_repeats_only_when_alike():
+    from fxpress.report import _collapse
+
+    names = (["transformer.wte", "transformer.wpe"]
+             + [f"transformer.h.{i}.{part}" for i in range(12)
+                for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")]
+             + ["transformer.ln_f", "lm_head"])
+    groups = _collapse(names, lambda n: n.rsplit(".", 1)[-1])
+    labels = [label for label, _ in groups]
+    assert "transformer.h.[0-11].attn.c_attn" in labels and len(groups) == 2 + 6 + 2
+    assert all(len(m) == 12 for label, m in groups if "[0-11]" in label)
+    # blocks that differ (another width in one layer) are not merged
+    sizes = {n: 2 if n == "transformer.h.7.mlp.c_fc" else 1 for n in names}
+    assert len(_collapse(names, sizes.get)) == len(names)
+    # the digits MLP: layers.0 and layers.1 have different sizes, so both stay
+    assert [label for label, _ in _collapse(["layers.0", "layers.1", "head"],
+                                             {"layers.0": 19200, "layers.1": 30000, "head": 1000}.get)] \
+        == ["layers.0", "layers.1", "head"]
