@@ -261,7 +261,7 @@ def test_kmeans_on_a_histogram_is_exact_where_it_counts(k, zeros, monkeypatch):
     """Above HIST_BINS values k-means runs on a fine histogram: every centroid is still
     the mean of exactly its members, each value sits with its nearest centroid up to one
     bin width, zeros keep code 0 and signs, and the error matches the sorted fit's."""
-    from fxpress.passes import share as S
+    from fxpress.passes import kmeans1d as S
 
     x = _heavy_tailed(n=S.HIST_BINS * 3, seed=k)
     if zeros:
