@@ -3,16 +3,8 @@
 >>> fxpress.save(res.module, "model.fxp")                     # doctest: +SKIP
 >>> gm = fxpress.load("model.fxp")                            # doctest: +SKIP
 
-File layout (all integers little-endian)::
-
-    offset  size  field
-    0       8     magic  b"\\x89FXPRESS"  (the high byte catches 7-bit and text-mode damage)
-    8       4     u32 format version (1)
-    12      4     u32 flags: bit 0 = header is zlib-compressed (always set by this version)
-    16      8     u64 header length H (as stored)
-    24      32    sha256 of the H stored header bytes
-    56      H     header: UTF-8 JSON (graph, module tree, tensor table, metadata), zlib
-    56+H    P     payload: a standard safetensors blob holding every stream
+File layout: a 56-byte prefix (magic, version, flags, header length and sha256), the
+zlib-compressed JSON header, then a safetensors payload (the table is in :mod:`.format`).
 
 One file, not a directory: a single ``os.replace`` makes the write atomic (a directory
 cannot be swapped atomically), one sha256 chain covers everything, and a file is what
@@ -42,11 +34,12 @@ Tensors are stored in the smallest of four encodings, chosen per tensor:
 With ``entropy=True`` the bitmap, index and 8-bit integer streams (values included) are further compressed
 with the standard-library codec that makes each one smallest (zlib, bz2 or lzma).
 
-Loading never unpickles and never evaluates text: every call target, method name, module
-class and attribute is looked up in an allowlist (torch and torch.nn.functional functions,
-ATen overloads, Tensor methods, ``operator``, a few builtins, torch.nn module classes and
-the runtime module classes handed in). Everything is checked before anything is built,
-so a bad file raises an :class:`~fxpress.errors.ArtifactError` and leaves nothing behind.
+Loading never unpickles and never evaluates text: the header is checked whole against a
+closed schema (reviewed ops, reviewed torch.nn classes and their constructor fields, the
+runtime module classes handed in, plain-data values) within :class:`Limits`, before any
+tensor is decoded or module built; a bad file raises an
+:class:`~fxpress.errors.ArtifactFormatError` subclass and leaves nothing behind (README,
+"Threat model"; SECURITY.md).
 
 The package, one concern per module:
 
