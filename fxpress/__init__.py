@@ -114,16 +114,21 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass] | None = None,
              metric: str = "cosine", evaluate: Any = None, candidates: Any = None,
              recovery: Any = "auto", entropy: bool = False, max_rounds: int = 5,
              calibration: Iterable[Any] | None = None, train_data: Any = None,
-             policy: str = "strict", capture_method: str = "auto",
+             policy: str | None = None, capture_method: str = "auto",
              instruments: Iterable[Instrument] = (), progress: bool | None = None,
              seed: int = 0, top1: bool | None = None, in_place: bool | None = None) -> PipelineResult:
     """Capture ``model`` and run ``pipeline`` on it, verifying after every pass; or, with
     ``target``/``max_drop`` and no pipeline, plan per-layer choices that meet them.
 
     ``pipeline`` is text (``"prune{sparsity=0.9},quantize{bits=8}"``), a :class:`Pipeline`
-    or a list of passes. The caller's model is never modified. ``in_place=True`` rewrites
-    one graph instead of a copy per pass: a weight copy less at the peak, no ``last_good``
-    (see :mod:`fxpress.passes.pipeline`).
+    or a list of passes. The caller's model, its train/eval flags and the process's random
+    state are never changed. ``in_place=True`` rewrites one graph instead of a copy per
+    pass: a weight copy less at the peak, no ``last_good`` (see :mod:`fxpress.passes.pipeline`).
+
+    Options given in two places: a ``policy``, ``in_place`` or ``progress`` given here wins
+    over the Pipeline's own (set when it was built, or by its recipe); None (the default)
+    keeps the Pipeline's, and a pipeline built here from text or passes defaults to
+    ``"strict"``, ``False`` and ``None``. ``instruments`` run after the Pipeline's own.
 
     Compress to a target (see :mod:`fxpress.passes.planner`)::
 
@@ -136,6 +141,8 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass] | None = None,
     against the original on the calibration batches) or in ``evaluate(module) -> score``.
     A miss of either is reported (``res.plan.missed``, a ``PlanMissedWarning``), never silent.
     """
+    from fxpress.errors import InputError
+    from fxpress.passes.base import Pass, _short
     from fxpress.passes.pipeline import Pipeline
 
     if target is not None or max_drop is not None:
@@ -157,14 +164,18 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass] | None = None,
         raise errors.InputError("compress: give a pipeline (e.g. 'quantize{bits=8}') or a "
                                 "target (target=0.16, target='40x') and/or max_drop=...")
     if isinstance(pipeline, str):
-        pipe = Pipeline.parse(pipeline, policy=policy, instruments=instruments, progress=progress)
+        pipe = Pipeline.parse(pipeline)
     elif isinstance(pipeline, Pipeline):
         pipe = pipeline
+    elif isinstance(pipeline, (list, tuple)) and all(isinstance(p, Pass) for p in pipeline):
+        pipe = Pipeline(list(pipeline))
     else:
-        pipe = Pipeline(list(pipeline), policy=policy, instruments=instruments, progress=progress)
+        raise InputError(f"compress(): pipeline must be pipeline text such as "
+                         f"'prune{{sparsity=0.5}}', a fxpress.Pipeline or a list of passes; got "
+                         f"{type(pipeline).__name__} {_short(pipeline)}")
     return pipe.run(model, example_inputs, calibration=calibration, train_data=train_data,
                     policy=policy, capture_method=capture_method, seed=seed, top1=top1,
-                    in_place=in_place)
+                    in_place=in_place, progress=progress, instruments=instruments)
 
 
 def _looks_like_inputs(value: Any) -> bool:

@@ -82,6 +82,19 @@ class PassError(FxpressError):
         super().__init__(f"pass '{pass_name}': {message}")
 
 
+class SharedTensorWriteError(FxpressError, RuntimeError):
+    """An in-place write into a tensor shared with the caller's model was refused."""
+
+    def __init__(self, tensor: str, operation: str):
+        self.tensor = tensor
+        self.operation = operation
+        super().__init__(
+            f"in-place write ({operation}) into '{tensor}', a tensor shared with the caller's "
+            "model, was refused before anything was written; replace the tensor instead "
+            "(WeightedOp.set_weight, or assign a new one), or declare "
+            "PassTraits(replaces_tensors=False) to work on private copies")
+
+
 class MissingDataError(PassError):
     """A pass needs calibration or training data that the pipeline was not given."""
 
@@ -162,7 +175,7 @@ class PlanMissedWarning(UserWarning):
 
 __all__ = [
     "FxpressError", "InputError", "CaptureError", "PipelineSpecError", "UnknownPassError",
-    "OptionError", "PluginError", "PassError", "MissingDataError", "VerificationError",
+    "OptionError", "PluginError", "PassError", "SharedTensorWriteError", "MissingDataError", "VerificationError",
     "ArtifactError", "ArtifactFormatError", "ArtifactIntegrityError", "ArtifactSecurityError",
     "ForbiddenTargetError", "ArtifactLimitError", "UnsupportedGraphError", "MissingExtraError",
     "ExportError", "PlanMissedWarning",

@@ -436,10 +436,12 @@ def _histogram(w: torch.Tensor, bins: int, step: int = 1 << 20) -> dict:
     """One layer's histogram, a block of weights at a time (a whole embedding table's
     float copy and non-zero copy would weigh more than the table)."""
     flat = w.detach().reshape(-1)
-    lo, hi, nnz = math.inf, -math.inf, 0
+    lo, hi, nnz, bad = math.inf, -math.inf, 0, 0
     for block in flat.split(step):
         block = block.float()
-        nz = block[block != 0]
+        finite = torch.isfinite(block)
+        bad += int(block.numel() - finite.sum())
+        nz = block[(block != 0) & finite]
         if nz.numel():
             lo, hi, nnz = min(lo, float(nz.min())), max(hi, float(nz.max())), nnz + nz.numel()
     if not nnz:
@@ -450,9 +452,11 @@ def _histogram(w: torch.Tensor, bins: int, step: int = 1 << 20) -> dict:
     if nnz:
         for block in flat.split(step):
             block = block.float()
-            counts += torch.histc(block[block != 0], bins=bins, min=lo, max=hi).long()
+            counts += torch.histc(block[(block != 0) & torch.isfinite(block)], bins=bins,
+                                  min=lo, max=hi).long()
+    # NaN/Inf weights are counted apart (a histogram has no bin for them)
     return {"lo": lo, "hi": hi, "counts": [int(c) for c in counts.tolist()],
-            "zeros": int(flat.numel() - nnz), "numel": int(flat.numel()),
+            "zeros": int(flat.numel() - nnz - bad), "nonfinite": bad, "numel": int(flat.numel()),
             "distinct": _distinct(flat) if nnz else 0}
 
 

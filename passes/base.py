@@ -68,28 +68,41 @@ class Option:
         if list in allowed and isinstance(value, (str, tuple, list)):
             value = [value] if isinstance(value, str) else list(value)
             if not all(isinstance(v, str) for v in value):
-                raise OptionError(pass_name, self.name, f"expected a list of strings, got {value!r}")
+                raise OptionError(pass_name, self.name, f"expected a list of strings, got {_short(value)}")
         elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise OptionError(pass_name, self.name, f"{_short(value)} is too large for a "
+                                  "float") from None
         elif allowed and ((isinstance(value, bool) and bool not in allowed)
                           or not isinstance(value, allowed)):
             raise OptionError(pass_name, self.name,
-                              f"expected {self.type_name()}, got {type(value).__name__} {value!r}")
+                              f"expected {self.type_name()}, got {type(value).__name__} {_short(value)}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise OptionError(pass_name, self.name, f"must be a finite number, got {value!r}")
+            raise OptionError(pass_name, self.name, f"must be a finite number, got {_short(value)}")
         if self.choices is not None and value not in self.choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1)
             more = f"; did you mean {hint[0]!r}?" if hint else ""
             raise OptionError(pass_name, self.name,
-                              f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}{more}")
+                              f"must be one of {', '.join(map(repr, self.choices))}, got {_short(value)}{more}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             lo_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
             hi_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
             if lo_bad or hi_bad:
                 lo = "" if self.low is None else f"{self.low} {'<' if self.low_open else '<='} "
                 hi = "" if self.high is None else f" {'<' if self.high_open else '<='} {self.high}"
-                raise OptionError(pass_name, self.name, f"must satisfy {lo}{self.name}{hi}, got {value!r}")
+                raise OptionError(pass_name, self.name, f"must satisfy {lo}{self.name}{hi}, got {_short(value)}")
         return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (an int of 5,000 digits has no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:  # past sys.get_int_max_str_digits()
+        text = f"<int of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def option(default: Any, help: str = "", *, type: Any = None, choices: Sequence | None = None,
@@ -202,6 +215,10 @@ class PassTraits:
 TRAIT_NAMES = tuple(f.name for f in dataclasses.fields(PassTraits))
 
 
+#: what Pass.__init__ sets on an instance
+_INIT_STATE = ("options", "_given", "_tol_given", "tol")
+
+
 class _TraitAlias:
     """``Pass.<trait>``: the old loose attribute, read from (and written into) ``traits``."""
 
@@ -289,6 +306,44 @@ class Pass:
         """The traits of this instance, given the class's; options are set already.
         Override when they depend on options (return ``dataclasses.replace(traits, ...)``)."""
         return traits
+
+    def __getattr__(self, name: str) -> Any:
+        # only for attributes not found: the state Pass.__init__ sets, when a subclass's
+        # own __init__ did not call it
+        if name in _INIT_STATE and "_fxpress_adopting" not in self.__dict__:
+            self._adopt_defaults()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _adopt_defaults(self) -> None:
+        """Fill in what ``Pass.__init__`` sets (option defaults, traits, tolerance) for a
+        pass class whose ``__init__`` did not call it, or fail naming the class."""
+        cls = type(self)
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        self.__dict__["_fxpress_adopting"] = True
+        try:
+            warnings.warn(f"{where}.__init__ does not call super().__init__(**options): its "
+                          "options were not validated and take their defaults unless set; "
+                          "call super().__init__(**options) first thing in __init__",
+                          RuntimeWarning, stacklevel=3)
+            options = {}
+            for k, opt in self.options_spec().items():
+                value = self.__dict__.get(k, opt.default)
+                options[k] = list(value) if isinstance(value, tuple) else value
+                self.__dict__.setdefault(k, options[k])
+            self.options, self._given, self._tol_given = options, {}, {}
+            self.traits = self.configure_traits(self.__dict__.get("traits", cls.traits))
+            tol = self.traits.tolerance
+            self.tol = tol if isinstance(tol, Tolerance) else EQUIVALENCE
+        except Exception as e:
+            from fxpress.errors import PassError
+            raise PassError(getattr(cls, "name", "") or where,
+                            f"{where} overrides __init__ without calling "
+                            f"super().__init__(**options), and its defaults could not be filled "
+                            f"in ({type(e).__name__}: {e}); call super().__init__(**options) "
+                            "first thing in its __init__") from e
+        finally:
+            self.__dict__.pop("_fxpress_adopting", None)
 
     def __init__(self, **options: Any):
         rules = options.pop("layers", None)  # per-layer options: passes/layer_rules.py

@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from fxpress.errors import InputError, MissingDataError
 from fxpress.graph.capture import capture, clone_structure, eval_mode
+from fxpress.graph.guard import preserved_rng
 from fxpress.graph.runtime import compressed_modules
 from fxpress.passes.distill import SCHEDULES, collect, insert_taps, tap_modules
 from fxpress.passes.distill_data import (Dist, count_batches, device_of, distributed, epoch_batches,
@@ -333,7 +334,8 @@ class Distiller:
             raise MissingDataError("distill", "train_data is empty; pass batches of (inputs..., label)")
         d = distributed()
         try:
-            return self._fit(train_data, first, cfg, d)
+            with preserved_rng():  # seeded for repeatable runs; the caller's RNG is restored
+                return self._fit(train_data, first, cfg, d)
         finally:
             if d.created:
                 import torch.distributed as dist

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fxpress.errors import PassError
 from fxpress.graph.memory import trim_heap
 from fxpress.passes.verify import Verifier, misses
 
@@ -172,6 +173,23 @@ class Verification(Instrument):
         return "failed", miss, what
 
 
+class CallerIntegrity(Instrument):
+    """After every pass, checks that the caller's tensors hold the bytes they held when the
+    run started (crc32 per storage, a block at a time): what the read-only views cannot
+    stop (a raw pointer, a write into a storage object) fails the pass that did it."""
+
+    def __init__(self, caller: Any):
+        self.caller = caller
+
+    def run_after_run(self, pass_, gm, record):
+        changed = self.caller.changed()
+        if changed:
+            raise PassError(pass_.name, f"changed the caller's tensor(s) {changed[:5]} behind "
+                            "the pipeline's back (through a raw pointer or a storage, not a "
+                            "tensor operation); a pass must never write into the caller's model: "
+                            "replace tensors instead (WeightedOp.set_weight)")
+
+
 class Progress(Instrument):
     """A tqdm bar over the passes, shown on a terminal for pipelines that take a while."""
 
@@ -208,5 +226,5 @@ class Progress(Instrument):
             self.bar = None
 
 
-__all__ = ["Instrument", "PassTimer", "GraphDumper", "MemoryTrim", "Verification", "Progress",
-           "release_memory"]
+__all__ = ["Instrument", "PassTimer", "GraphDumper", "MemoryTrim", "Verification",
+           "CallerIntegrity", "Progress", "release_memory"]

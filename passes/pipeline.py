@@ -33,15 +33,17 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.fx
 
-from fxpress.errors import FxpressError, InputError, PassError, UnknownPassError, VerificationError
+from fxpress.errors import (FxpressError, InputError, PassError, SharedTensorWriteError,
+                            UnknownPassError, VerificationError)
 from fxpress.graph.artifact import artifact_size
 from fxpress.graph.capture import TRACE_LOCK, as_input_tuple, capture, clone_structure, tensors_of
+from fxpress.graph.guard import CallerModel, preserved_rng
 from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
 from fxpress.graph.memory import runtime_caches, stored_bytes
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
 from fxpress.passes.gradual import advise, expand, trains
-from fxpress.passes.instruments import (GraphDumper, Instrument, MemoryTrim, PassTimer, Progress,
-                                        Verification, release_memory)
+from fxpress.passes.instruments import (CallerIntegrity, GraphDumper, Instrument, MemoryTrim,
+                                        PassTimer, Progress, Verification, release_memory)
 from fxpress.passes.recipes import PassSpec, Recipe, parse_recipe, parse_spec
 from fxpress.passes.records import PassRecord, PipelineResult, format_records, weight_counts
 from fxpress.passes.verify import Verifier
@@ -160,11 +162,16 @@ class Pipeline:
     def run(self, model: torch.nn.Module, example_inputs: Any = None, *,
             calibration: Iterable[Any] | None = None, train_data: Any = None,
             policy: str | None = None, capture_method: str = "auto",
-            seed: int = 0, top1: bool | None = None, in_place: bool | None = None) -> PipelineResult:
+            seed: int = 0, top1: bool | None = None, in_place: bool | None = None,
+            progress: bool | None = None, instruments: Iterable[Instrument] = ()) -> PipelineResult:
         """Capture (unless given a GraphModule), then run every pass with verification.
 
         ``top1``: measure argmax agreement (None: when the outputs look like class logits).
-        ``policy`` and ``in_place``: None keeps the pipeline's own setting.
+        ``policy``, ``in_place``, ``progress``: a value given here wins over the pipeline's
+        own (None keeps it); ``instruments`` run after the pipeline's own.
+
+        The caller's model, its train/eval flags and the process's random state are as
+        before when this returns or raises (see :class:`~fxpress.graph.guard.CallerModel`).
         """
         policy = policy or self.policy
         if policy not in POLICIES:
@@ -177,33 +184,54 @@ class Pipeline:
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
         calib = _calibration_list(calibration)
+        _check_train_data(train_data)
         if example_inputs is None:
             example_inputs = calib[0] if calib else _first_inputs(train_data)
             if example_inputs is None:
                 raise InputError("give example_inputs=(x,), calibration=[(x,), ...] or "
                                  "train_data=[(x, y), ...]")
         example_inputs = as_input_tuple(example_inputs)
+        progress = self.progress if progress is None else progress
+        instruments = [*self.instruments, *instruments]
+        with preserved_rng():
+            caller = CallerModel(model)
+            result = None
+            try:
+                result = self._run(caller, example_inputs, calib, train_data, policy,
+                                   capture_method, seed, top1, in_place, progress, instruments)
+                return result
+            except BaseException as e:
+                caller.release(getattr(e, "last_good", None))
+                raise
+            finally:
+                caller.release(self.last_good, result.module if result is not None else None)
 
-        if isinstance(model, torch.fx.GraphModule):
-            gm = clone_structure(model)
+    def _run(self, caller: CallerModel, example_inputs: tuple, calib: list[tuple], train_data: Any,
+             policy: str, capture_method: str, seed: int, top1: bool | None, in_place: bool,
+             progress: bool | None, user_instruments: list[Instrument]) -> PipelineResult:
+        reference = caller.reference
+        if isinstance(reference, torch.fx.GraphModule):
+            gm = clone_structure(reference)
             gm.meta.setdefault("fxpress", {"method": "given", "passes": []})
         else:
-            gm = capture(model, example_inputs, capture_method)
+            gm = clone_structure(capture(reference, example_inputs, capture_method))
+        caller.protect(reference)
+        caller.protect(gm)
         passes = expand(self.passes)  # staged passes (prune{steps=N}) and their recoveries
         with TRACE_LOCK.running(), runtime_caches(False):
             labelled = None
             if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in passes):
                 labelled = _labelled(train_data, len(example_inputs))
-            check = Verification(Verifier(model, calib or [example_inputs], top1=top1,
+            check = Verification(Verifier(reference, calib or [example_inputs], top1=top1,
                                           labelled=labelled), gm)
             gm.meta["fxpress"]["capture_error"] = check.capture_metrics.as_dict()
             ctx = PassContext(example_inputs=example_inputs, calibration=calib or None,
-                              train_data=train_data, reference=model, seed=seed,
-                              progress=self.progress)
+                              train_data=train_data, reference=reference, seed=seed,
+                              progress=progress)
             original_bytes = stored_bytes(gm)
             baseline = layer_summary(gm)
-            instruments = [MemoryTrim(), check, Progress(len(passes), self.progress),
-                           *self.instruments]
+            instruments = [MemoryTrim(), check, CallerIntegrity(caller),
+                           Progress(len(passes), progress), *user_instruments]
             _notify(instruments, "run_before_pipeline", self, gm, ctx)
             records: list[PassRecord] = []
             self.last_good = gm
@@ -254,7 +282,8 @@ class Pipeline:
         for inst in instruments:
             try:
                 inst.run_after_run(p, new, record)
-            except FxpressError:
+            except FxpressError as e:
+                e.last_good = snap.last_good
                 raise
             except Exception as e:
                 what = ("the rewritten graph does not run on the calibration inputs"
@@ -287,11 +316,18 @@ class Pipeline:
         start = time.perf_counter()
         try:
             result = p.apply(snap.work, ctx)
+        except SharedTensorWriteError as e:
+            raise PassError(p.name, f"{e}", last_good=last_good) from e
         except FxpressError as e:
             e.last_good = last_good
             raise
         except Exception as e:
-            raise PassError(p.name, f"raised {type(e).__name__}: {e}", last_good=last_good) from e
+            hint = ("; it wrote into a read-only view of a tensor shared with the caller's model: "
+                    "replace tensors instead (WeightedOp.set_weight), or declare "
+                    "PassTraits(replaces_tensors=False) to get private copies"
+                    if "read-only" in str(e) else "")
+            raise PassError(p.name, f"raised {type(e).__name__}: {e}{hint}",
+                            last_good=last_good) from e
         except KeyboardInterrupt as e:
             e.last_good = last_good  # type: ignore[attr-defined]
             raise
@@ -346,12 +382,25 @@ def _registry_arg(registry: Mapping[str, PassInfo] | None, kwargs: dict) -> Mapp
     return default_registry() if registry is None else registry
 
 
+def _check_train_data(train_data: Any) -> None:
+    if train_data is None:
+        return
+    if isinstance(train_data, torch.Tensor) or not hasattr(train_data, "__iter__") or \
+            isinstance(train_data, (str, bytes, dict)):
+        raise InputError(
+            f"train_data must be an iterable of batches, (inputs..., label) tuples such as "
+            f"[(x, y), ...] or a DataLoader; got {type(train_data).__name__}"
+            + (" (a single tensor: wrap it, e.g. [(x, y)])" if isinstance(train_data, torch.Tensor)
+               else ""))
+
+
 def _calibration_list(calibration: Iterable[Any] | None) -> list[tuple]:
     if calibration is None:
         return []
-    if isinstance(calibration, torch.Tensor):
+    if isinstance(calibration, torch.Tensor) or not hasattr(calibration, "__iter__") or \
+            isinstance(calibration, (str, bytes, dict)):
         raise InputError("calibration must be an iterable of input tuples, e.g. [(x1,), (x2,)], "
-                         "not a single tensor")
+                         f"not {'a single tensor' if isinstance(calibration, torch.Tensor) else type(calibration).__name__}")
     out = []
     for i, b in enumerate(calibration):
         out.append(as_input_tuple(b, what=f"calibration batch {i}"))

@@ -41,6 +41,8 @@ _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _BARE = re.compile(r"[A-Za-z0-9_.*?/\-+:]+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|nan)$")
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
+#: how deep lists may nest in pipeline text, and how many digits a number may have
+MAX_NESTING, MAX_DIGITS = 4, 100
 
 
 @dataclass
@@ -123,24 +125,29 @@ class _Parser:
                 break
         return PassSpec(name, opts, pos)
 
-    def value(self) -> Any:
+    def value(self, depth: int = 0) -> Any:
         ch = self.peek()
         if ch in "\"'":
             return self.string()
         if ch == "[":
+            if depth >= MAX_NESTING:
+                raise self.error(f"lists nested more than {MAX_NESTING} deep; an option takes "
+                                 "a value or a list of values")
             self.i += 1
             items = []
             if self.peek() == "]":
                 self.i += 1
                 return items
             while True:
-                items.append(self.value())
+                items.append(self.value(depth + 1))
                 if self.peek() == ",":
                     self.i += 1
                     continue
                 self.expect("]")
                 return items
         if ch == "{":  # a table: {key=value,...}; keys are bare words or quoted strings
+            if depth >= MAX_NESTING:
+                raise self.error(f"tables nested more than {MAX_NESTING} deep")
             self.i += 1
             table: dict[str, Any] = {}
             if self.peek() == "}":
@@ -153,13 +160,18 @@ class _Parser:
                 if key in table:
                     raise self.error(f"key {key!r} given twice", kpos)
                 self.expect("=")
-                table[key] = self.value()
+                table[key] = self.value(depth + 1)
                 if self.peek() == ",":
                     self.i += 1
                     continue
                 self.expect("}")
                 return table
+        pos = self.i
         word = self.match(_BARE, "a value")
+        digits = sum(c.isdigit() for c in word)
+        if digits > MAX_DIGITS and _NUMBER.match(word):
+            raise self.error(f"a number of {digits} digits; options take numbers of at most "
+                             f"{MAX_DIGITS} digits", pos)
         return _word_value(word)
 
     def string(self) -> str:

@@ -26,6 +26,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from fxpress.errors import InputError
 from fxpress.graph.capture import annotate_shapes, eval_mode
 from fxpress.passes.base import Tolerance
 
@@ -180,7 +181,19 @@ class Verifier:
         self.batches = [tuple(b) for b in batches]
         self.labelled = [(tuple(x), y) for x, y in (labelled or [])]
         start = time.perf_counter()
-        self.reference = self.run(reference)
+        try:
+            self.reference = self.run(reference)
+        except Exception as e:
+            i = getattr(e, "fxpress_batch", None)
+            if i is None:
+                raise
+            n = len(self.batches)
+            what = f"calibration batch {i}" if i < n else f"train_data batch {i - n}"
+            batch = (self.batches + [x for x, _ in self.labelled])[i]
+            shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
+            raise InputError(f"{what} (input shapes {shapes}) does not run on the model: "
+                             f"{type(e).__name__}: {e}; every batch must be shaped like the "
+                             "example inputs") from e
         self.reference_seconds = time.perf_counter() - start
         #: whether top-1 agreement is measured (None: when the outputs look like logits)
         self.top1 = looks_like_logits(self.reference[:len(self.batches)]) if top1 is None else top1
@@ -193,10 +206,14 @@ class Verifier:
         outs: Outputs = []
         with eval_mode(module), torch.no_grad():
             for i, batch in enumerate(self.batches + [x for x, _ in self.labelled]):
-                if annotate and i == 0 and isinstance(module, torch.fx.GraphModule):
-                    outs.append(_leaves(annotate_shapes(module, batch)))
-                else:
-                    outs.append(_leaves(module(*batch)))
+                try:
+                    if annotate and i == 0 and isinstance(module, torch.fx.GraphModule):
+                        outs.append(_leaves(annotate_shapes(module, batch)))
+                    else:
+                        outs.append(_leaves(module(*batch)))
+                except Exception as e:
+                    e.fxpress_batch = i  # which batch, for the caller's error message
+                    raise
         return outs
 
     def compare_to_reference(self, outputs: Outputs) -> Metrics:

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 
 from fxpress.errors import ArtifactError, UnsupportedGraphError
+from fxpress.graph.artifact.files import _target, os_failure, write_atomic
 from fxpress.graph.artifact.format import BLOB_KEY, BLOB_STREAM_BYTES, VERSION, _pack_header
 from fxpress.graph.artifact.modules import TORCH_NN, plain
 from fxpress.graph.artifact.schema import Allowlist, _join, class_name
@@ -483,55 +484,15 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike, *, entropy: bool = F
     ones are read from the model, so no copy of the whole artifact is held in memory.
     """
     path, parent = _target(Path(path))
-    spool = _Spool(parent)
+    try:
+        spool = _Spool(parent)
+    except OSError as e:
+        raise os_failure(path, e) from None
     try:
         lay = _layout(gm, entropy, report, spool)
         write_atomic(path, lay.chunks())
+    except OSError as e:  # the spool's writes (disk full): the earlier file is untouched
+        raise os_failure(path, e) from None
     finally:
         spool.close()
     return lay.size
-
-
-def _target(path: Path) -> tuple[Path, Path]:
-    """``path`` and its folder, refused when ``path`` is a folder or its folder is missing."""
-    if path.is_dir():
-        raise ArtifactError(f"{path} is a directory; give a file name such as {path / 'model.fxp'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ArtifactError(f"cannot write {path}: directory {parent} does not exist")
-    return path, parent
-
-
-def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write ``data`` (bytes, or byte strings in order) to ``path`` via a temp file in the
-    same directory + fsync + os.replace."""
-    path, parent = _target(Path(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-            for piece in pieces:
-                view = memoryview(piece)
-                for i in range(0, len(view), _CHUNK):
-                    f.write(view[i:i + _CHUNK])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass

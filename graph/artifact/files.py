@@ -1,0 +1,168 @@
+"""The file system side of artifacts: atomic writes, our temporary files, refusing what is
+not a regular file.
+
+A save writes ``.fxpress-<8 hex of the name>-<random>.tmp`` next to the target (short,
+whatever the target's name: a 250-character name still fits the file system's limit),
+fsyncs it and renames it over the target. A save killed with SIGKILL leaves its temporary
+file behind; the next save to the same path removes the ones it can tell are its own and
+stale: matching that exact pattern for this name, a regular file of this user, untouched
+for a minute. Nothing else in the folder is touched. A failed write (disk full, read-only
+folder) raises an :class:`~fxpress.errors.ArtifactError` naming the file, and the file that
+was there before is left as it was.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from fxpress.errors import ArtifactError, ArtifactFormatError
+
+_CHUNK = 1 << 22
+#: how long a temporary file must have been left alone before a later save removes it
+STALE_SECONDS = 60.0
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".fxpress-{hashlib.sha256(path.name.encode()).hexdigest()[:8]}-"
+
+
+def _ours(path: Path) -> re.Pattern:
+    """Our temporary files for ``path``: this naming, and the one before it
+    (``.<name>.<random>.tmp``)."""
+    return re.compile(rf"(?:{re.escape(_temp_prefix(path))}|\.{re.escape(path.name)}\.)"
+                      r"[A-Za-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(path: Path, older_than: float = STALE_SECONDS) -> list[str]:
+    """Remove the temporary files that earlier, killed saves to ``path`` left behind;
+    return their names. Only regular files of this user matching our naming for this
+    very name and unmodified for ``older_than`` seconds."""
+    pattern, now, removed = _ours(path), time.time(), []
+    try:
+        entries = list(os.scandir(path.parent if str(path.parent) else "."))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+                    and now - st.st_mtime > older_than):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
+def check_name(path: Path) -> None:
+    """Refuse a file name the file system cannot hold, before anything is written."""
+    try:
+        limit = os.pathconf(path.parent if str(path.parent) else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size > limit:
+        raise ArtifactError(f"cannot write {path}: its file name is {size} bytes and this file "
+                            f"system allows {limit}; choose a shorter name")
+
+
+def os_failure(path: Path, e: OSError, action: str = "write") -> ArtifactError:
+    """An :class:`ArtifactError` naming ``path`` for an OS error while saving it."""
+    why = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied",
+           errno.ENAMETOOLONG: "the file name is too long"}.get(e.errno, e.strerror or str(e))
+    try:
+        kept = " (the file that was there is unchanged)" if path.exists() else ""
+    except OSError:
+        kept = ""
+    return ArtifactError(f"cannot {action} {path}: {why}{kept}")
+
+
+def _target(path: Path) -> tuple[Path, Path]:
+    """``path`` and its folder, refused when its name is too long, ``path`` is a folder or
+    its folder is missing."""
+    check_name(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory; give a file name such as {path / 'model.fxp'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write {path}: directory {parent} does not exist")
+    return path, parent
+
+
+def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or byte strings in order) to ``path`` via a temporary file in
+    the same directory + fsync + os.replace; see the module docs."""
+    path, parent = _target(Path(path))
+    remove_stale_temporaries(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise os_failure(path, e) from None
+    try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+            for piece in pieces:
+                view = memoryview(piece)
+                for i in range(0, len(view), _CHUNK):
+                    f.write(view[i:i + _CHUNK])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise os_failure(path, e) from None
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading, refusing anything but a regular file (a device such as
+    /dev/zero, a FIFO, a socket, a folder) before a byte is read: the open does not block
+    on a FIFO, and the check is made on the opened file itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.EISDIR:
+            raise ArtifactFormatError(f"cannot read artifact {path}: it is a directory, not a "
+                                      "file; give the path of an .fxp file") from None
+        raise ArtifactError(f"cannot read artifact {path}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a block device"
+                if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise ArtifactFormatError(f"cannot read artifact {path}: it is {kind}, not a regular "
+                                  "file; nothing was read. Give the path of an .fxp file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+__all__ = ["write_atomic", "open_regular", "remove_stale_temporaries", "check_name",
+           "os_failure", "STALE_SECONDS"]
