@@ -216,7 +216,7 @@ TRAIT_NAMES = tuple(f.name for f in dataclasses.fields(PassTraits))
 
 
 #: what Pass.__init__ sets on an instance
-_INIT_STATE = ("options", "_given", "_tol_given", "tol")
+_INIT_STATE = ("options", "_given", "_tol_given", "tol", "layer_rules")
 
 
 class _TraitAlias:
@@ -332,6 +332,7 @@ class Pass:
                 options[k] = list(value) if isinstance(value, tuple) else value
                 self.__dict__.setdefault(k, options[k])
             self.options, self._given, self._tol_given = options, {}, {}
+            self.layer_rules = []
             self.traits = self.configure_traits(self.__dict__.get("traits", cls.traits))
             tol = self.traits.tolerance
             self.tol = tol if isinstance(tol, Tolerance) else EQUIVALENCE
