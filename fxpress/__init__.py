@@ -142,7 +142,7 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass] | None = None,
     A miss of either is reported (``res.plan.missed``, a ``PlanMissedWarning``), never silent.
     """
     from fxpress.errors import InputError
-    from fxpress.passes.base import Pass, _short
+    from fxpress.passes.base import _short
     from fxpress.passes.pipeline import Pipeline
 
     if target is not None or max_drop is not None:
@@ -167,8 +167,8 @@ def compress(model, pipeline: str | Pipeline | Iterable[Pass] | None = None,
         pipe = Pipeline.parse(pipeline)
     elif isinstance(pipeline, Pipeline):
         pipe = pipeline
-    elif isinstance(pipeline, (list, tuple)) and all(isinstance(p, Pass) for p in pipeline):
-        pipe = Pipeline(list(pipeline))
+    elif isinstance(pipeline, (list, tuple)):
+        pipe = Pipeline(list(pipeline))  # which names any item that is not a pass
     else:
         raise InputError(f"compress(): pipeline must be pipeline text such as "
                          f"'prune{{sparsity=0.5}}', a fxpress.Pipeline or a list of passes; got "

@@ -282,10 +282,17 @@ class Pipeline:
         for inst in instruments:
             try:
                 inst.run_after_run(p, new, record)
+            except SharedTensorWriteError as e:  # a node the pass added writes in place
+                raise PassError(p.name, f"the rewritten graph does not run: {e}",
+                                last_good=snap.last_good) from e
             except FxpressError as e:
                 e.last_good = snap.last_good
                 raise
             except Exception as e:
+                write = _shared_write(e)  # wrapped on its way (shape propagation does)
+                if write is not None:
+                    raise PassError(p.name, f"the rewritten graph does not run: {write}",
+                                    last_good=snap.last_good) from e
                 what = ("the rewritten graph does not run on the calibration inputs"
                         if inst is check else f"instrument {type(inst).__name__} failed")
                 raise PassError(p.name, f"{what}: {type(e).__name__}: {e}",
@@ -365,6 +372,17 @@ class Pipeline:
         record.params, record.zeros = weight_counts(new)
         record.disk_bytes = artifact_size(new)
         _notify(instruments, "run_after_pass", p, new, record)
+
+
+def _shared_write(e: BaseException | None) -> SharedTensorWriteError | None:
+    """The refused write behind ``e``, if one is in its chain of causes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, SharedTensorWriteError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _notify(instruments: Iterable[Instrument], hook: str, *args: Any) -> None:

@@ -73,6 +73,11 @@ class _Writes(Pass):
             gm(*ctx.example_inputs)  # batch norm in training mode updates its statistics
         elif self.how == "init":
             torch.nn.init.zeros_(w)
+        elif self.how == "graph-node":  # an in-place op on the weight, as a node of the graph
+            node = next(n for n in gm.graph.nodes if n.op == "call_module")
+            with gm.graph.inserting_before(node):
+                weight = gm.graph.get_attr(f"{node.target}.weight")
+                gm.graph.call_method("mul_", (weight, 0.5))
         return PassResult(gm, True, {})
 
 
@@ -123,7 +128,7 @@ CASES = [
     # the pipeline argument
     Case("pipeline-none", _compress(None), E.InputError, ("give a pipeline", "target")),
     Case("pipeline-int", _compress(5), E.InputError, ("pipeline", "int 5")),
-    Case("pipeline-list-of-ints", _compress([5]), E.InputError, ("pipeline", "list")),
+    Case("pipeline-list-of-ints", _compress([5]), E.InputError, ("Pass instances", "int 5")),
     Case("pipeline-dict", _compress({"prune": {}}), E.InputError, ("pipeline", "dict")),
     Case("pipeline-bytes", _compress(b"prune"), E.InputError, ("pipeline", "bytes")),
     Case("pipeline-text-not-str", lambda m, c: fxpress.Pipeline.parse(5), E.PipelineSpecError,
@@ -185,7 +190,8 @@ CASES = [
       for how, what in [("data", "0.weight"), ("numpy", "read-only"), ("mul_", "0.weight"),
                         ("no_grad", "0.weight"), ("setitem", "0.weight"), ("view", "0.weight"),
                         ("out", "0.weight"), ("buffer", "2.running_mean"),
-                        ("train-mode", "into '2."), ("init", "0.weight")]],
+                        ("train-mode", "into '2."), ("init", "0.weight"),
+                        ("graph-node", "0.weight")]],
     Case("pass-writes-in-place-mode", _compress([_writer("data")], in_place=True), E.PassError,
          ("writes-weights", "0.weight", "replaces_tensors=False")),
     Case("plugin-skips-super-and-breaks", _compress([_SkipsSuper.__new__(_SkipsSuper)]),

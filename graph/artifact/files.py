@@ -1,8 +1,8 @@
 """The file system side of artifacts: atomic writes, our temporary files, refusing what is
 not a regular file.
 
-A save writes ``.fxpress-<8 hex of the name>-<random>.tmp`` next to the target (short,
-whatever the target's name: a 250-character name still fits the file system's limit),
+A save writes ``.<name>.<random>.tmp`` next to the target, or for a name too long for
+that, ``.fxpress-<8 hex of the name>-<random>.tmp`` (a 250-character name still saves),
 fsyncs it and renames it over the target. A save killed with SIGKILL leaves its temporary
 file behind; the next save to the same path removes the ones it can tell are its own and
 stale: matching that exact pattern for this name, a regular file of this user, untouched
@@ -30,14 +30,25 @@ STALE_SECONDS = 60.0
 
 
 def _temp_prefix(path: Path) -> str:
+    """``.<name>.``, or ``.fxpress-<8 hex of the name>-`` where that would not fit the
+    file system's limit on a name (with the random part and ``.tmp``)."""
+    prefix = f".{path.name}."
+    if len(os.fsencode(prefix)) + 12 <= _name_max(path):
+        return prefix
     return f".fxpress-{hashlib.sha256(path.name.encode()).hexdigest()[:8]}-"
 
 
+def _name_max(path: Path) -> int:
+    try:
+        return os.pathconf(path.parent if str(path.parent) else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def _ours(path: Path) -> re.Pattern:
-    """Our temporary files for ``path``: this naming, and the one before it
-    (``.<name>.<random>.tmp``)."""
-    return re.compile(rf"(?:{re.escape(_temp_prefix(path))}|\.{re.escape(path.name)}\.)"
-                      r"[A-Za-z0-9_]{8}\.tmp")
+    """Our temporary files for ``path`` (either naming of :func:`_temp_prefix`)."""
+    hashed = f".fxpress-{hashlib.sha256(path.name.encode()).hexdigest()[:8]}-"
+    return re.compile(rf"(?:{re.escape(hashed)}|\.{re.escape(path.name)}\.)[A-Za-z0-9_]{{8}}\.tmp")
 
 
 def remove_stale_temporaries(path: Path, older_than: float = STALE_SECONDS) -> list[str]:
@@ -65,10 +76,7 @@ def remove_stale_temporaries(path: Path, older_than: float = STALE_SECONDS) -> l
 
 def check_name(path: Path) -> None:
     """Refuse a file name the file system cannot hold, before anything is written."""
-    try:
-        limit = os.pathconf(path.parent if str(path.parent) else ".", "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    limit = _name_max(path)
     size = len(os.fsencode(path.name))
     if size > limit:
         raise ArtifactError(f"cannot write {path}: its file name is {size} bytes and this file "
