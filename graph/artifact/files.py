@@ -1,5 +1,5 @@
-"""The file system side of artifacts: atomic writes, our temporary files, refusing what is
-not a regular file.
+"""The file system side of saving artifacts: atomic writes and our temporary files
+(reading refuses what is not a regular file: ``format.open_regular``).
 
 A save writes ``.<name>.<random>.tmp`` next to the target, or for a name too long for
 that, ``.fxpress-<8 hex of the name>-<random>.tmp`` (a 250-character name still saves),
@@ -20,9 +20,9 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import Iterable
 
-from fxpress.errors import ArtifactError, ArtifactFormatError
+from fxpress.errors import ArtifactError
 
 _CHUNK = 1 << 22
 #: how long a temporary file must have been left alone before a later save removes it
@@ -149,28 +149,5 @@ def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
         pass
 
 
-def open_regular(path: Path) -> BinaryIO:
-    """Open ``path`` for reading, refusing anything but a regular file (a device such as
-    /dev/zero, a FIFO, a socket, a folder) before a byte is read: the open does not block
-    on a FIFO, and the check is made on the opened file itself."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        if e.errno == errno.EISDIR:
-            raise ArtifactFormatError(f"cannot read artifact {path}: it is a directory, not a "
-                                      "file; give the path of an .fxp file") from None
-        raise ArtifactError(f"cannot read artifact {path}: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a character device" if stat.S_ISCHR(mode) else "a block device"
-                if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
-        raise ArtifactFormatError(f"cannot read artifact {path}: it is {kind}, not a regular "
-                                  "file; nothing was read. Give the path of an .fxp file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-__all__ = ["write_atomic", "open_regular", "remove_stale_temporaries", "check_name",
-           "os_failure", "STALE_SECONDS"]
+__all__ = ["write_atomic", "remove_stale_temporaries", "check_name", "os_failure",
+           "STALE_SECONDS"]
