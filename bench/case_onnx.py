@@ -100,7 +100,9 @@ def run(size: str) -> list[Table]:
                         ("fxpress quantize{bits=4,group_size=32}",
                          "quantize{bits=4,granularity=group,group_size=32}")]:
         t0 = time.perf_counter()
-        res = fxpress.compress(enc, pipe, calibration=calib)
+        # The bench reports cosine itself; the pass's own tolerance must not stop the
+        # measurement (tiny runs calibrate on 4 sentences).
+        res = fxpress.compress(enc, pipe, calibration=calib, policy="warn")
         out = export_onnx(res, tmp / f"{label.split('{')[1][:6]}.onnx", b32)
         notes.append(f"{pipe}: compress + export {time.perf_counter() - t0:.1f} s; onnxruntime vs "
                      f"fxpress at batch 32: rel_l2 {out.check['rel_l2']:.2e}, min cosine "

@@ -410,8 +410,20 @@ class Distill(Pass):
         return PassResult(distiller.student, changed=True, stats=stats)
 
 
+class FeatureProjection(nn.Module):
+    """A learned linear map along the one dimension where student and teacher widths differ."""
+
+    def __init__(self, dim: int, d_in: int, d_out: int):
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.movedim(self.dim, -1)).movedim(-1, self.dim)
+
+
 #: the trainer's public names, still importable from here (loaded on first use)
-_TRAINER_NAMES = ("Distiller", "History", "FeatureProjection", "TrainConfig")
+_TRAINER_NAMES = ("Distiller", "History", "TrainConfig")
 
 
 def __getattr__(name: str) -> Any:
@@ -423,4 +435,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["Tap", "tap_modules", "collect", "tap_points", "default_tap_names", "insert_taps",
-           "Distill", "RECOVERY", *_TRAINER_NAMES]
+           "Distill", "RECOVERY", "FeatureProjection", *_TRAINER_NAMES]

@@ -31,7 +31,8 @@ from fxpress.errors import InputError, MissingDataError
 from fxpress.graph.capture import capture, clone_structure, eval_mode
 from fxpress.graph.guard import preserved_rng
 from fxpress.graph.runtime import compressed_modules
-from fxpress.passes.distill import SCHEDULES, collect, insert_taps, tap_modules
+from fxpress.passes.distill import (SCHEDULES, FeatureProjection, collect, insert_taps,
+                                    tap_modules)
 from fxpress.passes.distill_data import (Dist, count_batches, device_of, distributed, epoch_batches,
                                          in_step, mean_over_ranks, split_holdout, steps_per_rank,
                                          to_device, train_mode)
@@ -121,18 +122,6 @@ class History:
                 "holdout_batches": self.holdout_batches, "lr": self.lr,
                 "lr_test": self.lr_test.as_dict() if self.lr_test else None,
                 "best_epoch": self.best_epoch, "stopped_early": self.stopped_early}
-
-
-class FeatureProjection(nn.Module):
-    """A learned linear map along the one dimension where student and teacher widths differ."""
-
-    def __init__(self, dim: int, d_in: int, d_out: int):
-        super().__init__()
-        self.dim = dim
-        self.proj = nn.Linear(d_in, d_out, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.movedim(self.dim, -1)).movedim(-1, self.dim)
 
 
 @dataclass

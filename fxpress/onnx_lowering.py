@@ -1,0 +1,240 @@
+"""The ONNX side of :mod:`fxpress.onnx_export`: the nodes that stand in for fxpress's
+compressed layers (``MatMulInteger`` on fxpress's int8 codes and scales, ``MatMulNBits``
+on its group codes, ``Gather`` of quantized embedding rows), filled into the graph that
+``torch.onnx.export`` wrote around placeholder ops.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+#: The custom op that stands for a compressed layer during export, and its ONNX node.
+_DOMAIN = "fxpress.onnx"
+_PLACEHOLDER = "CompressedLayer"
+
+def _nbits_block(mod) -> int | None:
+    """MatMulNBits block size that represents ``mod``'s scales exactly, or None."""
+    if mod.bits not in (2, 4, 8):
+        return None
+    cols = mod.cols
+    if mod.granularity == "group":
+        g = mod.group_size
+        return g if g >= 16 and g & (g - 1) == 0 else None
+    for block in (128, 64, 32, 16):  # channel / tensor scales repeat per block
+        if cols % block == 0:
+            return block
+    return 32 if cols >= 32 else None
+
+
+class _Builder:
+    """Adds nodes and initializers to an ONNX graph under unique names."""
+
+    def __init__(self, graph):
+        from onnx import helper, numpy_helper
+
+        self.graph, self.helper, self.numpy_helper = graph, helper, numpy_helper
+        self.names = {v.name for v in itertools.chain(graph.input, graph.output,
+                                                       graph.initializer, graph.value_info)}
+        for n in graph.node:
+            self.names.update(n.output)
+        self.nodes: list = []
+        self.shared: dict[tuple, tuple] = {}
+
+    def name(self, base: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9_.]", "_", base)
+        out, i = base, 0
+        while out in self.names:
+            i += 1
+            out = f"{base}_{i}"
+        self.names.add(out)
+        return out
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self.name(base)
+        self.graph.initializer.append(self.numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], base: str, outputs: int = 1,
+             domain: str = "", **attrs) -> list[str]:
+        outs = [self.name(f"{base}.{op}" + (f".{i}" if i else "")) for i in range(outputs)]
+        self.nodes.append(self.helper.make_node(op, list(inputs), outs, name=self.name(base + "/" + op),
+                                                domain=domain or None, **attrs))
+        return outs
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _int8_linear(b: _Builder, mod, x: str, y: str, base: str) -> str:
+    """``y = mod(x)`` for a dynamic int8 QuantizedLinear: fxpress's codes and scales."""
+    codes = mod.codes()  # int32 [N, K]
+    zero = mod.zero()
+    n = mod.shape[0]
+    scale = mod.scale.reshape(-1).float()
+    scale = scale.expand(n) if scale.numel() == 1 else scale
+    if zero is None:  # symmetric codes fit int8
+        w = b.const(base + ".qweight", _np(codes.t().to(torch.int8)))
+        wzp = None
+    else:  # affine codes 0..2^bits-1 with an integer zero point per channel (or tensor)
+        w = b.const(base + ".qweight", _np(codes.t().to(torch.uint8)))
+        z = zero.reshape(-1)
+        wzp = b.const(base + ".zero_point", _np((z.expand(n) if z.numel() == 1 else z).to(torch.uint8)))
+    sw = b.const(base + ".scale", _np(scale))
+    src = x
+    if mod.smooth is not None:  # the stored weight is w * smooth: divide the input columns
+        inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
+        src = b.node("Mul", [x, inv], base)[0]
+    if mod.act_scale == "tensor":
+        key = ("dql", src)
+        if key not in b.shared:  # q, k and v read one input: quantise it once, as fxpress does
+            b.shared[key] = tuple(b.node("DynamicQuantizeLinear", [src], base, outputs=3))
+        xq, sx, zx = b.shared[key]
+        acc = b.node("MatMulInteger", [xq, w, zx] + ([wzp] if wzp else []), base)[0]
+        prod = b.node("Mul", [sx, sw], base + ".scales")[0]
+    else:  # per token: one symmetric scale per row, offset by 128 into uint8
+        last = b.const(base + ".last_axis", np.array([-1], np.int64))
+        amax = b.node("Max", [b.node("ReduceMax", [src, last], base, keepdims=1)[0],
+                              b.node("Neg", [b.node("ReduceMin", [src, last], base, keepdims=1)[0]],
+                                     base)[0],
+                              b.const(base + ".tiny", np.array(1e-12, np.float32))], base)[0]
+        inv127 = b.node("Div", [b.const(base + ".c127", np.array(127.0, np.float32)), amax], base)[0]
+        q = b.node("Round", [b.node("Mul", [src, inv127], base)[0]], base)[0]
+        q = b.node("Add", [q, b.const(base + ".c128", np.array(128.0, np.float32))], base)[0]
+        xq = b.node("Cast", [q], base, to=2)[0]  # uint8
+        zx = b.const(base + ".x_zero_point", np.array(128, np.uint8))
+        acc = b.node("MatMulInteger", [xq, w, zx] + ([wzp] if wzp else []), base)[0]
+        rowscale = b.node("Div", [amax, b.const(base + ".c127b", np.array(127.0, np.float32))], base)[0]
+        # the channel scales first, the row scales after: ORT's MatMulIntegerToFloat fusion
+        # takes a per-tensor input scale only, and a product with per-row scales would be
+        # mis-fused into it
+        accf = b.node("Cast", [acc], base, to=1)[0]
+        out = b.node("Mul", [b.node("Mul", [accf, sw], base)[0], rowscale], base)[0]
+        return _finish(b, mod, out, y, base)
+    accf = b.node("Cast", [acc], base, to=1)[0]
+    return _finish(b, mod, b.node("Mul", [accf, prod], base)[0], y, base)
+
+
+def _finish(b: _Builder, mod, out: str, y: str, base: str) -> str:
+    bias = getattr(mod, "bias", None)
+    if bias is None:
+        b.nodes.append(b.helper.make_node("Identity", [out], [y], name=b.name(base + "/Identity")))
+    else:
+        bb = b.const(base + ".bias", _np(bias.float()))
+        b.nodes.append(b.helper.make_node("Add", [out, bb], [y], name=b.name(base + "/Add")))
+    return y
+
+
+def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: int) -> str:
+    """``y = mod(x)`` for a weight-only QuantizedLinear as com.microsoft.MatMulNBits."""
+    from fxpress.passes.quantize_grid import code_range
+
+    bits, block = mod.bits, _nbits_block(mod)
+    n, k = mod.shape[0], mod.cols
+    lo, _ = code_range(bits, mod.scheme)
+    u = (mod.codes() - lo).to(torch.uint8)  # unsigned codes [N, K]
+    zero = mod.zero()
+    zu = None if zero is None else (zero - lo)  # unsigned zero point
+    blocks = -(-k // block)
+    # scales (and zero points) per (row, block): a group's own, or exact repeats of channel /
+    # tensor scales (a group layer's block is its group, the last one perhaps shorter)
+    if mod.granularity == "group":
+        col_of_block = torch.arange(blocks)
+    else:
+        col_of_block = torch.arange(blocks) * block // (k // mod.scale.shape[1])
+    scale = mod.scale.float().expand(n, -1)[:, col_of_block]
+    if zu is None:
+        zu = torch.full((n, blocks), 1 << (bits - 1), dtype=torch.int32)  # symmetric: q + 2^(b-1)
+        u = (mod.codes() + (1 << (bits - 1))).to(torch.uint8)
+    else:
+        zu = zu.expand(n, -1)[:, col_of_block]
+    pad = blocks * block - k
+    if pad:
+        u = torch.cat([u, zu.repeat_interleave(block, 1)[:, k:].to(torch.uint8)], 1)
+    per_byte = 8 // bits
+    blob = block * bits // 8
+    u3 = u.reshape(n, blocks, blob, per_byte).to(torch.int32)
+    packed = sum(u3[..., i] << (bits * i) for i in range(per_byte)).to(torch.uint8)
+    zpad = (-blocks) % per_byte
+    zz = torch.cat([zu, zu.new_zeros(n, zpad)], 1) if zpad else zu
+    z3 = zz.reshape(n, -1, per_byte).to(torch.int32)
+    zpacked = sum(z3[..., i] << (bits * i) for i in range(per_byte)).to(torch.uint8).reshape(-1)
+    src = x
+    if mod.smooth is not None:  # activation-aware scaling: the stored weight is w * smooth
+        inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
+        src = b.node("Mul", [x, inv], base)[0]
+    inputs = [src, b.const(base + ".qweight", _np(packed)), b.const(base + ".scales", _np(scale.reshape(-1)))]
+    if zero is not None:  # symmetric codes use MatMulNBits' default zero point 2^(bits-1)
+        inputs.append(b.const(base + ".zero_points", _np(zpacked)))
+    out = b.node("MatMulNBits", inputs, base, domain="com.microsoft", K=k, N=n, bits=bits,
+                 block_size=block, accuracy_level=accuracy_level)[0]
+    return _finish(b, mod, out, y, base)
+
+
+def _gather_embedding(b: _Builder, mod, x: str, y: str, base: str) -> str:
+    """``y = mod(indices)``: gather the integer rows, then decode them with their scales."""
+    codes = mod.codes()
+    zero = mod.zero()
+    dtype = torch.int8 if zero is None else torch.uint8
+    table = b.const(base + ".qweight", _np(codes.to(dtype)))
+    rows = b.node("Gather", [table, x], base, axis=0)[0]
+    val = b.node("Cast", [rows], base, to=1)[0]
+    per_row = mod.scale.shape[0] > 1
+    if zero is not None:
+        z = b.const(base + ".zero_point", _np(zero.float().reshape(-1, 1) if per_row else zero.float().reshape(())))
+        if per_row:
+            z = b.node("Gather", [z, x], base, axis=0)[0]
+        val = b.node("Sub", [val, z], base)[0]
+    s = b.const(base + ".scale", _np(mod.scale.float().reshape(-1, 1) if per_row else mod.scale.float().reshape(())))
+    if per_row:
+        s = b.node("Gather", [s, x], base, axis=0)[0]
+    b.nodes.append(b.helper.make_node("Mul", [val, s], [y], name=b.name(base + "/Mul")))
+    return y
+
+
+def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: int) -> dict[str, str]:
+    """Replace every placeholder node of ``model`` (an onnx ModelProto) by its integer
+    subgraph; return ``{layer: form}``."""
+    from onnx import helper
+
+    graph = model.graph
+    b = _Builder(graph)
+    forms: dict[str, str] = {}
+    new_nodes = []
+    for node in graph.node:
+        if node.domain != _DOMAIN:
+            new_nodes.append(node)
+            continue
+        key = next(a.i for a in node.attribute if a.name == "key")
+        qualname, (mod, form) = keys[key]
+        b.nodes = []
+        x, y = node.input[0], node.output[0]
+        if form == "int8":
+            _int8_linear(b, mod, x, y, qualname)
+            forms[qualname] = f"MatMulInteger (per-{mod.act_scale} input" + (
+                ", smoothed)" if mod.smooth is not None else ")")
+        elif form == "nbits":
+            _nbits_linear(b, mod, x, y, qualname, accuracy_level)
+            forms[qualname] = f"MatMulNBits ({mod.bits}-bit, block {_nbits_block(mod)})"
+        else:
+            _gather_embedding(b, mod, x, y, qualname)
+            forms[qualname] = "Gather int + scale"
+        new_nodes.extend(b.nodes)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    for name, (_mod, form) in keys.values():
+        forms.setdefault(name, "decoded float")
+    opsets = {o.domain: o for o in model.opset_import}
+    opsets.pop(_DOMAIN, None)
+    if "com.microsoft" not in opsets:
+        opsets["com.microsoft"] = helper.make_opsetid("com.microsoft", 1)
+    del model.opset_import[:]
+    model.opset_import.extend(opsets.values())
+    return forms
+
+
+# -- the public function -----------------------------------------------------------------------
