@@ -11,14 +11,13 @@ to torch fp32's, on sentences the calibration never saw (mean and min).
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import Table, mb
+from bench.common import Table, interleaved_medians, mb
 
 TITLE = "ONNX export: fxpress-compressed MiniLM in ONNX Runtime vs ORT's own quantizers"
 THREADS = 2
@@ -30,18 +29,6 @@ def _inputs(sentences: list[str], length: int) -> tuple[torch.Tensor, torch.Tens
     enc = tokenizer()(list(sentences), padding="max_length", truncation=True, max_length=length,
                       return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
-
-
-def _medians(fns: dict, repeat: int) -> dict[str, float]:
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -125,7 +112,7 @@ def run(size: str) -> list[Table]:
         fns = {"torch fp32 eager": (lambda x=inputs: enc(*x))}
         fns.update({k: ort_run(s, inputs) for k, s in sessions.items()})
         with torch.inference_mode():
-            timings[batch] = _medians(fns, repeat)
+            timings[batch] = interleaved_medians(fns, repeat)
     table = Table(f"MiniLM, {THREADS} threads, medians of {repeat} interleaved rounds; cosine on "
                   f"{len(held_out)} held-out sentences",
                   ["variant", "file", "batch 1 ms", "x torch", "batch 32 ms", "x torch",

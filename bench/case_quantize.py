@@ -8,29 +8,14 @@ from __future__ import annotations
 
 import collections
 import copy
-import statistics
 import time
 import warnings
 
 import torch
 
-from bench.common import Table, kb, mb
+from bench.common import Table, interleaved_medians, kb, mb
 
 TITLE = "Quantization: fxpress vs fp32 vs torch.ao quantize_dynamic"
-
-
-def _interleaved_medians(fns: dict, repeat: int) -> dict[str, float]:
-    """Median seconds of each callable, timed round-robin (one call each per round)."""
-    with torch.inference_mode():
-        for f in fns.values():
-            f()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(repeat):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _torch_dynamic(model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
@@ -107,7 +92,7 @@ def _minilm(size: str) -> Table:
                       res.records[0].stats["layers"].values() if v.get("act_scale")]
             choices = collections.Counter(a if s is None else f"{a}+smooth{s:g}" for a, s in picked)
     repeat = {"full": 15, "quick": 5, "tiny": 1}[size]
-    lat = _interleaved_medians({k: (lambda m=m: m(*data[0])) for k, m in models.items()}, repeat)
+    lat = interleaved_medians({k: (lambda m=m: m(*data[0])) for k, m in models.items()}, repeat)
     t = Table(f"all-MiniLM-L6-v2, {len(data)} batches of up to 32 sentences "
               f"({sum(len(b[0]) for b in data)} sentences), latency on one batch of 32", [
         "variant", "apply s", "state_dict", "x fp32 bytes", "file", "fp32 safetensors / file",
@@ -163,7 +148,7 @@ def _digits(size: str) -> list[Table]:
                                              policy="warn").module
             apply_s[label] = time.perf_counter() - start
         repeat = {"full": 31, "quick": 9, "tiny": 1}[size]
-        lat = _interleaved_medians({k: (lambda m=m: m(d.x_test)) for k, m in models.items()}, repeat)
+        lat = interleaved_medians({k: (lambda m=m: m(d.x_test)) for k, m in models.items()}, repeat)
         t = Table(f"digits {name}, {len(d.x_test)} test images in one batch", [
             "variant", "apply s", "state_dict", "x fp32 bytes", "accuracy", "Δ accuracy (points)",
             "latency ms (median)", "speed-up vs fp32"])

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # examples/ holds the shared models and data
@@ -76,3 +78,17 @@ def kb(n: int) -> str:
 
 def mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
+
+
+def interleaved_medians(fns: dict, repeat: int) -> dict[str, float]:
+    """Median seconds of each callable, timed round-robin (one call each per round)."""
+    with torch.inference_mode():
+        for f in fns.values():
+            f()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeat):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
