@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/fxpress run examples/digits.toml
 
+# Two workers, one test file each at a time (module fixtures such as trained models stay
+# in one process): the suite takes about 8 minutes on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m bench
