@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import fxpress
 from fxpress.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,8 @@ def test_version_and_passes(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "prune  [builtin (fxpress)]" in out and "sparsity" in out
+    # every pass takes per-layer rules, and the listing says how to write one
+    assert out.count("    layers = {} (rules)") == len(fxpress.list_passes())
     assert main(["passes", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["passes"]["prune"]["plugin"] == "builtin"
