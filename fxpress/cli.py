@@ -24,7 +24,7 @@ from typing import Sequence
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
 
 
-#: every pass takes per-layer rules (passes/layer_rules.py); ``fxpress passes`` says so once per pass
+#: a pass with an ``include`` option takes per-layer rules (passes/layer_rules.py)
 LAYERS_HELP = ("layers = {} (rules)  per-layer options: layers={\"glob\"={option=value,...}} sets "
                "options on the layers a glob (or re:regex) over layer or weight names matches; "
                "later rules win")
@@ -48,7 +48,8 @@ def _cmd_passes(args: argparse.Namespace) -> int:
         for opt, o in d["options"].items():
             choices = f" one of {o['choices']}" if o.get("choices") else ""
             print(f"    {opt} = {o['default']!r} ({o['type']}{choices})  {o['help']}")
-        print(f"    {LAYERS_HELP}")
+        if "include" in d["options"]:  # per-layer rules restrict the pass with include
+            print(f"    {LAYERS_HELP}")
     for e in reg.errors:
         print(f"warning: {e}", file=sys.stderr)
     return EXIT_OK
