@@ -88,6 +88,12 @@ def nonzeros(t: torch.Tensor) -> int:
     return tensor_memo(t, "nonzeros", lambda x: int(torch.count_nonzero(x)))
 
 
+def remember_nonzeros(t: torch.Tensor, count: int) -> None:
+    """Record ``count`` as :func:`nonzeros` of ``t``, for a pass that knows it from how it
+    built ``t`` (prune: the k entries it zeroed), so nobody counts the tensor again."""
+    tensor_memo(t, "nonzeros", lambda _: int(count))
+
+
 _MEMO: dict[tuple, tuple[weakref.ref, Any]] = {}
 
 
@@ -112,5 +118,5 @@ def tensor_memo(t: torch.Tensor, name: str, compute):
     return value
 
 
-__all__ = ["trim_heap", "runtime_caches", "caches_enabled", "stored_bytes", "sparsity", "nonzeros",
+__all__ = ["trim_heap", "runtime_caches", "caches_enabled", "stored_bytes", "sparsity", "nonzeros", "remember_nonzeros",
            "tensor_memo"]

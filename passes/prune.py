@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from fxpress.errors import OptionError
-from fxpress.graph.memory import sparsity
+from fxpress.graph.memory import remember_nonzeros, sparsity
 from fxpress.graph.weights import KINDS, select, unique_weights, weighted_ops
 from fxpress.graph.weights import LINEAR, fused_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
@@ -125,35 +126,50 @@ def zero_below(tensors: list[torch.Tensor], v: float, take_equal: int = 0) -> li
 SAMPLE = 1 << 15
 
 
-def _zero_smallest_one(t: torch.Tensor, k: int) -> torch.Tensor | None:
+def _zero_smallest_one(t: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | None:
     """:func:`zero_smallest` of one tensor by selection, without sorting it: the k-th
     smallest magnitude of a strided sample, widened by four standard deviations of a
     sample quantile's rank, brackets the exact one; one pass counts what lies below the
     bracket and keeps what lies in it (a few percent), whose k-th value is then exact.
-    None when the bracket misses (the caller falls back to the exact search)."""
-    a = _flat(t).abs()
+    Returns (pruned copy, its count of zeros), or None when the bracket misses (the
+    caller falls back to the exact search).
+
+    About seven elementwise passes over the layer: the magnitudes are computed once and
+    their buffer becomes the result, so a layer allocates one float tensor, not three."""
+    flat = _flat(t)
+    a = flat.abs()
     n = a.numel()
-    sample = a[::max(1, n // SAMPLE)].contiguous()
-    m = sample.numel()
+    sample = a[::max(1, n // SAMPLE)].float().numpy()
+    m = sample.size
     rank, spread = k / n * m, 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 2
-    lo_v = torch.kthvalue(sample, max(int(rank - spread), 0) + 1).values
-    hi_v = torch.kthvalue(sample, min(int(rank + spread) + 1, m - 1) + 1).values
+    lo_i, hi_i = max(int(rank - spread), 0), min(int(rank + spread) + 1, m - 1)
+    # both order statistics in one partial sort (numpy's introselect; a copy of the sample)
+    part = np.partition(sample, (lo_i, hi_i))
+    lo_v, hi_v = float(part[lo_i]), float(part[hi_i])  # float32 values, exact as floats
     below = a < lo_v
     n_below = int(torch.count_nonzero(below))
-    cand = a[(a <= hi_v) & ~below]
+    inside = a <= hi_v
+    inside ^= below  # below lies inside [0, hi]: what is left is [lo, hi]
+    cand = a[inside]
+    del inside
     idx = k - n_below
     if not 1 <= idx <= cand.numel():
         return None
     v = torch.kthvalue(cand, idx).values
     take_equal = k - n_below - int(torch.count_nonzero(cand < v))
+    del cand
     mask = torch.lt(a, v, out=below)
     if take_equal > 0:  # ties at the cut: the first ones in order, so the count is exact
         mask[torch.nonzero(a == v).flatten()[:take_equal]] = True
+    # the magnitudes are no longer needed: their buffer takes the result
+    out = torch.where(mask, flat.new_zeros(()), flat, out=a)
+    # every zero of the input has magnitude 0 <= v: with v > 0 exactly k entries are zero
+    zeros = k if float(v) > 0 else n - int(torch.count_nonzero(out))
     if t.is_contiguous():
-        return t.detach().reshape(-1).masked_fill(mask, 0).view(t.shape)
+        return out.view(t.shape), zeros
     res = torch.empty_like(t)
-    _flat(res).copy_(_flat(t).masked_fill(mask, 0))
-    return res
+    _flat(res).copy_(out)
+    return res, zeros
 
 
 def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -170,7 +186,7 @@ def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     if len(tensors) == 1 and total <= 1 << 22:
         out = _zero_smallest_one(tensors[0], k)
         if out is not None:
-            return [out]
+            return [out[0]]
     v = kth_smallest_magnitude(tensors, k)
     return zero_below(tensors, v, k - count_below(tensors, v))
 
@@ -227,7 +243,14 @@ class Prune(Pass):
             elif self.scope == "layer":
                 for op in ops:
                     w = op.weight()
-                    op.set_weight(zero_smallest([w], round(self.sparsity * w.numel()))[0])
+                    k = round(self.sparsity * w.numel())
+                    fast = _zero_smallest_one(w, k) if 0 < k < w.numel() <= 1 << 22 else None
+                    if fast is None:
+                        op.set_weight(zero_smallest([w], k)[0])
+                        continue
+                    op.set_weight(fast[0])
+                    # the count is known: the stats below need not count the layer again
+                    remember_nonzeros(op.weight(), w.numel() - fast[1])
             else:
                 weights = [op.weight() for op in ops]
                 k = round(self.sparsity * sum(w.numel() for w in weights))

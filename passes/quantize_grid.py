@@ -102,6 +102,15 @@ def quantize_weight(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
     >>> q.tolist(), round(float(s), 6)
     ([[64, -127, 0, 32]], 0.007874)
     """
+    codes, s, zero = _quantize(w2, bits, scheme, granularity, group_size, scale)
+    return (codes.to(torch.int32), s.float(),
+            None if zero is None else zero.to(torch.int32))
+
+
+def _quantize(w2: torch.Tensor, bits: int, scheme: str, granularity: str, group_size: int,
+              scale: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_weight` with the codes still float (whole numbers) ``[rows, cols]``
+    and the scale and zero point as computed."""
     w2 = w2.detach().float()
     lo, hi = code_range(bits, scheme)
     g = _grouped(w2, granularity, group_size)
@@ -120,9 +129,7 @@ def quantize_weight(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
                 s = torch.where(better, s2, s)
                 if zero is not None:
                     zero = torch.where(better, z2, zero)
-    codes = from_groups(codes, w2.numel() // codes.shape[0]).reshape(w2.shape)
-    return (codes.to(torch.int32), s.float(),
-            None if zero is None else zero.to(torch.int32))
+    return from_groups(codes, w2.numel() // codes.shape[0]).reshape(w2.shape), s, zero
 
 
 def _sq_error(g, codes, scale, zero):
@@ -159,6 +166,18 @@ def store_codes(codes: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
     return pack_bits(u, bits).view(rows, -1)
 
 
+def _stored(w2: torch.Tensor, bits: int, scheme: str, granularity: str, group_size: int,
+            scale: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One block of :func:`quantize_stored`: 8-bit codes go from the float codes straight
+    to their stored byte (no int32 copy between)."""
+    if bits != 8:
+        codes, s, zero = quantize_weight(w2, bits, scheme, granularity, group_size, scale)
+        return store_codes(codes, bits, scheme), s, zero
+    codes, s, zero = _quantize(w2, bits, scheme, granularity, group_size, scale)
+    stored = codes.to(torch.int8 if scheme == "symmetric" else torch.uint8)  # lo is 0 when affine
+    return stored, s.float(), None if zero is None else zero.to(torch.int32)
+
+
 def quantize_stored(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
                     granularity: str = "channel", group_size: int = 0, scale: str = "absmax"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -168,13 +187,11 @@ def quantize_stored(w2: torch.Tensor, bits: int, scheme: str = "symmetric",
     rows, cols = w2.shape
     step = max(1, (1 << 20) // max(cols, 1))
     if granularity == "tensor" or rows <= step:  # one scale for every row: all at once
-        codes, s, zero = quantize_weight(w2, bits, scheme, granularity, group_size, scale)
-        return store_codes(codes, bits, scheme), s, zero
+        return _stored(w2, bits, scheme, granularity, group_size, scale)
     out, scales, zeros = None, [], []
     for start in range(0, rows, step):
-        codes, s, zero = quantize_weight(w2[start:start + step], bits, scheme, granularity,
-                                         group_size, scale)
-        block = store_codes(codes, bits, scheme)
+        block, s, zero = _stored(w2[start:start + step], bits, scheme, granularity,
+                                 group_size, scale)
         if out is None:
             out = block.new_empty((rows, *block.shape[1:]))
         out[start:start + block.shape[0]] = block
