@@ -208,11 +208,12 @@ def _word_value(word: str) -> Any:
 #: recipe's ``pipeline = "..."`` and on the command line). Each needs only the model and
 #: training data; save the result with ``entropy=True`` for the smallest file.
 RECIPES = {
-    # Deep Compression (Han et al. 2016) with gradual pruning (Zhu & Gupta 2017): global
+    # Deep Compression (Han et al. 2016) with gradual pruning (Zhu & Gupta 2017):
+    # BatchNorms folded into their layers (exact; nothing of them left to store), global
     # magnitude pruning to 95% in three stages on the cubic schedule, each recovered by
     # distillation from the original model; 4-bit k-means sharing with biases on an 8-bit
     # grid; a last recovery that fine-tunes the centroids.
-    "deep-compression": "prune{sparsity=0.95,scope=global,steps=3},distill,"
+    "deep-compression": "fold_bn,prune{sparsity=0.95,scope=global,steps=3},distill,"
                         "share{bits=4,bias_bits=8},distill",
 }
 
@@ -223,7 +224,7 @@ def parse_spec(text: str) -> list[PassSpec]:
     >>> [str(p) for p in parse_spec("prune{sparsity=0.5}, quantize{bits=8}")]
     ['prune{sparsity=0.5}', 'quantize{bits=8}']
     >>> [p.name for p in parse_spec("deep-compression")]
-    ['prune', 'distill', 'share', 'distill']
+    ['fold_bn', 'prune', 'distill', 'share', 'distill']
     """
     if not isinstance(text, str):
         raise PipelineSpecError(f"pipeline text must be a string, got {type(text).__name__}")

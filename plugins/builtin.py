@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from fxpress.passes.distill import Distill
+from fxpress.passes.fold import FoldBatchNorm
 from fxpress.passes.prune import Prune
 from fxpress.passes.binarize import Binarize
 from fxpress.passes.quantize import Quantize
 from fxpress.passes.share import Share
 from fxpress.plugins.hookspecs import hookimpl
 
-BUILTIN_PASSES = (Prune, Share, Quantize, Binarize, Distill)
+BUILTIN_PASSES = (Prune, Share, Quantize, Binarize, Distill, FoldBatchNorm)
 
 
 @hookimpl

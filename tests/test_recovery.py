@@ -179,7 +179,7 @@ def test_deep_compression_recipe_needs_only_the_model_and_training_data(one_thre
     data = train_data()[:8]
     res = fxpress.compress(model, "deep-compression", train_data=data, policy="warn",
                            progress=False)
-    assert [r.name for r in res.records] == ["prune", "distill"] * 3 + ["share", "distill"]
+    assert [r.name for r in res.records] == ["fold_bn"] + ["prune", "distill"] * 3 + ["share", "distill"]
     assert res.records[-1].sparsity > 0.9 and res.records[-1].stats["lr"] > 0
     x, y = data[0]
     assert float((res.module(x).argmax(1) == model(x).argmax(1)).float().mean()) > 0.8
@@ -191,3 +191,45 @@ def test_a_lossy_pass_after_the_last_recovery_is_pointed_out(small_mlp, calib, o
                            progress=False)
     share = res.records[-1]
     assert "after the last recovery" in share.message and "distill" in share.message
+
+
+class _BranchedCNN(torch.nn.Module):
+    """conv1 -> bn1 (foldable); conv2 feeds bn2 and a skip, so bn2 must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x.reshape(-1, 1, 8, 8))))
+        c = self.conv2(h)
+        return self.fc(torch.flatten(torch.relu(self.bn2(c)) + c, 1))
+
+
+def test_fold_bn_keeps_outputs_removes_batchnorm_tensors_and_leaves_shared_outputs(calib, tmp_path):
+    torch.manual_seed(0)
+    model = _BranchedCNN()
+    for bn in (model.bn1, model.bn2):  # statistics far from the identity, as after training
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3.0)
+        torch.nn.init.normal_(bn.weight)
+        torch.nn.init.normal_(bn.bias)
+    model.eval()
+    before = state_snapshot(model)
+    res = fxpress.compress(model, "fold_bn", calibration=calib, progress=False)
+    assert_unchanged(model, before)
+    rec = res.records[0]
+    assert rec.status == "ok" and rec.stats["folded"] == {"bn1": "conv1"}
+    names = dict(res.module.named_modules())
+    assert "bn1" not in names and "bn2" in names  # conv2's output is also read by the skip
+    assert res.module.conv1.bias is not None and model.conv1.bias is None
+    x = calib[0][0]
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
+    fxpress.save(res.module, tmp_path / "m.fxp")
+    loaded = fxpress.load(tmp_path / "m.fxp")
+    assert not any("bn1" in k for k in loaded.state_dict())
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
