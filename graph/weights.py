@@ -16,7 +16,8 @@ A weighted op appears in three forms, depending on how the model was captured:
 (:meth:`WeightedOp.set_weight`) and to swap the op for a runtime module
 (:meth:`WeightedOp.replace_with`). Passes never pattern-match ``nn.Linear`` themselves.
 Weights that a fused module or op reads inside one call (LSTM/GRU gates,
-``nn.MultiheadAttention``) are :func:`fused_weights`: rewritable in place, never replaceable.
+``nn.MultiheadAttention``) are :func:`fused_weights`: rewritten in place, or stored compressed
+and decoded for the fused call (:mod:`fxpress.graph.fused`).
 
 Tensors are replaced, never written in place: graphs inside a pipeline share tensors
 with the graph before them (see ``clone_structure``). The modules a pass writes into a
@@ -421,13 +422,24 @@ def _tuple(v, n):
     return (int(v),) * n
 
 
-def weighted_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None = None) -> list[WeightedOp]:
-    """Every linear, conv and embedding op of ``gm``, in graph order.
+def weighted_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None = None, *,
+                 fused: bool = False) -> list[WeightedOp]:
+    """Every linear, conv and embedding op of ``gm``, in graph order; with ``fused`` (and
+    linear among ``kinds``), the matrices of fused calls too (:func:`fused_weights`), in
+    the order of their calls.
 
     >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
     >>> [(op.kind, op.name) for op in weighted_ops(gm)]
     [('linear', '0.weight')]
     """
+    ops = _plain_ops(gm, kinds)
+    if not fused or LINEAR not in (set(kinds) if kinds is not None else set(KINDS)):
+        return ops
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(ops + list(fused_weights(gm)), key=lambda op: order[op.node])  # stable
+
+
+def _plain_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None) -> list[WeightedOp]:
     wanted = set(kinds) if kinds is not None else set(KINDS)
     names: dict[int, list[str]] = {}
     for n, t in list(gm.named_parameters(remove_duplicate=False)) + list(
@@ -468,12 +480,47 @@ def _fused_module(m: torch.nn.Module) -> bool:
 
 class FusedWeightOp(WeightedOp):
     """A weight that a fused module or op reads inside one call (an LSTM's gate matrices,
-    ``nn.MultiheadAttention``'s projections): it can be rewritten in place of the float
-    weight (:meth:`set_weight`: prune), but no runtime module can take its op's place."""
+    ``nn.MultiheadAttention``'s projections), as a linear ``[out, in]``: rewritten in place
+    (:meth:`set_weight`: prune), or stored compressed by a runtime module that the fused
+    call decodes it from (:meth:`replace_with`, :mod:`fxpress.graph.fused`)."""
+
+    def weight(self) -> torch.Tensor:
+        path = self.spec.get("path")
+        if path is None:
+            return super().weight()
+        host = self.gm.get_submodule(path)
+        return getattr(host, "host", host).get_parameter(self.spec["param"])
 
     def replace_with(self, module: torch.nn.Module) -> str:
-        raise TypeError(f"{self.name}: read inside a fused {self.spec.get('host', 'op')}; it "
-                        "cannot be replaced by a runtime module")
+        """Store the weight as ``module`` (a compressed linear): the fused module is wrapped
+        in a :class:`~fxpress.graph.fused.FusedCall` that decodes it for every call; in an
+        exported graph, the ``get_attr`` nodes that read it become a
+        :class:`~fxpress.graph.fused.DecodedWeight` call. Returns the module's qualname."""
+        from fxpress.graph.fused import DecodedWeight, FusedCall
+
+        trim_heap()
+        gm = self.gm
+        path = self.spec.get("path")
+        if path is not None:
+            wrapper = gm.get_submodule(path)
+            if not isinstance(wrapper, FusedCall):
+                wrapper = FusedCall(wrapper)
+                _set_submodule(gm, path, wrapper)
+            return f"{path}.{wrapper.add(self.spec['param'], module)}"
+        graph = gm.graph
+        owner, attr = _resolve(gm, self.name)
+        owner._parameters.pop(attr, None)
+        owner._buffers.pop(attr, None)
+        owner.__dict__.pop(attr, None)
+        qualname = _free_name(gm, self.name)
+        _set_submodule(gm, qualname, DecodedWeight(module))
+        for n in [n for n in graph.nodes if n.op == "get_attr" and n.target == self.name]:
+            with graph.inserting_before(n):
+                new = graph.call_module(qualname, ())
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+        return f"{qualname}.w0"
 
     def set_weight(self, w: torch.Tensor) -> None:
         super().set_weight(w)
@@ -492,10 +539,12 @@ def fused_weights(gm: torch.fx.GraphModule) -> list[FusedWeightOp]:
     """
     out: dict[str, FusedWeightOp] = {}
 
-    def add(name: str, node: torch.fx.Node, host: str) -> None:
+    def add(name: str, node: torch.fx.Node, host: str, path: str | None = None) -> None:
         t = getattr(*_resolve(gm, name), None)
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2 and name not in out:
-            out[name] = FusedWeightOp(gm, node, LINEAR, "fused", name, {"host": host})
+            spec = {"host": host} if path is None else {
+                "host": host, "path": path, "param": name[len(path) + 1:]}
+            out[name] = FusedWeightOp(gm, node, LINEAR, "fused", name, spec)
 
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -505,7 +554,7 @@ def fused_weights(gm: torch.fx.GraphModule) -> list[FusedWeightOp]:
                 continue
             if _fused_module(m):
                 for pname, _ in m.named_parameters():
-                    add(f"{node.target}.{pname}", node, type(m).__name__)
+                    add(f"{node.target}.{pname}", node, type(m).__name__, str(node.target))
         elif node.op == "call_function" and node.target in _FUSED_FUNCTIONS:
             for a in pytree.tree_leaves((node.args, node.kwargs)):
                 if isinstance(a, torch.fx.Node) and a.op == "get_attr":

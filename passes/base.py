@@ -459,7 +459,9 @@ class PassRegistry(dict):
 
     def runtime_modules(self) -> list[type]:
         """Every runtime module class a registered pass declares (artifact allowlist)."""
-        out: list[type] = []
+        from fxpress.graph.fused import FUSED_CLASSES
+
+        out: list[type] = list(FUSED_CLASSES)  # fused calls' compressed weights, any pass's
         for info in self.values():
             for m in info.cls.traits.runtime_modules:
                 if m not in out:

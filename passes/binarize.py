@@ -318,7 +318,7 @@ class Binarize(Pass):
             raise OptionError(self.name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")
 
     def run(self, gm, ctx: PassContext) -> PassResult:
-        every = weighted_ops(gm)
+        every = weighted_ops(gm, fused=True)
         all_ops = [op for op in every if op.kind in self.ops]
         chosen, unmatched = select(all_ops, self.include, self.exclude)
         check_glob_matches(self.name, unmatched, [op.name for op in all_ops])

@@ -186,7 +186,7 @@ class Quantize(Pass):
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         kinds = [LINEAR, CONV] + ([EMBEDDING] if self.embeddings else [])
-        all_ops = _weighted_ops(gm, kinds)
+        all_ops = _weighted_ops(gm, kinds, fused=True)
         chosen, unmatched = select(all_ops, self.include, self.exclude)
         check_glob_matches(self.name, unmatched, [op.name for op in all_ops])
         batches = ctx.calibration or [ctx.example_inputs]
@@ -238,7 +238,9 @@ class Quantize(Pass):
 
     def _dynamic(self, op, bits: int) -> bool:
         # a promoted layer (bits != self.bits) gets 8-bit channel scales and the integer kernel
-        return op.kind == LINEAR and (self.activations == "dynamic" or bits != self.bits)
+        # a fused call's matrix (an LSTM gate) is decoded for the fused kernel: weight-only
+        return op.kind == LINEAR and op.form != "fused" and (
+            self.activations == "dynamic" or bits != self.bits)
 
     def _candidates(self, op, bits: int) -> list[tuple[str, float | None]]:
         """(act_scale, smoothing alpha) variants for one layer, cheapest first. A weight
@@ -292,7 +294,9 @@ class Quantize(Pass):
             if werr is None:
                 werr = by_alpha[alpha] = _weight_error(module, w, w_norm)
             weight_errors[_label(act if dynamic else "weight", alpha)] = werr
-            tried.append((module, _output_error(module, x, ref, ref_norm), act, alpha, werr))
+            # no input sample (a fused call's matrix): the weight's own relative error
+            tried.append((module, werr if x is None else _output_error(module, x, ref, ref_norm),
+                          act, alpha, werr))
         # the calibration sample does not show every input: a smoothing that fits it by
         # giving up the weight of columns it leaves (nearly) idle is not kept
         plain = [t[4] for t in tried if t[3] is None]

@@ -313,7 +313,7 @@ class Share(Pass):
                               "largest bias; use 2-8, or 0 to keep biases in float")
 
     def run(self, gm, ctx: PassContext) -> PassResult:
-        all_ops = weighted_ops(gm, self.ops)
+        all_ops = weighted_ops(gm, self.ops, fused=True)
         chosen, unmatched = select(all_ops, self.include, self.exclude)
         check_glob_matches(self.name, unmatched, [op.name for op in all_ops])
         weights = {op.key: op.weight().detach() for op in unique_weights(chosen)}

@@ -606,8 +606,7 @@ def markdown(cells: list[Cell], title: str = "") -> str:
     if kinds:
         lines += ["", "`ok*`: ok, with a remark:", ""]
         what = {"skipped": "a layer left in float that the pass's report names (binarize keeps "
-                           "the first and last layers; weights read inside a fused LSTM/GRU/"
-                           "attention call stay float except under prune)",
+                           "the first and last layers)",
                 "persistent": "a non-persistent buffer comes back persistent after load (same "
                               "values; the reloaded state_dict has one more entry)"}
         for kind, (first, n) in sorted(kinds.items()):

@@ -98,7 +98,7 @@ class _Writer:
             entry["config"] = {k: encode(v) for k, v in config.items()}
             params = {n for n, _ in m.named_parameters()}
             for name, t in m.state_dict(keep_vars=True).items():
-                if t is None:
+                if t is None or "." in name:  # a child's tensors are in the child's entry
                     continue
                 entry["tensors"][name] = {"ref": self.tensor_ref(_join(path, name), t),
                                           "kind": "parameter" if name in params else "buffer",
@@ -167,8 +167,6 @@ class _Writer:
             seen[id(m)] = path
             entry = self.module_entry(path, m)
             self.modules.append(entry)
-            if entry.get("kind") == "runtime":
-                return  # a runtime module's state_dict already holds everything below it
             for name, child in m._modules.items():
                 if child is None:
                     continue
