@@ -26,8 +26,15 @@ import re
 from typing import Any
 
 import torch
+import torch.fx
+from torch.utils import _pytree as pytree
 
+from fxpress.graph.memory import trim_heap
 from fxpress.graph.runtime import CompressedModule, RuntimeModule
+from fxpress.graph.weights import (LINEAR, WeightedOp, _free_name, _module_kind, _resolve,
+                                   _set_submodule)
+
+_aten = torch.ops.aten
 
 _CHILD = re.compile(r"w\d{1,6}")
 
@@ -98,7 +105,101 @@ class DecodedWeight(RuntimeModule):
         return module.dense_weight()
 
 
+#: ATen ops that read several weights inside one fused call (export graphs)
+_FUSED_FUNCTIONS = {getattr(_aten, n).input for n in ("lstm", "gru", "rnn_tanh", "rnn_relu")} | {
+    _aten._native_multi_head_attention.default, _aten._transformer_encoder_layer_fwd.default}
+
+
+def _fused_module(m: torch.nn.Module) -> bool:
+    # a torch.nn module that is not itself a weighted op but reads weights (its own or its
+    # children's) inside its forward: nn.MultiheadAttention, LSTM/GRU/RNN, TransformerEncoder
+    return type(m).__module__.startswith("torch.nn.") and _module_kind(m) is None
+
+
+class FusedWeightOp(WeightedOp):
+    """A weight that a fused module or op reads inside one call (an LSTM's gate matrices,
+    ``nn.MultiheadAttention``'s projections), as a linear ``[out, in]``: rewritten in place
+    (:meth:`set_weight`: prune), or stored compressed by a runtime module that the fused
+    call decodes it from (:meth:`replace_with`, :mod:`fxpress.graph.fused`)."""
+
+    def weight(self) -> torch.Tensor:
+        path = self.spec.get("path")
+        if path is None:
+            return super().weight()
+        host = self.gm.get_submodule(path)
+        return getattr(host, "host", host).get_parameter(self.spec["param"])
+
+    def replace_with(self, module: torch.nn.Module) -> str:
+        """Store the weight as ``module`` (a compressed linear): the fused module is wrapped
+        in a :class:`~fxpress.graph.fused.FusedCall` that decodes it for every call; in an
+        exported graph, the ``get_attr`` nodes that read it become a
+        :class:`~fxpress.graph.fused.DecodedWeight` call. Returns the module's qualname."""
+        trim_heap()
+        gm = self.gm
+        path = self.spec.get("path")
+        if path is not None:
+            wrapper = gm.get_submodule(path)
+            if not isinstance(wrapper, FusedCall):
+                wrapper = FusedCall(wrapper)
+                _set_submodule(gm, path, wrapper)
+            return f"{path}.{wrapper.add(self.spec['param'], module)}"
+        graph = gm.graph
+        owner, attr = _resolve(gm, self.name)
+        owner._parameters.pop(attr, None)
+        owner._buffers.pop(attr, None)
+        owner.__dict__.pop(attr, None)
+        qualname = _free_name(gm, self.name)
+        _set_submodule(gm, qualname, DecodedWeight(module))
+        for n in [n for n in graph.nodes if n.op == "get_attr" and n.target == self.name]:
+            with graph.inserting_before(n):
+                new = graph.call_module(qualname, ())
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+        return f"{qualname}.w0"
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        super().set_weight(w)
+        owner, _ = _resolve(self.gm, self.name)
+        if isinstance(owner, torch.nn.RNNBase):  # the RNN kernel reads its list of weights
+            owner._init_flat_weights()
+
+
+def fused_weights(gm: torch.fx.GraphModule) -> list[FusedWeightOp]:
+    """Every 2-D+ float weight read inside a fused call (see :class:`FusedWeightOp`), as
+    linear ops (``[out, in]``), in graph order.
+
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.LSTM(4, 8)))
+    >>> [op.name for op in fused_weights(gm)]
+    ['0.weight_ih_l0', '0.weight_hh_l0']
+    """
+    out: dict[str, FusedWeightOp] = {}
+
+    def add(name: str, node: torch.fx.Node, host: str, path: str | None = None) -> None:
+        t = getattr(*_resolve(gm, name), None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2 and name not in out:
+            spec = {"host": host} if path is None else {
+                "host": host, "path": path, "param": name[len(path) + 1:]}
+            out[name] = FusedWeightOp(gm, node, LINEAR, "fused", name, spec)
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            try:
+                m = gm.get_submodule(str(node.target))
+            except AttributeError:
+                continue
+            if _fused_module(m):
+                for pname, _ in m.named_parameters():
+                    add(f"{node.target}.{pname}", node, type(m).__name__, str(node.target))
+        elif node.op == "call_function" and node.target in _FUSED_FUNCTIONS:
+            for a in pytree.tree_leaves((node.args, node.kwargs)):
+                if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                    add(str(a.target), node, str(node.target))
+    return list(out.values())
+
+
 #: the runtime classes of this module, allowed in every artifact
 FUSED_CLASSES = (FusedCall, DecodedWeight)
 
-__all__ = ["FusedCall", "DecodedWeight", "FUSED_CLASSES", "placeholder"]
+__all__ = ["FusedCall", "DecodedWeight", "FusedWeightOp", "fused_weights", "FUSED_CLASSES",
+           "placeholder"]

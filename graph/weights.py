@@ -34,7 +34,6 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 
 from fxpress.graph.memory import trim_heap
 
@@ -435,6 +434,8 @@ def weighted_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None = None, *
     ops = _plain_ops(gm, kinds)
     if not fused or LINEAR not in (set(kinds) if kinds is not None else set(KINDS)):
         return ops
+    from fxpress.graph.fused import fused_weights
+
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(ops + list(fused_weights(gm)), key=lambda op: order[op.node])  # stable
 
@@ -467,107 +468,6 @@ def _plain_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None) -> list[We
     return ops
 
 
-#: ATen ops that read several weights inside one fused call (export graphs)
-_FUSED_FUNCTIONS = {getattr(_aten, n).input for n in ("lstm", "gru", "rnn_tanh", "rnn_relu")} | {
-    _aten._native_multi_head_attention.default, _aten._transformer_encoder_layer_fwd.default}
-
-
-def _fused_module(m: torch.nn.Module) -> bool:
-    # a torch.nn module that is not itself a weighted op but reads weights (its own or its
-    # children's) inside its forward: nn.MultiheadAttention, LSTM/GRU/RNN, TransformerEncoder
-    return type(m).__module__.startswith("torch.nn.") and _module_kind(m) is None
-
-
-class FusedWeightOp(WeightedOp):
-    """A weight that a fused module or op reads inside one call (an LSTM's gate matrices,
-    ``nn.MultiheadAttention``'s projections), as a linear ``[out, in]``: rewritten in place
-    (:meth:`set_weight`: prune), or stored compressed by a runtime module that the fused
-    call decodes it from (:meth:`replace_with`, :mod:`fxpress.graph.fused`)."""
-
-    def weight(self) -> torch.Tensor:
-        path = self.spec.get("path")
-        if path is None:
-            return super().weight()
-        host = self.gm.get_submodule(path)
-        return getattr(host, "host", host).get_parameter(self.spec["param"])
-
-    def replace_with(self, module: torch.nn.Module) -> str:
-        """Store the weight as ``module`` (a compressed linear): the fused module is wrapped
-        in a :class:`~fxpress.graph.fused.FusedCall` that decodes it for every call; in an
-        exported graph, the ``get_attr`` nodes that read it become a
-        :class:`~fxpress.graph.fused.DecodedWeight` call. Returns the module's qualname."""
-        from fxpress.graph.fused import DecodedWeight, FusedCall
-
-        trim_heap()
-        gm = self.gm
-        path = self.spec.get("path")
-        if path is not None:
-            wrapper = gm.get_submodule(path)
-            if not isinstance(wrapper, FusedCall):
-                wrapper = FusedCall(wrapper)
-                _set_submodule(gm, path, wrapper)
-            return f"{path}.{wrapper.add(self.spec['param'], module)}"
-        graph = gm.graph
-        owner, attr = _resolve(gm, self.name)
-        owner._parameters.pop(attr, None)
-        owner._buffers.pop(attr, None)
-        owner.__dict__.pop(attr, None)
-        qualname = _free_name(gm, self.name)
-        _set_submodule(gm, qualname, DecodedWeight(module))
-        for n in [n for n in graph.nodes if n.op == "get_attr" and n.target == self.name]:
-            with graph.inserting_before(n):
-                new = graph.call_module(qualname, ())
-            new.meta = dict(n.meta)
-            n.replace_all_uses_with(new)
-            graph.erase_node(n)
-        return f"{qualname}.w0"
-
-    def set_weight(self, w: torch.Tensor) -> None:
-        super().set_weight(w)
-        owner, _ = _resolve(self.gm, self.name)
-        if isinstance(owner, torch.nn.RNNBase):  # the RNN kernel reads its list of weights
-            owner._init_flat_weights()
-
-
-def fused_weights(gm: torch.fx.GraphModule) -> list[FusedWeightOp]:
-    """Every 2-D+ float weight read inside a fused call (see :class:`FusedWeightOp`), as
-    linear ops (``[out, in]``), in graph order.
-
-    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.LSTM(4, 8)))
-    >>> [op.name for op in fused_weights(gm)]
-    ['0.weight_ih_l0', '0.weight_hh_l0']
-    """
-    out: dict[str, FusedWeightOp] = {}
-
-    def add(name: str, node: torch.fx.Node, host: str, path: str | None = None) -> None:
-        t = getattr(*_resolve(gm, name), None)
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2 and name not in out:
-            spec = {"host": host} if path is None else {
-                "host": host, "path": path, "param": name[len(path) + 1:]}
-            out[name] = FusedWeightOp(gm, node, LINEAR, "fused", name, spec)
-
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            try:
-                m = gm.get_submodule(str(node.target))
-            except AttributeError:
-                continue
-            if _fused_module(m):
-                for pname, _ in m.named_parameters():
-                    add(f"{node.target}.{pname}", node, type(m).__name__, str(node.target))
-        elif node.op == "call_function" and node.target in _FUSED_FUNCTIONS:
-            for a in pytree.tree_leaves((node.args, node.kwargs)):
-                if isinstance(a, torch.fx.Node) and a.op == "get_attr":
-                    add(str(a.target), node, str(node.target))
-    return list(out.values())
-
-
-def skipped_weights(gm: torch.fx.GraphModule) -> dict[str, str]:
-    """weight name -> why a pass that replaces ops by runtime modules leaves it in float."""
-    return {op.name: f"read inside a fused {op.spec['host']} call; no runtime module can "
-                     "replace it (prune rewrites it)" for op in fused_weights(gm)}
-
-
 def select(ops: Sequence[WeightedOp], include: Sequence[str] = ("*",),
            exclude: Sequence[str] = ()) -> tuple[list[WeightedOp], list[str]]:
     """Filter ops by glob patterns on the weight name or layer name.
@@ -593,13 +493,13 @@ def unique_weights(ops: Iterable[WeightedOp]) -> list[WeightedOp]:
             out.append(op)
     return out
 
-# names that lived here before graph/runtime.py and graph/memory.py were split out
+# names that lived here before graph/runtime.py, graph/memory.py and graph/fused.py were split out
 _MOVED = {"RuntimeModule": "runtime", "CompressedModule": "runtime",
           "compressed_modules": "runtime", "op_forward": "runtime", "conv_forward": "runtime",
           "kind_classes": "runtime",
           "trim_heap": "memory", "runtime_caches": "memory", "caches_enabled": "memory",
           "stored_bytes": "memory", "sparsity": "memory", "nonzeros": "memory",
-          "tensor_memo": "memory"}
+          "tensor_memo": "memory", "fused_weights": "fused", "FusedWeightOp": "fused"}
 
 
 def __getattr__(name: str) -> Any:
@@ -614,5 +514,5 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"fxpress.graph.{where}"), name)
 
 
-__all__ = ["WeightedOp", "FusedWeightOp", "fused_weights", "skipped_weights", "weighted_ops", "select", "unique_weights", "transposed_conv_layout",
+__all__ = ["WeightedOp", "weighted_ops", "select", "unique_weights", "transposed_conv_layout",
            "stored_conv_transpose_weight", "LINEAR", "CONV", "EMBEDDING", "KINDS"]

@@ -39,7 +39,6 @@ from fxpress.errors import OptionError
 from fxpress.graph.packing import pack_bits, rows_byte_aligned, unpack_bits, unpack_rows
 from fxpress.graph.runtime import CompressedModule, kind_classes
 from fxpress.graph.weights import CONV, EMBEDDING, KINDS, LINEAR, select, weighted_ops
-from fxpress.graph.weights import skipped_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 
@@ -351,6 +350,5 @@ class Binarize(Pass):
         n = sum(m.numel for m in built.values())
         stored_bits = sum(m.weight_bits() for m in built.values())
         return PassResult(gm, changed=bool(chosen), stats={
-            "skipped": skipped_weights(gm),
             "layers": layers, "mode": self.mode, "bits": bits, "kept_float": kept,
             "weights": n, "bits_per_weight": stored_bits / n if n else 0.0})

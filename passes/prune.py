@@ -22,7 +22,8 @@ import torch
 from fxpress.errors import OptionError
 from fxpress.graph.memory import remember_nonzeros, sparsity
 from fxpress.graph.weights import KINDS, select, unique_weights, weighted_ops
-from fxpress.graph.weights import LINEAR, fused_weights
+from fxpress.graph.fused import fused_weights
+from fxpress.graph.weights import LINEAR
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 from fxpress.passes.gradual import cubic_schedule

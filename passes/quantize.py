@@ -51,7 +51,6 @@ from fxpress.graph.memory import stored_bytes
 from fxpress.graph.runtime import CompressedModule, op_forward
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, select
 from fxpress.graph.weights import weighted_ops as _weighted_ops
-from fxpress.graph.weights import skipped_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 from fxpress.passes.int8 import (INT8_BACKENDS, int8_backend, per_token_absmax,
@@ -231,7 +230,6 @@ class Quantize(Pass):
         after = sum(v["bytes_after"] for v in layers.values())
         worst = max(layers, key=lambda k: layers[k]["rel_error"], default=None)
         return PassResult(gm, changed=bool(chosen), stats={
-            "skipped": skipped_weights(gm),
             "layers": layers, "quantized_layers": len(layers), "bits": self.bits,
             "bytes_before": before, "bytes_after": after,
             "worst_layer": worst, "promoted": promoted, "kernels": sorted({v["kernel"] for v in layers.values()})})

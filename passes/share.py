@@ -49,7 +49,6 @@ from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, un
 from fxpress.graph.runtime import CompressedModule, kind_classes
 from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, unique_weights,
                                    weighted_ops)
-from fxpress.graph.weights import skipped_weights
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 from fxpress.passes.kmeans1d import HIST_BINS, KMeans1D, kmeans_1d
@@ -362,7 +361,6 @@ class Share(Pass):
         n = sum(w.numel() for w in weights.values())
         stored_bits = sum(m.weight_bits() for m in built.values())
         return PassResult(gm, changed=bool(chosen), stats={
-            "skipped": skipped_weights(gm),
             "layers": layers, "weights": n, "bits": self.bits, "scope": self.scope,
             "kmeans_seconds": kmeans_seconds,
             "bits_per_weight": stored_bits / n if n else 0.0})
