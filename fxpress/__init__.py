@@ -34,8 +34,9 @@ _LAZY = {
     "Distiller": "fxpress.passes.distill_train",
     "hookimpl": "fxpress.plugins.hookspecs",
     "export_onnx": "fxpress.onnx_export",
+    "compile": "fxpress.compiled", "CompiledModel": "fxpress.compiled",
 }
-_SUBPACKAGES = ("graph", "passes", "plugins", "cli", "report", "onnx_export")
+_SUBPACKAGES = ("graph", "passes", "plugins", "cli", "report", "onnx_export", "compiled")
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from fxpress.graph.capture import capture
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fxpress.passes.pipeline import Pipeline
     from fxpress.passes.records import PassRecord, PipelineResult
     from fxpress.onnx_export import export_onnx
+    from fxpress.compiled import CompiledModel, compile
     from fxpress.plugins.hookspecs import hookimpl
 
 
@@ -190,4 +192,4 @@ def _looks_like_inputs(value: Any) -> bool:
 __all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",
            "Pass", "PassContext", "PassResult", "PassInfo", "PassTraits", "Tolerance", "option",
            "Instrument", "PassTimer", "GraphDumper", "registry", "list_passes", "hookimpl",
-           "errors", "FxpressError", "Distiller", "save", "load", "export_onnx"]
+           "errors", "FxpressError", "Distiller", "save", "load", "export_onnx", "compile", "CompiledModel"]

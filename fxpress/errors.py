@@ -164,6 +164,11 @@ class ExportError(FxpressError):
     the input or the file."""
 
 
+class CompileError(FxpressError):
+    """``fxpress.compile``: torch.compile could not compile the model; the message names
+    what torch refused."""
+
+
 class PlanMissedWarning(UserWarning):
     """``compress(..., target=...)`` returned a model that misses the size target or the
     accuracy budget; ``missed`` says by how much (also ``result.plan.missed``)."""
@@ -178,5 +183,5 @@ __all__ = [
     "OptionError", "PluginError", "PassError", "SharedTensorWriteError", "MissingDataError", "VerificationError",
     "ArtifactError", "ArtifactFormatError", "ArtifactIntegrityError", "ArtifactSecurityError",
     "ForbiddenTargetError", "ArtifactLimitError", "UnsupportedGraphError", "MissingExtraError",
-    "ExportError", "PlanMissedWarning",
+    "ExportError", "CompileError", "PlanMissedWarning",
 ]

@@ -137,7 +137,9 @@ class CompressedModule(RuntimeModule):
         if cached is None:
             with torch.no_grad():
                 cached = self.weight_float()
-            if caches_enabled():
+            # under torch.compile the decode is part of the graph (a constant once frozen):
+            # registering the copy would change the module and recompile the next call
+            if caches_enabled() and not torch.compiler.is_compiling():
                 self.register_buffer("weight_cache", cached, persistent=False)
         return cached
 

@@ -44,9 +44,6 @@ from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tole
 
 MODES = ("sign", "ternary", "pow2")
 MODE_BITS = {"sign": 1, "ternary": 2}
-#: code -> value (times α) for the modes with a fixed table
-_SIGN_TABLE = (-1.0, 1.0)
-_TERNARY_TABLE = (0.0, 1.0, -1.0, 0.0)  # code 3 unused
 TERNARY_RATIO = 0.7
 #: default tolerance per mode (the verifier's limits on the pass's own effect)
 MODE_TOLERANCE = {"sign": Tolerance(min_cosine=0.6, min_top1=0.6),
@@ -131,10 +128,13 @@ def pow2_decode(codes: torch.Tensor, bits: int, e_max: int) -> torch.Tensor:
 
 
 def _table(mode: str, bits: int, e_max: int) -> torch.Tensor:
+    """code -> value (times α) of ``mode``. The values are literals: torch.compile takes them
+    as constants, where floats read from
+    a module-level tuple become symbolic and get the model traced twice."""
     if mode == "sign":
-        return torch.tensor(_SIGN_TABLE)
+        return torch.tensor((-1.0, 1.0))
     if mode == "ternary":
-        return torch.tensor(_TERNARY_TABLE)
+        return torch.tensor((0.0, 1.0, -1.0, 0.0))  # code 3 unused
     return pow2_table(bits, e_max)
 
 

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from fxpress.graph.memory import caches_enabled
+from fxpress.passes.int8_traced import traced_int8_linear
 
 def _cpu_has_vnni() -> bool:
     # fbgemm's AVX2/AVX512 kernels without VNNI add u8*s8 pairs in int16 and can saturate
@@ -159,7 +160,10 @@ class Int8Kernels:
     """Dynamic int8 linear: quantise the input at run time, multiply in integers, rescale."""
 
     def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``linear(x)`` through the first kernel of :meth:`kernels` that runs here."""
+        """``linear(x)`` through the first kernel of :meth:`kernels` that runs here (under
+        ``torch.compile``: the same product in traceable ops, :mod:`fxpress.passes.int8_traced`)."""
+        if torch.compiler.is_compiling():
+            return traced_int8_linear(self, x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         source = x if self.shares_input and self.act_scale == "tensor" else None

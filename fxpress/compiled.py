@@ -1,0 +1,138 @@
+"""One call to a compiled model: :func:`compile` runs ``torch.compile`` (Inductor) on a
+compressed graph, a loaded artifact or any module, with the settings that make fxpress's
+runtime modules fast and whole.
+
+>>> fast = fxpress.compile(res.module, example_inputs=(x,))     # doctest: +SKIP
+>>> fast(x2)          # any batch size: one graph, compiled with dynamic shapes
+
+What it does:
+
+* every runtime module traces as one graph (``fullgraph=True``; no graph breaks): dynamic
+  int8 linears take their traceable form (:mod:`fxpress.passes.int8_traced`), codebook,
+  binary and low-bit modules decode their weight in the graph;
+* shapes are dynamic (``dynamic=True``): a second batch size or sequence length reuses
+  the compiled graph instead of compiling again (:attr:`CompiledModel.compiles` counts);
+* ``freeze=True`` (default) lets Inductor treat the weights as constants: int8 products
+  become oneDNN int8 linears with weights prepacked once, and a weight stored as codes
+  (4-bit, codebook, binary) is decoded once at compile time into a float constant - fast,
+  but that float copy stays in memory for the compiled model's life (4-bit: 8x the stored
+  weight). ``freeze=False`` keeps only the stored form and decodes on every call.
+
+The caller's model is never modified: the compiled model runs a structural copy (own
+module objects, shared tensors; nothing writes into a tensor) in eval mode, without
+gradients.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx.experimental._config as _shape_config
+
+from fxpress.errors import CompileError, InputError
+
+__all__ = ["compile", "CompiledModel"]
+
+
+class CompiledModel(torch.nn.Module):
+    """A compiled copy of a model (see :func:`compile`).
+
+    ``module``: the copy that is compiled (eval mode); ``compiles``: how many graphs
+    Inductor has compiled so far (1 after the first call; more means a recompile);
+    ``compile_seconds``: wall time of the calls that compiled.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, dynamic: bool, freeze: bool, mode: str | None,
+                 backend: str = "inductor"):
+        super().__init__()
+        self.module = module
+        self.compiles = 0
+        self.compile_seconds = 0.0
+        self.freeze = freeze
+        options = {"freezing": bool(freeze)}
+
+        self.backend = backend
+        inner = torch._dynamo.lookup_backend(backend) if backend != "inductor" else None
+
+        def counted(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+            self.compiles += 1
+            if inner is not None:
+                return inner(gm, example_inputs)
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches=options)
+
+        # the compiled callable is not a submodule: state_dict stays the copy's own
+        object.__setattr__(self, "_compiled", torch.compile(
+            module, backend=counted if mode is None else "inductor", fullgraph=True,
+            dynamic=dynamic, mode=mode, options=None if mode is None else options))
+        if mode is not None:
+            self.compiles = -1  # Inductor's own backend: not counted
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        before = self.compiles
+        start = time.perf_counter()
+        try:
+            # size-oblivious: a dimension of size 1 (one sentence) is not specialised, so
+            # batch 1 runs the graph compiled for any batch size instead of compiling again
+            with torch.no_grad(), _shape_config.patch(backed_size_oblivious=True):
+                out = self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise CompileError(
+                f"fxpress.compile: torch.compile failed on {type(self.module).__name__} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run the "
+                f"model uncompiled, or report the layer named above") from e
+        if self.compiles != before:
+            self.compile_seconds += time.perf_counter() - start
+        return out
+
+    def extra_repr(self) -> str:
+        return f"compiles={self.compiles}, freeze={self.freeze}"
+
+
+def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, freeze: bool = True,
+            mode: str | None = None, backend: str = "inductor",
+            max_bytes: int | None = None) -> CompiledModel:
+    """``torch.compile`` a compressed model in one call; returns a :class:`CompiledModel`.
+
+    ``model``: a module (a ``compress`` result's ``.module``, a loaded artifact, any
+    ``nn.Module``), a :class:`~fxpress.PipelineResult`, or the path of an artifact
+    (loaded with :func:`fxpress.load`, ``max_bytes`` passed on). ``example_inputs``
+    (a tensor or a tuple): compile now, on them, instead of at the first call (the
+    compile time is then in ``compile_seconds``; errors surface here). ``dynamic``:
+    compile for any batch size and sequence length at once. ``freeze``: weights as
+    constants (see the module docstring for the memory it costs). ``mode``: Inductor's
+    mode (e.g. ``"max-autotune"``; then recompiles are not counted). ``backend``: another
+    ``torch.compile`` backend (``"aot_eager"`` traces the same whole graph in seconds,
+    without generating code: a quick check that a model compiles).
+
+    Compiling MiniLM takes tens of seconds on two cores (see README "Compiled models").
+    """
+    from fxpress.graph.capture import clone_structure
+    from fxpress.passes.records import PipelineResult
+
+    if isinstance(model, (str, Path)):
+        import fxpress
+
+        model = fxpress.load(model, max_bytes=max_bytes)
+    elif isinstance(model, PipelineResult):
+        model = model.module
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"fxpress.compile: model must be a torch.nn.Module, a PipelineResult "
+                         f"or an artifact path; got {type(model).__name__}")
+    if mode is not None and not isinstance(mode, str):
+        raise InputError(f"fxpress.compile: mode must be an Inductor mode name such as "
+                         f"'max-autotune', got {mode!r}")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise InputError(f"fxpress.compile: unknown backend {backend!r}; one of {sorted(known)}")
+    if mode is not None and backend != "inductor":
+        raise InputError("fxpress.compile: mode= is Inductor's; give it with backend='inductor'")
+    copy = clone_structure(model).train(False)
+    compiled = CompiledModel(copy, dynamic=dynamic, freeze=freeze, mode=mode, backend=backend)
+    if example_inputs is not None:
+        args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        compiled(*args)
+    return compiled

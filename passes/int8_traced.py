@@ -1,0 +1,81 @@
+"""The dynamic int8 linear of :class:`~fxpress.passes.int8.Int8Kernels` as plain tensor ops,
+for ``torch.compile`` (:func:`fxpress.compile`).
+
+The eager kernels pick a backend at run time (probing, ``try``/``except``), keep prepacked
+weights in a cache filled on the first call, reuse one input's codes between layers through
+a thread-local and read scales with ``float()``: each of those breaks a graph. Here the
+same arithmetic is written so that Dynamo traces it whole, with any batch size:
+
+* the input is quantised in the graph, without leaving tensors (per token: symmetric
+  codes of each row; per tensor: affine codes with one scale and zero point, signed as
+  ``torch._int_mm`` takes them);
+* the product is ``torch._int_mm(codes, weight.T)`` scaled by ``x_scale`` then
+  ``w_scale``: with Inductor's freezing (weights become constants), this is the pattern
+  Inductor rewrites into oneDNN's int8 linear with the weight prepacked once at compile
+  time; without freezing it runs as ``torch._int_mm``;
+* zero points (an affine input, affine weights) are removed afterwards, as
+  :meth:`~fxpress.passes.int8.Int8Kernels._finish` removes them;
+* q, k and v of an attention block quantise the same input three times in the graph;
+  Inductor's common-subexpression elimination computes it once (what the eager
+  ``shares_input`` cache does by hand).
+
+The result equals the eager integer product up to float rounding (per-token codes are
+exactly the eager ``int_mm``/``reference`` backends'; oneDNN's and fbgemm's eager paths
+round their inputs slightly differently).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["traced_int8_linear", "traced_quantize_per_tensor"]
+
+
+def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signed affine codes of ``x2`` (times ``col_scale`` per column) with one scale and
+    zero point, as :func:`~fxpress.passes.int8.quantize_per_tensor` with ``signed=True``,
+    computed in tensors: ``(codes int8, scale 0-d, zero 0-d float)``."""
+    if col_scale is not None:
+        x2 = x2 * col_scale
+    zero_t = x2.new_zeros(())
+    lo = torch.minimum(x2.amin(), zero_t)
+    hi = torch.maximum(x2.amax(), zero_t)
+    scale = ((hi - lo) / 255).clamp(min=1e-12)
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    codes = torch.floor(x2 / scale + (zero + 0.5)).clamp(0, 255) - 128
+    return codes.to(torch.int8), scale, zero - 128
+
+
+def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a :class:`~fxpress.passes.quantize_modules.QuantizedLinear` with
+    dynamic activations, in traceable tensor ops (see the module docstring)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    inv = None if layer.smooth is None else layer.smooth.reciprocal()
+    wq, sw, zw = layer._int8_weight()
+    if layer.act_scale == "tensor":
+        xq, sx, zx = traced_quantize_per_tensor(x2, inv)
+    else:
+        if inv is not None:
+            x2 = x2 * inv
+        amax = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg()).clamp(min=1e-12)
+        xq = torch.round(x2 * (127.0 / amax)).to(torch.int8)
+        sx, zx = amax / 127.0, None
+    # the pattern Inductor turns into oneDNN's int8 linear: mul(mul(float(_int_mm), x_scale), w_scale)
+    y = torch._int_mm(xq, wq.t()).to(torch.float32) * sx * sw
+    if zw is not None or zx is not None:
+        # sum (x - zx)(w - zw) = sum x·w - zw·sum x - zx·sum (w - zw)
+        fix = 0
+        rowsum = wq.sum(1, dtype=torch.int32).float()
+        if zw is not None:
+            zwf = zw.float()
+            fix = xq.sum(1, keepdim=True, dtype=torch.int32).float() * zwf
+            rowsum = rowsum - xq.shape[1] * zwf
+        if zx is not None:
+            fix = fix + zx * rowsum
+        y = y - fix * sx * sw
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.to(x.dtype).reshape(*shape[:-1], -1)

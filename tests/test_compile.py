@@ -1,0 +1,105 @@
+"""fxpress.compile: every runtime module kind traces as one graph (fullgraph) with dynamic
+shapes, the compiled model equals eager at several batch sizes and sequence lengths without
+recompiling, a loaded artifact compiles like the graph it was saved from, and the caller's
+model is left alone.
+
+Inductor's code generation takes tens of seconds, so the tests trace with the
+``aot_eager`` backend (Dynamo + AOT autograd on the same whole graph, no code generated);
+``bench/case_compile.py`` runs Inductor itself.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import InputError
+from fxpress.passes.int8 import int8_backend
+from tests.helpers import assert_unchanged, state_snapshot
+
+LOOSE = "tol.min_cosine=0"
+#: one layer of every runtime module kind: int8 per token and per tensor (dynamic), 4-bit
+#: weight-only conv and embedding, a sparse 2-bit codebook linear, a codebook embedding, a
+#: codebook conv decoded once (cache_weight), a ternary linear
+PIPELINE = ",".join([
+    f"prune{{sparsity=0.8,include=[fc3],{LOOSE}}}", f"share{{bits=2,include=[fc3,emb2],{LOOSE}}}",
+    f"quantize{{bits=8,act_scale=token,activations=dynamic,include=[fc1],embeddings=false,{LOOSE}}}",
+    f"quantize{{bits=8,act_scale=tensor,activations=dynamic,include=[fc2],embeddings=false,{LOOSE}}}",
+    f"quantize{{bits=4,granularity=group,group_size=16,scheme=affine,include=[conv,emb],{LOOSE}}}",
+    f"share{{bits=4,decode=once,include=[conv2],{LOOSE}}}",
+    f"binarize{{mode=ternary,include=[fc4],keep_first_last=false,{LOOSE}}}"])
+KINDS = {"emb": "QuantizedEmbedding", "emb2": "CodebookEmbedding", "conv": "QuantizedConv",
+         "conv2": "CodebookConv", "fc1": "QuantizedLinear", "fc2": "QuantizedLinear",
+         "fc3": "CodebookLinear", "fc4": "BinaryLinear"}
+
+
+class Mixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.emb2 = torch.nn.Embedding(50, 16), torch.nn.Embedding(50, 16)
+        self.conv = torch.nn.Conv1d(16, 32, 3, padding=1)
+        self.conv2 = torch.nn.Conv1d(32, 32, 3, padding=1)
+        self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 64)
+        self.fc3, self.fc4 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+        self.out = torch.nn.Linear(64, 10)
+
+    def forward(self, ids):
+        h = (self.emb(ids) + self.emb2(ids)).transpose(1, 2)
+        h = torch.relu(self.conv2(torch.relu(self.conv(h)))).mean(2)
+        h = torch.relu(self.fc1(h))
+        return self.out(torch.relu(self.fc4(torch.relu(self.fc3(h) + self.fc2(h)))))
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    res = fxpress.compress(model, PIPELINE, (torch.randint(0, 50, (4, 12)),))
+    return model, res.module
+
+
+def test_every_runtime_module_kind_compiles_whole_with_dynamic_shapes(compressed, tmp_path):
+    model, gm = compressed
+    mods = dict(gm.named_modules())
+    assert {n: type(mods[n]).__name__ for n in KINDS} == KINDS
+    assert (mods["fc1"].act_scale, mods["fc2"].act_scale) == ("token", "tensor")
+    assert mods["fc3"].sparse and mods["conv2"].cache_weight
+    gm.train(True)  # the caller's mode, which compiling must not change
+    before = state_snapshot(gm), state_snapshot(model)
+    # a loaded artifact: modules rebuilt from data compile like the graph they were saved from
+    fxpress.save(gm, tmp_path / "m.fxp")
+    fast = fxpress.compile(tmp_path / "m.fxp", torch.randint(0, 50, (4, 12)), backend="aot_eager")
+    assert fast.compiles == 1 and fast.compile_seconds > 0
+    gm.train(False)
+    # batch 4 (compiled), then batch 1 (one sentence), a batch of 9 at another length
+    for batch, length in ((4, 12), (1, 9), (9, 20)):
+        ids = torch.randint(0, 50, (batch, length))
+        with torch.no_grad():
+            y = fast(ids)
+            with int8_backend("reference"):  # the int8 product the traced form computes
+                exact = gm(ids)
+            eager = gm(ids)
+        assert y.shape == (batch, 10)
+        torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-5)
+        assert torch.nn.functional.cosine_similarity(y, eager, dim=1).min() > 0.999
+    assert fast.compiles == 1  # no recompile for a new batch size or length
+    gm.train(True)
+    assert all(m.training for m in gm.modules())
+    assert not any("weight_cache" in m._buffers for m in fast.module.modules())
+    assert_unchanged(gm, before[0])
+    assert_unchanged(model, before[1])
+
+
+def test_the_callers_model_is_not_modified_and_bad_input_is_named(compressed):
+    model, gm = compressed
+    snap = state_snapshot(gm)
+    fast = fxpress.compile(gm, backend="aot_eager")
+    assert fast.module is not gm and fast.compiles == 0  # compiled at the first call
+    assert all(a is b for a, b in zip(fast.module.buffers(), gm.buffers()))  # tensors shared
+    assert_unchanged(gm, snap)
+    with pytest.raises(InputError, match="nn.Module"):
+        fxpress.compile(42)
+    with pytest.raises(InputError, match="unknown backend"):
+        fxpress.compile(gm, backend="no-such-backend")
+    with pytest.raises(InputError, match="mode"):
+        fxpress.compile(gm, backend="aot_eager", mode="max-autotune")
