@@ -1,6 +1,6 @@
 """The ONNX side of :mod:`fxpress.onnx_export`: the nodes that stand in for fxpress's
 compressed layers (``MatMulInteger`` on fxpress's int8 codes and scales, ``MatMulNBits``
-on its group codes, ``Gather`` of quantized embedding rows), filled into the graph that
+on its group codes, ``GatherBlockQuantized`` of quantized embedding rows), filled into the graph that
 ``torch.onnx.export`` wrote around placeholder ops.
 """
 from __future__ import annotations
@@ -97,24 +97,22 @@ def _int8_linear(b: _Builder, mod, x: str, y: str, base: str) -> str:
         acc = b.node("MatMulInteger", [xq, w, zx] + ([wzp] if wzp else []), base)[0]
         prod = b.node("Mul", [sx, sw], base + ".scales")[0]
     else:  # per token: one symmetric scale per row, offset by 128 into uint8
+        # amax = max|x| per row (at least 1e-12), codes round(x * (127 / amax)) + 128 by
+        # QuantizeLinear (round half to even, as torch.round), then one integer matmul
+        # to float with the channel scales; the row scales amax / 127 after it
         last = b.const(base + ".last_axis", np.array([-1], np.int64))
-        amax = b.node("Max", [b.node("ReduceMax", [src, last], base, keepdims=1)[0],
-                              b.node("Neg", [b.node("ReduceMin", [src, last], base, keepdims=1)[0]],
-                                     base)[0],
+        amax = b.node("Max", [b.node("ReduceMax", [b.node("Abs", [src], base)[0], last], base,
+                                     keepdims=1)[0],
                               b.const(base + ".tiny", np.array(1e-12, np.float32))], base)[0]
         inv127 = b.node("Div", [b.const(base + ".c127", np.array(127.0, np.float32)), amax], base)[0]
-        q = b.node("Round", [b.node("Mul", [src, inv127], base)[0]], base)[0]
-        q = b.node("Add", [q, b.const(base + ".c128", np.array(128.0, np.float32))], base)[0]
-        xq = b.node("Cast", [q], base, to=2)[0]  # uint8
+        one = b.const(base + ".one", np.array(1.0, np.float32))
         zx = b.const(base + ".x_zero_point", np.array(128, np.uint8))
-        acc = b.node("MatMulInteger", [xq, w, zx] + ([wzp] if wzp else []), base)[0]
+        xq = b.node("QuantizeLinear", [b.node("Mul", [src, inv127], base)[0], one, zx], base)[0]
         rowscale = b.node("Div", [amax, b.const(base + ".c127b", np.array(127.0, np.float32))], base)[0]
-        # the channel scales first, the row scales after: ORT's MatMulIntegerToFloat fusion
-        # takes a per-tensor input scale only, and a product with per-row scales would be
-        # mis-fused into it
-        accf = b.node("Cast", [acc], base, to=1)[0]
-        out = b.node("Mul", [b.node("Mul", [accf, sw], base)[0], rowscale], base)[0]
-        return _finish(b, mod, out, y, base)
+        # MatMulIntegerToFloat takes a per-tensor input scale: 1 here, the row scales after
+        acc = b.node("MatMulIntegerToFloat", [xq, w, one, sw, zx] + ([wzp] if wzp else []), base,
+                     domain="com.microsoft")[0]
+        return _finish(b, mod, b.node("Mul", [acc, rowscale], base)[0], y, base)
     accf = b.node("Cast", [acc], base, to=1)[0]
     return _finish(b, mod, b.node("Mul", [accf, prod], base)[0], y, base)
 
@@ -176,23 +174,37 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
 
 
 def _gather_embedding(b: _Builder, mod, x: str, y: str, base: str) -> str:
-    """``y = mod(indices)``: gather the integer rows, then decode them with their scales."""
+    """``y = mod(indices)``: the integer rows looked up and decoded with their scales in one
+    node: per row, ``com.microsoft.GatherBlockQuantized`` (a row's scale repeated over its
+    blocks, which is exact); per tensor, ``Gather`` then ``DequantizeLinear``."""
     codes = mod.codes()
     zero = mod.zero()
-    dtype = torch.int8 if zero is None else torch.uint8
-    table = b.const(base + ".qweight", _np(codes.to(dtype)))
-    rows = b.node("Gather", [table, x], base, axis=0)[0]
-    val = b.node("Cast", [rows], base, to=1)[0]
+    rows, cols = codes.shape
     per_row = mod.scale.shape[0] > 1
-    if zero is not None:
-        z = b.const(base + ".zero_point", _np(zero.float().reshape(-1, 1) if per_row else zero.float().reshape(())))
-        if per_row:
-            z = b.node("Gather", [z, x], base, axis=0)[0]
-        val = b.node("Sub", [val, z], base)[0]
-    s = b.const(base + ".scale", _np(mod.scale.float().reshape(-1, 1) if per_row else mod.scale.float().reshape(())))
-    if per_row:
-        s = b.node("Gather", [s, x], base, axis=0)[0]
-    b.nodes.append(b.helper.make_node("Mul", [val, s], [y], name=b.name(base + "/Mul")))
+    # codes and zero points as uint8: affine codes are 0..2^bits-1 already, symmetric ones
+    # (within ±127) are offset by 128
+    shift = 0 if zero is not None else 128
+    data = _np((codes + shift).to(torch.uint8))
+    zp = (torch.zeros_like(mod.scale, dtype=torch.int32) if zero is None else zero.to(torch.int32)) + shift
+    if not per_row:
+        table = b.const(base + ".qweight", data)
+        got = b.node("Gather", [table, x], base, axis=0)[0]
+        b.nodes.append(b.helper.make_node(
+            "DequantizeLinear", [got, b.const(base + ".scale", _np(mod.scale.float().reshape(()))),
+                                 b.const(base + ".zero_point", _np(zp.reshape(()).to(torch.uint8)))],
+            [y], name=b.name(base + "/DequantizeLinear")))
+        return y
+    block = 16
+    while block * 2 <= min(cols, 128):
+        block *= 2
+    blocks = -(-cols // block)
+    scale = mod.scale.float().reshape(rows, 1).expand(rows, blocks)
+    zps = zp.reshape(rows, 1).expand(rows, blocks).to(torch.uint8)
+    b.nodes.append(b.helper.make_node(
+        "GatherBlockQuantized", [b.const(base + ".qweight", data), x,
+                                 b.const(base + ".scales", _np(scale)), b.const(base + ".zero_points", _np(zps))],
+        [y], name=b.name(base + "/GatherBlockQuantized"), domain="com.microsoft",
+        gather_axis=0, quantize_axis=1, block_size=block, bits=8))
     return y
 
 
@@ -222,7 +234,8 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
             forms[qualname] = f"MatMulNBits ({mod.bits}-bit, block {_nbits_block(mod)})"
         else:
             _gather_embedding(b, mod, x, y, qualname)
-            forms[qualname] = "Gather int + scale"
+            forms[qualname] = ("GatherBlockQuantized (row scales)" if mod.scale.shape[0] > 1
+                               else "Gather + DequantizeLinear")
         new_nodes.extend(b.nodes)
     del graph.node[:]
     graph.node.extend(new_nodes)
