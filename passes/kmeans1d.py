@@ -38,19 +38,109 @@ def _lloyd(pos: np.ndarray, k: int, max_iter: int, cnt: np.ndarray | None = None
     edges = None
     b = np.empty(0, dtype=boundary_type)
     converged, it = False, 0
+    # the loop does a few numpy calls on k numbers per iteration (method calls: the
+    # module-level wrappers cost as much as the work); the cumulative sums at the cluster
+    # edges give each cluster's count and sum
+    cum_cnt = None if ccnt is None else ccnt
+    inner = np.empty(k + 1, dtype=np.int64)
+    inner[0], inner[-1] = 0, n
     for it in range(1, max_iter + 1):
-        b_new = ((c[1:] + c[:-1]) / 2).astype(boundary_type)
-        new_edges = np.concatenate([[0], np.searchsorted(pos, b_new, side="left"), [n]])
-        if edges is not None and np.array_equal(new_edges, edges):
+        b_new = ((c[1:] + c[:-1]) * 0.5).astype(boundary_type)
+        inner[1:-1] = pos.searchsorted(b_new, side="left")
+        if edges is not None and (inner == edges).all():
             converged, it = True, it - 1  # c are already the means of these members
             break
-        edges, b = new_edges, b_new
-        count = np.diff(edges if ccnt is None else ccnt[edges])
+        edges, b = inner.copy(), b_new
+        count = (edges[1:] - edges[:-1]) if cum_cnt is None else np.diff(cum_cnt[edges])
         sums = csum[edges[1:]] - csum[edges[:-1]]
         # centroids stay sorted: each new mean lies inside its own cell, and the cells
         # are ordered, so an empty cluster that keeps its centroid still sits between
         c = np.where(count > 0, sums / np.maximum(count, 1), c)
     return torch.from_numpy(c), torch.from_numpy(b), it, converged
+
+
+def _lloyd_many(problems: list[tuple], max_iter: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor, int, bool]]:
+    """:func:`_lloyd` of several histogram problems ``(pos, k, cnt, tot, span)`` at once,
+    the same iterations each: one numpy call per step works for all of them, so the
+    per-call overhead that dominates a problem of k numbers is paid once per step, not
+    once per problem (a model's layers, and each layer's two signs, are fitted together).
+
+    The problems' points are laid end to end on one axis, each shifted past the previous
+    one, so a single ``searchsorted`` places every boundary; each problem keeps its own
+    cumulative counts and sums, and stops changing once no bin changes cluster (its
+    iteration count is recorded then, as :func:`_lloyd` would return it).
+    """
+    out: list = [None] * len(problems)
+    live = []
+    for i, (pos, k, cnt, tot, span) in enumerate(problems):
+        if k == 1 or pos.size == 0:
+            out[i] = _lloyd(pos, k, max_iter, cnt, tot, span)
+        else:
+            live.append(i)
+    if not live:
+        return out
+    P = len(live)
+    ks = np.array([problems[i][1] for i in live], dtype=np.int64)
+    ns = np.array([problems[i][0].size for i in live], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(ns)[:-1]])
+    # each problem's points shifted onto its own stretch of one sorted axis
+    base = np.array([problems[i][0][0] for i in live], dtype=np.float64)
+    width = max(float(problems[i][0][-1] - problems[i][0][0]) for i in live)
+    gap = 2.0 * width + 1.0
+    shift = np.arange(P, dtype=np.float64) * gap - base
+    axis = np.concatenate([problems[i][0] + shift[j] for j, i in enumerate(live)])
+    # cumulative counts and sums per problem, each starting from 0 (index + problem)
+    ccnt = np.concatenate([np.concatenate([[0.0], np.cumsum(problems[i][2])]) for i in live])
+    csum = np.concatenate([np.concatenate([[0.0], np.cumsum(problems[i][3], dtype=np.float64)])
+                           for i in live])
+    # centroids of all problems in one array; pairs of neighbours within a problem
+    first = np.concatenate([[0], np.cumsum(ks)[:-1]])
+    c = np.concatenate([np.linspace(problems[i][4][0], problems[i][4][1], problems[i][1],
+                                    dtype=np.float64) for i in live])
+    owner = np.repeat(np.arange(P), ks)  # problem of each centroid
+    is_last = np.zeros(c.size, dtype=bool)
+    is_last[first + ks - 1] = True
+    left = np.flatnonzero(~is_last)      # a centroid with a right neighbour in its problem
+    pair_owner = owner[left]
+    # cluster j of problem p spans points [lo_edge, hi_edge): global axis indices
+    lo_edge = np.empty(c.size, dtype=np.int64)
+    hi_edge = np.empty(c.size, dtype=np.int64)
+    lo_edge[first] = starts
+    hi_edge[first + ks - 1] = starts + ns
+    cum_off = owner  # csum/ccnt index = axis index + problem (each has a leading 0)
+    iters = np.full(P, max_iter, dtype=np.int64)
+    done = np.zeros(P, dtype=bool)
+    prev_b = None
+    b = np.empty(0)
+    for it in range(1, max_iter + 1):
+        b_new = (c[left] + c[left + 1]) * 0.5
+        e = axis.searchsorted(b_new + shift[pair_owner], side="left")
+        if prev_b is not None:
+            moved = np.zeros(P, dtype=bool)
+            np.logical_or.at(moved, pair_owner, e != prev_e)
+            newly = ~moved & ~done
+            iters[newly] = it - 1  # their c are already the means of these members
+            done |= ~moved
+            if done.all():
+                break
+            # a finished problem keeps its boundaries and centroids
+            keep = done[pair_owner]
+            e = np.where(keep, prev_e, e)
+            b_new = np.where(keep, prev_b, b_new)
+        prev_e, prev_b, b = e, b_new, b_new
+        hi_edge[left] = e
+        lo_edge[left + 1] = e
+        count = ccnt[hi_edge + cum_off] - ccnt[lo_edge + cum_off]
+        sums = csum[hi_edge + cum_off] - csum[lo_edge + cum_off]
+        upd = np.where(count > 0, sums / np.maximum(count, 1), c)
+        c = np.where(done[owner], c, upd)
+    for j, i in enumerate(live):
+        sl = slice(first[j], first[j] + ks[j])
+        bl = slice(first[j] - j, first[j] - j + ks[j] - 1)  # pairs: one fewer per problem
+        out[i] = (torch.from_numpy(c[sl].copy()), torch.from_numpy(b[bl].copy()),
+                  int(iters[j]), bool(done[j]))
+    return out
 
 
 #: Above this many values, k-means runs on a histogram of about this many bins instead of
@@ -78,24 +168,25 @@ class _Grid:
         return cls(inv, base, math.floor(hi * inv) - base + 1)
 
     def index(self, block: torch.Tensor) -> torch.Tensor:
+        """The bin of every value (int32: half the traffic of int64 in every gather and
+        count that reads it)."""
         # the floor before the shift keeps the sign: a negative value never lands in a
         # bin at or above zero (the shift by an integer is exact)
-        return block.mul(self.inv).floor_().sub_(self.base).clamp_(0, self.bins - 1).to(torch.int64)
+        return block.mul(self.inv).floor_().sub_(self.base).clamp_(0, self.bins - 1).to(torch.int32)
 
     def centres(self, first: int, last: int) -> np.ndarray:
         return (np.arange(first, last, dtype=np.float64) + self.base + 0.5) / self.inv
 
     def histogram(self, flat: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(count, sum) of the values in each bin, float64."""
+        """(count, sum) of the values in each bin, float64: the sums are summed in float64
+        from the start, so the final means can be summed from them bin by bin."""
         cnt = torch.zeros(self.bins, dtype=torch.float64)
         tot = torch.zeros(self.bins, dtype=torch.float64)
         for i in range(0, flat.numel(), _BLOCK):
             block = flat[i:i + _BLOCK]
             idx = self.index(block)
             cnt += torch.bincount(idx, minlength=self.bins)
-            # float32 sums per block are plenty for placing centroids (the final means
-            # are summed in float64)
-            tot += torch.bincount(idx, weights=block, minlength=self.bins)
+            tot += torch.bincount(idx, weights=block.double(), minlength=self.bins)
         return cnt.numpy(), tot.numpy()
 
 
@@ -137,15 +228,23 @@ class KMeans1D:
             codes[mask] = (torch.bucketize(w[mask], b, right=True) + first).to(dtype)
         return codes
 
-    def _encode_block(self, block: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    def _encode_block(self, block: torch.Tensor, lut: torch.Tensor, marker: int | None = None,
+                      cut_out: list | None = None) -> torch.Tensor:
         """Codes of a block by its bins; values in a bin that a boundary cuts are coded
-        against the boundaries themselves, so every value gets its cluster exactly."""
+        against the boundaries themselves, so every value gets its cluster exactly.
+        ``marker``: ``lut`` holds this code for the bins a boundary cuts (one gather
+        instead of two). ``cut_out`` receives the positions of those values."""
         idx = self.grid.index(block)
         codes = lut.index_select(0, idx)  # index_select: several times faster than lut[idx]
-        cut = self.straddle.index_select(0, idx).nonzero().squeeze(1)
+        if marker is not None:
+            cut = (codes == marker).nonzero().squeeze(1)
+        else:
+            cut = self.straddle.index_select(0, idx).nonzero().squeeze(1)
         if cut.numel():
             first = self.segments[0][0]
             codes[cut] = (torch.bucketize(block[cut], self.cuts, right=True) + first).to(codes.dtype)
+        if cut_out is not None:
+            cut_out.append(cut)
         return codes.masked_fill_(block == 0, 0) if self.zero_code else codes
 
     def _sides(self):
@@ -215,8 +314,52 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 1000,
     return KMeans1D(torch.cat(centroids), True, segments, iters, ok)
 
 
+#: Tensors whose histograms are held at once by :func:`kmeans_1d_many` (each holds a few
+#: MB of bins while its Lloyd problems wait for the others').
+GROUP = 8
+
+
+def kmeans_1d_many(values: list[torch.Tensor], k: int, max_iter: int = 1000,
+                   reserve_zero: bool | None = None) -> list[KMeans1D]:
+    """:func:`kmeans_1d` of each tensor of ``values``, the same fits, faster: the Lloyd
+    iterations of up to :data:`GROUP` histogram fits run together, one numpy call per
+    step for all of them (a fit's step works on k numbers, so its cost is the calls')."""
+    out: list[KMeans1D | None] = [None] * len(values)
+    large = []
+    for i, v in enumerate(values):
+        if v.numel() > HIST_BINS and k >= 1:
+            large.append(i)
+        else:
+            out[i] = kmeans_1d(v, k, max_iter, reserve_zero)
+    for g in range(0, len(large), GROUP):
+        part = large[g:g + GROUP]
+        flats = [values[i].detach().reshape(-1).float().contiguous() for i in part]
+        for i, fit in zip(part, _kmeans_hist_many(flats, k, max_iter, reserve_zero)):
+            out[i] = fit
+        del flats
+    return out
+
+
 def _kmeans_hist(flat: torch.Tensor, k: int, max_iter: int, reserve_zero: bool | None) -> KMeans1D:
     """:func:`kmeans_1d` of many values, on a histogram (three passes over them)."""
+    return _kmeans_hist_many([flat], k, max_iter, reserve_zero)[0]
+
+
+def _kmeans_hist_many(flats: list[torch.Tensor], k: int, max_iter: int,
+                      reserve_zero: bool | None) -> list[KMeans1D]:
+    """:func:`_kmeans_hist` of several tensors: histograms one by one, the Lloyd
+    iterations of all of them together (:func:`_lloyd_many`), then each final pass."""
+    setups = [_hist_setup(flat, k, reserve_zero) for flat in flats]
+    problems = [p for st in setups if not isinstance(st, KMeans1D) for p in st["problems"]]
+    results = iter(_lloyd_many(problems, max_iter))
+    return [st if isinstance(st, KMeans1D) else
+            _hist_finish(flat, st, [next(results) for _ in st["problems"]])
+            for flat, st in zip(flats, setups)]
+
+
+def _hist_setup(flat: torch.Tensor, k: int, reserve_zero: bool | None) -> KMeans1D | dict:
+    """The histogram of ``flat`` and its Lloyd problems (one per sign with a zero code),
+    or the finished fit of an all-zero tensor."""
     lo, hi = (float(v) for v in torch.aminmax(flat))
     grid = _Grid.over(lo, hi, min(HIST_BINS * max(1, k // 4), 1 << 20))
     cnt, tot = grid.histogram(flat)
@@ -243,18 +386,31 @@ def _kmeans_hist(flat: torch.Tensor, k: int, max_iter: int, reserve_zero: bool |
             ranges = [(0, zb, lo, float(grid.centres(last_neg, last_neg + 1)[0])),
                       (zb, grid.bins, float(grid.centres(first_pos, first_pos + 1)[0]), hi)]
         first = 1
-    centroids = [torch.zeros(1, dtype=torch.float64)] if zero_code else []
-    segments, cuts, iters, ok = [], [], 0, True
-    straddle = torch.zeros(grid.bins, dtype=torch.bool)
+    problems = []
     for (a, z, c_lo, c_hi), size in zip(ranges, sizes):
         centres = grid.centres(a, z)
         used = np.flatnonzero(cnt[a:z])  # Lloyd needs only the bins that hold values
-        c, b, it, conv = _lloyd(centres[used], size, max_iter, cnt[a:z][used], tot[a:z][used],
-                                (c_lo, c_hi))
+        problems.append((centres[used], size, cnt[a:z][used], tot[a:z][used], (c_lo, c_hi)))
+    return {"grid": grid, "cnt": cnt, "tot": tot, "zero_code": zero_code, "lut": lut,
+            "ranges": ranges, "first": first, "problems": problems}
+
+
+def _hist_finish(flat: torch.Tensor, st: dict, fitted: list) -> KMeans1D:
+    """The fit of ``flat`` from its Lloyd results: exact final assignment and means."""
+    grid, cnt, tot, zero_code, lut = st["grid"], st["cnt"], st["tot"], st["zero_code"], st["lut"]
+    first = st["first"]
+    centroids = [torch.zeros(1, dtype=torch.float64)] if zero_code else []
+    segments, cuts, iters, ok = [], [], 0, True
+    straddle = torch.zeros(grid.bins, dtype=torch.bool)
+    for (a, z, _, _), (c, b, it, conv) in zip(st["ranges"], fitted):
+        centres = grid.centres(a, z)
         b = b.float()
         # the final assignment is exact: each value goes with the nearer centroid, and a
         # bin cut by a boundary is split by it (below: the values in such bins)
-        lut[a:z] = first + torch.from_numpy(np.searchsorted(b.double().numpy(), centres, side="right"))
+        # bins from the first centre at or past each boundary on take the next code
+        starts = np.searchsorted(centres, b.double().numpy(), side="left")
+        runs = np.diff(np.concatenate([[0], starts, [centres.size]]))
+        lut[a:z] = torch.from_numpy(np.repeat(np.arange(first, first + runs.size), runs))
         straddle[grid.index(b)] = True
         if cuts:
             cuts.append(torch.zeros(1))  # between the signs
@@ -266,18 +422,29 @@ def _kmeans_hist(flat: torch.Tensor, k: int, max_iter: int, reserve_zero: bool |
     fit = KMeans1D(torch.cat(centroids), zero_code, segments, iters, ok, grid, lut,
                    straddle, torch.cat(cuts))
     # one more (exact) Lloyd update: the centroids become the means of their members
-    # under that exact assignment, which can only lower the error
+    # under that exact assignment, which can only lower the error. A bin no boundary cuts
+    # goes whole to its code: its count and float64 sum are the histogram's; the values of
+    # the bins a boundary cuts are coded one by one (below) and summed exactly.
     n_codes = fit.centroids.numel()
-    count = torch.zeros(n_codes, dtype=torch.float64)
-    total = torch.zeros(n_codes, dtype=torch.float64)
+    whole = ~straddle.numpy()
+    lut_np = lut.numpy()
+    count = torch.from_numpy(np.bincount(lut_np[whole], weights=cnt[whole], minlength=n_codes))
+    total = torch.from_numpy(np.bincount(lut_np[whole], weights=tot[whole], minlength=n_codes))
     fit.codes = torch.empty(flat.shape, dtype=torch.uint8) if n_codes <= 256 else None
+    marker = 255 if n_codes < 255 else None  # a code no cluster uses marks the cut bins
+    small = lut.to(torch.uint8) if n_codes <= 256 else lut
+    if marker is not None:
+        small = small.masked_fill(straddle, marker)
     for i in range(0, flat.numel(), _BLOCK):
         block = flat[i:i + _BLOCK]
-        codes = fit._encode_block(block, lut)
-        count += torch.bincount(codes, minlength=n_codes)
-        total += torch.bincount(codes, weights=block.double(), minlength=n_codes)
+        cut: list[torch.Tensor] = []
+        codes = fit._encode_block(block, small, marker, cut)
         if fit.codes is not None:
             fit.codes[i:i + _BLOCK] = codes
+        if cut[0].numel():
+            cut_codes = codes[cut[0]].long()
+            count += torch.bincount(cut_codes, minlength=n_codes)
+            total += torch.bincount(cut_codes, weights=block[cut[0]].double(), minlength=n_codes)
     means = torch.where(count > 0, total / count.clamp(min=1), fit.centroids)
     if zero_code:
         means[0] = 0.0
@@ -285,4 +452,4 @@ def _kmeans_hist(flat: torch.Tensor, k: int, max_iter: int, reserve_zero: bool |
     return fit
 
 
-__all__ = ["HIST_BINS", "KMeans1D", "kmeans_1d"]
+__all__ = ["HIST_BINS", "KMeans1D", "kmeans_1d", "kmeans_1d_many"]

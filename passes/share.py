@@ -51,7 +51,7 @@ from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, uniqu
                                    weighted_ops)
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
-from fxpress.passes.kmeans1d import HIST_BINS, KMeans1D, kmeans_1d
+from fxpress.passes.kmeans1d import HIST_BINS, KMeans1D, kmeans_1d, kmeans_1d_many
 from fxpress.passes.quantize_grid import dequantize_weight, load_codes, quantize_weight, store_codes
 
 # -- runtime modules ------------------------------------------------------------------------
@@ -325,7 +325,7 @@ class Share(Pass):
                 del joined
                 fits = {name: fit for name in weights}
             else:
-                fits = {name: kmeans_1d(w, k, self.max_iter) for name, w in weights.items()}
+                fits = dict(zip(weights, kmeans_1d_many(list(weights.values()), k, self.max_iter)))
             encoded = {}
             for name, w in weights.items():
                 fit = fits[name]

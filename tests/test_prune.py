@@ -136,3 +136,22 @@ def test_selection_by_sample_bracket_equals_the_exact_search():
     w = torch.randn(300, 200, generator=g).t()  # a transposed view (GPT-2's Conv1D)
     got = P.zero_smallest([w], 30000)[0]
     assert got.stride() == w.stride() and int((got == 0).sum()) == 30000
+
+
+def test_layer_stats_count_the_zeros_the_selection_made():
+    """Per-layer prune hands the stats the number of zeros it made instead of counting
+    again: the figure must be the weight's real sparsity, also for a layer that already
+    holds more zeros than asked (the cut is then 0) and for ties at the cut."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(), torch.nn.Linear(300, 200),
+                                torch.nn.ReLU(), torch.nn.Linear(200, 10))
+    with torch.no_grad():
+        model[2].weight[:, :250] = 0.0                                   # 83% zeros already
+        model[4].weight.copy_(torch.round(model[4].weight * 20) / 20)   # many ties
+    gm = torch.fx.symbolic_trace(model)
+    p = fxpress.Pipeline.parse("prune{sparsity=0.5}").passes[0]
+    stats = p.run(gm, fxpress.PassContext(example_inputs=(torch.randn(8, 64),))).stats["layers"]
+    for name, w in _weights(gm).items():
+        real = float((w == 0).sum()) / w.numel()
+        assert stats[name] == pytest.approx(real, abs=1e-12), name
+        assert real >= 0.5 - 1e-9

@@ -293,3 +293,30 @@ def test_kmeans_on_a_histogram_is_exact_where_it_counts(k, zeros, monkeypatch):
     sq = float((c[codes] - x.double()).pow(2).sum())
     sq_exact = float((exact.centroids[exact.encode(x)] - x.double()).pow(2).sum())
     assert sq <= sq_exact * 1.001
+
+
+def test_batched_lloyd_equals_one_fit_at_a_time():
+    """The share pass fits its layers' histograms together (kmeans_1d_many, one numpy
+    call per Lloyd step for all of them): every fit must be the one-at-a-time _lloyd's,
+    bit for bit (centroids, boundaries, iterations, convergence), whatever the sizes,
+    codebook sizes, signs and iteration caps; and the final fits kmeans_1d's."""
+    from fxpress.passes import kmeans1d as K
+
+    g = torch.Generator().manual_seed(3)
+    problems = []
+    for i, (n, k) in enumerate([(900, 8), (50, 3), (3000, 16), (7, 5), (1, 4), (400, 1), (2500, 12)]):
+        pos = torch.sort(torch.randn(n, generator=g, dtype=torch.float64) * (1 + i) ** 2).values.numpy()
+        cnt = torch.randint(1, 50, (n,), generator=g).double().numpy()
+        tot = cnt * pos * (1 + 1e-3 * torch.rand(n, generator=g, dtype=torch.float64).numpy())
+        problems.append((pos, k, cnt, tot, (float(pos[0]), float(pos[-1]))))
+    for max_iter in (1000, 3):  # 3: some stop before they converge
+        many = K._lloyd_many(problems, max_iter)
+        for (pos, k, cnt, tot, span), (c, b, it, ok) in zip(problems, many):
+            c1, b1, it1, ok1 = K._lloyd(pos, k, max_iter, cnt, tot, span)
+            assert torch.equal(c, c1) and torch.equal(b, b1) and (it, ok) == (it1, ok1), (pos.size, k)
+    xs = [_heavy_tailed(n=K.HIST_BINS + 5000 * i, seed=i) for i in range(3)] + [_heavy_tailed(500)]
+    xs[1][::3] = 0.0  # a pruned layer: a zero code and two signs
+    for fit, x in zip(K.kmeans_1d_many(xs, 16), xs):
+        one = K.kmeans_1d(x, 16)
+        assert torch.equal(fit.centroids, one.centroids)
+        assert torch.equal(fit.encode(x), one.encode(x))
