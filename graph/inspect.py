@@ -396,7 +396,7 @@ def layers(gm: torch.fx.GraphModule, header: dict | None = None) -> list[Layer]:
     counted: set[str] = set()
 
     def visit(prefix: str, m: torch.nn.Module) -> None:
-        if isinstance(m, RuntimeModule):
+        if isinstance(m, RuntimeModule) and not m._modules:  # a FusedCall: a row per child
             sd = {f"{prefix}.{k}" if prefix else k: v for k, v in m.state_dict(keep_vars=True).items()
                   if isinstance(v, torch.Tensor)}
             n, nz, bits = _weight_stats(m, list(sd.values()))

@@ -11,6 +11,7 @@ from torch import nn
 
 import fxpress
 from fxpress.graph.fused import DecodedWeight, FusedCall
+from fxpress.graph.inspect import layers
 from fxpress.graph.runtime import compressed_modules
 from tests.helpers import assert_unchanged, state_snapshot
 
@@ -74,6 +75,11 @@ def test_fused_matrices_are_stored_compressed(model, tmp_path, pipeline, method)
     loaded = fxpress.load(path)
     with torch.no_grad():
         assert torch.equal(loaded(*_x()), gm(*_x()))
+    # inspect shows the host (its biases) and each compressed matrix as its own row
+    rows = {r.name: r.type for r in layers(loaded)}
+    assert "FusedCall" not in rows.values() and "DecodedWeight" not in rows.values()
+    if method == "fx":
+        assert rows["rnn.host"] == "LSTM" and rows["rnn.w0"] == type(gm.rnn.w0).__name__
 
 
 def test_distill_fine_tunes_through_the_fused_call(model):
