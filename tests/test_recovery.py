@@ -233,3 +233,22 @@ def test_fold_bn_keeps_outputs_removes_batchnorm_tensors_and_leaves_shared_outpu
     loaded = fxpress.load(tmp_path / "m.fxp")
     assert not any("bn1" in k for k in loaded.state_dict())
     torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_prune_keeps_two_weights_per_unit_in_small_fan_in_layers(calib):
+    from examples.digits import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN(8, 16, 32).eval()  # conv1: fan-in 9; conv2: 72; fc1: 64; fc2: 32
+
+    def zeros(text):
+        res = fxpress.compress(model, text, calibration=calib, policy="warn", progress=False)
+        return {n: int((m.weight == 0).sum()) for n, m in res.module.named_modules()
+                if hasattr(m, "weight") and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+    got = zeros("prune{sparsity=0.95}")
+    assert got["conv1"] == 72 - 2 * 8  # 95% would leave 4 weights for 8 filters
+    assert got["conv2"] == round(0.95 * 1152) and got["fc1"] == round(0.95 * 2048)
+    assert got["fc2"] == 320 - 2 * 10  # fan-in 32: 95% would keep 16 weights for 10 units
+    exact = zeros("prune{sparsity=0.95,min_per_unit=0}")
+    assert exact["conv1"] == round(0.95 * 72) and exact["fc2"] == round(0.95 * 320)
