@@ -8,9 +8,11 @@ prunes redundant layers harder). Ties at the cut are broken in order, so the cou
 exact.
 
 The zeros stay in the dense weight where later passes (share, quantize) and the saver
-see them; the artifact stores pruned layers sparse, so the file shrinks. Global scope
-finds its threshold with histograms, one layer at a time: it never concatenates the
-model's weights, so it needs no extra copy of them.
+see them; the artifact stores pruned layers sparse, so the file shrinks. The cut (the
+k-th smallest magnitude) is found by selection, not sorting: a strided sample brackets
+it, one pass counts what lies below the bracket and keeps the few percent inside, whose
+k-th value is exact. Global scope and layers over 4M weights do this a block at a time,
+so they never concatenate the model's weights or copy them.
 """
 from __future__ import annotations
 
@@ -173,6 +175,36 @@ def _zero_smallest_one(t: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | No
     return res, zeros
 
 
+def _kth_by_selection(tensors: list[torch.Tensor], k: int) -> tuple[float, int] | None:
+    """The ``k``-th smallest magnitude across ``tensors`` and how many lie below it, by
+    the selection of :func:`_zero_smallest_one` done a block at a time (a layer of any
+    size, or all of a global scope's layers, without joining them or a copy of them):
+    a strided sample brackets the cut, one pass counts what lies below the bracket and
+    keeps what lies in it. None when the bracket misses."""
+    n = sum(t.numel() for t in tensors)
+    step = max(1, n // SAMPLE)
+    sample = torch.cat([_flat(t)[::step].abs().float() for t in tensors]).numpy()
+    m = sample.size
+    rank, spread = k / n * m, 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 2
+    lo_i, hi_i = max(int(rank - spread), 0), min(int(rank + spread) + 1, m - 1)
+    part = np.partition(sample, (lo_i, hi_i))
+    lo_v, hi_v = float(part[lo_i]), float(part[hi_i])
+    n_below, cand = 0, []
+    for b in _blocks(tensors):
+        a = b.abs()
+        below = a < lo_v
+        n_below += int(torch.count_nonzero(below))
+        inside = a <= hi_v
+        inside ^= below
+        cand.append(a[inside])
+    cand = torch.cat(cand)
+    idx = k - n_below
+    if not 1 <= idx <= cand.numel():
+        return None
+    v = torch.kthvalue(cand, idx).values
+    return float(v), n_below + int(torch.count_nonzero(cand < v))
+
+
 def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """New tensors with exactly the ``k`` smallest magnitudes across ``tensors`` zeroed.
 
@@ -188,8 +220,12 @@ def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         out = _zero_smallest_one(tensors[0], k)
         if out is not None:
             return [out[0]]
-    v = kth_smallest_magnitude(tensors, k)
-    return zero_below(tensors, v, k - count_below(tensors, v))
+    found = _kth_by_selection(tensors, k)
+    if found is None:  # the sample's bracket missed (about once in 10^4): the exact search
+        v = kth_smallest_magnitude(tensors, k)
+        found = v, count_below(tensors, v)
+    v, below = found
+    return zero_below(tensors, v, k - below)
 
 
 def layer_prune_count(w: torch.Tensor, sparsity: float, min_per_unit: int, kind: str) -> int:

@@ -155,3 +155,27 @@ def test_layer_stats_count_the_zeros_the_selection_made():
         real = float((w == 0).sum()) / w.numel()
         assert stats[name] == pytest.approx(real, abs=1e-12), name
         assert real >= 0.5 - 1e-9
+
+
+def test_blockwise_selection_over_several_tensors_equals_the_exact_search(monkeypatch):
+    """Global scope (and a layer over 4M weights) finds its cut a block at a time by
+    selection: the k-th magnitude and the count below it must be the exact search's,
+    ties and zeros included, blocks smaller than the tensors."""
+    from fxpress.passes import prune as P
+
+    monkeypatch.setattr(P, "BLOCK", 4096)
+    g = torch.Generator().manual_seed(1)
+    for trial in range(12):
+        ts = [torch.randn(int(torch.randint(1, 20000, (1,), generator=g)), generator=g) * (i + 1)
+              for i in range(3)]
+        if trial % 3 == 1:
+            ts = [torch.round(t * 2) / 2 for t in ts]  # ties at the cut
+        if trial % 3 == 2:
+            ts[0][: ts[0].numel() // 2] = 0
+        n = sum(t.numel() for t in ts)
+        k = int(torch.randint(1, n, (1,), generator=g))
+        got = P._kth_by_selection(ts, k)
+        v = P.kth_smallest_magnitude(ts, k)
+        assert got is None or got == (v, P.count_below(ts, v)), (trial, k)
+        out = P.zero_smallest(ts, k)
+        assert sum(int((o == 0).sum()) for o in out) == max(k, sum(int((t == 0).sum()) for t in ts))
