@@ -1,15 +1,24 @@
-"""ONNX export: fxpress's compressed MiniLM in ONNX Runtime vs ORT's own quantizers.
+"""ONNX export: fxpress's compressed encoders in ONNX Runtime vs ORT's own quantizers.
 
 Side by side in one process, 2 threads everywhere (torch and ORT), medians of interleaved
-rounds: torch fp32 eager, ORT fp32 (fxpress's export of the uncompressed graph), ORT's own
-``quantize_dynamic`` (int8, per channel) and ``MatNBitsQuantizer`` (4-bit, block 32) of that
-fp32 model, and fxpress's ``quantize{bits=8}`` and ``quantize{bits=4,granularity=group,
-group_size=32}`` exported by :func:`fxpress.export_onnx`. Batch 1 is one sentence of 16
-tokens, batch 32 is 32 sentences padded to 128. Fidelity: cosine of the sentence embeddings
-to torch fp32's, on sentences the calibration never saw (mean and min).
+rounds, at batch 1 (one sentence of 16 tokens) and batch 32 (32 sentences padded to 128):
+torch fp32 eager, ORT fp32 (fxpress's export of the uncompressed graph, with ONNX Runtime's
+transformer fusions), ORT's own ``quantize_dynamic`` (int8, per channel) and
+``MatMulNBitsQuantizer`` (4-bit, block 32) of that fp32 model, and fxpress's
+``quantize{bits=8}`` and ``quantize{bits=4,granularity=group,group_size=32}`` exported by
+:func:`fxpress.export_onnx` (the same fusions). Every ORT variant runs the same session
+options. Fidelity: cosine of the sentence embeddings to torch fp32's (mean and min) on
+inputs the calibration never saw; "ORT vs fxpress" is the export check (relative L2 and min
+cosine of ONNX Runtime's embeddings to fxpress's own int8/4-bit run at batch 32).
+
+Models: the pretrained all-MiniLM-L6-v2 (real sentences) and a random BERT (hidden 256,
+4 layers, random token ids and lengths) on seeds 0 and 1: weights, calibration and
+held-out inputs all drawn from the seed.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -19,11 +28,30 @@ import torch
 
 from bench.common import Table, interleaved_medians, mb
 
-TITLE = "ONNX export: fxpress-compressed MiniLM in ONNX Runtime vs ORT's own quantizers"
+TITLE = "ONNX export: fxpress-compressed encoders in ONNX Runtime vs ORT's own quantizers"
 THREADS = 2
+INT8 = "quantize{bits=8}"
+# ORT's MatMulNBitsQuantizer quantizes MatMul weights only: fxpress's 4-bit leaves the
+# embeddings in float too, like with like
+INT4 = "quantize{bits=4,granularity=group,group_size=32,embeddings=false}"
+# per-tensor activations everywhere, no smoothing: the scheme and graph of ORT's own int8
+INT8_TENSOR = "quantize{bits=8,act_scale=tensor}"
+ROWS = [("ORT fp32", None), ("ORT quantize_dynamic int8", None), ("fxpress int8", INT8),
+        ("fxpress int8 act_scale=tensor", INT8_TENSOR),
+        ("ORT MatMulNBits 4-bit (block 32)", None), ("fxpress 4-bit (group 32)", INT4)]
 
 
-def _inputs(sentences: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+@contextlib.contextmanager
+def _quiet_logging():
+    """onnxruntime.quantization logs every node at INFO on the root logger."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _minilm_inputs(sentences: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     from examples.minilm import tokenizer
 
     enc = tokenizer()(list(sentences), padding="max_length", truncation=True, max_length=length,
@@ -31,105 +59,149 @@ def _inputs(sentences: list[str], length: int) -> tuple[torch.Tensor, torch.Tens
     return enc["input_ids"], enc["attention_mask"]
 
 
+def _random_inputs(n: int, length: int, vocab: int, gen: torch.Generator,
+                   lengths: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` sequences of random token ids, random lengths in ``lengths`` (default: full),
+    padded to ``length`` (id 0, mask 0)."""
+    lo, hi = lengths or (length, length)
+    ids = torch.randint(1, vocab, (n, length), generator=gen)
+    real = torch.randint(lo, hi + 1, (n,), generator=gen)
+    mask = (torch.arange(length)[None, :] < real[:, None]).long()
+    return ids * mask, mask
+
+
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     c = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
     return float(c.mean()), float(c.min())
 
 
-def run(size: str) -> list[Table]:
+def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, repeat: dict,
+          tmp: Path) -> Table:
+    """One model: export and quantize every variant, then cosine and interleaved timings."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     import fxpress
-    from examples.minilm import SENTENCES, sentence_encoder
     from fxpress.onnx_export import export_onnx, session
 
-    try:
-        import onnxruntime  # noqa: F401
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    except ImportError:
-        t = Table("skipped", ["reason"])
-        t.add("onnxruntime is not installed: pip install 'fxpress[onnx]'")
-        return [t]
-    import onnx
-
-    torch.set_num_threads(THREADS)
-    n_calib = {"full": 32, "quick": 32, "tiny": 4}[size]
-    n_eval = {"full": 40, "quick": 32, "tiny": 4}[size]
-    repeat = {"full": 15, "quick": 7, "tiny": 1}[size]
-    long = 128 if size != "tiny" else 32
-    calib = [_inputs(SENTENCES[:n_calib], 64)]
-    held_out = SENTENCES[n_calib:n_calib + n_eval]
-    b32 = _inputs(held_out[:32], long)
-    b1 = _inputs(held_out[:1], 16)
-    enc = sentence_encoder()
     with torch.inference_mode():
-        ref = torch.cat([enc(*_inputs(held_out[i:i + 32], long)) for i in range(0, len(held_out), 32)])
-
-    tmp = Path(tempfile.mkdtemp(prefix="fxpress-onnx-bench-"))
+        ref = torch.cat([enc(*b) for b in held_out])
     paths: dict[str, Path] = {}
-    notes = []
-    base = fxpress.capture(enc, calib[0])
+    notes, checks = [], {}
     t0 = time.perf_counter()
-    fp32 = export_onnx(base, tmp / "fp32.onnx", b32)
-    notes.append(f"fp32 export {time.perf_counter() - t0:.1f} s")
+    fp32 = export_onnx(fxpress.capture(enc, calib[0]), tmp / "fp32.onnx", b32)
     paths["ORT fp32"] = fp32.path
-    t0 = time.perf_counter()
-    quantize_dynamic(str(fp32.path), str(tmp / "ort_int8.onnx"), per_channel=True,
-                     weight_type=QuantType.QInt8)
-    notes.append(f"ORT quantize_dynamic {time.perf_counter() - t0:.1f} s")
-    paths["ORT quantize_dynamic int8"] = tmp / "ort_int8.onnx"
-    t0 = time.perf_counter()
-    q4 = MatMulNBitsQuantizer(onnx.load(str(fp32.path)), block_size=32, is_symmetric=True)
-    q4.process()
-    q4.model.save_model_to_file(str(tmp / "ort_int4.onnx"), use_external_data_format=False)
-    notes.append(f"ORT MatMulNBitsQuantizer {time.perf_counter() - t0:.1f} s")
-    paths["ORT MatMulNBits 4-bit (block 32)"] = tmp / "ort_int4.onnx"
-    for label, pipe in [("fxpress quantize{bits=8}", "quantize{bits=8}"),
-                        ("fxpress quantize{bits=4,group_size=32}",
-                         "quantize{bits=4,granularity=group,group_size=32}")]:
+    notes.append(f"fp32 export {time.perf_counter() - t0:.1f} s (ORT vs torch at batch 32: "
+                 f"rel_l2 {fp32.check['rel_l2']:.1e})")
+    with _quiet_logging():
         t0 = time.perf_counter()
-        # The bench reports cosine itself; the pass's own tolerance must not stop the
-        # measurement (tiny runs calibrate on 4 sentences).
+        quantize_dynamic(str(fp32.path), str(tmp / "ort_int8.onnx"), per_channel=True,
+                         weight_type=QuantType.QInt8)
+        paths["ORT quantize_dynamic int8"] = tmp / "ort_int8.onnx"
+        q4 = MatMulNBitsQuantizer(onnx.load(str(fp32.path)), block_size=32, is_symmetric=True)
+        q4.process()
+        q4.model.save_model_to_file(str(tmp / "ort_int4.onnx"), use_external_data_format=False)
+        paths["ORT MatMulNBits 4-bit (block 32)"] = tmp / "ort_int4.onnx"
+        notes.append(f"ORT quantize_dynamic + MatMulNBitsQuantizer {time.perf_counter() - t0:.1f} s")
+    for label, pipe in ROWS:
+        if pipe is None:
+            continue
+        t0 = time.perf_counter()
+        # the bench reports cosine itself: the pass's own tolerance must not stop it
         res = fxpress.compress(enc, pipe, calibration=calib, policy="warn")
-        out = export_onnx(res, tmp / f"{label.split('{')[1][:6]}.onnx", b32)
-        notes.append(f"{pipe}: compress + export {time.perf_counter() - t0:.1f} s; onnxruntime vs "
-                     f"fxpress at batch 32: rel_l2 {out.check['rel_l2']:.2e}, min cosine "
-                     f"{out.check['cosine_min']:.6f}")
+        out = export_onnx(res, tmp / f"{label.split()[1]}{len(paths)}.onnx", b32)
         paths[label] = out.path
+        checks[label] = out.check
+        notes.append(f"{pipe}: compress + export {time.perf_counter() - t0:.1f} s")
 
     sessions = {k: session(str(p), threads=THREADS) for k, p in paths.items()}
 
     def ort_run(s, inputs):
         names = [i.name for i in s.get_inputs()]
-        return lambda: s.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+        feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+        return lambda: s.run(None, feeds)
 
-    rows = {}
-    for label, s in sessions.items():
-        outs = [torch.as_tensor(ort_run(s, _inputs(held_out[i:i + 32], long))()[0])
-                for i in range(0, len(held_out), 32)]
-        rows[label] = _cosines(torch.cat(outs), ref)
+    fidelity = {k: _cosines(torch.cat([torch.as_tensor(ort_run(s, b)()[0]) for b in held_out]), ref)
+                for k, s in sessions.items()}
     timings = {}
     for batch, inputs in (("1", b1), ("32", b32)):
         fns = {"torch fp32 eager": (lambda x=inputs: enc(*x))}
         fns.update({k: ort_run(s, inputs) for k, s in sessions.items()})
-        with torch.inference_mode():
-            timings[batch] = interleaved_medians(fns, repeat)
-    table = Table(f"MiniLM, {THREADS} threads, medians of {repeat} interleaved rounds; cosine on "
-                  f"{len(held_out)} held-out sentences",
+        timings[batch] = interleaved_medians(fns, repeat[batch])
+    table = Table(f"{title}: {THREADS} threads, medians of {repeat['1']} (batch 1) / "
+                  f"{repeat['32']} (batch 32) interleaved rounds; cosine on "
+                  f"{sum(len(b[0]) for b in held_out)} held-out inputs",
                   ["variant", "file", "batch 1 ms", "x torch", "batch 32 ms", "x torch",
-                   "cosine mean", "cosine min"])
+                   "cosine mean", "cosine min", "ORT vs fxpress rel_l2", "ORT vs fxpress cos min"])
     t_ref = {b: timings[b]["torch fp32 eager"] for b in timings}
-    table.add("torch fp32 eager", "", timings["1"]["torch fp32 eager"] * 1e3, 1.0,
-              timings["32"]["torch fp32 eager"] * 1e3, 1.0, 1.0, 1.0)
-    for label in sessions:
+    table.add("torch fp32 eager", "", t_ref["1"] * 1e3, 1.0, t_ref["32"] * 1e3, 1.0, "1", "1", "", "")
+    for label, _ in ROWS:
+        check = checks.get(label)
         table.add(label, mb(os.path.getsize(paths[label])), timings["1"][label] * 1e3,
                   t_ref["1"] / timings["1"][label], timings["32"][label] * 1e3,
-                  t_ref["32"] / timings["32"][label], *rows[label])
+                  t_ref["32"] / timings["32"][label], *(f"{c:.5f}" for c in fidelity[label]),
+                  f"{check['rel_l2']:.1e}" if check else "", f"{check['cosine_min']:.5f}" if check else "")
     table.notes += notes
-    table.notes.append("speed vs ORT's own: int8 batch 1 "
-                       f"{timings['1']['ORT quantize_dynamic int8'] / timings['1']['fxpress quantize{bits=8}']:.2f}x, "
-                       f"batch 32 {timings['32']['ORT quantize_dynamic int8'] / timings['32']['fxpress quantize{bits=8}']:.2f}x; "
-                       "4-bit batch 1 "
-                       f"{timings['1']['ORT MatMulNBits 4-bit (block 32)'] / timings['1']['fxpress quantize{bits=4,group_size=32}']:.2f}x, "
-                       f"batch 32 {timings['32']['ORT MatMulNBits 4-bit (block 32)'] / timings['32']['fxpress quantize{bits=4,group_size=32}']:.2f}x "
-                       "(> 1: fxpress faster)")
-    return [table]
+
+    def vs(ours: str, theirs: str, batch: str) -> str:
+        return f"{timings[batch][theirs] / timings[batch][ours]:.2f}x"
+
+    table.notes.append(
+        f"speed vs ORT's own (> 1: fxpress faster): int8 batch 1 "
+        f"{vs('fxpress int8', 'ORT quantize_dynamic int8', '1')}, batch 32 "
+        f"{vs('fxpress int8', 'ORT quantize_dynamic int8', '32')} (act_scale=tensor: "
+        f"{vs('fxpress int8 act_scale=tensor', 'ORT quantize_dynamic int8', '1')}, "
+        f"{vs('fxpress int8 act_scale=tensor', 'ORT quantize_dynamic int8', '32')}); 4-bit batch 1 "
+        f"{vs('fxpress 4-bit (group 32)', 'ORT MatMulNBits 4-bit (block 32)', '1')}, batch 32 "
+        f"{vs('fxpress 4-bit (group 32)', 'ORT MatMulNBits 4-bit (block 32)', '32')}")
+    return table
+
+
+def _random_bert(seed: int):
+    from transformers import BertConfig, BertModel
+
+    from examples.minilm import SentenceEncoder
+
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=1024, vocab_size=2000,
+                                max_position_embeddings=160))
+    return SentenceEncoder(bert.train(False)).train(False)
+
+
+def run(size: str) -> list[Table]:
+    try:
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import quantize_dynamic  # noqa: F401
+    except ImportError:
+        t = Table("skipped", ["reason"])
+        t.add("onnxruntime is not installed: pip install 'fxpress[onnx]'")
+        return [t]
+    from examples.minilm import SENTENCES, sentence_encoder
+
+    torch.set_num_threads(THREADS)
+    repeat = {"full": {"1": 40, "32": 7}, "quick": {"1": 15, "32": 3},
+              "tiny": {"1": 1, "32": 1}}[size]
+    long = 128 if size != "tiny" else 32
+    tables = []
+    tmp = Path(tempfile.mkdtemp(prefix="fxpress-onnx-bench-"))
+    if size != "tiny":  # MiniLM's exports take minutes: tiny runs the random BERT only
+        n_calib = 32
+        held = SENTENCES[n_calib:n_calib + 40 if size == "full" else n_calib + 32]
+        enc = sentence_encoder()
+        (tmp / "minilm").mkdir()
+        tables.append(_case(
+            "all-MiniLM-L6-v2 (pretrained)", enc, [_minilm_inputs(SENTENCES[:n_calib], 64)],
+            [_minilm_inputs(held[i:i + 32], long) for i in range(0, len(held), 32)],
+            _minilm_inputs(held[:1], 16), _minilm_inputs(held[:32], long), repeat, tmp / "minilm"))
+    for seed in ((0, 1) if size == "full" else (0,)):
+        gen = torch.Generator().manual_seed(seed)
+        enc = _random_bert(seed)
+        calib = [_random_inputs(32, 64, 2000, gen, (8, 64))]
+        held = [_random_inputs(32, long, 2000, gen, (8, long)) for _ in range(2)]
+        b1 = _random_inputs(1, 16, 2000, gen)
+        (tmp / f"bert{seed}").mkdir()
+        tables.append(_case(f"random BERT (hidden 256, 4 layers), seed {seed}", enc, calib, held,
+                            b1, held[0], repeat, tmp / f"bert{seed}"))
+    return tables

@@ -43,7 +43,8 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from fxpress.errors import ExportError, InputError, MissingExtraError
-from fxpress.onnx_lowering import _DOMAIN, _PLACEHOLDER, _fill_placeholders, _nbits_block, _np
+from fxpress.onnx_lowering import (_DOMAIN, _PLACEHOLDER, _embedding_block, _fill_placeholders,
+                                    _nbits_block, _np)
 
 #: How to get what this module needs.
 INSTALL_HINT = "pip install 'fxpress[onnx]'"
@@ -177,8 +178,8 @@ def _form(mod) -> str:
         if _nbits_block(mod) is not None:
             return "nbits"
         return "decoded"
-    if isinstance(mod, QuantizedEmbedding) and mod.granularity in ("channel", "tensor") \
-            and mod.smooth is None:
+    if isinstance(mod, QuantizedEmbedding) and mod.smooth is None and (
+            mod.granularity in ("channel", "tensor") or _embedding_block(mod) is not None):
         return "gather"
     return "decoded"
 

@@ -173,38 +173,65 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
     return _finish(b, mod, out, y, base)
 
 
+def _embedding_block(mod) -> int | None:
+    """GatherBlockQuantized's block for a quantized embedding (a power of two >= 16): its
+    group, or for per-row scales any block (a row's scale repeats over its blocks, which is
+    exact); None where it takes no block (per-tensor scales, other group sizes)."""
+    if mod.granularity == "group":
+        g = mod.group_size
+        return g if g >= 16 and g & (g - 1) == 0 else None
+    if mod.scale.shape[0] > 1:
+        block = 16
+        while block * 2 <= min(mod.cols, 128):
+            block *= 2
+        return block
+    return None
+
+
+def _pack4(u: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values per byte along the last axis, low nibble first (padded with 0)."""
+    if u.shape[-1] % 2:
+        u = torch.cat([u, u.new_zeros(*u.shape[:-1], 1)], -1)
+    u = u.to(torch.int32)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+
+
 def _gather_embedding(b: _Builder, mod, x: str, y: str, base: str) -> str:
     """``y = mod(indices)``: the integer rows looked up and decoded with their scales in one
-    node: per row, ``com.microsoft.GatherBlockQuantized`` (a row's scale repeated over its
-    blocks, which is exact); per tensor, ``Gather`` then ``DequantizeLinear``."""
+    node: per row or per group, ``com.microsoft.GatherBlockQuantized`` (4-bit codes packed
+    two to a byte, other widths one); per tensor, ``Gather`` then ``DequantizeLinear``."""
+    from fxpress.passes.quantize_grid import code_range
+
     codes = mod.codes()
     zero = mod.zero()
     rows, cols = codes.shape
-    per_row = mod.scale.shape[0] > 1
-    # codes and zero points as uint8: affine codes are 0..2^bits-1 already, symmetric ones
-    # (within ±127) are offset by 128
-    shift = 0 if zero is not None else 128
-    data = _np((codes + shift).to(torch.uint8))
+    # unsigned codes and zero points: affine codes are 0..2^bits-1 already, symmetric ones
+    # are offset by 2^(bits-1) (8 bits: by 128, as the 8-bit container holds them)
+    bits = 4 if mod.bits == 4 and cols % 2 == 0 else 8
+    lo, _ = code_range(mod.bits, mod.scheme)
+    shift = -lo if zero is not None else 1 << (bits - 1)
+    u = (codes + shift).to(torch.uint8)
     zp = (torch.zeros_like(mod.scale, dtype=torch.int32) if zero is None else zero.to(torch.int32)) + shift
-    if not per_row:
-        table = b.const(base + ".qweight", data)
+    block = _embedding_block(mod)
+    if block is None:  # one scale for the table
+        table = b.const(base + ".qweight", _np(u))
         got = b.node("Gather", [table, x], base, axis=0)[0]
         b.nodes.append(b.helper.make_node(
             "DequantizeLinear", [got, b.const(base + ".scale", _np(mod.scale.float().reshape(()))),
                                  b.const(base + ".zero_point", _np(zp.reshape(()).to(torch.uint8)))],
             [y], name=b.name(base + "/DequantizeLinear")))
         return y
-    block = 16
-    while block * 2 <= min(cols, 128):
-        block *= 2
     blocks = -(-cols // block)
-    scale = mod.scale.float().reshape(rows, 1).expand(rows, blocks)
-    zps = zp.reshape(rows, 1).expand(rows, blocks).to(torch.uint8)
+    scale = mod.scale.float().reshape(rows, -1).expand(rows, blocks)
+    zps = zp.reshape(rows, -1).expand(rows, blocks).to(torch.uint8)
+    if bits == 4:
+        u, zps = _pack4(u), _pack4(zps)
     b.nodes.append(b.helper.make_node(
-        "GatherBlockQuantized", [b.const(base + ".qweight", data), x,
-                                 b.const(base + ".scales", _np(scale)), b.const(base + ".zero_points", _np(zps))],
+        "GatherBlockQuantized", [b.const(base + ".qweight", _np(u)), x,
+                                 b.const(base + ".scales", _np(scale.contiguous())),
+                                 b.const(base + ".zero_points", _np(zps.contiguous()))],
         [y], name=b.name(base + "/GatherBlockQuantized"), domain="com.microsoft",
-        gather_axis=0, quantize_axis=1, block_size=block, bits=8))
+        gather_axis=0, quantize_axis=1, block_size=block, bits=bits))
     return y
 
 
@@ -234,8 +261,9 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
             forms[qualname] = f"MatMulNBits ({mod.bits}-bit, block {_nbits_block(mod)})"
         else:
             _gather_embedding(b, mod, x, y, qualname)
-            forms[qualname] = ("GatherBlockQuantized (row scales)" if mod.scale.shape[0] > 1
-                               else "Gather + DequantizeLinear")
+            forms[qualname] = ("Gather + DequantizeLinear" if _embedding_block(mod) is None else
+                               f"GatherBlockQuantized ({mod.bits}-bit, "
+                               + ("group scales)" if mod.granularity == "group" else "row scales)"))
         new_nodes.extend(b.nodes)
     del graph.node[:]
     graph.node.extend(new_nodes)

@@ -150,13 +150,23 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
     assert_unchanged(res.module, before)
     assert out.path.stat().st_size > 0
     forms = set(out.layers.values())
-    assert any(f.startswith("MatMulInteger") for f in forms) and "GatherBlockQuantized (row scales)" in forms
+    assert any(f.startswith("MatMulInteger") for f in forms) and "GatherBlockQuantized (8-bit, row scales)" in forms
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in out.model.graph.input]
     assert dims == [["batch", "sequence"], ["batch", "sequence"]]
     with torch.no_grad():
         ref = res.module(*held_out)
     m = compare([_run(out, *held_out)], [ref], top1=False)
     assert m.cosine_min >= 0.9999 and m.rel_l2 < 5e-3, m  # per-token rounding may differ by one step
+    # 4-bit affine groups: linears as MatMulNBits, embeddings as packed GatherBlockQuantized
+    res = fxpress.compress(encoder, "quantize{bits=4,granularity=group,group_size=16,scheme=affine,"
+                           "tol.min_cosine=0,tol.min_top1=0}", calibration=calib)
+    out = export_onnx(res, None, calib[0])
+    assert set(out.layers.values()) >= {"GatherBlockQuantized (4-bit, group scales)",
+                                        "MatMulNBits (4-bit, block 16)"}, out.layers
+    table = _initializer(out.model, "bert.embeddings.word_embeddings.qweight")
+    assert table.dtype == np.uint8 and table.shape == (300, 32)  # two codes a byte
+    with torch.no_grad():
+        _close(_run(out, *held_out), res.module(*held_out), 1e-5)
 
 
 
