@@ -5,8 +5,12 @@ rounds, at batch 1 (one sentence of 16 tokens) and batch 32 (32 sentences padded
 torch fp32 eager, ORT fp32 (fxpress's export of the uncompressed graph, with ONNX Runtime's
 transformer fusions), ORT's own ``quantize_dynamic`` (int8, per channel) and
 ``MatMulNBitsQuantizer`` (4-bit, block 32) of that fp32 model, and fxpress's
-``quantize{bits=8}`` and ``quantize{bits=4,granularity=group,group_size=32}`` exported by
-:func:`fxpress.export_onnx` (the same fusions). Every ORT variant runs the same session
+``quantize{bits=8}`` (its defaults: per layer the cheapest of per-tensor, SmoothQuant-ed
+per-tensor and per-token input scaling that is accurate enough), ``quantize{bits=8,
+act_scale=tensor}`` (ORT's own scheme: per-tensor inputs, per-channel weights) and
+``quantize{bits=4,granularity=group,group_size=32,embeddings=false}`` (embeddings stay
+float, as ORT's MatMulNBits leaves them), exported by :func:`fxpress.export_onnx` (the same
+fusions). Every ORT variant runs the same session
 options. Fidelity: cosine of the sentence embeddings to torch fp32's (mean and min) on
 inputs the calibration never saw; "ORT vs fxpress" is the export check (relative L2 and min
 cosine of ONNX Runtime's embeddings to fxpress's own int8/4-bit run at batch 32).
