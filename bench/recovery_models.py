@@ -53,9 +53,49 @@ class DigitsTransformer(nn.Module):
         return self.head(h.mean(1))
 
 
+#: ``cancer-mlp-W-W``: an MLP on scikit-learn's breast_cancer (30 features, 2 classes)
+TABULAR = "cancer-"
+
+
+@functools.lru_cache(maxsize=None)
+def cancer_data():
+    """scikit-learn's breast_cancer in the digits data's shape: a seeded 75/25 split,
+    features standardised with the training split's mean and deviation."""
+    from sklearn.datasets import load_breast_cancer
+
+    from examples.digits import Digits
+
+    d = load_breast_cancer()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    n_test = int(len(x) * 0.25)
+    te, tr = perm[:n_test], perm[n_test:]
+    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    return Digits(x[tr], y[tr], x[te], y[te])
+
+
+def data_for(kind: str):
+    """(the dataset, its training batches, calibration batches) a model kind trains on."""
+    from examples.digits import calibration, digits_data, train_data
+
+    if not kind.startswith(TABULAR):
+        return digits_data(), train_data(), calibration(4)
+    d = cancer_data()
+    train = [(d.x_train[i:i + 64], d.y_train[i:i + 64]) for i in range(0, len(d.x_train), 64)]
+    return d, train, [(d.x_train[i:i + 128],) for i in range(0, 4 * 128, 128)]
+
+
 def build(kind: str) -> nn.Module:
     from examples.digits import DigitsCNN, DigitsMLP
 
+    if kind.startswith(TABULAR + "mlp-"):
+        dims = (30, *(int(w) for w in kind.split("-")[2:]))
+        layers: list[nn.Module] = []
+        for a, b in zip(dims, dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(dims[-1], 2))
     if kind.startswith("mlp-"):
         return DigitsMLP(hidden=tuple(int(w) for w in kind.split("-")[1:]))
     if kind.startswith("cnn-"):
@@ -70,18 +110,18 @@ def build(kind: str) -> nn.Module:
 #: never run while the defaults were chosen and are reported apart: another MLP, a narrower
 #: CNN and a narrower, deeper transformer
 MODELS = ("mlp-256-128", "cnn-32-64-256", "transformer-64x2")
-HELD_OUT = ("mlp-400-200-100", "cnn-16-32-128", "transformer-48x3")
+HELD_OUT = ("mlp-400-200-100", "cnn-16-32-128", "transformer-48x3", "cancer-mlp-256-128")
 
 
 @functools.lru_cache(maxsize=None)
 def _trained(kind: str, seed: int) -> nn.Module:
-    from examples.digits import digits_data, train
+    from examples.digits import train
 
     torch.manual_seed(seed)
     model = build(kind)
-    epochs = 40 if kind.startswith("mlp") else 30
-    return train(model, digits_data(), epochs=epochs, lr=1e-3 if kind.startswith("transformer") else 2e-3,
-                 seed=seed)
+    epochs = 40 if "mlp" in kind else 30
+    return train(model, data_for(kind)[0], epochs=epochs,
+                 lr=1e-3 if kind.startswith("transformer") else 2e-3, seed=seed)
 
 
 def trained(kind: str, seed: int) -> nn.Module:

@@ -84,9 +84,10 @@ class RangeTest:
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)   # smoothed
     chosen: float = 0.0
+    flat: bool = False  # no valley: the edge of the flat stretch's noise was used
 
     def as_dict(self) -> dict:
-        return {"lrs": self.lrs, "losses": self.losses, "chosen": self.chosen}
+        return {"lrs": self.lrs, "losses": self.losses, "chosen": self.chosen, "flat": self.flat}
 
 
 #: The largest rate the range test may choose. Without it, a pruned and shared transformer
@@ -104,7 +105,9 @@ def lr_range_test(step: Callable[[float], float], steps: int = 60, lo: float = 1
     batch's loss. The test stops early when the smoothed loss exceeds four times its
     minimum (or is not finite). The choice is a tenth of the largest rate, from the
     minimum on, whose smoothed loss stays within ``valley`` times the minimum, clipped to
-    ``[10·lo, min(hi/10, max_lr)]``.
+    ``[10·lo, min(hi/10, max_lr)]``. When that would be the floor (the minimum is noise
+    among the first steps: no valley), it is a tenth of the largest rate before the loss
+    exceeds ``valley`` times the highest loss of the test's first sixth.
     """
     out = RangeTest()
     gamma = (hi / lo) ** (1.0 / max(steps - 1, 1))
@@ -125,6 +128,16 @@ def lr_range_test(step: Callable[[float], float], steps: int = 60, lo: float = 1
     edge = best_i
     while edge + 1 < len(out.losses) and out.losses[edge + 1] <= best * valley:
         edge += 1
+    if out.lrs and out.lrs[edge] / 10 <= lo * 10:
+        # no valley: the minimum is among the first steps, whose rates are too small to
+        # move anything, so it is batch-to-batch noise (a model that is nearly right, few
+        # batches). The flat stretch's noise ceiling stands in for the minimum: the edge is
+        # where the loss climbs clearly above everything the first steps saw.
+        ceiling = max(out.losses[:max(best_i + 1, len(out.losses) // 6)]) * valley
+        edge = 0
+        while edge + 1 < len(out.losses) and out.losses[edge + 1] <= ceiling:
+            edge += 1
+        out.flat = True
     pick = out.lrs[edge] / 10 if out.lrs else lo * 10
     out.chosen = float(min(max(pick, lo * 10), hi / 10, max_lr))
     return out
