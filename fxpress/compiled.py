@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config as _inductor_config
 import torch.fx.experimental._config as _shape_config
 
 from fxpress.errors import CompileError, InputError
@@ -51,25 +52,19 @@ class CompiledModel(torch.nn.Module):
         self.compiles = 0
         self.compile_seconds = 0.0
         self.freeze = freeze
-        options = {"freezing": bool(freeze)}
-
         self.backend = backend
-        inner = torch._dynamo.lookup_backend(backend) if backend != "inductor" else None
+        inner = torch._dynamo.lookup_backend(backend)
 
         def counted(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
             self.compiles += 1
-            if inner is not None:
-                return inner(gm, example_inputs)
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, example_inputs, config_patches=options)
+            return inner(gm, example_inputs)
 
         # the compiled callable is not a submodule: state_dict stays the copy's own
         object.__setattr__(self, "_compiled", torch.compile(
-            module, backend=counted if mode is None else "inductor", fullgraph=True,
-            dynamic=dynamic, mode=mode, options=None if mode is None else options))
+            module, backend=counted if mode is None else backend, fullgraph=True,
+            dynamic=dynamic, mode=mode))
         if mode is not None:
-            self.compiles = -1  # Inductor's own backend: not counted
+            self.compiles = -1  # Inductor's own mode handling: not counted
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         before = self.compiles
@@ -77,13 +72,17 @@ class CompiledModel(torch.nn.Module):
         try:
             # size-oblivious: a dimension of size 1 (one sentence) is not specialised, so
             # batch 1 runs the graph compiled for any batch size instead of compiling again
-            with torch.no_grad(), _shape_config.patch(backed_size_oblivious=True):
+            # freezing is read while Dynamo traces (which inputs are weights) and while
+            # Inductor compiles: set for the call (torch's config is process-wide; restored)
+            with torch.no_grad(), _shape_config.patch(backed_size_oblivious=True), \
+                    _inductor_config.patch(freezing=self.freeze):
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
             raise CompileError(
                 f"fxpress.compile: torch.compile failed on {type(self.module).__name__} "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run the "
-                f"model uncompiled, or report the layer named above") from e
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); try "
+                f"freeze=False, or backend='aot_eager' to see whether tracing or code "
+                f"generation fails, or run the model uncompiled") from e
         if self.compiles != before:
             self.compile_seconds += time.perf_counter() - start
         return out

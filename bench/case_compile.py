@@ -1,0 +1,205 @@
+"""Compiled models: ``fxpress.compile`` of compressed models vs torchao's PT2E int8 +
+Inductor vs fp32, eager and compiled, side by side in one process.
+
+Models: the real all-MiniLM-L6-v2 (batch 32: the first 32 sentences padded to the longest;
+batch 1: one sentence of 16 tokens) and the digits MLP and CNN (batch 128 and 1). Every
+compiled variant is compiled once with dynamic shapes and then run at the two timed shapes
+and a third (MiniLM: 8 sentences of 40 tokens; digits: 37 images): "compiles" counts the
+graphs Inductor built over all three (1: no recompile), "cos vs eager" is the lowest
+cosine between the compiled and the same model eager over the three shapes.
+
+The PT2E baseline: torchao's ``X86InductorQuantizer`` with its default dynamic config
+(int8 per-channel weights, int8 per-tensor activations quantised at run time), exported
+with dynamic batch and length, calibrated on the timed batch, converted, then compiled by
+Inductor with freezing - the settings ``fxpress.compile`` uses, so the two differ only in
+what is compiled. torchao 0.18's quantizer fails on transformers 5's BERT when it annotates
+linear+GELU fusions (a GELU partition with no output node), so the bench annotates
+MiniLM's linears one by one (``_annotate_linear_unary`` off); GELU then runs as its own
+op after the int8 linear, as it does in fxpress's graph.
+
+Latencies are medians of interleaved rounds at 2 threads (every variant once per round).
+``--tiny`` traces the digits MLP with the ``aot_eager`` backend instead of Inductor (Inductor
+generates C++ for tens of seconds) and skips torchao.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import torch
+
+from bench.common import Table, interleaved_medians
+
+TITLE = "Compiled models: fxpress.compile vs torchao PT2E + Inductor vs fp32 eager and compiled"
+THREADS = 2
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).min())
+
+
+def _pt2e(model: torch.nn.Module, example: tuple, dynamic_shapes: tuple, unary: bool = True):
+    """torchao's PT2E dynamic int8 of a copy of ``model`` (converted, not compiled), or
+    the reason it is unavailable."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ImportError as e:
+        return None, f"torchao is not installed ({e}): pip install 'fxpress[bench]'"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(copy.deepcopy(model), example, dynamic_shapes=dynamic_shapes)
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=True))
+        if not unary:
+            quantizer._annotate_linear_unary = lambda *a, **k: None
+        prepared = prepare_pt2e(ep.module(), quantizer)
+        with torch.no_grad():
+            prepared(*example)
+        return convert_pt2e(prepared), ""
+
+
+def _compiled(model: torch.nn.Module, example: tuple, backend: str):
+    import fxpress
+
+    start = time.perf_counter()
+    fast = fxpress.compile(model, example, backend=backend)
+    return fast, time.perf_counter() - start
+
+
+def _measure(title: str, eager: dict, compiled: dict, compile_s: dict, shapes: dict,
+             third: tuple, repeat: int, baseline: str | None, notes: list[str]) -> Table:
+    """One table: every variant at the timed shapes, compiled ones checked at all three."""
+    fidelity, compiles = {}, {}
+    with torch.no_grad():
+        ref = {k: eager["fp32 eager"](*x) for k, x in shapes.items()}
+        for name, fast in compiled.items():
+            own = eager[name.replace(" compiled", " eager")]
+            fidelity[name] = min(_cos(fast(*x), own(*x)) for x in (*shapes.values(), third))
+            compiles[name] = fast.compiles
+    variants = {**eager, **compiled}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        lat = {k: interleaved_medians({n: (lambda m=m, x=x: m(*x)) for n, m in variants.items()},
+                                      repeat) for k, x in shapes.items()}
+    finally:
+        torch.set_num_threads(threads)
+    (k1, k2) = list(shapes)
+    cols = ["variant", "compile s", "compiles (3 shapes)", "cos vs its eager (min)",
+            f"cos vs fp32 ({k1}, min)", f"ms {k1}", f"x fp32 eager {k1}", f"ms {k2}",
+            f"x fp32 eager {k2}"]
+    if baseline:
+        cols += [f"x {baseline} {k1}", f"x {baseline} {k2}"]
+    t = Table(title, cols)
+    for name, m in variants.items():
+        with torch.no_grad():
+            cos_fp32 = _cos(m(*shapes[k1]), ref[k1])
+        row = [name, round(compile_s[name], 1) if name in compile_s else "-",
+               compiles.get(name, "-"), round(fidelity[name], 5) if name in fidelity else "-",
+               round(cos_fp32, 4), round(lat[k1][name] * 1e3, 2),
+               round(lat[k1]["fp32 eager"] / lat[k1][name], 2), round(lat[k2][name] * 1e3, 2),
+               round(lat[k2]["fp32 eager"] / lat[k2][name], 2)]
+        if baseline:
+            row += [round(lat[k1][baseline] / lat[k1][name], 2),
+                    round(lat[k2][baseline] / lat[k2][name], 2)]
+        t.add(*row)
+    t.notes.extend(notes)
+    return t
+
+
+def _minilm(size: str) -> Table:
+    import fxpress
+    from examples.minilm import SENTENCES, batches, sentence_encoder, tokenize, tokenizer
+    from torch.export import Dim
+
+    def padded(sentences, length):
+        enc = tokenizer()(list(sentences), padding="max_length", truncation=True,
+                          max_length=length, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    enc = sentence_encoder()
+    b32, b1 = tokenize(SENTENCES[:32]), padded(SENTENCES[32:33], 16)
+    third = padded(SENTENCES[40:48], 40)
+    gm = fxpress.capture(enc, b32)
+    calib = batches(32, SENTENCES[:32])
+    pipelines = {"fxpress int8": "quantize{bits=8}"}
+    if size == "full":
+        pipelines["fxpress 4-bit g64"] = "quantize{bits=4,granularity=group,group_size=64,scheme=affine}"
+        pipelines["fxpress share 4-bit"] = "share{bits=4}"
+    eager = {"fp32 eager": enc}
+    for label, text in pipelines.items():
+        eager[f"{label} eager"] = fxpress.compress(gm, text, calibration=calib, policy="warn").module
+    compiled, compile_s, notes = {}, {}, []
+    batch, length = Dim("batch", min=1, max=1024), Dim("length", min=2, max=512)
+    start = time.perf_counter()
+    qm, why = _pt2e(enc, b32, ({0: batch, 1: length}, {0: batch, 1: length}), unary=False)
+    if qm is None:
+        notes.append(why)
+    else:
+        eager["torchao PT2E int8 eager"] = qm
+        quantize_s = time.perf_counter() - start
+        compiled["torchao PT2E int8 compiled"], s = _compiled(qm, b32, "inductor")
+        compile_s["torchao PT2E int8 compiled"] = s
+        notes.append(f"torchao: export + prepare + calibrate + convert took {quantize_s:.1f} s "
+                     f"before compiling")
+    for label in ("fp32", *pipelines):
+        compiled[f"{label} compiled"], compile_s[f"{label} compiled"] = _compiled(
+            eager[f"{label} eager"], b32, "inductor")
+    baseline = "torchao PT2E int8 compiled" if qm is not None else None
+    return _measure("all-MiniLM-L6-v2 (pretrained): batch 32 (32 sentences, padded to the "
+                    "longest) and batch 1 (one sentence, 16 tokens)", eager, compiled, compile_s,
+                    {"b32": b32, "b1": b1}, third, {"full": 15, "quick": 7}[size], baseline, notes)
+
+
+def _digits(size: str, kind: str) -> Table:
+    import fxpress
+    from examples import digits
+
+    data = digits.digits_data()
+    if kind == "mlp":
+        model = digits.trained_mlp(hidden=(32,), epochs=5) if size == "tiny" else digits.trained_mlp()
+    else:
+        model = digits.trained_cnn()
+    model.eval()
+    x = data.x_test if kind == "mlp" else data.x_test.view(-1, 1, 8, 8)
+    big, one, third = (x[:128],), (x[:1],), (x[128:165],)
+    calib = [(x[i:i + 128],) for i in range(0, 256, 128)]
+    eager = {"fp32 eager": model,
+             "fxpress int8 eager": fxpress.compress(model, "quantize{bits=8,activations=dynamic}",
+                                                    big, calibration=calib, policy="warn").module}
+    backend = "aot_eager" if size == "tiny" else "inductor"
+    compiled, compile_s, notes = {}, {}, []
+    baseline = None
+    if size != "tiny":
+        from torch.export import Dim
+
+        qm, why = _pt2e(model, big, ({0: Dim("batch", min=1, max=4096)},))
+        if qm is None:
+            notes.append(why)
+        else:
+            eager["torchao PT2E int8 eager"] = qm
+            compiled["torchao PT2E int8 compiled"], compile_s["torchao PT2E int8 compiled"] = \
+                _compiled(qm, big, backend)
+            baseline = "torchao PT2E int8 compiled"
+    for label in ("fp32", "fxpress int8"):
+        compiled[f"{label} compiled"], compile_s[f"{label} compiled"] = _compiled(
+            eager[f"{label} eager"], big, backend)
+    if backend != "inductor":
+        notes.append(f"compiled with backend={backend!r} (--tiny): traced, no code generated")
+    name = "64-300-100-10 MLP" if kind == "mlp" and size != "tiny" else \
+        "64-32-10 MLP" if kind == "mlp" else "CNN"
+    return _measure(f"digits {name}: batch 128 and batch 1", eager, compiled, compile_s,
+                    {"b128": big, "b1": one}, third, {"full": 25, "quick": 9, "tiny": 1}[size],
+                    baseline, notes)
+
+
+def run(size: str) -> list[Table]:
+    if size == "tiny":
+        return [_digits(size, "mlp")]
+    tables = [_minilm(size), _digits(size, "mlp")]
+    if size == "full":
+        tables.append(_digits(size, "cnn"))
+    return tables
