@@ -74,8 +74,12 @@ class CompiledModel(torch.nn.Module):
             # batch 1 runs the graph compiled for any batch size instead of compiling again
             # freezing is read while Dynamo traces (which inputs are weights) and while
             # Inductor compiles: set for the call (torch's config is process-wide; restored)
+            # allow_rnn: LSTM/GRU/RNN (fused calls) are traced, not refused; specialize_float:
+            # a module's float attribute (an LSTM's dropout) is a constant, not a symbol
+            # whose specialisation makes Dynamo trace the whole model a second time
             with torch.no_grad(), _shape_config.patch(backed_size_oblivious=True), \
-                    _inductor_config.patch(freezing=self.freeze):
+                    _inductor_config.patch(freezing=self.freeze), \
+                    torch._dynamo.config.patch(allow_rnn=True, specialize_float=True):
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
             raise CompileError(
@@ -89,6 +93,30 @@ class CompiledModel(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"compiles={self.compiles}, freeze={self.freeze}"
+
+
+def _unfuse_rnns(copy: torch.nn.Module) -> None:
+    """Give each compressed LSTM/GRU/RNN of ``copy`` (a :class:`FusedCall`) its decoded
+    matrices as its own parameters. The fused call hands them in anew on every call, and an
+    RNN checks by identity whether its weights changed: compiled, that check fails on every
+    call and recompiles. Frozen, the decoded matrices are constants of the compiled graph
+    anyway, so this costs no memory the compiled model would not hold; the caller's model
+    keeps its fused calls (``copy`` owns its module objects)."""
+    from fxpress.graph.capture import clone_structure
+    from fxpress.graph.fused import FusedCall
+
+    for name, module in list(copy.named_modules()):
+        if not (isinstance(module, FusedCall) and isinstance(module.host, torch.nn.RNNBase)):
+            continue
+        host = clone_structure(module.host)
+        with torch.no_grad():
+            for param, weight in module.decoded().items():
+                owner_name, _, attr = param.rpartition(".")
+                owner = host.get_submodule(owner_name)
+                owner._parameters[attr] = torch.nn.Parameter(weight, requires_grad=False)
+        host._init_flat_weights()
+        parent_name, _, child = name.rpartition(".")
+        setattr(copy.get_submodule(parent_name), child, host)
 
 
 def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, freeze: bool = True,
@@ -130,6 +158,8 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     if mode is not None and backend != "inductor":
         raise InputError("fxpress.compile: mode= is Inductor's; give it with backend='inductor'")
     copy = clone_structure(model).train(False)
+    if freeze:
+        _unfuse_rnns(copy)
     compiled = CompiledModel(copy, dynamic=dynamic, freeze=freeze, mode=mode, backend=backend)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
