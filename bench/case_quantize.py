@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import os
 import time
 import warnings
 
@@ -163,8 +164,119 @@ def _digits(size: str) -> list[Table]:
     return out
 
 
+#: threads inside the latency measurements (the project's figures: 2 cores);
+#: BENCH_THREADS=1 measures on one, e.g. on a machine other jobs load
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+#: what each compressed variant is, for the decode-strategy table
+STRATEGY_VARIANTS = {
+    "int8": "quantize{bits=8}",
+    "4-bit g64": "quantize{bits=4,granularity=group,group_size=64,scheme=affine}",
+    "share 4-bit": "share{bits=4}",
+}
+
+
+def _random_bert():
+    """A random-weight BERT (hidden 512, 4 layers, 8 heads, FFN 2048) behind the same
+    mean-pooling head as MiniLM: a second transformer no default was tuned on."""
+    from transformers import BertConfig, BertModel
+
+    from examples.minilm import SentenceEncoder
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=8000, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                     intermediate_size=2048, max_position_embeddings=128)
+    model = SentenceEncoder(BertModel(cfg)).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n, length=16):
+        ids = torch.randint(1000, 8000, (n, length), generator=g)
+        return ids, torch.ones_like(ids)
+
+    return model, [batch(32), batch(32)], batch(1), batch(32)
+
+
+def _minilm_inputs():
+    from examples.minilm import SENTENCES, batches, sentence_encoder, tokenize
+
+    data = batches(32, SENTENCES)
+    # batch 1: one 16-token sentence (the serving case); batch 32: 32 sentences padded
+    one = next(tokenize([s]) for s in SENTENCES if tokenize([s])[0].shape[1] == 16)
+    return sentence_encoder(), data[:2], one, data[0]
+
+
+def _strategies(size: str) -> list[Table]:
+    """Per model and compressed variant, every decode strategy: latency ratios to fp32 eager
+    at batch 1 and batch 32 (one interleaved run per batch size), cosine to fp32 and the
+    memory each holds at run time beyond the stored tensors."""
+    import copy as _copy
+
+    import fxpress
+    from fxpress.graph.memory import stored_bytes
+
+    repeat = {"full": 15, "quick": 5, "tiny": 1}[size]
+    models = [("all-MiniLM-L6-v2", _minilm_inputs)]
+    if size != "tiny":
+        models.append(("random BERT 512x4 (held out)", _random_bert))
+    out = []
+    for name, make in models:
+        enc, calib, one, many = make()
+        gm = fxpress.capture(enc, calib[0])
+        with torch.no_grad():
+            ref = enc(*calib[1])
+        run: dict[str, torch.nn.Module] = {"fp32 eager": enc}
+        info: dict[str, tuple] = {}
+        for label, text in STRATEGY_VARIANTS.items():
+            res = fxpress.compress(gm, text, calibration=calib[:1], policy="warn", progress=False)
+            strategies = ("auto", "float", "per_call") if label == "int8" else (
+                "auto", "int8", "float", "per_call")
+            for strategy in strategies:
+                m = _copy.deepcopy(res.module)
+                plan = fxpress.set_decode(m, strategy)
+                key = f"{label} decode={strategy}"
+                run[key] = m
+                info[key] = (stored_bytes(m), plan)
+        lat = {}
+        old = torch.get_num_threads()
+        torch.set_num_threads(THREADS)
+        try:
+            for rows, x in (("b1", one), ("b32", many)):
+                lat[rows] = interleaved_medians({k: (lambda m=m, x=x: m(*x)) for k, m in run.items()},
+                                                repeat)
+        finally:
+            torch.set_num_threads(old)
+        t = Table(f"{name}: decode strategies, latency vs fp32 eager at batch 1 "
+                  f"({one[0].shape[1]} tokens) and batch 32 ({tuple(many[0].shape)}), "
+                  f"{THREADS} threads, medians of {repeat} interleaved rounds", [
+                      "variant", "stored MB", "held at run time MB", "layers int8 / float / per call",
+                      "cosine vs fp32", "speed b1 (x fp32)", "speed b32 (x fp32)",
+                      "b1 ms", "b32 ms"])
+        fp32_bytes = stored_bytes(enc)
+        for k, m in run.items():
+            with torch.no_grad():
+                cos = float(torch.nn.functional.cosine_similarity(m(*calib[1]), ref, dim=1).mean())
+            if k == "fp32 eager":
+                stored, held, paths = fp32_bytes, 0, "-"
+            else:
+                stored, plan = info[k]
+                plan = fxpress.decode_plan(m)  # after running: kernels actually prepacked
+                held = sum(r["held_now"] for r in plan)
+                c = collections.Counter(r["path"] for r in plan)
+                paths = f"{c['int8']} / {c['float']} / {c['per_call']}"
+            t.add(k, round(stored / 2**20, 2), round(held / 2**20, 2), paths, round(cos, 4),
+                  round(lat["b1"]["fp32 eager"] / lat["b1"][k], 2),
+                  round(lat["b32"]["fp32 eager"] / lat["b32"][k], 2),
+                  round(lat["b1"][k] * 1e3, 2), round(lat["b32"][k] * 1e3, 1))
+        t.notes.append("decode=auto is the default: wide linear layers re-quantized once to int8 "
+                       "(per channel) on the int8 path, narrow ones and convs decoded once to "
+                       "float, embeddings gathering their rows per call. held = decoded copies, "
+                       "int8 codes and prepacked kernel weights (none in state_dict or the file). "
+                       "int8 (quantize{bits=8}) runs its stored codes: decode=int8 is its auto.")
+        out.append(t)
+    return out
+
+
 def run(size: str) -> list[Table]:
     tables = _digits(size)
     if size != "tiny":  # the smoke test keeps to the digits models; MiniLM takes minutes
-        tables.insert(0, _minilm(size))
+        tables[:0] = [_minilm(size)] + _strategies(size)
     return tables

@@ -35,6 +35,7 @@ _LAZY = {
     "hookimpl": "fxpress.plugins.hookspecs",
     "export_onnx": "fxpress.onnx_export",
     "compile": "fxpress.compiled", "CompiledModel": "fxpress.compiled",
+    "set_decode": "fxpress.passes.decode", "decode_plan": "fxpress.passes.decode",
 }
 _SUBPACKAGES = ("graph", "passes", "plugins", "cli", "report", "onnx_export", "compiled")
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fxpress.passes.records import PassRecord, PipelineResult
     from fxpress.onnx_export import export_onnx
     from fxpress.compiled import CompiledModel, compile
+    from fxpress.passes.decode import decode_plan, set_decode
     from fxpress.plugins.hookspecs import hookimpl
 
 
@@ -192,4 +194,5 @@ def _looks_like_inputs(value: Any) -> bool:
 __all__ = ["__version__", "capture", "compress", "Pipeline", "PipelineResult", "PassRecord",
            "Pass", "PassContext", "PassResult", "PassInfo", "PassTraits", "Tolerance", "option",
            "Instrument", "PassTimer", "GraphDumper", "registry", "list_passes", "hookimpl",
-           "errors", "FxpressError", "Distiller", "save", "load", "export_onnx", "compile", "CompiledModel"]
+           "errors", "FxpressError", "Distiller", "save", "load", "export_onnx", "compile", "CompiledModel",
+           "set_decode", "decode_plan"]

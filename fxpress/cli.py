@@ -194,11 +194,15 @@ def _reads_artifacts(command):
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from fxpress.graph.inspect import format_layers, layers, to_networkx, to_node_link
 
+    from fxpress.passes.decode import decode_plan, format_decode_plan
+
     gm, header = _open(args.model)
     rows = layers(gm, header)
+    plan = decode_plan(gm)  # how each compressed layer runs, and the memory it holds
     if args.json:
         print(json.dumps({"file_bytes": header.get("file_bytes"), "layers": [r.as_dict() for r in rows],
-                          "graph": to_node_link(to_networkx(gm))}, indent=1, default=str))
+                          "decode": plan, "graph": to_node_link(to_networkx(gm))},
+                         indent=1, default=str))
         return EXIT_OK
     meta = header.get("meta") or {}
     passes = meta.get("passes", [])
@@ -206,6 +210,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(_safe(f"{args.model}: {header.get('file_bytes', 0):,} bytes; captured with "
                 f"{meta.get('method', '?')}; passes: {passes or 'none'}"))
     print(_safe(format_layers(rows, header.get("file_bytes"))))
+    if plan:
+        print("\nrun time (decode strategy per compressed layer; bytes held beyond the stored "
+              "tensors, now and by each strategy; fxpress.set_decode changes it):")
+        print(_safe(format_decode_plan(plan)))
     for what, writer in (("graphml", "write_graphml"), ("dot", "write_dot"),
                          ("node_link", "write_node_link")):
         dest = getattr(args, what)

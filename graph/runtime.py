@@ -130,7 +130,7 @@ class CompressedModule(RuntimeModule):
         While the module is fine-tuned (a non-bias parameter requires grad) it always
         decodes, so gradients reach what is trained.
         """
-        if not self.cache_weight or any(p.requires_grad for n, p in self.named_parameters(
+        if not self.keeps_decoded() or any(p.requires_grad for n, p in self.named_parameters(
                 recurse=False) if n != "bias"):
             return self.weight_float()
         cached = self._buffers.get("weight_cache")
@@ -142,6 +142,11 @@ class CompressedModule(RuntimeModule):
             if caches_enabled() and not torch.compiler.is_compiling():
                 self.register_buffer("weight_cache", cached, persistent=False)
         return cached
+
+    def keeps_decoded(self) -> bool:
+        """Whether :meth:`dense_weight` keeps the decoded copy (a subclass with decode
+        strategies decides by its strategy)."""
+        return self.cache_weight
 
     def drop_cache(self) -> None:
         """Forget the decoded copy (after the compressed tensors change)."""

@@ -38,6 +38,7 @@ import torch
 from fxpress.errors import OptionError
 from fxpress.graph.packing import pack_bits, rows_byte_aligned, unpack_bits, unpack_rows
 from fxpress.graph.runtime import CompressedModule, kind_classes
+from fxpress.passes.decode import DecodeStrategy
 from fxpress.graph.weights import CONV, EMBEDDING, KINDS, LINEAR, select, weighted_ops
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
@@ -175,7 +176,7 @@ class _STE(torch.autograd.Function):
         return grad, None, None
 
 
-class BinaryModule(CompressedModule):
+class BinaryModule(DecodeStrategy, CompressedModule):
     """A linear/conv/embedding with binarized weights: ``codes`` packed at ``bits`` bits
     per weight (1 sign, 2 ternary, ``bits`` pow2), ``alpha`` per output channel (sign,
     ternary) and ``bias``. The pow2 window top ``e_max`` is in :meth:`config`.
@@ -216,9 +217,12 @@ class BinaryModule(CompressedModule):
         codes = unpack_bits(self.codes, self.bits, self.numel).view(self.shape)
         return decode(codes, self.mode, self.bits, self.e_max, self.alpha)
 
+    def gathers_rows(self) -> bool:
+        return rows_byte_aligned(self.shape[1], self.bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kind == EMBEDDING and not self.cache_weight and "latent" not in self._parameters
-                and rows_byte_aligned(self.shape[1], self.bits)):
+        if (self.kind == EMBEDDING and "latent" not in self._parameters and self.gathers_rows()
+                and self.decode_path() == "per_call"):
             # a lookup touches a few rows: unpack only those
             codes = unpack_rows(self.codes, self.bits, self.shape[1], x)
             w = _table(self.mode, self.bits, self.e_max).to(

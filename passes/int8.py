@@ -37,13 +37,25 @@ _REDUCE_RANGE = not _cpu_has_vnni()
 #: :meth:`QuantizedLinear.kernels`; on the 64-300-100-10 digits MLP it was 1.3x slower
 #: than fbgemm, on MiniLM's 384/1536-wide layers 1.2x faster).
 ONEDNN_MIN_WIDTH = 256
+#: Calls with fewer input rows than this (one short sentence, a decoding step) run
+#: fbgemm's dynamic linear first even where oneDNN's is preferred: fbgemm quantises the
+#: input inside its one call, while oneDNN needs three elementwise ops before its own.
+#: Measured on MiniLM's 384x384 / 384x1536 / 1536x384 layers at 1-64 rows: fbgemm
+#: 1.4-1.9x the speed of the oneDNN path; at 576 rows they are within noise of each other.
+ONEDNN_MIN_ROWS = 128
 #: Order in which dynamic int8 linear kernels are tried; the first that works is used
 #: (oneDNN's, which Inductor uses for x86 int8 and which runs on AMX/VNNI, takes
 #: symmetric weights only; layers with affine weights start at fbgemm).
 INT8_BACKENDS = ("onednn", "fbgemm", "int_mm", "reference")
 _backend_override: list[str] = []
 _broken: set[str] = set()
-_prepacked: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+#: module -> {backend: (key, prepacked weight)}: one entry per kernel a layer has run
+_prepacked: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def prepacked_backends(module: torch.nn.Module) -> list[str]:
+    """The kernels whose prepacked copy of ``module``'s weight is held now."""
+    return sorted(_prepacked.get(module, {}))
 
 
 @contextlib.contextmanager
@@ -174,7 +186,7 @@ class Int8Kernels:
             source = None
         if x2.dtype != torch.float32:
             x2, source = x2.float(), None
-        for backend in self.kernels():
+        for backend in self.kernels(x2.shape[0]):
             try:
                 y = getattr(self, f"_mm_{backend}")(x2, source, inv)
                 break
@@ -212,22 +224,29 @@ class Int8Kernels:
         key = (backend, self.act_scale, self.qweight.data_ptr(), self.qweight._version,
                self.scale._version, id(bias),
                None if bias is None or bias.is_inference() else bias._version)
-        hit = _prepacked.get(self)
+        held = _prepacked.get(self)
+        hit = None if held is None else held.get(backend)
         if hit is None or hit[0] != key:
             hit = (key, build())
             if caches_enabled():
-                _prepacked[self] = hit
+                if held is None:
+                    held = _prepacked[self] = {}
+                held[backend] = hit
         return hit[1]
 
-    def kernels(self) -> list[str]:
-        """The dynamic int8 kernels this layer tries, in order. oneDNN's needs symmetric
-        weights, and only pays off on wide layers: it takes the input already quantised,
-        and the three elementwise passes that does cost more than its faster matmul saves
-        when the layer is narrow (fbgemm quantises inside its kernel)."""
+    def kernels(self, rows: int | None = None) -> list[str]:
+        """The dynamic int8 kernels this layer tries for a call with ``rows`` input rows,
+        in order. oneDNN's needs symmetric weights, and only pays off on wide layers and
+        many rows: it takes the input already quantised, and the three elementwise passes
+        that does cost more than its faster matmul saves when the layer is narrow or the
+        call small (fbgemm quantises inside its kernel; see :data:`ONEDNN_MIN_ROWS`)."""
         kernels = _available_backends()
         if kernels[0] == "onednn" and not _backend_override and (
                 self.zero_point is not None or min(self.shape[0], self.cols) < ONEDNN_MIN_WIDTH):
             return kernels[1:]
+        if (kernels[0] == "onednn" and not _backend_override and rows is not None
+                and rows < ONEDNN_MIN_ROWS and "fbgemm" in kernels):
+            return ["fbgemm", "onednn"] + kernels[2:]
         return kernels
 
     def _packed_product(self, backend: str, build, apply) -> torch.Tensor:
@@ -236,7 +255,7 @@ class Int8Kernels:
         of output channels at a time and dropped (a language model's head is never copied
         whole for one call); channels are independent, so the result is the same."""
         rows, cols = self.shape[0], self.cols
-        if caches_enabled() or _prepacked.get(self) is not None or rows * cols <= 1 << 22:
+        if caches_enabled() or backend in _prepacked.get(self, {}) or rows * cols <= 1 << 22:
             return apply(self._cached(backend, build), slice(None))
         step = max(1, (1 << 20) // max(cols, 1))
         weight = self._int8_weight()
@@ -349,5 +368,5 @@ class Int8Kernels:
         return y.float()
 
 
-__all__ = ["INT8_BACKENDS", "ONEDNN_MIN_WIDTH", "Int8Kernels", "int8_backend",
+__all__ = ["INT8_BACKENDS", "ONEDNN_MIN_WIDTH", "ONEDNN_MIN_ROWS", "prepacked_backends", "Int8Kernels", "int8_backend",
            "quantize_per_tensor", "quantize_per_token", "per_token_absmax"]

@@ -58,6 +58,7 @@ from fxpress.passes.int8 import (INT8_BACKENDS, int8_backend, per_token_absmax,
 from fxpress.passes.quantize_grid import (GRANULARITIES, SCHEMES, code_range, dequantize_weight,
                                           load_codes, quantize_stored, quantize_weight,
                                           store_codes)
+from fxpress.passes.decode import normalize_decode
 from fxpress.passes.quantize_modules import (RUNTIME_MODULES, QuantizedConv, QuantizedEmbedding,
                                              QuantizedLinear, QuantizedWeight)
 
@@ -151,6 +152,12 @@ class Quantize(Pass):
                              "(relative L2 on the calibration inputs) exceeds this; the "
                              "layers kept at 8 bits are listed in stats['promoted']",
                              type=(float, _NONE), low=0.0, low_open=True)
+    decode = option("auto", "how weight-only layers compute at run time: 'per_call' decodes "
+                    "the weight on every forward (memory); 'float' keeps the decoded weight; "
+                    "'int8' re-quantizes it once to int8 per channel and runs the int8 path "
+                    "(linear layers); 'auto': int8 for wide linear layers, float for the rest, "
+                    "embeddings look up their rows (none of it stored; fxpress.set_decode "
+                    "changes it later)", choices=("auto", "int8", "float", "per_call"))
     embeddings = option(True, "quantize embedding tables too")
     include = option(["*"], "glob patterns on weight or layer names to quantize")
     exclude = option([], "glob patterns to leave in float")
@@ -347,27 +354,36 @@ class Quantize(Pass):
         if op.kind == LINEAR:
             shares = (dynamic and smooth is None and isinstance(op._input, torch.fx.Node)
                       and _never_written(op.node.graph.owning_module, op._input))
-            return QuantizedLinear(*args, activations="dynamic" if dynamic else "none",
-                                   smooth=smooth, act_scale=act, shares_input=shares, stored=True)
-        if op.kind == CONV:
-            return QuantizedConv(op.spec, *args, stored=True)
-        return QuantizedEmbedding(op.spec, *args, stored=True)
+            module: QuantizedWeight = QuantizedLinear(
+                *args, activations="dynamic" if dynamic else "none", smooth=smooth,
+                act_scale=act, shares_input=shares, stored=True)
+        elif op.kind == CONV:
+            module = QuantizedConv(op.spec, *args, stored=True)
+        else:
+            module = QuantizedEmbedding(op.spec, *args, stored=True)
+        module.decode = normalize_decode(self.decode)  # candidates are measured as they will run
+        return module
 
     @staticmethod
     def _layer_stats(op, module: QuantizedWeight, w, b, err: float) -> dict:
         """Bits, bytes, kernel and the layer's own output error on a calibration sample."""
         bytes_before = w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-        kernel = "decode+float"
-        if op.kind == LINEAR and module.activations == "dynamic":
+        path = module.decode_path()
+        kernel = "decode+float" if path == "per_call" else "float (decoded once)"
+        if op.kind == LINEAR and module.activations == "dynamic" and path == "int8":
             kernel = module.kernels()[0]
-        elif op.kind == EMBEDDING:
+        elif path == "int8":
+            kernel = "int8 (decoded once)"
+        elif op.kind == EMBEDDING and path == "per_call":
             kernel = "gather+decode"
         return {"kind": op.kind, "bits": module.bits, "granularity": module.granularity,
                 "activations": module.activations if op.kind == LINEAR else "none",
                 "act_scale": module.act_scale if module.activations == "dynamic" else None,
                 "kernel": kernel, "smoothed": module.smooth is not None,
                 "bytes_before": bytes_before, "bytes_after": stored_bytes(module),
-                "rel_error": err}
+                "rel_error": err, "decode": module.decode, "decode_path": path,
+                "int8_error": module.decode_info()["int8_error"],
+                "held_bytes": module.held_bytes()}
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fxpress.graph.runtime import CompressedModule
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR
+from fxpress.passes.decode import DecodeStrategy
 from fxpress.passes.int8 import Int8Kernels, _prepacked
 from fxpress.passes.quantize_grid import (code_range, dequantize_weight, from_groups, load_codes,
                                           store_codes, to_groups)
@@ -22,7 +23,7 @@ from fxpress.passes.quantize_grid import (code_range, dequantize_weight, from_gr
 #: the module the artifact format names these classes by
 ARTIFACT_MODULE = "fxpress.passes.quantize"
 
-class QuantizedWeight(CompressedModule):
+class QuantizedWeight(DecodeStrategy, CompressedModule):
     """A weighted op whose weight is stored as packed integer codes and scales.
 
     Buffers (the whole state_dict): ``qweight`` (int8 ``[rows, cols]`` for 8-bit
@@ -167,6 +168,7 @@ class QuantizedWeight(CompressedModule):
             bias = self._parameters.pop("bias")
             self.register_buffer("bias", bias.detach())
         _prepacked.pop(self, None)
+        self.drop_cache()
 
     def _training_path(self) -> bool:
         return getattr(self, "latent", None) is not None
@@ -201,10 +203,17 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
     def config(self) -> dict:
         return {**super().config(), "shares_input": self.shares_input}
 
+    def native_int8(self) -> bool:
+        return self.activations == "dynamic"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations != "dynamic" or self._training_path() or x.requires_grad:
+        if self._training_path() or x.requires_grad:
             return F.linear(x, self.weight_float(), self.bias)
-        return self.int8_forward(x)
+        if self.decode_path() == "int8":
+            # stored int8 codes run as they are; other weights through their int8 twin
+            return (self.int8_forward(x) if self.activations == "dynamic"
+                    else self._twin().int8_forward(x))
+        return F.linear(x, self.dense_weight(), self.bias)
 
 
 class QuantizedConv(QuantizedWeight):
@@ -220,9 +229,12 @@ class QuantizedEmbedding(QuantizedWeight):
     def __init__(self, spec: dict, *args: Any, **kwargs: Any):
         super().__init__(EMBEDDING, spec, *args, **kwargs)
 
+    def gathers_rows(self) -> bool:
+        return self.granularity != "tensor" and self.smooth is None
+
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        if self._training_path() or self.granularity == "tensor" or self.smooth is not None:
-            return F.embedding(indices, self.weight_float(), self.spec.get("padding_idx"))
+        if self._training_path() or self.decode_path() != "per_call" or not self.gathers_rows():
+            return F.embedding(indices, self.dense_weight(), self.spec.get("padding_idx"))
         flat = indices.reshape(-1)
         rows = self.qweight.index_select(0, flat)
         codes = load_codes(rows, self.bits, self.scheme, self.cols)

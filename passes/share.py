@@ -17,11 +17,13 @@ article's "merge similar weights into their mean", done as the paper does it.
   the remaining codes in proportion to their value ranges), so no non-zero weight can be
   merged into zero or into a cluster that straddles it.
 * ``scope="global"`` fits one codebook on every selected layer together.
-* The runtime modules (:class:`CodebookLinear`, :class:`CodebookConv`,
-  :class:`CodebookEmbedding`) store the codebook and the indices packed at ``bits`` bits;
-  ``decode="per_call"`` decodes on every forward (memory), ``decode="once"`` keeps the
-  decoded weight after the first call (speed; never in ``state_dict``). An embedding in
-  ``per_call`` mode unpacks only the rows it looks up.
+* The runtime modules (:class:`CodebookLinear`, :class:`CodebookConv` and
+  :class:`CodebookEmbedding`) store the codebook and the indices packed at ``bits`` bits.
+  How they compute is their decode strategy (:mod:`fxpress.passes.decode`): ``auto`` (the
+  default) re-quantizes wide linear layers once to int8 and runs the int8 path, keeps a
+  decoded float copy of the others and lets embeddings unpack only the rows they look
+  up; ``per_call``, ``float`` (``once``) and ``int8`` force one path. None of it is in
+  ``state_dict``.
 * ``bias_bits=8`` also stores each layer's bias on an affine grid of 256 levels (codes, a
   scale and a zero point: a quarter of its float bytes). On small models the float biases
   are a large share of a Deep-Compressed file (the 64-300-100-10 digits MLP: 1.6 KB of
@@ -47,6 +49,7 @@ from fxpress.errors import OptionError
 from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, unpack_bits,
                                     unpack_rows)
 from fxpress.graph.runtime import CompressedModule, kind_classes
+from fxpress.passes.decode import DecodeStrategy, normalize_decode
 from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, unique_weights,
                                    weighted_ops)
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
@@ -57,7 +60,7 @@ from fxpress.passes.quantize_grid import dequantize_weight, load_codes, quantize
 # -- runtime modules ------------------------------------------------------------------------
 
 
-class CodebookModule(CompressedModule):
+class CodebookModule(DecodeStrategy, CompressedModule):
     """A linear/conv/embedding whose weight is ``codebook[codes]``: a float codebook of at
     most ``2**bits`` centroids and one ``bits``-bit index per weight, packed.
 
@@ -186,9 +189,12 @@ class CodebookModule(CompressedModule):
             codes = codes.masked_fill(flat == 0, 0)
         return codes
 
+    def gathers_rows(self) -> bool:
+        return not self.sparse and rows_byte_aligned(self.shape[1], self.bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kind == EMBEDDING and not self.cache_weight and not self.sparse
-                and not self.codebook.requires_grad and rows_byte_aligned(self.shape[1], self.bits)):
+        if (self.kind == EMBEDDING and not self.codebook.requires_grad and self.gathers_rows()
+                and self.decode_path() == "per_call"):
             # a lookup touches a few rows: unpack only those
             return self._table()[unpack_rows(self.codes, self.bits, self.shape[1], x).long()]
         return super().forward(x)
@@ -293,9 +299,12 @@ class Share(Pass):
     include = option(["*"], "glob patterns on weight or layer names to share")
     exclude = option([], "glob patterns to leave alone")
     ops = option(["linear", "conv", "embedding"], "kinds of weighted ops to share")
-    decode = option("per_call", "'per_call': decode the weight on every forward (memory); "
-                    "'once': decode at the first forward and keep it (speed, not stored)",
-                    choices=("per_call", "once"))
+    decode = option("auto", "how layers compute at run time: 'per_call' decodes the weight on "
+                    "every forward (memory); 'float' ('once') keeps the decoded weight; 'int8' "
+                    "re-quantizes it once to int8 and runs the int8 path (linear layers); "
+                    "'auto': int8 for wide linear layers, float for the rest, embeddings "
+                    "look up their rows (none of it stored)",
+                    choices=("auto", "int8", "float", "per_call", "once"))
     max_iter = option(1000, "most Lloyd iterations per k-means fit (each costs microseconds)",
                       low=1)
     bias_bits = option(0, "store each layer's bias on an affine grid of this many bits "
@@ -345,7 +354,9 @@ class Share(Pass):
             bias = op.bias()
             module = CODEBOOK_CLASSES[op.kind](op.kind, op.spec, tuple(w.shape), self.bits,
                                                codebook, codes, bias, fits[op.key].zero_code,
-                                               self.decode == "once", bias_bits=self.bias_bits)
+                                               self.decode in ("once", "float"),
+                                               bias_bits=self.bias_bits)
+            module.decode = normalize_decode(self.decode)
             first = built.get(op.key)
             if first is not None:  # a tied weight: point at the same stored tensors
                 module.codebook, module.codes = first.codebook, first.codes
@@ -356,7 +367,8 @@ class Share(Pass):
                     "clusters": int(codebook.numel()), "zero_code": fit.zero_code,
                     "iterations": fit.iterations, "converged": fit.converged,
                     "bytes_before": w.numel() * w.element_size(),
-                    "bytes_after": module.weight_bits() // 8}
+                    "bytes_after": module.weight_bits() // 8,
+                    "decode": module.decode, "held_bytes": module.held_bytes()}
             op.replace_with(module)
         n = sum(w.numel() for w in weights.values())
         stored_bits = sum(m.weight_bits() for m in built.values())

@@ -151,7 +151,7 @@ def test_modules_rebuild_from_state_bit_exactly(cnn, calib, mlp):
 
 
 def test_decode_once_keeps_a_cache_outside_the_state_dict(mlp, calib):
-    per_call = fxpress.compress(mlp, "share{bits=4}", calibration=calib).module
+    per_call = fxpress.compress(mlp, "share{bits=4,decode=per_call}", calibration=calib).module
     once = fxpress.compress(mlp, "share{bits=4,decode=once}", calibration=calib).module
     x = calib[0][0]
     assert torch.equal(per_call(x), once(x))

@@ -1,0 +1,146 @@
+"""Decode strategies of compressed layers (passes/decode.py): every fast path against its
+reference, the override, and that none of it reaches the state_dict or the artifact."""
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import InputError
+from fxpress.graph.artifact import artifact_size
+from fxpress.graph.runtime import compressed_modules
+from fxpress.passes import int8 as int8_mod
+from fxpress.passes.decode import AUTO_INT8_MIN_WIDTH, decode_plan, set_decode
+from tests.helpers import assert_unchanged, state_snapshot
+
+
+class Net(torch.nn.Module):
+    """An embedding, two wide linear layers (auto: int8), a narrow one (auto: float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, AUTO_INT8_MIN_WIDTH)
+        self.up = torch.nn.Linear(AUTO_INT8_MIN_WIDTH, 384)
+        self.down = torch.nn.Linear(384, AUTO_INT8_MIN_WIDTH)
+        self.head = torch.nn.Linear(AUTO_INT8_MIN_WIDTH, 8)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + self.down(torch.relu(self.up(h))))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 50, (4, 12), generator=g),) for _ in range(2)]
+
+
+PIPELINES = {"4-bit groups": "quantize{bits=4,granularity=group,group_size=64,scheme=affine}",
+             "codebook": "share{bits=4}"}
+
+
+@pytest.fixture(scope="module", params=list(PIPELINES))
+def compressed(request, net, ids):
+    res = fxpress.compress(net, PIPELINES[request.param], calibration=ids)
+    _STATS[request.param] = res.records[0].stats["layers"]
+    return request.param, res.module
+
+
+_STATS = {}
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _paths(gm):
+    return {r["layer"]: r["path"] for r in decode_plan(gm)}
+
+
+def test_auto_runs_wide_linears_in_int8_within_tolerance_of_per_call(compressed, ids):
+    name, gm = compressed
+    x = ids[1][0]
+    assert _paths(gm) == {"emb": "per_call", "up": "int8", "down": "int8", "head": "float"}
+    fast = gm(x)
+    plan = set_decode(gm, "per_call")
+    assert {r["path"] for r in plan} == {"per_call"}
+    ref = gm(x)
+    assert _rel(fast, ref) < 0.03, name
+    set_decode(gm, "float")
+    assert torch.equal(gm(x), ref)  # decoded once or per call: the same float weight
+    set_decode(gm, "auto")
+    assert torch.equal(gm(x), fast)
+    for row in decode_plan(gm):
+        if row["path"] == "int8":
+            assert row["int8_error"] < 0.03 and row["held_now"] == row["held_bytes"]["int8"]
+        assert row["held_bytes"]["float"] == 4 * row["shape"][0] * row["shape"][1]
+
+
+def test_forced_int8_and_layer_override(compressed, ids):
+    _, gm = compressed
+    try:
+        plan = set_decode(gm, "int8")
+        # a narrow linear takes int8 when asked; an embedding has no int8 path
+        assert {r["layer"]: r["path"] for r in plan}["head"] == "int8"
+        assert {r["layer"]: r["path"] for r in plan}["emb"] == "per_call"
+        set_decode(gm, "float", layers=["up"])
+        assert _paths(gm)["up"] == "float" and _paths(gm)["down"] == "int8"
+        with pytest.raises(InputError, match="bogus"):
+            set_decode(gm, "bogus")
+        with pytest.raises(InputError, match="no compressed layer matches"):
+            set_decode(gm, "float", layers=["nothing.*"])
+    finally:
+        set_decode(gm, "auto")
+
+
+def test_caches_stay_out_of_state_dict_and_artifact(compressed, ids, tmp_path):
+    _, gm = compressed
+    set_decode(gm, "per_call")
+    before, size = state_snapshot(gm), artifact_size(gm)
+    for strategy in ("int8", "float", "auto"):
+        set_decode(gm, strategy)
+        gm(ids[0][0])
+        assert_unchanged(gm, before)
+        # the same tensors; the strategy's name in the header is all that differs
+        assert abs(artifact_size(gm) - size) < 64
+    path = tmp_path / "m.fxp"
+    set_decode(gm, "float", layers=["down"])
+    fxpress.save(gm, path)
+    loaded = fxpress.load(path)
+    assert _paths(loaded) == _paths(gm)
+    assert torch.equal(loaded(ids[1][0]), gm(ids[1][0]))
+    assert_unchanged(loaded, before)
+    set_decode(gm, "auto")
+
+
+def test_pass_option_and_stats(compressed, net, ids):
+    name, _ = compressed
+    stats = _STATS[name]
+    assert stats["up.weight"]["decode"] == "auto"
+    assert stats["up.weight"]["held_bytes"]["float"] == 4 * 384 * 256
+    if name == "4-bit groups":  # quantize measured each layer as it runs
+        assert stats["up.weight"]["decode_path"] == "int8" and stats["up.weight"]["int8_error"] < 0.03
+        assert stats["head.weight"]["decode_path"] == "float"
+        return
+    res = fxpress.compress(net, "share{bits=4,decode=per_call}", calibration=ids[:1])
+    assert set(_paths(res.module).values()) == {"per_call"}
+    assert res.records[0].stats["layers"]["up.weight"]["decode"] == "per_call"
+
+
+def test_int8_kernel_follows_the_rows_of_each_call(compressed):
+    _, gm = compressed
+    if int8_mod._available_backends()[:2] != ["onednn", "fbgemm"]:
+        pytest.skip("needs both oneDNN and fbgemm int8 kernels")
+    up = dict(compressed_modules(gm))["up"]
+    set_decode(gm, "auto", layers=["up"])
+    twin = up._twin()
+    up(torch.randn(2, AUTO_INT8_MIN_WIDTH))
+    assert int8_mod.prepacked_backends(twin) == ["fbgemm"]
+    up(torch.randn(int8_mod.ONEDNN_MIN_ROWS, AUTO_INT8_MIN_WIDTH))
+    assert int8_mod.prepacked_backends(twin) == ["fbgemm", "onednn"]
+    held = up.decode_info()["held_bytes"]["int8"]
+    assert held == 3 * (384 * 256 + 4 * 384)  # codes + two prepacked copies
