@@ -130,17 +130,19 @@ class CompressedModule(RuntimeModule):
         While the module is fine-tuned (a non-bias parameter requires grad) it always
         decodes, so gradients reach what is trained.
         """
-        if not self.keeps_decoded() or any(p.requires_grad for n, p in self.named_parameters(
-                recurse=False) if n != "bias"):
+        if not self.keeps_decoded() or any(p is not None and p.requires_grad for n, p in
+                                           self._parameters.items() if n != "bias"):
             return self.weight_float()
-        cached = self._buffers.get("weight_cache")
+        # a plain attribute, not a buffer: a run-time cache is no tensor of the model
+        # (state_dict, named_buffers and checksums never see it); moving the module drops it
+        cached = self.__dict__.get("weight_cache")
         if cached is None:
             with torch.no_grad():
                 cached = self.weight_float()
             # under torch.compile the decode is part of the graph (a constant once frozen):
-            # registering the copy would change the module and recompile the next call
+            # keeping the copy would change the module and recompile the next call
             if caches_enabled() and not torch.compiler.is_compiling():
-                self.register_buffer("weight_cache", cached, persistent=False)
+                self.__dict__["weight_cache"] = cached
         return cached
 
     def keeps_decoded(self) -> bool:
@@ -150,7 +152,11 @@ class CompressedModule(RuntimeModule):
 
     def drop_cache(self) -> None:
         """Forget the decoded copy (after the compressed tensors change)."""
-        self._buffers.pop("weight_cache", None)
+        self.__dict__.pop("weight_cache", None)
+
+    def _apply(self, fn, recurse=True):
+        self.drop_cache()  # .to(), .half(), ...: decoded again from the moved tensors
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # subclasses register ``bias`` as a parameter or buffer (or leave it None)

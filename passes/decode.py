@@ -102,7 +102,8 @@ class DecodeStrategy:
         return False
 
     def _fine_tuning(self) -> bool:
-        return any(p.requires_grad for n, p in self.named_parameters(recurse=False) if n != "bias")
+        return any(p is not None and p.requires_grad for n, p in self._parameters.items()
+                   if n != "bias")
 
     def _requested(self) -> str:
         strategy = normalize_decode(getattr(self, "decode", "auto"))
@@ -160,7 +161,9 @@ class DecodeStrategy:
         return twin
 
     def config(self) -> dict:
-        return {**super().config(), "decode": self.decode}
+        # the default is left out: files keep their size, and older ones load as "auto"
+        extra = {} if self.decode == DecodeStrategy.decode else {"decode": self.decode}
+        return {**super().config(), **extra}
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], parameters=()):

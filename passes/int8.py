@@ -75,9 +75,19 @@ def int8_backend(name: str) -> Iterator[None]:
         _backend_override.pop()
 
 
-def _available_backends() -> list[str]:
+_available: dict[int, tuple[str, ...]] = {}  # len(_broken) -> backends (_broken only grows)
+
+
+def _available_backends() -> tuple[str, ...]:
     if _backend_override:
-        return [_backend_override[-1]]
+        return (_backend_override[-1],)
+    hit = _available.get(len(_broken))
+    if hit is None:
+        hit = _available[len(_broken)] = tuple(_probe_backends())
+    return hit
+
+
+def _probe_backends() -> list[str]:
     out = []
     if ("onednn" not in _broken and hasattr(torch.ops, "onednn")
             and hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()):
@@ -194,7 +204,9 @@ class Int8Kernels:
                 if _backend_override or backend == "reference":
                     raise
                 _broken.add(backend)  # the operator is missing or refuses: try the next
-        return y.to(x.dtype).reshape(*shape[:-1], -1)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*shape[:-1], -1)
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         # 8-bit symmetric codes are stored as int8 already: no int32 detour (4x their size)
@@ -240,14 +252,21 @@ class Int8Kernels:
         many rows: it takes the input already quantised, and the three elementwise passes
         that does cost more than its faster matmul saves when the layer is narrow or the
         call small (fbgemm quantises inside its kernel; see :data:`ONEDNN_MIN_ROWS`)."""
-        kernels = _available_backends()
-        if kernels[0] == "onednn" and not _backend_override and (
-                self.zero_point is not None or min(self.shape[0], self.cols) < ONEDNN_MIN_WIDTH):
-            return kernels[1:]
-        if (kernels[0] == "onednn" and not _backend_override and rows is not None
-                and rows < ONEDNN_MIN_ROWS and "fbgemm" in kernels):
-            return ["fbgemm", "onednn"] + kernels[2:]
-        return kernels
+        kernels = list(_available_backends())
+        if _backend_override or kernels[0] != "onednn":
+            return kernels
+        small = rows is not None and rows < ONEDNN_MIN_ROWS
+        memo = self.__dict__.setdefault("_kernel_order", {})  # per call size, per _broken
+        hit = memo.get((small, len(_broken)))
+        if hit is None:
+            if self.zero_point is not None or min(self.shape[0], self.cols) < ONEDNN_MIN_WIDTH:
+                hit = kernels[1:]
+            elif small and "fbgemm" in kernels:
+                hit = ["fbgemm", "onednn"] + kernels[2:]
+            else:
+                hit = kernels
+            memo[(small, len(_broken))] = hit
+        return list(hit)
 
     def _packed_product(self, backend: str, build, apply) -> torch.Tensor:
         """``apply(packed, rows)`` over the prepacked weight ``build(weight, rows)``: cached

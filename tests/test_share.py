@@ -156,10 +156,10 @@ def test_decode_once_keeps_a_cache_outside_the_state_dict(mlp, calib):
     x = calib[0][0]
     assert torch.equal(per_call(x), once(x))
     m = _codebooks(once)["layers.0"]
-    assert m.cache_weight and "weight_cache" in m._buffers
-    assert "weight_cache" not in m.state_dict()
+    assert m.cache_weight and "weight_cache" in m.__dict__
+    assert "weight_cache" not in m.state_dict() and "weight_cache" not in dict(m.named_buffers())
     assert stored_bytes(once) == stored_bytes(per_call)
-    assert "weight_cache" not in _codebooks(per_call)["layers.0"]._buffers
+    assert "weight_cache" not in _codebooks(per_call)["layers.0"].__dict__
 
 
 def test_fine_tuning_sums_gradients_into_centroids_and_keeps_zero(mlp, calib):
