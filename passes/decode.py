@@ -119,6 +119,10 @@ class DecodeStrategy:
         always ``"per_call"``). ``auto``'s choice is remembered until :meth:`drop_cache`."""
         if self._fine_tuning():
             return "per_call"
+        if torch.compiler.is_compiling():
+            # fxpress.compile decodes in the graph (a constant once frozen); stored int8
+            # codes take int8_forward's traceable form
+            return "int8" if self.native_int8() else "per_call"
         path = self.__dict__.get("_decode_path")
         if path is None:
             path = self._choose_path()
