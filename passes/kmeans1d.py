@@ -87,7 +87,7 @@ def _lloyd_many(problems: list[tuple], max_iter: int
     # each problem's points shifted onto its own stretch of one sorted axis
     base = np.array([problems[i][0][0] for i in live], dtype=np.float64)
     width = max(float(problems[i][0][-1] - problems[i][0][0]) for i in live)
-    gap = 2.0 * width + 1.0
+    gap = 2.0 * width if width > 0 else 1.0  # scale-free: rounding stays far below a bin
     shift = np.arange(P, dtype=np.float64) * gap - base
     axis = np.concatenate([problems[i][0] + shift[j] for j, i in enumerate(live)])
     # cumulative counts and sums per problem, each starting from 0 (index + problem)
