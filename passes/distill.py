@@ -299,6 +299,9 @@ RECOVERY = Tolerance(min_top1=0.95, min_accuracy_ratio=0.99, against="reference"
 #: The most epochs a recovery step trains when ``epochs`` is not given (early stopping
 #: usually ends it sooner).
 AUTO_EPOCHS = 30
+#: With ``epochs`` not given, a plateau first restores the best epoch and drops the rate
+#: tenfold this many times before it stops the run (TrainConfig.lr_drops).
+AUTO_LR_DROPS = 2
 #: The fraction of the batches held out for early stopping when ``epochs`` is not given.
 AUTO_HOLDOUT = 0.1
 _NONE = type(None)
@@ -402,6 +405,7 @@ class Distill(Pass):
         config = TrainConfig(epochs=self.epochs or AUTO_EPOCHS, lr=self.lr,
                              optimizer=self.optimizer, weight_decay=self.weight_decay,
                              schedule=self.schedule, patience=self.patience,
+                             lr_drops=AUTO_LR_DROPS if self.epochs is None else 0,
                              holdout=AUTO_HOLDOUT if self.holdout is None and self.epochs is None
                              else self.holdout or 0.0,
                              seed=ctx.seed, progress=ctx.progress)

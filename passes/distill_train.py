@@ -52,7 +52,10 @@ class TrainConfig:
     ``holdout``: the fraction of the batches held out (a deterministic split from
     ``seed``) and evaluated after every epoch; the weights of the epoch with the lowest
     held-out loss are restored at the end. ``patience``: stop after this many epochs
-    without a better held-out loss (0: run every epoch). ``device``: where to train
+    without a better held-out loss (0: run every epoch). ``lr_drops``: that many times,
+    instead of stopping, restore the best epoch's weights and go on at a tenth of the
+    rate, constant (a plateau at a high rate is not the end: the run ends annealed).
+    ``device``: where to train
     (default: the student's device; under torchrun with one GPU per rank,
     ``cuda:LOCAL_RANK``). ``progress``: True shows a bar, None only on a terminal.
     """
@@ -64,6 +67,7 @@ class TrainConfig:
     schedule: str = "cosine"
     holdout: float = 0.0
     patience: int = 0
+    lr_drops: int = 0
     seed: int = 0
     progress: bool | None = True
     device: str | torch.device | None = None
@@ -84,6 +88,8 @@ class TrainConfig:
             raise bad("holdout", "must satisfy 0 <= holdout < 1")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
             raise bad("patience", "must be an int >= 0")
+        if isinstance(self.lr_drops, bool) or not isinstance(self.lr_drops, int) or self.lr_drops < 0:
+            raise bad("lr_drops", "must be an int >= 0")
 
 
 @dataclass
@@ -105,6 +111,7 @@ class History:
     lr_test: RangeTest | None = None
     best_epoch: int = 0
     stopped_early: bool = False
+    lr_drops: list[int] = field(default_factory=list)  # epochs after which the rate fell
 
     @property
     def loss(self) -> list[float]:
@@ -121,7 +128,8 @@ class History:
                 "trained_parameters": self.trained_parameters, "kept_zeros": self.kept_zeros,
                 "holdout_batches": self.holdout_batches, "lr": self.lr,
                 "lr_test": self.lr_test.as_dict() if self.lr_test else None,
-                "best_epoch": self.best_epoch, "stopped_early": self.stopped_early}
+                "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "lr_drops": self.lr_drops}
 
 
 @dataclass
@@ -169,6 +177,8 @@ def _loss_item(t: torch.Tensor | float) -> float:
 
 #: every part :meth:`Distiller.loss` may report
 _LOSS_PARTS = ("loss", "kd", "ce", "feature")
+#: what a plateau multiplies the rate by when TrainConfig.lr_drops allows it
+LR_DROP = 0.1
 
 
 class Distiller:
@@ -467,6 +477,7 @@ class Distiller:
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, factor=0.5, patience=max(1, cfg.patience // 2 if cfg.patience else 2))
         best = BestState(trainee) if held is not None else None
+        drops_left, dropped = cfg.lr_drops, 0
         bar = progress_bar(cfg.epochs * steps if steps else None, cfg.progress and d.rank == 0)
         try:
             for epoch in range(1, cfg.epochs + 1):
@@ -479,7 +490,7 @@ class Distiller:
                 with train_mode(trainee):
                     for batch in batches:
                         parts = self._step(run, model, opt, masks, batch)
-                        if cfg.schedule == "cosine" and steps:
+                        if cfg.schedule == "cosine" and steps and sched is not None:
                             sched.step()
                         for k, v in parts.items():
                             sums[k] = sums.get(k, 0.0) + v
@@ -488,7 +499,7 @@ class Distiller:
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(epoch=epoch, loss=f"{parts['loss']:.4f}", refresh=False)
-                if cfg.schedule == "cosine" and not steps:
+                if cfg.schedule == "cosine" and not steps and sched is not None:
                     sched.step()
                 record = self._reduce(sums, counts, n, d, device)
                 record.update(epoch=epoch, lr=lr_now)
@@ -502,7 +513,20 @@ class Distiller:
                     bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
                 if best is not None:
                     best.update(epoch, record["val_loss"])
-                    if cfg.patience and best.since(epoch) >= cfg.patience and epoch < cfg.epochs:
+                    if cfg.patience and best.since(max(best.epoch, dropped)) >= cfg.patience \
+                            and epoch < cfg.epochs:
+                        if drops_left and cfg.schedule != "plateau":
+                            # a plateau at this rate: back to the best state, on at a tenth
+                            # of the rate (constant), so the run ends annealed, not stopped
+                            # while the rate is still high
+                            drops_left -= 1
+                            dropped = epoch
+                            best.restore()
+                            sched = None
+                            for g in opt.param_groups:
+                                g["lr"] = g["lr"] * LR_DROP
+                            history.lr_drops.append(epoch)
+                            continue
                         history.stopped_early = True
                         break
         finally:
