@@ -299,9 +299,9 @@ RECOVERY = Tolerance(min_top1=0.95, min_accuracy_ratio=0.99, against="reference"
 #: The most epochs a recovery step trains when ``epochs`` is not given (early stopping
 #: usually ends it sooner).
 AUTO_EPOCHS = 30
-#: With ``epochs`` not given, a plateau first restores the best epoch and drops the rate
-#: tenfold this many times before it stops the run (TrainConfig.lr_drops).
-AUTO_LR_DROPS = 2
+#: With ``epochs`` not given, the first plateau restores the best epoch and anneals the
+#: rate to zero over ``patience`` more epochs instead of stopping (TrainConfig.lr_drops).
+AUTO_LR_DROPS = 1
 #: The fraction of the batches held out for early stopping when ``epochs`` is not given.
 AUTO_HOLDOUT = 0.1
 _NONE = type(None)

@@ -53,8 +53,9 @@ class TrainConfig:
     ``seed``) and evaluated after every epoch; the weights of the epoch with the lowest
     held-out loss are restored at the end. ``patience``: stop after this many epochs
     without a better held-out loss (0: run every epoch). ``lr_drops``: that many times,
-    instead of stopping, restore the best epoch's weights and go on at a tenth of the
-    rate, constant (a plateau at a high rate is not the end: the run ends annealed).
+    instead of stopping, restore the best epoch's weights and anneal from the current rate
+    to zero (cosine) over ``patience`` more epochs (a plateau at a high rate is not the
+    end: the run ends annealed).
     ``device``: where to train
     (default: the student's device; under torchrun with one GPU per rank,
     ``cuda:LOCAL_RANK``). ``progress``: True shows a bar, None only on a terminal.
@@ -177,8 +178,6 @@ def _loss_item(t: torch.Tensor | float) -> float:
 
 #: every part :meth:`Distiller.loss` may report
 _LOSS_PARTS = ("loss", "kd", "ce", "feature")
-#: what a plateau multiplies the rate by when TrainConfig.lr_drops allows it
-LR_DROP = 0.1
 
 
 class Distiller:
@@ -490,7 +489,7 @@ class Distiller:
                 with train_mode(trainee):
                     for batch in batches:
                         parts = self._step(run, model, opt, masks, batch)
-                        if cfg.schedule == "cosine" and steps and sched is not None:
+                        if steps and isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
                             sched.step()
                         for k, v in parts.items():
                             sums[k] = sums.get(k, 0.0) + v
@@ -499,7 +498,7 @@ class Distiller:
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(epoch=epoch, loss=f"{parts['loss']:.4f}", refresh=False)
-                if cfg.schedule == "cosine" and not steps and sched is not None:
+                if not steps and isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
                     sched.step()
                 record = self._reduce(sums, counts, n, d, device)
                 record.update(epoch=epoch, lr=lr_now)
@@ -513,18 +512,18 @@ class Distiller:
                     bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
                 if best is not None:
                     best.update(epoch, record["val_loss"])
-                    if cfg.patience and best.since(max(best.epoch, dropped)) >= cfg.patience \
-                            and epoch < cfg.epochs:
+                    stalled = epoch - max(best.epoch, dropped) >= cfg.patience or \
+                        (dropped and epoch - dropped >= cfg.patience)  # its tail has ended
+                    if cfg.patience and stalled and epoch < cfg.epochs:
                         if drops_left and cfg.schedule != "plateau":
-                            # a plateau at this rate: back to the best state, on at a tenth
-                            # of the rate (constant), so the run ends annealed, not stopped
-                            # while the rate is still high
+                            # a plateau while the rate is still high: back to the best
+                            # state, and anneal from this rate to zero over `patience`
+                            # epochs, so the run ends annealed rather than cut off
                             drops_left -= 1
                             dropped = epoch
                             best.restore()
-                            sched = None
-                            for g in opt.param_groups:
-                                g["lr"] = g["lr"] * LR_DROP
+                            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                                opt, cfg.patience * (steps or 1))
                             history.lr_drops.append(epoch)
                             continue
                         history.stopped_early = True

@@ -44,6 +44,24 @@ def test_early_stopping_restores_the_epoch_with_the_best_held_out_loss(one_threa
     assert _held_loss(d, held) < vals[-1]
 
 
+def test_a_plateau_anneals_from_the_best_state_before_stopping(one_thread):
+    from fxpress.passes.distill_train import TrainConfig
+
+    teacher = trained_mlp(hidden=(32,), epochs=20)
+    torch.manual_seed(3)
+    d = fxpress.Distiller(teacher, DigitsMLP(hidden=(8,)))
+    h = d.fit(train_data()[:12], config=TrainConfig(
+        epochs=20, lr=0.3, schedule="constant", holdout=0.25, patience=2, lr_drops=1,
+        progress=False))
+    (drop,) = h.lr_drops
+    lrs = [e["lr"] for e in h.epochs]  # each epoch's rate at its start
+    assert lrs[:drop + 1] == [0.3] * (drop + 1)
+    assert all(a > b for a, b in zip(lrs[drop:], lrs[drop + 1:]))  # annealing after the drop
+    assert h.stopped_early and len(h) == drop + 2  # the tail lasts `patience` epochs
+    vals = [e["val_loss"] for e in h.epochs]
+    assert h.best_epoch == 1 + vals.index(min(vals))
+
+
 def test_holdout_split_is_deterministic_and_leaves_the_global_rng_alone():
     data = list(range(20))
     state = torch.get_rng_state()
