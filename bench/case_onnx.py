@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -119,7 +120,9 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
         checks[label] = out.check
         notes.append(f"{pipe}: compress + export {time.perf_counter() - t0:.1f} s")
 
-    sessions = {k: session(str(p), threads=THREADS) for k, p in paths.items()}
+    # worker threads that spin after a run would take the cores from the next variant of
+    # the interleaved rounds (the same options for every variant)
+    sessions = {k: session(str(p), threads=THREADS, spin=False) for k, p in paths.items()}
 
     def ort_run(s, inputs):
         names = [i.name for i in s.get_inputs()]
@@ -182,14 +185,21 @@ def run(size: str) -> list[Table]:
         t = Table("skipped", ["reason"])
         t.add("onnxruntime is not installed: pip install 'fxpress[onnx]'")
         return [t]
-    from examples.minilm import SENTENCES, sentence_encoder
-
     torch.set_num_threads(THREADS)
     repeat = {"full": {"1": 40, "32": 7}, "quick": {"1": 15, "32": 3},
               "tiny": {"1": 1, "32": 1}}[size]
     long = 128 if size != "tiny" else 32
-    tables = []
     tmp = Path(tempfile.mkdtemp(prefix="fxpress-onnx-bench-"))
+    try:
+        return _run_cases(size, repeat, long, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a few hundred MB of models
+
+
+def _run_cases(size: str, repeat: dict, long: int, tmp: Path) -> list[Table]:
+    from examples.minilm import SENTENCES, sentence_encoder
+
+    tables = []
     if size != "tiny":  # MiniLM's exports take minutes: tiny runs the random BERT only
         n_calib = 32
         held = SENTENCES[n_calib:n_calib + 40 if size == "full" else n_calib + 32]

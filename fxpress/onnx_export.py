@@ -352,9 +352,11 @@ def _flat_inputs(inputs) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(tuple(inputs)) if isinstance(t, torch.Tensor)]
 
 
-def session(model, threads: int | None = None, optimized: bool = True):
+def session(model, threads: int | None = None, optimized: bool = True, spin: bool = True):
     """An ``onnxruntime.InferenceSession`` on an exported model (a path, bytes or a
-    ModelProto), with ``threads`` intra-op threads and all graph optimizations."""
+    ModelProto), with ``threads`` intra-op threads and all graph optimizations.
+    ``spin=False``: idle worker threads sleep instead of spinning (several sessions, or a
+    loaded machine, then do not take each other's cores)."""
     _require()
     import onnxruntime as ort
 
@@ -362,6 +364,8 @@ def session(model, threads: int | None = None, optimized: bool = True):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3
