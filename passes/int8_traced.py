@@ -32,9 +32,9 @@ __all__ = ["traced_int8_linear", "traced_quantize_per_tensor"]
 
 def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Signed affine codes of ``x2`` (times ``col_scale`` per column) with one scale and
-    zero point, as :func:`~fxpress.passes.int8.quantize_per_tensor` with ``signed=True``,
-    computed in tensors: ``(codes int8, scale 0-d, zero 0-d float)``."""
+    """Signed affine codes of ``x2`` (times ``col_scale`` along its last axis) with one
+    scale and zero point, as :func:`~fxpress.passes.int8.quantize_per_tensor` with
+    ``signed=True``, computed in tensors: ``(codes int8, scale 0-d, zero 0-d float)``."""
     if col_scale is not None:
         x2 = x2 * col_scale
     zero_t = x2.new_zeros(())
@@ -49,20 +49,22 @@ def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None 
 def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a :class:`~fxpress.passes.quantize_modules.QuantizedLinear` with
     dynamic activations, in traceable tensor ops (see the module docstring)."""
+    # quantised in the input's own shape, flattened after: the codes are a new contiguous
+    # tensor, where flattening ``x`` itself (a view, an expanded tensor) would make
+    # torch.compile specialise a batch of 1
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
+    xf = x if x.dtype == torch.float32 else x.float()
     inv = None if layer.smooth is None else layer.smooth.reciprocal()
     wq, sw, zw = layer._int8_weight()
     if layer.act_scale == "tensor":
-        xq, sx, zx = traced_quantize_per_tensor(x2, inv)
+        xq, sx, zx = traced_quantize_per_tensor(xf, inv)
     else:
         if inv is not None:
-            x2 = x2 * inv
-        amax = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg()).clamp(min=1e-12)
-        xq = torch.round(x2 * (127.0 / amax)).to(torch.int8)
-        sx, zx = amax / 127.0, None
+            xf = xf * inv
+        amax = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg()).clamp(min=1e-12)
+        xq = torch.round(xf * (127.0 / amax)).to(torch.int8)
+        sx, zx = (amax / 127.0).reshape(-1, 1), None
+    xq = xq.reshape(-1, shape[-1])
     # the pattern Inductor turns into oneDNN's int8 linear: mul(mul(float(_int_mm), x_scale), w_scale)
     y = torch._int_mm(xq, wq.t()).to(torch.float32) * sx * sw
     if zw is not None or zx is not None:

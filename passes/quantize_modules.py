@@ -235,12 +235,14 @@ class QuantizedEmbedding(QuantizedWeight):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if self._training_path() or self.decode_path() != "per_call" or not self.gathers_rows():
             return F.embedding(indices, self.dense_weight(), self.spec.get("padding_idx"))
-        flat = indices.reshape(-1)
-        rows = self.qweight.index_select(0, flat)
+        # indexing, then flattening the (contiguous) result: flattening the indices first
+        # would make torch.compile specialise a batch of 1 (BERT's expanded token types)
+        rows = self.qweight[indices].reshape(-1, self.qweight.shape[1])
         codes = load_codes(rows, self.bits, self.scheme, self.cols)
         zero = self.zero()
-        out = dequantize_weight(codes, self.scale.index_select(0, flat),
-                                None if zero is None else zero.index_select(0, flat),
+        out = dequantize_weight(codes, self.scale[indices].reshape(-1, self.scale.shape[1]),
+                                None if zero is None else
+                                zero[indices].reshape(-1, *zero.shape[1:]),
                                 self.group_size)
         return out.reshape(*indices.shape, self.cols)
 
