@@ -165,14 +165,14 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
     return table
 
 
-def _random_bert(seed: int):
+def _random_bert(seed: int, hidden: int = 256, layers: int = 4):
     from transformers import BertConfig, BertModel
 
     from examples.minilm import SentenceEncoder
 
     torch.manual_seed(seed)
-    bert = BertModel(BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                intermediate_size=1024, vocab_size=2000,
+    bert = BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                intermediate_size=4 * hidden, vocab_size=2000,
                                 max_position_embeddings=160))
     return SentenceEncoder(bert.train(False)).train(False)
 
@@ -211,11 +211,12 @@ def _run_cases(size: str, repeat: dict, long: int, tmp: Path) -> list[Table]:
             _minilm_inputs(held[:1], 16), _minilm_inputs(held[:32], long), repeat, tmp / "minilm"))
     for seed in ((0, 1) if size == "full" else (0,)):
         gen = torch.Generator().manual_seed(seed)
-        enc = _random_bert(seed)
+        hidden, layers = (64, 1) if size == "tiny" else (256, 4)  # tiny: the code paths only
+        enc = _random_bert(seed, hidden, layers)
         calib = [_random_inputs(32, 64, 2000, gen, (8, 64))]
         held = [_random_inputs(32, long, 2000, gen, (8, long)) for _ in range(2)]
         b1 = _random_inputs(1, 16, 2000, gen)
         (tmp / f"bert{seed}").mkdir()
-        tables.append(_case(f"random BERT (hidden 256, 4 layers), seed {seed}", enc, calib, held,
+        tables.append(_case(f"random BERT (hidden {hidden}, {layers} layers), seed {seed}", enc, calib, held,
                             b1, held[0], repeat, tmp / f"bert{seed}"))
     return tables
