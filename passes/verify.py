@@ -94,6 +94,8 @@ def compare(new: Outputs, ref: Outputs, top1: bool = True) -> Metrics:
                 raise ValueError(f"output shape changed: {tuple(r.shape)} became {tuple(n.shape)}")
             # each sample (row) flattened; per row: dot product, squared norms, |x| sums
             rows = n.shape[0] if n.dim() >= 1 and n.shape[0] else 1
+            if n.numel() == rows:  # one value per sample (a regression): its cosine is only
+                rows = 1           # its sign, so the batch is compared as one column
             n2, r2 = n.reshape(rows, -1), r.reshape(rows, -1)
             cols = n2.shape[1]
             sums = torch.zeros(5, rows, dtype=torch.float64)

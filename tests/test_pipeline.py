@@ -342,3 +342,17 @@ def test_in_place_has_no_last_good_and_refuses_rollback(mlp, calib):
     assert pipe.in_place
     with pytest.raises(fxpress.errors.PipelineSpecError, match="in_place"):
         fxpress.Pipeline.from_recipe('pipeline = "prune"\nin_place = "yes"\n', fxpress.registry())
+
+
+def test_one_value_per_sample_is_compared_as_a_column():
+    # a regression head's [B, 1] output: a per-sample cosine is only its sign, so a
+    # near-zero value that flips would read -1 and a scaled one would read 1
+    from fxpress.passes.verify import compare
+
+    ref = torch.tensor([[1.0], [2.0], [-3.0], [1e-4]])
+    flipped = ref.clone()
+    flipped[3] = -1e-4
+    m = compare([[flipped]], [[ref]], top1=False)
+    assert m.cosine_min > 0.999 and m.rel_l2 < 1e-4
+    wrong = torch.tensor([[1.0], [-2.0], [3.0], [1e-4]])
+    assert compare([[wrong]], [[ref]], top1=False).cosine_min < 0.3
