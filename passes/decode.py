@@ -276,7 +276,7 @@ def format_decode_plan(rows: list[dict[str, Any]]) -> str:
     """:func:`decode_plan` as a text table (what ``fxpress inspect --decode`` prints)."""
     from fxpress.graph.inspect import human_bytes
 
-    head = ("layer", "kind", "shape", "decode", "path", "int8 err", "stored", "held now",
+    head = ("layer", "kind", "shape", "decode", "path", "int8 err", "stored", "held (path)",
             "float", "int8")
     out = [head]
     for r in rows:

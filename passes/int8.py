@@ -302,7 +302,7 @@ class Int8Kernels:
                           quantize_per_tensor(x2, 255, signed=False, col_scale=inv))
             bias = self.bias
             return self._packed_product("onednn", build, lambda p, rows: (
-                torch.ops.onednn.qlinear_pointwise(xq, sx, zx, p[0], p[1], p[2],
+                torch.ops.onednn.qlinear_pointwise.default(xq, sx, zx, p[0], p[1], p[2],
                                                    None if bias is None else bias[rows],
                                                    1.0, 0, torch.float32, "none", [], "")))
         x2 = _smoothed(x2, inv)
@@ -311,7 +311,7 @@ class Int8Kernels:
         amax = per_token_absmax(x2)
         xq = torch.addcmul(_ROUNDED_ZERO, x2, 127.0 / amax).to(torch.uint8)
         y = self._packed_product("onednn", build, lambda p, rows: (
-            torch.ops.onednn.qlinear_pointwise(xq, 1.0 / 127, 128, p[0], p[1], p[2], None,
+            torch.ops.onednn.qlinear_pointwise.default(xq, 1.0 / 127, 128, p[0], p[1], p[2], None,
                                                1.0, 0, torch.float32, "none", [], "")))
         if self.bias is None:
             return y.mul_(amax)
@@ -334,13 +334,13 @@ class Int8Kernels:
 
         if per_tensor:  # fbgemm quantises the input with one affine scale and adds the bias
             return self._packed_product("fbgemm", build, lambda p, rows: (
-                torch.ops.quantized.linear_dynamic(x2, p, _REDUCE_RANGE)))
+                torch.ops.quantized.linear_dynamic.default(x2, p, _REDUCE_RANGE)))
         # dividing each row by its own absmax first makes fbgemm's one scale a per-token
         # one (every row then spans [-1, 1])
         amax = per_token_absmax(x2)
         xs = x2 / amax
         y = self._packed_product("fbgemm", build, lambda p, rows: (
-            torch.ops.quantized.linear_dynamic(xs, p, _REDUCE_RANGE)))
+            torch.ops.quantized.linear_dynamic.default(xs, p, _REDUCE_RANGE)))
         if self.bias is None:
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)
