@@ -30,7 +30,8 @@ def test_to_networkx_nodes_edges_and_history(cnn_result):
     assert isinstance(g, nx.MultiDiGraph)
     conv1 = g.nodes["conv1"]
     assert (conv1["op"], conv1["module_type"], conv1["params"]) == ("call_module", "Conv2d", 144)
-    assert conv1["nonzeros"] == round(144 * 0.2) and conv1["bits"] == 32
+    # fan-in 9: per-layer prune keeps 2 weights per filter (min_per_unit), not 20% of 144
+    assert conv1["nonzeros"] == 2 * 16 and conv1["bits"] == 32
     assert conv1["shape"] == [128, 16, 8, 8] and conv1["dtype"] == "float32"
     assert conv1["pass"] == PRUNE and g.nodes["bn1"]["pass"] == ""  # only what the pass changed
     assert g.nodes["bn1"]["stored_bytes"] == 4 * (16 * 4) + 8
