@@ -20,6 +20,16 @@ os.environ["FXPRESS_DISABLE_PLUGINS"] = "1"
 
 from examples import digits as _digits  # noqa: E402
 
+#: the longest test files, collected first: `make test`'s two xdist workers (one file at a
+#: time) start on them, so neither is left alone with a long file at the end
+LONG_FIRST = ("test_bench_smoke.py", "test_zoo.py", "test_readme.py", "test_properties.py",
+              "test_caller_guarantee.py", "test_recovery.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
 
 @pytest.fixture(scope="session")
 def digits():
