@@ -51,6 +51,17 @@ _backend_override: list[str] = []
 _broken: set[str] = set()
 #: module -> {backend: (key, prepacked weight)}: one entry per kernel a layer has run
 _prepacked: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+#: module -> (ids of its tensors, their versions, the tensors, {small call?: (backend,
+#: prepacked weight, smoothing inverse)}): the kernel each call size took last time, which
+#: :meth:`Int8Kernels._fast_int8` calls directly (outside the module: a structural copy of
+#: the module must not inherit it)
+_plans: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# fbgemm's dynamic linear takes a packed-weight object, which makes torch.ops check every
+# argument for a fake one (a tracing-only object) on each call; the C++ operator itself
+# skips that (eager calls never hold fake objects)
+_LINEAR_DYNAMIC = getattr(torch.ops.quantized.linear_dynamic.default, "_op",
+                          torch.ops.quantized.linear_dynamic.default) \
+    if hasattr(torch.ops.quantized, "linear_dynamic") else None
 
 
 def prepacked_backends(module: torch.nn.Module) -> list[str]:
@@ -98,6 +109,11 @@ def _probe_backends() -> list[str]:
         out.append("int_mm")
     out.append("reference")
     return out
+
+
+def _version(t: torch.Tensor | None) -> int:
+    """``t``'s version counter (-1: no tensor, or an inference tensor, which has none)."""
+    return -1 if t is None or t.is_inference() else t._version
 
 
 def quantize_per_tensor(x2: torch.Tensor, levels: int = 255, signed: bool = True,
@@ -186,6 +202,9 @@ class Int8Kernels:
         ``torch.compile``: the same product in traceable ops, :mod:`fxpress.passes.int8_traced`)."""
         if torch.compiler.is_compiling():
             return traced_int8_linear(self, x)
+        y = self._fast_int8(x)
+        if y is not None:
+            return y
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         source = x if self.shares_input and self.act_scale == "tensor" else None
@@ -204,9 +223,65 @@ class Int8Kernels:
                 if _backend_override or backend == "reference":
                     raise
                 _broken.add(backend)  # the operator is missing or refuses: try the next
+        if x2.dtype == x.dtype:
+            self._remember_plan(backend, x2.shape[0], inv)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], -1)
+
+    def _weight_state(self) -> tuple[tuple, tuple, tuple]:
+        """(ids, versions, tensors) of what the prepacked weights are built from."""
+        b = self._buffers
+        qweight, scale, bias, smooth = tensors = (b["qweight"], b["scale"], b.get("bias"),
+                                                  b.get("smooth"))
+        versions = (_version(qweight), _version(scale), _version(bias), _version(smooth))
+        return (id(qweight), id(scale), id(bias), id(smooth)), versions, tensors
+
+    def _remember_plan(self, backend: str, rows: int, inv: torch.Tensor | None) -> None:
+        """Keep the kernel this call took (and its prepacked weight) for calls of the same
+        size class, which then skip choosing it (:meth:`_fast_int8`)."""
+        if backend not in ("fbgemm", "onednn") or self._parameters or not caches_enabled():
+            return
+        held = _prepacked.get(self, {}).get(backend)
+        if held is None:
+            return
+        ids, versions, tensors = self._weight_state()
+        plan = _plans.get(self)
+        if plan is None or plan[0] != ids or plan[1] != versions:
+            plan = _plans[self] = (ids, versions, tensors, {})
+        plan[3][rows < ONEDNN_MIN_ROWS] = (backend, held[1], inv)
+
+    def _fast_int8(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``linear(x)`` by the kernel a call of this size class took last time, with its
+        prepacked weight, or None (no such call yet, the weights changed since, a kernel
+        forced by :func:`int8_backend`, a non-float32 input, fine-tuning). At batch 1 a
+        linear's matmul takes tens of microseconds: choosing the kernel and checking the
+        prepack cache again on each call cost as much as the product (MiniLM: 37 calls)."""
+        plan = _plans.get(self)
+        if plan is None or _backend_override or x.dtype != torch.float32 or self._parameters:
+            return None
+        cols = x.shape[-1] if x.dim() else 0
+        entry = plan[3].get(x.numel() < ONEDNN_MIN_ROWS * cols) if cols else None
+        if entry is None:
+            return None
+        ids, versions, _ = self._weight_state()
+        if ids != plan[0] or versions != plan[1]:
+            _plans.pop(self, None)
+            return None
+        backend, packed, inv = entry
+        if backend == "fbgemm" and self.act_scale == "tensor":
+            # fbgemm's dynamic linear takes any leading dims: no reshape either way
+            try:
+                return _LINEAR_DYNAMIC(x if inv is None else x * inv, packed, _REDUCE_RANGE)
+            except (RuntimeError, NotImplementedError):
+                return None
+        x2 = x.reshape(-1, cols)
+        source = x if self.shares_input and self.act_scale == "tensor" and inv is None else None
+        try:
+            y = (self._mm_fbgemm if backend == "fbgemm" else self._mm_onednn)(x2, source, inv, packed)
+        except (RuntimeError, NotImplementedError):
+            return None  # the full path tries the next kernel
+        return y.reshape(*x.shape[:-1], -1)
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         # 8-bit symmetric codes are stored as int8 already: no int32 detour (4x their size)
@@ -287,8 +362,14 @@ class Int8Kernels:
             y[:, block] = part
         return y
 
+    def _product(self, backend: str, build, apply, packed) -> torch.Tensor:
+        """:meth:`_packed_product`, or ``apply`` over ``packed`` when the caller holds it."""
+        if packed is not None:
+            return apply(packed, slice(None))
+        return self._packed_product(backend, build, apply)
+
     def _mm_onednn(self, x2: torch.Tensor, source: torch.Tensor | None,
-                   inv: torch.Tensor | None) -> torch.Tensor:
+                   inv: torch.Tensor | None, packed=None) -> torch.Tensor:
         if self.zero_point is not None:
             raise NotImplementedError("oneDNN's int8 linear takes symmetric weights only")
 
@@ -301,24 +382,24 @@ class Int8Kernels:
             xq, sx, zx = (_shared_input(x2, source, signed=False) if inv is None else
                           quantize_per_tensor(x2, 255, signed=False, col_scale=inv))
             bias = self.bias
-            return self._packed_product("onednn", build, lambda p, rows: (
+            return self._product("onednn", build, lambda p, rows: (
                 torch.ops.onednn.qlinear_pointwise.default(xq, sx, zx, p[0], p[1], p[2],
                                                    None if bias is None else bias[rows],
-                                                   1.0, 0, torch.float32, "none", [], "")))
+                                                   1.0, 0, torch.float32, "none", [], "")), packed)
         x2 = _smoothed(x2, inv)
         # per token: each row divided by its absmax spans [-1, 1], one fixed scale 1/127;
         # 128.5 + 127·x/amax lies in [1.5, 255.5], so truncating to uint8 rounds it
         amax = per_token_absmax(x2)
         xq = torch.addcmul(_ROUNDED_ZERO, x2, 127.0 / amax).to(torch.uint8)
-        y = self._packed_product("onednn", build, lambda p, rows: (
+        y = self._product("onednn", build, lambda p, rows: (
             torch.ops.onednn.qlinear_pointwise.default(xq, 1.0 / 127, 128, p[0], p[1], p[2], None,
-                                               1.0, 0, torch.float32, "none", [], "")))
+                                               1.0, 0, torch.float32, "none", [], "")), packed)
         if self.bias is None:
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)
 
     def _mm_fbgemm(self, x2: torch.Tensor, source: torch.Tensor | None,
-                   inv: torch.Tensor | None) -> torch.Tensor:
+                   inv: torch.Tensor | None, packed=None) -> torch.Tensor:
         per_tensor = self.act_scale == "tensor"
         x2 = _smoothed(x2, inv)  # fbgemm quantises inside its kernel: smooth first
 
@@ -333,14 +414,14 @@ class Int8Kernels:
                 return torch.ops.quantized.linear_prepack(qw, bias)
 
         if per_tensor:  # fbgemm quantises the input with one affine scale and adds the bias
-            return self._packed_product("fbgemm", build, lambda p, rows: (
-                torch.ops.quantized.linear_dynamic.default(x2, p, _REDUCE_RANGE)))
+            return self._product("fbgemm", build, lambda p, rows: (
+                _LINEAR_DYNAMIC(x2, p, _REDUCE_RANGE)), packed)
         # dividing each row by its own absmax first makes fbgemm's one scale a per-token
         # one (every row then spans [-1, 1])
         amax = per_token_absmax(x2)
         xs = x2 / amax
-        y = self._packed_product("fbgemm", build, lambda p, rows: (
-            torch.ops.quantized.linear_dynamic.default(xs, p, _REDUCE_RANGE)))
+        y = self._product("fbgemm", build, lambda p, rows: (
+            _LINEAR_DYNAMIC(xs, p, _REDUCE_RANGE)), packed)
         if self.bias is None:
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)

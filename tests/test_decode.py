@@ -144,3 +144,34 @@ def test_int8_kernel_follows_the_rows_of_each_call(compressed):
     assert int8_mod.prepacked_backends(twin) == ["fbgemm", "onednn"]
     held = up.decode_info()["held_bytes"]["int8"]
     assert held == 3 * (384 * 256 + 4 * 384)  # codes + two prepacked copies
+
+
+@pytest.mark.parametrize("act_scale", ["tensor", "token"])
+def test_the_remembered_kernel_equals_the_full_path_and_sees_weight_changes(act_scale):
+    from fxpress.graph.capture import clone_structure
+    from fxpress.passes.decode import int8_twin
+    from fxpress.passes.quantize_modules import QuantizedLinear
+
+    torch.manual_seed(0)
+    cols = AUTO_INT8_MIN_WIDTH
+    base = int8_twin(torch.randn(cols, cols) * 0.05, torch.randn(cols))
+    smooth = torch.rand(cols) + 0.5  # smoothed input: the kernels multiply by its inverse
+    layer = QuantizedLinear((cols, cols), base.qweight.clone(), base.scale, None, base.bias, 8,
+                            "symmetric", "channel", activations="dynamic", act_scale=act_scale,
+                            smooth=smooth, stored=True)
+    with torch.no_grad():
+        for rows in (3, int8_mod.ONEDNN_MIN_ROWS):  # fbgemm's size class, then oneDNN's
+            x = torch.randn(2, rows, cols)
+            full = layer(x)  # chooses the kernel, remembers it
+            assert layer in int8_mod._plans
+            assert torch.equal(layer(x), full)  # the remembered kernel: the same product
+            with int8_mod.int8_backend("reference"):
+                exact = layer(x)
+            torch.testing.assert_close(full, exact, rtol=0.02, atol=0.02)
+        assert clone_structure(layer) not in int8_mod._plans  # a copy chooses its own
+        layer.qweight.neg_()  # written in place: the prepacked copies are stale
+        y = layer(x)
+        with int8_mod.int8_backend("reference"):
+            exact = layer(x)
+        torch.testing.assert_close(y, exact, rtol=0.02, atol=0.02)
+        assert not torch.allclose(y, full, atol=0.1)
