@@ -198,7 +198,7 @@ MARKER = "/tmp/fxpress_artifact_test_pwned"
      ForbiddenTargetError, "not a plain identifier"),
     (lambda h: h["tensors"]["head.weight"].update(shape=[1 << 40, 1 << 7]), ArtifactFormatError,
      "'head.weight': claims 140737488355328 elements"),
-    (lambda h: h.update(version=99), ArtifactFormatError, "v1 artifact"),
+    (lambda h: h.update(version=99), ArtifactFormatError, "v2 artifact"),
 ])
 def test_crafted_files_are_refused_before_anything_runs(mlp_bytes, tmp_path, mutate, error,
                                                         fragment):
@@ -448,7 +448,7 @@ def test_headers_compress_from_the_preset_dictionary_and_old_files_still_load(ml
                          + mlp_bytes[artifact.PREFIX_SIZE:])
         with pytest.raises(ArtifactFormatError, match=error):
             fxpress.load(path)
-    assert json.loads(raw) == header
+    assert artifact.fill(json.loads(raw)) == header  # the stored text, derived fields put back
 
 
 def test_small_streams_share_one_blob_and_its_tiling_is_checked(mlp_bytes, tmp_path):
@@ -468,3 +468,53 @@ def test_small_streams_share_one_blob_and_its_tiling_is_checked(mlp_bytes, tmp_p
     path.write_bytes(artifact.pack_artifact(bad, bytes(payload)))
     with pytest.raises(ArtifactFormatError, match="blob"):
         fxpress.load(path)
+
+
+# A file fxpress wrote in format version 1 (every derived field, 64-bit digests per stream and
+# tensor): Sequential(Linear(8, 6), ReLU, LayerNorm(6), Linear(6, 3)), seed 0, pruned 50% and
+# shared at 2 bits with 8-bit biases, saved with entropy=True by the version 1 writer.
+_V1_FILE = (
+    "iUZYUFJFU1MBAAAABwAAAIcCAAAAAAAA/6WRP5Cr5QOtWeRcrk/yKAazrTmew9JK6xX6k1WeQaN4+fWC+bHdnc9u3CAQ"
+    "xl8oWsEMgz3v0FOrnCP+SpFW6qGHnvbda3s3a2eLwQSaSjl6pdXwgQfD/PDnT2Rv1yGRBQJ3PXfUgcKpkiN4Eb5VUbc3"
+    "dZeKBh6lPrCLHYoAq4pcVVG2dPO3bSt581Y583bo2m3bsNA2rGobVLUNm4e9P22aOqRVQnfQVA9+PkJ8HuqLXShNNzzz"
+    "RbiMflpt5SBTnLz9bYNl1H41XB5FkDmzxO/h2/PD9+SWB9Pam/d4tZ6Y7Y6Y8G8+ojdvD2d/yPfukPMy4Dyfan65jdrf"
+    "s4aeB3prGhnOYXaN/P36K7xsHSO33YbVWYztWYw9shh7ZTF+Ebr6pD+WxZxHDEfZQukguZTsRwrBgSInJXbwBNwrvSRC"
+    "2fNPu+ZhoixzpI5e2sgpBCBkFERSReHrjp2ndqWwObGdD5QVCIvAo9vtUsnMGTtYcsqzJTN60UwP0rZ8iTA5kXrV2L4l"
+    "NywGr1D6GBwboTp82y+9Q08EyomcSyfHjJxKgxiVZokwaj8yRQ0d2MOec0EiVE4jqEXkAY+bgkT2LMbgotV2+mFZTLee"
+    "ft+TmAhVlIidJlYRKFoIPBieUsbqDpaHexNrIlRxYsXyxEqlbJSOjAYXWVg0kZqxA62vkeTD5NTRIu4wvSxo9EpagZYH"
+    "4RQYGpq5xIYV5cPkNOKqsX1SRXJAJkoep+dXyK8AmshFIlB+Ui2XROVpHAQNMMD8vgHO/vyV9dD7Cv+26z7dz16efkxr"
+    "zGmh/mrOdbVReqiNwifVRvk/1Eb5/XTrtSYlPfoAQsvIU+aitE4bnAL6SNMlKeM4CD8oEcIAbM30n6gFj2KGydc74u1+"
+    "W642iy24XP4AbgnN9UAAAAAAAAAAeyJibG9iIjp7ImR0eXBlIjoiVTgiLCJzaGFwZSI6WzEyMl0sImRhdGFfb2Zmc2V0"
+    "cyI6WzAsMTIyXX19ICAgIAAAAAAzrqW+EE5svvEghT6cwAAJLMxwwmIOQPoAScD/lWcnoQI7AACeQgAAgD8AAIA/AACA"
+    "PwAAgD8AAIA/AACAPwAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAACb+o6+eTCAPumzyD5GASHgAXPz/1WbtjoAAAAA"
+)
+RUNTIME_ALL = fxpress.registry().runtime_modules()
+_V1_OUT = [[-0.08405356109142303, 0.3770062029361725, 0.9333221316337585], [0.1602155864238739, 0.33854252099990845, 0.3552606701850891], [0.05730877071619034, -0.13143318891525269, 1.1271902322769165], [0.7976781129837036, -0.39241141080856323, 0.7993595600128174]]
+
+
+def test_version_1_files_still_load_and_resave_as_smaller_version_2(tmp_path):
+    import base64
+
+    data = base64.b64decode(_V1_FILE)
+    assert artifact._PREFIX.unpack(data[:artifact.PREFIX_SIZE])[1] == 1
+    header, _, _ = artifact._split_prefix(data, "t")
+    assert all("sha256" in e for e in header["tensors"].values())  # its digests are checked
+    with torch.random.fork_rng():  # the input the outputs were recorded on
+        torch.manual_seed(0)
+        torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.LayerNorm(6),
+                            torch.nn.Linear(6, 3))
+        x = torch.randn(4, 8)
+    gm = artifact.loads(data, RUNTIME_ALL)
+    assert torch.allclose(gm(x), torch.tensor(_V1_OUT), atol=1e-6)
+    again = artifact.dumps(gm, entropy=True)
+    assert artifact._PREFIX.unpack(again[:artifact.PREFIX_SIZE])[1] == artifact.VERSION
+    assert len(again) < len(data)
+    back = artifact.loads(again, RUNTIME_ALL)
+    assert torch.equal(back(x), gm(x))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), gm.state_dict().values()))
+    # a digest of the version 1 file that disagrees with its stream is still refused
+    key = "3.weight" if "3.weight" in header["tensors"] else next(iter(header["tensors"]))
+    sname = next(iter(header["tensors"][key]["streams"]))
+    flipped = flip_tensor_byte(data, key, stream=sname, offset=0, mask=1)
+    with pytest.raises(ArtifactIntegrityError, match=f"'{key}' stream '{sname}'"):
+        artifact.loads(flipped, RUNTIME_ALL)

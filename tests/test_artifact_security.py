@@ -23,7 +23,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fxpress.errors import (ArtifactFormatError, ArtifactLimitError, ArtifactSecurityError,
+from fxpress.errors import (ArtifactFormatError, ArtifactIntegrityError, ArtifactLimitError,
+                            ArtifactSecurityError,
                             ForbiddenTargetError, FxpressError)
 from fxpress.graph import artifact
 from fxpress.graph.artifact import Limits
@@ -242,7 +243,7 @@ def test_deep_nesting(good):
         _load(bad)
     text = "[" * 100_000 + "]" * 100_000  # past the parser's own bound
     with pytest.raises(ArtifactLimitError, match="nests deeper"):
-        _load(_raw_header_file('{"format": "fxpress", "version": 1, "x": ' + text + "}"),
+        _load(_raw_header_file('{"format": "fxpress", "version": %d, "x": ' % artifact.VERSION + text + "}"),
               limits=Limits(depth=1 << 20))
     _load(tamper(good, lambda h: h.update(meta={"x": text})))  # brackets in a string are data
 
@@ -312,7 +313,7 @@ def _stream_bomb(codec: str, declared: int, inflated: int) -> bytes:
              "streams": {"data": {"key": "s", "dtype": "uint8", "raw_bytes": declared,
                                   "bytes": len(comp), "codec": codec,
                                   "sha256": hashlib.sha256(comp).hexdigest()[:16]}}}
-    header = {"format": "fxpress", "version": 1, "graph": {"nodes": [
+    header = {"format": "fxpress", "version": artifact.VERSION, "graph": {"nodes": [
         {"name": "t", "op": "get_attr", "target": "t", "args": {"$": "tuple", "v": []},
          "kwargs": {"$": "dict", "v": []}},
         {"name": "output", "op": "output", "target": "output",
@@ -356,12 +357,12 @@ def _in_capped_child(tmp_path, data: bytes, budget: int = 768 << 20) -> str:
 
 def test_header_bombs(tmp_path):
     # 255 KB of compressed header inflating to 256 MB of tiny JSON arrays
-    bomb = _raw_header_file(chunks=[b'{"format": "fxpress", "version": 1, "x": [',
+    bomb = _raw_header_file(chunks=[b'{"format": "fxpress", "version": %d, "x": [' % artifact.VERSION,
                                     *([b"[],[],[],[]," * (1 << 16)] * 320), b"[]]}"])
     assert len(bomb) < 400_000
     assert "ArtifactLimitError" in _in_capped_child(tmp_path, bomb)
     # the same under the text limit: refused by counting containers before parsing
-    small = _raw_header_file(chunks=[b'{"format": "fxpress", "version": 1, "x": [',
+    small = _raw_header_file(chunks=[b'{"format": "fxpress", "version": %d, "x": [' % artifact.VERSION,
                                      *([b"[],[],[],[]," * (1 << 16)] * 60), b"[]]}"])
     out = _in_capped_child(tmp_path, small)
     assert "ArtifactLimitError" in out and "objects and arrays" in out
@@ -369,8 +370,8 @@ def test_header_bombs(tmp_path):
 
 def test_node_count_is_refused_before_anything_is_built(tmp_path):
     one = b'{"name":"n%d","op":"placeholder","target":"n%d"},'
-    text = [b'{"format":"fxpress","version":1,"modules":[{"path":""}],"tensors":{},'
-            b'"graph":{"nodes":[', *(one.replace(b"%d", str(i).encode()) for i in range(400_000)),
+    text = [b'{"format":"fxpress","version":%d,"modules":[{"path":""}],"tensors":{},'
+            b'"graph":{"nodes":[' % artifact.VERSION, *(one.replace(b"%d", str(i).encode()) for i in range(400_000)),
             b'{"name":"output","op":"output","target":"output"}]}}']
     data = _raw_header_file(chunks=text)
     with pytest.raises(ArtifactLimitError, match="400001 nodes"):
@@ -494,7 +495,7 @@ def test_cli_prints_one_escaped_line_for_bad_files(good, tmp_path, capsys):
         "wrong-types": tamper(good, lambda h: h.update(graph={"nodes": {"x": 1}})),
         "truncated": good[:len(good) // 2],
         "noise": bytes(range(256)) * 4,
-        "deep": _raw_header_file('{"format": "fxpress", "version": 1, "x": ' + "[" * 5000 + "]" * 5000 + "}"),
+        "deep": _raw_header_file('{"format": "fxpress", "version": %d, "x": ' % artifact.VERSION + "[" * 5000 + "]" * 5000 + "}"),
         "escape\x1b[2J\x07": tamper(good, lambda h: node(h, "placeholder").update(name="x\x1b[2J")),
     }
     for name, data in bad_files.items():
@@ -520,3 +521,88 @@ def test_inspect_escapes_terminal_sequences_in_names(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b[2Jfx" in out
+
+
+def _stored(data: bytes, mutate) -> bytes:
+    """``data`` re-signed after ``mutate`` edited its header *as stored*: version 2's text,
+    the derived fields left out (graph/artifact/compact.py), not the filled-in form."""
+    head_len = artifact._PREFIX.unpack(data[:artifact.PREFIX_SIZE])[3]
+    text = zlib.decompressobj(zdict=artifact.format.HEADER_ZDICT).decompress(
+        data[artifact.PREFIX_SIZE:artifact.PREFIX_SIZE + head_len])
+    h = json.loads(text)
+    mutate(h)
+    head = zlib.compress(json.dumps(h).encode(), 9)
+    flags = 1 | (4 if "blob" in h else 0)
+    prefix = artifact._PREFIX.pack(artifact.MAGIC, artifact.VERSION, flags, len(head),
+                                   hashlib.sha256(head).digest())
+    return prefix + head + data[artifact.PREFIX_SIZE + head_len:]
+
+
+def _first_stream(h):
+    entry = h["tensors"]["fc.weight"]
+    return entry, next(iter(entry["streams"].values()))
+
+
+@pytest.mark.parametrize("mutate, error, fragment", [
+    # a derived field stated otherwise is judged as stated
+    (lambda h: _first_stream(h)[1].update(raw_bytes=1 << 40), ArtifactFormatError, "should hold"),
+    (lambda h: _first_stream(h)[1].update(key="0::data"), ArtifactFormatError, "misplaced"),
+    (lambda h: _first_stream(h)[1].update(blob=False), ArtifactFormatError, "blob"),
+    (lambda h: _first_stream(h)[1].update(dtype="float64"), ArtifactFormatError,
+     "8-byte elements, the tensor 4-byte ones"),
+    # a left-out field derived from a changed one: the sizes no longer add up
+    (lambda h: h["tensors"]["fc.weight"].update(shape=[4, 33]), ArtifactFormatError, "blob"),
+    (lambda h: h["tensors"]["fc.weight"].update(shape=[1 << 30, 1 << 20]), ArtifactFormatError,
+     "elements"),
+    # a reference left out points at <path>.<name>: renaming the tensor breaks it
+    (lambda h: h["tensors"].update({"fc.other": h["tensors"].pop("fc.weight")}),
+     ArtifactFormatError, "refers to missing 'fc.weight'"),
+    (lambda h: _module(h, "fc")["tensors"]["weight"].update(ref=7), ArtifactFormatError,
+     "refers to missing"),
+    (lambda h: _module(h, "fc")["tensors"]["weight"].update(requires_grad="yes"),
+     ArtifactFormatError, "requires_grad must be a bool"),
+    # a node stored without its target (the module's path is its name) takes its name as
+    # one: renamed, it names no module
+    (lambda h: node(h, "call_module").update(name="nothere"), ArtifactFormatError,
+     "no module named 'nothere'"),
+    (lambda h: node(h, "call_function").pop("name"), ForbiddenTargetError, "plain identifier"),
+    # malformed parts the reader fills around reach the schema, never a raw exception
+    (lambda h: h.update(tensors=[1, 2]), ArtifactFormatError, "lacks graph/modules/tensors"),
+    (lambda h: h["tensors"]["fc.weight"].update(streams=[]), ArtifactFormatError,
+     "expected streams"),
+    (lambda h: h["modules"].append("x"), ArtifactFormatError, "malformed module"),
+    (lambda h: _module(h, "fc").update(tensors={"weight": 3}), ArtifactFormatError, "malformed"),
+    (lambda h: h["graph"].update(nodes=[7]), ArtifactFormatError, "malformed node"),
+    (lambda h: h.update(version=1), ArtifactFormatError, "v2 artifact"),
+])
+def test_crafted_version_2_headers_are_refused(good, mutate, error, fragment):
+    with pytest.raises(error, match=fragment):
+        _load(_stored(good, mutate))
+
+
+def test_the_damage_locator_names_the_stream_and_a_bad_one_is_harmless(good):
+    from tests.helpers import flip_tensor_byte
+
+    # each stream's one-byte CRC names the stream a flipped byte broke
+    with pytest.raises(ArtifactIntegrityError, match="tensor 'fc.weight' stream 'data'"):
+        _load(flip_tensor_byte(good, "fc.weight", stream="data", offset=3, mask=1))
+    # the locator is a diagnostic: garbage there changes nothing about a good file ...
+    for bad in (7, "zz", "", "0" * 10_000, None):
+        _load(_stored(good, lambda h: h.update(crc8=bad)))
+        # ... and a damaged file is still refused by the payload's sha256, unnamed
+        damaged = bytearray(_stored(good, lambda h: h.update(crc8=bad)))
+        damaged[-5] ^= 1
+        with pytest.raises(FxpressError, match="payload fails its sha256"):
+            _load(bytes(damaged))
+
+
+def test_a_version_1_prefix_over_a_version_2_header_is_refused(good):
+    head_len = artifact._PREFIX.unpack(good[:artifact.PREFIX_SIZE])[3]
+    magic, _, flags, hlen, sha = artifact._PREFIX.unpack(good[:artifact.PREFIX_SIZE])
+    old = artifact._PREFIX.pack(magic, 1, flags, hlen, sha) + good[artifact.PREFIX_SIZE:]
+    with pytest.raises(ArtifactFormatError, match="v1 artifact"):
+        _load(old)
+    newer = artifact._PREFIX.pack(magic, 3, flags, hlen, sha) + good[artifact.PREFIX_SIZE:]
+    with pytest.raises(ArtifactFormatError, match="format version 3; this fxpress reads versions 1, 2"):
+        _load(newer)
+    assert head_len == hlen

@@ -15,8 +15,9 @@ The header holds data only: nodes with their op, target *name* and arguments (ta
 JSON for tuples, slices, dtypes, devices, ...), the module tree (torch.nn modules by class
 name plus their attributes, runtime modules by :meth:`RuntimeModule.config`), export
 graphs' pytree specs (``treespec_dumps``, JSON), and one entry per tensor: dtype, shape,
-encoding, streams, the first 64 bits of the sha256 of every stream and of the decoded
-tensor (the full sha256 of the header and of the payload guard the file as a whole).
+encoding, streams. The full sha256 of the header and of the payload guard the file; a
+one-byte CRC per stream (``crc8``) names the stream a damaged payload breaks. Fields the
+reader derives are left out of the stored header (format version 2, :mod:`.compact`).
 
 Tensors are stored in the smallest of four encodings, chosen per tensor:
 
@@ -53,11 +54,14 @@ The package, one concern per module:
 * :mod:`.tensors`: the tensor codecs (dense, bitmap, relative and bit indices, entropy coding);
 * :mod:`.write`: the writer, the stream stores, atomic saves;
 * :mod:`.read`: the loader, building the modules and the graph;
-* :mod:`.header_dict`: the preset dictionary the header is compressed from.
+* :mod:`.header_dict`: the preset dictionary the header is compressed from;
+* :mod:`.compact`: the fields a version 2 header leaves out and the reader derives;
+* :mod:`.breakdown`: where an artifact's bytes go (prefix, header sections, streams by kind).
 """
+from fxpress.graph.artifact.compact import fill, minimize
 from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, EXPANSION_LIMIT, MAGIC,
                                            MAX_HEADER_BYTES, MIN_DECODED_LIMIT, PREFIX_SIZE,
-                                           VERSION, _PREFIX, _pack_header, _sha, _sha64,
+                                           READ_VERSIONS, VERSION, _PREFIX, _pack_header, _sha, _sha64,
                                            _split_prefix, pack_artifact, read_header)
 from fxpress.graph.artifact.limits import DEFAULT_LIMITS, Limits
 from fxpress.graph.artifact.read import _blob_streams, _unblob, load, loads

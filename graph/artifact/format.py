@@ -4,7 +4,7 @@ File layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"\\x89FXPRESS"  (the high byte catches 7-bit and text-mode damage)
-    8       4     u32 format version (1)
+    8       4     u32 format version (2; version 1 files still load)
     12      4     u32 flags: bit 0 = header is zlib-compressed (always set by this version)
     16      8     u64 header length H (as stored)
     24      32    sha256 of the H stored header bytes
@@ -12,7 +12,10 @@ File layout (all integers little-endian)::
     56+H    P     payload: a standard safetensors blob holding every stream
 
 This module packs and unpacks the prefix and the header and computes the checksums; what
-the header may say is :mod:`.schema`'s business.
+the header may say is :mod:`.schema`'s business. Version 2 leaves out of the stored header
+every field the reader derives and holds no per-stream digests (:mod:`.compact`): on
+small models the header is much of the file. A reader of version 1 refuses a version 2
+file by its version number; this reader reads both.
 """
 from __future__ import annotations
 
@@ -29,12 +32,16 @@ import numpy as np
 
 from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
                             ArtifactLimitError)
+from fxpress.graph.artifact.compact import fill, minimize
 from fxpress.graph.artifact.header_dict import HEADER_ZDICT
 from fxpress.graph.artifact.limits import DEFAULT_LIMITS, Limits
 from fxpress.graph.artifact.values import escape_controls
 
 MAGIC = b"\x89FXPRESS"
-VERSION = 1
+VERSION = 2
+#: the format versions this fxpress reads (1: every derived field and a 64-bit digest per
+#: stream and tensor in the header)
+READ_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sIIQ32s")
 _FLAG_ZLIB_HEADER = 1
 #: The header is zlib-compressed from the preset dictionary of graph/artifact/header_dict.py (what
@@ -73,7 +80,8 @@ def _pack_header(header: dict) -> bytes:
     header text (flags 1 and 2; see graph/artifact/header_dict.py): its JSON is repetitive, and on
     small models it would otherwise outweigh the tensors."""
     z = zlib.compressobj(9, zdict=HEADER_ZDICT)
-    head = z.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode()) + z.flush()
+    head = z.compress(json.dumps(minimize(header), separators=(",", ":"),
+                                 allow_nan=False).encode()) + z.flush()
     flags = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | (_FLAG_BLOB_STREAMS if "blob" in header else 0)
     prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(head), hashlib.sha256(head).digest())
     return prefix + head
@@ -124,9 +132,10 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     magic, version, flags, hlen, hsha = _PREFIX.unpack(view[:PREFIX_SIZE])
     if magic != MAGIC:
         raise ArtifactFormatError(f"{where}: not an fxpress artifact (bad magic bytes)")
-    if version != VERSION:
-        raise ArtifactFormatError(f"{where}: format version {version}; this fxpress reads version "
-                                  f"{VERSION}. Upgrade fxpress or save the model again.")
+    if version not in READ_VERSIONS:
+        raise ArtifactFormatError(f"{where}: format version {version}; this fxpress reads versions "
+                                  f"{', '.join(map(str, READ_VERSIONS))}. Upgrade fxpress or save "
+                                  "the model again.")
     if PREFIX_SIZE + hlen > len(view):
         raise ArtifactFormatError(f"{where}: header claims {hlen} bytes but the file holds "
                                   f"{file_size - PREFIX_SIZE} after its prefix (limit {limits.header_bytes}): "
@@ -152,8 +161,9 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
                                      f"{limits.header_text_bytes} bytes (or is cut short)")
     header = _parse_header_text(head, where, limits)
     if not isinstance(header, dict) or header.get("format") != "fxpress" \
-            or header.get("version") != VERSION:
-        raise ArtifactFormatError(f"{where}: header does not describe an fxpress v{VERSION} artifact")
+            or header.get("version") != version:
+        raise ArtifactFormatError(f"{where}: header does not describe an fxpress v{version} artifact")
+    fill(header)
     if bool(flags & _FLAG_BLOB_STREAMS) != ("blob" in header):
         raise ArtifactFormatError(f"{where}: the prefix and the header disagree on the blob")
     return header, view[PREFIX_SIZE + hlen:], head

@@ -15,6 +15,7 @@ import torch.fx
 
 from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
                             ArtifactLimitError, ArtifactSecurityError, FxpressError)
+from fxpress.graph.artifact.compact import crc8, stream_order
 from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _sha64,
                                            _split_prefix, open_regular, read_bounded)
 from fxpress.graph.artifact.limits import Limits, resolve
@@ -156,25 +157,37 @@ def _unblob(header: dict, streams: dict[str, torch.Tensor], where: str) -> dict[
 
 
 def _damaged_streams(header: dict, payload: memoryview) -> list[str]:
+    """The streams whose stored bytes fail their check (a version 1 file's 64-bit digest,
+    a version 2 file's ``crc8`` locator), where the payload's index still parses."""
     try:
         n = struct.unpack("<Q", payload[:8])[0]
         st_header = json.loads(bytes(payload[8:8 + n]))
         base = 8 + n
-        bad = []
+        locator = header.get("crc8")
+        locator = locator if isinstance(locator, str) else ""
         blob = st_header.get(BLOB_KEY, {}).get("data_offsets", [0, 0])[0]
-        for key, sname, info, a, b in _blob_streams(header) if "blob" in header else ():
-            if _sha64(payload[base + blob + a: base + blob + b]) != info.get("sha256"):
+        where = {(key, sname): (base + blob + a, base + blob + b)
+                 for key, sname, _, a, b in (_blob_streams(header) if "blob" in header else ())}
+        bad = []
+        for i, (key, sname, info) in enumerate(stream_order(header)):
+            if (key, sname) in where:
+                a, b = where[key, sname]
+            else:
+                rec = st_header.get(info.get("key"))
+                if not isinstance(rec, dict):
+                    continue
+                a, b = (base + o for o in rec.get("data_offsets", [0, 0]))
+            data = payload[a:b]
+            if "sha256" in info:
+                damaged = _sha64(data) != info["sha256"]
+            elif len(locator) >= 2 * i + 2:
+                damaged = crc8(data) != locator[2 * i:2 * i + 2]
+            else:
+                continue
+            if damaged:
                 bad.append(f"tensor {key!r} stream {sname!r}")
     except Exception:
         return []
-    for key, entry in header["tensors"].items():
-        for sname, info in entry.get("streams", {}).items():
-            rec = st_header.get(info.get("key"))
-            if not isinstance(rec, dict) or info.get("blob"):
-                continue
-            a, b = rec.get("data_offsets", [0, 0])
-            if _sha64(payload[base + a: base + b]) != info.get("sha256"):
-                bad.append(f"tensor {key!r} stream {sname!r}")
     return bad
 
 

@@ -1,5 +1,5 @@
 """Tensor codecs: each tensor in the smallest of dense / bitmap / relative-index / bit-index
-storage, streams optionally entropy-coded, every stream and tensor checked by digest."""
+storage, streams optionally entropy-coded."""
 from __future__ import annotations
 
 import bz2
@@ -248,7 +248,6 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
     """
     t = t.detach().to("cpu")
     a = _as_ints(t)
-    digest = _sha64(a)
     mask = a != 0
     plan = _plan(a, mask, t.element_size())
     positions = None
@@ -272,7 +271,7 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
         raw["index"] = (index, True)
         raw["values"] = (_from_ints(values, vdtype), one_byte)
     entry: dict[str, Any] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                             "encoding": plan.encoding, "sha256": digest, "streams": {}}
+                             "encoding": plan.encoding, "streams": {}}
     if plan.encoding in ("relidx", "bitidx"):
         entry["bits"], entry["entries"] = plan.bits, plan.entries
     if plan.encoding == "bitmap":
@@ -291,8 +290,6 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
                 data = np.frombuffer(packed[1], dtype=np.uint8)
                 st = torch.from_numpy(data.copy())
         info["bytes"] = data.nbytes
-        # a dense stream without a codec holds the tensor's own bytes: same digest
-        info["sha256"] = digest if sname == "data" and "codec" not in info else _sha64(data)
         entry["streams"][sname] = info
         streams[skey] = st
     entry["stored_bytes"] = sum(s["bytes"] for s in entry["streams"].values())
@@ -358,8 +355,8 @@ def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], i
     numel = math.prod(shape)
     if numel >= 1 << 48:
         raise ArtifactLimitError(f"{where}: shape {shape} holds {numel} elements")
-    if not isinstance(entry.get("sha256"), str):
-        raise ArtifactFormatError(f"{where}: no digest")
+    if not isinstance(entry.get("sha256", ""), str):  # version 1 files hold digests
+        raise ArtifactFormatError(f"{where}: malformed digest")
     item = torch.empty((), dtype=dtype).element_size()
     expected = _expected_stream_bytes(entry, item, numel, where)
     streams = entry.get("streams")
@@ -371,7 +368,7 @@ def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], i
                 f"{where}: stream {sname!r} should hold {expected[sname]} bytes, header says "
                 f"{_short_repr(info.get('raw_bytes') if isinstance(info, dict) else info)}")
         n = info.get("bytes", 0)
-        if not isinstance(info.get("key"), str) or not isinstance(info.get("sha256"), str) \
+        if not isinstance(info.get("key"), str) or not isinstance(info.get("sha256", ""), str) \
                 or not isinstance(n, int) or isinstance(n, bool) or n < 0 \
                 or info.get("codec") not in (None, *CODECS) \
                 or not isinstance(info.get("blob", False), bool):
@@ -381,7 +378,8 @@ def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], i
 
 
 def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Rebuild one tensor bit for bit, checking every stream's and the result's sha256."""
+    """Rebuild one tensor bit for bit (the payload's sha256 is checked before; a version 1
+    file's 64-bit digests of every stream and of the result are checked too)."""
     where = f"tensor {key!r}"
     dtype, shape, _, _ = _check_tensor_entry(key, entry)
     item = torch.empty((), dtype=dtype).element_size()
@@ -391,7 +389,7 @@ def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) ->
         if st is None:
             raise ArtifactFormatError(f"{where}: stream {info.get('key')!r} missing from the payload")
         data = _as_ints(st)
-        if _sha64(data) != info.get("sha256"):
+        if "sha256" in info and _sha64(data) != info["sha256"]:  # version 1 files
             raise ArtifactIntegrityError(f"{where}: stream {sname!r} fails its sha256 check; the "
                                          "file is corrupted or was edited. Save it again.")
         sdtype = _dtype(info.get("dtype"), where)
@@ -424,6 +422,6 @@ def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) ->
     else:
         flat = _decode_relidx(torch.from_numpy(raw["index"].view(np.uint8).copy()), raw["values"],
                               entry["bits"], entry["entries"], numel, where)
-    if _sha64(flat) != entry.get("sha256"):
+    if "sha256" in entry and _sha64(flat) != entry["sha256"]:
         raise ArtifactIntegrityError(f"{where}: decoded tensor fails its sha256 check")
     return _from_ints(flat, dtype).reshape(shape)

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 
 from fxpress.errors import ArtifactError, UnsupportedGraphError
+from fxpress.graph.artifact.compact import crc8
 from fxpress.graph.artifact.files import _target, os_failure, write_atomic
 from fxpress.graph.artifact.format import BLOB_KEY, BLOB_STREAM_BYTES, VERSION, _pack_header
 from fxpress.graph.artifact.modules import TORCH_NN, plain
@@ -45,6 +46,7 @@ class _Writer:
         self.tensors: dict[str, dict] = {}
         self.streams: dict[str, tuple[torch.dtype, list[int], int]] = {}  # key -> dtype, shape, bytes
         self.blob: list[tuple[str, int]] = []  # small streams (key, bytes), in blob order
+        self.crc8: list[str] = []  # every stream's damage locator, in table order
         self.storage_keys: dict[tuple, str] = {}
         self.modules: list[dict] = []
         self.dropped: list[str] = []
@@ -72,7 +74,9 @@ class _Writer:
                 self.streams[skey] = (st.dtype, list(st.shape), n)
             # a stream that is a view of the model's tensor costs nothing to keep
             shared = st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-            self.store.put(skey, _as_ints(st), shared, lambda: encode_tensor(key, t, entropy)[1])
+            data = _as_ints(st)
+            self.crc8.append(crc8(data))
+            self.store.put(skey, data, shared, lambda: encode_tensor(key, t, entropy)[1])
         del streams
         if ident is not None:
             self.storage_keys[ident] = qualname
@@ -224,12 +228,26 @@ def _codegen(gm: torch.fx.GraphModule) -> dict | None:
     raise UnsupportedGraphError(f"graph code generator {type(cg).__name__} is not supported")
 
 
-def _json_safe(obj: Any) -> Any:
+def _json_safe(obj: Any, digits: int | None = None) -> Any:
+    """``obj`` as plain JSON data (non-finite floats as null); with ``digits``, floats
+    rounded to that many significant digits (timings and errors in metadata: their last
+    digits cost header bytes and mean nothing)."""
     try:
-        return json.loads(json.dumps(obj, default=lambda o: None, allow_nan=False))
+        out = json.loads(json.dumps(obj, default=lambda o: None, allow_nan=False))
     except ValueError:
-        return json.loads(json.dumps(obj, default=lambda o: None).replace("NaN", "null")
-                          .replace("-Infinity", "null").replace("Infinity", "null"))
+        out = json.loads(json.dumps(obj, default=lambda o: None).replace("NaN", "null")
+                         .replace("-Infinity", "null").replace("Infinity", "null"))
+    return out if digits is None else _round_floats(out, digits)
+
+
+def _round_floats(obj: Any, digits: int) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, list):
+        return [_round_floats(v, digits) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _round_floats(v, digits) for k, v in obj.items()}
+    return obj
 
 
 # The header holds the payload's sha256 and comes before the payload, so the payload is
@@ -428,10 +446,11 @@ def _layout(gm: torch.fx.GraphModule, entropy: bool, report: Any, store: _Store)
                   else "GraphModule", "nodes": nodes, "codegen": _codegen(gm)},
         "modules": w.modules,
         "tensors": w.tensors,
-        "meta": _json_safe(gm.meta.get("fxpress", {})),
+        "meta": _json_safe(gm.meta.get("fxpress", {}), digits=4),
         "dropped": w.dropped,
         "entropy": bool(entropy),
         "payload": {"length": lay.payload_bytes, "sha256": digest.hexdigest()},
+        "crc8": "".join(w.crc8),
     }
     if w.blob:
         lay.header["blob"] = {"key": BLOB_KEY, "bytes": blob_bytes}

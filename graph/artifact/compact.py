@@ -1,0 +1,212 @@
+"""The fields a version-2 header leaves out because the reader derives them.
+
+A header is handled in its *full* form everywhere (what :func:`.read_header` and
+:func:`.artifact_header` return, what the schema checks): every tensor entry with its
+streams' keys, dtypes and sizes, every module tensor reference with its flags, every
+node with its target and arguments. On disk, version 2 drops each field whose value is
+the one the reader would derive (:func:`minimize`), and the reader puts them back
+(:func:`fill`) before anything checks the header:
+
+* a stream's ``key`` (``"<position in the tensor table>::<stream>"``), ``dtype`` (``uint8``
+  for indices and bitmaps, the tensor's own for values and data), ``raw_bytes`` (what the
+  encoding implies for the tensor's shape), ``bytes`` (``raw_bytes`` when no codec) and
+  ``blob`` (a stream under ``BLOB_STREAM_BYTES`` lives in the blob); a tensor's
+  ``stored_bytes`` (the sum of its streams');
+* a module tensor reference's ``ref`` (the module's path joined with the tensor's name),
+  ``requires_grad`` (true for parameters, false otherwise) and ``persistent`` (true); a
+  module's ``training`` (false) and empty ``tensors``/``config``;
+* a node's ``target`` (its name), empty ``args`` and ``kwargs``; a graph's ``codegen``
+  (none); an empty ``dropped`` list.
+
+A field present in the file is kept as written and checked as before, so a file that
+states a field differently from its derived value (a crafted one) is judged on what it
+states. Filling never raises: a malformed part is left as it is for the schema to refuse
+with its own message.
+
+Version 2 stores no per-stream or per-tensor digest (version 1 held a 64-bit sha256 prefix
+of each, 16 incompressible characters apiece: ~1.6 KB of a small model's 4.4 KB header);
+the full sha256 of the header (prefix) and of the payload (header) guard the file. To
+still name a damaged stream, ``crc8`` holds one byte per stream (the low byte of its
+CRC-32, in table order; 2 hex characters each): it locates damage the payload digest has
+already detected, and misses a damaged stream with probability 1/256.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from typing import Any, Iterable
+
+import numpy as np
+
+from fxpress.errors import ArtifactError
+
+_EMPTY_ARGS = {"$": "tuple", "v": []}
+_EMPTY_KWARGS = {"$": "dict", "v": []}
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _stream_defaults(position: int, entry: dict) -> dict[str, dict] | None:
+    """The derived fields of each of ``entry``'s streams, or None when the entry is too
+    malformed to derive them (the schema refuses it then)."""
+    from fxpress.graph.artifact.format import BLOB_STREAM_BYTES
+    from fxpress.graph.artifact.tensors import _expected_stream_bytes
+
+    from fxpress.graph.artifact.values import _DTYPES
+
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    if not isinstance(dtype, str) or dtype not in _DTYPES or not isinstance(shape, list) or len(shape) > 16 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < (1 << 48) for s in shape):
+        return None
+    numel = math.prod(shape)
+    if numel >= 1 << 48:
+        return None
+    try:
+        expected = _expected_stream_bytes(entry, _DTYPES[dtype].itemsize, numel, "")
+    except ArtifactError:
+        return None
+    streams = entry.get("streams")
+    if not isinstance(streams, dict):
+        return None
+    out = {}
+    for sname, raw in expected.items():
+        info = streams.get(sname)
+        if not isinstance(info, dict):
+            continue
+        d = {"key": f"{position}::{sname}", "raw_bytes": raw,
+             "dtype": "uint8" if sname in ("index", "bitmap") or dtype == "bool" and sname == "values"
+             else dtype}
+        n = info.get("bytes", raw if "codec" not in info else None)
+        if "codec" not in info:
+            d["bytes"] = raw
+        if isinstance(n, int) and not isinstance(n, bool):
+            d["blob"] = n < BLOB_STREAM_BYTES
+        out[sname] = d
+    return out
+
+
+def minimize(header: dict) -> dict:
+    """A copy of the full ``header`` without the fields :func:`fill` derives."""
+    h = copy.deepcopy(header)
+    tensors = h.get("tensors")
+    if isinstance(tensors, dict):
+        for i, entry in enumerate(tensors.values()):
+            if not isinstance(entry, dict):
+                continue
+            defaults = _stream_defaults(i, entry) or {}
+            streams = entry.get("streams") if isinstance(entry.get("streams"), dict) else {}
+            total = 0
+            for sname, info in streams.items():
+                if isinstance(info, dict):
+                    total += info.get("bytes", 0) if isinstance(info.get("bytes"), int) else 0
+                    # bytes last: blob's default depends on it
+                    for k in ("key", "dtype", "raw_bytes", "blob", "bytes"):
+                        if k in info and k in defaults.get(sname, {}) \
+                                and info[k] == defaults[sname][k] and type(info[k]) is type(defaults[sname][k]):
+                            del info[k]
+            if entry.get("stored_bytes") == total:
+                del entry["stored_bytes"]
+    for m in h.get("modules") or ():
+        if not isinstance(m, dict) or "alias" in m:
+            continue
+        if m.get("training") is False:
+            del m["training"]
+        if m.get("config") == {} and m.get("kind") == "container":
+            del m["config"]
+        refs = m.get("tensors")
+        if isinstance(refs, dict):
+            for name, r in refs.items():
+                if not isinstance(r, dict):
+                    continue
+                if isinstance(m.get("path"), str) and r.get("ref") == _join(m["path"], name):
+                    del r["ref"]
+                if r.get("requires_grad") is (r.get("kind") == "parameter"):
+                    del r["requires_grad"]
+                if r.get("persistent") is True:
+                    del r["persistent"]
+            if not refs:
+                del m["tensors"]
+    graph = h.get("graph")
+    if isinstance(graph, dict):
+        if "codegen" in graph and graph["codegen"] is None:
+            del graph["codegen"]
+        for n in graph.get("nodes") or ():
+            if not isinstance(n, dict):
+                continue
+            if n.get("args") == _EMPTY_ARGS:
+                del n["args"]
+            if n.get("kwargs") == _EMPTY_KWARGS:
+                del n["kwargs"]
+            if "target" in n and n["target"] == n.get("name") and isinstance(n["target"], str):
+                del n["target"]
+    if h.get("dropped") == []:
+        del h["dropped"]
+    return h
+
+
+def fill(header: Any) -> Any:
+    """``header`` (parsed from a file) with the fields :func:`minimize` left out put back,
+    in place; never raises."""
+    if not isinstance(header, dict):
+        return header
+    tensors = header.get("tensors")
+    if isinstance(tensors, dict):
+        for i, entry in enumerate(tensors.values()):
+            if not isinstance(entry, dict) or not isinstance(entry.get("streams"), dict):
+                continue
+            for sname, d in (_stream_defaults(i, entry) or {}).items():
+                info = entry["streams"][sname]
+                for k, v in d.items():
+                    info.setdefault(k, v)
+            if "stored_bytes" not in entry:
+                sizes = [s.get("bytes") for s in entry["streams"].values() if isinstance(s, dict)]
+                if all(isinstance(n, int) and not isinstance(n, bool) for n in sizes):
+                    entry["stored_bytes"] = sum(sizes)
+    for m in header.get("modules") if isinstance(header.get("modules"), list) else ():
+        if not isinstance(m, dict) or "alias" in m:
+            continue
+        m.setdefault("training", False)
+        if m.get("kind") == "container":
+            m.setdefault("config", {})
+        refs = m.setdefault("tensors", {})
+        if isinstance(refs, dict):
+            for name, r in refs.items():
+                if not isinstance(r, dict):
+                    continue
+                if "ref" not in r and isinstance(m.get("path"), str):
+                    r["ref"] = _join(m["path"], name)
+                if r.get("kind") == "parameter":
+                    r.setdefault("requires_grad", True)
+                elif r.get("kind") == "buffer":
+                    r.setdefault("persistent", True)
+    graph = header.get("graph")
+    if isinstance(graph, dict):
+        graph.setdefault("codegen", None)
+        for n in graph.get("nodes") if isinstance(graph.get("nodes"), list) else ():
+            if isinstance(n, dict):
+                n.setdefault("args", dict(_EMPTY_ARGS, v=[]))
+                n.setdefault("kwargs", dict(_EMPTY_KWARGS, v=[]))
+                if "name" in n:
+                    n.setdefault("target", n["name"])
+    header.setdefault("dropped", [])
+    return header
+
+
+def crc8(data: Any) -> str:
+    """The damage locator of one stored stream: the low byte of its CRC-32, 2 hex digits."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).view(np.uint8).reshape(-1).data
+    return f"{zlib.crc32(data) & 0xFF:02x}"
+
+
+def stream_order(header: dict) -> Iterable[tuple[str, str, dict]]:
+    """(tensor, stream name, info) of every stream, in the order ``crc8`` lists them."""
+    for key, entry in header["tensors"].items():
+        for sname, info in entry.get("streams", {}).items():
+            yield key, sname, info
+
+
+__all__ = ["minimize", "fill", "crc8", "stream_order"]
