@@ -518,3 +518,25 @@ def test_version_1_files_still_load_and_resave_as_smaller_version_2(tmp_path):
     flipped = flip_tensor_byte(data, key, stream=sname, offset=0, mask=1)
     with pytest.raises(ArtifactIntegrityError, match=f"'{key}' stream '{sname}'"):
         artifact.loads(flipped, RUNTIME_ALL)
+
+
+def test_lifted_tensor_constants_come_back_as_plain_attributes(tmp_path):
+    """An exported graph's constants (``torch.tensor(16.0)`` in forward, as DeBERTa's
+    attention scale) are plain attributes, not buffers: after a round trip the loaded
+    model's buffers and state_dict are the saved model's, and its outputs bit-identical."""
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) / torch.sqrt(torch.tensor(16.0))
+
+    x = torch.randn(2, 4)
+    gm = fxpress.capture(Scaled(), (x,), method="export")
+    assert any(n.op == "get_attr" and "lifted" in str(n.target) for n in gm.graph.nodes)
+    fxpress.save(gm, tmp_path / "m.fxp")
+    loaded = fxpress.load(tmp_path / "m.fxp")
+    assert dict(loaded.named_buffers()).keys() == dict(gm.named_buffers()).keys()
+    assert loaded.state_dict().keys() == gm.state_dict().keys()
+    assert torch.equal(loaded(x), gm(x))

@@ -361,19 +361,25 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
 
 
 def _keep_non_persistent(gm: torch.fx.GraphModule, header: dict) -> None:
-    # GraphModule(root, graph) copies the buffers a graph reads with register_buffer's
+    # GraphModule(root, graph) copies every tensor a graph reads with register_buffer's
     # default, persistent: mark again those saved non-persistent (export's position_ids),
-    # or a reloaded state_dict would hold one entry more than the saved graph's
+    # and make plain tensor attributes (export's lifted constants) plain again, or a
+    # reloaded state_dict would hold entries the saved graph's does not
     for m in header["modules"]:
         for name, r in (m.get("tensors") or {}).items():
-            if r.get("kind") != "buffer" or r.get("persistent", True):
+            kind = r.get("kind")
+            if not (kind == "attr" or (kind == "buffer" and not r.get("persistent", True))):
                 continue
             try:
                 owner = gm.get_submodule(m["path"]) if m.get("path") else gm
             except AttributeError:
                 continue
-            if name in owner._buffers:
+            if name not in owner._buffers:
+                continue
+            if kind == "buffer":
                 owner._non_persistent_buffers_set.add(name)
+            else:
+                object.__setattr__(owner, name, owner._buffers.pop(name))
 
 
 def load(path: str | os.PathLike, runtime_modules: Iterable[type] = (), *,
