@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import operator
+import types
 from collections import Counter
 
 import torch
@@ -53,11 +54,11 @@ from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, select
 from fxpress.graph.weights import weighted_ops as _weighted_ops
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
-from fxpress.passes.int8 import (INT8_BACKENDS, int8_backend, per_token_absmax,
+from fxpress.passes.int8 import (INT8_BACKENDS, Int8Kernels, int8_backend, per_token_absmax,
                                  quantize_per_tensor, quantize_per_token)
-from fxpress.passes.quantize_grid import (GRANULARITIES, SCHEMES, code_range, dequantize_weight,
-                                          load_codes, quantize_stored, quantize_weight,
-                                          store_codes)
+from fxpress.passes.quantize_grid import (GRANULARITIES, SCHEMES, _quantize,
+                                          code_range, dequantize_weight, load_codes,
+                                          quantize_stored, quantize_weight, store_codes)
 from fxpress.passes.decode import normalize_decode
 from fxpress.passes.quantize_modules import (RUNTIME_MODULES, QuantizedConv, QuantizedEmbedding,
                                              QuantizedLinear, QuantizedWeight)
@@ -292,6 +293,9 @@ class Quantize(Pass):
         tried, weight_errors = [], {}
         dynamic = self._dynamic(op, bits)
         w_norm = float(torch.linalg.vector_norm(w, dtype=torch.float32))
+        if dynamic and len(cands) > 1 and x is not None:
+            return self._choose_simulated(op, rec, x, w, b, bits, cands, codes, ref, ref_norm,
+                                          w_norm)
         by_alpha: dict[float | None, float] = {}  # candidates of one smoothing share a weight
         for act, alpha in cands:
             module = self._build(op, rec, bits, act, alpha, codes)
@@ -322,6 +326,126 @@ class Quantize(Pass):
             stats["smooth_alpha"] = alpha
         return module, stats
 
+    def _choose_simulated(self, op, rec, x, w, b, bits, cands, codes, ref, ref_norm, w_norm
+                          ) -> tuple[QuantizedWeight, dict]:
+        """:meth:`_choose` for a dynamic linear layer with several candidates, ranked by a
+        float simulation and confirmed by the real kernel on the finalists only.
+
+        The simulation (:func:`_quantize_measured`) quantises a strided subset of the
+        weight's rows (output channels: with per-channel scales each row's codes are its
+        own) and multiplies the decoded rows by a subset of the calibration rows quantised
+        as the kernel quantises them: the integer product up to float rounding, estimated
+        on about :data:`SIMULATED_WEIGHTS` weights and :data:`SIMULATED_ROWS` rows. The rule of
+        :meth:`_choose` picks from these estimates; the pick (and the estimates' best,
+        unless the pick is the cheapest candidate and within ``act_error``) is then built
+        whole and run through the integer kernel on the whole sample, its weight error
+        measured exactly, and the rule applied again to what was measured; a pick the
+        kernel finds outside the bound is replaced by the first candidate, in order,
+        whose kernel error is inside it. A layer so quantises its weight once or twice and
+        prepacks it once or twice, instead of once per candidate. ``stats["act_errors"]``
+        and ``stats["weight_errors"]`` hold the measured errors of the finalists
+        (``stats["measured"]``) and the estimates of the others; ``stats["simulated_errors"]``
+        every candidate's estimate."""
+        granularity, scale_mode = self._grid(bits)
+        w2 = w.reshape(w.shape[0], -1).float()
+        kernel = _kernel_for(w2.shape, self.scheme, x.shape[0])
+        # a float matmul costs more than the int8 kernel: the simulation runs on a strided
+        # subset of the sample's rows and, with per-channel scales, of the weight's rows
+        # (output channels)
+        ch = 1
+        if granularity == "channel":
+            ch = max(1, w2.shape[0] // max(SIMULATED_WEIGHTS // max(w2.shape[1], 1), 1))
+        step = max(1, x.shape[0] // SIMULATED_ROWS)
+        ref_sim = ref[::step, ::ch]
+        b_sim = None if b is None else b[::ch]
+        # the subset's squared error, scaled to the whole layer, over the whole output's
+        # norm (a few output channels, BERT's outlier dimensions, carry most of it)
+        sim_norm = ref_norm * math.sqrt(ref_sim.numel() / ref.numel())
+        modules: dict[tuple, QuantizedWeight] = {}
+        sim: dict[tuple, float] = {}
+        est: dict[float | None, float] = {}    # weight errors, estimated on the subset
+        exact: dict[float | None, float] = {}  # ... and measured on the whole weight
+        for alpha in dict.fromkeys(al for _, al in cands):
+            acts = [a for a, al in cands if al == alpha]
+            smooth = self._smoothing(op, rec, w2, alpha)
+            # quantised whole (one scale over every row), then the subset of rows
+            xs = {a: simulated_input(x, a, smooth, kernel)[::step] for a in acts}
+            if granularity == "channel":
+                est[alpha], outs = _quantize_measured(w2[::ch], smooth, xs, bits, self.scheme,
+                                                      scale_mode)
+            else:  # one scale over the whole weight: quantised whole
+                module = modules[(acts[0], alpha)] = self._build(op, rec, bits, acts[0], alpha, codes)
+                est[alpha], outs = _simulate(module, xs, w2)
+                exact[alpha] = est[alpha]
+            for a, out in outs.items():
+                sim[(a, alpha)] = _rel_error(out, b_sim, ref_sim, sim_norm)
+
+        def werr(alpha):
+            return exact.get(alpha, est[alpha])
+
+        def module_of(c):
+            if c not in modules:
+                base = next((m for (a, al), m in modules.items() if al == c[1]), None)
+                if base is None:
+                    modules[c] = self._build(op, rec, bits, c[0], c[1], codes)
+                else:  # another scaling over the same codes
+                    cfg = dict(base.config(), act_scale=c[0])
+                    modules[c] = type(base).from_state(cfg, dict(base.named_buffers()))
+                    modules[c].decode = base.decode
+            return modules[c]
+
+        measured: dict[tuple, float] = {}
+
+        def real(c):
+            if c not in measured:
+                module = module_of(c)
+                if c[1] not in exact:
+                    exact[c[1]] = _weight_error(module, w, w_norm)
+                measured[c] = _output_error(module, x, ref, ref_norm)
+            return measured[c]
+
+        def kept_by(errs):
+            # the calibration sample does not show every input: a smoothing that fits it
+            # by giving up the weight of columns it leaves (nearly) idle is not kept
+            plain = [errs[al] for _, al in cands if al is None]
+            limit = max(plain) * SMOOTH_WEIGHT_SLACK if plain else math.inf
+            return [c for c in cands if c[1] is None or not errs[c[1]] > limit], limit
+
+        kept, limit = kept_by(est)  # estimates against estimates: the same weights
+        good = max(self.act_error, min(sim[c] for c in kept) * (1 + AUTO_SLACK))
+        chosen = next(c for c in kept if not sim[c] > good)
+        real(chosen)
+        if not (chosen == kept[0] and measured[chosen] <= self.act_error):
+            # the cheapest candidate within act_error is kept whatever the others' errors;
+            # any other pick depends on the best error: measure the estimates' best too,
+            # and for a smoothed pick the unsmoothed weight its weight error is held to
+            real(min(kept, key=sim.__getitem__))
+            if chosen[1] is not None:
+                real(next(c for c in cands if c[1] is None))
+        ok = all(al in exact for _, al in cands if al is None)
+        if ok:
+            kept_exact, limit = kept_by(exact | {al: math.inf for al in est if al not in exact})
+            done = [c for c in kept_exact if c in measured]
+            good = max(self.act_error, min(measured[c] for c in done) * (1 + AUTO_SLACK))
+            ok = chosen in kept_exact and not measured[chosen] > good
+        if not ok:  # the estimates misjudged: every candidate through the kernel, as before
+            for c in cands:
+                real(c)
+            kept, limit = kept_by(exact)
+            good = max(self.act_error, min(measured[c] for c in kept) * (1 + AUTO_SLACK))
+            chosen = next(c for c in kept if not measured[c] > good)
+        module = module_of(chosen)
+        stats = self._layer_stats(op, module, w, b, measured[chosen])
+        stats["weight_error"] = exact[chosen[1]]
+        stats["act_errors"] = {_label(a, al): measured.get((a, al), sim[(a, al)]) for a, al in cands}
+        stats["weight_errors"] = {_label(a, al): werr(al) for a, al in cands}
+        stats["simulated_errors"] = {_label(a, al): sim[(a, al)] for a, al in cands}
+        stats["measured"] = [_label(a, al) for a, al in cands if (a, al) in measured]
+        stats["rejected"] = [_label(a, al) for a, al in cands if werr(al) > limit]
+        if chosen[1] is not None:
+            stats["smooth_alpha"] = chosen[1]
+        return module, stats
+
     def _build(self, op, rec: _InputRecorder, bits: int, act: str = "token",
                alpha: float | None = None, codes: dict[tuple, tuple] | None = None
                ) -> QuantizedWeight:
@@ -330,16 +454,10 @@ class Quantize(Pass):
         candidates and modules of different kinds over one weight share it."""
         w = op.weight().detach().float()
         w2 = w.reshape(w.shape[0], -1)
-        granularity = "channel" if bits != self.bits else self.granularity
-        scale_mode = "absmax" if bits != self.bits else self.scale
+        granularity, scale_mode = self._grid(bits)
         dynamic = self._dynamic(op, bits)
-        smooth = None
-        if op.kind == LINEAR and alpha is not None and op._input in rec.absmax:
-            a = alpha
-            xmax = rec.absmax[op._input]
-            xmax = torch.maximum(xmax, SMOOTH_INPUT_FLOOR * xmax.mean()).clamp(min=1e-5)
-            wmax = w2.abs().amax(0).clamp(min=1e-5)
-            smooth = (xmax.pow(a) / wmax.pow(1 - a)).clamp(min=1e-5)
+        smooth = self._smoothing(op, rec, w2, alpha)
+        if smooth is not None:
             w2 = w2 * smooth
         key = (op.key, bits, tuple(w2.shape))  # the weight, however named
         if smooth is None and codes is not None and key in codes:
@@ -363,6 +481,23 @@ class Quantize(Pass):
             module = QuantizedEmbedding(op.spec, *args, stored=True)
         module.decode = normalize_decode(self.decode)  # candidates are measured as they will run
         return module
+
+    def _grid(self, bits: int) -> tuple[str, str]:
+        """(granularity, scale mode) at ``bits``: a promoted layer's are per channel, absmax."""
+        return ("channel", "absmax") if bits != self.bits else (self.granularity, self.scale)
+
+    @staticmethod
+    def _smoothing(op, rec: _InputRecorder, w2: torch.Tensor, alpha: float | None
+                   ) -> torch.Tensor | None:
+        """The per-input-column factors smoothing ``alpha`` multiplies the weight by (None
+        without smoothing or calibration statistics)."""
+        if op.kind != LINEAR or alpha is None or op._input not in rec.absmax:
+            return None
+        xmax = rec.absmax[op._input]
+        xmax = torch.maximum(xmax, SMOOTH_INPUT_FLOOR * xmax.mean()).clamp(min=1e-5)
+        # max |w| per column from two reductions, without an |w| copy of the weight
+        wmax = torch.maximum(w2.amax(0), w2.amin(0).neg_()).clamp(min=1e-5)
+        return (xmax.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
 
     @staticmethod
     def _layer_stats(op, module: QuantizedWeight, w, b, err: float) -> dict:
@@ -472,6 +607,108 @@ def _decoded_blocks(module: QuantizedWeight):
         end = min(rows, start + step)
         block = torch.mul(q[start:end], scale[start:end] if per_row else scale)
         yield start, block.div_(smooth) if smooth is not None else block
+
+
+def _kernel_for(shape: tuple[int, int], scheme: str, rows: int) -> str:
+    """The int8 kernel a dynamic linear of weight ``shape`` runs a call of ``rows`` rows
+    with (:meth:`~fxpress.passes.int8.Int8Kernels.kernels`), before the module exists."""
+    probe = types.SimpleNamespace(shape=list(shape), cols=int(shape[1]),
+                                  zero_point=None if scheme == "symmetric" else 0)
+    return Int8Kernels.kernels(probe, rows)[0]
+
+
+def _rel_error(out: torch.Tensor, b: torch.Tensor | None, ref: torch.Tensor,
+               ref_norm: float) -> float:
+    """Relative L2 error of ``out + b`` against ``ref`` (``out`` is overwritten)."""
+    with torch.no_grad():
+        if b is not None:
+            out += b
+        err = float(torch.linalg.vector_norm(out.sub_(ref), dtype=torch.float32))
+    return err / ref_norm if ref_norm > 0 else 0.0
+
+
+#: Weights and input rows the float simulation of a layer's int8 candidates runs on at
+#: most (strided subsets of the weight's output channels and of the calibration sample's
+#: rows; the finalists' kernels run on all of both).
+SIMULATED_WEIGHTS = 1 << 17
+SIMULATED_ROWS = 128
+#: Weights a block of :func:`_quantize_measured` holds: its temporaries stay in a core's
+#: L2 cache, so the dozen elementwise steps read the weight from memory about once.
+MEASURE_BLOCK = 1 << 16
+
+
+def _quantize_measured(w2: torch.Tensor, smooth: torch.Tensor | None,
+                       xs: dict[str, torch.Tensor], bits: int, scheme: str, scale_mode: str
+                       ) -> tuple[float, dict[str, torch.Tensor]]:
+    """Per-channel quantisation of ``w2 · smooth`` (the codes of :func:`quantize_stored`)
+    measured as it is made, a few rows at a time, nothing kept: the decoded weight's
+    relative error against ``w2``, and for each simulated input in ``xs``
+    (:func:`simulated_input`) its product with the decoded weight (the kernel's output,
+    without the bias)."""
+    rows, cols = w2.shape
+    step = max(1, MEASURE_BLOCK // max(cols, 1))
+    outs = {a: x.new_empty((x.shape[0], rows)) for a, x in xs.items()}
+    sq = 0.0
+    with torch.no_grad():
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            blk = w2[start:end]
+            codes, s, zero = _quantize(blk if smooth is None else blk * smooth, bits, scheme,
+                                       "channel", 0, scale_mode)
+            dec = codes if zero is None else codes.sub_(zero)
+            dec = dec.mul_(s.reshape(-1, 1))  # the stored (smoothed) weight, decoded
+            for a, x in xs.items():
+                outs[a][:, start:end] = x @ dec.t()
+            if smooth is not None:
+                dec = dec.div_(smooth)
+            sq += float(torch.linalg.vector_norm(dec.sub_(blk))) ** 2
+        norm = float(torch.linalg.vector_norm(w2, dtype=torch.float32))
+    return (math.sqrt(sq) / norm if norm > 0 else 0.0), outs
+
+
+def _simulate(module: QuantizedWeight, xs: dict[str, torch.Tensor], w2: torch.Tensor
+              ) -> tuple[float, dict[str, torch.Tensor]]:
+    """:func:`_quantize_measured` of a module already built (per-tensor scales): its
+    decoded weight's relative error against ``w2`` and each simulated input's product
+    with it, decoded a block of rows at a time. ``xs`` are multiplied by the module's
+    smoothing (the blocks are decoded unsmoothed)."""
+    with torch.no_grad():
+        sm = module.smooth
+        xs = {a: x if sm is None else x * sm for a, x in xs.items()}
+        outs = {a: x.new_empty((x.shape[0], module.shape[0])) for a, x in xs.items()}
+        sq = 0.0
+        for start, rows in _decoded_blocks(module):
+            end = start + rows.shape[0]
+            for a, x in xs.items():
+                outs[a][:, start:end] = x @ rows.t()
+            sq += float(torch.linalg.vector_norm(rows.sub_(w2[start:end]))) ** 2
+        norm = float(torch.linalg.vector_norm(w2, dtype=torch.float32))
+    return (math.sqrt(sq) / norm if norm > 0 else 0.0), outs
+
+
+def simulated_input(x2: torch.Tensor, act: str, smooth: torch.Tensor | None,
+                    kernel: str) -> torch.Tensor:
+    """``x2`` as a dynamic int8 linear with ``act`` scaling sees it, in float: divided by
+    ``smooth``, quantised as ``kernel`` quantises it (one affine scale over ``[min(x, 0),
+    max(x, 0)]`` in 255 steps, 127 where fbgemm reduces its range; per token, fbgemm's
+    one scale over the rows divided by their absmax, the others' 127 steps per side),
+    decoded: its product with the decoded stored (smoothed) weight is the kernel's
+    product up to float rounding."""
+    from fxpress.passes.int8 import _REDUCE_RANGE
+
+    xs = x2 if smooth is None else x2 / smooth
+    levels = 127 if kernel == "fbgemm" and _REDUCE_RANGE else 255
+    if act == "tensor":
+        q, scale, zero = quantize_per_tensor(xs, levels, signed=False)
+        out = q.float().sub_(zero).mul_(scale)
+    elif kernel == "fbgemm":  # rows divided by their absmax, then one affine scale
+        amax = per_token_absmax(xs)
+        q, scale, zero = quantize_per_tensor(xs / amax, levels, signed=False)
+        out = q.float().sub_(zero).mul_(scale).mul_(amax)
+    else:
+        q, sx = quantize_per_token(xs)
+        out = q.float().mul_(sx)
+    return out
 
 
 def _output_error(module: QuantizedWeight, x: torch.Tensor | None, ref: torch.Tensor | None,
