@@ -21,6 +21,9 @@ an ONNX model whose compressed layers keep fxpress's own integers and scales:
 * every other compressed module (codebooks, binarized layers, quantized convs, a plugin's
   module): the nearest form ONNX runs, the decoded float weight.
 
+Multi-head attention over projected inputs (BERT's) becomes one
+``com.microsoft.MultiHeadAttention`` node over the integer projections.
+
 Batch and sequence axes stay dynamic (every input axis the model allows). After export
 the model is run by ONNX Runtime on the example inputs and compared with fxpress's own
 outputs; the metrics are returned in :attr:`OnnxExport.check`.
@@ -43,8 +46,9 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from fxpress.errors import ExportError, InputError, MissingExtraError
-from fxpress.onnx_lowering import (_DOMAIN, _PLACEHOLDER, _embedding_block, _fill_placeholders,
-                                    _nbits_block, _np)
+from fxpress.onnx_attention import fuse_attention
+from fxpress.onnx_lowering import (_ATTENTION, _DOMAIN, _PLACEHOLDER, AttentionSpec,
+                                    _embedding_block, _fill_placeholders, _nbits_block, _np)
 
 #: How to get what this module needs.
 INSTALL_HINT = "pip install 'fxpress[onnx]'"
@@ -117,6 +121,35 @@ def _define_op() -> None:
         w = x.new_empty(shape, dtype=torch.float32)
         return op_forward(mod.kind, mod.spec, x if x.is_floating_point() else x, w, None)
 
+    @torch.library.custom_op("fxpress_onnx::attention", mutates_args=())
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  key: int) -> torch.Tensor:
+        spec = _registry[key]
+        heads = spec.heads
+
+        def split(t):  # [B, S, H*d] -> [B, H, S, d]
+            return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            split(q), split(k), split(v), attn_mask=mask, scale=spec.scale)
+        return (out.transpose(1, 2).flatten(2) if spec.merged else out).contiguous()
+
+    @attention.register_fake
+    def _(q, k, v, mask, key):
+        spec = _registry[key]
+        if spec.merged:
+            return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+        return q.new_empty((q.shape[0], spec.heads, q.shape[1], v.shape[2] // spec.heads))
+
+    register_schema(OpSchema(
+        _ATTENTION, _DOMAIN, 1, doc="scaled dot-product attention over projected q, k, v "
+        "[batch, sequence, heads * dim] (replaced by MultiHeadAttention after export)",
+        inputs=[OpSchema.FormalParameter("q", "T"), OpSchema.FormalParameter("k", "T"),
+                OpSchema.FormalParameter("v", "T"),
+                OpSchema.FormalParameter("mask", "M", param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(float)", "tensor(bool)"], "")],
+        attributes=[OpSchema.Attribute("key", OpSchema.AttrType.INT, "attention key")]))
     register_schema(OpSchema(
         _PLACEHOLDER, _DOMAIN, 1, doc="a compressed fxpress layer (replaced after export)",
         inputs=[OpSchema.FormalParameter("x", "T")],
@@ -134,7 +167,13 @@ def _translation() -> dict:
     def lower(x, key: int):
         return getattr(opset, _PLACEHOLDER)(x, key=key)
 
-    return {torch.ops.fxpress_onnx.compressed_layer.default: lower}
+    def lower_attention(q, k, v, mask, key: int):
+        if mask is None:
+            return getattr(opset, _ATTENTION)(q, k, v, key=key)
+        return getattr(opset, _ATTENTION)(q, k, v, mask, key=key)
+
+    return {torch.ops.fxpress_onnx.compressed_layer.default: lower,
+            torch.ops.fxpress_onnx.attention.default: lower_attention}
 
 
 def _weight_shape(mod) -> list[int]:
@@ -184,9 +223,12 @@ def _form(mod) -> str:
     return "decoded"
 
 
-def _lowered(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[int, tuple[str, Any]]]:
+def _lowered(gm: torch.fx.GraphModule, attention: bool = False
+             ) -> tuple[torch.fx.GraphModule, dict[int, tuple[str, Any]]]:
     """A structural copy of ``gm`` in which every compressed layer is either the placeholder
-    op (integer forms, filled in after export) or a float op on its decoded weight."""
+    op (integer forms, filled in after export) or a float op on its decoded weight, and
+    (``attention``) every multi-head attention over projected inputs the attention
+    placeholder (ONNX Runtime's ``MultiHeadAttention``)."""
     from fxpress.graph.capture import clone_structure
     from fxpress.graph.runtime import CompressedModule
 
@@ -213,6 +255,15 @@ def _lowered(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[int, 
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         out.graph.erase_node(node)
+    if attention:
+        def register(spec: AttentionSpec, name: str) -> int:
+            key = next(_keys)
+            with _registry_lock:
+                _registry[key] = spec
+            keys[key] = (name, (spec, "attention"))
+            return key
+
+        fuse_attention(out.graph, register, torch.ops.fxpress_onnx.attention.default)
     out.graph.eliminate_dead_code()
     out.delete_all_unused_submodules()
     out.recompile()
@@ -380,8 +431,10 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
     ``example_inputs``: a tuple of inputs to trace with (default: built from the shapes the
     graph recorded at capture). Every input axis the model allows stays dynamic: batch and
     sequence. ``path``: where to write the ``.onnx`` file (weights inside it). ``fuse``:
-    apply ONNX Runtime's transformer fusions (LayerNorm, Gelu, SkipLayerNorm, ...) where
-    its optimizer finds them. ``accuracy_level``: MatMulNBits' compute type for 4-bit
+    fuse multi-head attention into ``com.microsoft.MultiHeadAttention`` (moving a following
+    layer's smoothing into the value projection) and apply ONNX Runtime's transformer
+    fusions (LayerNorm, Gelu, SkipLayerNorm, ...) where its optimizer finds them.
+    ``accuracy_level``: MatMulNBits' compute type for 4-bit
     layers (0: float, exact; 4: int8 activations, faster and less faithful). ``check``: run
     the model in ONNX Runtime on the example inputs and compare with fxpress's outputs
     (:attr:`OnnxExport.check`).
@@ -406,7 +459,7 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
         n.name for n in gm.graph.nodes if n.op == "placeholder"][:len(flat)]
     if len(names) != len(flat):
         raise InputError(f"export_onnx: {len(names)} input names for {len(flat)} inputs")
-    lowered, keys = _lowered(gm)
+    lowered, keys = _lowered(gm, attention=fuse)
     try:
         for mod in lowered.modules():  # a copy: exported graphs refuse train()
             mod.training = False
@@ -473,7 +526,9 @@ def _fuse(mp):
     try:
         with _quiet():
             opts = FusionOptions("bert")
-            opts.enable_attention = False  # attention over integer matmuls is not a pattern it knows
+            # fxpress fuses attention itself (_fuse_attention): ORT's fusion looks for the
+            # float MatMul + Add projections of older exporters
+            opts.enable_attention = False
             copy = type(mp)()
             copy.CopyFrom(mp)
             m = BertOnnxModel(copy)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,6 +16,20 @@ import torch
 #: The custom op that stands for a compressed layer during export, and its ONNX node.
 _DOMAIN = "fxpress.onnx"
 _PLACEHOLDER = "CompressedLayer"
+#: The custom op that stands for multi-head attention over projected q, k, v.
+_ATTENTION = "Attention"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention the exporter fuses: heads, softmax scale, whether its mask is boolean
+    (True: attend) rather than additive, and whether its output has the heads merged
+    (``[B, S, H*d]``, else ``[B, H, S, d]``)."""
+
+    heads: int
+    scale: float
+    bool_mask: bool
+    merged: bool
 
 def _nbits_block(mod) -> int | None:
     """MatMulNBits block size that represents ``mod``'s scales exactly, or None."""
@@ -70,13 +85,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-def _int8_linear(b: _Builder, mod, x: str, y: str, base: str) -> str:
+def _int8_linear(b: _Builder, mod, x: str, y: str, base: str, fold: _Fold) -> str:
     """``y = mod(x)`` for a dynamic int8 QuantizedLinear: fxpress's codes and scales."""
     codes = mod.codes()  # int32 [N, K]
     zero = mod.zero()
     n = mod.shape[0]
     scale = mod.scale.reshape(-1).float()
-    scale = scale.expand(n) if scale.numel() == 1 else scale
+    scale = (scale.expand(n) if scale.numel() == 1 else scale) * fold.out
     if zero is None:  # symmetric codes fit int8
         w = b.const(base + ".qweight", _np(codes.t().to(torch.int8)))
         wzp = None
@@ -86,8 +101,8 @@ def _int8_linear(b: _Builder, mod, x: str, y: str, base: str) -> str:
         wzp = b.const(base + ".zero_point", _np((z.expand(n) if z.numel() == 1 else z).to(torch.uint8)))
     sw = b.const(base + ".scale", _np(scale))
     src = x
-    if mod.smooth is not None:  # the stored weight is w * smooth: divide the input columns
-        inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
+    if mod.smooth is not None and not fold.smooth_done:  # the stored weight is w * smooth:
+        inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))  # divide x
         src = b.node("Mul", [x, inv], base)[0]
     if mod.act_scale == "tensor":
         key = ("dql", src)
@@ -112,22 +127,35 @@ def _int8_linear(b: _Builder, mod, x: str, y: str, base: str) -> str:
         # MatMulIntegerToFloat takes a per-tensor input scale: 1 here, the row scales after
         acc = b.node("MatMulIntegerToFloat", [xq, w, one, sw, zx] + ([wzp] if wzp else []), base,
                      domain="com.microsoft")[0]
-        return _finish(b, mod, b.node("Mul", [acc, rowscale], base)[0], y, base)
+        return _finish(b, mod, b.node("Mul", [acc, rowscale], base)[0], y, base, fold)
     accf = b.node("Cast", [acc], base, to=1)[0]
-    return _finish(b, mod, b.node("Mul", [accf, prod], base)[0], y, base)
+    return _finish(b, mod, b.node("Mul", [accf, prod], base)[0], y, base, fold)
 
 
-def _finish(b: _Builder, mod, out: str, y: str, base: str) -> str:
+@dataclass
+class _Fold:
+    """What a layer's export takes over from its neighbours: ``out`` multiplies its output
+    channels (the next layer's 1/smooth, moved into this layer's scales and bias), and
+    ``smooth_done``: its own 1/smooth was moved into the layer before it."""
+
+    out: Any = 1.0
+    smooth_done: bool = False
+
+
+def _finish(b: _Builder, mod, out: str, y: str, base: str, fold: _Fold) -> str:
     bias = getattr(mod, "bias", None)
+    if bias is not None:
+        bias = bias.float() * fold.out
     if bias is None:
         b.nodes.append(b.helper.make_node("Identity", [out], [y], name=b.name(base + "/Identity")))
     else:
-        bb = b.const(base + ".bias", _np(bias.float()))
+        bb = b.const(base + ".bias", _np(bias))
         b.nodes.append(b.helper.make_node("Add", [out, bb], [y], name=b.name(base + "/Add")))
     return y
 
 
-def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: int) -> str:
+def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: int,
+                  fold: _Fold) -> str:
     """``y = mod(x)`` for a weight-only QuantizedLinear as com.microsoft.MatMulNBits."""
     from fxpress.passes.quantize_grid import code_range
 
@@ -145,6 +173,8 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
     else:
         col_of_block = torch.arange(blocks) * block // (k // mod.scale.shape[1])
     scale = mod.scale.float().expand(n, -1)[:, col_of_block]
+    if isinstance(fold.out, torch.Tensor):
+        scale = scale * fold.out[:, None]
     if zu is None:
         zu = torch.full((n, blocks), 1 << (bits - 1), dtype=torch.int32)  # symmetric: q + 2^(b-1)
         u = (mod.codes() + (1 << (bits - 1))).to(torch.uint8)
@@ -162,7 +192,8 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
     z3 = zz.reshape(n, -1, per_byte).to(torch.int32)
     zpacked = sum(z3[..., i] << (bits * i) for i in range(per_byte)).to(torch.uint8).reshape(-1)
     src = x
-    if mod.smooth is not None:  # activation-aware scaling: the stored weight is w * smooth
+    if mod.smooth is not None and not fold.smooth_done:  # activation-aware scaling (the
+        # stored weight is w * smooth)
         inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
         src = b.node("Mul", [x, inv], base)[0]
     inputs = [src, b.const(base + ".qweight", _np(packed)), b.const(base + ".scales", _np(scale.reshape(-1)))]
@@ -170,7 +201,7 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
         inputs.append(b.const(base + ".zero_points", _np(zpacked)))
     out = b.node("MatMulNBits", inputs, base, domain="com.microsoft", K=k, N=n, bits=bits,
                  block_size=block, accuracy_level=accuracy_level)[0]
-    return _finish(b, mod, out, y, base)
+    return _finish(b, mod, out, y, base, fold)
 
 
 def _embedding_block(mod) -> int | None:
@@ -235,6 +266,74 @@ def _gather_embedding(b: _Builder, mod, x: str, y: str, base: str) -> str:
     return y
 
 
+def _attention(b: _Builder, spec: AttentionSpec, inputs: Sequence[str], y: str, base: str) -> str:
+    """``y = sdpa(q, k, v, mask)`` with heads split (``[B, H, S, d]``) from projected
+    ``[B, S, H*d]`` inputs, as ``com.microsoft.MultiHeadAttention`` (output ``[B, S, H*d]``;
+    split into heads again by ``Reshape`` + ``Transpose`` where the graph does not merge
+    them right after). A boolean mask becomes an additive bias (0 or the lowest float), computed
+    once for the layers that share it."""
+    q, k, v = inputs[:3]
+    mha = [q, k, v]
+    mask = inputs[3] if len(inputs) > 3 and inputs[3] else None
+    if mask is not None:
+        if spec.bool_mask:
+            key = ("attention_bias", mask)
+            if key not in b.shared:
+                b.shared[key] = tuple(b.node("Where", [
+                    mask, b.const("attention_bias.zero", np.array(0.0, np.float32)),
+                    b.const("attention_bias.masked", np.array(np.finfo(np.float32).min, np.float32))],
+                    "attention_bias"))
+            mask = b.shared[key][0]
+        mha += ["", "", mask]  # bias, key_padding_mask, attention_bias
+    if spec.merged:
+        b.nodes.append(b.helper.make_node("MultiHeadAttention", mha, [y], name=b.name(base + "/MultiHeadAttention"),
+                                          domain="com.microsoft", num_heads=spec.heads, scale=spec.scale))
+        return y
+    out = b.node("MultiHeadAttention", mha, base, domain="com.microsoft", num_heads=spec.heads,
+                 scale=spec.scale)[0]
+    split = b.node("Reshape", [out, b.const(base + ".heads_shape", np.array([0, 0, spec.heads, -1], np.int64))],
+                   base)[0]
+    b.nodes.append(b.helper.make_node("Transpose", [split], [y], name=b.name(base + "/Transpose"),
+                                      perm=[0, 2, 1, 3]))
+    return y
+
+
+def _smooth_folds(graph, keys: dict[int, tuple[str, Any]]) -> dict[int, _Fold]:
+    """Smoothed layers that read a fused attention's output (BERT's attention output
+    projection): attention is linear in its values, so the layer's 1/smooth moves into the
+    value projection's output scales and bias (when that projection is integer and feeds
+    only this attention), and the layer's own ``Mul`` goes."""
+    def key_of(node) -> int | None:
+        if node.domain != _DOMAIN:
+            return None
+        return next(a.i for a in node.attribute if a.name == "key")
+
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    for o in graph.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+    folds: dict[int, _Fold] = {}
+    for node in graph.node:
+        key = key_of(node)
+        if key is None or keys[key][1][1] not in ("int8", "nbits") or keys[key][1][0].smooth is None:
+            continue
+        att = producer.get(node.input[0])
+        att_key = None if att is None else key_of(att)
+        if att_key is None or keys[att_key][1][1] != "attention" or not keys[att_key][1][0].merged:
+            continue
+        value = producer.get(att.input[2])
+        v_key = None if value is None else key_of(value)
+        if v_key is None or keys[v_key][1][1] not in ("int8", "nbits") or readers.get(att.input[2]) != 1 \
+                or v_key in folds:
+            continue
+        folds[v_key] = _Fold(out=keys[key][1][0].smooth.reciprocal().float())
+        folds[key] = _Fold(smooth_done=True)
+    return folds
+
+
 def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: int) -> dict[str, str]:
     """Replace every placeholder node of ``model`` (an onnx ModelProto) by its integer
     subgraph; return ``{layer: form}``."""
@@ -244,6 +343,7 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
     b = _Builder(graph)
     forms: dict[str, str] = {}
     new_nodes = []
+    folds = _smooth_folds(graph, keys)
     for node in graph.node:
         if node.domain != _DOMAIN:
             new_nodes.append(node)
@@ -252,12 +352,16 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
         qualname, (mod, form) = keys[key]
         b.nodes = []
         x, y = node.input[0], node.output[0]
-        if form == "int8":
-            _int8_linear(b, mod, x, y, qualname)
+        if form == "attention":
+            _attention(b, mod, list(node.input), y, qualname)
+        elif form == "int8":
+            fold = folds.get(key, _Fold())
+            _int8_linear(b, mod, x, y, qualname, fold)
             forms[qualname] = f"MatMulInteger (per-{mod.act_scale} input" + (
-                ", smoothed)" if mod.smooth is not None else ")")
+                ", smoothed" + (" in the value projection" if fold.smooth_done else "") + ")"
+                if mod.smooth is not None else ")")
         elif form == "nbits":
-            _nbits_linear(b, mod, x, y, qualname, accuracy_level)
+            _nbits_linear(b, mod, x, y, qualname, accuracy_level, folds.get(key, _Fold()))
             forms[qualname] = f"MatMulNBits ({mod.bits}-bit, block {_nbits_block(mod)})"
         else:
             _gather_embedding(b, mod, x, y, qualname)
@@ -268,7 +372,8 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
     del graph.node[:]
     graph.node.extend(new_nodes)
     for name, (_mod, form) in keys.values():
-        forms.setdefault(name, "decoded float")
+        if form != "attention":
+            forms.setdefault(name, "decoded float")
     opsets = {o.domain: o for o in model.opset_import}
     opsets.pop(_DOMAIN, None)
     if "com.microsoft" not in opsets:
