@@ -97,11 +97,12 @@ def minimize(header: dict) -> dict:
             if not isinstance(entry, dict):
                 continue
             defaults = _stream_defaults(i, entry) or {}
-            streams = entry.get("streams") if isinstance(entry.get("streams"), dict) else {}
+            streams = entry["streams"] if isinstance(entry.get("streams"), dict) else {}
             total = 0
             for sname, info in streams.items():
                 if isinstance(info, dict):
-                    total += info.get("bytes", 0) if isinstance(info.get("bytes"), int) else 0
+                    n = info.get("bytes", 0)
+                    total += n if isinstance(n, int) and not isinstance(n, bool) else 0
                     # bytes last: blob's default depends on it
                     for k in ("key", "dtype", "raw_bytes", "blob", "bytes"):
                         if k in info and k in defaults.get(sname, {}) \
@@ -109,7 +110,7 @@ def minimize(header: dict) -> dict:
                             del info[k]
             if entry.get("stored_bytes") == total:
                 del entry["stored_bytes"]
-    for m in h.get("modules") or ():
+    for m in h.get("modules") if isinstance(h.get("modules"), list) else ():
         if not isinstance(m, dict) or "alias" in m:
             continue
         if m.get("training") is False:
@@ -133,7 +134,7 @@ def minimize(header: dict) -> dict:
     if isinstance(graph, dict):
         if "codegen" in graph and graph["codegen"] is None:
             del graph["codegen"]
-        for n in graph.get("nodes") or ():
+        for n in graph.get("nodes") if isinstance(graph.get("nodes"), list) else ():
             if not isinstance(n, dict):
                 continue
             if n.get("args") == _EMPTY_ARGS:
