@@ -226,6 +226,47 @@ def cache_free_kwargs(model: torch.nn.Module, outputs: Any) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
+#: transformers' mixture-of-experts kernel that runs as plain ATen ops (each token's expert
+#: matrices gathered, then one batched matmul). Its default, ``grouped_mm``, calls the library
+#: custom op ``torch.ops.transformers.grouped_mm_fallback`` on CPU, which no artifact can
+#: store, and ``eager`` loops over experts with data-dependent Python that export refuses.
+TRACEABLE_EXPERTS = "batched_mm"
+
+
+def _experts_configs(model: torch.nn.Module) -> list:
+    """The transformers configs in ``model`` whose experts kernel is not traceable."""
+    out, seen = [], set()
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is None or id(cfg) in seen or not hasattr(type(cfg), "_experts_implementation"):
+            continue
+        seen.add(id(cfg))
+        impl = getattr(cfg, "_experts_implementation", None)
+        if isinstance(impl, str) and impl != TRACEABLE_EXPERTS:
+            out.append((cfg, impl))
+    return out
+
+
+@contextlib.contextmanager
+def traceable_experts(model: torch.nn.Module):
+    """Run the block with every mixture-of-experts layer of ``model`` (transformers'
+    Mixtral, Qwen-MoE, OLMoE, ...) on :data:`TRACEABLE_EXPERTS`; yields what was switched,
+    as ``[(config class, previous kernel)]``; the caller's configs are restored after."""
+    changed = _experts_configs(model)
+    switched = []
+    try:
+        for cfg, impl in changed:
+            try:
+                cfg._experts_implementation = TRACEABLE_EXPERTS
+            except Exception:  # noqa: BLE001 - an older transformers without that kernel
+                continue
+            switched.append((cfg, impl))
+        yield [(type(cfg).__name__, impl) for cfg, impl in switched]
+    finally:
+        for cfg, impl in reversed(switched):
+            cfg._experts_implementation = impl
+
+
 def _drop_bound_inputs(gm: torch.fx.GraphModule, bound: dict[str, Any], example_inputs: tuple) -> None:
     """Make an exported graph take only the positional inputs: the keyword arguments it was
     exported with (constants such as ``use_cache=False``) leave its signature."""
@@ -295,7 +336,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
         raise InputError(f"capture: method must be one of {METHODS}, got {method!r}")
     example_inputs = as_input_tuple(example_inputs)
 
-    with TRACE_LOCK.tracing(), eval_mode(model), torch.no_grad():
+    with TRACE_LOCK.tracing(), eval_mode(model), torch.no_grad(), \
+            traceable_experts(model) as experts:
         try:
             expected = model(*example_inputs)
         except Exception as e:  # the inputs do not fit the model: say so before tracing
@@ -347,6 +389,12 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 gm.meta["fxpress"]["why"] += ("; the model returns a KV cache (use_cache=True): "
                                               "captured one call with use_cache=False, outputs "
                                               "without the cache")
+            if experts:
+                gm.meta["fxpress"]["why"] += (
+                    "; mixture-of-experts layers captured with transformers' "
+                    f"experts_implementation={TRACEABLE_EXPERTS!r} (plain ATen ops) instead of "
+                    + ", ".join(sorted({repr(impl) for _, impl in experts}))
+                    + " (a library custom op no artifact can store)")
             for sub in gm.modules():
                 sub.training = False
             return gm

@@ -15,6 +15,13 @@ takes the place of a linear. Instead the module itself is wrapped:
   weights from ``get_attr`` nodes) replaces each such node by a call that returns the
   decoded matrix.
 
+Mixture-of-experts layers (transformers' Mixtral, Qwen-MoE, ... captured with the
+``batched_mm`` kernel, see :func:`fxpress.graph.capture.traceable_experts`) read a 3-D
+``[experts, out, in]`` tensor, gather each token's matrices (``aten.index``) and multiply
+(``aten.bmm``). Passes see such a tensor as one linear of ``experts * out`` rows (each
+expert's output channel a row; an ``[experts, in, out]`` tensor is seen transposed), and a
+:class:`DecodedWeight` returns it in its stored 3-D layout.
+
 Both store only the compressed tensors, load from an artifact like every runtime module
 (the host is a reviewed torch.nn class, its placeholders are empty), and fine-tune through
 the compressed children's own ``begin_training`` (gradients reach them through the fused
@@ -31,8 +38,8 @@ from torch.utils import _pytree as pytree
 
 from fxpress.graph.memory import trim_heap
 from fxpress.graph.runtime import CompressedModule, RuntimeModule
-from fxpress.graph.weights import (LINEAR, WeightedOp, _free_name, _module_kind, _resolve,
-                                   _set_submodule)
+from fxpress.graph.weights import (LINEAR, WeightedOp, _assign, _free_name, _module_kind,
+                                   _resolve, _set_submodule)
 
 _aten = torch.ops.aten
 
@@ -94,15 +101,39 @@ class DecodedWeight(RuntimeModule):
     """The decoded matrix of a compressed child ``w0``: called with no arguments where an
     exported graph read the float matrix (``get_attr``) to pass it to a fused ATen op."""
 
-    def __init__(self, module: CompressedModule):
+    def __init__(self, module: CompressedModule, experts: list[int] | None = None,
+                 layout: str = "oi"):
         super().__init__()
         self.w0 = module
+        if experts is not None:  # a 3-D expert tensor, seen by passes as [experts*out, in]
+            self.experts, self.layout = [int(d) for d in experts], layout
+
+    def config(self) -> dict:
+        experts = getattr(self, "experts", None)
+        return {} if experts is None else {"experts": list(experts), "layout": self.layout}
 
     def forward(self) -> torch.Tensor:
         module = self._modules.get("w0")
         if not isinstance(module, CompressedModule):
             raise TypeError(f"{type(self).__name__}: child 'w0' must be a compressed module")
-        return module.dense_weight()
+        w = module.dense_weight()
+        experts = getattr(self, "experts", None)
+        if experts is None:
+            return w
+        return expert_layout(w, experts, getattr(self, "layout", None), type(self).__name__)
+
+
+def expert_layout(w: torch.Tensor, experts: Any, layout: Any, where: str) -> torch.Tensor:
+    """The ``[experts * out, in]`` matrix ``w`` back in its stored 3-D layout: ``experts``
+    is ``[E, out, in]``; layout "oi" stores it so, "io" as ``[E, in, out]``."""
+    if (not isinstance(experts, (list, tuple)) or len(experts) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in experts)
+            or layout not in ("oi", "io") or experts[0] * experts[1] * experts[2] != w.numel()
+            or w.dim() != 2 or w.shape[1] != experts[2]):
+        raise TypeError(f"{where}: experts={experts!r}, layout={layout!r} do not describe the "
+                        f"decoded {tuple(w.shape)} matrix")
+    w = w.reshape(experts)
+    return w.transpose(1, 2) if layout == "io" else w
 
 
 #: ATen ops that read several weights inside one fused call (export graphs)
@@ -125,7 +156,11 @@ class FusedWeightOp(WeightedOp):
     def weight(self) -> torch.Tensor:
         path = self.spec.get("path")
         if path is None:
-            return super().weight()
+            w = super().weight()
+            if "experts" in self.spec:  # [E, out, in] (or [E, in, out]) -> [E*out, in]
+                w = w.transpose(1, 2) if self.spec["layout"] == "io" else w
+                w = w.reshape(-1, w.shape[-1])
+            return w
         host = self.gm.get_submodule(path)
         return getattr(host, "host", host).get_parameter(self.spec["param"])
 
@@ -149,7 +184,8 @@ class FusedWeightOp(WeightedOp):
         owner._buffers.pop(attr, None)
         owner.__dict__.pop(attr, None)
         qualname = _free_name(gm, self.name)
-        _set_submodule(gm, qualname, DecodedWeight(module))
+        _set_submodule(gm, qualname, DecodedWeight(module, self.spec.get("experts"),
+                                                   self.spec.get("layout", "oi")))
         for n in [n for n in graph.nodes if n.op == "get_attr" and n.target == self.name]:
             with graph.inserting_before(n):
                 new = graph.call_module(qualname, ())
@@ -159,6 +195,15 @@ class FusedWeightOp(WeightedOp):
         return f"{qualname}.w0"
 
     def set_weight(self, w: torch.Tensor) -> None:
+        if "experts" in self.spec:
+            old = self.weight()
+            if tuple(w.shape) != tuple(old.shape):
+                raise ValueError(f"{self.name}: new weight shape {tuple(w.shape)} != "
+                                 f"{tuple(old.shape)}")
+            value = expert_layout(w, self.spec["experts"], self.spec["layout"], self.name)
+            for name in self.tied or (self.name,):
+                value = _assign(*_resolve(self.gm, name), value.contiguous())
+            return
         super().set_weight(w)
         owner, _ = _resolve(self.gm, self.name)
         if isinstance(owner, torch.nn.RNNBase):  # the RNN kernel reads its list of weights
@@ -195,11 +240,41 @@ def fused_weights(gm: torch.fx.GraphModule) -> list[FusedWeightOp]:
             for a in pytree.tree_leaves((node.args, node.kwargs)):
                 if isinstance(a, torch.fx.Node) and a.op == "get_attr":
                     add(str(a.target), node, str(node.target))
+        elif node.op == "call_function" and node.target is _aten.index.Tensor:
+            layout = _expert_gather(gm, node)
+            if layout is not None and str(node.args[0].target) not in out:
+                name = str(node.args[0].target)
+                t = getattr(*_resolve(gm, name))
+                e, a, b = t.shape
+                shape = [e, a, b] if layout == "oi" else [e, b, a]
+                out[name] = FusedWeightOp(gm, node, LINEAR, "fused", name, {
+                    "host": "experts (aten.index + aten.bmm)", "experts": shape, "layout": layout})
     return list(out.values())
+
+
+def _expert_gather(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """"oi" or "io" when ``node`` gathers matrices of a 3-D float weight (``w[ids]``) that
+    only batched matmuls read, as the weight's first operand (``[E, out, in]``) or second
+    (``[E, in, out]``); else None."""
+    src = node.args[0] if node.args else None
+    if not (isinstance(src, torch.fx.Node) and src.op == "get_attr"):
+        return None
+    t = getattr(*_resolve(gm, str(src.target)), None)
+    if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3):
+        return None
+    if any(u.op != "get_attr" and u is not node and not (
+            u.op == "call_function" and u.target is _aten.index.Tensor) for u in src.users):
+        return None  # the tensor is also read whole somewhere: leave it float
+    sides = set()
+    for u in node.users:
+        if u.op != "call_function" or u.target is not _aten.bmm.default:
+            return None
+        sides.add("oi" if u.args[0] is node else "io")
+    return sides.pop() if len(sides) == 1 else None
 
 
 #: the runtime classes of this module, allowed in every artifact
 FUSED_CLASSES = (FusedCall, DecodedWeight)
 
 __all__ = ["FusedCall", "DecodedWeight", "FusedWeightOp", "fused_weights", "FUSED_CLASSES",
-           "placeholder"]
+           "placeholder", "expert_layout"]

@@ -170,3 +170,39 @@ def test_non_persistent_buffers_stay_non_persistent_after_load(tmp_path):
     loaded = fxpress.load(tmp_path / "m.fxp")
     assert set(loaded.state_dict()) == set(gm.state_dict()) == {"fc.weight", "fc.bias"}
     assert torch.equal(loaded.scale, model.scale)
+
+
+def test_mixture_of_experts_captures_with_plain_aten_and_compresses_its_experts(tmp_path):
+    """transformers' default experts kernel calls a library custom op on CPU, which no
+    artifact can store: capture switches to its pure-ATen kernel for the one call and puts
+    the caller's config back; the 3-D expert tensors are then compressed like linears."""
+    import torch
+
+    import fxpress
+    from fxpress.graph.fused import DecodedWeight
+    from tests.zoo import mixtral
+
+    spec = mixtral()
+    before = spec.model.config._experts_implementation
+    gm = fxpress.capture(spec.model, spec.inputs)
+    assert spec.model.config._experts_implementation == before != "batched_mm"
+    assert "batched_mm" in gm.meta["fxpress"]["why"]
+    assert not any(n.op == "call_function" and "transformers" in str(n.target)
+                   for n in gm.graph.nodes)
+    res = fxpress.compress(gm, "quantize{bits=8}", example_inputs=spec.inputs, progress=False)
+    experts = {n: m for n, m in res.module.named_modules() if isinstance(m, DecodedWeight)}
+    assert len(experts) == 4 and all(m.experts[0] == 4 for m in experts.values())
+    assert not any(t.dim() == 3 and t.is_floating_point() for t in res.module.state_dict().values())
+    fxpress.save(res, tmp_path / "moe.fxp")
+    loaded = fxpress.load(tmp_path / "moe.fxp")
+    with torch.no_grad():
+        ref, got, back = (m(*spec.new) for m in (spec.model, res.module, loaded))
+    assert torch.equal(got.logits, back.logits)
+    assert torch.nn.functional.cosine_similarity(got.logits.flatten(), ref.logits.flatten(), 0) > 0.999
+    # a crafted file's expert shape that does not describe the stored matrix is refused
+    decoded = next(m for m in loaded.modules() if isinstance(m, DecodedWeight))
+    for experts, layout in (([4, 1, 10**6], "oi"), ([4, -128, -32], "oi"), ([True, 128, 32], "oi"),
+                            (decoded.experts, "ji"), ("4x128x32", "oi")):
+        decoded.experts, decoded.layout = experts, layout
+        with pytest.raises(TypeError, match="do not describe"):
+            decoded()

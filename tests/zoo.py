@@ -490,13 +490,35 @@ def conv1d_grouped() -> Specimen:
     return _specimen("conv1d_grouped", _bn_stats(AudioConv1d()), wave, shape=(2, 24), reshaped=(3, 40))
 
 
+# held out, round 14: a mixture-of-experts LM (transformers' default experts kernel calls a
+# library custom op) and DeBERTa-v2 (its exported graph holds lifted tensor constants)
+
+def mixtral() -> Specimen:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                        num_experts_per_tok=2, max_position_embeddings=64)
+    return _hf("mixtral", MixtralForCausalLM(cfg), _ids_mask)
+
+
+def deberta_v2() -> Specimen:
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return _hf("deberta_v2", DebertaV2Model(cfg), _ids_mask)
+
+
 ZOO: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     bert, distilbert, gpt2, llama, qwen2, t5, bart, vit, whisper_encoder, wav2vec2, resnet,
     convnext, transformer_encoder, multihead_attention, lstm, gru, conv_transpose,
     tied_embeddings, module_twice, inplace_ops, dict_outputs, minilm)}
 
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
-    albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped)}
+    albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2)}
 
 
 def build(name: str) -> Specimen:
