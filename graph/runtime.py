@@ -225,5 +225,14 @@ def compressed_modules(gm: torch.nn.Module) -> list[tuple[str, CompressedModule]
     return [(n, m) for n, m in gm.named_modules() if isinstance(m, CompressedModule)]
 
 
-__all__ = ["RuntimeModule", "CompressedModule", "compressed_modules", "kind_classes", "op_forward",
+def trainable_modules(gm: torch.nn.Module) -> list[tuple[str, RuntimeModule]]:
+    """Every runtime module a recovery step trains through its ``begin_training()`` /
+    ``end_training()`` hooks: the compressed modules and any other runtime module that
+    defines both (``passes/small.py``'s grid-stored norms and constants)."""
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, RuntimeModule) and (
+        isinstance(m, CompressedModule) or (callable(getattr(m, "begin_training", None))
+                                            and callable(getattr(m, "end_training", None))))]
+
+
+__all__ = ["RuntimeModule", "CompressedModule", "compressed_modules", "trainable_modules", "kind_classes", "op_forward",
            "conv_forward"]

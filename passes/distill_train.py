@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from fxpress.errors import InputError, MissingDataError
 from fxpress.graph.capture import capture, clone_structure, eval_mode
 from fxpress.graph.guard import preserved_rng
-from fxpress.graph.runtime import compressed_modules
+from fxpress.graph.runtime import trainable_modules
 from fxpress.passes.distill import FeatureProjection, collect, insert_taps, tap_modules
 from fxpress.passes.distill_config import History, TrainConfig
 from fxpress.passes.distill_data import (Dist, count_batches, device_of, distributed, epoch_batches,
@@ -264,7 +264,7 @@ class Distiller:
             teacher = clone_structure(teacher, copy_tensors=True).to(device)
 
         # each compressed module says what may train; everything else float trains as is
-        compressed = compressed_modules(student)
+        compressed = trainable_modules(student)
         flags = [(p, p.requires_grad) for p in student.parameters()]
         hooked: list[nn.Parameter] = []
         started: list = []

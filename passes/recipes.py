@@ -212,9 +212,11 @@ RECIPES = {
     # BatchNorms folded into their layers (exact; nothing of them left to store), global
     # magnitude pruning to 95% in three stages on the cubic schedule, each recovered by
     # distillation from the original model; 4-bit k-means sharing with biases on an 8-bit
-    # grid; a last recovery that fine-tunes the centroids.
+    # grid; the small float tensors left (norms, position embeddings) on 8-bit grids
+    # (passes/small.py); a last recovery that fine-tunes the centroids and trains through
+    # the grids.
     "deep-compression": "fold_bn,prune{sparsity=0.95,scope=global,steps=3},distill,"
-                        "share{bits=4,bias_bits=8},distill",
+                        "share{bits=4,bias_bits=8},small,distill",
 }
 
 
@@ -224,7 +226,7 @@ def parse_spec(text: str) -> list[PassSpec]:
     >>> [str(p) for p in parse_spec("prune{sparsity=0.5}, quantize{bits=8}")]
     ['prune{sparsity=0.5}', 'quantize{bits=8}']
     >>> [p.name for p in parse_spec("deep-compression")]
-    ['fold_bn', 'prune', 'distill', 'share', 'distill']
+    ['fold_bn', 'prune', 'distill', 'share', 'small', 'distill']
     """
     if not isinstance(text, str):
         raise PipelineSpecError(f"pipeline text must be a string, got {type(text).__name__}")

@@ -7,9 +7,10 @@ from fxpress.passes.prune import Prune
 from fxpress.passes.binarize import Binarize
 from fxpress.passes.quantize import Quantize
 from fxpress.passes.share import Share
+from fxpress.passes.small import Small
 from fxpress.plugins.hookspecs import hookimpl
 
-BUILTIN_PASSES = (Prune, Share, Quantize, Binarize, Distill, FoldBatchNorm)
+BUILTIN_PASSES = (Prune, Share, Quantize, Binarize, Distill, FoldBatchNorm, Small)
 
 
 @hookimpl

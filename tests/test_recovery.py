@@ -204,7 +204,7 @@ def test_deep_compression_recipe_needs_only_the_model_and_training_data(one_thre
     data = train_data()[:8]
     res = fxpress.compress(model, "deep-compression", train_data=data, policy="warn",
                            progress=False)
-    assert [r.name for r in res.records] == ["fold_bn"] + ["prune", "distill"] * 3 + ["share", "distill"]
+    assert [r.name for r in res.records] == ["fold_bn"] + ["prune", "distill"] * 3 + ["share", "small", "distill"]
     assert res.records[-1].sparsity > 0.9 and res.records[-1].stats["lr"] > 0
     x, y = data[0]
     assert float((res.module(x).argmax(1) == model(x).argmax(1)).float().mean()) > 0.8
