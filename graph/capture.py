@@ -25,6 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from fxpress.errors import CaptureError, InputError
+from fxpress.graph.canonical import canonical_linears
 
 METHODS = ("auto", "fx", "export")
 
@@ -365,6 +366,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                         gm = clone_structure(gm)  # never share module objects with the caller
                     else:
                         gm = _capture_export(model, example_inputs, dynamic, bound)
+                    linears = canonical_linears(gm)
                     annotate_shapes(gm, example_inputs)
                     got = gm(*example_inputs)
                     if not _outputs_match(got, expected):
@@ -384,6 +386,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 "input_count": len(example_inputs),
                 "passes": [],
             }
+            if linears:
+                gm.meta["fxpress"]["linears_from_matmul"] = linears
             if bound:
                 gm.meta["fxpress"]["call_kwargs"] = dict(bound)
                 gm.meta["fxpress"]["why"] += ("; the model returns a KV cache (use_cache=True): "

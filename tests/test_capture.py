@@ -146,3 +146,29 @@ def test_leaf_modules_keep_an_untraceable_submodule_whole():
     gm = fxpress.capture(model, (x,), method="fx", leaf_modules=[_Gate])
     assert gm.meta["fxpress"]["method"] == "fx"
     torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_linears_written_as_matmuls_become_linear_ops(method):
+    """``x @ W.T`` (transformers' FalconLinear, hand-written heads) is a linear every pass
+    must see: capture rewrites it into ``linear(x, W)`` with bit-identical outputs, and
+    leaves other reads of the weight alone."""
+    class Handwritten(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(6, 4))
+            self.bias = torch.nn.Parameter(torch.randn(6))
+            self.head = torch.nn.Parameter(torch.randn(3, 6))
+
+        def forward(self, x):
+            h = torch.relu(x @ self.weight.T + self.bias)
+            return torch.matmul(h, self.head.t()) + h.sum(-1, keepdim=True) * self.weight.T.sum()
+
+    torch.manual_seed(0)
+    model, x = Handwritten(), torch.randn(2, 5, 4)
+    gm = fxpress.capture(model, (x,), method=method)
+    assert gm.meta["fxpress"]["linears_from_matmul"] == 2
+    y = torch.randn(3, 7, 4)
+    assert torch.equal(gm(x), model(x)) and torch.equal(gm(y), model(y))
+    res = fxpress.compress(model, "quantize{bits=8}", example_inputs=(x,), progress=False)
+    assert set(res.records[0].stats["layers"]) == {"weight", "head"}

@@ -491,7 +491,8 @@ def conv1d_grouped() -> Specimen:
 
 
 # held out, round 14: a mixture-of-experts LM (transformers' default experts kernel calls a
-# library custom op) and DeBERTa-v2 (its exported graph holds lifted tensor constants)
+# library custom op), DeBERTa-v2 (its exported graph holds lifted tensor constants) and
+# Falcon (its linears are matmuls with a transposed weight)
 
 def mixtral() -> Specimen:
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -512,13 +513,22 @@ def deberta_v2() -> Specimen:
     return _hf("deberta_v2", DebertaV2Model(cfg), _ids_mask)
 
 
+def falcon() -> Specimen:
+    # FalconLinear computes ``x @ W.T`` (no F.linear): capture makes it a linear op
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    return _hf("falcon", FalconForCausalLM(cfg), _ids_only)
+
+
 ZOO: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     bert, distilbert, gpt2, llama, qwen2, t5, bart, vit, whisper_encoder, wav2vec2, resnet,
     convnext, transformer_encoder, multihead_attention, lstm, gru, conv_transpose,
     tied_embeddings, module_twice, inplace_ops, dict_outputs, minilm)}
 
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
-    albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2)}
+    albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2, falcon)}
 
 
 def build(name: str) -> Specimen:

@@ -164,6 +164,7 @@ full_like sym_size sym_numel sym_stride sym_storage_offset scalar_tensor item
 to detach_ unsqueeze_ squeeze_ t_ transpose_ expand_copy view_copy permute_copy
 unsqueeze_copy squeeze_copy transpose_copy slice_copy select_copy split_copy unbind_copy
 alias_copy clone
+numpy_T matrix_H mT mH adjoint unfold view_as_real view_as_complex complex polar real imag
 """.split()) - {"tanh_backward_never"}
 
 #: private ATen ops, each reviewed (memory-safe, calls nothing) and emitted by export
