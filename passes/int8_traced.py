@@ -9,10 +9,12 @@ same arithmetic is written so that Dynamo traces it whole, with any batch size:
 * the input is quantised in the graph, without leaving tensors (per token: symmetric
   codes of each row; per tensor: affine codes with one scale and zero point, signed as
   ``torch._int_mm`` takes them);
-* the product is ``torch._int_mm(codes, weight.T)`` scaled by ``x_scale`` then
-  ``w_scale``: with Inductor's freezing (weights become constants), this is the pattern
-  Inductor rewrites into oneDNN's int8 linear with the weight prepacked once at compile
-  time; without freezing it runs as ``torch._int_mm``;
+* the product is ``torch._int_mm(codes, weight.T)`` (aten's s8 x s8 kernel), its int32
+  result multiplied by ``x_scale`` then ``w_scale`` with no separate float conversion:
+  that conversion completes the pattern which Inductor's freezing rewrites into oneDNN's
+  int8 linear, and oneDNN takes the signed input as it is - on CPUs without AMX through
+  its reference kernel, 3-7 s a call for one MiniLM layer at batch 32 (the 607 s
+  "compile" of MiniLM int8 measured before was mostly its first run);
 * zero points (an affine input, affine weights) are removed afterwards, as
   :meth:`~fxpress.passes.int8.Int8Kernels._finish` removes them;
 * q, k and v of an attention block quantise the same input three times in the graph;
@@ -65,8 +67,12 @@ def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
         xq = torch.round(xf * (127.0 / amax)).to(torch.int8)
         sx, zx = (amax / 127.0).reshape(-1, 1), None
     xq = xq.reshape(-1, shape[-1])
-    # the pattern Inductor turns into oneDNN's int8 linear: mul(mul(float(_int_mm), x_scale), w_scale)
-    y = torch._int_mm(xq, wq.t()).to(torch.float32) * sx * sw
+    # int32 times the float scales, with no conversion node of its own: Inductor's freezing
+    # rewrites mul(mul(float(_int_mm(x, w)), x_scale), w_scale) into oneDNN's int8 linear
+    # with the signed input as it is, and on CPUs without AMX oneDNN runs signed 8-bit
+    # inputs through its reference kernel (MiniLM's 384x384 layer on 640 rows: 3-7 s a
+    # call, against 1 ms for aten's _int_mm, which this keeps)
+    y = torch._int_mm(xq, wq.t()) * sx * sw
     if zw is not None or zx is not None:
         # sum (x - zx)(w - zw) = sum x·w - zw·sum x - zx·sum (w - zw)
         fix = 0

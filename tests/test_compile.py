@@ -3,9 +3,10 @@ shapes, the compiled model equals eager at several batch sizes and sequence leng
 recompiling, a loaded artifact compiles like the graph it was saved from, and the caller's
 model is left alone.
 
-Inductor's code generation takes tens of seconds, so the tests trace with the
-``aot_eager`` backend (Dynamo + AOT autograd on the same whole graph, no code generated);
-``bench/case_compile.py`` runs Inductor itself.
+Inductor's code generation takes tens of seconds, so the tests of every module kind trace
+with the ``aot_eager`` backend (Dynamo + AOT autograd on the same whole graph, no code
+generated); one test runs Inductor itself on one int8 linear (what it generates for the
+int8 product, and that it equals eager); ``bench/case_compile.py`` compiles whole models.
 """
 from __future__ import annotations
 
@@ -104,3 +105,40 @@ def test_the_callers_model_is_not_modified_and_bad_input_is_named(compressed):
         fxpress.compile(gm, backend="no-such-backend")
     with pytest.raises(InputError, match="mode"):
         fxpress.compile(gm, backend="aot_eager", mode="max-autotune")
+
+
+class _Int8Linear(torch.nn.Module):
+    """One dynamic int8 linear with a per-tensor input scale (what MiniLM's layers take)."""
+
+    def __init__(self):
+        super().__init__()
+        from fxpress.passes.decode import int8_twin
+
+        torch.manual_seed(0)
+        self.fc = int8_twin(torch.randn(48, 32) * 0.1, torch.randn(48))
+        self.fc.act_scale = "tensor"
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_inductor_compiles_the_int8_path_equal_to_eager_without_signed_onednn_inputs():
+    """One real Inductor compile (frozen weights, dynamic shapes) of the int8 path.
+
+    Inductor's freezing may rewrite an integer product into oneDNN's int8 linear, which
+    takes the traced path's signed 8-bit input as it is: on CPUs without AMX oneDNN runs
+    that through its reference kernel (thousands of times slower), so none may remain."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _Int8Linear().eval()
+    # the generated wrapper code (also when it comes from Inductor's cache)
+    fast, code = run_and_get_code(fxpress.compile, model, torch.randn(4, 6, 32))
+    assert code and not any("qlinear" in c for c in code)
+    for shape in ((4, 6, 32), (1, 3, 32), (9, 5, 32)):  # a second batch size and length
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            y = fast(x)
+            with int8_backend("reference"):
+                exact = model(x)
+        torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-4)
+    assert fast.compiles == 1
