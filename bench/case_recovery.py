@@ -115,18 +115,29 @@ def run(size: str) -> list[Table]:
 
 
 def main() -> None:
-    from bench.recovery_models import HELD_OUT, MODELS
+    from bench.recovery_models import EXTRA, HELD_OUT, MODELS
 
     p = argparse.ArgumentParser(prog="python -m bench.case_recovery")
     p.add_argument("--held-out", action="store_true",
                    help=f"the held-out check: {', '.join(HELD_OUT)} on seeds 7, 8, 9 (the last one "
                         "on scikit-learn's breast_cancer instead of digits)")
+    p.add_argument("--extra", action="store_true",
+                   help=f"the second held-out check: {', '.join(EXTRA)} on seeds 11, 12, 13")
+    p.add_argument("--pipelines", help="comma-separated indices into the pipelines "
+                   f"(0: {list(PIPELINES)[0]}, 1: {list(PIPELINES)[1]}; default both)")
     p.add_argument("--models", help=f"comma-separated (default {','.join(MODELS)})")
     p.add_argument("--seeds", default="0,1,2")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.pipelines:
+        chosen = [list(PIPELINES)[int(i)] for i in args.pipelines.split(",")]
+        for name in list(PIPELINES):
+            if name not in chosen:
+                del PIPELINES[name]
     if args.held_out:
         tables = table(HELD_OUT, (7, 8, 9), "full", "Held-out model")
+    elif args.extra:
+        tables = table(EXTRA, (11, 12, 13), "full", "Second held-out set")
     elif args.models:
         tables = table(tuple(args.models.split(",")), tuple(int(s) for s in args.seeds.split(",")),
                        "full", "Chosen models")

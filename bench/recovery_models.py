@@ -111,6 +111,10 @@ def build(kind: str) -> nn.Module:
 #: CNN and a narrower, deeper transformer
 MODELS = ("mlp-256-128", "cnn-32-64-256", "transformer-64x2")
 HELD_OUT = ("mlp-400-200-100", "cnn-16-32-128", "transformer-48x3", "cancer-mlp-256-128")
+#: added when prune's default scope became "adaptive" and never run while choosing it:
+#: a deeper, narrower transformer, a CNN of other widths and another tabular MLP depth
+#: (``python -m bench.case_recovery --extra``, seeds 11-13)
+EXTRA = ("transformer-32x4", "cnn-24-48-96", "cancer-mlp-128-64-32")
 
 
 @functools.lru_cache(maxsize=None)

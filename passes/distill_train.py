@@ -36,8 +36,8 @@ from fxpress.passes.distill_config import History, TrainConfig
 from fxpress.passes.distill_data import (Dist, count_batches, device_of, distributed, epoch_batches,
                                          in_step, mean_over_ranks, split_holdout, steps_per_rank,
                                          to_device, train_mode)
-from fxpress.passes.distill_tuning import (BestState, RangeTest, Snapshot, lr_range_test,
-                                           make_optimizer, progress_bar)
+from fxpress.passes.distill_tuning import (FEW_BATCHES, BestState, RangeTest, Snapshot,
+                                           lr_range_test, make_optimizer, progress_bar)
 
 
 @dataclass
@@ -465,8 +465,9 @@ class Distiller:
                 loss = self._step(run, model, opt, masks, next(it))["loss"]
             return mean_over_ranks(loss, run.d, run.device)
 
+        n = steps_per_rank(data, run.d)
         try:
-            return lr_range_test(step)
+            return lr_range_test(step, window=n if n and n <= FEW_BATCHES else 1)
         finally:
             snap.restore()
 

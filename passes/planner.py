@@ -89,8 +89,13 @@ def plan_passes(choices: Mapping[str, str], recovery: Sequence[str] | None = Non
         if text == KEEP:
             continue
         for spec in parse_spec(text):
-            per_pass.setdefault((spec.name not in EARLY, spec.name), []).append(
-                (layer, dict(spec.options)))
+            opts = dict(spec.options)
+            if spec.name == "prune" and "sparsity" in opts:
+                # a choice is one layer's sparsity, measured alone: the pass that groups
+                # layers of the same choice must not spread it across them (prune's
+                # default scope does)
+                opts.setdefault("scope", "layer")
+            per_pass.setdefault((spec.name not in EARLY, spec.name), []).append((layer, opts))
     out: dict[bool, list[tuple[str, dict]]] = {False: [], True: []}
     for (late, name), members in sorted(per_pass.items()):
         if registry is None or name not in registry:

@@ -2,10 +2,12 @@
 
 ``prune{threshold=0.01}`` zeroes every weight with ``|w| < threshold`` (the seed article's
 rule, applied element-wise to the magnitude). ``prune{sparsity=0.9}`` zeroes exactly
-``round(0.9 * n)`` weights of smallest magnitude in each selected layer
-(``scope="layer"``) or across all selected layers together (``scope="global"``, which
-prunes redundant layers harder). Ties at the cut are broken in order, so the count is
-exact.
+``round(0.9 * n)`` of the ``n`` weights of the selected layers together
+(``scope="adaptive"``, the default: the lowest LAMP scores across layers, which do not
+depend on a layer's scale, see :func:`_lamp_scores`; the smallest magnitudes across layers
+with ``scope="global"``) or in each selected layer (``scope="layer"``). Either way a linear
+or conv layer keeps at least ``min_per_unit`` weights per output unit on average, so no
+layer is emptied. Ties at the cut are broken in order, so the count is exact.
 
 The zeros stay in the dense weight where later passes (share, quantize) and the saver
 see them; the artifact stores pruned layers sparse, so the file shrinks. The cut (the
@@ -244,6 +246,116 @@ def layer_prune_count(w: torch.Tensor, sparsity: float, min_per_unit: int, kind:
     return k
 
 
+def global_prune(ops: list, sparsity: float, min_per_unit: int):
+    """Yield ``(op, pruned weight)`` for every op: ``round(sparsity·n)`` of all their ``n``
+    weights zeroed, smallest magnitudes first across every layer, except that no layer
+    goes below its floor (:func:`layer_prune_count` at sparsity 1: ``min_per_unit``
+    weights per output unit). A layer the global cut would take below its floor keeps
+    exactly its floor and the cut is found again over the other layers, so the total
+    count stays exact (unless every layer is at its floor).
+
+    The cut is found without joining the layers (:func:`_kth_by_selection`), and one
+    layer's copy exists at a time when the caller sets each weight as it comes: global
+    scope costs the memory of the per-layer one. One cut suffices unless a floor binds;
+    each further round fixes at least one layer.
+    """
+    weights = [op.weight() for op in ops]
+    caps = [layer_prune_count(w, 1.0, min_per_unit, op.kind) for op, w in zip(ops, weights)]
+    free = list(range(len(ops)))
+    k = round(sparsity * sum(w.numel() for w in weights))
+    while free:
+        pool = [weights[i] for i in free]
+        if k <= 0:
+            for i in free:
+                yield ops[i], weights[i]
+            return
+        if k >= sum(caps[i] for i in free):  # every layer at its floor
+            for i in free:
+                yield ops[i], zero_smallest([weights[i]], caps[i])[0]
+            return
+        found = _kth_by_selection(pool, k)
+        if found is None:  # the sample's bracket missed: the exact search
+            v = kth_smallest_magnitude(pool, k)
+            found = v, count_below(pool, v)
+        v, below = found
+        over = [i for i in free if count_below([weights[i]], v) > caps[i]]
+        if not over:
+            ties = k - below  # entries equal to the cut, taken in order across the layers
+            for i in free:
+                w = weights[i]
+                take = min(ties, int((w.abs() == v).sum())) if ties > 0 else 0
+                ties -= take
+                yield ops[i], zero_below([w], v, take)[0]
+            return
+        for i in over:
+            yield ops[i], zero_smallest([weights[i]], caps[i])[0]
+            k -= caps[i]
+        free = [i for i in free if i not in over]
+
+
+#: Most weights per layer whose LAMP scores are computed (:func:`adaptive_counts`); a
+#: larger layer is scored on every n-th weight (a strided view, no copy of the layer),
+#: which places its count within about n weights.
+LAMP_SAMPLE = 1 << 16
+
+
+def _lamp_scores(w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A layer's LAMP scores in ascending order (Lee et al. 2021, "Layer-adaptive sparsity
+    for the magnitude-based pruning"): for the weights sorted by magnitude, ``w_u² / sum of
+    w_v² over v >= u``. The score rises with the magnitude within a layer and does not
+    change when the layer is scaled, so one cut across layers compares layers by the shape
+    of their magnitude distributions, not by their scale (a conv before a BatchNorm, whose
+    scale is arbitrary, is not emptied). Returns (scores, stride): a layer over
+    :data:`LAMP_SAMPLE` weights is scored on every ``stride``-th weight, each standing for
+    ``stride`` weights in the sums."""
+    flat = _flat(w)
+    stride = max(1, -(-flat.numel() // LAMP_SAMPLE))
+    a = flat[::stride].double().square().sort().values
+    total = a.flip(0).cumsum(0).flip(0) * stride
+    return torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a)), stride
+
+
+def adaptive_counts(weights: list[torch.Tensor], k: int, caps: list[int]) -> list[int]:
+    """How many weights of each layer ``scope="adaptive"`` zeroes: ``k`` in all, the lowest
+    LAMP scores (:func:`_lamp_scores`) across layers first, no layer beyond its cap
+    (a layer the cut would take past it gets its cap, and the cut is placed again over
+    the others)."""
+    lamp = [_lamp_scores(w) for w in weights]
+    sizes = [w.numel() for w in weights]
+    counts = [0] * len(weights)
+    free = list(range(len(weights)))
+    while free and k > 0:
+        if k >= sum(caps[i] for i in free):
+            for i in free:
+                counts[i] = caps[i]
+            break
+        scores = torch.cat([lamp[i][0] for i in free])
+        weight = torch.cat([torch.full((lamp[i][0].numel(),), lamp[i][1], dtype=torch.float64)
+                            for i in free])
+        order = scores.argsort(stable=True)
+        cum = weight[order].cumsum(0)
+        at = min(int(torch.searchsorted(cum, torch.tensor(float(k), dtype=torch.float64))),
+                 cum.numel() - 1)
+        cut = scores[order[at]]
+        got = {i: min(sizes[i], int(torch.searchsorted(lamp[i][0], cut, right=True)) * lamp[i][1])
+               for i in free}
+        over = [i for i in free if got[i] > caps[i]]
+        if not over:
+            residual = k - sum(got.values())  # sampled layers and ties: make the total exact
+            for i in sorted(free, key=lambda i: -sizes[i]):
+                step = max(-got[i], min(residual, caps[i] - got[i]))
+                got[i] += step
+                residual -= step
+            for i in free:
+                counts[i] = got[i]
+            break
+        for i in over:
+            counts[i] = caps[i]
+            k -= caps[i]
+        free = [i for i in free if i not in over]
+    return counts
+
+
 class Prune(Pass):
     """Magnitude pruning by threshold or target sparsity."""
 
@@ -254,17 +366,19 @@ class Prune(Pass):
     threshold = option(None, "zero every weight with |w| < threshold", type=(float, _NONE), low=0.0)
     sparsity = option(None, "fraction of weights to zero (0 <= s < 1)", type=(float, _NONE),
                       low=0.0, high=1.0, high_open=True)
-    scope = option("layer", "'layer': each layer reaches the sparsity; 'global': all selected "
-                   "layers together", choices=("layer", "global"))
+    scope = option("adaptive", "'adaptive': the sparsity of all selected layers together, cut on "
+                   "LAMP scores (a weight's square over the sum of the squares of its layer's "
+                   "weights at least as large: no layer's scale matters, a layer of a few large "
+                   "weights keeps more); 'global': the same on plain magnitudes; 'layer': each "
+                   "layer reaches the sparsity", choices=("adaptive", "global", "layer"))
     include = option(["*"], "glob patterns on weight or layer names to prune")
     exclude = option([], "glob patterns to leave alone")
     ops = option(["linear", "conv"], "kinds of weighted ops to prune (linear, conv, embedding)")
     steps = option(1, "reach the sparsity in this many stages on Zhu & Gupta's cubic schedule, "
                    "each followed by the next recovery step (distill)", low=1, high=20)
-    min_per_unit = option(2, "with scope='layer': each linear/conv layer keeps on average at "
-                          "least this many weights per output unit, so a layer of small fan-in "
-                          "(a first conv over one channel, an 8-wide input projection) is pruned "
-                          "less; 0: every layer reaches the sparsity exactly", low=0)
+    min_per_unit = option(2, "each linear/conv layer keeps on average at least this many "
+                          "weights per output unit, so no layer is emptied (a first conv over one "
+                          "channel, an 8-wide input projection); 0: the sparsity exactly", low=0)
 
     def check_options(self) -> None:
         if self.steps > 1 and self.sparsity is None:
@@ -297,10 +411,18 @@ class Prune(Pass):
             if self.threshold is not None:
                 for op in ops:
                     op.set_weight(zero_below([op.weight()], self.threshold)[0])
-            elif self.scope == "layer":
-                for op in ops:
+            elif self.scope in ("layer", "adaptive"):
+                if self.scope == "adaptive":
+                    ws = [op.weight() for op in ops]
+                    counts = adaptive_counts(
+                        ws, round(self.sparsity * sum(w.numel() for w in ws)),
+                        [layer_prune_count(w, 1.0, self.min_per_unit, op.kind)
+                         for op, w in zip(ops, ws)])
+                    del ws
+                for j, op in enumerate(ops):
                     w = op.weight()
-                    k = layer_prune_count(w, self.sparsity, self.min_per_unit, op.kind)
+                    k = (counts[j] if self.scope == "adaptive" else
+                         layer_prune_count(w, self.sparsity, self.min_per_unit, op.kind))
                     fast = _zero_smallest_one(w, k) if 0 < k < w.numel() <= 1 << 22 else None
                     if fast is None:
                         op.set_weight(zero_smallest([w], k)[0])
@@ -309,9 +431,7 @@ class Prune(Pass):
                     # the count is known: the stats below need not count the layer again
                     remember_nonzeros(op.weight(), w.numel() - fast[1])
             else:
-                weights = [op.weight() for op in ops]
-                k = round(self.sparsity * sum(w.numel() for w in weights))
-                for op, w in zip(ops, zero_smallest(weights, k)):
+                for op, w in global_prune(ops, self.sparsity, self.min_per_unit):
                     op.set_weight(w)
         layers = {op.name: sparsity(op.weight()) for op in ops}
         n = sum(op.numel for op in ops)

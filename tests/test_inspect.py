@@ -17,7 +17,7 @@ from fxpress.cli import main
 from fxpress.graph import inspect as gi
 
 ROOT = Path(__file__).resolve().parents[1]
-PRUNE = "prune{sparsity=0.8,tol.min_cosine=0.3,tol.min_top1=0.1}"
+PRUNE = "prune{sparsity=0.8,scope=layer,tol.min_cosine=0.3,tol.min_top1=0.1}"
 
 
 @pytest.fixture

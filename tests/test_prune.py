@@ -26,7 +26,7 @@ def test_threshold_zeroes_small_magnitudes_of_both_signs(mlp, calib):
 
 @pytest.mark.parametrize("s", [0.3, 0.5, 0.9])
 def test_layer_sparsity_is_exact_in_every_layer(mlp, calib, s):
-    res = fxpress.compress(mlp, f"prune{{sparsity={s}}}", calibration=calib, policy="warn")
+    res = fxpress.compress(mlp, f"prune{{sparsity={s},scope=layer}}", calibration=calib, policy="warn")
     for name, w in _weights(res.module).items():
         assert int((w == 0).sum()) == round(s * w.numel()), name
     assert res.records[0].stats["layers"].keys() == _weights(res.module).keys()
@@ -105,7 +105,7 @@ def test_pruning_twice_keeps_earlier_zeros(mlp, calib):
 
 def test_prune_on_export_graph_of_minilm(minilm, minilm_batches):
     snap = {k: v.clone() for k, v in list(minilm.state_dict().items())[:8]}
-    res = fxpress.compress(minilm, "prune{sparsity=0.3,include=[*encoder.layer.0.*]}",
+    res = fxpress.compress(minilm, "prune{sparsity=0.3,scope=layer,include=[*encoder.layer.0.*]}",
                            calibration=minilm_batches[:1])
     assert res.capture["method"] == "export"
     layers = res.records[0].stats["layers"]
@@ -149,7 +149,7 @@ def test_layer_stats_count_the_zeros_the_selection_made():
         model[2].weight[:, :250] = 0.0                                   # 83% zeros already
         model[4].weight.copy_(torch.round(model[4].weight * 20) / 20)   # many ties
     gm = torch.fx.symbolic_trace(model)
-    p = fxpress.Pipeline.parse("prune{sparsity=0.5}").passes[0]
+    p = fxpress.Pipeline.parse("prune{sparsity=0.5,scope=layer}").passes[0]
     stats = p.run(gm, fxpress.PassContext(example_inputs=(torch.randn(8, 64),))).stats["layers"]
     for name, w in _weights(gm).items():
         real = float((w == 0).sum()) / w.numel()
