@@ -31,7 +31,7 @@ def fp32_safetensors_bytes(module: torch.nn.Module) -> int:
 
 def pruned(gm: torch.fx.GraphModule, sparsity: float, example) -> torch.fx.GraphModule:
     work = fxpress.graph.clone_structure(gm)
-    return Prune(sparsity=sparsity).run(work, PassContext(example_inputs=example)).module
+    return Prune(sparsity=sparsity, scope="layer").run(work, PassContext(example_inputs=example)).module
 
 
 @pytest.fixture
