@@ -2,17 +2,18 @@
 
 Side by side in one process, 2 threads everywhere (torch and ORT), medians of interleaved
 rounds, at batch 1 (one sentence of 16 tokens) and batch 32 (32 sentences padded to 128):
-torch fp32 eager, ORT fp32 (fxpress's export of the uncompressed graph, with ONNX Runtime's
-transformer fusions), ORT's own ``quantize_dynamic`` (int8, per channel) and
-``MatMulNBitsQuantizer`` (4-bit, block 32) of that fp32 model, and fxpress's
+torch fp32 eager, ORT fp32 (fxpress's export of the uncompressed graph, with its fusions:
+attention as MultiHeadAttention, ONNX Runtime's LayerNorm / Gelu fusions), ORT's own
+``quantize_dynamic`` (int8, per channel) and ``MatMulNBitsQuantizer`` (4-bit, block 32) of that fp32 model, and fxpress's
 ``quantize{bits=8}`` (its defaults: per layer the cheapest of per-tensor, SmoothQuant-ed
 per-tensor and per-token input scaling that is accurate enough), ``quantize{bits=8,
 act_scale=tensor}`` (ORT's own scheme: per-tensor inputs, per-channel weights) and
 ``quantize{bits=4,granularity=group,group_size=32,embeddings=false}`` (embeddings stay
 float, as ORT's MatMulNBits leaves them), exported by :func:`fxpress.export_onnx` (the same
-fusions). Every ORT variant runs the same session
-options. Fidelity: cosine of the sentence embeddings to torch fp32's (mean and min) on
-inputs the calibration never saw; "ORT vs fxpress" is the export check (relative L2 and min
+fusions), and (not at the tiny size) fp32, ORT's int8 and fxpress's int8 again without
+fusions (``fuse=False``). Every ORT variant runs the same session options. Fidelity:
+cosine of the sentence embeddings to torch fp32's (mean and min) on inputs the
+calibration never saw; "ORT vs fxpress" is the export check (relative L2 and min
 cosine of ONNX Runtime's embeddings to fxpress's own int8/4-bit run at batch 32).
 
 Models: the pretrained all-MiniLM-L6-v2 (real sentences) and a random BERT (hidden 256,
@@ -28,6 +29,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +45,10 @@ INT4 = "quantize{bits=4,granularity=group,group_size=32,embeddings=false}"
 INT8_TENSOR = "quantize{bits=8,act_scale=tensor}"
 ROWS = [("ORT fp32", None), ("ORT quantize_dynamic int8", None), ("fxpress int8", INT8),
         ("fxpress int8 act_scale=tensor", INT8_TENSOR),
-        ("ORT MatMulNBits 4-bit (block 32)", None), ("fxpress 4-bit (group 32)", INT4)]
+        ("ORT MatMulNBits 4-bit (block 32)", None), ("fxpress 4-bit (group 32)", INT4),
+        # the same without fusions (export_onnx(fuse=False): attention as plain ops)
+        ("ORT fp32, unfused", None), ("ORT quantize_dynamic int8, unfused", None),
+        ("fxpress int8, unfused", INT8)]
 
 
 @contextlib.contextmanager
@@ -81,8 +86,9 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, repeat: dict,
-          tmp: Path) -> Table:
-    """One model: export and quantize every variant, then cosine and interleaved timings."""
+          tmp: Path, unfused: bool = True) -> Table:
+    """One model: export and quantize every variant (``unfused``: also without fusions),
+    then cosine and interleaved timings."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -95,30 +101,39 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
     paths: dict[str, Path] = {}
     notes, checks = [], {}
     t0 = time.perf_counter()
-    fp32 = export_onnx(fxpress.capture(enc, calib[0]), tmp / "fp32.onnx", b32)
+    captured = fxpress.capture(enc, calib[0])
+    fp32 = export_onnx(captured, tmp / "fp32.onnx", b32)
     paths["ORT fp32"] = fp32.path
-    notes.append(f"fp32 export {time.perf_counter() - t0:.1f} s (ORT vs torch at batch 32: "
+    if unfused:
+        paths["ORT fp32, unfused"] = export_onnx(captured, tmp / "fp32_unfused.onnx", b32,
+                                                 fuse=False, check=False).path
+    notes.append(f"fp32 exports {time.perf_counter() - t0:.1f} s (ORT vs torch at batch 32: "
                  f"rel_l2 {fp32.check['rel_l2']:.1e})")
     with _quiet_logging():
         t0 = time.perf_counter()
-        quantize_dynamic(str(fp32.path), str(tmp / "ort_int8.onnx"), per_channel=True,
-                         weight_type=QuantType.QInt8)
-        paths["ORT quantize_dynamic int8"] = tmp / "ort_int8.onnx"
+        for suffix in ("", ", unfused") if unfused else ("",):
+            quantize_dynamic(str(paths["ORT fp32" + suffix]), str(tmp / f"ort_int8{suffix[2:]}.onnx"),
+                             per_channel=True, weight_type=QuantType.QInt8)
+            paths["ORT quantize_dynamic int8" + suffix] = tmp / f"ort_int8{suffix[2:]}.onnx"
         q4 = MatMulNBitsQuantizer(onnx.load(str(fp32.path)), block_size=32, is_symmetric=True)
         q4.process()
         q4.model.save_model_to_file(str(tmp / "ort_int4.onnx"), use_external_data_format=False)
         paths["ORT MatMulNBits 4-bit (block 32)"] = tmp / "ort_int4.onnx"
         notes.append(f"ORT quantize_dynamic + MatMulNBitsQuantizer {time.perf_counter() - t0:.1f} s")
-    for label, pipe in ROWS:
+    compressed: dict[str, Any] = {}
+    rows = [r for r in ROWS if unfused or not r[0].endswith("unfused")]
+    for label, pipe in rows:
         if pipe is None:
             continue
         t0 = time.perf_counter()
         # the bench reports cosine itself: the pass's own tolerance must not stop it
-        res = fxpress.compress(enc, pipe, calibration=calib, policy="warn")
-        out = export_onnx(res, tmp / f"{label.split()[1]}{len(paths)}.onnx", b32)
+        res = compressed.get(pipe) or fxpress.compress(enc, pipe, calibration=calib, policy="warn")
+        compressed[pipe] = res
+        out = export_onnx(res, tmp / f"fxpress{len(paths)}.onnx", b32,
+                          fuse=not label.endswith("unfused"))
         paths[label] = out.path
         checks[label] = out.check
-        notes.append(f"{pipe}: compress + export {time.perf_counter() - t0:.1f} s")
+        notes.append(f"{label} ({pipe}): compress + export {time.perf_counter() - t0:.1f} s")
 
     # worker threads that spin after a run would take the cores from the next variant of
     # the interleaved rounds (the same options for every variant)
@@ -143,7 +158,7 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
                    "cosine mean", "cosine min", "ORT vs fxpress rel_l2", "ORT vs fxpress cos min"])
     t_ref = {b: timings[b]["torch fp32 eager"] for b in timings}
     table.add("torch fp32 eager", "", t_ref["1"] * 1e3, 1.0, t_ref["32"] * 1e3, 1.0, "1", "1", "", "")
-    for label, _ in ROWS:
+    for label, _ in rows:
         check = checks.get(label)
         table.add(label, mb(os.path.getsize(paths[label])), timings["1"][label] * 1e3,
                   t_ref["1"] / timings["1"][label], timings["32"][label] * 1e3,
@@ -155,13 +170,21 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
         return f"{timings[batch][theirs] / timings[batch][ours]:.2f}x"
 
     table.notes.append(
-        f"speed vs ORT's own (> 1: fxpress faster): int8 batch 1 "
+        f"speed vs ORT's own, both attention-fused (> 1: fxpress faster): int8 batch 1 "
         f"{vs('fxpress int8', 'ORT quantize_dynamic int8', '1')}, batch 32 "
         f"{vs('fxpress int8', 'ORT quantize_dynamic int8', '32')} (act_scale=tensor: "
         f"{vs('fxpress int8 act_scale=tensor', 'ORT quantize_dynamic int8', '1')}, "
         f"{vs('fxpress int8 act_scale=tensor', 'ORT quantize_dynamic int8', '32')}); 4-bit batch 1 "
         f"{vs('fxpress 4-bit (group 32)', 'ORT MatMulNBits 4-bit (block 32)', '1')}, batch 32 "
         f"{vs('fxpress 4-bit (group 32)', 'ORT MatMulNBits 4-bit (block 32)', '32')}")
+    if unfused:
+        ort, ours = "ORT quantize_dynamic int8", "fxpress int8"
+        table.notes.append(
+            f"both unfused: int8 batch 1 {vs(ours + ', unfused', ort + ', unfused', '1')}, batch 32 "
+            f"{vs(ours + ', unfused', ort + ', unfused', '32')}; the fusions' own speed-up (fused vs "
+            f"unfused, batch 1 / 32): ORT int8 {vs(ort, ort + ', unfused', '1')} / "
+            f"{vs(ort, ort + ', unfused', '32')}, fxpress int8 {vs(ours, ours + ', unfused', '1')} / "
+            f"{vs(ours, ours + ', unfused', '32')}")
     return table
 
 
@@ -218,5 +241,5 @@ def _run_cases(size: str, repeat: dict, long: int, tmp: Path) -> list[Table]:
         b1 = _random_inputs(1, 16, 2000, gen)
         (tmp / f"bert{seed}").mkdir()
         tables.append(_case(f"random BERT (hidden {hidden}, {layers} layers), seed {seed}", enc, calib, held,
-                            b1, held[0], repeat, tmp / f"bert{seed}"))
+                            b1, held[0], repeat, tmp / f"bert{seed}", unfused=size != "tiny"))
     return tables
