@@ -11,9 +11,13 @@ import torch.fx
 
 from fxpress.onnx_lowering import AttentionSpec
 
-_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+# the ops as torch.export records them, and as symbolic tracing does (functions, methods)
+_SDPA = (torch.ops.aten.scaled_dot_product_attention.default,
+         torch.nn.functional.scaled_dot_product_attention)
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default,
-          torch.ops.aten._unsafe_view.default, torch.ops.aten.unflatten.int)
+          torch.ops.aten._unsafe_view.default, torch.reshape, "view", "reshape")
+_TRANSPOSES = (torch.ops.aten.transpose.int, torch.transpose, "transpose")
+_PERMUTES = (torch.ops.aten.permute.default, torch.permute, "permute")
 
 
 def _shape(node) -> tuple | None:
@@ -29,15 +33,21 @@ def _same(a, b) -> bool:
 
 
 def _is_call(node, targets) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
+    """``node`` calls one of ``targets`` (functions or method names) with positional args."""
+    return isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") \
+        and not node.kwargs and any(node.target is t if not isinstance(t, str) else
+                                    node.op == "call_method" and node.target == t for t in targets)
 
 
 def _swaps_1_2(node) -> bool:
     """``node`` is ``transpose(x, 1, 2)`` or ``permute(x, [0, 2, 1, 3])`` of a 4-d ``x``."""
-    if _is_call(node, (torch.ops.aten.transpose.int,)):
-        return sorted(int(a) % 4 for a in node.args[1:3]) == [1, 2]
-    if _is_call(node, (torch.ops.aten.permute.default,)):
-        return [int(a) % 4 for a in node.args[1]] == [0, 2, 1, 3]
+    if _is_call(node, _TRANSPOSES) and len(node.args) == 3 and \
+            all(isinstance(a, int) for a in node.args[1:]):
+        return sorted(a % 4 for a in node.args[1:3]) == [1, 2]
+    if _is_call(node, _PERMUTES):
+        dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+        return isinstance(dims, (list, tuple)) and all(isinstance(a, int) for a in dims) \
+            and [a % 4 for a in dims] == [0, 2, 1, 3]
     return False
 
 
@@ -87,7 +97,7 @@ def fuse_attention(graph: torch.fx.Graph, register: Callable[[AttentionSpec, str
     masks that are not ``[B or 1, H or 1, S, T]`` stay as they are. ``register(spec, name)``
     returns the key the placeholder ``op(q, k, v, mask, key)`` is called with."""
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not _SDPA:
+        if node.op != "call_function" or not any(node.target is t for t in _SDPA):
             continue
         names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
         bound = dict(zip(names, node.args)) | dict(node.kwargs)

@@ -232,6 +232,7 @@ def _lowered(gm: torch.fx.GraphModule, attention: bool = False
     from fxpress.graph.capture import clone_structure
     from fxpress.graph.runtime import CompressedModule
 
+    _define_op()
     out = clone_structure(gm)
     keys: dict[int, tuple[str, Any]] = {}
     for node in list(out.graph.nodes):
@@ -459,17 +460,41 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
         n.name for n in gm.graph.nodes if n.op == "placeholder"][:len(flat)]
     if len(names) != len(flat):
         raise InputError(f"export_onnx: {len(names)} input names for {len(flat)} inputs")
-    lowered, keys = _lowered(gm, attention=fuse)
+    ref = _outputs(gm, inputs) if check else []
+    mp, forms, fused = _build(gm, inputs, names, output_names, fuse, fuse, accuracy_level)
+    try:
+        checked = _run_check(mp, inputs, ref) if check else {}
+    except ExportError:
+        if not fused:
+            raise
+        # an attention ONNX Runtime's MultiHeadAttention does not take: the plain ops
+        mp, forms, _ = _build(gm, inputs, names, output_names, False, fuse, accuracy_level)
+        checked = _run_check(mp, inputs, ref)
+    result = OnnxExport(None, mp, forms, names, [o.name for o in mp.graph.output], checked)
+    if path is not None:
+        path = Path(path)
+        try:
+            onnx.save_model(mp, str(path))
+        except OSError as e:
+            raise ExportError(f"export_onnx: cannot write {str(path)!r}: {e.strerror or e}") from e
+        result.path = path
+    return result
+
+
+def _build(gm, inputs: tuple, names: list[str], output_names, attention: bool, fuse: bool,
+           accuracy_level: int):
+    """The ONNX model of ``gm`` (placeholders filled, axes named, fused): ``(model, forms,
+    whether an attention was fused)``."""
+    lowered, keys = _lowered(gm, attention=attention)
     try:
         for mod in lowered.modules():  # a copy: exported graphs refuse train()
             mod.training = False
-        ref = _outputs(gm, inputs) if check else []
+        args = tuple(_flat_graph_args(lowered, inputs))
         with _quiet() as log:
             try:
                 prog = torch.onnx.export(
-                    lowered, tuple(_flat_graph_args(lowered, inputs)), dynamo=True,
-                    opset_version=OPSET, custom_translation_table=_translation(),
-                    dynamic_shapes=_dynamic_shapes(tuple(_flat_graph_args(lowered, inputs))),
+                    lowered, args, dynamo=True, opset_version=OPSET,
+                    custom_translation_table=_translation(), dynamic_shapes=_dynamic_shapes(args),
                     input_names=names, output_names=list(output_names) if output_names else None,
                     optimize=True, verbose=False, report=False)
             except Exception as e:  # noqa: BLE001 (torch.onnx raises many kinds)
@@ -485,19 +510,19 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
     _name_axes(mp, names)
     if fuse:
         mp = _fuse(mp)
-    out_names = [o.name for o in mp.graph.output]
-    result = OnnxExport(None, mp, forms, names, out_names)
-    if check:
+    return mp, forms, any(form == "attention" for _name, (_m, form) in keys.values())
+
+
+def _run_check(mp, inputs: tuple, ref: list[torch.Tensor]) -> dict[str, float]:
+    """ONNX Runtime's outputs on ``inputs`` against fxpress's (``ref``)."""
+    try:
         sess = session(mp)
-        result.check = _check(sess, [i.name for i in sess.get_inputs()], inputs, ref)
-    if path is not None:
-        path = Path(path)
-        try:
-            onnx.save_model(mp, str(path))
-        except OSError as e:
-            raise ExportError(f"export_onnx: cannot write {str(path)!r}: {e.strerror or e}") from e
-        result.path = path
-    return result
+        return _check(sess, [i.name for i in sess.get_inputs()], inputs, ref)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 (onnxruntime's errors have no common base)
+        raise ExportError(f"export_onnx: onnxruntime cannot run the exported model: "
+                          f"{_first_line(e)}") from e
 
 
 def _flat_graph_args(gm, inputs) -> list:

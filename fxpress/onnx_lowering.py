@@ -17,7 +17,7 @@ import torch
 _DOMAIN = "fxpress.onnx"
 _PLACEHOLDER = "CompressedLayer"
 #: The custom op that stands for multi-head attention over projected q, k, v.
-_ATTENTION = "Attention"
+_ATTENTION = "FxpressAttention"  # a name no ONNX domain uses (onnx.reference wants unique names)
 
 
 @dataclass(frozen=True)

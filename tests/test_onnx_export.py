@@ -176,6 +176,49 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
     assert m.cosine_min >= 0.9999 and m.rel_l2 < 5e-3, m  # per-token rounding may differ by one step
 
 
+class _Attention(torch.nn.Module):
+    """Self-attention over projected q, k, v (heads split by view + transpose)."""
+
+    def __init__(self, causal: bool = False):
+        super().__init__()
+        torch.manual_seed(5)
+        self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.causal = causal
+
+    def forward(self, x):
+        b, s, _ = x.shape
+
+        def split(t):
+            return t.view(b, s, 2, 4).transpose(1, 2)
+
+        o = torch.nn.functional.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=self.causal)
+        return o.transpose(1, 2).reshape(b, s, 8)
+
+
+def test_attention_that_onnxruntime_refuses_falls_back_to_plain_ops(monkeypatch):
+    # (the fused form itself: test_tiny_bert_int8_and_4bit)
+    from fxpress import onnx_lowering
+    from fxpress.onnx_export import _lowered
+
+    x = torch.randn(2, 5, 8)
+    # causal attention is not fused (MultiHeadAttention's mask would be another one)
+    lowered, _ = _lowered(fxpress.capture(_Attention(causal=True), (x,)), attention=True)
+    assert not any("fxpress_onnx.attention" in str(n.target) for n in lowered.graph.nodes)
+    gm = fxpress.capture(_Attention(), (x,))
+    real = onnx_lowering._attention
+
+    def broken(b, spec, inputs, y, base):  # a head count ONNX Runtime refuses (8 % 3)
+        return real(b, type(spec)(3, spec.scale, spec.bool_mask, spec.merged), inputs, y, base)
+
+    monkeypatch.setattr(onnx_lowering, "_attention", broken)
+    out = export_onnx(gm, example_inputs=(x,))
+    assert "MultiHeadAttention" not in _ops(out.model) and out.check["rel_l2"] < 1e-5
+    x = torch.randn(3, 5, 8)  # another batch size
+    with torch.no_grad():
+        _close(_run(out, x), gm(x), 1e-5)
+
+
 def test_artifact_exports_without_example_inputs(small_mlp, calib, tmp_path, digits):
     res = fxpress.compress(small_mlp, "prune{sparsity=0.5},quantize{bits=8}", calibration=calib[:1])
     fxpress.save(res, tmp_path / "m.fxp")
