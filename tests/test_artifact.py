@@ -432,18 +432,24 @@ def test_headers_compress_from_the_preset_dictionary_and_old_files_still_load(ml
     import zlib
 
     magic, version, flags, hlen, _ = artifact._PREFIX.unpack(mlp_bytes[:artifact.PREFIX_SIZE])
-    assert flags == 7  # zlib + the preset dictionary + small streams in one blob
+    assert flags == 15  # zlib + the second preset dictionary + small streams in one blob
     header, payload, raw = artifact._split_prefix(mlp_bytes, "t")
     plain = zlib.compress(raw, 9)
-    assert hlen < 0.8 * len(plain)  # the dictionary pays for itself
-    # a file written before the dictionary (flag 1: plain zlib) loads the same module
-    old = artifact._PREFIX.pack(magic, version, 1 | 4, len(plain), hashlib.sha256(plain).digest())
+    first = zlib.compressobj(9, zdict=artifact.format.HEADER_ZDICT)
+    first = first.compress(raw) + first.flush()
+    assert hlen < 0.8 * len(plain) and hlen < len(first)  # each dictionary pays for itself
+    # files written before the dictionaries (flag 1: plain zlib) or with the first one (flag 2
+    # without 8) load the same module
     path = tmp_path / "old.fxp"
-    path.write_bytes(old + plain + bytes(payload))
-    assert torch.equal(fxpress.load(path)(calib[0][0]), mlp90(calib[0][0]))
-    # flag 2 without flag 1, an unknown flag, or a blob flag the header contradicts is refused
+    for old_flags, head in ((1 | 4, plain), (1 | 2 | 4, first)):
+        old = artifact._PREFIX.pack(magic, version, old_flags, len(head), hashlib.sha256(head).digest())
+        path.write_bytes(old + head + bytes(payload))
+        assert torch.equal(fxpress.load(path)(calib[0][0]), mlp90(calib[0][0]))
+    # flag 2 without flag 1, 8 without 2, an unknown flag, or a blob flag the header
+    # contradicts is refused
     head = mlp_bytes[artifact.PREFIX_SIZE:artifact.PREFIX_SIZE + hlen]
-    for bad, error in ((6, "unknown flags"), (15, "unknown flags"), (3, "disagree on the blob")):
+    for bad, error in ((6, "unknown flags"), (13, "unknown flags"), (31, "unknown flags"),
+                       (11, "disagree on the blob")):
         path.write_bytes(artifact._PREFIX.pack(magic, version, bad, hlen, hashlib.sha256(head).digest())
                          + mlp_bytes[artifact.PREFIX_SIZE:])
         with pytest.raises(ArtifactFormatError, match=error):
@@ -540,3 +546,12 @@ def test_lifted_tensor_constants_come_back_as_plain_attributes(tmp_path):
     assert dict(loaded.named_buffers()).keys() == dict(gm.named_buffers()).keys()
     assert loaded.state_dict().keys() == gm.state_dict().keys()
     assert torch.equal(loaded(x), gm(x))
+
+
+def test_the_breakdown_accounts_for_every_byte(mlp_bytes):
+    from fxpress.graph.artifact.breakdown import breakdown, format_breakdown
+
+    b = breakdown(mlp_bytes)
+    assert b["prefix"] + b["header"] + b["safetensors_index"] + b["streams"] == b["file"] == len(mlp_bytes)
+    assert sum(b["groups"].values()) == sum(b["tensors"].values()) == b["streams"]
+    assert b["sections"]["tensors"] > 0 and "layers.1.weight" in format_breakdown(b)

@@ -527,7 +527,7 @@ def _stored(data: bytes, mutate) -> bytes:
     """``data`` re-signed after ``mutate`` edited its header *as stored*: version 2's text,
     the derived fields left out (graph/artifact/compact.py), not the filled-in form."""
     head_len = artifact._PREFIX.unpack(data[:artifact.PREFIX_SIZE])[3]
-    text = zlib.decompressobj(zdict=artifact.format.HEADER_ZDICT).decompress(
+    text = zlib.decompressobj(zdict=artifact.format.HEADER_ZDICT_V2).decompress(
         data[artifact.PREFIX_SIZE:artifact.PREFIX_SIZE + head_len])
     h = json.loads(text)
     mutate(h)

@@ -5,7 +5,8 @@ File layout (all integers little-endian)::
     offset  size  field
     0       8     magic  b"\\x89FXPRESS"  (the high byte catches 7-bit and text-mode damage)
     8       4     u32 format version (2; version 1 files still load)
-    12      4     u32 flags: bit 0 = header is zlib-compressed (always set by this version)
+    12      4     u32 flags: 1 = header is zlib-compressed (always set by this version),
+                  2 = from a preset dictionary, 8 = the second one, 4 = small streams in a blob
     16      8     u64 header length H (as stored)
     24      32    sha256 of the H stored header bytes
     56      H     header: UTF-8 JSON (graph, module tree, tensor table, metadata), zlib
@@ -33,7 +34,7 @@ import numpy as np
 from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
                             ArtifactLimitError)
 from fxpress.graph.artifact.compact import fill, minimize
-from fxpress.graph.artifact.header_dict import HEADER_ZDICT
+from fxpress.graph.artifact.header_dict import HEADER_ZDICT, HEADER_ZDICT_V2
 from fxpress.graph.artifact.limits import DEFAULT_LIMITS, Limits
 from fxpress.graph.artifact.values import escape_controls
 
@@ -51,7 +52,10 @@ _FLAG_ZDICT_HEADER = 2
 #: order of the header's tensor table (see _unblob): safetensors' own JSON index costs
 #: ~65 bytes a tensor, most of a small stream's worth.
 _FLAG_BLOB_STREAMS = 4
-_KNOWN_FLAGS = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_BLOB_STREAMS
+#: With flag 2, the header is compressed from the second dictionary (HEADER_ZDICT_V2, made of
+#: version 2 headers) instead of the first.
+_FLAG_ZDICT_V2 = 8
+_KNOWN_FLAGS = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_BLOB_STREAMS | _FLAG_ZDICT_V2
 BLOB_KEY = "blob"
 BLOB_STREAM_BYTES = 1 << 16
 PREFIX_SIZE = _PREFIX.size  # 56
@@ -77,12 +81,13 @@ def _sha64(data) -> str:
 
 def _pack_header(header: dict) -> bytes:
     """Prefix + header. The header is zlib-compressed from a preset dictionary of typical
-    header text (flags 1 and 2; see graph/artifact/header_dict.py): its JSON is repetitive, and on
+    header text (flags 1, 2 and 8; see graph/artifact/header_dict.py): its JSON is repetitive, and on
     small models it would otherwise outweigh the tensors."""
-    z = zlib.compressobj(9, zdict=HEADER_ZDICT)
+    z = zlib.compressobj(9, zdict=HEADER_ZDICT_V2)
     head = z.compress(json.dumps(minimize(header), separators=(",", ":"),
                                  allow_nan=False).encode()) + z.flush()
-    flags = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | (_FLAG_BLOB_STREAMS if "blob" in header else 0)
+    flags = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_ZDICT_V2 | (
+        _FLAG_BLOB_STREAMS if "blob" in header else 0)
     prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(head), hashlib.sha256(head).digest())
     return prefix + head
 
@@ -147,10 +152,12 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     if hashlib.sha256(head).digest() != hsha:
         raise ArtifactIntegrityError(f"{where}: header fails its sha256 check; the file is "
                                      "corrupted or was edited")
-    if flags & ~_KNOWN_FLAGS or flags & _FLAG_ZDICT_HEADER and not flags & _FLAG_ZLIB_HEADER:
+    if flags & ~_KNOWN_FLAGS or flags & _FLAG_ZDICT_HEADER and not flags & _FLAG_ZLIB_HEADER \
+            or flags & _FLAG_ZDICT_V2 and not flags & _FLAG_ZDICT_HEADER:
         raise ArtifactFormatError(f"{where}: unknown flags {flags:#x}; a newer fxpress wrote it")
     if flags & _FLAG_ZLIB_HEADER:
-        d = zlib.decompressobj(zdict=HEADER_ZDICT) if flags & _FLAG_ZDICT_HEADER else zlib.decompressobj()
+        zdict = HEADER_ZDICT_V2 if flags & _FLAG_ZDICT_V2 else HEADER_ZDICT
+        d = zlib.decompressobj(zdict=zdict) if flags & _FLAG_ZDICT_HEADER else zlib.decompressobj()
         try:
             # stops at one byte past the limit: a bomb never inflates further
             head = d.decompress(head, limits.header_text_bytes + 1)

@@ -1,0 +1,93 @@
+"""Where a Deep-Compressed artifact's bytes go, per model and seed (issue 18's size side).
+
+Runs the built-in ``deep-compression`` recipe (or ``--pipeline``) on bench/recovery_models.py's
+models, saves each result with entropy coding and prints, side by side: the file against the
+fp32 safetensors file of the state_dict (x smaller), the accuracy change on the digits test
+split, and the file's bytes per part (graph/artifact/breakdown.py): prefix, header, the
+safetensors index, and the stored streams by kind (weight matrices: codebooks, codes, masks;
+biases; norms; embeddings). ``--budget`` is the 40x goal in bytes.
+
+    python -m bench.case_compact --models transformer-64x2 --seeds 0,1,2
+    python -m bench.case_compact --models transformer-64x2 --seeds 1 \\
+        --pipeline "fold_bn,prune{sparsity=0.95,scope=global,steps=3},distill,share{bits=4,bias_bits=8},distill"
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import Table
+
+TITLE = "Deep-Compressed artifacts: bytes per part"
+GROUPS = ("matrices (codebooks, codes, masks)", "matrices (dense or quantized)", "biases", "norms",
+          "embeddings", "other tensors")
+
+
+def one(kind: str, seed: int, pipeline: str, tiny: bool = False) -> dict:
+    import fxpress
+    from bench.case_deep_compression import fp32_safetensors_bytes
+    from bench.recovery_models import data_for, trained
+    from examples.digits import accuracy
+    from fxpress.graph.artifact.breakdown import breakdown
+
+    digits, train, calib = data_for(kind)
+    if tiny:
+        from examples.digits import trained_mlp
+
+        model, train, calib = trained_mlp(hidden=(32,), seed=seed, epochs=5), train[:6], calib[:1]
+    else:
+        model = trained(kind, seed)
+    start = time.perf_counter()
+    res = fxpress.compress(model, pipeline, calibration=calib, train_data=train, policy="warn",
+                           progress=False)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.fxp"
+        fxpress.save(res.module, path, entropy=True)
+        b = breakdown(path.read_bytes())
+    fp32 = fp32_safetensors_bytes(model)
+    base = accuracy(model, digits.x_test, digits.y_test)
+    acc = accuracy(res.module, digits.x_test, digits.y_test)
+    return {"b": b, "fp32": fp32, "delta": 100 * (acc - base), "seconds": seconds}
+
+
+def table(models, seeds, pipeline: str, tiny: bool = False) -> Table:
+    t = Table(f"{TITLE}: `{pipeline}`", ["model", "seed", "file", "x smaller", "Δ points",
+                                         "40x budget", "prefix", "header", "index",
+                                         *GROUPS, "seconds"])
+    for kind in models:
+        for seed in seeds:
+            r = one(kind, seed, pipeline, tiny)
+            b = r["b"]
+            t.add(kind, seed, b["file"], round(r["fp32"] / b["file"], 1), f"{r['delta']:+.2f}",
+                  r["fp32"] // 40, b["prefix"], b["header"], b["safetensors_index"],
+                  *(b["groups"].get(g, 0) for g in GROUPS), round(r["seconds"]))
+    t.notes.append("bytes; file = prefix + header + index + every group; Δ on the digits test "
+                   "split (449 images, one = 0.22 points)")
+    return t
+
+
+def run(size: str) -> list[Table]:
+    if size == "tiny":
+        return [table(("mlp-32",), (0,), "prune{sparsity=0.9},share{bits=4,bias_bits=8},small",
+                      tiny=True)]
+    return [table(("transformer-64x2",), (0,), "deep-compression")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.case_compact")
+    p.add_argument("--models", default="transformer-64x2")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--pipeline", default="deep-compression")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(table(tuple(args.models.split(",")), tuple(int(s) for s in args.seeds.split(",")),
+                args.pipeline).markdown())
+
+
+if __name__ == "__main__":
+    main()
