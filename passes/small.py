@@ -297,8 +297,15 @@ class Small(Pass):
             raise OptionError(self.name, "include", "give at least one glob pattern")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        from fxpress.graph.weights import _set_submodule
+        from fxpress.graph.weights import KINDS, _set_submodule, weighted_ops
 
+        # the weights and biases of linear/conv/embedding ops (get_attr reads in export
+        # graphs) are the weight passes' business, however small
+        layer_tensors = set()
+        for op in weighted_ops(gm, KINDS, fused=True):
+            layer_tensors.update(op.tied or (op.name,))
+            if op._bias_name is not None:
+                layer_tensors.add(op._bias_name)
         stats: dict[str, dict] = {}
         done: dict[str, str] = {}  # get_attr target -> the GridConstant's path (tied reads)
         changed = False
@@ -322,6 +329,8 @@ class Small(Pass):
                 changed = True
             elif node.op == "get_attr":
                 target = str(node.target)
+                if target in layer_tensors:
+                    continue
                 if target in done:
                     path = done[target]
                 else:

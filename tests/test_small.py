@@ -151,3 +151,20 @@ def test_bad_options_name_the_option():
         fxpress.compress(model, "small{bits=1}", calibration=[(x,)], progress=False)
     with pytest.raises(OptionError, match="small: option 'include'"):
         fxpress.compress(model, "small{include=[]}", calibration=[(x,)], progress=False)
+
+
+def test_layer_weights_read_by_get_attr_are_left_to_the_weight_passes():
+    class Fn(torch.nn.Module):  # a functional linear: its weight and bias are get_attr reads
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 4))
+            self.b = torch.nn.Parameter(torch.randn(4))
+            self.scale = torch.nn.Parameter(torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w, self.b) * self.scale
+
+    x = torch.randn(2, 4)
+    res = fxpress.compress(Fn(), "small", calibration=[(x,)], progress=False)
+    assert sorted(res.records[-1].stats["tensors"]) == ["scale"]
+    assert {"w", "b"} <= set(dict(res.module.named_parameters()))
