@@ -40,6 +40,7 @@ from fxpress.graph.capture import TRACE_LOCK, as_input_tuple, capture, clone_str
 from fxpress.graph.guard import CallerModel, preserved_rng
 from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
 from fxpress.graph.memory import runtime_caches, stored_bytes
+from fxpress.graph.weights import uncovered_weights
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
 from fxpress.passes.gradual import advise, expand, trains
 from fxpress.passes.instruments import (CallerIntegrity, GraphDumper, Instrument, MemoryTrim,
@@ -359,6 +360,10 @@ class Pipeline:
                             last_good=last_good) from e
         record.changed = bool(result.changed)
         record.stats = dict(result.stats)
+        if isinstance(record.stats.get("layers"), dict):  # a pass that rewrites weighted ops
+            uncovered = uncovered_weights(new)
+            if uncovered:  # what no pass could reach, named in every such pass's report
+                record.stats.setdefault("float_weights", uncovered)
         return new
 
     @staticmethod
