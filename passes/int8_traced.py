@@ -36,6 +36,16 @@ import torch
 __all__ = ["traced_int8_linear", "traced_quantize_per_tensor"]
 
 
+def _affine_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float, 0..255) of 8-bit affine codes spanning
+    ``[min(x, 0), max(x, 0)]``, as 0-d tensors."""
+    zero_t = x.new_zeros(())
+    lo = torch.minimum(x.amin(), zero_t)
+    hi = torch.maximum(x.amax(), zero_t)
+    scale = ((hi - lo) / 255).clamp(min=1e-12)
+    return scale, torch.round(-lo / scale).clamp(0, 255)
+
+
 def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Signed affine codes of ``x2`` (times ``col_scale`` along its last axis) with one
@@ -43,11 +53,7 @@ def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None 
     ``signed=True``, computed in tensors: ``(codes int8, scale 0-d, zero 0-d float)``."""
     if col_scale is not None:
         x2 = x2 * col_scale
-    zero_t = x2.new_zeros(())
-    lo = torch.minimum(x2.amin(), zero_t)
-    hi = torch.maximum(x2.amax(), zero_t)
-    scale = ((hi - lo) / 255).clamp(min=1e-12)
-    zero = torch.round(-lo / scale).clamp(0, 255)
+    scale, zero = _affine_qparams(x2)
     codes = torch.floor(x2 / scale + (zero + 0.5)).clamp(0, 255) - 128
     return codes.to(torch.int8), scale, zero - 128
 
@@ -105,11 +111,8 @@ def _dequantized_linear(layer, xf: torch.Tensor, wq: torch.Tensor, sw: torch.Ten
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
 
     qd = torch.ops.quantized_decomposed
-    zero_t = xf.new_zeros(())
-    lo = torch.minimum(xf.amin(), zero_t)
-    hi = torch.maximum(xf.amax(), zero_t)
-    scale = ((hi - lo) / 255).clamp(min=1e-12)
-    zero = torch.round(-lo / scale).clamp(0, 255).to(torch.int64)
+    scale, zero = _affine_qparams(xf)
+    zero = zero.to(torch.int64)
     xq = qd.quantize_per_tensor.tensor(xf, scale, zero, 0, 255, torch.uint8)
     xd = qd.dequantize_per_tensor.tensor(xq, scale, zero, 0, 255, torch.uint8)
     wd = qd.dequantize_per_channel.default(wq, sw, torch.zeros_like(sw, dtype=torch.int64), 0,
