@@ -13,8 +13,8 @@ What it does:
 * shapes are dynamic (``dynamic=True``): a second batch size or sequence length reuses
   the compiled graph instead of compiling again (:attr:`CompiledModel.compiles` counts);
 * ``freeze=True`` (default) lets Inductor treat the weights as constants: int8 products
-  with per-tensor inputs become oneDNN int8 linears on uint8 codes with the weight
-  prepacked once (others run aten's ``_int_mm``), and a weight stored as codes
+  run aten's ``_int_mm`` on the stored codes with the input quantisation and the scales
+  fused around it, and a weight stored as codes
   (4-bit, codebook, binary) is decoded once at compile time into a float constant - fast,
   but that float copy stays in memory for the compiled model's life (4-bit: 8x the stored
   weight). ``freeze=False`` keeps only the stored form and decodes on every call.

@@ -6,19 +6,15 @@ weights in a cache filled on the first call, reuse one input's codes between lay
 a thread-local and read scales with ``float()``: each of those breaks a graph. Here the
 same arithmetic is written so that Dynamo traces it whole, with any batch size:
 
-* a per-tensor input with symmetric int8 weights (what MiniLM's layers take) is written
-  as PT2E writes it (:func:`_dequantized_linear`): uint8 codes of the input quantised and
-  dequantised, the weight dequantised per channel, a float linear. With freezing,
-  Inductor turns that into oneDNN's int8 linear on the uint8 codes with the weight
-  prepacked once - the kernel torchao's PT2E int8 compiles to;
-* per-token inputs and affine weights quantise the input in the graph (symmetric codes
-  of each row; affine codes signed as ``torch._int_mm`` takes them) and multiply by
-  ``torch._int_mm(codes, weight.T)`` (aten's s8 x s8 kernel), its int32 result times
-  ``x_scale`` then ``w_scale`` with no separate float conversion: that conversion would
-  complete the pattern which Inductor's freezing rewrites into oneDNN's int8 linear with
-  the *signed* input as it is, which oneDNN runs through its reference kernel on CPUs
-  without AMX (3-7 s a call for one MiniLM layer at batch 32; the 607 s "compile" of
-  MiniLM int8 measured before was mostly that first run);
+* the input is quantised in the graph, without leaving tensors (per token: symmetric
+  codes of each row; per tensor: affine codes with one scale and zero point, signed as
+  ``torch._int_mm`` takes them);
+* the product is ``torch._int_mm(codes, weight.T)`` (aten's s8 x s8 kernel), its int32
+  result multiplied by ``x_scale`` then ``w_scale`` with no separate float conversion:
+  that conversion completes the pattern which Inductor's freezing rewrites into oneDNN's
+  int8 linear, and oneDNN takes the signed input as it is - on CPUs without AMX through
+  its reference kernel, 3-7 s a call for one MiniLM layer at batch 32 (the 607 s
+  "compile" of MiniLM int8 measured before was mostly its first run);
 * zero points (an affine input, affine weights) are removed afterwards, as
   :meth:`~fxpress.passes.int8.Int8Kernels._finish` removes them;
 * q, k and v of an attention block quantise the same input three times in the graph;
@@ -36,16 +32,6 @@ import torch
 __all__ = ["traced_int8_linear", "traced_quantize_per_tensor"]
 
 
-def _affine_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (float, 0..255) of 8-bit affine codes spanning
-    ``[min(x, 0), max(x, 0)]``, as 0-d tensors."""
-    zero_t = x.new_zeros(())
-    lo = torch.minimum(x.amin(), zero_t)
-    hi = torch.maximum(x.amax(), zero_t)
-    scale = ((hi - lo) / 255).clamp(min=1e-12)
-    return scale, torch.round(-lo / scale).clamp(0, 255)
-
-
 def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Signed affine codes of ``x2`` (times ``col_scale`` along its last axis) with one
@@ -53,7 +39,11 @@ def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None 
     ``signed=True``, computed in tensors: ``(codes int8, scale 0-d, zero 0-d float)``."""
     if col_scale is not None:
         x2 = x2 * col_scale
-    scale, zero = _affine_qparams(x2)
+    zero_t = x2.new_zeros(())
+    lo = torch.minimum(x2.amin(), zero_t)
+    hi = torch.maximum(x2.amax(), zero_t)
+    scale = ((hi - lo) / 255).clamp(min=1e-12)
+    zero = torch.round(-lo / scale).clamp(0, 255)
     codes = torch.floor(x2 / scale + (zero + 0.5)).clamp(0, 255) - 128
     return codes.to(torch.int8), scale, zero - 128
 
@@ -68,8 +58,6 @@ def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     xf = x if x.dtype == torch.float32 else x.float()
     inv = None if layer.smooth is None else layer.smooth.reciprocal()
     wq, sw, zw = layer._int8_weight()
-    if layer.act_scale == "tensor" and zw is None:
-        return _dequantized_linear(layer, xf if inv is None else xf * inv, wq, sw).to(x.dtype)
     if layer.act_scale == "tensor":
         xq, sx, zx = traced_quantize_per_tensor(xf, inv)
     else:
@@ -99,22 +87,3 @@ def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.bias is not None:
         y = y + layer.bias
     return y.to(x.dtype).reshape(*shape[:-1], -1)
-
-
-def _dequantized_linear(layer, xf: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
-    """A per-tensor input and symmetric int8 weights as PT2E writes them: the input
-    quantised to uint8 (affine, one scale and zero point computed in the graph) and
-    dequantised, the int8 weight dequantised per channel, a float linear. Inductor's
-    freezing matches exactly this and runs oneDNN's int8 linear on the uint8 codes with
-    the weight prepacked once (what torchao's PT2E int8 compiles to); without freezing it
-    runs as written, the same product up to float rounding."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
-
-    qd = torch.ops.quantized_decomposed
-    scale, zero = _affine_qparams(xf)
-    zero = zero.to(torch.int64)
-    xq = qd.quantize_per_tensor.tensor(xf, scale, zero, 0, 255, torch.uint8)
-    xd = qd.dequantize_per_tensor.tensor(xq, scale, zero, 0, 255, torch.uint8)
-    wd = qd.dequantize_per_channel.default(wq, sw, torch.zeros_like(sw, dtype=torch.int64), 0,
-                                           -128, 127, torch.int8)
-    return torch.nn.functional.linear(xd, wd, layer.bias)
