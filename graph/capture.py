@@ -182,6 +182,20 @@ def _dynamic_shapes(example_inputs: tuple) -> tuple:
                  for x in example_inputs)
 
 
+def _fixed_note(fixed: dict[int, dict[int, int]], example_inputs: tuple) -> str:
+    # a float input's last dimension is its feature width, fixed by design; any other
+    # fixed dimension (a batch, a sequence length, an image size, channels) is worth saying
+    flat = pytree.tree_leaves(tuple(example_inputs))
+    named = [f"input {i} dim {d} = {s}" for i, dims in fixed.items() for d, s in dims.items()
+             if i < len(flat) and isinstance(flat[i], torch.Tensor) and not (
+                 flat[i].is_floating_point() and flat[i].dim() >= 2 and d == flat[i].dim() - 1)]
+    if not named:
+        return ""
+    return ("; export fixed " + ", ".join(named) + " (the model's code depends on that size): "
+            "the graph runs only at that size; capture with example inputs of the size you "
+            "will run, or make the model's code size-independent")
+
+
 def _outputs_match(a: Any, b: Any) -> bool:
     la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
     if len(la) != len(lb):
@@ -234,11 +248,16 @@ def cache_free_kwargs(model: torch.nn.Module, outputs: Any) -> dict[str, Any]:
 TRACEABLE_EXPERTS = "batched_mm"
 
 
+def _is_experts(m: torch.nn.Module) -> bool:
+    # transformers' @use_experts_implementation sets these on every experts module it wraps
+    return all(hasattr(m, a) for a in ("_is_expert_parallel", "is_concatenated", "config"))
+
+
 def _experts_configs(model: torch.nn.Module) -> list:
-    """The transformers configs in ``model`` whose experts kernel is not traceable."""
+    """The configs of ``model``'s mixture-of-experts modules whose kernel is not traceable."""
     out, seen = [], set()
     for m in model.modules():
-        cfg = getattr(m, "config", None)
+        cfg = getattr(m, "config", None) if _is_experts(m) else None
         if cfg is None or id(cfg) in seen or not hasattr(type(cfg), "_experts_implementation"):
             continue
         seen.add(id(cfg))
@@ -304,15 +323,53 @@ def _capture_export(model, example_inputs, dynamic, bound=None):
     shapes = _dynamic_shapes(example_inputs) if dynamic else None
     if not bound:
         ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
-        return ep.module()
+        gm = ep.module()
+        gm.meta["fxpress_fixed"] = _fixed_dims(ep)
+        return gm
     if shapes is not None:  # with keyword arguments, shapes are given by argument name
         names = list(inspect.signature(model.forward).parameters)[:len(example_inputs)]
         shapes = {**dict(zip(names, shapes)), **{k: None for k in bound}}
     ep = torch.export.export(model, example_inputs, kwargs=dict(bound), dynamic_shapes=shapes,
                              strict=False)
     gm = ep.module()
+    gm.meta["fxpress_fixed"] = _fixed_dims(ep)
     _drop_bound_inputs(gm, bound, example_inputs)
     return gm
+
+
+def _fixed_dims(ep) -> dict[int, dict[int, int]]:
+    """Positional input index -> {dimension: size} of every input dimension the exported
+    program fixed (``Dim.AUTO`` specialises a dimension the model's Python code depends on:
+    a hidden width, but also a sequence length a loop runs over, or a batch of 1)."""
+    from torch.export.graph_signature import InputKind
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    users = [s.arg.name for s in ep.graph_signature.input_specs
+             if s.kind == InputKind.USER_INPUT and hasattr(s.arg, "name")]
+    out: dict[int, dict[int, int]] = {}
+    for i, name in enumerate(users):
+        val = vals.get(name)
+        if isinstance(val, torch.Tensor):
+            fixed = {d: size for d, s in enumerate(val.shape)
+                     if (size := _fixed_size(s, ep.range_constraints)) is not None}
+            if fixed:
+                out[i] = fixed
+    return out
+
+
+def _fixed_size(s, ranges) -> int | None:
+    """``s``'s one possible value: an int, or a symbol whose range is a single value."""
+    if isinstance(s, int):
+        return s
+    try:
+        if s.node.expr.is_number:
+            return int(s.node.expr)
+        vr = ranges.get(s.node.expr)
+        if vr is not None and vr.lower == vr.upper:
+            return int(vr.lower)
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return None
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *,
@@ -388,6 +445,10 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
             }
             if linears:
                 gm.meta["fxpress"]["linears_from_matmul"] = linears
+            fixed = gm.meta.pop("fxpress_fixed", None)
+            if fixed is not None and dynamic:
+                gm.meta["fxpress"]["fixed_dims"] = fixed
+                gm.meta["fxpress"]["why"] += _fixed_note(fixed, example_inputs)
             if bound:
                 gm.meta["fxpress"]["call_kwargs"] = dict(bound)
                 gm.meta["fxpress"]["why"] += ("; the model returns a KV cache (use_cache=True): "

@@ -11,7 +11,9 @@ import threading
 import weakref
 from typing import Any, Iterator
 
+import numpy as np
 import torch
+
 
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
@@ -59,6 +61,111 @@ def caches_enabled() -> bool:
     """False inside ``runtime_caches(False)`` (in this thread)."""
     stack = getattr(_CACHES, "stack", None)
     return stack[-1] if stack else True
+
+
+# -- rollback records ------------------------------------------------------------------------
+
+#: Elements per block when a rollback record checks, packs or restores a tensor.
+_RECORD_BLOCK = 1 << 20
+
+
+def _flat_pair(t: torch.Tensor, orig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Flat views of ``t`` and ``orig`` in one element order (both laid out alike, or both
+    transposed 2-D, as GPT-2's Conv1D weights are), or None."""
+    if t.is_contiguous() and orig.is_contiguous():
+        return t.reshape(-1), orig.reshape(-1)
+    if t.dim() == 2 and t.t().is_contiguous() and orig.t().is_contiguous():
+        return t.t().reshape(-1), orig.t().reshape(-1)
+    return None
+
+
+def _zero_mask(t: torch.Tensor, orig: torch.Tensor) -> np.ndarray | None:
+    """``t != 0`` packed one bit per element when ``t`` equals ``orig`` wherever it is not
+    zero (``orig`` with entries zeroed: a pruned copy), else None. Checked a block at a
+    time: temporaries of a few MB whatever the tensor's size."""
+    pair = _flat_pair(t, orig)
+    if pair is None:
+        return None
+    ft, fo = pair
+    parts = []
+    with torch.no_grad():
+        for i in range(0, ft.numel(), _RECORD_BLOCK):
+            b, o = ft[i:i + _RECORD_BLOCK], fo[i:i + _RECORD_BLOCK]
+            kept = b != 0
+            if not bool(torch.where(kept, b == o, True).all()):
+                return None
+            parts.append(np.packbits(kept.numpy(), bitorder="little"))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+class RollbackRecord:
+    """A graph whose weights are held as packed masks over the original ones while a pass
+    runs on a copy of it, so the copy can free each weight it replaces.
+
+    :meth:`shrink` takes out of ``gm`` every parameter and buffer that equals the original
+    tensor of the same name except for entries set to zero (what prune makes), keeping
+    one bit per element (1/32 of float32); :meth:`restore` puts them back, rebuilt from the
+    originals, equal in value (a zero comes back as +0.0). A GPT-2 pipeline's pruned
+    float copy so no longer lives beside the int8 copy quantize builds from it: the
+    pipeline's rollback (policy, verification failures, errors' ``last_good``) restores
+    the graph before the pass when it needs it.
+    """
+
+    def __init__(self, gm: torch.nn.Module):
+        self.gm = gm
+        self.entries: list[tuple] = []
+
+    @classmethod
+    def shrink(cls, gm: torch.nn.Module, originals: dict[str, torch.Tensor]) -> "RollbackRecord":
+        rec = cls(gm)
+        masks: dict[int, tuple] = {}  # a tensor tied under several names: one mask
+        for mod_name, module in gm.named_modules(remove_duplicate=False):
+            for slot in (module._parameters, module._buffers):
+                for attr, t in list(slot.items()):
+                    name = f"{mod_name}.{attr}" if mod_name else attr
+                    orig = originals.get(name)
+                    if (t is None or orig is None or t is orig or t.dtype != orig.dtype
+                            or t.shape != orig.shape or t.numel() < _RECORD_BLOCK // 16
+                            or t.device.type != "cpu" or t.is_inference()):
+                        continue
+                    hit = masks.get(id(t))
+                    if hit is None:
+                        if t.untyped_storage().data_ptr() == orig.untyped_storage().data_ptr():
+                            continue
+                        mask = _zero_mask(t, orig)
+                        if mask is None:
+                            continue
+                        hit = masks[id(t)] = (mask, orig, tuple(t.shape), t.stride(),
+                                              isinstance(t, torch.nn.Parameter), t.requires_grad,
+                                              len(masks))
+                    rec.entries.append((slot, attr, hit))
+        for slot, attr, _ in rec.entries:
+            slot[attr] = None
+        return rec
+
+    def restore(self) -> None:
+        """Put the weights back into the graph (once; later calls do nothing)."""
+        made: dict[int, torch.Tensor] = {}
+        for slot, attr, (mask, orig, shape, stride, param, grad, key) in self.entries:
+            t = made.get(key)
+            if t is None:
+                t = torch.empty_strided(shape, stride, dtype=orig.dtype)
+                ft, fo = _flat_pair(t, orig)
+                with torch.no_grad():
+                    for i in range(0, ft.numel(), _RECORD_BLOCK):
+                        n = min(_RECORD_BLOCK, ft.numel() - i)
+                        bits = np.unpackbits(mask[i // 8:(i + n + 7) // 8], count=n,
+                                             bitorder="little").astype(bool)
+                        ft[i:i + n].copy_(fo[i:i + n]).masked_fill_(~torch.from_numpy(bits), 0.0)
+                if param:
+                    t = torch.nn.Parameter(t, requires_grad=grad)
+                made[key] = t
+            slot[attr] = t
+        self.entries = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.entries)
 
 
 # -- accounting ----------------------------------------------------------------------------
@@ -118,5 +225,5 @@ def tensor_memo(t: torch.Tensor, name: str, compute):
     return value
 
 
-__all__ = ["trim_heap", "runtime_caches", "caches_enabled", "stored_bytes", "sparsity", "nonzeros", "remember_nonzeros",
+__all__ = ["trim_heap", "RollbackRecord", "runtime_caches", "caches_enabled", "stored_bytes", "sparsity", "nonzeros", "remember_nonzeros",
            "tensor_memo"]

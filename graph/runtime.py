@@ -66,6 +66,14 @@ class RuntimeModule(torch.nn.Module):
         return {}
 
     @classmethod
+    def load_bytes(cls, config: dict) -> int:
+        """Bytes :meth:`from_state` allocates from ``config`` beyond its stored tensors
+        (tensors it decodes at load); the loader counts them against its decoded-bytes
+        limit before any module is built. ``config`` is the file's, checked only as plain
+        data: raise on a malformed one."""
+        return 0
+
+    @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
                    parameters: Iterable[str] = ()) -> "RuntimeModule":
         """Rebuild from :meth:`config` and the state_dict tensors (``parameters``: which

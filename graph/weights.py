@@ -468,6 +468,36 @@ def _plain_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None) -> list[We
     return ops
 
 
+def uncovered_weights(gm: torch.fx.GraphModule, min_numel: int = 2) -> dict[str, str]:
+    """Float tensors of ``gm`` (2-D or more, ``min_numel`` elements or more) that no
+    weighted op reads, so no pass compresses them: name -> what reads them. Position
+    embeddings added to activations, a ``W @ x`` product (Mamba's ``dt_proj``), a weight
+    reshaped before its conv. Tensors of runtime modules (codebooks, scales) are left out;
+    passes report their own skipped ops."""
+    from fxpress.graph.runtime import RuntimeModule
+
+    covered = {n for op in weighted_ops(gm, fused=True) for n in (op.tied or (op.name,))}
+    inside = [name + "." for name, m in gm.named_modules() if name and isinstance(m, RuntimeModule)]
+    readers: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            readers.setdefault(str(node.target), set()).update(
+                str(getattr(u.target, "__name__", u.target)) for u in node.users
+                if not str(getattr(u.target, "__name__", u.target)).startswith("_assert"))
+        elif node.op == "call_module":
+            readers.setdefault(str(node.target) + ".", set()).add(str(node.target))
+    out = {}
+    for name, t in itertools.chain(gm.named_parameters(), gm.named_buffers()):
+        if (t is None or not t.is_floating_point() or t.dim() < 2 or t.numel() < min_numel
+                or name in covered or any(name.startswith(p) for p in inside)):
+            continue
+        owner = name.rpartition(".")[0] + "."
+        who = readers.get(name) or ({f"module {owner[:-1]}"} if owner in readers else set())
+        out[name] = ("read by " + ", ".join(sorted(who)) if who else "not read by the graph") + (
+            "; not a linear, conv or embedding op: kept float")
+    return out
+
+
 def select(ops: Sequence[WeightedOp], include: Sequence[str] = ("*",),
            exclude: Sequence[str] = ()) -> tuple[list[WeightedOp], list[str]]:
     """Filter ops by glob patterns on the weight name or layer name.

@@ -26,8 +26,8 @@ class TrainConfig:
     held-out loss are restored at the end. ``patience``: stop after this many epochs
     without a better held-out loss (0: run every epoch). ``lr_drops``: that many times,
     instead of stopping, restore the best epoch's weights and anneal from the current rate
-    to zero (cosine) over ``patience`` more epochs (a plateau at a high rate is not the
-    end: the run ends annealed).
+    to zero (cosine) over ``patience`` more epochs, or half of the epochs left when that is
+    more (a plateau at a high rate is not the end: the run ends annealed).
     ``device``: where to train
     (default: the student's device; under torchrun with one GPU per rank,
     ``cuda:LOCAL_RANK``). ``progress``: True shows a bar, None only on a terminal.

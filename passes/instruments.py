@@ -112,6 +112,11 @@ class MemoryTrim(Instrument):
     def run_after_commit(self, pass_, gm, record):
         release_memory()
 
+    def run_after_pass(self, pass_, gm, record):
+        # stamping and measuring a kept graph leave cycles (a networkx view of it) that
+        # hold its weights: collected now, the next pass frees each weight it replaces
+        release_memory()
+
 
 def release_memory() -> None:
     """Collect the reference cycles of replaced graphs and hand the freed pages back."""

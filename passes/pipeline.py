@@ -39,7 +39,8 @@ from fxpress.graph.artifact import artifact_size
 from fxpress.graph.capture import TRACE_LOCK, as_input_tuple, capture, clone_structure, tensors_of
 from fxpress.graph.guard import CallerModel, preserved_rng
 from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
-from fxpress.graph.memory import runtime_caches, stored_bytes
+from fxpress.graph.memory import RollbackRecord, runtime_caches, stored_bytes
+from fxpress.graph.weights import uncovered_weights
 from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
 from fxpress.passes.gradual import advise, expand, trains
 from fxpress.passes.instruments import (CallerIntegrity, GraphDumper, Instrument, MemoryTrim,
@@ -82,12 +83,14 @@ class _Snapshot:
     the version counters of the tensors it promised not to write into."""
 
     work: torch.fx.GraphModule
-    last_good: torch.fx.GraphModule | None
+    kept: torch.fx.GraphModule | None
     before: Any  # the networkx view stamping diffs the kept graph against
     watched: list
+    record: RollbackRecord | None = None
 
     @classmethod
-    def take(cls, current: torch.fx.GraphModule, p: Pass, in_place: bool) -> "_Snapshot":
+    def take(cls, current: torch.fx.GraphModule, p: Pass, in_place: bool,
+             originals: dict[str, torch.Tensor] | None = None) -> "_Snapshot":
         before = to_networkx(current)  # taken while only ``current`` is held
         work = current if in_place else clone_structure(
             current, copy_tensors=not p.traits.replaces_tensors)
@@ -96,7 +99,23 @@ class _Snapshot:
         # weakly: in place, what the pass replaces must be free to go (a tensor that died
         # was no one else's, so a write into it harmed nothing)
         watched = [(weakref.ref(t), names.get(id(t), "?"), t._version) for t in tensors_of(current)]
-        return cls(work, None if in_place else current, before, watched)
+        record = None
+        if not in_place and p.traits.replaces_tensors and originals:
+            # the graph kept for rollback holds its pruned weights as masks over the
+            # caller's: the pass's copy is then the only holder of each, freed as replaced
+            record = RollbackRecord.shrink(current, originals)
+        return cls(work, None if in_place else current, before, watched, record)
+
+    @property
+    def last_good(self) -> torch.fx.GraphModule | None:
+        """The graph before the pass, whole again (its weights restored if they were held
+        as masks)."""
+        self.restore()
+        return self.kept
+
+    def restore(self) -> None:
+        if self.record is not None and self.record.pending:
+            self.record.restore()
 
     def touched(self) -> list[str]:
         return [name for ref, name, version in self.watched
@@ -217,6 +236,10 @@ class Pipeline:
             gm = clone_structure(capture(reference, example_inputs, capture_method))
         caller.protect(reference)
         caller.protect(gm)
+        # the caller's tensors (read-only views) by name: a later graph's weights that
+        # differ from them only by zeros are held as masks while a pass runs
+        originals = dict(list(gm.named_parameters(remove_duplicate=False))
+                         + list(gm.named_buffers(remove_duplicate=False)))
         passes = expand(self.passes)  # staged passes (prune{steps=N}) and their recoveries
         with TRACE_LOCK.running(), runtime_caches(False):
             labelled = None
@@ -247,7 +270,7 @@ class Pipeline:
                 deferred_to = next((j for j in recovers_at if j > index), None)
                 try:
                     record, gm, before = self._run_one(index, p, gm, ctx, instruments, check,
-                                                       policy, deferred_to, rewrite)
+                                                       policy, deferred_to, rewrite, originals)
                 except BaseException as e:
                     _notify(instruments, "run_after_pass_failed", p, getattr(e, "last_good", None), e)
                     raise
@@ -264,7 +287,8 @@ class Pipeline:
 
     def _run_one(self, index: int, p: Pass, current: torch.fx.GraphModule, ctx: PassContext,
                  instruments: list[Instrument], check: Verification, policy: str,
-                 deferred_to: int | None, in_place: bool):
+                 deferred_to: int | None, in_place: bool,
+                 originals: dict[str, torch.Tensor] | None = None):
         """Snapshot, run, check; return (record, graph to go on with, ``before`` view if
         the pass is to be committed, None if it was rolled back)."""
         _notify(instruments, "run_before_pass", p, current, ctx)
@@ -275,9 +299,20 @@ class Pipeline:
                 except FxpressError as e:
                     e.last_good = current
                     raise
-        snap = _Snapshot.take(current, p, in_place)
         record = PassRecord(index, p.name, str(p), bytes_before=stored_bytes(current),
                             tolerance=p.tol.limits())
+        snap = _Snapshot.take(current, p, in_place, originals)
+        try:
+            return self._check(p, snap, current, ctx, record, instruments, check, policy,
+                               deferred_to)
+        except BaseException:
+            snap.restore()  # whatever escapes, the graph before the pass is whole
+            raise
+
+    def _check(self, p: Pass, snap: _Snapshot, current: torch.fx.GraphModule, ctx: PassContext,
+               record: PassRecord, instruments: list[Instrument], check: Verification,
+               policy: str, deferred_to: int | None):
+        """:meth:`_run_one` after the snapshot: run, check, and decide."""
         new = self._execute(p, snap, ctx, record)
         for inst in instruments:
             try:
@@ -306,6 +341,7 @@ class Pipeline:
                                     f"pass '{p.name}' {record.message}" if key == "nonfinite" else None,
                                     last_good=snap.last_good, record=record)
         if record.status == "rolled back":
+            snap.restore()
             record.bytes_after = record.bytes_before
             record.params, record.zeros = weight_counts(current)
             _notify(instruments, "run_after_pass", p, current, record)
@@ -319,14 +355,13 @@ class Pipeline:
     def _execute(p: Pass, snap: _Snapshot, ctx: PassContext, record: PassRecord) -> torch.fx.GraphModule:
         """Run the pass on its snapshot and check what it handed back: a GraphModule that
         lints, with no promised-shared tensor written into."""
-        last_good = snap.last_good
         start = time.perf_counter()
         try:
             result = p.apply(snap.work, ctx)
         except SharedTensorWriteError as e:
-            raise PassError(p.name, f"{e}", last_good=last_good) from e
+            raise PassError(p.name, f"{e}", last_good=snap.last_good) from e
         except FxpressError as e:
-            e.last_good = last_good
+            e.last_good = snap.last_good
             raise
         except Exception as e:
             hint = ("; it wrote into a read-only view of a tensor shared with the caller's model: "
@@ -334,31 +369,35 @@ class Pipeline:
                     "PassTraits(replaces_tensors=False) to get private copies"
                     if "read-only" in str(e) else "")
             raise PassError(p.name, f"raised {type(e).__name__}: {e}{hint}",
-                            last_good=last_good) from e
+                            last_good=snap.last_good) from e
         except KeyboardInterrupt as e:
-            e.last_good = last_good  # type: ignore[attr-defined]
+            e.last_good = snap.last_good  # type: ignore[attr-defined]
             raise
         record.seconds = time.perf_counter() - start
         if not isinstance(result, PassResult) or not isinstance(result.module, torch.fx.GraphModule):
             got = type(result.module if isinstance(result, PassResult) else result).__name__
             raise PassError(p.name, f"returned {got}; a pass must return "
                             "PassResult(module=<GraphModule>, changed=..., stats={...})",
-                            last_good=last_good)
+                            last_good=snap.last_good)
         touched = snap.touched()
         if touched:
             raise PassError(p.name, f"wrote into shared tensor(s) {touched[:5]} in place; a pass "
                             "whose traits say replaces_tensors=True must replace tensors "
                             "(WeightedOp.set_weight) instead of writing into them",
-                            last_good=last_good)
+                            last_good=snap.last_good)
         new = result.module
         try:
             new.graph.lint()
             new.recompile()
         except Exception as e:
             raise PassError(p.name, f"left a graph that fails lint: {type(e).__name__}: {e}",
-                            last_good=last_good) from e
+                            last_good=snap.last_good) from e
         record.changed = bool(result.changed)
         record.stats = dict(result.stats)
+        if isinstance(record.stats.get("layers"), dict):  # a pass that rewrites weighted ops
+            uncovered = uncovered_weights(new)
+            if uncovered:  # what no pass could reach, named in every such pass's report
+                record.stats.setdefault("float_weights", uncovered)
         return new
 
     @staticmethod

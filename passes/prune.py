@@ -172,6 +172,10 @@ def _zero_smallest_one(t: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | No
     zeros = k if float(v) > 0 else n - int(torch.count_nonzero(out))
     if t.is_contiguous():
         return out.view(t.shape), zeros
+    if t.dim() == 2 and t.t().is_contiguous():
+        # a transposed layout (GPT-2's Conv1D): ``out`` is in its storage order already,
+        # so it is the result as it lies, viewed back (the strides empty_like(t) would give)
+        return out.view(t.t().shape).t(), zeros
     res = torch.empty_like(t)
     _flat(res).copy_(out)
     return res, zeros

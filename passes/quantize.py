@@ -48,7 +48,7 @@ import torch.fx
 
 from fxpress.errors import OptionError
 from fxpress.graph.capture import _flat_graph_inputs, eval_mode
-from fxpress.graph.memory import stored_bytes
+from fxpress.graph.memory import stored_bytes, trim_heap
 from fxpress.graph.runtime import CompressedModule, op_forward
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, select
 from fxpress.graph.weights import weighted_ops as _weighted_ops
@@ -103,6 +103,10 @@ def _record_inputs(gm, ops, batches, sample_rows=512):
     with torch.no_grad(), eval_mode(gm):
         for b in batches:
             rec.run(*_flat_graph_inputs(gm, b))
+            # the interpreter keeps the values of nodes it never frees (get_attr nodes of
+            # weights read to the end: GPT-2's tied token embedding) in its environment;
+            # held there, a weight the pass replaces would live until the pass returns
+            rec.env = {}
     return rec
 
 
@@ -207,7 +211,16 @@ class Quantize(Pass):
         layers: dict[str, dict] = {}
         promoted: list[str] = []
         readers = Counter(op._input for op in chosen if isinstance(op._input, torch.fx.Node))
+        # the ops of one weight one after another: a weight tied between two ops (GPT-2's
+        # token embedding and head) is freed once both are replaced, not at the pass's
+        # end; tied weights last, when the weights replaced before have made room for
+        # their codes (the pipeline's peak memory)
+        by_weight: dict = {}
         for op in chosen:
+            by_weight.setdefault(op.key, []).append(op)
+        groups = sorted(by_weight.values(), key=lambda ops: len(ops) > 1)  # stable
+        trim_heap()  # what recording the calibration inputs freed
+        for op in [op for ops in groups for op in ops]:
             x = rec.sample.get(op._input) if isinstance(op._input, torch.fx.Node) else None
             module = built.get((op.name, op.kind))
             if module is not None:

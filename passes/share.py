@@ -133,6 +133,11 @@ class CodebookModule(DecodeStrategy, CompressedModule):
                              persistent=False)
 
     @classmethod
+    def load_bytes(cls, config: dict) -> int:
+        """The float bias :meth:`from_state` decodes from ``bias_bits``-bit codes."""
+        return int(config["shape"][0]) * 8 if config.get("bias_bits") else 0
+
+    @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
                    parameters=()) -> "CodebookModule":
         m = super().from_state(config, tensors, parameters)

@@ -89,6 +89,9 @@ def decode_grid(mode: str, stored: torch.Tensor, grid: torch.Tensor, bits: int,
     return values.reshape(shape).to(dtype)
 
 
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
 def _stored_bytes(n: int, bits: int) -> int:
     """Bytes of ``store_codes``' layout of one row of ``n`` codes (padded to whole bytes)."""
     return n if bits == 8 else (n + (-n) % 8) * bits // 8
@@ -180,6 +183,14 @@ class GridTensors(RuntimeModule):
             del self._parameters[f"{name}_latent"]
         self._latents = {}
         self._decode_all()
+
+    @classmethod
+    def load_bytes(cls, config: dict) -> int:
+        """The decoded tensors (and their int32 codes) :meth:`from_state` builds: a few
+        bytes of codes may declare a large tensor, so the loader bounds them first."""
+        grids = config.get("grids") or {}
+        return sum(math.prod(g["shape"]) * (_ITEMSIZE.get(g.get("dtype"), 8) + 4)
+                   for g in grids.values())
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],

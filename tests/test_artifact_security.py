@@ -606,3 +606,46 @@ def test_a_version_1_prefix_over_a_version_2_header_is_refused(good):
     with pytest.raises(ArtifactFormatError, match="format version 3; this fxpress reads versions 1, 2"):
         _load(newer)
     assert head_len == hlen
+
+
+def _grid_constant_model(n: int, dtype: str = "float64"):
+    """A graph returning a GridConstant whose 2-bit codes (n / 4 bytes, all zero) declare
+    an ``n``-element tensor: the file stores n / 4 bytes, loading decodes 8n."""
+    from fxpress.passes.small import GridConstant
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = GridConstant(torch.linspace(-1, 1, 64), 2)
+
+        def forward(self, x):
+            return x + self.c().sum()
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, GridConstant) or super().is_leaf_module(m, name)
+
+    m = M()
+    gm = torch.fx.GraphModule(m, Leaves().trace(m))
+    gm.c.value_codes = torch.zeros(1, n // 4, dtype=torch.uint8)
+    gm.c.grids["value"].update(shape=[n], dtype=dtype)
+    gm.c._decode_all()
+    return gm
+
+
+def test_tensors_decoded_at_load_count_against_the_limit():
+    # a runtime module that decodes at load (small's grids: 2-bit codes -> float64) turned
+    # 424 bytes of file into 128 MiB under max_bytes=8 MiB (256 MiB of codes: 8 GiB + the
+    # unpacking's int64s, past the default limit): what from_state decodes is declared
+    from fxpress.passes.small import GRID_CLASSES
+
+    gm = _grid_constant_model(1 << 16)
+    data = artifact.dumps(gm, entropy=True)
+    with pytest.raises(ArtifactLimitError, match="module 'c': decodes tensors at load"):
+        artifact.loads(data, GRID_CLASSES, max_bytes=64 << 10)
+    loaded = artifact.loads(data, GRID_CLASSES, max_bytes=1 << 20)
+    assert torch.equal(loaded(torch.zeros(2)), gm(torch.zeros(2)))
+    # a config that does not say what it decodes is refused, typed
+    bad = tamper(data, lambda h: _module(h, "c")["config"].update(grids={"$": "dict", "v": [["value", 3]]}))
+    with pytest.raises(ArtifactFormatError, match="does not describe the tensors it decodes"):
+        artifact.loads(bad, GRID_CLASSES)

@@ -172,3 +172,24 @@ def test_linears_written_as_matmuls_become_linear_ops(method):
     assert torch.equal(gm(x), model(x)) and torch.equal(gm(y), model(y))
     res = fxpress.compress(model, "quantize{bits=8}", example_inputs=(x,), progress=False)
     assert set(res.records[0].stats["layers"]) == {"weight", "head"}
+
+
+def test_export_fixing_a_sequence_length_is_reported():
+    """A model whose Python loops over the sequence (a recurrence, Mamba's reference scan)
+    exports with that length fixed: the capture report says so, by input and dimension."""
+    class Scan(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.zeros_like(x[:, 0])
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.cell(h) + x[:, t])
+            return h
+
+    x = torch.randn(2, 5, 4)
+    gm = fxpress.capture(Scan(), (x,), method="export")
+    assert gm.meta["fxpress"]["fixed_dims"] == {0: {1: 5, 2: 4}}
+    assert "input 0 dim 1 = 5" in gm.meta["fxpress"]["why"]
+    assert gm(torch.randn(3, 5, 4)).shape == (3, 4)  # the batch stays free

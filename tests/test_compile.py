@@ -122,18 +122,22 @@ class _Int8Linear(torch.nn.Module):
         return self.fc(x)
 
 
-def test_inductor_compiles_the_int8_path_equal_to_eager_without_signed_onednn_inputs():
+def test_inductor_compiles_the_int8_path_equal_to_eager_with_unsigned_onednn_inputs(monkeypatch):
     """One real Inductor compile (frozen weights, dynamic shapes) of the int8 path.
 
     Inductor's freezing may rewrite an integer product into oneDNN's int8 linear, which
-    takes the traced path's signed 8-bit input as it is: on CPUs without AMX oneDNN runs
-    that through its reference kernel (thousands of times slower), so none may remain."""
-    from torch._inductor.utils import run_and_get_code
+    takes its input as it is: signed codes run oneDNN's reference kernel on CPUs without
+    AMX (thousands of times slower), so no oneDNN int8 call may get them."""
+    packet = torch.ops.onednn.qlinear_pointwise
+    original, inputs = packet.tensor, []
+
+    def recording(*args, **kwargs):
+        inputs.append(args[0].dtype)
+        return original(*args, **kwargs)
 
     model = _Int8Linear().eval()
-    # the generated wrapper code (also when it comes from Inductor's cache)
-    fast, code = run_and_get_code(fxpress.compile, model, torch.randn(4, 6, 32))
-    assert code and not any("qlinear" in c for c in code)
+    fast = fxpress.compile(model, torch.randn(4, 6, 32))
+    monkeypatch.setattr(packet, "tensor", recording)  # what the generated code calls
     for shape in ((4, 6, 32), (1, 3, 32), (9, 5, 32)):  # a second batch size and length
         x = torch.randn(*shape)
         with torch.no_grad():
@@ -142,3 +146,4 @@ def test_inductor_compiles_the_int8_path_equal_to_eager_without_signed_onednn_in
                 exact = model(x)
         torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-4)
     assert fast.compiles == 1
+    assert set(inputs) <= {torch.uint8}, inputs  # (the traced product runs aten's _int_mm)

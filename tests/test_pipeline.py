@@ -356,3 +356,24 @@ def test_one_value_per_sample_is_compared_as_a_column():
     assert m.cosine_min > 0.999 and m.rel_l2 < 1e-4
     wrong = torch.tensor([[1.0], [-2.0], [3.0], [1e-4]])
     assert compare([[wrong]], [[ref]], top1=False).cosine_min < 0.3
+
+
+def test_weights_no_pass_can_reach_are_named_in_the_report():
+    """A parameter read by something other than a linear/conv/embedding op (a ``W @ x``
+    product, a position table added to activations) stays float: every weight-rewriting
+    pass's record names it and what reads it, so "compressed" never hides a float tensor."""
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.mix = torch.nn.Parameter(torch.randn(6, 5))   # mixes positions: W @ x
+            self.pos = torch.nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x):
+            return self.mix @ self.proj(x + self.pos)
+
+    res = fxpress.compress(Odd(), "quantize{bits=8}", example_inputs=(torch.randn(2, 5, 4),),
+                           progress=False)
+    floats = res.records[0].stats["float_weights"]
+    assert set(floats) == {"mix", "pos"} and "proj.weight" in res.records[0].stats["layers"]
+    assert "matmul" in floats["mix"] and "add" in floats["pos"]

@@ -59,7 +59,10 @@ def test_a_plateau_anneals_from_the_best_state_before_stopping(one_thread):
     lrs = [e["lr"] for e in h.epochs]  # each epoch's rate at its start
     assert lrs[:drop + 1] == [0.3] * (drop + 1)
     assert all(a > b for a, b in zip(lrs[drop:], lrs[drop + 1:]))  # annealing after the drop
-    assert h.stopped_early and len(h) == drop + 2  # the tail lasts `patience` epochs
+    # the tail lasts `patience` epochs or half of those left, less when the held-out loss
+    # stops improving for `patience` epochs within it
+    tail = max(2, (20 - drop) // 2)
+    assert h.stopped_early and drop + 2 <= len(h) <= drop + tail
     vals = [e["val_loss"] for e in h.epochs]
     assert h.best_epoch == 1 + vals.index(min(vals))
 

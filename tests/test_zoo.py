@@ -182,6 +182,10 @@ def test_mixture_of_experts_captures_with_plain_aten_and_compresses_its_experts(
     from fxpress.graph.fused import DecodedWeight
     from tests.zoo import mixtral
 
+    from fxpress.graph.capture import _experts_configs
+    from tests.zoo import bert
+
+    assert _experts_configs(bert().model) == []  # a model without experts is left alone
     spec = mixtral()
     before = spec.model.config._experts_implementation
     gm = fxpress.capture(spec.model, spec.inputs)

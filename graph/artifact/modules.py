@@ -220,6 +220,22 @@ def check_runtime(cls: type, config: dict, where: str, decoded_limit: int) -> di
 
 
 
+def runtime_load_bytes(cls: type, config: dict, where: str) -> int:
+    """Bytes a runtime module's ``from_state`` decodes from ``config`` at load
+    (:meth:`~fxpress.graph.runtime.RuntimeModule.load_bytes`), as a checked int."""
+    fn = getattr(cls, "load_bytes", None)
+    if fn is None:
+        return 0
+    try:
+        n = fn(config)
+    except Exception as e:
+        raise ArtifactFormatError(f"{where}: config does not describe the tensors it decodes "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ArtifactFormatError(f"{where}: config decodes to {n!r} bytes")
+    return n
+
+
 _ABSENT = object()
 
 
@@ -231,4 +247,5 @@ def _class_attr(cls: type, name: str) -> Any:
     return _ABSENT
 
 
-__all__ = ["TORCH_NN", "check_torch_nn", "finish_torch_nn", "check_runtime", "plain"]
+__all__ = ["TORCH_NN", "check_torch_nn", "finish_torch_nn", "check_runtime", "plain",
+           "runtime_load_bytes"]

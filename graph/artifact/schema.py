@@ -23,7 +23,7 @@ from fxpress.errors import (ArtifactFormatError, ArtifactLimitError, ArtifactSec
 from fxpress.graph.artifact import ops
 from fxpress.graph.artifact.allowlist import Allowlist, class_name  # noqa: F401 (re-export)
 from fxpress.graph.artifact.limits import Limits
-from fxpress.graph.artifact.modules import check_runtime, check_torch_nn
+from fxpress.graph.artifact.modules import check_runtime, check_torch_nn, runtime_load_bytes
 from fxpress.graph.artifact.tensors import _check_tensor_entry
 from fxpress.graph.artifact.values import _Decoder, _short_repr
 
@@ -182,6 +182,13 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
             values = {k: decode(v) for k, v in config.items()}
             if kind == "runtime":
                 plan.configs[path] = check_runtime(cls, values, mw, decoded_limit)
+                # tensors from_state decodes at load count with the file's own
+                plan.declared_bytes += runtime_load_bytes(cls, plan.configs[path], mw)
+                if plan.declared_bytes > decoded_limit:
+                    raise ArtifactLimitError(
+                        f"{mw}: decodes tensors at load that bring the total to "
+                        f"{plan.declared_bytes} bytes, over the limit of {decoded_limit}; pass "
+                        "max_bytes= to load() if you trust the file")
             else:
                 plan.configs[path] = check_torch_nn(cls, cname.removeprefix("torch.nn."), values, mw)
         elif kind not in (None, "container", "torch.nn") or m.get("config"):
