@@ -112,6 +112,18 @@ class DecodedWeight(RuntimeModule):
         experts = getattr(self, "experts", None)
         return {} if experts is None else {"experts": list(experts), "layout": self.layout}
 
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
+                   parameters=()) -> "DecodedWeight":
+        m = super().from_state(config, tensors, parameters)
+        experts = getattr(m, "experts", None)
+        if (experts is not None or "layout" in config) and not (
+                isinstance(experts, list) and len(experts) == 3 and getattr(m, "layout", None) in ("oi", "io")
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in experts)):
+            raise ValueError(f"experts={experts!r}, layout={getattr(m, 'layout', None)!r}: "
+                             "expected three positive ints and 'oi' or 'io'")
+        return m
+
     def forward(self) -> torch.Tensor:
         module = self._modules.get("w0")
         if not isinstance(module, CompressedModule):

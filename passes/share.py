@@ -141,9 +141,32 @@ class CodebookModule(DecodeStrategy, CompressedModule):
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
                    parameters=()) -> "CodebookModule":
         m = super().from_state(config, tensors, parameters)
+        m._check_codes()
         if m.bias_codes is not None:
             m._decode_bias(int(m.shape[0]))
         return m
+
+    def _check_codes(self) -> None:
+        """Refuse (ValueError) stored codes that do not fit the config: every call would
+        otherwise fail, or index past the codebook, long after the file loaded."""
+        bits, cb, codes, mask = self.bits, self.codebook, self.codes, self._buffers.get("mask")
+        n = self.numel
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8 \
+                or cb is None or cb.dim() != 1 or not cb.is_floating_point() \
+                or not 1 <= cb.numel() <= 1 << bits:
+            raise ValueError(f"a {bits!r}-bit code addresses 1..{1 << bits if isinstance(bits, int) and 0 < bits < 9 else '?'} "
+                             f"centroids, got a codebook of {None if cb is None else tuple(cb.shape)}")
+        sparse = bool(getattr(self, "sparse", False))
+        count = getattr(self, "nonzeros", None) if sparse else n
+        if codes is None or codes.dtype != torch.uint8 or not isinstance(count, int) \
+                or isinstance(count, bool) or not 0 <= count <= n \
+                or codes.numel() != packed_size(count, bits):
+            raise ValueError(f"codes do not hold {count!r} codes of {bits} bits")
+        if sparse and (mask is None or mask.dtype != torch.uint8 or mask.numel() != packed_size(n, 1)
+                            or int(unpack_bits(mask, 1, n).count_nonzero()) != count):
+            raise ValueError(f"the mask does not mark the {count} stored codes")
+        if cb.numel() < 1 << bits and count and int(unpack_bits(codes, bits, count).max()) >= cb.numel():
+            raise ValueError(f"codes index past the codebook's {cb.numel()} centroids")
 
     @property
     def numel(self) -> int:

@@ -270,6 +270,18 @@ class GridNorm(GridTensors):
                 or not (m.eps is None or isinstance(m.eps, (int, float)) and not isinstance(m.eps, bool)) \
                 or not isinstance(m.num_groups, int) or not isinstance(m.normalized_shape, list):
             raise ValueError(f"GridNorm config is malformed ({m.kind!r})")
+        # what every call would refuse (or compute on other shapes) is refused at load
+        shape = m.normalized_shape
+        if (m.eps is None and m.kind != "rms_norm") or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) \
+                or (m.kind == "group_norm") != (m.num_groups > 0) or (m.kind == "group_norm") == bool(shape):
+            raise ValueError(f"GridNorm {m.kind!r}: eps={m.eps!r}, num_groups={m.num_groups!r}, "
+                             f"normalized_shape={shape!r} do not describe it")
+        for name, g in m.grids.items():
+            if name not in ("weight", "bias") or (shape and g["shape"] != shape) or (
+                    not shape and (len(g["shape"]) != 1 or g["shape"][0] % m.num_groups)):
+                raise ValueError(f"GridNorm {m.kind!r}: grid {name!r} of shape {g['shape']} does "
+                                 "not fit its config")
         for name in ("weight", "bias"):
             if name not in m._buffers:
                 m.register_buffer(name, None)

@@ -649,3 +649,77 @@ def test_tensors_decoded_at_load_count_against_the_limit():
     bad = tamper(data, lambda h: _module(h, "c")["config"].update(grids={"$": "dict", "v": [["value", 3]]}))
     with pytest.raises(ArtifactFormatError, match="does not describe the tensors it decodes"):
         artifact.loads(bad, GRID_CLASSES)
+
+
+def _codebook_file(sparse: bool) -> tuple[bytes, torch.fx.GraphModule]:
+    from fxpress.passes.share import CodebookLinear
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (8, 16))
+    if sparse:
+        codes[:, ::3] = 0
+    layer = CodebookLinear("linear", {}, (8, 16), 4, torch.randn(16), codes, torch.randn(8),
+                           zero_code=sparse, sparse=sparse)
+    gm = torch.fx.GraphModule(torch.nn.ModuleDict({"fc": layer}), _codebook_graph())
+    return artifact.dumps(gm), gm
+
+
+def _codebook_graph() -> torch.fx.Graph:
+    g = torch.fx.Graph()
+    g.output(g.call_module("fc", (g.placeholder("x"),)))
+    return g
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_codebook_codes_must_fit_the_codebook_and_the_config(sparse):
+    # codes past a shortened codebook, or a config that disagrees with the stored codes,
+    # loaded fine and failed at every call (IndexError, shape errors): refused at load
+    from fxpress.passes.share import CODEBOOK_CLASSES
+
+    classes = tuple(CODEBOOK_CLASSES.values())
+    data, gm = _codebook_file(sparse)
+    x = torch.randn(3, 16)
+    assert torch.equal(artifact.loads(data, classes)(x), gm(x))
+    short = gm.fc.codebook[:2].clone()
+    for mutate, fragment in [
+            (lambda m: m.register_buffer("codebook", short), "past the codebook"),
+            (lambda m: setattr(m, "bits", 2), "a 2-bit code addresses"),
+            (lambda m: setattr(m, "shape", [8, 17]), "codes of 4 bits" if not sparse else "mask"),
+            (lambda m: setattr(m, "nonzeros", m.nonzeros + 1), "codes of 4 bits" if sparse else None)]:
+        crafted = copy.deepcopy(gm)
+        mutate(crafted.fc)
+        if fragment is None:
+            continue
+        with pytest.raises(ArtifactFormatError, match=fragment):
+            artifact.loads(artifact.dumps(crafted), classes)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("eps", None, "do not describe"), ("normalized_shape", [9], "does not fit"),
+    ("normalized_shape", [0], "do not describe"), ("kind", "group_norm", "do not describe")])
+def test_grid_norm_configs_that_every_call_would_refuse(field, value, fragment):
+    # an 8-bit LayerNorm (small) whose config no call can use loaded, then failed or
+    # computed on other shapes at every call: refused at load
+    from fxpress.passes.small import GRID_CLASSES, GridNorm
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(8)
+    torch.nn.init.normal_(norm.weight)
+    gm = torch.fx.GraphModule(torch.nn.ModuleDict({"fc": GridNorm(norm, 8)}), _codebook_graph())
+    x = torch.randn(2, 8)
+    assert torch.equal(artifact.loads(artifact.dumps(gm), GRID_CLASSES)(x), gm(x))
+    setattr(gm.fc, field, value)
+    with pytest.raises(ArtifactFormatError, match=fragment):
+        artifact.loads(artifact.dumps(gm), GRID_CLASSES)
+
+
+@pytest.mark.parametrize("experts, layout", [([2, 4], "oi"), ([2, 4, "8"], "oi"), ([2, 4, 8], "xx"),
+                                             ([2, -4, -8], "oi"), (None, "io")])
+def test_decoded_weight_expert_configs_are_checked_at_load(experts, layout):
+    from fxpress.graph.fused import DecodedWeight
+
+    m = DecodedWeight(torch.nn.Linear(8, 8), [2, 4, 8], "oi")
+    DecodedWeight.from_state(m.config(), {})
+    config = {"layout": layout} if experts is None else {"experts": experts, "layout": layout}
+    with pytest.raises(ValueError, match="expected three positive ints"):
+        DecodedWeight.from_state(config, {})
