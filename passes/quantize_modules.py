@@ -17,8 +17,8 @@ from fxpress.graph.runtime import CompressedModule
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR
 from fxpress.passes.decode import DecodeStrategy
 from fxpress.passes.int8 import Int8Kernels, _prepacked
-from fxpress.passes.quantize_grid import (code_range, dequantize_weight, from_groups, load_codes,
-                                          store_codes, to_groups)
+from fxpress.passes.quantize_grid import (code_range, dequantize_weight, from_groups, group_count,
+                                          load_codes, store_codes, to_groups)
 
 #: the module the artifact format names these classes by
 ARTIFACT_MODULE = "fxpress.passes.quantize"
@@ -63,6 +63,30 @@ class QuantizedWeight(DecodeStrategy, CompressedModule):
                 "scheme": self.scheme, "granularity": self.granularity,
                 "group_size": self.group_size, "activations": self.activations,
                 "act_scale": self.act_scale}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], parameters=()):
+        m = super().from_state(config, tensors, parameters)
+        m._check_scales()
+        return m
+
+    def _check_scales(self) -> None:
+        """Refuse (ValueError) scales, zero points, smoothing or a bias that do not fit the
+        weight's shape: the native int8 kernels read one scale per output channel, and
+        oneDNN's read past a shorter tensor (a crafted file's 2 scales for 256 channels
+        gave outputs of 1e33)."""
+        rows, cols = int(self.shape[0]), self.cols
+        per = {"tensor": 1, "channel": rows,
+               "group": rows * group_count(cols, self.group_size)}.get(self.granularity)
+        b = self._buffers
+        scale, zero, smooth, bias = b.get("scale"), b.get("zero_point"), b.get("smooth"), \
+            self._parameters.get("bias", b.get("bias"))
+        if per is None or scale is None or scale.numel() != per or (
+                zero is not None and zero.numel() != per) or (
+                smooth is not None and smooth.numel() != cols) or (
+                bias is not None and bias.numel() != rows) or self.qweight.shape[0] != rows:
+            raise ValueError(f"{self.granularity!r} scales, zero points, smoothing or bias do not "
+                             f"fit a {rows}x{cols} weight")
 
     # -- decoding ------------------------------------------------------------------------
     @property

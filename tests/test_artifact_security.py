@@ -723,3 +723,24 @@ def test_decoded_weight_expert_configs_are_checked_at_load(experts, layout):
     config = {"layout": layout} if experts is None else {"experts": experts, "layout": layout}
     with pytest.raises(ValueError, match="expected three positive ints"):
         DecodedWeight.from_state(config, {})
+
+
+@pytest.mark.parametrize("tensor, keep", [("scale", 2), ("scale", 1), ("bias", 2), ("qweight", 4)])
+def test_int8_scales_must_fit_the_weight(tensor, keep):
+    # 2 per-channel scales for 64 output channels: oneDNN's int8 linear read past them
+    # (outputs of 1e33 from heap memory); refused at load
+    from fxpress.passes.quantize_modules import RUNTIME_MODULES, QuantizedLinear
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 64)
+    scale = w.abs().amax(1, keepdim=True) / 127
+    layer = QuantizedLinear((64, 64), torch.round(w / scale).to(torch.int32), scale, None,
+                            torch.randn(64), bits=8, scheme="symmetric", granularity="channel",
+                            activations="dynamic")
+    gm = torch.fx.GraphModule(torch.nn.ModuleDict({"fc": layer}), _codebook_graph())
+    x = torch.randn(3, 64)
+    assert torch.equal(artifact.loads(artifact.dumps(gm), RUNTIME_MODULES)(x), gm(x))
+    t = getattr(gm.fc, tensor)
+    gm.fc._buffers[tensor] = t[:keep].clone()
+    with pytest.raises(ArtifactFormatError, match="do not fit a 64x64 weight"):
+        artifact.loads(artifact.dumps(gm), RUNTIME_MODULES)
