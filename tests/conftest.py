@@ -22,8 +22,10 @@ from examples import digits as _digits  # noqa: E402
 
 #: the longest test files, collected first: `make test`'s two xdist workers (one file at a
 #: time) start on them, so neither is left alone with a long file at the end
-LONG_FIRST = ("test_bench_smoke.py", "test_zoo.py", "test_readme.py", "test_properties.py",
-              "test_caller_guarantee.py", "test_recovery.py")
+LONG_FIRST = ("test_bench_smoke.py", "test_distill.py", "test_zoo.py", "test_quantize.py",
+              "test_share.py", "test_artifact_security.py", "test_readme.py", "test_properties.py",
+              "test_prune.py", "test_caller_guarantee.py", "test_recovery.py", "test_compile.py",
+              "test_integration.py", "test_pipeline.py", "test_layer_rules.py")
 
 
 def pytest_collection_modifyitems(config, items):
