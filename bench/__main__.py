@@ -12,7 +12,9 @@ where size is "full", "quick" or "tiny".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -26,6 +28,33 @@ HERE = Path(__file__).resolve().parent
 def cases() -> list[str]:
     return sorted(m.name[len("case_"):] for m in pkgutil.iter_modules([str(HERE)])
                   if m.name.startswith("case_"))
+
+
+@contextlib.contextmanager
+def case_threads(size: str):
+    """Run one case: a case may set torch's thread count for its measurements, and the
+    harness puts the caller's count back afterwards. A tiny run checks code paths only
+    (the smoke test, beside another test worker on a 2-core machine), so it stays on one
+    thread whatever the case asks, child processes included: two threads on a core another
+    process uses spin against each other and took the smoke test from ~2 to ~10 minutes."""
+    import torch
+
+    before, real = torch.get_num_threads(), torch.set_num_threads
+    env = os.environ.get("OMP_NUM_THREADS")
+    if size == "tiny":
+        real(1)
+        torch.set_num_threads = lambda n: None
+        os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads = real
+        real(before)
+        if size == "tiny":
+            if env is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         mod = importlib.import_module(f"bench.case_{name}")
         t0 = time.perf_counter()
-        tables = mod.run(size)
+        with case_threads(size):
+            tables = mod.run(size)
         text = f"## {mod.TITLE}\n\n" + "\n".join(t.markdown() for t in tables) + \
             f"\n_{name}: {time.perf_counter() - t0:.1f} s_\n"
         print(text, flush=True)
