@@ -345,6 +345,30 @@ def test_filler_counts_are_the_same_block_by_block(monkeypatch):
                 assert artifact._fillers(mask) == whole(mask), (block, n, p)
 
 
+def test_relative_indices_are_the_same_block_by_block(monkeypatch):
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    cases = []
+    for n, p in ((1, 1.0), (16, 0.0), (1000, 0.01), (1000, 0.3), (999, 1.0)):
+        a = (rng.standard_normal(n) * (rng.random(n) < p)).astype(np.float32)
+        if n == 1000 and p == 0.3:
+            a[100:700] = 0  # a gap across several blocks
+        cases.append(a)
+    whole = {}
+    for block in (1 << 22, 1, 7, 64):
+        monkeypatch.setattr(artifact.tensors, "_BLOCK", block)
+        for i, a in enumerate(cases):
+            mask = a != 0
+            for bits in (1, 3, 8):
+                index, values, total = artifact.tensors._encode_relidx(a, mask, bits)
+                assert total == artifact._fillers(mask)[bits - 1] + int(mask.sum())
+                back = artifact.tensors._decode_relidx(index, values, bits, total, a.size, "t")
+                assert np.array_equal(back, a), (block, i, bits)
+                got = (index.numpy().tobytes(), values.tobytes())
+                assert whole.setdefault((i, bits), got) == got, (block, i, bits)
+
+
 class _EveryDtype(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -120,21 +120,38 @@ def _gaps(mask: np.ndarray) -> np.ndarray:
 
 
 def _encode_relidx(a: np.ndarray, mask: np.ndarray, bits: int) -> tuple[torch.Tensor, np.ndarray, int]:
+    """Relative indices of ``a``'s non-zeros (``mask``) at ``bits`` bits, and their values:
+    each non-zero is preceded by its fillers (code span-1, a step of ``span``) and then its
+    own step code; the tail contributes fillers only. Built a block of positions at a time
+    into the preallocated codes and values, so the only arrays of the tensor's size are
+    the output (positions are 8 bytes each: all at once they outweighed the tensor twice
+    over, GPT-2's 38M-entry embedding held 2.4x its bytes while saved)."""
     from fxpress.graph.packing import pack_bits
 
-    gaps = _gaps(mask)
     span = 1 << bits
-    fillers = (gaps - 1) >> bits
-    # each non-zero: its fillers (code span-1, a step of `span`), then its own step code;
-    # the tail contributes fillers only
-    counts = fillers.copy()
-    counts[:-1] += 1
-    total = int(counts.sum())
+    # every block's entries, then the tail's fillers: the arrays are sized once
+    blocks, total, last = [], 0, -1
+    for start in range(0, mask.size, _BLOCK):
+        pos = np.flatnonzero(mask[start:start + _BLOCK])
+        if pos.size:
+            pos += start
+            fillers = (np.diff(pos, prepend=last) - 1) >> bits
+            blocks.append((start, total))
+            total += int(fillers.sum()) + pos.size
+            last = int(pos[-1])
+    total += (mask.size - last - 1) >> bits  # the tail: fillers alone
     codes = np.full(total, span - 1, dtype=np.uint8)
     values = np.zeros(total, dtype=a.dtype)
-    real = (np.cumsum(counts) - 1)[:-1]
-    codes[real] = gaps[:-1] - 1 - fillers[:-1] * span
-    values[real] = a[mask]
+    last = -1
+    for start, offset in blocks:
+        m = mask[start:start + _BLOCK]
+        pos = np.flatnonzero(m) + start
+        gaps = np.diff(pos, prepend=last)
+        fillers = (gaps - 1) >> bits
+        real = np.cumsum(fillers + 1) - 1 + offset
+        codes[real] = gaps - 1 - fillers * span
+        values[real] = a[start:start + _BLOCK][m]
+        last = int(pos[-1])
     return pack_bits(torch.from_numpy(codes), bits), values, total
 
 
