@@ -126,8 +126,10 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
         if pipe is None:
             continue
         t0 = time.perf_counter()
-        # the bench reports cosine itself: the pass's own tolerance must not stop it
-        res = compressed.get(pipe) or fxpress.compress(enc, pipe, calibration=calib, policy="warn")
+        # the bench reports cosine itself: the pass's own tolerance must not stop it; the
+        # graph captured above is compressed (compress() captures a module again every call)
+        res = compressed.get(pipe) or fxpress.compress(captured, pipe, calibration=calib,
+                                                           policy="warn")
         compressed[pipe] = res
         out = export_onnx(res, tmp / f"fxpress{len(paths)}.onnx", b32,
                           fuse=not label.endswith("unfused"))
@@ -189,15 +191,9 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
 
 
 def _random_bert(seed: int, hidden: int = 256, layers: int = 4):
-    from transformers import BertConfig, BertModel
+    from bench.models import random_bert
 
-    from examples.minilm import SentenceEncoder
-
-    torch.manual_seed(seed)
-    bert = BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                intermediate_size=4 * hidden, vocab_size=2000,
-                                max_position_embeddings=160))
-    return SentenceEncoder(bert.train(False)).train(False)
+    return random_bert(seed, hidden, layers, vocab=2000)
 
 
 def run(size: str) -> list[Table]:

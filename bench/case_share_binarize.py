@@ -84,8 +84,13 @@ def _minilm_table(size: str) -> Table:
     from fxpress.graph.weights import weighted_ops
     from fxpress.passes.share import kmeans_1d
 
-    model = sentence_encoder()
-    data = batches(32) if size != "tiny" else [tuple(t[:4] for t in batches(8)[0])]
+    if size == "tiny":  # the code paths only: a random 2-layer BERT, 4 sentences
+        from bench.models import minilm
+
+        model, data = minilm(size)
+        data = [tuple(t[:4] for t in data[0])]
+    else:
+        model, data = sentence_encoder(), batches(32)
     gm = fxpress.capture(model, data[0])
     with torch.no_grad():
         ref = torch.cat([model(*b) for b in data])
@@ -94,7 +99,8 @@ def _minilm_table(size: str) -> Table:
     if size == "tiny":
         linears = linears[:1]
     repeat = 3 if size == "full" else 1
-    t = Table(f"all-MiniLM-L6-v2 ({len(data)} batches, {sum(len(b[0]) for b in data)} sentences): "
+    name = "all-MiniLM-L6-v2" if size != "tiny" else "random BERT 32x2 (--tiny)"
+    t = Table(f"{name} ({len(data)} batches, {sum(len(b[0]) for b in data)} sentences): "
               f"fp32 state_dict {mb(fp32)}", [
                   "pipeline", "bits/weight stored", "state_dict bytes", "x smaller",
                   "cosine mean", "cosine min", "k-means s (pass)", "forward s (median)",
