@@ -744,3 +744,97 @@ def test_int8_scales_must_fit_the_weight(tensor, keep):
     gm.fc._buffers[tensor] = t[:keep].clone()
     with pytest.raises(ArtifactFormatError, match="do not fit a 64x64 weight"):
         artifact.loads(artifact.dumps(gm), RUNTIME_MODULES)
+
+
+# -- LSTMs: torch's CPU kernel (oneDNN) checks no shapes --------------------------------------
+
+class _Lstm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.LSTM(8, 16, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+@pytest.mark.parametrize("name", ["weight_ih_l0", "weight_hh_l0"])
+def test_lstm_weights_must_have_the_shapes_their_fields_give(name):
+    # a 2-row weight_hh for a 16-unit LSTM loaded and computed on heap memory past it (NaNs)
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_Lstm().eval())
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(artifact.loads(artifact.dumps(gm))(x), gm(x))
+    gm.rnn._parameters[name] = torch.nn.Parameter(getattr(gm.rnn, name).detach()[:2].clone())
+    with pytest.raises(ArtifactFormatError, match=f"weight '{name}' is \\(2, .*its fields give \\(64"):
+        artifact.loads(artifact.dumps(gm))
+
+
+def test_exported_lstm_calls_are_checked_at_every_call():
+    # an exported graph calls aten.lstm with no nn.LSTM around it to check the input: the
+    # loader puts a shape check before each call (and the writer never stores it)
+    from fxpress.errors import InputError
+    from fxpress.graph.artifact.rnn import fxpress_lstm_guard
+    from fxpress.graph.capture import capture
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    gm = capture(_Lstm().eval(), (x,), method="export")
+    data = artifact.dumps(gm)
+    loaded = artifact.loads(data)
+    assert torch.equal(loaded(x), gm(x))
+    assert sum(n.target is fxpress_lstm_guard for n in loaded.graph.nodes) == 1
+    assert torch.equal(artifact.loads(artifact.dumps(loaded))(x), gm(x))
+    assert "fxpress_lstm_guard" not in json.dumps(artifact.artifact_header(loaded))
+    with pytest.raises(InputError, match="input's 64 features do not fit weight_ih_l0"):
+        loaded(torch.randn(2, 5, 64))  # the kernel read past the weights (NaNs)
+    weights = [n.target for n in gm.graph.nodes if n.op == "get_attr" and "weight_hh" in n.target]
+    owner, _, attr = weights[0].rpartition(".")
+    short = gm.get_submodule(owner)
+    setattr(short, attr, torch.nn.Parameter(getattr(short, attr).detach()[:2].clone()))
+    with pytest.raises(InputError, match="do not have the shapes"):
+        artifact.loads(artifact.dumps(gm))(x)
+
+
+def test_compressed_lstm_weights_must_decode_to_their_shape():
+    from fxpress.graph.fused import FusedCall
+    from fxpress.passes.binarize import BINARY_CLASSES, BinaryLinear
+
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_Lstm().eval())
+    w = gm.rnn.weight_hh_l0.detach().clone()
+    gm.rnn = FusedCall(gm.rnn)
+    gm.rnn.add("weight_hh_l0", BinaryLinear("linear", {}, "ternary", None, w))
+    classes = (FusedCall, *BINARY_CLASSES.values())
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(artifact.loads(artifact.dumps(gm), classes)(x), gm(x))
+    narrow = w[:, :12].clone()
+    gm.rnn.w0 = BinaryLinear("linear", {}, "ternary", None, narrow)
+    with pytest.raises(ArtifactFormatError, match="stored compressed as \\[64, 12\\]"):
+        artifact.loads(artifact.dumps(gm), classes)
+    gm.rnn.weights = {}  # the empty placeholder stands for nothing
+    with pytest.raises(ArtifactFormatError, match="stored by no compressed module"):
+        artifact.loads(artifact.dumps(gm), classes)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("mode", "quad", "mode='quad' with bits=2"), ("bits", 3, "mode='ternary' with bits=3"),
+    ("shape", [32, 17], "codes do not hold 544"), ("shape", [32], "shape=\\[32\\], e_max"),
+    ("e_max", 10 ** 6, "e_max=10000"), ("alpha", 3, "ternary stores 32"),
+    ("bias", 5, "a bias of \\(5,\\)")])
+def test_binarized_configs_that_every_call_would_refuse(field, value, fragment):
+    from fxpress.passes.binarize import BINARY_CLASSES, BinaryLinear
+
+    torch.manual_seed(0)
+    layer = BinaryLinear("linear", {}, "ternary", None, torch.randn(32, 16), torch.randn(32))
+    gm = torch.fx.GraphModule(torch.nn.ModuleDict({"fc": layer}), _codebook_graph())
+    classes = tuple(BINARY_CLASSES.values())
+    x = torch.randn(3, 16)
+    assert torch.equal(artifact.loads(artifact.dumps(gm), classes)(x), gm(x))
+    if field in ("alpha", "bias"):
+        t = layer._buffers.get(field, layer._parameters.get(field))
+        (layer._buffers if field in layer._buffers else layer._parameters)[field] = \
+            type(t)(t.detach()[:value].clone()) if isinstance(t, torch.nn.Parameter) else t[:value].clone()
+    else:
+        setattr(layer, field, value)
+    with pytest.raises(ArtifactFormatError, match=fragment):
+        artifact.loads(artifact.dumps(gm), classes)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from fxpress.errors import (ArtifactFormatError, ArtifactLimitError, ArtifactSecurityError,
                             ForbiddenTargetError)
+from fxpress.graph.artifact.rnn import check_rnn_module
 
 _CONV = ("in_channels out_channels kernel_size stride padding dilation transposed output_padding "
          "groups padding_mode")
@@ -191,6 +192,7 @@ def finish_torch_nn(m: torch.nn.Module) -> None:
                 ps = [p.format(layer, suffix) for p in ps]
                 names.extend(ps)
                 groups.append(ps)
+        check_rnn_module(m, type(m).__name__)
         m._flat_weights_names, m._all_weights = names, groups
         for n in names:
             if n not in m._parameters:

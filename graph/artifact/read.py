@@ -20,6 +20,7 @@ from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _s
                                            _split_prefix, open_regular, read_bounded)
 from fxpress.graph.artifact.limits import Limits, resolve
 from fxpress.graph.artifact.modules import finish_torch_nn
+from fxpress.graph.artifact.rnn import check_rnn_tree, guard_lstm_calls
 from fxpress.graph.artifact.schema import _IDENT, Allowlist, _Checked, _validate
 from fxpress.graph.artifact.specs import spec_from_file
 from fxpress.graph.artifact.tensors import decode_tensor
@@ -243,6 +244,7 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str)
         parent, _, name = path.rpartition(".")
         built[parent].add_module(name, built[target])
     _no_module_cycles(root, where)
+    check_rnn_tree(root, where)
     return root
 
 
@@ -345,6 +347,7 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
                                   limits.nodes) if cg.get("out_spec") else None
         graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(
             list(cg.get("orig_args", [])), in_spec, out_spec))
+    guard_lstm_calls(graph)
     try:
         graph.lint()
         gm = torch.fx.GraphModule(root, graph, ginfo.get("class_name", "GraphModule"))
