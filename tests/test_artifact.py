@@ -369,6 +369,23 @@ def test_relative_indices_are_the_same_block_by_block(monkeypatch):
                 assert whole.setdefault((i, bits), got) == got, (block, i, bits)
 
 
+def test_tensors_encode_the_same_block_by_block(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    cases = []
+    for p in (0.05, 0.6, 1.0):  # relative indices, bitmap, dense
+        x = torch.randn(3001, generator=g)
+        cases.append(torch.where(torch.rand(3001, generator=g) < p, x, torch.zeros(())))
+    cases.append((cases[1] * 50).to(torch.int8))
+    whole = [artifact.encode_tensor("k", x) for x in cases]
+    assert [e["encoding"] for e, _ in whole[:3]] == ["relidx", "bitmap", "dense"]
+    for block in (8, 64, 1000):  # the mask is then computed block by block
+        monkeypatch.setattr(artifact.tensors, "_BLOCK", block)
+        for x, (entry, streams) in zip(cases, whole):
+            e, s = artifact.encode_tensor("k", x)
+            assert e == entry and all(torch.equal(s[k], streams[k]) for k in streams), block
+            assert torch.equal(artifact.decode_tensor("k", e, s), x)
+
+
 class _EveryDtype(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -69,7 +69,7 @@ def _plan(a: np.ndarray, mask: np.ndarray, item: int) -> _Plan:
     best = _Plan("dense", n * item)
     if n < SPARSE_MIN_NUMEL:
         return best
-    nnz = int(np.count_nonzero(mask))
+    nnz = sum(int(np.count_nonzero(mask[i:i + _BLOCK])) for i in range(0, n, _BLOCK))
     if nnz * item + min(n, 8 * nnz) // 8 >= best.size:
         return best  # neither sparse form can win: each value costs its bytes plus >= 1 bit
     bitmap = _Plan("bitmap", _packed_size(n, 1) + nnz * item)
@@ -84,6 +84,22 @@ def _plan(a: np.ndarray, mask: np.ndarray, item: int) -> _Plan:
 
 
 _BLOCK = 1 << 20
+
+
+class _NonZero:
+    """``a != 0`` of a large tensor's bits, computed a block at a time where it is read
+    (``mask[i:j]`` and ``mask.size``, all the encoders use): the whole mask would be a byte
+    per element, a quarter of a float tensor's bytes held through its encoding."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.size = a, a.size
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return self.a[sl] != 0
+
+
+def _nonzero(a: np.ndarray) -> "np.ndarray | _NonZero":
+    return a != 0 if a.size <= _BLOCK else _NonZero(a)
 
 
 def _fillers(mask: np.ndarray) -> list[int]:
@@ -153,6 +169,25 @@ def _encode_relidx(a: np.ndarray, mask: np.ndarray, bits: int) -> tuple[torch.Te
         values[real] = a[start:start + _BLOCK][m]
         last = int(pos[-1])
     return pack_bits(torch.from_numpy(codes), bits), values, total
+
+
+def _encode_bitmap(a: np.ndarray, mask: "np.ndarray | _NonZero", nnz: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bitmap (numpy's little-endian packbits: graph.packing's 1-bit layout) and the
+    ``nnz`` non-zero values of ``a``, filled a block at a time (blocks of a multiple of 8
+    elements, so each block's bits end on a byte)."""
+    step = max(8, _BLOCK - _BLOCK % 8)
+    bitmap = np.empty(_packed_size(a.size, 1), dtype=np.uint8)
+    values = np.empty(nnz, dtype=a.dtype)
+    at = 0
+    for i in range(0, a.size, step):
+        m = mask[i:i + step]
+        bitmap[i // 8:i // 8 + _packed_size(m.size, 1)] = np.packbits(m, bitorder="little")
+        v = a[i:i + step][m]
+        values[at:at + v.size] = v
+        at += v.size
+    if at != nnz:  # the plan counted the same mask; never expected
+        raise ArtifactIntegrityError(f"bitmap encoding found {at} non-zeros, the plan {nnz}")
+    return bitmap, values
 
 
 def _decode_relidx(index: torch.Tensor, values: np.ndarray, bits: int, entries: int,
@@ -265,7 +300,7 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
     """
     t = t.detach().to("cpu")
     a = _as_ints(t)
-    mask = a != 0
+    mask = _nonzero(a)
     plan = _plan(a, mask, t.element_size())
     positions = None
     if t.dtype == torch.uint8:
@@ -281,8 +316,9 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
         raw["data"] = (t.reshape(-1), t.element_size() == 1)
     elif plan.encoding == "bitmap":
         # numpy's little-endian packbits is graph.packing's 1-bit layout
-        raw["bitmap"] = (torch.from_numpy(np.packbits(mask, bitorder="little")), True)
-        raw["values"] = (_from_ints(a[mask], vdtype), one_byte)
+        bitmap, values = _encode_bitmap(a, mask, (plan.size - _packed_size(a.size, 1)) // t.element_size())
+        raw["bitmap"] = (torch.from_numpy(bitmap), True)
+        raw["values"] = (_from_ints(values, vdtype), one_byte)
     else:
         index, values, total = _encode_relidx(a, mask, plan.bits)
         raw["index"] = (index, True)
