@@ -10,7 +10,8 @@ an ONNX model whose compressed layers keep fxpress's own integers and scales:
   Per-tensor activations use ``DynamicQuantizeLinear`` (one affine uint8 scale, what
   fxpress's per-tensor mode computes; layers reading one input share it, like q, k and v
   do in fxpress), per-token activations one symmetric scale per row; smoothed layers
-  divide their input columns first. ONNX Runtime fuses the chain into its
+  divide their input columns first (or the LayerNorm before them does, when it feeds only
+  layers smoothed by one factor). ONNX Runtime fuses the chain into its
   ``DynamicQuantizeMatMul`` kernel, the same one its own ``quantize_dynamic`` output uses.
 * weight-only ``QuantizedLinear`` (``granularity=group`` and ``activations=none``) at 2, 4
   or 8 bits: ``com.microsoft.MatMulNBits`` with fxpress's codes, group scales and zero

@@ -101,7 +101,7 @@ def _int8_linear(b: _Builder, mod, x: str, y: str, base: str, fold: _Fold) -> st
         wzp = b.const(base + ".zero_point", _np((z.expand(n) if z.numel() == 1 else z).to(torch.uint8)))
     sw = b.const(base + ".scale", _np(scale))
     src = x
-    if mod.smooth is not None and not fold.smooth_done:  # the stored weight is w * smooth:
+    if mod.smooth is not None and not fold.smooth_into:  # the stored weight is w * smooth:
         inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))  # divide x
         src = b.node("Mul", [x, inv], base)[0]
     if mod.act_scale == "tensor":
@@ -136,10 +136,10 @@ def _int8_linear(b: _Builder, mod, x: str, y: str, base: str, fold: _Fold) -> st
 class _Fold:
     """What a layer's export takes over from its neighbours: ``out`` multiplies its output
     channels (the next layer's 1/smooth, moved into this layer's scales and bias), and
-    ``smooth_done``: its own 1/smooth was moved into the layer before it."""
+    ``smooth_into``: where its own 1/smooth was moved (the layer or norm before it)."""
 
     out: Any = 1.0
-    smooth_done: bool = False
+    smooth_into: str = ""
 
 
 def _finish(b: _Builder, mod, out: str, y: str, base: str, fold: _Fold) -> str:
@@ -192,7 +192,7 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
     z3 = zz.reshape(n, -1, per_byte).to(torch.int32)
     zpacked = sum(z3[..., i] << (bits * i) for i in range(per_byte)).to(torch.uint8).reshape(-1)
     src = x
-    if mod.smooth is not None and not fold.smooth_done:  # activation-aware scaling (the
+    if mod.smooth is not None and not fold.smooth_into:  # activation-aware scaling (the
         # stored weight is w * smooth)
         inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
         src = b.node("Mul", [x, inv], base)[0]
@@ -303,11 +303,7 @@ def _smooth_folds(graph, keys: dict[int, tuple[str, Any]]) -> dict[int, _Fold]:
     projection): attention is linear in its values, so the layer's 1/smooth moves into the
     value projection's output scales and bias (when that projection is integer and feeds
     only this attention), and the layer's own ``Mul`` goes."""
-    def key_of(node) -> int | None:
-        if node.domain != _DOMAIN:
-            return None
-        return next(a.i for a in node.attribute if a.name == "key")
-
+    key_of = _key_of
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {}
     for n in graph.node:
@@ -330,8 +326,64 @@ def _smooth_folds(graph, keys: dict[int, tuple[str, Any]]) -> dict[int, _Fold]:
                 or v_key in folds:
             continue
         folds[v_key] = _Fold(out=keys[key][1][0].smooth.reciprocal().float())
-        folds[key] = _Fold(smooth_done=True)
+        folds[key] = _Fold(smooth_into="the value projection")
     return folds
+
+
+def _norm_folds(b: _Builder, keys: dict[int, tuple[str, Any]], folds: dict[int, _Fold]) -> None:
+    """Smoothing moved into the ``LayerNormalization`` before the smoothed layers: when
+    every reader of a norm's output is a smoothed integer layer and all share one factor
+    (a pre-norm block's fused or single projection), the norm's scale and bias are divided
+    by it, ``(norm(x)·γ + β) / s = norm(x)·(γ/s) + β/s``, and the layers' own ``Mul`` goes.
+    A norm whose output is read by anything else (a post-norm block's residual: BERT's)
+    or by layers smoothed differently keeps it."""
+    from onnx import numpy_helper
+
+    graph = b.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    replaced: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") \
+                or node.output[0] in outputs or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        users = readers.get(node.output[0], [])
+        ks = [_key_of(u) for u in users]
+        if not users or any(k is None or keys[k][1][1] not in ("int8", "nbits")
+                            or keys[k][1][0].smooth is None for k in ks):
+            continue
+        smooth = keys[ks[0]][1][0].smooth.float()
+        if any(not torch.equal(keys[k][1][0].smooth.float(), smooth) for k in ks[1:]):
+            continue
+        gamma = numpy_helper.to_array(inits[node.input[1]])
+        has_bias = len(node.input) > 2 and node.input[2] in inits
+        if gamma.shape != (smooth.numel(),) or (len(node.input) > 2 and node.input[2] and not has_bias):
+            continue
+        inv = _np(smooth.reciprocal())
+        name = keys[ks[0]][0]
+        replaced.update(node.input[1:3])
+        node.input[1] = b.const(name + ".norm_scale_smoothed", (gamma * inv).astype(gamma.dtype))
+        if has_bias:
+            beta = numpy_helper.to_array(inits[node.input[2]])
+            node.input[2] = b.const(name + ".norm_bias_smoothed", (beta * inv).astype(beta.dtype))
+        for k in ks:
+            folds.setdefault(k, _Fold()).smooth_into = "the LayerNorm"
+    if replaced:  # the norms' own scales and biases, unless something else reads them
+        used = {i for n in graph.node for i in n.input} | outputs
+        kept = [i for i in graph.initializer if i.name not in replaced or i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
+def _key_of(node) -> int | None:
+    """The registry key of a placeholder node (None for any other node)."""
+    if node.domain != _DOMAIN:
+        return None
+    return next(a.i for a in node.attribute if a.name == "key")
 
 
 def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: int) -> dict[str, str]:
@@ -344,6 +396,7 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
     forms: dict[str, str] = {}
     new_nodes = []
     folds = _smooth_folds(graph, keys)
+    _norm_folds(b, keys, folds)
     for node in graph.node:
         if node.domain != _DOMAIN:
             new_nodes.append(node)
@@ -358,7 +411,7 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
             fold = folds.get(key, _Fold())
             _int8_linear(b, mod, x, y, qualname, fold)
             forms[qualname] = f"MatMulInteger (per-{mod.act_scale} input" + (
-                ", smoothed" + (" in the value projection" if fold.smooth_done else "") + ")"
+                ", smoothed" + (f" in {fold.smooth_into}" if fold.smooth_into else "") + ")"
                 if mod.smooth is not None else ")")
         elif form == "nbits":
             _nbits_linear(b, mod, x, y, qualname, accuracy_level, folds.get(key, _Fold()))

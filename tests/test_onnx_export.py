@@ -196,6 +196,42 @@ class _Attention(torch.nn.Module):
         return o.transpose(1, 2).reshape(b, s, 8)
 
 
+class _PreNorm(torch.nn.Module):
+    """A pre-norm block (ln1 read by fc1 alone) beside a norm read by two layers (ln2)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        with torch.no_grad():
+            for ln in (self.ln1, self.ln2):
+                ln.weight.uniform_(0.5, 2.0)
+                ln.bias.normal_()
+
+    def forward(self, x):
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln1(x))))
+        h = self.ln2(x)
+        return x + self.a(h) * self.b(h)
+
+
+def test_smoothing_moves_into_a_layernorm_read_only_by_its_layers():
+    model = _PreNorm().eval()
+    calib = [(torch.randn(4, 6, 16) * torch.linspace(0.1, 8, 16),)]  # outlier columns
+    res = fxpress.compress(model, "quantize{bits=8,smooth=0.5,act_scale=tensor}", calibration=calib)
+    # the fold is not one of the fusions; the check is the comparison below
+    out = export_onnx(res, example_inputs=calib[0], fuse=False, check=False)
+    # ln1 feeds fc1 alone: its scale and bias take fc1's 1/smooth (no Mul); ln2 feeds a and
+    # b, smoothed differently, and fc2 reads the GELU: they keep theirs
+    assert out.layers["fc1"].endswith("smoothed in the LayerNorm)"), out.layers
+    names = {i.name for i in out.model.graph.initializer}
+    assert "fc1.inv_smooth" not in names and {"fc2.inv_smooth", "a.inv_smooth", "b.inv_smooth"} <= names
+    x = torch.randn(3, 6, 16) * torch.linspace(0.1, 8, 16)  # another batch size
+    with torch.no_grad():
+        _close(_run(out, x), res.module(x), 1e-5)
+
+
 def test_attention_that_onnxruntime_refuses_falls_back_to_plain_ops(monkeypatch):
     # (the fused form itself: test_tiny_bert_int8_and_4bit)
     from fxpress import onnx_lowering
