@@ -49,6 +49,25 @@ def _flat(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(-1)
 
 
+def _empty_flat(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(an uninitialised tensor shaped like ``t``, a flat VIEW of it in :func:`_flat`'s
+    order): a flat reshape of a tensor in another layout (a channels_last conv weight)
+    would be a copy, and what is written to it lost."""
+    if not t.is_contiguous() and t.dim() == 2 and t.t().is_contiguous():
+        res = torch.empty_like(t)  # transposed: _flat views its storage
+    else:
+        res = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return res, res.view(-1) if res.is_contiguous() else res.t().view(-1)
+
+
+def _in_layout_of(res: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``res`` (contiguous, or transposed like ``t``) in ``t``'s memory layout (a
+    channels_last conv weight stays channels_last: its kernels, and their rounding, stay)."""
+    if res.stride() == t.stride():
+        return res
+    return torch.empty_like(t).copy_(res)
+
+
 def _blocks(tensors: list[torch.Tensor]):
     for t in tensors:
         flat = _flat(t)
@@ -112,8 +131,8 @@ def zero_below(tensors: list[torch.Tensor], v: float, take_equal: int = 0) -> li
     equal to ``v`` (in order across ``tensors``), so a target count is met exactly."""
     out = []
     for t in tensors:
-        res = torch.empty_like(t)
-        dst, src = _flat(res), _flat(t)
+        res, dst = _empty_flat(t)
+        src = _flat(t)
         for i in range(0, src.numel(), BLOCK):
             b = src[i:i + BLOCK]
             a = b.abs()
@@ -123,7 +142,7 @@ def zero_below(tensors: list[torch.Tensor], v: float, take_equal: int = 0) -> li
                 mask[ties] = True
                 take_equal -= ties.numel()
             dst[i:i + BLOCK] = b.masked_fill(mask, 0)
-        out.append(res)
+        out.append(_in_layout_of(res, t))
     return out
 
 
@@ -176,9 +195,7 @@ def _zero_smallest_one(t: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | No
         # a transposed layout (GPT-2's Conv1D): ``out`` is in its storage order already,
         # so it is the result as it lies, viewed back (the strides empty_like(t) would give)
         return out.view(t.t().shape).t(), zeros
-    res = torch.empty_like(t)
-    _flat(res).copy_(out)
-    return res, zeros
+    return _in_layout_of(out.view(t.shape), t), zeros
 
 
 def _kth_by_selection(tensors: list[torch.Tensor], k: int) -> tuple[float, int] | None:

@@ -179,3 +179,26 @@ def test_blockwise_selection_over_several_tensors_equals_the_exact_search(monkey
         assert got is None or got == (v, P.count_below(ts, v)), (trial, k)
         out = P.zero_smallest(ts, k)
         assert sum(int((o == 0).sum()) for o in out) == max(k, sum(int((t == 0).sum()) for t in ts))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global", "adaptive"])
+def test_channels_last_conv_weights_are_pruned_in_their_layout(scope):
+    # a channels_last weight's flat reshape is a copy: the pruned values were written into
+    # it and lost, the result stayed uninitialised (NaN outputs)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3),
+                                torch.nn.Flatten())
+    model = model.to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    snap = state_snapshot(model)
+    gm = fxpress.compress(model, f"prune{{sparsity=0.5,scope={scope}}}", calibration=[(x,)],
+                          policy="warn").module
+    assert_unchanged(model, snap)
+    for name in ("0.weight", "2.weight"):
+        w, orig = gm.get_parameter(name), model.get_parameter(name)
+        assert w.is_contiguous(memory_format=torch.channels_last)
+        kept = w != 0
+        assert torch.equal(w[kept], orig[kept])  # survivors are the original values
+    total = sum(int((gm.get_parameter(n) == 0).sum()) for n in ("0.weight", "2.weight"))
+    assert total == (216 + 288) // 2
+    assert torch.isfinite(gm(x)).all()
