@@ -1,6 +1,7 @@
 """Shared fixtures: real models on real data (digits MLP/CNN, pretrained MiniLM)."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,28 @@ LONG_FIRST = ("test_bench_smoke.py", "test_distill.py", "test_zoo.py", "test_qua
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+_gc_file: list = [None]
+
+
+def pytest_runtest_setup(item):
+    """Freeze what is alive before each test out of Python's garbage collector.
+
+    Every pass ends with a full ``gc.collect()`` (passes/instruments.py: a replaced graph is a
+    reference cycle holding its weights). In a test process that has imported torch,
+    transformers and torch.export and holds captured models, one full collection walks about
+    half a million objects (0.2-0.5 s idle): a third of the time of a pass-heavy file went
+    there. Frozen objects (the imports, session and module fixtures, caches) are skipped, so a
+    pass collects only what the test itself made, which is what its cycles are. The garbage of
+    the previous test is collected before each freeze; at a new file everything is unfrozen
+    first, so the module fixtures the last file dropped are collected too (one full collection
+    per file)."""
+    if item.path != _gc_file[0]:
+        _gc_file[0] = item.path
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
