@@ -240,7 +240,14 @@ class Pipeline:
         # differ from them only by zeros are held as masks while a pass runs
         originals = dict(list(gm.named_parameters(remove_duplicate=False))
                          + list(gm.named_buffers(remove_duplicate=False)))
-        passes = expand(self.passes)  # staged passes (prune{steps=N}) and their recoveries
+        passes = self.passes
+        if any(p.name == "budget" for p in passes):  # its choices, sized on this graph
+            from fxpress.passes.budget import resolve
+
+            passes = resolve(passes, gm, PassContext(example_inputs=example_inputs,
+                                                     calibration=calib or None, seed=seed,
+                                                     progress=False))
+        passes = expand(passes)  # staged passes (prune{steps=N}) and their recoveries
         with TRACE_LOCK.running(), runtime_caches(False):
             labelled = None
             if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in passes):

@@ -596,3 +596,35 @@ def test_the_breakdown_accounts_for_every_byte(mlp_bytes):
     assert b["prefix"] + b["header"] + b["safetensors_index"] + b["streams"] == b["file"] == len(mlp_bytes)
     assert sum(b["groups"].values()) == sum(b["tensors"].values()) == b["streams"]
     assert b["sections"]["tensors"] > 0 and "layers.1.weight" in format_breakdown(b)
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_arithmetic_codecs_round_trip_and_their_estimate_is_their_size(width):
+    from fxpress.graph.artifact import arith
+
+    g = torch.Generator().manual_seed(width)
+    cases = [b"", b"\x00", bytes(range(256)),
+             bytes(torch.randint(0, 256, (300,), generator=g, dtype=torch.uint8).tolist()),
+             # a 5% mask, packed: far below a byte per byte
+             bytes(torch.tensor((torch.rand(4000, generator=g) < 0.05).tolist()).reshape(-1, 8)
+                   .to(torch.uint8).mul(1 << torch.arange(8)).sum(1).tolist())]
+    for data in cases:
+        coded = arith.encode(data, width)
+        assert arith.decode(coded, width, len(data)) == data
+        assert abs(arith.estimate(data, width) - len(coded)) <= 4
+    mask = cases[-1]
+    assert len(arith.encode(mask, 1)) < 0.4 * len(mask)  # H(0.05) = 0.29 bits a bit
+
+
+def test_small_streams_take_an_arithmetic_codec_when_it_is_smaller(mlp90, calib, tmp_path,
+                                                                    monkeypatch):
+    from fxpress.graph.artifact import arith, read_header
+
+    gm = mlp90  # 90% pruned: each weight's relative indices or bitmap is a small stream
+    size = fxpress.save(gm, tmp_path / "ac.fxp", entropy=True)
+    codecs = {i.get("codec") for e in read_header(tmp_path / "ac.fxp")["tensors"].values()
+              for i in e["streams"].values()}
+    assert codecs & set(arith.CODECS), codecs
+    assert torch.equal(fxpress.load(tmp_path / "ac.fxp")(calib[0][0]), gm(calib[0][0]))
+    monkeypatch.setattr(arith, "MAX_RAW", 0)  # the general codecs alone
+    assert size < fxpress.save(gm, tmp_path / "general.fxp", entropy=True)

@@ -404,6 +404,42 @@ def test_limits_are_documented_and_overridable(good, tmp_path):
         fxpress.load(path, limits=Limits(tensors=1))
 
 
+def _one_stream_file(codec: str, declared: int, comp: bytes) -> bytes:
+    """An artifact holding one uint8 tensor of ``declared`` bytes stored as the single
+    ``codec`` stream ``comp``."""
+    import safetensors.torch
+
+    st = torch.frombuffer(bytearray(comp or b"\0"), dtype=torch.uint8)[:len(comp)]
+    payload = safetensors.torch.save({"s": st})
+    entry = {"dtype": "uint8", "shape": [declared], "encoding": "dense",
+             "streams": {"data": {"key": "s", "dtype": "uint8", "raw_bytes": declared,
+                                  "bytes": len(comp), "codec": codec}}}
+    header = {"format": "fxpress", "version": artifact.VERSION, "graph": {"nodes": [
+        {"name": "t", "op": "get_attr", "target": "t", "args": {"$": "tuple", "v": []},
+         "kwargs": {"$": "dict", "v": []}},
+        {"name": "output", "op": "output", "target": "output",
+         "args": {"$": "tuple", "v": [{"$": "node", "v": "t"}]}, "kwargs": {"$": "dict", "v": []}}]},
+        "modules": [{"path": "", "training": False, "tensors": {"t": {"ref": "t", "kind": "attr"}}}],
+        "tensors": {"t": entry}, "meta": {}, "dropped": [], "entropy": True,
+        "payload": {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
+    return artifact.pack_artifact(header, payload)
+
+
+def test_arithmetic_coded_streams_are_bounded_before_they_decode(tmp_path):
+    from fxpress.graph.artifact import arith
+
+    # any bytes decode to exactly the declared size (the payload's sha256 judges them)
+    data = _one_stream_file("ac4", 1000, os.urandom(50))
+    assert _load(data)().shape == (1000,)
+    # one stream over the codec's bound, or all of them over the file's: refused, not decoded
+    with pytest.raises(ArtifactLimitError, match="ac1.*at most"):
+        _load(_one_stream_file("ac1", arith.MAX_RAW + 1, b"\x01"))
+    with pytest.raises(ArtifactLimitError, match="arith_bytes"):
+        _load(data, limits=Limits(arith_bytes=999))
+    with pytest.raises(ArtifactFormatError, match="malformed"):
+        _load(_one_stream_file("ac9", 1000, b"\x01"))
+
+
 # -- a fuzzer over valid headers ----------------------------------------------------------------
 
 _ATOMS = st.one_of(

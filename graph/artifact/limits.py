@@ -44,6 +44,10 @@ class Limits:
     tensors: int = 200_000
     #: characters in a name, target, class name or string value of the graph and modules
     string: int = 4096
+    #: decoded bytes of all ``acW``-coded streams together (graph/artifact/arith.py decodes
+    #: in Python, ~4 µs of CPU a byte: this bounds a file's decoding to seconds); writers
+    #: stay under the default
+    arith_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         for f in fields(self):

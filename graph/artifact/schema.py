@@ -24,6 +24,7 @@ from fxpress.graph.artifact import ops
 from fxpress.graph.artifact.allowlist import Allowlist, class_name  # noqa: F401 (re-export)
 from fxpress.graph.artifact.limits import Limits
 from fxpress.graph.artifact.modules import check_runtime, check_torch_nn, runtime_load_bytes
+from fxpress.graph.artifact import arith
 from fxpress.graph.artifact.tensors import _check_tensor_entry
 from fxpress.graph.artifact.values import _Decoder, _short_repr
 
@@ -120,6 +121,7 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
     _count("tensors", tensors, limits.tensors, where)
     _count("nodes", nodes, limits.nodes, where)
     # tensors first: every size adds up and the total fits, before anything else is read
+    arith_bytes = 0
     for key, entry in tensors.items():
         try:
             _check_qualname(key, f"{where}: tensor", limit=limits.string)
@@ -127,6 +129,12 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
         except ArtifactFormatError as e:
             raise type(e)(f"{where}: {e}") from None
         plan.declared_bytes += nbytes + streams
+        arith_bytes += sum(info["raw_bytes"] for info in entry["streams"].values()
+                           if arith.width(info.get("codec")))
+    if arith_bytes > limits.arith_bytes:
+        raise ArtifactLimitError(f"{where}: its arithmetic-coded (acW) streams decode to "
+                                 f"{arith_bytes} bytes, over the limit of {limits.arith_bytes}; "
+                                 "pass limits=Limits(arith_bytes=...) to load() if you trust the file")
     if plan.declared_bytes > decoded_limit:
         raise ArtifactLimitError(f"{where}: tensors and their streams would decode to "
                                  f"{plan.declared_bytes} bytes, over the limit of {decoded_limit}; "

@@ -14,11 +14,16 @@ import torch
 
 from fxpress.errors import (ArtifactFormatError, ArtifactIntegrityError, ArtifactLimitError,
                             UnsupportedGraphError)
+from fxpress.graph.artifact import arith
 from fxpress.graph.artifact.format import _sha64
 from fxpress.graph.artifact.values import _dtype, _short_repr, dtype_name
 
 SPARSE_MIN_NUMEL = 16
-CODECS = ("zlib", "bz2", "lzma")
+GENERAL_CODECS = ("zlib", "bz2", "lzma")
+#: every codec a stream may name: the general ones and the ``acW`` ones (:mod:`.arith`)
+CODECS = GENERAL_CODECS + arith.CODECS
+#: streams smaller than this are stored as they are (acW's least output is a byte or two)
+MIN_CODED_BYTES = 16
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -269,6 +274,11 @@ def _compress(data: bytes, codec: str) -> bytes:
 
 def _decompress(data: bytes, codec: str, size: int, where: str) -> bytes:
     # every decoder is bounded by the declared size: a crafted stream cannot balloon
+    if arith.width(codec):
+        if size > arith.MAX_RAW:
+            raise ArtifactLimitError(f"{where}: an {codec} stream of {size} bytes; {codec} codes "
+                                     f"streams of at most {arith.MAX_RAW} bytes")
+        return arith.decode(bytes(data), arith.width(codec), size)
     try:
         if codec == "zlib":
             d = zlib.decompressobj()
@@ -292,11 +302,37 @@ def _decompress(data: bytes, codec: str, size: int, where: str) -> bytes:
     return out
 
 
-def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
-                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _code_stream(data: np.ndarray, arith_left: int, width: int = 0
+                 ) -> tuple[str | None, bytes | None]:
+    """The codec that stores ``data`` smallest and its output, or (None, None) when none
+    beats the raw bytes. ``acW`` (:mod:`.arith`) is tried on streams of at most
+    ``arith.MAX_RAW`` and ``arith_left`` bytes, at the width its closed-form estimate
+    prefers (``width``: the stream's own code width, when it has one)."""
+    raw = data.tobytes()
+    best: tuple[str | None, bytes | None] = (None, None)
+    size = len(raw)
+    for c in GENERAL_CODECS if len(raw) >= 64 else ():  # their own headers cost tens of bytes
+        z = _compress(raw, c)
+        if len(z) < size:
+            best, size = (c, z), len(z)
+    if len(raw) <= min(arith.MAX_RAW, arith_left):
+        w, est = arith.best_width(raw, (1, 2, 4, 8, width or 8))
+        if est < size:
+            z = arith.encode(raw, w)
+            if len(z) < size:
+                best = (f"ac{w}", z)
+    return best
+
+
+def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False,
+                  arith_left: int = arith.MAX_RAW) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Header entry and payload streams for one tensor, in the encoding that stores it smallest.
 
-    A dense stream without a codec is a view of ``t`` itself (no copy).
+    A dense stream without a codec is a view of ``t`` itself (no copy). With ``entropy``,
+    a one-byte tensor small enough for the ``acW`` codecs is also coded dense (a bitmap or
+    packed codes coded bit by bit often beat their relative indices coded), and the
+    smaller of the two is kept. ``arith_left``: the decoded bytes the file's ``acW``
+    streams may still take (the reader bounds their sum, ``Limits.arith_bytes``).
     """
     t = t.detach().to("cpu")
     a = _as_ints(t)
@@ -307,6 +343,18 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
         bplan, positions = _plan_bitidx(a, plan.size)
         if positions is not None and bplan.encoding == "bitidx":
             plan = bplan
+    out = _encode_plan(key, t, a, mask, plan, positions, entropy, arith_left)
+    if entropy and plan.encoding != "dense" and t.element_size() == 1 \
+            and a.nbytes <= min(arith.MAX_RAW, arith_left):
+        dense = _encode_plan(key, t, a, mask, _Plan("dense", a.nbytes), None, entropy, arith_left)
+        if dense[0]["stored_bytes"] < out[0]["stored_bytes"]:
+            out = dense
+    return out
+
+
+def _encode_plan(key: str, t: torch.Tensor, a: np.ndarray, mask: np.ndarray, plan: _Plan,
+                 positions: np.ndarray | None, entropy: bool, arith_left: int
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     raw: dict[str, tuple[torch.Tensor, bool]] = {}  # stream -> (tensor, may be entropy-coded)
     vdtype = t.dtype if t.dtype != torch.bool else torch.uint8
     one_byte = t.element_size() == 1  # 8-bit values (int8 weights, codes) are entropy-coded too
@@ -335,12 +383,13 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False
         st = st.contiguous()
         data = _as_ints(st)
         info: dict[str, Any] = {"key": skey, "dtype": dtype_name(st.dtype), "raw_bytes": data.nbytes}
-        if entropy and codable and data.nbytes >= 64:
-            packed = min(((c, _compress(data.tobytes(), c)) for c in CODECS),
-                         key=lambda cz: len(cz[1]))
-            if len(packed[1]) < data.nbytes:
-                info["codec"] = packed[0]
-                data = np.frombuffer(packed[1], dtype=np.uint8)
+        if entropy and codable and data.nbytes >= MIN_CODED_BYTES:
+            codec, packed = _code_stream(data, arith_left, plan.bits if sname == "index" else 0)
+            if codec is not None and arith.width(codec):
+                arith_left -= data.nbytes
+            if codec is not None:
+                info["codec"] = codec
+                data = np.frombuffer(packed, dtype=np.uint8)
                 st = torch.from_numpy(data.copy())
         info["bytes"] = data.nbytes
         entry["streams"][sname] = info
@@ -426,6 +475,10 @@ def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], i
                 or info.get("codec") not in (None, *CODECS) \
                 or not isinstance(info.get("blob", False), bool):
             raise ArtifactFormatError(f"{where}: stream {sname!r} is malformed")
+        if arith.width(info.get("codec")) and expected[sname] > arith.MAX_RAW:
+            raise ArtifactLimitError(f"{where}: stream {sname!r} is {info['codec']}-coded at "
+                                     f"{expected[sname]} bytes; {info['codec']} codes at most "
+                                     f"{arith.MAX_RAW} (a writer never makes this)")
         _dtype(info.get("dtype"), where)
     return dtype, shape, numel * item, sum(expected.values())
 

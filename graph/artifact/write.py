@@ -22,6 +22,8 @@ from fxpress.graph.artifact.modules import TORCH_NN, plain
 from fxpress.graph.artifact.rnn import fxpress_lstm_guard
 from fxpress.graph.artifact.schema import Allowlist, _join, class_name
 from fxpress.graph.artifact.specs import spec_for_file
+from fxpress.graph.artifact import arith
+from fxpress.graph.artifact.limits import DEFAULT_LIMITS
 from fxpress.graph.artifact.tensors import _as_ints, encode_tensor
 from fxpress.graph.artifact.values import _Encoder, dtype_name
 from fxpress.graph.capture import node_shape
@@ -52,6 +54,8 @@ class _Writer:
         self.modules: list[dict] = []
         self.dropped: list[str] = []
         self.skip_modules: set[str] = set()
+        #: decoded bytes the file's acW streams may still take (the reader's default bound)
+        self.arith_left = DEFAULT_LIMITS.arith_bytes
 
     def tensor_ref(self, qualname: str, t: torch.Tensor) -> str:
         t = t.detach()
@@ -61,8 +65,10 @@ class _Writer:
             return self.storage_keys[ident]  # tied weights are stored once
         # streams are named by number: safetensors keeps its own JSON index of them, and
         # long qualified names there are a fixed cost that dominates small artifacts
-        key, entropy = str(len(self.tensors)), self.entropy
-        entry, streams = encode_tensor(key, t, entropy)
+        key, entropy, arith_left = str(len(self.tensors)), self.entropy, self.arith_left
+        entry, streams = encode_tensor(key, t, entropy, arith_left)
+        self.arith_left -= sum(info["raw_bytes"] for info in entry["streams"].values()
+                               if arith.width(info.get("codec")))
         self.tensors[qualname] = entry
         for info in entry["streams"].values():
             skey = info["key"]
@@ -77,7 +83,7 @@ class _Writer:
             shared = st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
             data = _as_ints(st)
             self.crc8.append(crc8(data))
-            self.store.put(skey, data, shared, lambda: encode_tensor(key, t, entropy)[1])
+            self.store.put(skey, data, shared, lambda: encode_tensor(key, t, entropy, arith_left)[1])
         del streams
         if ident is not None:
             self.storage_keys[ident] = qualname

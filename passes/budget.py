@@ -1,0 +1,196 @@
+"""budget: choose the compression targets that make the saved file fit a byte budget.
+
+``budget{ratio=40}`` in front of a Deep Compression chain (``prune{sparsity=...}``, a
+recovery, ``share``, ``small``) makes the chain meet ``fp32 bytes / ratio`` for the model it
+is given, instead of one sparsity for every model: the fp32 bytes are those of the model's
+float tensors, the artifact's those of ``fxpress.save(..., entropy=True)``. Before the
+pipeline runs (:func:`resolve`), it walks a ladder of settings, least damaging first,
+
+* the chain's own sparsity (``0.95`` in the ``deep-compression`` recipe), then more
+  sparsity in the big matrices (global pruning takes its extra survivors from them),
+* biases on a 6-, then a 4-bit grid (``share{bias_bits}``), the small float tensors (norms,
+  position embeddings) on a 6-bit grid (``small{bits}``), each with more sparsity,
+
+and takes the first setting whose file fits the budget less a margin. The size of a setting
+is not guessed: the chain's lossy passes run once, one-shot (no recovery), on a structural
+copy of the graph, and the file is sized by the writer itself (entropy coding included).
+Recovery moves centroids and biases afterwards but keeps every pruned weight pruned, so the
+file it ends with is within the margin of that estimate. It binary-searches the ladder
+(about five trial compressions; each is a prune, a k-means per layer and a sizing: seconds
+on the small models this recipe is for).
+
+The choice is the pass's record: ``stats["chosen"]`` (the options set), ``"bytes"``
+(estimated) against ``"budget"``, ``"tried"`` (every setting sized) and ``"met"``. When no
+setting fits (a tiny model whose header alone is over), the chain runs as written, since
+more damage would buy no file that fits, and the record and a ``PlanMissedWarning`` say
+so. The passes it sets show their chosen options in their own
+records. Nothing is reordered; the passes keep every option the budget does not set.
+
+Example::
+
+    res = fxpress.compress(model, "fold_bn,budget{ratio=40},prune{sparsity=0.95,scope=global,"
+                           "steps=3},distill,share{bits=4,bias_bits=8},small,distill",
+                           calibration=calib, train_data=train)
+    res.records[1].stats["chosen"]      # e.g. {'sparsity': 0.97, 'bias_bits': 4, 'bits': 6}
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from fxpress.errors import OptionError, PlanMissedWarning
+from fxpress.passes.base import Pass, PassContext, PassResult, PassTraits, option
+
+#: (sparsity, share bias_bits, small bits), least damaging first; ``None`` keeps the
+#: chain's own value. Sizes fall along it (more sparsity, fewer bits).
+LADDER: tuple[tuple[float | None, int | None, int | None], ...] = (
+    (None, None, None),
+    (0.96, None, None),
+    (0.96, 6, 6),
+    (0.97, 6, 6),
+    (0.97, 4, 6),
+    (0.975, 4, 6),
+    (0.98, 4, 6),
+    (0.985, 4, 6),
+    (0.99, 4, 6),
+    (0.99, 4, 4),
+)
+
+
+class Budget(Pass):
+    """Choose the following prune's sparsity, share's bias bits and small's bits so that
+    the entropy-coded file fits ``fp32 bytes / ratio`` (see :mod:`fxpress.passes.budget`)."""
+
+    name = "budget"
+    summary = ("Choose the sparsity, bias bits and small-tensor bits of the passes after it "
+               "so the entropy-coded file is at most fp32 bytes / ratio (sized by trial).")
+    traits = PassTraits(tolerance=None, replaces_tensors=True)
+
+    ratio = option(40.0, "the file's target: at most the fp32 bytes of the model's float "
+                   "tensors divided by this", type=(int, float), low=1.0)
+    margin = option(0.03, "fraction of the budget left free for what recovery changes after "
+                    "the one-shot sizing (retrained biases and centroids)", type=(int, float),
+                    low=0.0, high=0.5)
+
+    #: set by :func:`resolve` before the pipeline runs (what this run's record reports)
+    choice: dict | None = None
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.choice is None:
+            raise OptionError(self.name, "ratio", "runs inside a pipeline, which resolves it "
+                              "before the first pass (Pipeline.run / fxpress.compress)")
+        return PassResult(gm, changed=False, stats=dict(self.choice))
+
+
+def fp32_bytes(gm: torch.nn.Module) -> int:
+    """Bytes of the model's floating-point tensors at 4 bytes each (tied ones once)."""
+    seen, total = set(), 0
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if t.is_floating_point() and id(t) not in seen:
+            seen.add(id(t))
+            total += 4 * t.numel()
+    return total
+
+
+def _with(p: Pass, **options: Any) -> Pass:
+    given = {**p._given, **{k: v for k, v in options.items() if v is not None}}
+    return type(p)(**given, tol=dict(p._tol_given))
+
+
+def _setting(passes: list[Pass], i: int, step) -> tuple[list[Pass], dict]:
+    """The passes after budget ``i`` with ladder ``step`` applied to the first prune,
+    share and small after it; and the options it set."""
+    sparsity, bias_bits, small_bits = step
+    out, chosen, seen = list(passes), {}, set()
+    for j in range(i + 1, len(passes)):
+        p = passes[j]
+        if p.name in seen or p.name not in ("prune", "share", "small") \
+                or (p.name == "prune" and p.sparsity is None):
+            continue
+        seen.add(p.name)
+        if p.name == "prune" and p.sparsity is not None:
+            s = p.sparsity if sparsity is None else max(sparsity, p.sparsity)
+            out[j], chosen["sparsity"] = _with(p, sparsity=s), s
+        elif p.name == "share" and bias_bits is not None:
+            b = min(bias_bits, p.bias_bits) if p.bias_bits else bias_bits
+            out[j], chosen["bias_bits"] = _with(p, bias_bits=b), b
+        elif p.name == "small" and small_bits is not None:
+            b = min(small_bits, p.bits)
+            out[j], chosen["bits"] = _with(p, bits=b), b
+    return out, chosen
+
+
+def _size(gm: torch.fx.GraphModule, passes: list[Pass], ctx: PassContext) -> int:
+    """The entropy-coded file of ``gm`` after ``passes``' lossy passes, one-shot."""
+    from fxpress.graph.artifact import artifact_size
+    from fxpress.graph.capture import clone_structure
+
+    from fxpress.passes.gradual import expand
+
+    g = clone_structure(gm)
+    for p in passes:
+        if p.traits.recovers or p.name == Budget.name:
+            continue
+        if p.name == "prune" and p.steps > 1:
+            p = _with(p, steps=1)
+        g = p.run(g, ctx).module
+    # the file also lists every pass the pipeline will have run (its stages included)
+    meta = dict(gm.meta.get("fxpress", {}))
+    meta["passes"] = list(meta.get("passes", [])) + [str(p) for p in expand(passes)]
+    g.meta["fxpress"] = meta
+    return artifact_size(g, entropy=True)
+
+
+def resolve(passes: list[Pass], gm: torch.fx.GraphModule, ctx: PassContext) -> list[Pass]:
+    """``passes`` with every budget's choice applied to the passes after it (each budget
+    pass keeps its choice for its record). Called by the pipeline before it runs."""
+    passes = list(passes)
+    for i, b in enumerate(passes):
+        if not isinstance(b, Budget):
+            continue
+        if not any(p.name == "prune" and getattr(p, "sparsity", None) is not None
+                   for p in passes[i + 1:]):
+            raise OptionError(b.name, "ratio", "chooses the sparsity of a prune{sparsity=...} "
+                              "after it; add one (e.g. 'budget{ratio=40},prune{sparsity=0.95},"
+                              "distill,share{bits=4},distill')")
+        fp32 = fp32_bytes(gm)
+        budget = int(fp32 / b.ratio)
+        goal = int(budget * (1 - b.margin))
+        tried: dict[int, int] = {}
+
+        def size(k: int) -> int:
+            if k not in tried:
+                tried[k] = _size(gm, _setting(passes, i, LADDER[k])[0], ctx)
+            return tried[k]
+
+        if size(0) <= goal:
+            k = 0
+        else:  # the first step that fits: sizes fall along the ladder
+            lo, hi = 0, len(LADDER) - 1
+            if size(hi) > goal:
+                k = 0  # out of reach: more damage would buy no file that fits
+            else:
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if size(mid) <= goal else (mid, hi)
+                k = hi
+        settings = {j: _setting(passes, i, LADDER[j])[1] for j in sorted(tried)}
+        passes, chosen = _setting(passes, i, LADDER[k])
+        met = tried[k] <= goal
+        b.choice = {"ratio": b.ratio, "fp32_bytes": fp32, "budget": budget, "goal": goal,
+                    "bytes": tried[k], "met": met, "chosen": chosen,
+                    "tried": [{"setting": settings[j], "bytes": n}
+                              for j, n in sorted(tried.items())]}
+        if not met:
+            smallest = min(tried.values())
+            warnings.warn(PlanMissedWarning(
+                f"budget{{ratio={b.ratio}}}: no setting fits {goal} bytes ({budget} less a "
+                f"{b.margin:.0%} margin): the most compressed sizes {smallest} bytes (its "
+                f"header and small tensors alone are over); the chain runs as written "
+                f"({tried[k]} bytes)", {"bytes": tried[k] - goal}), stacklevel=2)
+    return passes
+
+
+__all__ = ["Budget", "LADDER", "resolve", "fp32_bytes"]
