@@ -372,6 +372,58 @@ def _fixed_size(s, ranges) -> int | None:
     return None
 
 
+#: floating dtypes a model is compressed from in float32 (see :func:`float32_copy`)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def float32_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.dtype | None]:
+    """(a copy of ``model`` whose bfloat16/float16 parameters and buffers are float32, the
+    dtype they had), or (``model``, None) when it holds none.
+
+    Compressed layers compute in float32 (int8 kernels, decoded codebooks), and a pass's
+    statistics need float32; a half-precision model captured as it is would mix dtypes
+    at every compressed layer. The copy is made tensor by tensor (each half tensor
+    becomes a float32 one directly, nothing else is duplicated), so the caller's model is
+    untouched; the model's code then reads float32 wherever it asks for a dtype."""
+    tensors = [*model.parameters(), *model.buffers()]
+    half = {t.dtype for t in tensors if t.dtype in HALF_DTYPES}
+    if not half:
+        return model, None
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for t in store.values():
+                if t is None or id(t) in memo or t.dtype not in HALF_DTYPES:
+                    continue
+                wide = t.detach().float()
+                memo[id(t)] = (torch.nn.Parameter(wide, requires_grad=t.requires_grad)
+                               if isinstance(t, torch.nn.Parameter) else wide)
+    dtype = torch.bfloat16 if torch.bfloat16 in half else torch.float16
+    return copy.deepcopy(model, memo), dtype
+
+
+def _widen_inputs(example_inputs: tuple) -> tuple[tuple, list[int]]:
+    """The inputs with half-precision tensors as float32, and which positions those were."""
+    widened = [i for i, x in enumerate(example_inputs)
+               if isinstance(x, torch.Tensor) and x.dtype in HALF_DTYPES]
+    return tuple(x.float() if i in widened else x for i, x in enumerate(example_inputs)), widened
+
+
+def _cast_inputs_to_float32(gm: torch.fx.GraphModule, positions: list[int]) -> None:
+    """Make the graph take half-precision inputs at ``positions`` (as the model did) by
+    casting them to float32 first."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i in positions:
+        if i >= len(inputs):
+            continue
+        ph = inputs[i]
+        with gm.graph.inserting_after(ph):
+            cast = gm.graph.call_method("to", (ph, torch.float32))
+        ph.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
+        cast.meta.update({k: v for k, v in ph.meta.items() if k in ("val", "tensor_meta")})
+    gm.recompile()
+
+
 def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *,
             dynamic: bool = True, concrete_args: dict[str, Any] | None = None,
             leaf_modules: Iterable[type] = ()) -> torch.fx.GraphModule:
@@ -393,6 +445,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
     if method not in METHODS:
         raise InputError(f"capture: method must be one of {METHODS}, got {method!r}")
     example_inputs = as_input_tuple(example_inputs)
+    model, half = float32_copy(model)
+    example_inputs, half_inputs = _widen_inputs(example_inputs)
 
     with TRACE_LOCK.tracing(), eval_mode(model), torch.no_grad(), \
             traceable_experts(model) as experts:
@@ -460,6 +514,13 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                     f"experts_implementation={TRACEABLE_EXPERTS!r} (plain ATen ops) instead of "
                     + ", ".join(sorted({repr(impl) for _, impl in experts}))
                     + " (a library custom op no artifact can store)")
+            if half is not None:
+                _cast_inputs_to_float32(gm, half_inputs)
+                gm.meta["fxpress"]["widened_from"] = str(half).removeprefix("torch.")
+                gm.meta["fxpress"]["why"] += (
+                    f"; the model's {str(half).removeprefix('torch.')} weights were captured as "
+                    "float32 (compressed layers compute in float32; half-precision inputs are "
+                    "cast to float32, outputs are float32; the caller's model is unchanged)")
             for sub in gm.modules():
                 sub.training = False
             return gm

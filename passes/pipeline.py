@@ -259,6 +259,8 @@ class Pipeline:
                               train_data=train_data, reference=reference, seed=seed,
                               progress=progress)
             original_bytes = stored_bytes(gm)
+            if gm.meta["fxpress"].get("widened_from") and isinstance(reference, torch.nn.Module):
+                original_bytes = stored_bytes(reference)  # the caller's half-precision bytes
             baseline = layer_summary(gm)
             instruments = [MemoryTrim(), check, CallerIntegrity(caller),
                            Progress(len(passes), progress), *user_instruments]

@@ -193,3 +193,26 @@ def test_export_fixing_a_sequence_length_is_reported():
     assert gm.meta["fxpress"]["fixed_dims"] == {0: {1: 5, 2: 4}}
     assert "input 0 dim 1 = 5" in gm.meta["fxpress"]["why"]
     assert gm(torch.randn(3, 5, 4)).shape == (3, 4)  # the batch stays free
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_compressed_in_float32(dtype, tmp_path):
+    # a bfloat16 Llama or a float16 CNN failed in every weight pass (float32 codes and
+    # scales met half-precision activations); captured as a float32 copy they compress,
+    # take the same half-precision inputs, and the caller's model keeps its dtype
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 10)).to(dtype).eval()
+    x = torch.randn(4, 3, 8, 8).to(dtype)
+    snap = state_snapshot(model)
+    for pipeline in ("quantize{bits=8}", "share{bits=4}" if dtype == torch.bfloat16 else "prune{sparsity=0.5}"):
+        res = fxpress.compress(model, pipeline, calibration=[(x,)], policy="warn")
+        assert_unchanged(model, snap)
+        assert all(p.dtype == dtype for p in model.parameters())
+        assert res.capture["widened_from"] == str(dtype).removeprefix("torch.")
+        y, ref = res.module(x), model(x).float()
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()
+        assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), 0) > 0.9
+        assert res.original_bytes == sum(p.numel() * 2 for p in model.parameters())
+    fxpress.save(res.module, tmp_path / "m.fxp")
+    assert torch.equal(fxpress.load(tmp_path / "m.fxp")(x), res.module(x))
