@@ -457,5 +457,15 @@ class Prune(Pass):
         layers = {op.name: sparsity(op.weight()) for op in ops}
         n = sum(op.numel for op in ops)
         zeros = sum(layers[op.name] * op.numel for op in ops)
-        return PassResult(gm, changed=bool(ops), stats={
-            "layers": layers, "pruned_weights": n, "sparsity": zeros / n if n else 0.0})
+        stats = {"layers": layers, "pruned_weights": n, "sparsity": zeros / n if n else 0.0}
+        if self.threshold is None and self.sparsity > 0:
+            # a layer no weight was taken from: say why (a squeeze-excite 1x1 conv of 2 inputs
+            # per unit sits at the floor; the adaptive cut may also leave a layer whole)
+            dense = {op.name: (f"kept dense: at its floor of {self.min_per_unit} weights per "
+                               "output unit (min_per_unit)"
+                               if layer_prune_count(op.weight(), 1.0, self.min_per_unit, op.kind) == 0
+                               else f"kept dense: the {self.scope} cut took none of its weights")
+                     for op in ops if layers[op.name] == 0.0}
+            if dense:
+                stats["kept_dense"] = dense
+        return PassResult(gm, changed=bool(ops), stats=stats)

@@ -202,3 +202,17 @@ def test_channels_last_conv_weights_are_pruned_in_their_layout(scope):
     total = sum(int((gm.get_parameter(n) == 0).sum()) for n in ("0.weight", "2.weight"))
     assert total == (216 + 288) // 2
     assert torch.isfinite(gm(x)).all()
+
+
+def test_layers_at_their_floor_are_named_in_the_report():
+    # a squeeze-excite 1x1 conv with 2 inputs per output unit sits at the floor of
+    # min_per_unit=2: it stays dense, and the report says why
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2),
+                                torch.nn.ReLU(), torch.nn.Linear(2, 16)).eval()
+    res = fxpress.compress(model, "prune{sparsity=0.5}", calibration=[(torch.randn(4, 16),)],
+                           policy="warn")
+    stats = res.records[0].stats
+    assert stats["layers"]["4.weight"] == 0.0
+    assert "floor of 2 weights per output unit" in stats["kept_dense"]["4.weight"]
+    assert set(stats["kept_dense"]) == {"4.weight"}
