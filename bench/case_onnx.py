@@ -9,8 +9,9 @@ attention as MultiHeadAttention, ONNX Runtime's LayerNorm / Gelu fusions), ORT's
 per-tensor and per-token input scaling that is accurate enough), ``quantize{bits=8,
 act_scale=tensor}`` (ORT's own scheme: per-tensor inputs, per-channel weights) and
 ``quantize{bits=4,granularity=group,group_size=32,embeddings=false}`` (embeddings stay
-float, as ORT's MatMulNBits leaves them), exported by :func:`fxpress.export_onnx` (the same
-fusions), and (not at the tiny size) fp32, ORT's int8 and fxpress's int8 again without
+float, as ORT's MatMulNBits leaves them; 4-bit on both sides at MatMulNBits' default
+accuracy_level 0, float, and at 4, its int8-activation kernel), exported by
+:func:`fxpress.export_onnx` (the same fusions), and (not at the tiny size) fp32, ORT's int8 and fxpress's int8 again without
 fusions (``fuse=False``). Every ORT variant runs the same session options. Fidelity:
 cosine of the sentence embeddings to torch fp32's (mean and min) on inputs the
 calibration never saw; "ORT vs fxpress" is the export check (relative L2 and min
@@ -43,9 +44,12 @@ INT8 = "quantize{bits=8}"
 INT4 = "quantize{bits=4,granularity=group,group_size=32,embeddings=false}"
 # per-tensor activations everywhere, no smoothing: the scheme and graph of ORT's own int8
 INT8_TENSOR = "quantize{bits=8,act_scale=tensor}"
+ACC4 = "accuracy_level=4"
 ROWS = [("ORT fp32", None), ("ORT quantize_dynamic int8", None), ("fxpress int8", INT8),
         ("fxpress int8 act_scale=tensor", INT8_TENSOR),
         ("ORT MatMulNBits 4-bit (block 32)", None), ("fxpress 4-bit (group 32)", INT4),
+        # MatMulNBits' int8-activation kernel (accuracy_level=4) on both sides
+        (f"ORT MatMulNBits 4-bit (block 32), {ACC4}", None), (f"fxpress 4-bit (group 32), {ACC4}", INT4),
         # the same without fusions (export_onnx(fuse=False): attention as plain ops)
         ("ORT fp32, unfused", None), ("ORT quantize_dynamic int8, unfused", None),
         ("fxpress int8, unfused", INT8)]
@@ -115,10 +119,13 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
             quantize_dynamic(str(paths["ORT fp32" + suffix]), str(tmp / f"ort_int8{suffix[2:]}.onnx"),
                              per_channel=True, weight_type=QuantType.QInt8)
             paths["ORT quantize_dynamic int8" + suffix] = tmp / f"ort_int8{suffix[2:]}.onnx"
-        q4 = MatMulNBitsQuantizer(onnx.load(str(fp32.path)), block_size=32, is_symmetric=True)
-        q4.process()
-        q4.model.save_model_to_file(str(tmp / "ort_int4.onnx"), use_external_data_format=False)
-        paths["ORT MatMulNBits 4-bit (block 32)"] = tmp / "ort_int4.onnx"
+        for level in (0, 4):
+            q4 = MatMulNBitsQuantizer(onnx.load(str(fp32.path)), block_size=32, is_symmetric=True,
+                                      accuracy_level=level)
+            q4.process()
+            q4.model.save_model_to_file(str(tmp / f"ort_int4_{level}.onnx"), use_external_data_format=False)
+            paths["ORT MatMulNBits 4-bit (block 32)" + (f", {ACC4}" if level else "")] = \
+                tmp / f"ort_int4_{level}.onnx"
         notes.append(f"ORT quantize_dynamic + MatMulNBitsQuantizer {time.perf_counter() - t0:.1f} s")
     compressed: dict[str, Any] = {}
     rows = [r for r in ROWS if unfused or not r[0].endswith("unfused")]
@@ -132,7 +139,7 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
                                                            policy="warn")
         compressed[pipe] = res
         out = export_onnx(res, tmp / f"fxpress{len(paths)}.onnx", b32,
-                          fuse=not label.endswith("unfused"))
+                          fuse=not label.endswith("unfused"), accuracy_level=4 if ACC4 in label else 0)
         paths[label] = out.path
         checks[label] = out.check
         notes.append(f"{label} ({pipe}): compress + export {time.perf_counter() - t0:.1f} s")
@@ -178,7 +185,9 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
         f"{vs('fxpress int8 act_scale=tensor', 'ORT quantize_dynamic int8', '1')}, "
         f"{vs('fxpress int8 act_scale=tensor', 'ORT quantize_dynamic int8', '32')}); 4-bit batch 1 "
         f"{vs('fxpress 4-bit (group 32)', 'ORT MatMulNBits 4-bit (block 32)', '1')}, batch 32 "
-        f"{vs('fxpress 4-bit (group 32)', 'ORT MatMulNBits 4-bit (block 32)', '32')}")
+        f"{vs('fxpress 4-bit (group 32)', 'ORT MatMulNBits 4-bit (block 32)', '32')}; both at "
+        f"{ACC4}: batch 1 {vs(f'fxpress 4-bit (group 32), {ACC4}', f'ORT MatMulNBits 4-bit (block 32), {ACC4}', '1')}, "
+        f"batch 32 {vs(f'fxpress 4-bit (group 32), {ACC4}', f'ORT MatMulNBits 4-bit (block 32), {ACC4}', '32')}")
     if unfused:
         ort, ours = "ORT quantize_dynamic int8", "fxpress int8"
         table.notes.append(
