@@ -372,34 +372,93 @@ def _fixed_size(s, ranges) -> int | None:
     return None
 
 
-#: floating dtypes a model is compressed from in float32 (see :func:`float32_copy`)
+#: floating dtypes a model is compressed from in float32 (see :func:`capture_copy`)
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def float32_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.dtype | None]:
-    """(a copy of ``model`` whose bfloat16/float16 parameters and buffers are float32, the
-    dtype they had), or (``model``, None) when it holds none.
+def capture_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.dtype | None, list[str]]:
+    """The model fxpress captures: ``model`` itself, or a copy when it holds
+    half-precision tensors or parametrized weights; with the half dtype (or None) and the
+    parametrized weights baked (``["0.weight (_WeightNorm)", ...]``).
 
-    Compressed layers compute in float32 (int8 kernels, decoded codebooks), and a pass's
-    statistics need float32; a half-precision model captured as it is would mix dtypes
-    at every compressed layer. The copy is made tensor by tensor (each half tensor
-    becomes a float32 one directly, nothing else is duplicated), so the caller's model is
-    untouched; the model's code then reads float32 wherever it asks for a dtype."""
+    - bfloat16/float16: compressed layers compute in float32 (int8 kernels, decoded
+      codebooks) and a pass's statistics need float32; a half model captured as it is
+      would mix dtypes at every compressed layer. Each half tensor becomes a float32 one
+      directly, so the model's code reads float32 wherever it asks for a dtype.
+    - parametrizations (``weight_norm``, ``spectral_norm``, ``orthogonal``, a user's own):
+      the weight a layer computes with is baked into a plain parameter
+      (``remove_parametrizations(leave_parametrized=True)``), so passes see it and an
+      artifact stores a plain layer (a parametrized class is generated code with hooks).
+    The copy shares every other tensor with ``model`` (read only), which stays untouched.
+    """
+    from torch.nn.utils import parametrize
+
     tensors = [*model.parameters(), *model.buffers()]
     half = {t.dtype for t in tensors if t.dtype in HALF_DTYPES}
-    if not half:
-        return model, None
+    parametrized = [(path, m) for path, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if not half and not parametrized:
+        return model, None, []
     memo: dict[int, Any] = {}
     for m in model.modules():
         for store in (m._parameters, m._buffers):
             for t in store.values():
-                if t is None or id(t) in memo or t.dtype not in HALF_DTYPES:
+                if t is None or id(t) in memo:
+                    continue
+                if t.dtype not in HALF_DTYPES:
+                    memo[id(t)] = t  # shared, never written
                     continue
                 wide = t.detach().float()
                 memo[id(t)] = (torch.nn.Parameter(wide, requires_grad=t.requires_grad)
                                if isinstance(t, torch.nn.Parameter) else wide)
-    dtype = torch.bfloat16 if torch.bfloat16 in half else torch.float16
-    return copy.deepcopy(model, memo), dtype
+    copied = copy.deepcopy(model, memo)
+    baked = []
+    for path, _ in parametrized:
+        m = copied.get_submodule(path)
+        plain = _without_parametrizations(m)
+        baked += [f"{path + '.' if path else ''}{name} ("
+                  + ", ".join(type(p).__name__ for p in m.parametrizations[name]) + ")"
+                  for name in m.parametrizations]
+        if path:
+            parent, _, child = path.rpartition(".")
+            setattr(copied.get_submodule(parent), child, plain)
+        else:
+            copied = plain
+    dtype = (torch.bfloat16 if torch.bfloat16 in half else torch.float16) if half else None
+    return copied, dtype, baked
+
+
+def _without_parametrizations(m: torch.nn.Module) -> torch.nn.Module:
+    """A plain instance of a parametrized module's own class holding the weights it
+    computes with. (torch's ``remove_parametrizations`` edits the generated class, which a
+    deep copy shares with the caller's module: the caller's would lose its weights.)"""
+    from torch.nn.utils import parametrize
+
+    base = type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+    plain = base.__new__(base)
+    torch.nn.Module.__init__(plain)
+    internal = set(vars(plain))
+    for k, v in vars(m).items():
+        if k not in internal:
+            object.__setattr__(plain, k, v)
+    plain.training = m.training
+    for n, t in m._buffers.items():
+        plain.register_buffer(n, t, persistent=n not in m._non_persistent_buffers_set)
+    for n, p in m._parameters.items():
+        plain.register_parameter(n, p)
+    for n, child in m._modules.items():
+        if n != "parametrizations":
+            plain.add_module(n, child)
+    # computed as in eval mode (capture's mode): spectral_norm's power iteration would
+    # write into its u and v buffers, which the copy shares with the caller's model
+    m.parametrizations.eval()
+    with torch.no_grad():
+        for name in m.parametrizations:
+            w = getattr(m, name).detach().clone()
+            original = m.parametrizations[name].original if hasattr(
+                m.parametrizations[name], "original") else None
+            trainable = original.requires_grad if isinstance(original, torch.nn.Parameter) else True
+            plain.register_parameter(name, torch.nn.Parameter(w, requires_grad=trainable))
+    return plain
 
 
 def _widen_inputs(example_inputs: tuple) -> tuple[tuple, list[int]]:
@@ -445,8 +504,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
     if method not in METHODS:
         raise InputError(f"capture: method must be one of {METHODS}, got {method!r}")
     example_inputs = as_input_tuple(example_inputs)
-    model, half = float32_copy(model)
-    example_inputs, half_inputs = _widen_inputs(example_inputs)
+    model, half, baked = capture_copy(model)
+    example_inputs, half_inputs = _widen_inputs(example_inputs) if half else (example_inputs, [])
 
     with TRACE_LOCK.tracing(), eval_mode(model), torch.no_grad(), \
             traceable_experts(model) as experts:
@@ -521,6 +580,11 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                     f"; the model's {str(half).removeprefix('torch.')} weights were captured as "
                     "float32 (compressed layers compute in float32; half-precision inputs are "
                     "cast to float32, outputs are float32; the caller's model is unchanged)")
+            if baked:
+                gm.meta["fxpress"]["parametrizations_baked"] = baked
+                gm.meta["fxpress"]["why"] += (
+                    f"; {len(baked)} parametrized weight(s) baked into plain parameters ("
+                    + ", ".join(baked[:3]) + (", ..." if len(baked) > 3 else "") + ")")
             for sub in gm.modules():
                 sub.training = False
             return gm
