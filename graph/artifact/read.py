@@ -20,6 +20,7 @@ from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _s
                                            _split_prefix, open_regular, read_bounded)
 from fxpress.graph.artifact.limits import Limits, resolve
 from fxpress.graph.artifact.modules import finish_torch_nn
+from fxpress.graph.artifact.kernels import guard_kernel_calls
 from fxpress.graph.artifact.rnn import check_rnn_tree, guard_lstm_calls
 from fxpress.graph.artifact.schema import _IDENT, Allowlist, _Checked, _validate
 from fxpress.graph.artifact.specs import spec_from_file
@@ -348,6 +349,7 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
         graph._codegen = torch.fx.graph._PyTreeCodeGen(torch.fx.graph._PyTreeInfo(
             list(cg.get("orig_args", [])), in_spec, out_spec))
     guard_lstm_calls(graph)
+    guard_kernel_calls(graph, where)
     try:
         graph.lint()
         gm = torch.fx.GraphModule(root, graph, ginfo.get("class_name", "GraphModule"))

@@ -156,6 +156,8 @@ def fxpress_lstm_guard(**kwargs: Any) -> None:
     check_lstm_call(**kwargs)
 
 
+torch.fx.node.has_side_effect(fxpress_lstm_guard)  # dead-code elimination keeps it
+
 LSTM_OPS = (torch.ops.aten.lstm.input, torch.ops.aten.lstm.data)
 _GUARD_ARGS = ("input", "hx", "params", "has_biases", "num_layers", "bidirectional", "batch_first")
 

@@ -19,6 +19,7 @@ from fxpress.graph.artifact.compact import crc8
 from fxpress.graph.artifact.files import _target, os_failure, write_atomic
 from fxpress.graph.artifact.format import BLOB_KEY, BLOB_STREAM_BYTES, VERSION, _pack_header
 from fxpress.graph.artifact.modules import TORCH_NN, plain
+from fxpress.graph.artifact.kernels import fxpress_kernel_guard
 from fxpress.graph.artifact.rnn import fxpress_lstm_guard
 from fxpress.graph.artifact.schema import Allowlist, _join, class_name
 from fxpress.graph.artifact.specs import spec_for_file
@@ -199,8 +200,8 @@ class _Writer:
                 self.dropped.append(f"{node.name}: torch.export input guards (generated code)")
                 continue
             target: Any = node.target
-            if node.op == "call_function" and target is fxpress_lstm_guard:
-                continue  # the loader inserts it again (see .rnn)
+            if node.op == "call_function" and target in (fxpress_lstm_guard, fxpress_kernel_guard):
+                continue  # the loader inserts them again (see .rnn, .kernels)
             if node.op == "call_function":
                 name = self.allow.name_of(target)
                 if name is None:

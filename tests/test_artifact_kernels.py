@@ -1,0 +1,130 @@
+"""Crafted files against the ATen kernels a loaded graph reaches (graph/artifact/kernels.py).
+
+Each test builds the graph an attacker would store: an allowlisted ATen op called with
+tensors or integers that torch's CPU kernel does not compare (it read or wrote past them:
+NaNs, garbage that changed between identical calls, a corrupted heap). The loader refuses
+the constants at load and checks the rest before every call, with a typed error.
+"""
+from __future__ import annotations
+
+import json
+import operator
+
+import pytest
+import torch
+
+from fxpress.errors import ArtifactFormatError, InputError
+from fxpress.graph import artifact
+from fxpress.graph.artifact.kernels import fxpress_kernel_guard
+
+aten = torch.ops.aten
+
+
+def _graph_module(tensors: dict[str, torch.Tensor], build) -> torch.fx.GraphModule:
+    """A GraphModule whose graph ``build(g, x, attrs)`` returns the output node of."""
+    root = torch.nn.Module()
+    for k, t in tensors.items():
+        root.register_buffer(k, t)
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(build(g, x, {k: g.get_attr(k) for k in tensors}))
+    return torch.fx.GraphModule(root, g)
+
+
+def _guards(gm: torch.fx.GraphModule) -> int:
+    return sum(n.target is fxpress_kernel_guard for n in gm.graph.nodes)
+
+
+def _roundtrip(gm: torch.fx.GraphModule, x: torch.Tensor) -> torch.fx.GraphModule:
+    loaded = artifact.loads(artifact.dumps(gm))
+    assert torch.equal(loaded(x), gm(x)) and _guards(loaded) == 1
+    assert "fxpress_kernel_guard" not in json.dumps(artifact.artifact_header(loaded))
+    assert torch.equal(artifact.loads(artifact.dumps(loaded))(x), gm(x))
+    return loaded
+
+
+@pytest.mark.parametrize("op", ["_native_batch_norm_legit_no_training", "native_batch_norm",
+                                "_native_batch_norm_legit_functional"])
+def test_batch_norm_statistics_must_fit_the_input_channels(op):
+    # 2-element statistics for a 16-channel input: the kernel read (NaNs) and, training,
+    # wrote past them (the functional form crashed the process)
+    fn = getattr(aten, op).default
+    extra = {"_native_batch_norm_legit_no_training": (0.1, 1e-5),
+             "native_batch_norm": (False, 0.1, 1e-5),
+             "_native_batch_norm_legit_functional": (True, 0.1, 1e-5)}[op]
+
+    def build(g, x, a):
+        out = g.call_function(fn, (x, *a.values(), *extra))
+        return g.call_function(aten.clone.default, (g.call_function(operator.getitem, (out, 0)),))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 4)
+    stats = {"weight": torch.rand(16) + 0.5, "bias": torch.randn(16),
+             "running_mean": torch.randn(16), "running_var": torch.rand(16) + 0.5}
+    _roundtrip(_graph_module(stats, build), x)
+    for name in stats:
+        crafted = _graph_module({**stats, name: stats[name][:2].clone()}, build)
+        loaded = artifact.loads(artifact.dumps(crafted))
+        with pytest.raises(InputError, match=f"{name} is \\(2,\\), the input .* has 16 channels"):
+            loaded(x)
+    with pytest.raises(InputError, match="has 2 channels"):  # the input is checked too
+        _roundtrip(_graph_module(stats, build), x)(torch.randn(2, 2, 4))
+
+
+@pytest.mark.parametrize("op", ["_weight_norm_interface", "_weight_norm"])
+def test_weight_norm_scales_must_fit_the_weight(op):
+    # a 2-element g for a 16-row v: the fused kernel wrote past it (munmap_chunk(): invalid
+    # pointer); on the last dim it read past it
+    fn = getattr(aten, op).default
+
+    def build(dim):
+        def b(g, x, a):
+            w = g.call_function(fn, (a["v"], a["g"], dim))
+            if op == "_weight_norm_interface":
+                w = g.call_function(operator.getitem, (w, 0))
+            return g.call_function(aten.mm.default, (x, w))
+        return b
+
+    torch.manual_seed(0)
+    v, x = torch.randn(16, 16), torch.randn(3, 16)
+    for dim, g_shape in [(0, (16, 1)), (1, (1, 16))]:
+        _roundtrip(_graph_module({"v": v, "g": torch.rand(g_shape)}, build(dim)), x)
+        crafted = _graph_module({"v": v, "g": torch.rand(2, 1)}, build(dim))
+        with pytest.raises(InputError, match="does not hold one scale per slice"):
+            artifact.loads(artifact.dumps(crafted))(x)
+
+
+def test_flash_attention_keys_must_fit_the_queries():
+    # keys and values of batch 1 for queries of batch 4: the kernel read past them (NaNs)
+    def build(g, x, a):
+        out = g.call_function(aten._scaled_dot_product_flash_attention_for_cpu.default,
+                              (x, a["k"], a["v"]))
+        return g.call_function(operator.getitem, (out, 0))
+
+    torch.manual_seed(0)
+    x, kv = torch.randn(4, 2, 8, 16), torch.randn(4, 2, 8, 16)
+    loaded = _roundtrip(_graph_module({"k": kv, "v": kv.clone()}, build), x)
+    crafted = _graph_module({"k": kv[:1].clone(), "v": kv[:1].clone()}, build)
+    with pytest.raises(InputError, match="do not fit \\(batch, heads"):
+        artifact.loads(artifact.dumps(crafted))(x)
+    with pytest.raises(InputError, match="do not fit"):
+        loaded(torch.randn(4, 2, 8, 16)[:, :1])  # the input is checked at each call
+
+
+@pytest.mark.parametrize("field", [2, 3])
+def test_grid_sampler_modes_are_checked_at_load(field):
+    # interpolation / padding modes past the kernel's switch returned uninitialised memory
+    def build(mode):
+        def b(g, x, a):
+            args = [x, a["grid"], 0, 0, False]
+            args[field] = mode
+            return g.call_function(aten.grid_sampler_2d.default, tuple(args))
+        return b
+
+    torch.manual_seed(0)
+    x, grid = torch.randn(1, 1, 4, 4), torch.rand(1, 3, 3, 2) * 2 - 1
+    gm = _graph_module({"grid": grid}, build(1))
+    loaded = artifact.loads(artifact.dumps(gm))
+    assert torch.equal(loaded(x), gm(x)) and _guards(loaded) == 0
+    with pytest.raises(ArtifactFormatError, match="_mode is 9, not 0, 1 or 2"):
+        artifact.loads(artifact.dumps(_graph_module({"grid": grid}, build(9))))
