@@ -126,6 +126,21 @@ def kth_smallest_magnitude(tensors: list[torch.Tensor], k: int, bins: int = 4096
         lo, hi = new_lo, new_hi
 
 
+def _shrink(src: torch.Tensor, v, out: torch.Tensor) -> bool:
+    """Write ``src`` with every ``|w| < v`` zeroed (as +0.0) into ``out``; False (nothing
+    written) where this route does not apply. One vectorised pass (aten's hardshrink at
+    the float just below ``v``, which zeroes ``|w| <= lambda``): selecting by a bool mask
+    (torch.where, masked_fill) ran at 17 ns a weight here, 50-90x a copy of the layer."""
+    if src.dtype not in (torch.float32, torch.float64):
+        return False
+    v = torch.as_tensor(v, dtype=src.dtype)
+    if not 0 < float(v) < math.inf:
+        return False
+    lam = float(torch.nextafter(v, v.new_zeros(())))
+    torch.ops.aten.hardshrink.out(src, lam, out=out)
+    return True
+
+
 def zero_below(tensors: list[torch.Tensor], v: float, take_equal: int = 0) -> list[torch.Tensor]:
     """New tensors with every ``|w| < v`` zeroed, plus the first ``take_equal`` entries
     equal to ``v`` (in order across ``tensors``), so a target count is met exactly."""
@@ -135,12 +150,17 @@ def zero_below(tensors: list[torch.Tensor], v: float, take_equal: int = 0) -> li
         src = _flat(t)
         for i in range(0, src.numel(), BLOCK):
             b = src[i:i + BLOCK]
-            a = b.abs()
-            mask = a < v
+            ties = None
             if take_equal > 0:
-                ties = torch.nonzero(a == v).flatten()[:take_equal]
-                mask[ties] = True
+                ties = torch.nonzero(b.abs() == v).flatten()[:take_equal]
                 take_equal -= ties.numel()
+            if _shrink(b, v, dst[i:i + BLOCK]):
+                if ties is not None:
+                    dst[i:i + BLOCK][ties] = 0
+                continue
+            mask = b.abs() < v
+            if ties is not None:
+                mask[ties] = True
             dst[i:i + BLOCK] = b.masked_fill(mask, 0)
         out.append(_in_layout_of(res, t))
     return out
@@ -182,11 +202,18 @@ def _zero_smallest_one(t: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | No
     v = torch.kthvalue(cand, idx).values
     take_equal = k - n_below - int(torch.count_nonzero(cand < v))
     del cand
-    mask = torch.lt(a, v, out=below)
-    if take_equal > 0:  # ties at the cut: the first ones in order, so the count is exact
-        mask[torch.nonzero(a == v).flatten()[:take_equal]] = True
+    # ties at the cut: the first ones in order, so the count is exact
+    ties = torch.nonzero(a == v).flatten()[:take_equal] if take_equal > 0 else None
     # the magnitudes are no longer needed: their buffer takes the result
-    out = torch.where(mask, flat.new_zeros(()), flat, out=a)
+    if _shrink(flat, v, a):
+        out = a
+        if ties is not None:
+            out[ties] = 0
+    else:
+        mask = torch.lt(a, v, out=below)
+        if ties is not None:
+            mask[ties] = True
+        out = torch.where(mask, flat.new_zeros(()), flat, out=a)
     # every zero of the input has magnitude 0 <= v: with v > 0 exactly k entries are zero
     zeros = k if float(v) > 0 else n - int(torch.count_nonzero(out))
     if t.is_contiguous():
@@ -331,9 +358,34 @@ def _lamp_scores(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     ``stride`` weights in the sums."""
     flat = _flat(w)
     stride = max(1, -(-flat.numel() // LAMP_SAMPLE))
-    a = flat[::stride].double().square().sort().values
+    # sorted as float32 magnitudes (the order of the squares), by numpy: torch's CPU sort
+    # took 19 ms for 65,536 floats, a second of GPT-2's prune
+    a = torch.from_numpy(np.sort(flat[::stride].abs().float().numpy())).double().square()
     total = a.flip(0).cumsum(0).flip(0) * stride
     return torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a)), stride
+
+
+def _weighted_cut(lamp: list[tuple[torch.Tensor, int]], k: int) -> torch.Tensor:
+    """The smallest score ``v`` among ``lamp``'s sorted score lists (each entry standing for
+    ``stride`` weights) whose scores ``<= v`` stand for at least ``k`` weights; the largest
+    score if none does. By selection, not sorting: a binary search on the scores' bit
+    patterns (non-negative doubles order as their int64 bits), each step a search in every
+    layer's sorted list, so nothing of the size of all layers' scores is built."""
+    def count(v: torch.Tensor) -> int:
+        return sum(int(torch.searchsorted(s, v, right=True)) * stride for s, stride in lamp)
+
+    top = max(s[-1] for s, _ in lamp)
+    if count(top) < k:
+        return top
+    lo = 0  # count(bits <= lo - 1) < k <= count(bits <= hi)
+    hi = int(top.view(torch.int64))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(torch.tensor(mid, dtype=torch.int64).view(torch.float64)) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return torch.tensor(hi, dtype=torch.int64).view(torch.float64)
 
 
 def adaptive_counts(weights: list[torch.Tensor], k: int, caps: list[int]) -> list[int]:
@@ -350,14 +402,7 @@ def adaptive_counts(weights: list[torch.Tensor], k: int, caps: list[int]) -> lis
             for i in free:
                 counts[i] = caps[i]
             break
-        scores = torch.cat([lamp[i][0] for i in free])
-        weight = torch.cat([torch.full((lamp[i][0].numel(),), lamp[i][1], dtype=torch.float64)
-                            for i in free])
-        order = scores.argsort(stable=True)
-        cum = weight[order].cumsum(0)
-        at = min(int(torch.searchsorted(cum, torch.tensor(float(k), dtype=torch.float64))),
-                 cum.numel() - 1)
-        cut = scores[order[at]]
+        cut = _weighted_cut([lamp[i] for i in free], k)
         got = {i: min(sizes[i], int(torch.searchsorted(lamp[i][0], cut, right=True)) * lamp[i][1])
                for i in free}
         over = [i for i in free if got[i] > caps[i]]
