@@ -11,6 +11,13 @@ from fxpress.errors import InputError
 from fxpress.passes.distill import SCHEDULES
 from fxpress.passes.distill_tuning import RangeTest
 
+#: A cycle that ended with its held-out loss still falling by at least this fraction over
+#: its last ``patience`` epochs earns a warm restart (:attr:`TrainConfig.restarts`). The
+#: 32-wide 4-layer transformer pruned to 95% fell 5.6% in its last 5 of 30 epochs (and its
+#: training loss was still falling: -2.67 points); runs that converged fall under 1% in
+#: their cosine tail.
+RESTART_GAIN = 0.02
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -28,6 +35,12 @@ class TrainConfig:
     instead of stopping, restore the best epoch's weights and anneal from the current rate
     to zero (cosine) over ``patience`` more epochs, or half of the epochs left when that is
     more (a plateau at a high rate is not the end: the run ends annealed).
+    ``restarts``: at most that many more cycles of ``epochs`` epochs (warm restarts,
+    Loshchilov & Hutter 2017), each from the best state at half the previous cycle's
+    peak rate, while the cycle before ended still improving (its best held-out loss in
+    its last ``patience`` epochs, at least :data:`RESTART_GAIN` below the best before
+    them): the budget grows with the gap the run sees, and early stopping, not an epoch
+    count, ends it (a run that stopped early never restarts).
     ``device``: where to train
     (default: the student's device; under torchrun with one GPU per rank,
     ``cuda:LOCAL_RANK``). ``progress``: True shows a bar, None only on a terminal.
@@ -41,6 +54,7 @@ class TrainConfig:
     holdout: float = 0.0
     patience: int = 0
     lr_drops: int = 0
+    restarts: int = 0
     seed: int = 0
     progress: bool | None = True
     device: str | torch.device | None = None
@@ -63,6 +77,8 @@ class TrainConfig:
             raise bad("patience", "must be an int >= 0")
         if isinstance(self.lr_drops, bool) or not isinstance(self.lr_drops, int) or self.lr_drops < 0:
             raise bad("lr_drops", "must be an int >= 0")
+        if isinstance(self.restarts, bool) or not isinstance(self.restarts, int) or self.restarts < 0:
+            raise bad("restarts", "must be an int >= 0")
 
 
 @dataclass
@@ -85,6 +101,8 @@ class History:
     best_epoch: int = 0
     stopped_early: bool = False
     lr_drops: list[int] = field(default_factory=list)  # epochs after which the rate fell
+    restarts: list[int] = field(default_factory=list)  # epochs after which a new cycle began
+    teacher_val_accuracy: float | None = None  # the teacher's accuracy on the held-out batches
 
     @property
     def loss(self) -> list[float]:
@@ -102,4 +120,5 @@ class History:
                 "holdout_batches": self.holdout_batches, "lr": self.lr,
                 "lr_test": self.lr_test.as_dict() if self.lr_test else None,
                 "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
-                "lr_drops": self.lr_drops}
+                "lr_drops": self.lr_drops, "restarts": self.restarts,
+                "teacher_val_accuracy": self.teacher_val_accuracy}

@@ -32,7 +32,7 @@ from fxpress.graph.capture import capture, clone_structure, eval_mode
 from fxpress.graph.guard import preserved_rng
 from fxpress.graph.runtime import trainable_modules
 from fxpress.passes.distill import FeatureProjection, collect, insert_taps, tap_modules
-from fxpress.passes.distill_config import History, TrainConfig
+from fxpress.passes.distill_config import RESTART_GAIN, History, TrainConfig
 from fxpress.passes.distill_data import (Dist, count_batches, device_of, distributed, epoch_batches,
                                          in_step, mean_over_ranks, split_holdout, steps_per_rank,
                                          to_device, train_mode)
@@ -384,9 +384,13 @@ class Distiller:
                 opt, factor=0.5, patience=max(1, cfg.patience // 2 if cfg.patience else 2))
         best = BestState(trainee) if held is not None else None
         drops_left, dropped, tail = cfg.lr_drops, 0, cfg.patience
+        restarts_left, peak, cycle_start, limit = cfg.restarts, lr, 0, cfg.epochs
+        bests: list[float] = []  # the best held-out loss after each epoch
         bar = progress_bar(cfg.epochs * steps if steps else None, cfg.progress and d.rank == 0)
         try:
-            for epoch in range(1, cfg.epochs + 1):
+            epoch = 0
+            while epoch < limit:
+                epoch += 1
                 start = time.perf_counter()
                 sums: dict[str, float] = {}
                 counts: dict[str, int] = {}  # per part: "ce" only in labelled batches
@@ -411,34 +415,54 @@ class Distiller:
                 record.update(epoch=epoch, lr=lr_now)
                 if held is not None:
                     record.update(self._evaluate(run, trainee, held))
+                    history.teacher_val_accuracy = record.pop("val_teacher_accuracy", None)
                 record["seconds"] = time.perf_counter() - start
                 history.epochs.append(record)
                 if cfg.schedule == "plateau":
                     sched.step(record.get("val_loss", record["loss"]))
                 if bar is not None:  # one redraw per epoch with the epoch's mean loss
                     bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
-                if best is not None:
-                    best.update(epoch, record["val_loss"])
-                    stalled = epoch - max(best.epoch, dropped) >= cfg.patience or \
-                        (dropped and epoch - dropped >= tail)  # its tail has ended
-                    if cfg.patience and stalled and epoch < cfg.epochs:
-                        if drops_left and cfg.schedule != "plateau":
-                            # a plateau while the rate is still high: back to the best
-                            # state, and anneal from this rate to zero over `patience`
-                            # epochs, so the run ends annealed rather than cut off
-                            drops_left -= 1
-                            dropped = epoch
-                            best.restore()
-                            # the tail: `patience` epochs, or half of those left when more
-                            # (a plateau at epoch 13 of 30 on two noisy held-out batches
-                            # annealed 1e-2 to zero in 5 epochs, still improving: -2 points)
-                            tail = max(cfg.patience, (cfg.epochs - epoch) // 2)
-                            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                                opt, tail * (steps or 1))
-                            history.lr_drops.append(epoch)
-                            continue
-                        history.stopped_early = True
-                        break
+                if best is None:
+                    continue
+                best.update(epoch, record["val_loss"])
+                bests.append(best.loss)
+                if not cfg.patience:
+                    continue
+                stalled = epoch - max(best.epoch, dropped, cycle_start) >= cfg.patience or \
+                    (dropped and epoch - dropped >= tail)  # its tail has ended
+                if stalled and epoch < limit:
+                    if drops_left and cfg.schedule != "plateau":
+                        # a plateau while the rate is still high: back to the best
+                        # state, and anneal from this rate to zero over `patience`
+                        # epochs, so the run ends annealed rather than cut off
+                        drops_left -= 1
+                        dropped = epoch
+                        best.restore()
+                        # the tail: `patience` epochs, or half of those left when more
+                        # (a plateau at epoch 13 of 30 on two noisy held-out batches
+                        # annealed 1e-2 to zero in 5 epochs, still improving: -2 points)
+                        tail = max(cfg.patience, (limit - epoch) // 2)
+                        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                            opt, tail * (steps or 1))
+                        history.lr_drops.append(epoch)
+                        continue
+                    history.stopped_early = True
+                    break
+                if epoch == limit and restarts_left and cfg.schedule != "plateau" and \
+                        self._still_improving(bests, best.epoch, epoch, cfg.patience):
+                    # the budget ran out while the held-out loss was still falling: one
+                    # more cycle from the best state at half the peak rate (a warm restart)
+                    restarts_left -= 1
+                    best.restore()
+                    peak /= 2
+                    for g in opt.param_groups:
+                        g["lr"] = peak
+                    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * (steps or 1))
+                    drops_left, dropped, tail, cycle_start = cfg.lr_drops, 0, cfg.patience, epoch
+                    limit += cfg.epochs
+                    history.restarts.append(epoch)
+                    if bar is not None:
+                        bar.total = limit * steps if steps else None
         finally:
             if bar is not None:
                 bar.close()
@@ -448,6 +472,15 @@ class Distiller:
         else:
             history.best_epoch = len(history.epochs)
         return history
+
+    @staticmethod
+    def _still_improving(bests: list[float], best_epoch: int, epoch: int, patience: int) -> bool:
+        """Whether the held-out loss was still falling at the end of a cycle: its best epoch
+        among the last ``patience``, at least :data:`RESTART_GAIN` below the best before them."""
+        if best_epoch <= epoch - patience:
+            return False
+        before = bests[-1 - patience] if len(bests) > patience else float("inf")
+        return bests[-1] < before * (1 - RESTART_GAIN)
 
     def _range_test(self, run: "_Run", model: nn.Module, trainee: nn.Module,
                     params: list[nn.Parameter], masks: dict, data: Any, cfg: TrainConfig,
@@ -477,7 +510,7 @@ class Distiller:
 
     def _evaluate(self, run: "_Run", trainee: "_Trainee", held: Any) -> dict[str, float]:
         """Loss (and accuracy, agreement with the teacher) on the held-out batches."""
-        total = correct = agree = labelled = n = 0.0
+        total = correct = t_correct = agree = labelled = n = 0.0
         with torch.no_grad(), eval_mode(trainee), eval_mode(run.teacher):
             for batch in held:
                 x, y = self._split(batch)
@@ -493,12 +526,14 @@ class Distiller:
                     agree += float((s == t).float().mean())
                     if y is not None:
                         correct += float((s == y.reshape(-1)).float().sum())
+                        t_correct += float((t == y.reshape(-1)).float().sum())
                         labelled += y.numel()
         out = {"val_loss": total / n if n else float("nan")}
         if self.output_loss == "kl" and n:
             out["val_agreement"] = agree / n
             if labelled:
                 out["val_accuracy"] = correct / labelled
+                out["val_teacher_accuracy"] = t_correct / labelled
         return out
 
     @staticmethod

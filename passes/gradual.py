@@ -91,8 +91,61 @@ def advise(passes: list, records: list, train_data=None) -> None:
             and "epochs" in getattr(records[first], "stats", {}):
         _note(records[first], "trained with no lossy pass before it: nothing to recover; "
               "put it after the pass it should recover from")
+    for i in range(min(len(passes), len(records))):
+        short_of_sparsity(passes[i], records[i])
+    for k, i in enumerate(recovering):
+        if i < len(records):
+            start = recovering[k - 1] + 1 if k else 0
+            likely_short(records[i], [passes[j] for j in range(start, i) if lossy(j)])
+
+
+#: A recovery step whose kept epoch scores this many points below the original model on
+#: its own held-out batches is reported as likely to miss (:func:`likely_short`).
+MISS_POINTS = 2.0
+
+
+def likely_short(record, lossy: list) -> None:
+    """Note on a recovery step's record when its kept epoch is :data:`MISS_POINTS` or more
+    below the original on the held-out batches, and what would likely do better."""
+    st = getattr(record, "stats", {}) or {}
+    teacher, epochs, best = st.get("teacher_val_accuracy"), st.get("epochs") or [], st.get("best_epoch")
+    if teacher is None or not best or best > len(epochs):
+        return
+    got = epochs[best - 1].get("val_accuracy")
+    if got is None or 100 * (teacher - got) < MISS_POINTS:
+        return
+    what = [p for p in lossy if p.name == "prune" and getattr(p, "sparsity", None)
+            and getattr(p, "steps", 1) == 1]
+    options = [f"'{_spec(what[0], steps=3)}' (the sparsity in 3 stages, a recovery after "
+               "each)", "the 'deep-compression' recipe", "a lower sparsity"] if what else \
+        ["a milder setting of " + (", ".join(sorted({p.name for p in lossy})) or "the passes before it")]
+    _note(record, f"likely short of the original: its kept epoch ({best}) scored {got:.3f} on "
+          f"{st.get('holdout_batches', 0)} held-out batches against the original's {teacher:.3f} "
+          f"({100 * (teacher - got):.1f} points); " + " or ".join(options) + " would likely do better "
+          "(nothing was changed)")
+
+
+def short_of_sparsity(p, record) -> None:
+    """Note on a prune's record when the floor of weights per output unit kept it from
+    the sparsity asked: the model is too narrow to lose that much evenly."""
+    asked, got = getattr(p, "sparsity", None), (getattr(record, "stats", {}) or {}).get("sparsity")
+    if p.name != "prune" or asked is None or got is None or got >= asked - 0.005:
+        return
+    _note(record, f"reached sparsity {got:.3f} of the {asked:g} asked: its layers keep at least "
+          f"min_per_unit={p.min_per_unit} weights per output unit, and this model is too narrow "
+          f"to lose {asked:g} of its weights above that floor; recovery from here is likely "
+          "short (a lower sparsity keeps more per unit; min_per_unit=0 reaches the sparsity by "
+          "emptying units)")
+
+
+def _spec(p, **change) -> str:
+    from fxpress.passes.recipes import format_pass
+
+    return format_pass(p.name, list({**dict(p.spec_items()), **change}.items()))
 
 
 def _note(record, text: str) -> None:
     record.message = f"{record.message}; {text}" if record.message else text
-__all__ = ["cubic_schedule", "expand", "trains", "advise"]
+
+
+__all__ = ["cubic_schedule", "expand", "trains", "advise", "likely_short", "short_of_sparsity"]
