@@ -76,7 +76,7 @@ def table(models: tuple[str, ...], seeds: tuple[int, ...], size: str, title: str
         digits, train, calib = data_for(kind)
         if size == "tiny":
             train, calib = train[:6], calib[:1]
-        tests["breast_cancer" if kind.startswith("cancer-") else "digits"] = len(digits.x_test)
+        tests[kind.split("-mlp-")[0] if "-mlp-" in kind else "digits"] = len(digits.x_test)
         for pipeline, (min_ratio, max_loss) in PIPELINES.items():
             got = []
             for seed in seeds:
@@ -115,7 +115,7 @@ def run(size: str) -> list[Table]:
 
 
 def main() -> None:
-    from bench.recovery_models import EXTRA, HELD_OUT, MODELS
+    from bench.recovery_models import EXTRA, HELD_OUT, MODELS, OWN
 
     p = argparse.ArgumentParser(prog="python -m bench.case_recovery")
     p.add_argument("--held-out", action="store_true",
@@ -123,6 +123,8 @@ def main() -> None:
                         "on scikit-learn's breast_cancer instead of digits)")
     p.add_argument("--extra", action="store_true",
                    help=f"the second held-out check: {', '.join(EXTRA)} on seeds 11, 12, 13")
+    p.add_argument("--own", action="store_true",
+                   help=f"the third held-out check: {', '.join(OWN)} on seeds 21, 22, 23")
     p.add_argument("--pipelines", help="comma-separated indices into the pipelines "
                    f"(0: {list(PIPELINES)[0]}, 1: {list(PIPELINES)[1]}; default both)")
     p.add_argument("--models", help=f"comma-separated (default {','.join(MODELS)})")
@@ -138,6 +140,8 @@ def main() -> None:
         tables = table(HELD_OUT, (7, 8, 9), "full", "Held-out model")
     elif args.extra:
         tables = table(EXTRA, (11, 12, 13), "full", "Second held-out set")
+    elif args.own:
+        tables = table(OWN, (21, 22, 23), "full", "Third held-out set")
     elif args.models:
         tables = table(tuple(args.models.split(",")), tuple(int(s) for s in args.seeds.split(",")),
                        "full", "Chosen models")

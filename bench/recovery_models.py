@@ -53,19 +53,19 @@ class DigitsTransformer(nn.Module):
         return self.head(h.mean(1))
 
 
-#: ``cancer-mlp-W-W``: an MLP on scikit-learn's breast_cancer (30 features, 2 classes)
-TABULAR = "cancer-"
+#: the scikit-learn tables a ``NAME-mlp-W-W`` model trains on (prefix -> loader name)
+TABLES = {"cancer-": "load_breast_cancer", "wine-": "load_wine"}
 
 
 @functools.lru_cache(maxsize=None)
-def cancer_data():
-    """scikit-learn's breast_cancer in the digits data's shape: a seeded 75/25 split,
-    features standardised with the training split's mean and deviation."""
-    from sklearn.datasets import load_breast_cancer
+def cancer_data(loader: str = "load_breast_cancer"):
+    """A scikit-learn table (breast_cancer by default) in the digits data's shape: a seeded
+    75/25 split, features standardised with the training split's mean and deviation."""
+    import sklearn.datasets
 
     from examples.digits import Digits
 
-    d = load_breast_cancer()
+    d = getattr(sklearn.datasets, loader)()
     x = torch.tensor(d.data, dtype=torch.float32)
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
@@ -80,9 +80,10 @@ def data_for(kind: str):
     """(the dataset, its training batches, calibration batches) a model kind trains on."""
     from examples.digits import calibration, digits_data, train_data
 
-    if not kind.startswith(TABULAR):
+    table = next((t for t in TABLES if kind.startswith(t)), None)
+    if table is None:
         return digits_data(), train_data(), calibration(4)
-    d = cancer_data()
+    d = cancer_data(TABLES[table])
     train = [(d.x_train[i:i + 64], d.y_train[i:i + 64]) for i in range(0, len(d.x_train), 64)]
     return d, train, [(d.x_train[i:i + 128],) for i in range(0, 4 * 128, 128)]
 
@@ -90,12 +91,14 @@ def data_for(kind: str):
 def build(kind: str) -> nn.Module:
     from examples.digits import DigitsCNN, DigitsMLP
 
-    if kind.startswith(TABULAR + "mlp-"):
-        dims = (30, *(int(w) for w in kind.split("-")[2:]))
+    table = next((t for t in TABLES if kind.startswith(t + "mlp-")), None)
+    if table is not None:
+        d = cancer_data(TABLES[table])
+        dims = (d.x_train.shape[1], *(int(w) for w in kind.split("-")[2:]))
         layers: list[nn.Module] = []
         for a, b in zip(dims, dims[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
-        return nn.Sequential(*layers, nn.Linear(dims[-1], 2))
+        return nn.Sequential(*layers, nn.Linear(dims[-1], int(d.y_train.max()) + 1))
     if kind.startswith("mlp-"):
         return DigitsMLP(hidden=tuple(int(w) for w in kind.split("-")[1:]))
     if kind.startswith("cnn-"):
@@ -115,6 +118,10 @@ HELD_OUT = ("mlp-400-200-100", "cnn-16-32-128", "transformer-48x3", "cancer-mlp-
 #: a deeper, narrower transformer, a CNN of other widths and another tabular MLP depth
 #: (``python -m bench.case_recovery --extra``, seeds 11-13)
 EXTRA = ("transformer-32x4", "cnn-24-48-96", "cancer-mlp-128-64-32")
+#: added with distill's mixup term and warm restarts and never run while choosing them:
+#: a narrow CNN and MLP on digits and an MLP on scikit-learn's wine (44 test examples: one
+#: is 2.27 points) (``python -m bench.case_recovery --own``, seeds 21-23)
+OWN = ("cnn-8-16-64", "mlp-96-48", "wine-mlp-64-32")
 
 
 @functools.lru_cache(maxsize=None)

@@ -98,6 +98,12 @@ class Distiller:
     batches carry labels (``(inputs..., label)``), the KL term alone when they do not,
     plus ``beta`` times the mean over ``pairs`` of ``MSE(proj(student tap), teacher tap)``.
     ``output_loss="mse"`` matches raw outputs instead (embeddings, regression).
+    ``mixup`` > 0 adds that weight times the KL term on blends of the batch's inputs
+    (each example mixed with another of the batch by a uniform random weight; the
+    teacher's outputs are the only labels there): the student matches the teacher's
+    function between the training points, not only on them (Beyer et al. 2022, "Knowledge
+    distillation: a good teacher is patient and consistent"). It applies to a single
+    float input (a token-id input is not blended) and costs a second batch per step.
 
     Labelled and unlabelled batches may be mixed (Hinton's transfer set: inputs only the
     teacher labels). Each batch is judged on its own: ``labels=True``/``False`` says all
@@ -119,12 +125,14 @@ class Distiller:
                  pairs: Mapping[str, str] | Sequence[str] | Sequence[tuple[str, str]] | None = None,
                  temperature: float = 4.0, alpha: float = 0.5, beta: float = 1.0, *,
                  output_loss: str = "kl", labels: bool | None = None, inputs: int | None = None,
-                 keep_zeros: bool = True):
+                 keep_zeros: bool = True, mixup: float = 0.0):
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
             raise InputError("Distiller: teacher and student must be torch.nn.Module instances")
         if teacher is student:
             raise InputError("Distiller: teacher and student are the same object; distil into a "
                              "copy (e.g. the graph fxpress.compress returns)")
+        if not mixup >= 0:
+            raise InputError(f"Distiller: mixup must be >= 0 (0: off), got {mixup!r}")
         if temperature <= 0 or not 0 <= alpha <= 1 or beta < 0:
             raise InputError(f"Distiller: need temperature > 0, 0 <= alpha <= 1, beta >= 0; got "
                              f"temperature={temperature}, alpha={alpha}, beta={beta}")
@@ -143,6 +151,7 @@ class Distiller:
                              f"got {inputs!r}")
         self.output_loss, self.labels, self.keep_zeros = output_loss, labels, keep_zeros
         self.inputs = inputs
+        self.mixup = float(mixup)
         self.projections: list[nn.Module] = []
 
     # -- data --------------------------------------------------------------------------------
@@ -334,15 +343,34 @@ class Distiller:
                  and p.dim() >= 2 and not bool((p != 0).all())}
         return trainee, params, masks
 
+    def _mixable(self, x: tuple) -> int:
+        """The batch size when ``x`` can be blended for the mixup term (one float input of
+        at least 2 examples, KL on a tensor output, no feature pairs), else 0."""
+        if not self.mixup or self.pairs or self.output_loss != "kl" or len(x) != 1:
+            return 0
+        t = x[0]
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] >= 2
+        return int(t.shape[0]) if ok else 0
+
     def _step(self, run: "_Run", model: nn.Module, opt: torch.optim.Optimizer, masks: dict,
               batch: Any) -> dict[str, float]:
         """One optimizer step on ``batch``; the loss parts."""
         x, y = self._split(batch)
         x, y = to_device(x, run.device), to_device(y, run.device)
+        b = self._mixable(x)
+        if b:  # the batch, then as many blends of it (labelled by the teacher alone)
+            lam = torch.rand((b,) + (1,) * (x[0].dim() - 1), device=x[0].device)
+            x = (torch.cat([x[0], lam * x[0] + (1 - lam) * x[0][torch.randperm(b, device=x[0].device)]]),)
         with torch.no_grad(), eval_mode(run.teacher), collect(run.teacher) as t_acts:
             t_out = run.teacher(*x)
         s_out, s_feats = model(*x)
-        loss, parts = self.loss(s_out, t_out, y, s_feats, t_acts)
+        if b:
+            loss, parts = self.loss(s_out[:b], t_out[:b], y, s_feats, t_acts)
+            mixed = self.loss(s_out[b:], t_out[b:], None, [], {})[0]
+            loss = loss + self.mixup * mixed
+            parts["mixup"] = _loss_item(mixed)
+        else:
+            loss, parts = self.loss(s_out, t_out, y, s_feats, t_acts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p, m in masks.items():  # pruned weights get no update...
@@ -448,7 +476,7 @@ class Distiller:
                         continue
                     history.stopped_early = True
                     break
-                if epoch == limit and restarts_left and cfg.schedule != "plateau" and \
+                if epoch == limit and restarts_left and cfg.schedule == "cosine" and \
                         self._still_improving(bests, best.epoch, epoch, cfg.patience):
                     # the budget ran out while the held-out loss was still falling: one
                     # more cycle from the best state at half the peak rate (a warm restart)

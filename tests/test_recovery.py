@@ -329,3 +329,39 @@ def test_default_prune_spreads_the_sparsity_across_layers_with_a_floor_per_unit(
         assert moved == got
     else:  # the scaled layer goes to its floor
         assert moved["conv2"] == sizes["conv2"] - 2 * 16 and moved != got
+
+
+def test_a_run_still_improving_when_its_epochs_end_restarts_at_half_the_rate(one_thread):
+    from fxpress.passes.distill_train import TrainConfig
+
+    teacher = trained_mlp(hidden=(32,), epochs=20)
+    torch.manual_seed(3)
+    d = fxpress.Distiller(teacher, DigitsMLP(hidden=(8,)))
+    # 2 epochs are far from enough: each cycle ends still improving
+    h = d.fit(train_data()[:8], config=TrainConfig(
+        epochs=2, lr=0.05, holdout=0.25, patience=1, restarts=2, progress=False))
+    assert h.restarts == [2, 4] and len(h) == 6 and not h.stopped_early
+    lrs = [e["lr"] for e in h.epochs]  # each epoch's rate at its start: 0.05, 0.025, 0.0125
+    assert lrs[0] == pytest.approx(2 * lrs[2]) == pytest.approx(4 * lrs[4])
+    vals = [e["val_loss"] for e in h.epochs]
+    assert h.best_epoch == 1 + vals.index(min(vals))
+    assert 0 <= h.teacher_val_accuracy <= 1
+    # the same run without restarts stops after its 2 epochs
+    torch.manual_seed(3)
+    d = fxpress.Distiller(teacher, DigitsMLP(hidden=(8,)))
+    assert len(d.fit(train_data()[:8], config=TrainConfig(
+        epochs=2, lr=0.05, holdout=0.25, patience=1, progress=False))) == 2
+
+
+def test_a_recovery_likely_to_miss_and_an_unreachable_sparsity_are_pointed_out(calib, one_thread):
+    # 97% of an 8-wide MLP is below its floor of 2 weights per unit, and 2 epochs on 10
+    # batches recover little: both records say so, and nothing is reordered
+    res = fxpress.compress(trained_mlp(hidden=(8,), epochs=10),
+                           "prune{sparsity=0.97},distill{epochs=2,holdout=0.2}",
+                           calibration=calib, train_data=train_data()[:10], policy="warn",
+                           progress=False)
+    prune, distill = res.records
+    assert prune.stats["sparsity"] < 0.96 and "of the 0.97 asked" in prune.message
+    assert "min_per_unit=2" in prune.message
+    assert "likely short of the original" in distill.message
+    assert "'prune{sparsity=0.97,steps=3}'" in distill.message and "deep-compression" in distill.message
