@@ -307,11 +307,6 @@ AUTO_LR_DROPS = 1
 #: from the original (a narrow transformer pruned to 95% starts at chance and trained
 #: 30 epochs with its loss still falling) trains longer; one that converged does not.
 AUTO_RESTARTS = 2
-#: With ``epochs`` not given, the weight of the KL term on blended inputs (Distiller's
-#: ``mixup``): on breast_cancer's 427 training examples the 128-64-32 MLP pruned to 95%
-#: and shared recovered to -2.11 points (seed 13) matching the teacher on those points
-#: alone, -0.70 with the blends.
-AUTO_MIXUP = 1.0
 #: The fraction of the batches held out for early stopping when ``epochs`` is not given.
 AUTO_HOLDOUT = 0.1
 _NONE = type(None)
@@ -326,8 +321,7 @@ class Distill(Pass):
     until the held-out loss stops improving (cycles of 30 epochs: up to two more, each at
     half the rate, while the loss is still falling when one ends) and keeps the best
     epoch's weights. It is verified against the original model on task metrics (top-1
-    agreement ≥ 0.95, accuracy ratio on labelled batches ≥ 0.99). Its loss also matches
-    the original on blends of pairs of training inputs (``mixup``). Without ``train_data``
+    agreement ≥ 0.95, accuracy ratio on labelled batches ≥ 0.99). Without ``train_data``
     it only inserts taps (and is no recovery step: lossy passes before it are judged on
     their own). ``distill{epochs=0}`` inserts taps only, held to exactness (rel. L2 ≤ 1e-6);
     ``distill{epochs=N}`` needs ``train_data``.
@@ -354,9 +348,8 @@ class Distill(Pass):
     alpha = option(0.5, "weight of the KL term; 1-alpha weighs cross-entropy on labels", low=0.0,
                    high=1.0)
     beta = option(0.0, "weight of the MSE between the graph's taps and the original's", low=0.0)
-    mixup = option(None, "weight of the KL term on blends of each batch's float inputs, which "
-                   "only the original model labels (default: 1.0 when epochs is not given, else "
-                   "0: off)", type=(float, _NONE), low=0.0)
+    mixup = option(0.0, "weight of a KL term on blends of each batch's float inputs, which "
+                   "only the original model labels (0: off)", low=0.0)
     output_loss = option("kl", "'kl' on softened logits, or 'mse' on raw outputs (embeddings)",
                          choices=("kl", "mse"))
     optimizer = option("adam", "optimizer", choices=("adam", "sgd"))
@@ -416,9 +409,7 @@ class Distill(Pass):
 
         distiller = Distiller(teacher, gm, pairs=pairs, temperature=self.temperature,
                               alpha=self.alpha, beta=self.beta, output_loss=self.output_loss,
-                              inputs=len(ctx.example_inputs),
-                              mixup=AUTO_MIXUP if self.mixup is None and self.epochs is None
-                              else self.mixup or 0.0)
+                              inputs=len(ctx.example_inputs), mixup=self.mixup)
         config = TrainConfig(epochs=self.epochs or AUTO_EPOCHS, lr=self.lr,
                              optimizer=self.optimizer, weight_decay=self.weight_decay,
                              schedule=self.schedule, patience=self.patience,
