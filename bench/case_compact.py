@@ -52,22 +52,26 @@ def one(kind: str, seed: int, pipeline: str, tiny: bool = False) -> dict:
     fp32 = fp32_safetensors_bytes(model)
     base = accuracy(model, digits.x_test, digits.y_test)
     acc = accuracy(res.module, digits.x_test, digits.y_test)
-    return {"b": b, "fp32": fp32, "delta": 100 * (acc - base), "seconds": seconds}
+    chose = next((",".join(f"{k}={v}" for k, v in r.stats["chosen"].items())
+                  for r in res.records if r.name == "budget" and "chosen" in r.stats), "")
+    return {"b": b, "fp32": fp32, "delta": 100 * (acc - base), "seconds": seconds, "chose": chose}
 
 
 def table(models, seeds, pipeline: str, tiny: bool = False) -> Table:
     t = Table(f"{TITLE}: `{pipeline}`", ["model", "seed", "file", "x smaller", "Δ points",
                                          "40x budget", "prefix", "header", "index",
-                                         *GROUPS, "seconds"])
+                                         *GROUPS, "budget chose", "seconds"])
     for kind in models:
         for seed in seeds:
             r = one(kind, seed, pipeline, tiny)
             b = r["b"]
             t.add(kind, seed, b["file"], round(r["fp32"] / b["file"], 1), f"{r['delta']:+.2f}",
                   r["fp32"] // 40, b["prefix"], b["header"], b["safetensors_index"],
-                  *(b["groups"].get(g, 0) for g in GROUPS), round(r["seconds"]))
+                  *(b["groups"].get(g, 0) for g in GROUPS), r["chose"] or "-",
+                  round(r["seconds"]))
     t.notes.append("bytes; file = prefix + header + index + every group; Δ on the digits test "
-                   "split (449 images, one = 0.22 points)")
+                   "split (449 images, one = 0.22 points); budget chose: the options the recipe's "
+                   "budget pass set (passes/budget.py), - when none")
     return t
 
 

@@ -13,7 +13,8 @@ pipeline runs (:func:`resolve`), it walks a ladder of settings, least damaging f
 
 and takes the first setting whose file fits the budget less a margin. The size of a setting
 is not guessed: the chain's lossy passes run once, one-shot (no recovery), on a structural
-copy of the graph, and the file is sized by the writer itself (entropy coding included).
+copy of the graph, and the file is sized by the writer itself (entropy coding included;
+codebooks at the float16 precision a recovery after them leaves).
 Recovery moves centroids and biases afterwards but keeps every pruned weight pruned, so the
 file it ends with is within the margin of that estimate. It binary-searches the ladder
 (about five trial compressions; each is a prune, a k-means per layer and a sizing: seconds
@@ -130,12 +131,21 @@ def _size(gm: torch.fx.GraphModule, passes: list[Pass], ctx: PassContext) -> int
     from fxpress.passes.gradual import expand
 
     g = clone_structure(gm)
+    recovered = False  # a recovery step after the last lossy pass ends trained centroids
     for p in passes:
+        if p.traits.recovers:
+            recovered = True
         if p.traits.recovers or p.name == Budget.name:
             continue
+        recovered = False
         if p.name == "prune" and p.steps > 1:
             p = _with(p, steps=1)
         g = p.run(g, ctx).module
+    if recovered:  # ... at float16 precision (CodebookModule.end_training), 2 bytes each
+        for m in g.modules():
+            cb = m._buffers.get("codebook") if hasattr(m, "begin_training") else None
+            if cb is not None and cb.dtype == torch.float32 and bool(cb.abs().max() < 65504):
+                m._buffers["codebook"] = cb.to(torch.float16).to(torch.float32)
     # the file also lists every pass the pipeline will have run (its stages included)
     meta = dict(gm.meta.get("fxpress", {}))
     meta["passes"] = list(meta.get("passes", [])) + [str(p) for p in expand(passes)]

@@ -274,11 +274,16 @@ class CodebookModule(DecodeStrategy, CompressedModule):
         return [p for p in (self.codebook, self.latent, self.bias) if p is not None]
 
     def end_training(self) -> None:
-        """Store the trained centroids back as a buffer (code 0 of a sparse layer: 0.0)
+        """Store the trained centroids back as a buffer (code 0 of a sparse layer: 0.0;
+        float32 ones rounded to float16 precision, which the artifact stores in 2 bytes)
         and each weight's final index, packed."""
         if not isinstance(self.codebook, torch.nn.Parameter):
             return
         codebook = self._parameters.pop("codebook").detach().clone()
+        if codebook.dtype == torch.float32 and bool(codebook.abs().max() < 65504):
+            # trained centroids are kept at float16 precision (a relative 2**-11), which
+            # the artifact stores in 2 bytes each, losslessly
+            codebook = codebook.to(torch.float16).to(torch.float32)
         if self.zero_code:
             codebook[0] = 0
         self.register_buffer("codebook", codebook)

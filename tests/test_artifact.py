@@ -628,3 +628,18 @@ def test_small_streams_take_an_arithmetic_codec_when_it_is_smaller(mlp90, calib,
     assert torch.equal(fxpress.load(tmp_path / "ac.fxp")(calib[0][0]), gm(calib[0][0]))
     monkeypatch.setattr(arith, "MAX_RAW", 0)  # the general codecs alone
     assert size < fxpress.save(gm, tmp_path / "general.fxp", entropy=True)
+
+
+def test_float32_values_a_2_byte_float_holds_are_stored_in_2_bytes_bit_exactly():
+    from fxpress.graph.artifact.tensors import decode_tensor, encode_tensor
+
+    g = torch.Generator().manual_seed(0)
+    for wide, narrow in ((torch.randn(40, generator=g).half().float(), "float16"),
+                         (torch.randn(40, generator=g).mul(1e6).bfloat16().float(), "bfloat16")):
+        wide[::7] = -0.0
+        entry, streams = encode_tensor("k", wide, entropy=False)
+        assert entry["narrow"] == narrow and entry["stored_bytes"] == 2 * 40
+        out = decode_tensor("k", entry, streams)
+        assert out.dtype == torch.float32 and torch.equal(out.view(torch.int32), wide.view(torch.int32))
+    full = torch.randn(40, generator=g)  # not exact in 2 bytes: stays 4
+    assert "narrow" not in encode_tensor("k", full)[0]

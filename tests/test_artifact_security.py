@@ -440,6 +440,15 @@ def test_arithmetic_coded_streams_are_bounded_before_they_decode(tmp_path):
         _load(_one_stream_file("ac9", 1000, b"\x01"))
 
 
+@pytest.mark.parametrize("narrow", ["float64", "int8", 2, ["float16"]])
+def test_a_narrow_entry_must_be_a_float32_tensor_stored_as_a_2_byte_float(narrow):
+    data = _one_stream_file(None, 8, bytes(8))
+    assert _load(data)().shape == (8,)
+    # a uint8 tensor claiming float16 values, a float32 one any other narrow type
+    for fields in ({"narrow": "float16"}, {"dtype": "float32", "shape": [2], "narrow": narrow}):
+        with pytest.raises(ArtifactFormatError, match="narrow"):
+            _load(tamper(data, lambda h: h["tensors"]["t"].update(fields)))
+
 # -- a fuzzer over valid headers ----------------------------------------------------------------
 
 _ATOMS = st.one_of(

@@ -64,6 +64,11 @@ def _stream_defaults(position: int, entry: dict) -> dict[str, dict] | None:
     numel = math.prod(shape)
     if numel >= 1 << 48:
         return None
+    narrow = entry.get("narrow")
+    if narrow is not None:  # a float32 tensor's values stored in a 2-byte float
+        if dtype != "float32" or not isinstance(narrow, str) or narrow not in _DTYPES:
+            return None
+        dtype = narrow
     try:
         expected = _expected_stream_bytes(entry, _DTYPES[dtype].itemsize, numel, "")
     except ArtifactError:

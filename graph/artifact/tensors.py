@@ -302,6 +302,27 @@ def _decompress(data: bytes, codec: str, size: int, where: str) -> bytes:
     return out
 
 
+#: float32 tensors whose every value is exactly a float16 (or bfloat16) are stored at 2
+#: bytes a value (``"narrow"`` in the entry) and widened back bit for bit at load
+NARROW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+#: ... checked on tensors of at most this many elements (codebooks, grids, scales)
+NARROW_MAX_NUMEL = 1 << 16
+
+
+def _narrow(t: torch.Tensor) -> tuple[str | None, torch.Tensor]:
+    """(``"float16"``/``"bfloat16"``, the 2-byte tensor) when ``t`` is float32 and that
+    type holds each of its values exactly (bit for bit: -0.0 kept, NaN payloads not
+    assumed); else (None, ``t``)."""
+    if t.dtype != torch.float32 or not 0 < t.numel() <= NARROW_MAX_NUMEL:
+        return None, t
+    bits = t.reshape(-1).view(torch.int32)
+    for name, dtype in NARROW.items():
+        small = t.to(dtype)
+        if torch.equal(small.to(torch.float32).reshape(-1).view(torch.int32), bits):
+            return name, small
+    return None, t
+
+
 def _code_stream(data: np.ndarray, arith_left: int, width: int = 0
                  ) -> tuple[str | None, bytes | None]:
     """The codec that stores ``data`` smallest and its output, or (None, None) when none
@@ -335,6 +356,11 @@ def encode_tensor(key: str, t: torch.Tensor, entropy: bool = False,
     streams may still take (the reader bounds their sum, ``Limits.arith_bytes``).
     """
     t = t.detach().to("cpu")
+    narrow, t_stored = _narrow(t)
+    if narrow is not None:
+        entry, streams = encode_tensor(key, t_stored, entropy, arith_left)
+        entry["dtype"], entry["narrow"] = "float32", narrow
+        return entry, streams
     a = _as_ints(t)
     mask = _nonzero(a)
     plan = _plan(a, mask, t.element_size())
@@ -439,7 +465,19 @@ def _expected_stream_bytes(entry: dict, item: int, numel: int, where: str) -> di
 
 
 _ENTRY_KEYS = {"dtype", "shape", "encoding", "sha256", "streams", "bits", "entries", "nnz",
-               "stored_bytes"}
+               "stored_bytes", "narrow"}
+
+
+def stored_dtype(entry: dict, dtype: torch.dtype, where: str) -> torch.dtype:
+    """The dtype the entry's values are stored in: its own, or a float32 tensor's
+    ``narrow`` 2-byte type (refused, typed, on any other tensor or value)."""
+    narrow = entry.get("narrow")
+    if narrow is None:
+        return dtype
+    if dtype != torch.float32 or not isinstance(narrow, str) or narrow not in NARROW:
+        raise ArtifactFormatError(f"{where}: narrow={_short_repr(narrow)}; only a float32 tensor "
+                                  f"may be stored narrow, as one of {sorted(NARROW)}")
+    return NARROW[narrow]
 _STREAM_KEYS = {"key", "dtype", "raw_bytes", "bytes", "sha256", "codec", "blob"}
 
 
@@ -460,7 +498,8 @@ def _check_tensor_entry(key: str, entry: Any) -> tuple[torch.dtype, list[int], i
     if not isinstance(entry.get("sha256", ""), str):  # version 1 files hold digests
         raise ArtifactFormatError(f"{where}: malformed digest")
     item = torch.empty((), dtype=dtype).element_size()
-    expected = _expected_stream_bytes(entry, item, numel, where)
+    expected = _expected_stream_bytes(
+        entry, torch.empty((), dtype=stored_dtype(entry, dtype, where)).element_size(), numel, where)
     streams = entry.get("streams")
     if not isinstance(streams, dict) or set(streams) != set(expected):
         raise ArtifactFormatError(f"{where}: expected streams {sorted(expected)}")
@@ -487,7 +526,8 @@ def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) ->
     """Rebuild one tensor bit for bit (the payload's sha256 is checked before; a version 1
     file's 64-bit digests of every stream and of the result are checked too)."""
     where = f"tensor {key!r}"
-    dtype, shape, _, _ = _check_tensor_entry(key, entry)
+    wide, shape, _, _ = _check_tensor_entry(key, entry)
+    dtype = stored_dtype(entry, wide, where)  # the values as stored
     item = torch.empty((), dtype=dtype).element_size()
     raw: dict[str, np.ndarray] = {}
     for sname, info in entry["streams"].items():
@@ -530,4 +570,4 @@ def decode_tensor(key: str, entry: dict, payload: Mapping[str, torch.Tensor]) ->
                               entry["bits"], entry["entries"], numel, where)
     if "sha256" in entry and _sha64(flat) != entry["sha256"]:
         raise ArtifactIntegrityError(f"{where}: decoded tensor fails its sha256 check")
-    return _from_ints(flat, dtype).reshape(shape)
+    return _from_ints(flat, dtype).to(wide).reshape(shape)
