@@ -308,9 +308,10 @@ class Int8Kernels:
 
     def _cached(self, backend: str, build):
         bias = self.bias  # fbgemm's per-tensor prepack holds a copy of it
-        key = (backend, self.act_scale, self.qweight.data_ptr(), self.qweight._version,
-               self.scale._version, id(bias),
-               None if bias is None or bias.is_inference() else bias._version)
+        # inference tensors (a decoded twin built in inference mode) have no version
+        # counter: reading one raised, and every kernel was marked broken for the process
+        key = (backend, self.act_scale, self.qweight.data_ptr(), _version(self.qweight),
+               _version(self.scale), id(bias), _version(bias))
         held = _prepacked.get(self)
         hit = None if held is None else held.get(backend)
         if hit is None or hit[0] != key:
