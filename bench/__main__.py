@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import os
 import pkgutil
@@ -45,12 +46,17 @@ def case_threads(size: str):
         real(1)
         torch.set_num_threads = lambda n: None
         os.environ["OMP_NUM_THREADS"] = "1"
+        # every pass ends with a full gc.collect(): frozen, the imports and the earlier
+        # cases' survivors are not walked again each time (tests/conftest.py does the same)
+        gc.collect()
+        gc.freeze()
     try:
         yield
     finally:
         torch.set_num_threads = real
         real(before)
         if size == "tiny":
+            gc.unfreeze()
             if env is None:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:

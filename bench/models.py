@@ -47,8 +47,9 @@ def gpt2(size: str = "full", seed: int = 0) -> tuple[torch.nn.Module, tuple]:
 
 
 def random_bert(seed: int = 0, hidden: int = 256, layers: int = 4, vocab: int = 2000,
-                heads: int = 4, positions: int = 160) -> torch.nn.Module:
-    """A randomly initialised BERT sentence encoder (examples/minilm.py's pooling), seeded."""
+                heads: int = 4, positions: int = 160, **config) -> torch.nn.Module:
+    """A randomly initialised BERT sentence encoder (examples/minilm.py's pooling), seeded;
+    ``config``: more BertConfig fields."""
     from transformers import BertConfig, BertModel
 
     from examples.minilm import SentenceEncoder
@@ -56,7 +57,7 @@ def random_bert(seed: int = 0, hidden: int = 256, layers: int = 4, vocab: int = 
     torch.manual_seed(seed)
     bert = BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                 intermediate_size=4 * hidden, vocab_size=vocab,
-                                max_position_embeddings=positions))
+                                max_position_embeddings=positions, **config))
     return SentenceEncoder(bert.train(False)).train(False)
 
 

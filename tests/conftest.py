@@ -110,3 +110,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def bert_batches():
+    """Two batches of 8 tokenised sentences (MiniLM's tokenizer), for ``bert_gm``."""
+    from examples.minilm import SENTENCES, batches
+
+    return batches(8, SENTENCES[:16])
+
+
+@pytest.fixture(scope="session")
+def bert_gm(bert_batches):
+    """A random BERT sentence encoder (2 layers, 32 wide, MiniLM's vocabulary and pooling)
+    captured by torch.export: an export graph of the same BertModel code as ``minilm_gm``,
+    for tests of what passes do on export graphs, at a fraction of MiniLM's cost. Weights
+    drawn 5x wider than BERT's default init (std 0.1, not 0.02), so that each layer matters
+    to the output as a trained model's do: a 50%-pruned layer costs cosine 0.97-0.99."""
+    import fxpress
+    from bench.models import random_bert
+    from examples.minilm import tokenizer
+
+    model = random_bert(hidden=32, layers=2, vocab=tokenizer().vocab_size, heads=2,
+                        initializer_range=0.1)
+    return fxpress.capture(model, bert_batches[0])
