@@ -13,7 +13,7 @@ import operator
 import pytest
 import torch
 
-from fxpress.errors import ArtifactFormatError, InputError
+from fxpress.errors import ArtifactFormatError, ArtifactLimitError, InputError
 from fxpress.graph import artifact
 from fxpress.graph.artifact.kernels import fxpress_kernel_guard
 
@@ -128,3 +128,38 @@ def test_grid_sampler_modes_are_checked_at_load(field):
     assert torch.equal(loaded(x), gm(x)) and _guards(loaded) == 0
     with pytest.raises(ArtifactFormatError, match="_mode is 9, not 0, 1 or 2"):
         artifact.loads(artifact.dumps(_graph_module({"grid": grid}, build(9))))
+
+
+_HUGE = 1 << 36  # elements: 256 GiB of float32
+
+
+@pytest.mark.parametrize("build", [
+    lambda g, x: g.call_function(torch.zeros, (1 << 18, 1 << 18)),
+    lambda g, x: g.call_function(torch.full, ((_HUGE,), 1.0)),
+    lambda g, x: g.call_function(aten.arange.start_step, (0, 1.0, 1e-9)),
+    lambda g, x: g.call_method("new_zeros", (x, (_HUGE,))),
+    lambda g, x: g.call_method("contiguous", (g.call_method("expand", (x, 1 << 18, 1 << 18)),)),
+    lambda g, x: g.call_function(aten.repeat.default, (x, [1 << 18, 1 << 18])),
+    lambda g, x: g.call_function(torch.bincount, (x,), {"minlength": _HUGE}),
+    lambda g, x: g.call_function(aten.histc.default, (x, _HUGE)),
+    lambda g, x: g.call_function(torch.nn.functional.pad, (x, [_HUGE, 0])),
+], ids=["zeros", "full", "arange", "new_zeros", "expand", "repeat", "bincount", "histc", "pad"])
+def test_sizes_the_file_states_are_bounded_at_load(build):
+    # a few bytes of graph asked for 256 GiB when called: refused at load, by the limit
+    crafted = _graph_module({}, lambda g, x, a: build(g, x))
+    with pytest.raises(ArtifactLimitError, match="from sizes the file states, past the limit"):
+        artifact.loads(artifact.dumps(crafted))
+    artifact.loads(artifact.dumps(crafted), max_bytes=1 << 40)  # raised for a trusted file
+
+
+def test_sizes_computed_from_the_input_and_slices_to_the_end_load():
+    # export graphs slice to int64's max and size masks from the input: not a constant size
+    def build(g, x, a):
+        n = g.call_function(aten.sym_size.int, (x, 0))
+        mask = g.call_function(aten.full.default, ([n, n], 1.0))
+        end = g.call_function(aten.slice.Tensor, (x, 0, 0, 9223372036854775807))
+        return g.call_function(aten.add.Tensor, (mask, g.call_function(aten.sum.default, (end,))))
+
+    gm = _graph_module({}, build)
+    x = torch.arange(3.0)
+    assert torch.equal(artifact.loads(artifact.dumps(gm))(x), gm(x))

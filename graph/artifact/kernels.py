@@ -31,13 +31,10 @@ from typing import Any, Callable
 
 import torch
 
-from fxpress.errors import ArtifactFormatError, InputError
+from fxpress.errors import ArtifactFormatError, ArtifactLimitError, InputError
+from fxpress.graph.artifact.rnn import _shape
 
 aten = torch.ops.aten
-
-
-def _shape(t: Any) -> tuple[int, ...] | None:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
 
 def _batch_norm(input: Any = None, weight: Any = None, bias: Any = None, running_mean: Any = None,
@@ -140,4 +137,165 @@ def guard_kernel_calls(graph: torch.fx.Graph, where: str) -> None:
                                       "torch's CPU kernel does not check it")
 
 
-__all__ = ["CHECKS", "fxpress_kernel_guard", "guard_kernel_calls"]
+
+
+# -- what a loaded graph may allocate from sizes the file states -----------------------------
+
+def _ints(v: Any) -> list | None:
+    """The numbers of a constant size (an int, a float factor, or nested lists of them);
+    None when any part is computed by the graph."""
+    if isinstance(v, bool):
+        return [int(v)]
+    if isinstance(v, (int, float)):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        out: list = []
+        for x in v:
+            xs = _ints(x)
+            if xs is None:
+                return None
+            out += xs
+        return out
+    return None
+
+
+def _prod(v: Any) -> float | None:
+    xs = _ints(v)
+    if xs is None:
+        return None
+    n = 1.0
+    for x in xs:
+        n *= max(abs(x), 1)
+    return n
+
+
+def _arange(start: Any = 0, end: Any = None, step: Any = 1) -> float | None:
+    xs = _ints([start, end, step])
+    if xs is None or end is None:
+        return None
+    start, end, step = xs
+    return abs(end - start) / max(abs(step), 1e-300)
+
+
+def _pads(pad: Any = None) -> float | None:
+    xs = _ints(pad)
+    if xs is None:
+        return None
+    n = 1.0
+    for i in range(0, len(xs) - 1, 2):
+        n *= 1 + abs(xs[i]) + abs(xs[i + 1])
+    return n
+
+
+#: op name (ATen packet, torch / torch.nn.functional function or Tensor method) -> how its
+#: output's size (or its factor on the input's size) follows from its arguments: (ATen
+#: argument names, positions in a torch function's / method's arguments after ``self``,
+#: how they combine). A varargs size (``x.repeat(2, 3)``) is all positional ints.
+_SIZE = {"prod": _prod, "arange": _arange, "pads": _pads,
+         "pair": lambda **kw: _prod([v for v in kw.values() if v is not None] * (
+             2 if len([v for v in kw.values() if v is not None]) == 1 else 1))}
+ALLOCATORS: dict[str, tuple[tuple[str, ...], str, bool]] = {
+    # name: (aten argument names, kind, method/torch form takes the input first)
+    **{n: (("size",), "prod", False) for n in ("zeros", "ones", "rand", "randn", "full")},
+    "randint": (("size",), "prod", False),
+    **{n: (("size",), "prod", True) for n in ("new_zeros", "new_ones", "new_full", "expand",
+                                              "expand_copy", "broadcast_to")},
+    "repeat": (("repeats",), "prod", True), "tile": (("dims",), "prod", True),
+    "arange": (("start", "end", "step"), "arange", False),
+    "range": (("start", "end", "step"), "arange", False),
+    **{n: (("steps",), "prod", False) for n in ("linspace", "logspace")},
+    "eye": (("n", "m"), "pair", False),
+    **{n: (("row", "col"), "pair", False) for n in ("tril_indices", "triu_indices")},
+    "randperm": (("n",), "prod", False),
+    "bincount": (("minlength",), "prod", True), "histc": (("bins",), "prod", True),
+    "one_hot": (("num_classes",), "prod", True), "multinomial": (("num_samples",), "prod", True),
+    "repeat_interleave": (("repeats", "output_size"), "prod", True),
+    **{n: (("pad",), "pads", True) for n in ("constant_pad_nd", "pad")},
+    **{n: (("output_size", "scale_factors"), "prod", True) for n in (
+        "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
+        "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d")},
+}
+#: torch / functional forms whose positional arguments differ from ATen's
+_POSITIONAL = {"arange": None, "range": None, "eye": ("n", "m"), "linspace": (None, None, "steps"),
+               "logspace": (None, None, "steps"), "tril_indices": ("row", "col"),
+               "triu_indices": ("row", "col"), "randperm": ("n",), "bincount": (None, "minlength"),
+               "histc": ("bins",), "one_hot": ("num_classes",), "multinomial": ("num_samples",),
+               "pad": ("pad",), "repeat_interleave": ("repeats",), "full": ("size",),
+               "randint": None, "broadcast_to": ("size",), "tile": ("dims",)}
+
+
+def _size_args(name: str, node: torch.fx.Node) -> dict[str, Any] | None:
+    """The size arguments of an allocating call, by ATen name; None if not one."""
+    names, kind, takes_input = ALLOCATORS[name]
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        bound = _bound(target, node.args, node.kwargs)
+        return {k: bound.get(k) for k in names if k in bound}
+    # a method's self, or a function's input (torch.bincount(input, ...), F.pad(input, ...))
+    args = list(node.args[1:] if node.op == "call_method" or takes_input else node.args)
+    kw = {k: v for k, v in node.kwargs.items() if k in names or k in ("start", "end", "step", "size")}
+    if name in ("arange", "range"):
+        nums = args[:3]
+        if len(nums) == 1:
+            kw.setdefault("end", nums[0])
+        elif nums:
+            kw.update(zip(("start", "end", "step"), nums))
+        return kw
+    if name == "randint":
+        sized = [a for a in args if isinstance(a, (list, tuple))]
+        return {"size": sized[0] if sized else kw.get("size")}
+    pos = _POSITIONAL.get(name)
+    if pos is None:  # a size: one list, or varargs ints
+        first = args[0] if args else kw.get(names[0])
+        size = first if isinstance(first, (list, tuple)) or len(args) <= 1 else args
+        return {names[0]: size}
+    out = {k: v for k, v in zip(pos, args) if k is not None}
+    out.update({k: v for k, v in kw.items() if k in names})
+    return out
+
+
+def _alloc_name(node: torch.fx.Node) -> str | None:
+    t = node.target
+    if node.op == "call_method":
+        name = str(t)
+    elif isinstance(t, torch._ops.OpOverload):
+        name = t._schema.name.split("::")[-1]
+    elif node.op == "call_function" and getattr(t, "__module__", "") in (
+            "torch", "torch.functional", "torch.nn.functional", "torch._C._nn",
+            "torch._C._VariableFunctions", None):
+        name = getattr(t, "__name__", "")
+    else:
+        return None
+    return name if name in ALLOCATORS else None
+
+
+def check_constant_sizes(graph: torch.fx.Graph, limit: int, where: str) -> None:
+    """Refuse a graph whose allocating calls (:data:`ALLOCATORS`: ``zeros``, ``full``,
+    ``arange``, ``new_zeros``, ``repeat``, ``expand``, ``bincount``'s ``minlength``,
+    ``histc``'s ``bins``, pads, ...) state as constants a size, or a factor on their input's
+    size, whose float32 tensor exceeds ``limit`` bytes (the load's tensor-bytes limit).
+    Sizes the graph computes at run time are not bounded here."""
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = _alloc_name(node)
+        if name is None:
+            continue
+        args = _size_args(name, node)
+        if not args:
+            continue
+        kind = ALLOCATORS[name][1]
+        if kind == "prod":
+            known = [_prod(v) for v in args.values() if v is not None]
+            n = max((k for k in known if k is not None), default=None)
+        else:
+            n = _SIZE[kind](**args)
+        if n is not None and n * 4 > limit:
+            raise ArtifactLimitError(
+                f"{where}: node {node.name!r} ({name}) allocates {n:.3g} elements from sizes "
+                f"the file states, past the limit of {limit} bytes; pass max_bytes= to load() "
+                "if you trust the file")
+
+
+__all__ = ["CHECKS", "ALLOCATORS", "fxpress_kernel_guard", "guard_kernel_calls",
+           "check_constant_sizes"]

@@ -20,7 +20,7 @@ from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _s
                                            _split_prefix, open_regular, read_bounded)
 from fxpress.graph.artifact.limits import Limits, resolve
 from fxpress.graph.artifact.modules import finish_torch_nn
-from fxpress.graph.artifact.kernels import guard_kernel_calls
+from fxpress.graph.artifact.kernels import check_constant_sizes, guard_kernel_calls
 from fxpress.graph.artifact.rnn import check_rnn_tree, guard_lstm_calls
 from fxpress.graph.artifact.schema import _IDENT, Allowlist, _Checked, _validate
 from fxpress.graph.artifact.specs import spec_from_file
@@ -111,7 +111,7 @@ def _loads(data: bytes | memoryview, runtime_modules: Iterable[type], *, limits:
         decoded = {key: decode_tensor(key, entry, streams) for key, entry in header["tensors"].items()}
     del streams
     root = _build_modules(plan, decoded, where)
-    return _build_graph(header, plan, root, allow, where, limits)
+    return _build_graph(header, plan, root, allow, where, limits, limits.decoded_limit(len(data)))
 
 
 def _blob_streams(header: dict) -> Iterable[tuple[str, str, dict, int, int]]:
@@ -308,7 +308,7 @@ def _check_aten_args(op: Any, args: tuple, kwargs: dict, nw: str) -> None:
 
 
 def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: Allowlist, where: str,
-                 limits: Limits) -> torch.fx.GraphModule:
+                 limits: Limits, decoded_limit: int) -> torch.fx.GraphModule:
     from torch.fx.passes.shape_prop import TensorMetadata
 
     ginfo = header["graph"]
@@ -350,6 +350,7 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
             list(cg.get("orig_args", [])), in_spec, out_spec))
     guard_lstm_calls(graph)
     guard_kernel_calls(graph, where)
+    check_constant_sizes(graph, decoded_limit, where)
     try:
         graph.lint()
         gm = torch.fx.GraphModule(root, graph, ginfo.get("class_name", "GraphModule"))
