@@ -350,8 +350,10 @@ class Distill(Pass):
     beta = option(0.0, "weight of the MSE between the graph's taps and the original's", low=0.0)
     mixup = option(0.0, "weight of a KL term on blends of each batch's float inputs, which "
                    "only the original model labels (0: off)", low=0.0)
-    output_loss = option("kl", "'kl' on softened logits, or 'mse' on raw outputs (embeddings)",
-                         choices=("kl", "mse"))
+    output_loss = option("auto", "'kl' on softened logits, 'mse' on raw outputs (embeddings, "
+                         "regression: plus MSE to float labels), or 'auto': mse when the labels "
+                         "are floats or the output has one value per row, else kl",
+                         choices=("auto", "kl", "mse"))
     optimizer = option("adam", "optimizer", choices=("adam", "sgd"))
     schedule = option("cosine", "learning-rate schedule over the epochs", choices=SCHEDULES)
     weight_decay = option(0.0, "weight decay", low=0.0)

@@ -84,7 +84,7 @@ def _loss_item(t: torch.Tensor | float) -> float:
 
 
 #: every part :meth:`Distiller.loss` may report
-_LOSS_PARTS = ("loss", "kd", "ce", "feature")
+_LOSS_PARTS = ("loss", "kd", "ce", "label_mse", "feature")
 
 
 class Distiller:
@@ -97,7 +97,10 @@ class Distiller:
     The loss is ``alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−alpha)·CE(s, y)`` when
     batches carry labels (``(inputs..., label)``), the KL term alone when they do not,
     plus ``beta`` times the mean over ``pairs`` of ``MSE(proj(student tap), teacher tap)``.
-    ``output_loss="mse"`` matches raw outputs instead (embeddings, regression).
+    ``output_loss="mse"`` matches raw outputs instead (embeddings, regression), plus
+    ``(1−alpha)·MSE(s, y)`` for float labels; ``"auto"`` (what the distill pass uses)
+    chooses on the first batch: ``mse`` when the labels are floats (regression) or the
+    output has one value per row, else ``kl``.
     ``mixup`` > 0 adds that weight times the KL term on blends of the batch's inputs
     (each example mixed with another of the batch by a uniform random weight; the
     teacher's outputs are the only labels there): the student matches the teacher's
@@ -136,8 +139,9 @@ class Distiller:
         if temperature <= 0 or not 0 <= alpha <= 1 or beta < 0:
             raise InputError(f"Distiller: need temperature > 0, 0 <= alpha <= 1, beta >= 0; got "
                              f"temperature={temperature}, alpha={alpha}, beta={beta}")
-        if output_loss not in ("kl", "mse"):
-            raise InputError(f"Distiller: output_loss must be 'kl' or 'mse', got {output_loss!r}")
+        if output_loss not in ("kl", "mse", "auto"):
+            raise InputError(f"Distiller: output_loss must be 'kl', 'mse' or 'auto', got "
+                             f"{output_loss!r}")
         self.teacher, self.student = teacher, student
         if pairs is None:
             self.pairs: list[tuple[str, str]] = []
@@ -189,6 +193,9 @@ class Distiller:
         """The distillation loss of one batch and its parts."""
         s, t = _first_float(s_out), _first_float(t_out).detach()
         parts: dict[str, float] = {}
+        if self.output_loss == "auto":  # regression targets or one output: no class scores
+            regression = (y is not None and y.is_floating_point()) or s.shape[-1] == 1
+            self.output_loss = "mse" if regression else "kl"
         if self.output_loss == "kl":
             T = self.temperature
             s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
@@ -201,6 +208,10 @@ class Distiller:
             ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
             parts["ce"] = _loss_item(ce)
             total = self.alpha * out + (1 - self.alpha) * ce
+        elif y is not None and y.is_floating_point() and y.numel() == s.numel():
+            hard = F.mse_loss(s, y.reshape(s.shape).to(s.dtype))  # regression targets
+            parts["label_mse"] = _loss_item(hard)
+            total = self.alpha * out + (1 - self.alpha) * hard
         else:
             total = out
         if s_feats:

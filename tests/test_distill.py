@@ -332,3 +332,30 @@ def test_train_config_checks_its_fields():
     for bad in ({"epochs": 0}, {"lr": 0.0}, {"optimizer": "lion"}, {"schedule": "step"}):
         with pytest.raises(InputError, match=next(iter(bad))):
             TrainConfig(**bad)
+
+
+def test_regression_models_recover_on_float_targets():
+    # float labels (sklearn's diabetes) crashed distill's cross-entropy, and one output
+    # per row made its softened-logit KL zero: output_loss="auto" matches the teacher's
+    # outputs and the labels by MSE instead
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32).unsqueeze(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[:300]), y[:300]).backward()
+        opt.step()
+    model.eval()
+    data = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 300, 50)]
+    pruned = fxpress.compress(model, "prune{sparsity=0.9}", calibration=[(x[:64],)],
+                              policy="warn").module
+    res = fxpress.compress(model, "prune{sparsity=0.9},distill{epochs=4,lr=0.01}",
+                           calibration=[(x[:64],)], train_data=data, policy="warn")
+    err = lambda m: float(nn.functional.mse_loss(m(x[300:]), y[300:]))  # noqa: E731
+    assert err(res.module) < err(pruned)
+    assert "label_mse" in json.dumps(res.records[-1].stats)  # the labels were used
