@@ -357,7 +357,7 @@ class Distiller:
     def _mixable(self, x: tuple) -> int:
         """The batch size when ``x`` can be blended for the mixup term (one float input of
         at least 2 examples, KL on a tensor output, no feature pairs), else 0."""
-        if not self.mixup or self.pairs or self.output_loss != "kl" or len(x) != 1:
+        if not self.mixup or self.pairs or self.output_loss == "mse" or len(x) != 1:
             return 0
         t = x[0]
         ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] >= 2
