@@ -152,8 +152,11 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor]
 
 
 def _digest(t: torch.Tensor) -> tuple:
+    # as float32 (exact for half precision): a half model's weights are captured as
+    # float32 copies, and one left float must still match its original
     t = t.detach().cpu()
-    return (tuple(t.shape), str(t.dtype), hashlib.sha1(t.numpy().tobytes()).hexdigest())
+    t = t.float() if t.is_floating_point() else t
+    return (tuple(t.shape), hashlib.sha1(t.contiguous().numpy().tobytes()).hexdigest())
 
 
 def _float_digests(module: nn.Module) -> set[tuple]:
