@@ -522,13 +522,157 @@ def falcon() -> Specimen:
     return _hf("falcon", FalconForCausalLM(cfg), _ids_only)
 
 
+# held out, round 15: dtypes, layouts and parametrizations users bring (a bfloat16 Llama,
+# a float16 CNN, a channels_last CNN, weight_norm/spectral_norm layers), an EmbeddingBag
+# recommender, a UNet, a dilated TCN, torch's TransformerDecoder, Qwen3 and RegNet
+
+def llama_bf16() -> Specimen:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return _hf("llama_bf16", LlamaForCausalLM(cfg).to(torch.bfloat16), _ids_mask)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.fc = nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.b1(self.c1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def cnn_fp16() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("cnn_fp16", _bn_stats(SmallCNN()).half(),
+                     lambda b, n, s: (_randn(b, 3, n, n, seed=s).half(),), reshaped=(3, 12))
+
+
+def cnn_channels_last() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("cnn_channels_last", _bn_stats(SmallCNN()).to(memory_format=torch.channels_last),
+                     lambda b, n, s: (_randn(b, 3, n, n, seed=s).to(memory_format=torch.channels_last),),
+                     reshaped=(3, 12))
+
+
+def weight_norm_mlp() -> Specimen:
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    m = nn.Sequential(weight_norm(nn.Linear(16, 32)), nn.ReLU(), weight_norm(nn.Linear(32, 32)),
+                      nn.ReLU(), spectral_norm(nn.Linear(32, 4)))
+    return _specimen("weight_norm_mlp", m, lambda b, n, s: (_randn(b, 16, seed=s),))
+
+
+class Recommender(nn.Module):
+    """An EmbeddingBag over item ids, an embedding of a category and dense features."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag, self.cat = nn.EmbeddingBag(VOCAB, 16, mode="sum"), nn.Embedding(50, 16)
+        self.mlp = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, ids, cat, dense):
+        return self.mlp(torch.cat([self.bag(ids), self.cat(cat), dense], 1))
+
+
+def recommender() -> Specimen:
+    torch.manual_seed(0)
+
+    def make(b, n, s):
+        return (_ids(b, n, s), _ids(b, 1, s + 50, vocab=50)[:, 0], _randn(b, 8, seed=s))
+    return _specimen("recommender", Recommender(), make)
+
+
+class UNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.d1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.d2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU())
+        self.up, self.out = nn.ConvTranspose2d(16, 8, 2, stride=2), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        a = self.d1(x)
+        return self.out(torch.cat([a, self.up(self.d2(a))], 1))
+
+
+def unet() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("unet", _bn_stats(UNet()), lambda b, n, s: (_randn(b, 1, n, n, seed=s),),
+                     reshaped=(3, 16))
+
+
+class TCN(nn.Module):
+    """Dilated causal Conv1d blocks (padding, then the future trimmed), PReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv1d(6 if i == 0 else 16, 16, 3, dilation=2 ** i,
+                                              padding=2 * 2 ** i) for i in range(3)])
+        self.act, self.head = nn.PReLU(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        n = x.shape[-1]
+        for c in self.convs:
+            x = self.act(c(x)[..., :n])
+        return self.head(x[..., -1])
+
+
+def tcn() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("tcn", TCN(), lambda b, n, s: (_randn(b, 6, n, seed=s),), shape=(2, 16),
+                     reshaped=(3, 24))
+
+
+class TorchDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(VOCAB, 32), nn.Linear(32, VOCAB)
+        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 2, 64, batch_first=True,
+                                                                    dropout=0.0), 2)
+
+    def forward(self, tgt, memory):
+        return self.head(self.dec(self.emb(tgt), memory))
+
+
+def torch_decoder() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("torch_decoder", TorchDecoder(),
+                     lambda b, n, s: (_ids(b, n, s), _randn(b, n + 2, 32, seed=s)))
+
+
+def qwen3() -> Specimen:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      max_position_embeddings=64)
+    return _hf("qwen3", Qwen3ForCausalLM(cfg), _ids_mask)
+
+
+def regnet() -> Specimen:
+    from transformers import RegNetConfig, RegNetForImageClassification
+
+    torch.manual_seed(0)
+    cfg = RegNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                       groups_width=4, num_labels=3)
+    return _hf("regnet", RegNetForImageClassification(cfg), _image, shape=(2, 32), reshaped=(3, 48))
+
+
 ZOO: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     bert, distilbert, gpt2, llama, qwen2, t5, bart, vit, whisper_encoder, wav2vec2, resnet,
     convnext, transformer_encoder, multihead_attention, lstm, gru, conv_transpose,
     tied_embeddings, module_twice, inplace_ops, dict_outputs, minilm)}
 
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
-    albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2, falcon)}
+    albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2, falcon,
+    llama_bf16, cnn_fp16, cnn_channels_last, weight_norm_mlp, recommender, unet, tcn, torch_decoder,
+    qwen3, regnet)}
 
 
 def build(name: str) -> Specimen:
