@@ -301,27 +301,11 @@ def _stream_bomb(codec: str, declared: int, inflated: int) -> bytes:
     import bz2
     import lzma
 
-    import safetensors.torch
-
     block = b"\0" * (1 << 20)
     c = {"zlib": lambda: zlib.compressobj(1), "bz2": lambda: bz2.BZ2Compressor(9),
          "lzma": lambda: lzma.LZMACompressor()}[codec]()
     comp = b"".join(c.compress(block) for _ in range(inflated >> 20)) + c.flush()
-    st = torch.frombuffer(bytearray(comp), dtype=torch.uint8)
-    payload = safetensors.torch.save({"s": st})
-    entry = {"dtype": "uint8", "shape": [declared], "encoding": "dense", "sha256": "0" * 16,
-             "streams": {"data": {"key": "s", "dtype": "uint8", "raw_bytes": declared,
-                                  "bytes": len(comp), "codec": codec,
-                                  "sha256": hashlib.sha256(comp).hexdigest()[:16]}}}
-    header = {"format": "fxpress", "version": artifact.VERSION, "graph": {"nodes": [
-        {"name": "t", "op": "get_attr", "target": "t", "args": {"$": "tuple", "v": []},
-         "kwargs": {"$": "dict", "v": []}},
-        {"name": "output", "op": "output", "target": "output",
-         "args": {"$": "tuple", "v": [{"$": "node", "v": "t"}]}, "kwargs": {"$": "dict", "v": []}}]},
-        "modules": [{"path": "", "training": False, "tensors": {"t": {"ref": "t", "kind": "attr"}}}],
-        "tensors": {"t": entry}, "meta": {}, "dropped": [], "entropy": True,
-        "payload": {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
-    return artifact.pack_artifact(header, payload)
+    return _one_stream_file(codec, declared, comp)
 
 
 _CHILD = textwrap.dedent("""

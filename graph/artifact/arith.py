@@ -99,6 +99,21 @@ def _encode(data: bytes, w: int) -> bytes:
     seen = [0] * (1 << w)
     low, rng, cache, cache_size = 0, _MASK32, 0, 1
     out = bytearray()
+
+    def shift_low() -> None:  # LZMA's: emit the cached byte (plus a carry) once it is final
+        nonlocal low, cache, cache_size
+        if (low & _MASK32) < 0xFF000000 or low >> 32:
+            carry, temp = low >> 32, cache
+            while True:
+                out.append((temp + carry) & 0xFF)
+                temp = 0xFF
+                cache_size -= 1
+                if not cache_size:
+                    break
+            cache = (low >> 24) & 0xFF
+        cache_size += 1
+        low = (low & 0x00FFFFFF) << 8
+
     for sym in symbols:
         node = 1
         for d in range(w - 1, -1, -1):
@@ -113,33 +128,12 @@ def _encode(data: bytes, w: int) -> bytes:
             else:
                 zeros[node] += 1
                 rng = bound
-            while rng < _TOP:
+            while rng < _TOP:  # once per output byte
                 rng = (rng << 8) & _MASK32
-                # LZMA's shift_low: emit the cached byte (plus a carry) once it is final
-                if (low & _MASK32) < 0xFF000000 or low >> 32:
-                    carry, temp = low >> 32, cache
-                    while True:
-                        out.append((temp + carry) & 0xFF)
-                        temp = 0xFF
-                        cache_size -= 1
-                        if not cache_size:
-                            break
-                    cache = (low >> 24) & 0xFF
-                cache_size += 1
-                low = (low & 0x00FFFFFF) << 8
+                shift_low()
             node = (node << 1) | bit
     for _ in range(5):
-        if (low & _MASK32) < 0xFF000000 or low >> 32:
-            carry, temp = low >> 32, cache
-            while True:
-                out.append((temp + carry) & 0xFF)
-                temp = 0xFF
-                cache_size -= 1
-                if not cache_size:
-                    break
-            cache = (low >> 24) & 0xFF
-        cache_size += 1
-        low = (low & 0x00FFFFFF) << 8
+        shift_low()
     return bytes(out[1:]).rstrip(b"\0")  # the first byte is always 0; the decoder pads zeros
 
 
