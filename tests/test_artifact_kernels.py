@@ -143,7 +143,11 @@ _HUGE = 1 << 36  # elements: 256 GiB of float32
     lambda g, x: g.call_function(torch.bincount, (x,), {"minlength": _HUGE}),
     lambda g, x: g.call_function(aten.histc.default, (x, _HUGE)),
     lambda g, x: g.call_function(torch.nn.functional.pad, (x, [_HUGE, 0])),
-], ids=["zeros", "full", "arange", "new_zeros", "expand", "repeat", "bincount", "histc", "pad"])
+    lambda g, x: g.call_function(aten.convolution.default, (x, x, None, [1], [_HUGE], [1], False,
+                                                            [0], 1)),
+    lambda g, x: g.call_function(torch.nn.functional.interpolate, (x,), {"scale_factor": 1e11}),
+], ids=["zeros", "full", "arange", "new_zeros", "expand", "repeat", "bincount", "histc", "pad",
+        "conv_padding", "interpolate"])
 def test_sizes_the_file_states_are_bounded_at_load(build):
     # a few bytes of graph asked for 256 GiB when called: refused at load, by the limit
     crafted = _graph_module({}, lambda g, x, a: build(g, x))
@@ -163,3 +167,15 @@ def test_sizes_computed_from_the_input_and_slices_to_the_end_load():
     gm = _graph_module({}, build)
     x = torch.arange(3.0)
     assert torch.equal(artifact.loads(artifact.dumps(gm))(x), gm(x))
+
+
+@pytest.mark.parametrize("module", [
+    torch.nn.Conv1d(1, 1, 3, padding=1 << 34), torch.nn.Upsample(scale_factor=1e11),
+    torch.nn.AdaptiveAvgPool2d((1 << 18, 1 << 18)), torch.nn.ConstantPad1d((1 << 36, 0), 0.0)],
+    ids=["conv", "upsample", "adaptive_pool", "pad"])
+def test_module_size_fields_are_bounded_at_load(module):
+    g = torch.fx.Graph()
+    g.output(g.call_module("m", (g.placeholder("x"),)))
+    crafted = torch.fx.GraphModule(torch.nn.ModuleDict({"m": module}), g)
+    with pytest.raises(ArtifactLimitError, match="module 'm': .* past the limit"):
+        artifact.loads(artifact.dumps(crafted))

@@ -187,12 +187,23 @@ def _pads(pad: Any = None) -> float | None:
     return n
 
 
+def _padding(padding: Any = None, output_padding: Any = None) -> float | None:
+    """A convolution's factor on its input's size from its padding (each side)."""
+    xs = _ints([padding, output_padding if output_padding is not None else 0])
+    if xs is None:
+        return None
+    n = 1.0
+    for x in xs:
+        n *= 1 + 2 * abs(x)
+    return n
+
+
 #: op name (ATen packet, torch / torch.nn.functional function or Tensor method) -> how its
 #: output's size (or its factor on the input's size) follows from its arguments: (ATen
 #: argument names, positions in a torch function's / method's arguments after ``self``,
 #: how they combine). A varargs size (``x.repeat(2, 3)``) is all positional ints.
 _SIZE = {"prod": _prod, "arange": _arange, "pads": _pads,
-         "pair": lambda **kw: _prod([v for v in kw.values() if v is not None] * (
+         "padding": _padding, "pair": lambda **kw: _prod([v for v in kw.values() if v is not None] * (
              2 if len([v for v in kw.values() if v is not None]) == 1 else 1))}
 ALLOCATORS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     # name: (aten argument names, kind, method/torch form takes the input first)
@@ -211,6 +222,14 @@ ALLOCATORS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     "one_hot": (("num_classes",), "prod", True), "multinomial": (("num_samples",), "prod", True),
     "repeat_interleave": (("repeats", "output_size"), "prod", True),
     **{n: (("pad",), "pads", True) for n in ("constant_pad_nd", "pad")},
+    **{n: (("padding", "output_padding"), "padding", True) for n in (
+        "convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+        "conv_transpose3d", "im2col")},
+    **{n: (("output_size",), "prod", True) for n in (
+        "col2im", "fold", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+        "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+        "_adaptive_avg_pool2d", "_adaptive_avg_pool3d")},
+    "interpolate": (("size", "scale_factor"), "prod", True),
     **{n: (("output_size", "scale_factors"), "prod", True) for n in (
         "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
         "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d")},
@@ -221,7 +240,13 @@ _POSITIONAL = {"arange": None, "range": None, "eye": ("n", "m"), "linspace": (No
                "triu_indices": ("row", "col"), "randperm": ("n",), "bincount": (None, "minlength"),
                "histc": ("bins",), "one_hot": ("num_classes",), "multinomial": ("num_samples",),
                "pad": ("pad",), "repeat_interleave": ("repeats",), "full": ("size",),
-               "randint": None, "broadcast_to": ("size",), "tile": ("dims",)}
+               "randint": None, "broadcast_to": ("size",), "tile": ("dims",),
+               **{f"conv{d}d": (None, None, None, "padding") for d in (1, 2, 3)},
+               **{f"conv_transpose{d}d": (None, None, None, "padding", "output_padding")
+                  for d in (1, 2, 3)},
+               "fold": ("output_size",), "interpolate": ("size", "scale_factor"),
+               **{f"adaptive_{k}_pool{d}d": ("output_size",) for k in ("avg", "max")
+                  for d in (1, 2, 3)}}
 
 
 def _size_args(name: str, node: torch.fx.Node) -> dict[str, Any] | None:
@@ -297,5 +322,40 @@ def check_constant_sizes(graph: torch.fx.Graph, limit: int, where: str) -> None:
                 "if you trust the file")
 
 
-__all__ = ["CHECKS", "ALLOCATORS", "fxpress_kernel_guard", "guard_kernel_calls",
+
+#: torch.nn classes whose fields set a size: field -> how (as :data:`ALLOCATORS`)
+_MODULE_SIZES = {
+    **{f"Conv{d}d": {"padding": "padding"} for d in (1, 2, 3)},
+    **{f"ConvTranspose{d}d": {"padding": "padding", "output_padding": "padding"} for d in (1, 2, 3)},
+    **{n: {"size": "prod", "scale_factor": "prod"} for n in (
+        "Upsample", "UpsamplingNearest2d", "UpsamplingBilinear2d")},
+    **{f"Adaptive{k}Pool{d}d": {"output_size": "prod"} for k in ("Avg", "Max") for d in (1, 2, 3)},
+    **{f"{k}Pad{d}d": {"padding": "pads"} for k in ("Zero", "Constant", "Reflection",
+                                                  "Replication", "Circular") for d in (1, 2, 3)},
+    "Fold": {"output_size": "prod"},
+}
+
+
+def check_module_sizes(root: torch.nn.Module, limit: int, where: str) -> None:
+    """Refuse a torch.nn module from a file whose size fields (a conv's padding, an
+    upsampling's size or factor, an adaptive pool's output size, a pad) make a float32
+    tensor past ``limit`` bytes when it runs."""
+    for path, m in root.named_modules():
+        fields = _MODULE_SIZES.get(type(m).__name__)
+        for field, kind in (fields or {}).items():
+            v = getattr(m, field, None)
+            if kind == "pads" and isinstance(v, (list, tuple)):
+                n = _pads(v)
+            elif kind == "padding":
+                n = _padding(v)
+            else:
+                n = _prod(v)
+            if n is not None and n * 4 > limit:
+                raise ArtifactLimitError(
+                    f"{where}: module {path!r}: {type(m).__name__}.{field} = {v!r} makes "
+                    f"{n:.3g} elements when it runs, past the limit of {limit} bytes; pass "
+                    "max_bytes= to load() if you trust the file")
+
+
+__all__ = ["CHECKS", "ALLOCATORS", "check_module_sizes", "fxpress_kernel_guard", "guard_kernel_calls",
            "check_constant_sizes"]

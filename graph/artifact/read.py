@@ -20,7 +20,8 @@ from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _s
                                            _split_prefix, open_regular, read_bounded)
 from fxpress.graph.artifact.limits import Limits, resolve
 from fxpress.graph.artifact.modules import finish_torch_nn
-from fxpress.graph.artifact.kernels import check_constant_sizes, guard_kernel_calls
+from fxpress.graph.artifact.kernels import (check_constant_sizes, check_module_sizes,
+                                            guard_kernel_calls)
 from fxpress.graph.artifact.rnn import check_rnn_tree, guard_lstm_calls
 from fxpress.graph.artifact.schema import _IDENT, Allowlist, _Checked, _validate
 from fxpress.graph.artifact.specs import spec_from_file
@@ -351,6 +352,7 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
     guard_lstm_calls(graph)
     guard_kernel_calls(graph, where)
     check_constant_sizes(graph, decoded_limit, where)
+    check_module_sizes(root, decoded_limit, where)
     try:
         graph.lint()
         gm = torch.fx.GraphModule(root, graph, ginfo.get("class_name", "GraphModule"))
