@@ -179,3 +179,27 @@ def test_module_size_fields_are_bounded_at_load(module):
     crafted = torch.fx.GraphModule(torch.nn.ModuleDict({"m": module}), g)
     with pytest.raises(ArtifactLimitError, match="module 'm': .* past the limit"):
         artifact.loads(artifact.dumps(crafted))
+
+
+def test_torch_lstm_calls_in_fx_graphs_are_checked_at_every_call():
+    # an fx graph reaches the unchecked CPU LSTM kernel through torch.lstm, not only aten.lstm:
+    # a 2-row weight_hh for 16 units loaded and ran on heap memory past it
+    from fxpress.graph.artifact.rnn import fxpress_lstm_guard
+
+    def build(g, x, a):
+        out = g.call_function(torch.lstm, (x, [a["h"], a["c"]], [a["wih"], a["whh"], a["bih"],
+                                                                 a["bhh"]], True, 1, 0.0, False,
+                                           False, True))
+        return g.call_function(operator.getitem, (out, 0))
+
+    torch.manual_seed(0)
+    t = {"h": torch.zeros(1, 2, 16), "c": torch.zeros(1, 2, 16), "wih": torch.randn(64, 8),
+         "whh": torch.randn(64, 16), "bih": torch.randn(64), "bhh": torch.randn(64)}
+    x = torch.randn(2, 5, 8)
+    gm = _graph_module(t, build)
+    loaded = artifact.loads(artifact.dumps(gm))
+    assert torch.equal(loaded(x), gm(x))
+    assert sum(n.target is fxpress_lstm_guard for n in loaded.graph.nodes) == 1
+    crafted = _graph_module({**t, "whh": t["whh"][:2].clone()}, build)
+    with pytest.raises(InputError, match="do not have the shapes"):
+        artifact.loads(artifact.dumps(crafted))(x)

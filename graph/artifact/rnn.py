@@ -13,8 +13,8 @@ So a file cannot make an LSTM read past its tensors:
   at the shape its fields give; :func:`check_rnn_tree`: an empty weight is a placeholder
   for one stored compressed by the :class:`~fxpress.graph.fused.FusedCall` around it, whose
   child must decode to that shape;
-- :func:`guard_lstm_calls`: before every ``aten.lstm`` call of a loaded graph the loader
-  inserts a call of :func:`check_lstm_call`, which compares the input, the states and every
+- :func:`guard_lstm_calls`: before every ``aten.lstm`` (or ``torch.lstm``) call of a loaded
+  graph the loader inserts a call of :func:`check_lstm_call`, which compares the input, the states and every
   weight at each call (a few integer comparisons). The writer never stores these guards.
 """
 from __future__ import annotations
@@ -151,8 +151,19 @@ def check_lstm_call(packed: bool, input: Any, hx: Sequence[Any], params: Sequenc
                               "shapes (torch's CPU kernel does not check them)")
 
 
-def fxpress_lstm_guard(**kwargs: Any) -> None:
-    """What the loader calls before each ``aten.lstm`` call: :func:`check_lstm_call`."""
+def fxpress_lstm_guard(*args: Any, **kwargs: Any) -> None:
+    """What the loader calls before each ``aten.lstm`` call: :func:`check_lstm_call`; with
+    positional ``args``, before a ``torch.lstm`` call, whose overload (a padded or a packed
+    input) shows only at run time."""
+    if args:
+        op = torch.ops.aten.lstm.data if len(args) > 1 and isinstance(args[1], torch.Tensor) \
+            else torch.ops.aten.lstm.input
+        bound = dict(zip((a.name for a in op._schema.arguments), args))
+        bound.update(kwargs)
+        if op is torch.ops.aten.lstm.data:
+            bound["input"] = bound.pop("data", None)
+        kwargs = {"packed": op is torch.ops.aten.lstm.data,
+                  **{k: bound[k] for k in _GUARD_ARGS if k in bound}}
     check_lstm_call(**kwargs)
 
 
@@ -163,9 +174,14 @@ _GUARD_ARGS = ("input", "hx", "params", "has_biases", "num_layers", "bidirection
 
 
 def guard_lstm_calls(graph: torch.fx.Graph) -> None:
-    """Insert a :func:`fxpress_lstm_guard` call before every ``aten.lstm`` call of ``graph``
-    (the arguments were checked against the op's schema when the graph was read)."""
+    """Insert a :func:`fxpress_lstm_guard` call before every ``aten.lstm`` or ``torch.lstm``
+    call of ``graph`` (an fx graph calls the same kernel through the torch function; ATen
+    arguments were checked against the op's schema when the graph was read)."""
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.lstm:
+            with graph.inserting_before(node):
+                graph.call_function(fxpress_lstm_guard, node.args, dict(node.kwargs))
+            continue
         if node.op != "call_function" or node.target not in LSTM_OPS:
             continue
         bound = dict(zip((a.name for a in node.target._schema.arguments), node.args))
