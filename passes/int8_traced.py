@@ -60,22 +60,6 @@ def _product_weight(wq: torch.Tensor) -> torch.Tensor:
     return wq.t().contiguous() if inductor_config.freezing else wq.t()
 
 
-def _stored(x: torch.Tensor) -> torch.Tensor:
-    """``x``, computed once into a buffer of its own by Inductor. The input is read twice
-    (its range, then its codes), and Inductor recomputes a cheap elementwise producer in
-    each reader instead of storing it: MiniLM's GELU (``erf``, which Inductor's
-    store-or-recompute heuristic does not count as costly) ran twice per layer, its two
-    kernels 10-13 ms a call at batch 32 against torchao's 1.2 ms, where oneDNN applies
-    GELU once in its matmul. ``inductor_force_stride_order`` (Inductor's own prim: a copy
-    only where the layout differs, in the generated code a store of the fused producer)
-    keeps it computed once; eager and other backends run it as a no-op."""
-    try:
-        from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
-    except ImportError:
-        return x
-    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
-
-
 def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a :class:`~fxpress.passes.quantize_modules.QuantizedLinear` with
     dynamic activations, in traceable tensor ops (see the module docstring)."""
@@ -83,7 +67,7 @@ def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     # tensor, where flattening ``x`` itself (a view, an expanded tensor) would make
     # torch.compile specialise a batch of 1
     shape = x.shape
-    xf = _stored(x if x.dtype == torch.float32 else x.float())
+    xf = x if x.dtype == torch.float32 else x.float()
     inv = None if layer.smooth is None else layer.smooth.reciprocal()
     wq, sw, zw = layer._int8_weight()
     if layer.act_scale == "tensor":
