@@ -383,9 +383,18 @@ class Quantize(Pass):
         for alpha in dict.fromkeys(al for _, al in cands):
             acts = [a for a, al in cands if al == alpha]
             smooth = self._smoothing(op, rec, w2, alpha)
-            # quantised whole (one scale over every row), then the subset of rows
-            xs = {a: simulated_input(x, a, smooth, kernel)[::step] for a in acts}
-            if granularity == "channel":
+            # quantised as a whole (one scale over every row), the subset of rows made
+            xs = {a: simulated_input(x, a, smooth, kernel, step) for a in acts}
+            key = (op.key, bits, tuple(w2.shape))  # _build's key of the unsmoothed codes
+            if (alpha is None and granularity == "channel" and bits == 8
+                    and self.scheme == "symmetric" and key not in codes):
+                # the unsmoothed codes every candidate without smoothing is built over,
+                # their exact weight error and the subset's simulated outputs in one pass
+                stored, scale, exact[alpha], outs = _stored_measured(w2, xs, ch, scale_mode,
+                                                                     w_norm)
+                codes[key] = (stored, scale, None)
+                est[alpha] = exact[alpha]
+            elif granularity == "channel":
                 est[alpha], outs = _quantize_measured(w2[::ch], smooth, xs, bits, self.scheme,
                                                       scale_mode)
             else:  # one scale over the whole weight: quantised whole
@@ -681,6 +690,37 @@ def _quantize_measured(w2: torch.Tensor, smooth: torch.Tensor | None,
     return (math.sqrt(sq) / norm if norm > 0 else 0.0), outs
 
 
+def _stored_measured(w2: torch.Tensor, xs: dict[str, torch.Tensor], ch: int, scale_mode: str,
+                     norm: float) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
+    """8-bit symmetric per-channel codes of ``w2`` as :func:`quantize_stored` stores them
+    (the same blocks), and in the same pass what measuring them needs: the decoded
+    weight's relative error against ``w2`` (``norm``: its norm), the value
+    :func:`_weight_error` gives, and each simulated input's product with the decoded
+    rows ``::ch`` (:func:`_quantize_measured` of ``w2[::ch]``). Returns (stored codes,
+    scales, weight error, outputs)."""
+    rows, cols = w2.shape
+    step = max(1, (1 << 20) // max(cols, 1))
+    stored = torch.empty((rows, cols), dtype=torch.int8)
+    outs = {a: x.new_empty((x.shape[0], len(range(0, rows, ch)))) for a, x in xs.items()}
+    scales, sq = [], 0.0
+    with torch.no_grad():
+        for start in range(0, rows, step):
+            blk = w2[start:start + step]
+            codes, s, _ = _quantize(blk, 8, "symmetric", "channel", 0, scale_mode)
+            stored[start:start + blk.shape[0]] = codes  # whole numbers: exact in int8
+            s = s.float()
+            scales.append(s)
+            dec = codes.mul_(s.reshape(-1, 1))  # int8 codes times their scale, as decoded
+            first = (-start) % ch
+            sub = dec[first::ch]
+            if len(sub):
+                j = (start + first) // ch
+                for a, x in xs.items():
+                    outs[a][:, j:j + len(sub)] = x @ sub.t()
+            sq += float(torch.linalg.vector_norm(dec.sub_(blk))) ** 2
+    return stored, torch.cat(scales), (math.sqrt(sq) / norm if norm > 0 else 0.0), outs
+
+
 def _simulate(module: QuantizedWeight, xs: dict[str, torch.Tensor], w2: torch.Tensor
               ) -> tuple[float, dict[str, torch.Tensor]]:
     """:func:`_quantize_measured` of a module already built (per-tensor scales): its
@@ -702,28 +742,40 @@ def _simulate(module: QuantizedWeight, xs: dict[str, torch.Tensor], w2: torch.Te
 
 
 def simulated_input(x2: torch.Tensor, act: str, smooth: torch.Tensor | None,
-                    kernel: str) -> torch.Tensor:
+                    kernel: str, step: int = 1) -> torch.Tensor:
     """``x2`` as a dynamic int8 linear with ``act`` scaling sees it, in float: divided by
     ``smooth``, quantised as ``kernel`` quantises it (one affine scale over ``[min(x, 0),
     max(x, 0)]`` in 255 steps, 127 where fbgemm reduces its range; per token, fbgemm's
     one scale over the rows divided by their absmax, the others' 127 steps per side),
     decoded: its product with the decoded stored (smoothed) weight is the kernel's
-    product up to float rounding."""
+    product up to float rounding. Only the rows ``::step`` are made (a per-tensor scale
+    still comes from every row)."""
     from fxpress.passes.int8 import _REDUCE_RANGE
 
-    xs = x2 if smooth is None else x2 / smooth
     levels = 127 if kernel == "fbgemm" and _REDUCE_RANGE else 255
-    if act == "tensor":
-        q, scale, zero = quantize_per_tensor(xs, levels, signed=False)
-        out = q.float().sub_(zero).mul_(scale)
-    elif kernel == "fbgemm":  # rows divided by their absmax, then one affine scale
-        amax = per_token_absmax(xs)
-        q, scale, zero = quantize_per_tensor(xs / amax, levels, signed=False)
-        out = q.float().sub_(zero).mul_(scale).mul_(amax)
-    else:
-        q, sx = quantize_per_token(xs)
-        out = q.float().mul_(sx)
-    return out
+    if act == "tensor" or kernel == "fbgemm":
+        if act == "tensor":
+            # the range of x / smooth over every row, from per-column extremes (dividing
+            # by a positive factor keeps the order); the rows' own quantised with it
+            lo, hi = x2.amin(0), x2.amax(0)
+            sub = x2[::step]
+            if smooth is not None:
+                lo, hi, sub = lo / smooth, hi / smooth, sub / smooth
+            amax = None
+        else:  # fbgemm per token: rows divided by their absmax, then one affine scale
+            xs = x2 if smooth is None else x2 / smooth
+            amax = per_token_absmax(xs)
+            lo, hi = xs.amin(1, keepdim=True) / amax, xs.amax(1, keepdim=True) / amax
+            sub, amax = xs[::step] / amax[::step], amax[::step]
+        # two more rows holding the whole range: quantize_per_tensor's scale and zero point
+        # are those of every row, and those rows are dropped again
+        ends = sub.new_zeros(2, sub.shape[1])
+        ends[0, 0], ends[1, 0] = lo.min(), hi.max()
+        q, scale, zero = quantize_per_tensor(torch.cat([sub, ends]), levels, signed=False)
+        out = q[:-2].float().sub_(zero).mul_(scale)
+        return out if amax is None else out.mul_(amax)
+    q, sx = quantize_per_token(x2[::step] if smooth is None else x2[::step] / smooth)
+    return q.float().mul_(sx)
 
 
 def _output_error(module: QuantizedWeight, x: torch.Tensor | None, ref: torch.Tensor | None,
