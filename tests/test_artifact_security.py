@@ -603,6 +603,12 @@ def _first_stream(h):
     (lambda h: _module(h, "fc").update(tensors={"weight": 3}), ArtifactFormatError, "malformed"),
     (lambda h: h["graph"].update(nodes=[7]), ArtifactFormatError, "malformed node"),
     (lambda h: h.update(version=1), ArtifactFormatError, "v2 artifact"),
+    # the damage locator's threshold: a typed refusal for anything but bytes in [0, 2**32]
+    (lambda h: h.update(crc8_min="64"), ArtifactFormatError, "crc8_min"),
+    (lambda h: h.update(crc8_min=-1), ArtifactFormatError, "crc8_min"),
+    (lambda h: h.update(crc8_min=True), ArtifactFormatError, "crc8_min"),
+    (lambda h: h.update(crc8_min=1 << 40), ArtifactFormatError, "crc8_min"),
+    (lambda h: h.update(crc8_min=[64]), ArtifactFormatError, "crc8_min"),
 ])
 def test_crafted_version_2_headers_are_refused(good, mutate, error, fragment):
     with pytest.raises(error, match=fragment):
@@ -615,6 +621,11 @@ def test_the_damage_locator_names_the_stream_and_a_bad_one_is_harmless(good):
     # each stream's one-byte CRC names the stream a flipped byte broke
     with pytest.raises(ArtifactIntegrityError, match="tensor 'fc.weight' stream 'data'"):
         _load(flip_tensor_byte(good, "fc.weight", stream="data", offset=3, mask=1))
+    # one locator byte per stream of at least crc8_min stored bytes, none for smaller ones
+    h = artifact.format._split_prefix(good, "good")[0]
+    listed = [info for e in h["tensors"].values() for info in e["streams"].values()
+              if info["bytes"] >= h["crc8_min"]]
+    assert h["crc8_min"] > 0 and len(h["crc8"]) == 2 * len(listed)
     # the locator is a diagnostic: garbage there changes nothing about a good file ...
     for bad in (7, "zz", "", "0" * 10_000, None):
         _load(_stored(good, lambda h: h.update(crc8=bad)))

@@ -25,6 +25,7 @@ from fxpress.graph.artifact.allowlist import Allowlist, class_name  # noqa: F401
 from fxpress.graph.artifact.limits import Limits
 from fxpress.graph.artifact.modules import check_runtime, check_torch_nn, runtime_load_bytes
 from fxpress.graph.artifact import arith
+from fxpress.graph.artifact.compact import crc8_min
 from fxpress.graph.artifact.tensors import _check_tensor_entry
 from fxpress.graph.artifact.values import _Decoder, _short_repr
 
@@ -117,6 +118,7 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
     nodes = graph.get("nodes")
     if not isinstance(nodes, list):
         raise ArtifactFormatError(f"{where}: graph has no node list")
+    crc8_min(header, where)  # the damage locator's threshold (a diagnostic, still checked)
     _count("modules", modules, limits.modules, where)
     _count("tensors", tensors, limits.tensors, where)
     _count("nodes", nodes, limits.nodes, where)

@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from fxpress.errors import ArtifactError, UnsupportedGraphError
-from fxpress.graph.artifact.compact import crc8
+from fxpress.graph.artifact.compact import CRC8_MIN, crc8
 from fxpress.graph.artifact.files import _target, os_failure, write_atomic
 from fxpress.graph.artifact.format import BLOB_KEY, BLOB_STREAM_BYTES, VERSION, _pack_header
 from fxpress.graph.artifact.modules import TORCH_NN, plain
@@ -50,7 +50,7 @@ class _Writer:
         self.tensors: dict[str, dict] = {}
         self.streams: dict[str, tuple[torch.dtype, list[int], int]] = {}  # key -> dtype, shape, bytes
         self.blob: list[tuple[str, int]] = []  # small streams (key, bytes), in blob order
-        self.crc8: list[str] = []  # every stream's damage locator, in table order
+        self.crc8: list[str] = []  # the damage locator of every stream of >= CRC8_MIN bytes
         self.storage_keys: dict[tuple, str] = {}
         self.modules: list[dict] = []
         self.dropped: list[str] = []
@@ -83,7 +83,8 @@ class _Writer:
             # a stream that is a view of the model's tensor costs nothing to keep
             shared = st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
             data = _as_ints(st)
-            self.crc8.append(crc8(data))
+            if n >= CRC8_MIN:
+                self.crc8.append(crc8(data))
             self.store.put(skey, data, shared, lambda: encode_tensor(key, t, entropy, arith_left)[1])
         del streams
         if ident is not None:
@@ -236,6 +237,12 @@ def _codegen(gm: torch.fx.GraphModule) -> dict | None:
         return {"kind": "pytree", "orig_args": list(info.orig_args),
                 "in_spec": spec_for_file(info.in_spec), "out_spec": spec_for_file(info.out_spec)}
     raise UnsupportedGraphError(f"graph code generator {type(cg).__name__} is not supported")
+
+
+#: capture diagnostics of the run that made the graph (its timing, its error against the
+#: model): the pipeline's records hold them; the artifact does not (~130 header bytes of a
+#: small transformer's file)
+_RUN_ONLY_META = frozenset({"seconds", "capture_error"})
 
 
 def _json_safe(obj: Any, digits: int | None = None) -> Any:
@@ -456,11 +463,12 @@ def _layout(gm: torch.fx.GraphModule, entropy: bool, report: Any, store: _Store)
                   else "GraphModule", "nodes": nodes, "codegen": _codegen(gm)},
         "modules": w.modules,
         "tensors": w.tensors,
-        "meta": _json_safe(gm.meta.get("fxpress", {}), digits=4),
+        "meta": _json_safe({k: v for k, v in gm.meta.get("fxpress", {}).items()
+                            if k not in _RUN_ONLY_META}, digits=4),
         "dropped": w.dropped,
         "entropy": bool(entropy),
         "payload": {"length": lay.payload_bytes, "sha256": digest.hexdigest()},
-        "crc8": "".join(w.crc8),
+        "crc8": "".join(w.crc8), "crc8_min": CRC8_MIN,
     }
     if w.blob:
         lay.header["blob"] = {"key": BLOB_KEY, "bytes": blob_bytes}
