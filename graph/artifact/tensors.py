@@ -197,15 +197,11 @@ def _encode_bitmap(a: np.ndarray, mask: "np.ndarray | _NonZero", nnz: int) -> tu
 
 def _decode_relidx(index: torch.Tensor, values: np.ndarray, bits: int, entries: int,
                    n: int, where: str) -> np.ndarray:
-    from fxpress.graph.packing import unpack_bits
-
-    codes = unpack_bits(index, bits, entries).numpy().astype(np.int64)
-    pos = np.cumsum(codes + 1) - 1
     out = np.zeros(n, dtype=values.dtype)
-    if entries:
+    for at, pos, _ in _code_blocks(index, bits, entries, fillers=False):
         if int(pos[-1]) >= n:
             raise ArtifactIntegrityError(f"{where}: relative indices run past the tensor's end")
-        out[pos] = values
+        out[pos] = values[at:at + pos.size]
     return out
 
 
@@ -246,20 +242,47 @@ def _encode_bitidx(pos: np.ndarray, n: int, bits: int, entries: int) -> torch.Te
     return pack_bits(torch.from_numpy(codes), bits)
 
 
-def _decode_bitidx(index: np.ndarray, bits: int, entries: int, nbytes: int, where: str) -> np.ndarray:
-    from fxpress.graph.packing import unpack_bits
+def _code_blocks(index: np.ndarray | torch.Tensor, bits: int, entries: int, fillers: bool):
+    """(first entry, positions, real) of the ``entries`` ``bits``-bit relative indices packed
+    in ``index``, :data:`~fxpress.graph.packing.CHUNK` at a time: each code ``c`` steps
+    ``c + 1`` positions (with ``fillers``, the code ``2**bits - 1`` steps that far less one
+    and marks no position: bit indices), ``positions`` are int64 from position -1, ``real``
+    the positions marked (None: every one). Decoding never holds more than a block of
+    8-byte positions (all at once, a crafted index held 200x its tensor's bytes)."""
+    from fxpress.graph.packing import CHUNK, unpack_bits
 
-    step = (1 << bits) - 1
-    codes = unpack_bits(torch.from_numpy(index.copy()), bits, entries).numpy().astype(np.int64)
-    real = codes != step
-    pos = np.cumsum(np.where(real, codes + 1, step)) - 1
-    out = np.zeros(nbytes * 8, dtype=np.uint8)
-    ones = pos[real]
-    if ones.size:
-        if int(ones[-1]) >= out.size:
+    p = torch.as_tensor(index).reshape(-1)
+    span = CHUNK * bits // 8  # CHUNK is a multiple of 8: every block starts on a byte
+    last = -1
+    for j, at in enumerate(range(0, entries, CHUNK)):
+        codes = unpack_bits(p[j * span:(j + 1) * span], bits, min(CHUNK, entries - at)).numpy()
+        step = codes.astype(np.int32) + 1  # a block steps at most CHUNK * 256 < 2**31
+        real = None
+        if fillers:
+            real = codes != (1 << bits) - 1
+            step -= ~real
+        pos = np.cumsum(step, dtype=np.int32).astype(np.int64) + last
+        last = int(pos[-1])
+        yield at, pos, real
+
+
+def _decode_bitidx(index: np.ndarray, bits: int, entries: int, nbytes: int, where: str) -> np.ndarray:
+    out = np.zeros(nbytes, dtype=np.uint8)
+    for _, pos, real in _code_blocks(index, bits, entries, fillers=True):
+        ones = pos[real]
+        if not ones.size:
+            continue
+        if int(ones[-1]) >= nbytes * 8:
             raise ArtifactIntegrityError(f"{where}: bit indices run past the tensor's end")
-        out[ones] = 1
-    return np.packbits(out, bitorder="little")
+        lo = int(ones[0]) >> 3
+        if int(ones[-1]) - 8 * lo < 16 * ones.size:  # dense: the block's bits, packed
+            bits_on = np.zeros(int(ones[-1]) - 8 * lo + 1, dtype=bool)
+            bits_on[ones - 8 * lo] = True
+            packed = np.packbits(bits_on, bitorder="little")
+            out[lo:lo + packed.size] |= packed
+        else:
+            np.bitwise_or.at(out, ones >> 3, np.left_shift(np.uint8(1), (ones & 7).astype(np.uint8)))
+    return out
 
 
 def _compress(data: bytes, codec: str) -> bytes:
@@ -460,6 +483,12 @@ def _expected_stream_bytes(entry: dict, item: int, numel: int, where: str) -> di
         if numel * 8 > entries * step:
             raise ArtifactFormatError(f"{where}: claims {numel} bytes but its {entries} bit "
                                       f"indices of {bits} bits cannot reach that far")
+        # a writer stores bit indices only when they are smaller than the bytes (decoding
+        # costs time per index: a crafted 1-bit index of 8 codes a byte took 12 s a 4 MB)
+        if _packed_size(entries, bits) >= numel:
+            raise ArtifactFormatError(f"{where}: {entries} bit indices of {bits} bits take "
+                                      f"{_packed_size(entries, bits)} bytes, no fewer than the "
+                                      f"{numel} bytes they index (a writer never makes this)")
         return {"index": _packed_size(entries, bits)}
     raise ArtifactFormatError(f"{where}: unknown encoding {_short_repr(enc)}")
 
