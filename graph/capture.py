@@ -376,10 +376,11 @@ def _fixed_size(s, ranges) -> int | None:
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def capture_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.dtype | None, list[str]]:
+def capture_copy(model: torch.nn.Module, widen: bool = True
+                 ) -> tuple[torch.nn.Module, torch.dtype | None, list[str]]:
     """The model fxpress captures: ``model`` itself, or a copy when it holds
-    half-precision tensors or parametrized weights; with the half dtype (or None) and the
-    parametrized weights baked (``["0.weight (_WeightNorm)", ...]``).
+    half-precision tensors, parametrized weights or embeddings with ``max_norm``; with the
+    half dtype (or None) and what was baked (``["0.weight (_WeightNorm)", ...]``).
 
     - bfloat16/float16: compressed layers compute in float32 (int8 kernels, decoded
       codebooks) and a pass's statistics need float32; a half model captured as it is
@@ -389,22 +390,37 @@ def capture_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.dtype |
       the weight a layer computes with is baked into a plain parameter
       (``remove_parametrizations(leave_parametrized=True)``), so passes see it and an
       artifact stores a plain layer (a parametrized class is generated code with hooks).
+    - ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``max_norm``: their forward renormalises
+      the rows it looks up *in place* (``embedding_renorm_``), so running the model writes
+      into its weights. The copy gets every row renormalised once, as a lookup would leave
+      it, and ``max_norm=None``: the same outputs for every input, and no pass, calibration
+      or verifier run writes into the caller's table.
     The copy shares every other tensor with ``model`` (read only), which stays untouched.
+    ``widen=False`` keeps half-precision tensors as they are (the verifier's reference).
     """
     from torch.nn.utils import parametrize
 
     tensors = [*model.parameters(), *model.buffers()]
-    half = {t.dtype for t in tensors if t.dtype in HALF_DTYPES}
+    half = {t.dtype for t in tensors if t.dtype in HALF_DTYPES} if widen else set()
     parametrized = [(path, m) for path, m in model.named_modules() if parametrize.is_parametrized(m)]
-    if not half and not parametrized:
+    renormed = [(path, m) for path, m in model.named_modules()
+                if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                and m.max_norm is not None and not parametrize.is_parametrized(m)]
+    if not half and not parametrized and not renormed:
         return model, None, []
     memo: dict[int, Any] = {}
+    for _, m in renormed:  # a renormalised copy of the table (float32 if it was half)
+        w = (m.weight.detach().float() if widen and m.weight.dtype in HALF_DTYPES
+             else m.weight.detach().clone())
+        with torch.no_grad():
+            torch.embedding_renorm_(w, torch.arange(w.shape[0]), m.max_norm, m.norm_type)
+        memo[id(m.weight)] = torch.nn.Parameter(w, requires_grad=m.weight.requires_grad)
     for m in model.modules():
         for store in (m._parameters, m._buffers):
             for t in store.values():
                 if t is None or id(t) in memo:
                     continue
-                if t.dtype not in HALF_DTYPES:
+                if t.dtype not in HALF_DTYPES or not widen:
                     memo[id(t)] = t  # shared, never written
                     continue
                 wide = t.detach().float()
@@ -423,6 +439,9 @@ def capture_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.dtype |
             setattr(copied.get_submodule(parent), child, plain)
         else:
             copied = plain
+    for path, m in renormed:
+        copied.get_submodule(path).max_norm = None
+        baked.append(f"{path + '.' if path else ''}weight (max_norm={m.max_norm:g})")
     dtype = (torch.bfloat16 if torch.bfloat16 in half else torch.float16) if half else None
     return copied, dtype, baked
 
@@ -583,7 +602,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
             if baked:
                 gm.meta["fxpress"]["parametrizations_baked"] = baked
                 gm.meta["fxpress"]["why"] += (
-                    f"; {len(baked)} parametrized weight(s) baked into plain parameters ("
+                    f"; {len(baked)} weight(s) computed in forward (parametrizations, "
+                    "embedding max_norm) baked into plain parameters ("
                     + ", ".join(baked[:3]) + (", ..." if len(baked) > 3 else "") + ")")
             for sub in gm.modules():
                 sub.training = False

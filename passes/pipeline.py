@@ -36,7 +36,8 @@ import torch.fx
 from fxpress.errors import (FxpressError, InputError, PassError, SharedTensorWriteError,
                             UnknownPassError, VerificationError)
 from fxpress.graph.artifact import artifact_size
-from fxpress.graph.capture import TRACE_LOCK, as_input_tuple, capture, clone_structure, tensors_of
+from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture, capture_copy,
+                                   clone_structure, tensors_of)
 from fxpress.graph.guard import CallerModel, preserved_rng
 from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
 from fxpress.graph.memory import RollbackRecord, runtime_caches, stored_bytes
@@ -252,11 +253,15 @@ class Pipeline:
             labelled = None
             if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in passes):
                 labelled = _labelled(train_data, len(example_inputs))
-            check = Verification(Verifier(reference, calib or [example_inputs], top1=top1,
+            # a model whose forward writes into its own weights (an Embedding with max_norm)
+            # is verified against a copy with those writes done once, as capture bakes them
+            ground = (capture_copy(reference, widen=False)[0]
+                      if not isinstance(reference, torch.fx.GraphModule) else reference)
+            check = Verification(Verifier(ground, calib or [example_inputs], top1=top1,
                                           labelled=labelled), gm)
             gm.meta["fxpress"]["capture_error"] = check.capture_metrics.as_dict()
             ctx = PassContext(example_inputs=example_inputs, calibration=calib or None,
-                              train_data=train_data, reference=reference, seed=seed,
+                              train_data=train_data, reference=ground, seed=seed,
                               progress=progress)
             original_bytes = stored_bytes(gm)
             if gm.meta["fxpress"].get("widened_from") and isinstance(reference, torch.nn.Module):

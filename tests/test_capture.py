@@ -241,3 +241,21 @@ def test_parametrized_weights_are_baked_and_the_callers_model_kept(tmp_path):
     assert [type(m).__name__ for _, m in res.module.named_children()][0] == "QuantizedLinear"
     fxpress.save(res.module, tmp_path / "m.fxp")
     assert torch.equal(fxpress.load(tmp_path / "m.fxp")(x), res.module(x))
+
+
+def test_embedding_max_norm_is_baked_and_the_callers_table_never_written(tmp_path):
+    # nn.Embedding(max_norm=...) renormalises the rows it looks up in place: quantize's
+    # calibration and distill ran the caller's table through it and were stopped as
+    # "wrote into shared tensor(s)"; a pass must not write into the caller's weights
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 16, max_norm=1.0), torch.nn.Flatten(),
+                                torch.nn.Linear(64, 3))
+    ids = torch.randint(0, 40, (8, 4))
+    snap = state_snapshot(model)
+    res = fxpress.compress(model, "quantize{bits=8}", calibration=[(ids,)], policy="warn")
+    assert_unchanged(model, snap)  # no row of the caller's table was renormalised
+    assert res.capture["parametrizations_baked"] == ["0.weight (max_norm=1)"]
+    ref = model(ids)  # the caller's own forward (which renormalises its rows)
+    assert torch.nn.functional.cosine_similarity(res.module(ids).flatten(), ref.flatten(), 0) > 0.999
+    fxpress.save(res.module, tmp_path / "m.fxp")
+    assert torch.equal(fxpress.load(tmp_path / "m.fxp")(ids), res.module(ids))
