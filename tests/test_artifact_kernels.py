@@ -146,8 +146,10 @@ _HUGE = 1 << 36  # elements: 256 GiB of float32
     lambda g, x: g.call_function(aten.convolution.default, (x, x, None, [1], [_HUGE], [1], False,
                                                             [0], 1)),
     lambda g, x: g.call_function(torch.nn.functional.interpolate, (x,), {"scale_factor": 1e11}),
+    lambda g, x: g.call_function(torch.fft.rfft, (x, _HUGE)),
+    lambda g, x: g.call_function(aten.fft_irfftn.default, (x, [1 << 18, 1 << 18])),
 ], ids=["zeros", "full", "arange", "new_zeros", "expand", "repeat", "bincount", "histc", "pad",
-        "conv_padding", "interpolate"])
+        "conv_padding", "interpolate", "rfft", "irfftn"])
 def test_sizes_the_file_states_are_bounded_at_load(build):
     # a few bytes of graph asked for 256 GiB when called: refused at load, by the limit
     crafted = _graph_module({}, lambda g, x, a: build(g, x))

@@ -17,7 +17,7 @@ from fxpress.graph.runtime import RuntimeModule
 
 _NAMESPACES = (("torch", torch, ops.TORCH), ("torch.nn.functional", F, ops.FUNCTIONAL),
                ("operator", operator, ops.OPERATOR), ("math", math, ops.MATH),
-               ("builtins", builtins, ops.BUILTINS))
+               ("builtins", builtins, ops.BUILTINS), ("torch.fft", torch.fft, ops.FFT))
 
 _STATIC: dict[str, Any] | None = None
 

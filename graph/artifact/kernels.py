@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from fxpress.errors import ArtifactFormatError, ArtifactLimitError, InputError
+from fxpress.graph.artifact import ops
 from fxpress.graph.artifact.rnn import _shape
 
 aten = torch.ops.aten
@@ -233,6 +234,9 @@ ALLOCATORS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     **{n: (("output_size", "scale_factors"), "prod", True) for n in (
         "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
         "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d")},
+    # torch.fft: the transform length ``n`` (1-D) or lengths ``s`` (n-D) set the output's size
+    **{f"fft_{n}": (("n",), "prod", True) for n in ops._FFT_1D.split()},
+    **{f"fft_{n}": (("s",), "prod", True) for n in ops._FFT_ND.split()},
 }
 #: torch / functional forms whose positional arguments differ from ATen's
 _POSITIONAL = {"arange": None, "range": None, "eye": ("n", "m"), "linspace": (None, None, "steps"),
@@ -246,7 +250,9 @@ _POSITIONAL = {"arange": None, "range": None, "eye": ("n", "m"), "linspace": (No
                   for d in (1, 2, 3)},
                "fold": ("output_size",), "interpolate": ("size", "scale_factor"),
                **{f"adaptive_{k}_pool{d}d": ("output_size",) for k in ("avg", "max")
-                  for d in (1, 2, 3)}}
+                  for d in (1, 2, 3)},
+               **{f"fft_{n}": ("n",) for n in ops._FFT_1D.split()},
+               **{f"fft_{n}": ("s",) for n in ops._FFT_ND.split()}}
 
 
 def _size_args(name: str, node: torch.fx.Node) -> dict[str, Any] | None:
@@ -286,7 +292,7 @@ def _alloc_name(node: torch.fx.Node) -> str | None:
     elif isinstance(t, torch._ops.OpOverload):
         name = t._schema.name.split("::")[-1]
     elif node.op == "call_function" and getattr(t, "__module__", "") in (
-            "torch", "torch.functional", "torch.nn.functional", "torch._C._nn",
+            "torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "torch._C._fft",
             "torch._C._VariableFunctions", None):
         name = getattr(t, "__name__", "")
     else:

@@ -130,6 +130,13 @@ shape dtype device ndim T mT H mH real imag is_cuda is_cpu is_meta is_sparse is_
 requires_grad layout data grad
 """.split())
 
+#: torch.fft.X (spectral layers: FNet's token mixing, Fourier neural operators, spectral
+#: convolutions). torch checks ``n`` / ``s`` / ``dim``; sizes a file states are bounded at
+#: load like every allocation (graph/artifact/kernels.py)
+_FFT_1D = "fft ifft rfft irfft hfft ihfft"
+_FFT_ND = "fft2 ifft2 fftn ifftn rfft2 irfft2 rfftn irfftn hfft2 ihfft2 hfftn ihfftn"
+FFT = frozenset(f"{_FFT_1D} {_FFT_ND} fftshift ifftshift".split())
+
 OPERATOR = frozenset("""
 add sub mul truediv floordiv mod pow neg pos abs invert inv not_ and_ or_ xor lshift rshift
 eq ne lt le gt ge getitem setitem contains matmul iadd isub imul itruediv ifloordiv imod ipow
@@ -165,7 +172,7 @@ to detach_ unsqueeze_ squeeze_ t_ transpose_ expand_copy view_copy permute_copy
 unsqueeze_copy squeeze_copy transpose_copy slice_copy select_copy split_copy unbind_copy
 alias_copy clone
 numpy_T matrix_H mT mH adjoint unfold view_as_real view_as_complex complex polar real imag
-""".split()) - {"tanh_backward_never"}
+""".split()) - {"tanh_backward_never"} | frozenset(f"fft_{n}" for n in FFT)
 
 #: private ATen ops, each reviewed (memory-safe, calls nothing) and emitted by export
 #: graphs of the models named above
