@@ -427,6 +427,7 @@ def _recovery_figure(records: list[dict]) -> str:
         cap = (f"#{_esc(r.get('index'))} <code>{_esc(r.get('spec'))}</code>: "
                f"{len(epochs)} epochs{', stopped early' if st.get('stopped_early') else ''}"
                f"{f'; kept epoch {best} (circled)' if best else ''}"
+               f"{'; kept the starting weights (no epoch beat them on the held-out loss)' if best == 0 and st.get('start_val_loss') is not None else ''}"
                f"{f'; learning rate {lr:.2g}' if isinstance(lr, (int, float)) and lr else ''}"
                f"{' (range test)' if st.get('lr_test') else ''}")
         out.append(f'<div class="figure">{_svg(w, h, body + legend, "recovery curve")}'

@@ -98,7 +98,8 @@ class History:
     holdout_batches: int = 0
     lr: float = 0.0
     lr_test: RangeTest | None = None
-    best_epoch: int = 0
+    best_epoch: int = 0       # 0 with a held-out split: no epoch beat the starting weights
+    start_val_loss: float | None = None  # the held-out loss before training
     stopped_early: bool = False
     lr_drops: list[int] = field(default_factory=list)  # epochs after which the rate fell
     restarts: list[int] = field(default_factory=list)  # epochs after which a new cycle began
@@ -119,6 +120,7 @@ class History:
                 "trained_parameters": self.trained_parameters, "kept_zeros": self.kept_zeros,
                 "holdout_batches": self.holdout_batches, "lr": self.lr,
                 "lr_test": self.lr_test.as_dict() if self.lr_test else None,
-                "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "best_epoch": self.best_epoch, "start_val_loss": self.start_val_loss,
+                "stopped_early": self.stopped_early,
                 "lr_drops": self.lr_drops, "restarts": self.restarts,
                 "teacher_val_accuracy": self.teacher_val_accuracy}

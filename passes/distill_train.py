@@ -422,6 +422,13 @@ class Distiller:
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, factor=0.5, patience=max(1, cfg.patience // 2 if cfg.patience else 2))
         best = BestState(trainee) if held is not None else None
+        if best is not None:
+            # the starting weights are a candidate too: a student already close to its
+            # teacher (a mild compression, or none) is not left worse by training that
+            # only moved it away (Adam moves every weight by about the rate per step, even
+            # on a loss near zero)
+            history.start_val_loss = self._evaluate(run, trainee, held)["val_loss"]
+            best.update(0, history.start_val_loss)
         drops_left, dropped, tail = cfg.lr_drops, 0, cfg.patience
         restarts_left, peak, cycle_start, limit = cfg.restarts, lr, 0, cfg.epochs
         bests: list[float] = []  # the best held-out loss after each epoch
@@ -505,7 +512,7 @@ class Distiller:
         finally:
             if bar is not None:
                 bar.close()
-        if best is not None and best.epoch:
+        if best is not None and best.snapshot is not None:
             best.restore()
             history.best_epoch = best.epoch
         else:

@@ -56,7 +56,7 @@ class BestState:
 
     module: nn.Module
     min_delta: float = 1e-4     # relative: a loss must beat the best by this much to count
-    epoch: int = 0              # 1-based; 0 before the first evaluation
+    epoch: int = 0              # 1-based; 0: the starting weights (or no evaluation yet)
     loss: float = math.inf
     snapshot: Snapshot | None = None
 

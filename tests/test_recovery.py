@@ -379,3 +379,17 @@ def test_mixup_matches_the_teacher_on_blends_of_float_inputs_only(one_thread):
     assert "mixup" not in d.fit(tokens, epochs=1, progress=False)[0]  # token ids are not blended
     with pytest.raises(fxpress.errors.InputError, match="mixup"):
         fxpress.Distiller(teacher, DigitsMLP(hidden=(8,)), mixup=-1.0)
+
+
+def test_training_that_only_moves_a_student_away_keeps_the_starting_weights(one_thread):
+    # a student equal to its teacher (a compression that lost nothing, or none): its loss
+    # is about zero, yet Adam moves every weight by about the rate per step; the kept state
+    # must not be worse on the held-out batches than the one training started from
+    teacher = trained_mlp(hidden=(32,), epochs=20)
+    student = copy.deepcopy(teacher)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    h = fxpress.Distiller(teacher, student).fit(train_data()[:12], epochs=3, lr=0.05,
+                                                holdout=0.25, progress=False)
+    assert h.start_val_loss is not None and h.best_epoch == 0
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+    assert len(h.epochs) >= 1  # it did train, and gave the training back
