@@ -18,6 +18,7 @@ Under ``torchrun`` it trains with DistributedDataParallel (:mod:`~fxpress.passes
 from __future__ import annotations
 
 import time
+from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -85,6 +86,9 @@ def _loss_item(t: torch.Tensor | float) -> float:
 
 #: every part :meth:`Distiller.loss` may report
 _LOSS_PARTS = ("loss", "kd", "ce", "label_mse", "feature")
+#: with too few batches to hold any out, the start and the end of training are compared on
+#: the training batches when there are at most this many (a list or a sized loader)
+MAX_SELF_CHECK = 16
 
 
 class Distiller:
@@ -422,13 +426,17 @@ class Distiller:
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, factor=0.5, patience=max(1, cfg.patience // 2 if cfg.patience else 2))
         best = BestState(trainee) if held is not None else None
-        if best is not None:
-            # the starting weights are a candidate too: a student already close to its
-            # teacher (a mild compression, or none) is not left worse by training that
-            # only moved it away (Adam moves every weight by about the rate per step, even
-            # on a loss near zero)
-            history.start_val_loss = self._evaluate(run, trainee, held)["val_loss"]
-            best.update(0, history.start_val_loss)
+        # the starting weights are a candidate too: a student already close to its teacher
+        # (a mild compression, or none) is not left worse by training that only moved it
+        # away (Adam moves every weight by about the rate per step, even on a loss near
+        # zero). Too few batches to hold any out: the start and the end are compared on
+        # the training batches themselves (no early stopping, but never a worse end).
+        first = best
+        if best is None and isinstance(data, Sized) and 0 < len(data) <= MAX_SELF_CHECK:
+            first = BestState(trainee)
+        if first is not None:
+            history.start_val_loss = self._evaluate(run, trainee, held if best else data)["val_loss"]
+            first.update(0, history.start_val_loss)
         drops_left, dropped, tail = cfg.lr_drops, 0, cfg.patience
         restarts_left, peak, cycle_start, limit = cfg.restarts, lr, 0, cfg.epochs
         bests: list[float] = []  # the best held-out loss after each epoch
@@ -512,6 +520,9 @@ class Distiller:
         finally:
             if bar is not None:
                 bar.close()
+        if best is None and first is not None and history.epochs:
+            first.update(len(history.epochs), self._evaluate(run, trainee, data)["val_loss"])
+            best = first
         if best is not None and best.snapshot is not None:
             best.restore()
             history.best_epoch = best.epoch

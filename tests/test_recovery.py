@@ -393,3 +393,8 @@ def test_training_that_only_moves_a_student_away_keeps_the_starting_weights(one_
     assert h.start_val_loss is not None and h.best_epoch == 0
     assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
     assert len(h.epochs) >= 1  # it did train, and gave the training back
+    # two batches, none to hold out: the start and the end compared on the batches trained on
+    h = fxpress.Distiller(teacher, student).fit(train_data()[:2], epochs=2, lr=0.05,
+                                                progress=False)
+    assert h.holdout_batches == 0 and h.best_epoch == 0
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
