@@ -379,6 +379,107 @@ def _norm_folds(b: _Builder, keys: dict[int, tuple[str, Any]], folds: dict[int, 
         graph.initializer.extend(kept)
 
 
+def _dims(graph, name: str) -> list | None:
+    """The dims of value ``name`` (``dim_param`` or ``dim_value`` each) that the export
+    recorded, or None."""
+    for vi in itertools.chain(graph.input, graph.value_info, graph.output):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return None
+
+
+def _qattention_groups(graph, keys: dict[int, tuple[str, Any]],
+                       folds: dict[int, _Fold]) -> dict[int, tuple[int, int, int]]:
+    """Attentions whose q, k and v are int8 layers that one ``com.microsoft.QAttention``
+    node computes with the attention itself: per-tensor inputs read from one tensor (the
+    same ``DynamicQuantizeLinear``), no smoothing or one factor for all three (or all
+    moved into the LayerNorm before), symmetric int8 codes, equal widths, outputs read by
+    the attention only, heads merged after it, and no mask or a boolean ``[batch, 1, S, S]``
+    one. Its one integer matmul over the concatenated weights writes q, k and v in the
+    layout attention reads (no three matmuls, bias adds and head transposes), with exactly
+    MultiHeadAttention's results. ``{attention key: (q key, k key, v key)}``."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    for o in graph.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+    groups: dict[int, tuple[int, int, int]] = {}
+    for node in graph.node:
+        key = _key_of(node)
+        if key is None or keys[key][1][1] != "attention" or not keys[key][1][0].merged:
+            continue
+        spec = keys[key][1][0]
+        projs = [producer.get(i) for i in node.input[:3]]
+        pkeys = [None if p is None else _key_of(p) for p in projs]
+        if any(k is None or keys[k][1][1] != "int8" for k in pkeys) or len(set(pkeys)) != 3 \
+                or any(readers.get(i) != 1 for i in node.input[:3]):
+            continue
+        mods = [keys[k][1][0] for k in pkeys]
+        if len({p.input[0] for p in projs}) != 1 or any(
+                m.act_scale != "tensor" or m.zero() is not None or m.shape[0] != mods[0].shape[0]
+                for m in mods):
+            continue
+        folded = {bool(folds.get(k, _Fold()).smooth_into) for k in pkeys}
+        smooths = [m.smooth for m in mods]
+        if len(folded) != 1 or (not folded.pop() and not (
+                all(s is None for s in smooths) or (all(s is not None for s in smooths) and all(
+                    torch.equal(s, smooths[0]) for s in smooths[1:])))):
+            continue
+        mask = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        if mask is not None:
+            md, xd = _dims(graph, mask), _dims(graph, projs[0].input[0])
+            if not spec.bool_mask or md is None or xd is None or len(md) != 4 or md[1] != 1 \
+                    or md[0] != xd[0] or md[2] != md[3]:
+                continue
+        groups[key] = tuple(pkeys)  # type: ignore[assignment]
+    return groups
+
+
+def _qattention(b: _Builder, spec: AttentionSpec, mods: Sequence, folds: Sequence[_Fold],
+                x: str, mask: str | None, y: str, base: str) -> str:
+    """``y = attention(q(x), k(x), v(x), mask)`` as one ``com.microsoft.QAttention``: x
+    quantised once by ``DynamicQuantizeLinear`` (shared as for the separate layers), the
+    three layers' int8 codes side by side ``[K, 3N]``, their channel scales (a value
+    projection's times the smoothing moved into it) and biases; a boolean mask as its
+    ``[batch, S, S]`` 1/0 mask, masked scores set to the lowest float as the additive bias
+    of MultiHeadAttention does."""
+    src = x
+    if mods[0].smooth is not None and not folds[0].smooth_into:  # one factor for all three
+        inv = b.const(base + ".inv_smooth", _np(mods[0].smooth.reciprocal().float()))
+        src = b.node("Mul", [x, inv], base)[0]
+    key = ("dql", src)
+    if key not in b.shared:
+        b.shared[key] = tuple(b.node("DynamicQuantizeLinear", [src], base, outputs=3))
+    xq, sx, zx = b.shared[key]
+    codes, scales, biases = [], [], []
+    for mod, fold in zip(mods, folds):
+        n = mod.shape[0]
+        codes.append(mod.codes().t().to(torch.int8))
+        scale = mod.scale.reshape(-1).float()
+        scales.append((scale.expand(n) if scale.numel() == 1 else scale) * fold.out)
+        bias = getattr(mod, "bias", None)
+        biases.append(torch.zeros(n) if bias is None else bias.float() * fold.out)
+    inputs = [xq, b.const(base + ".qkv_weight", _np(torch.cat(codes, 1))),
+              b.const(base + ".qkv_bias", _np(torch.cat(biases))),
+              sx, b.const(base + ".qkv_scale", _np(torch.cat(scales)))]
+    if mask is not None:
+        key = ("mask_index", mask)
+        if key not in b.shared:
+            squeezed = b.node("Squeeze", [mask, b.const("mask_index.axis", np.array([1], np.int64))],
+                              "mask_index")[0]
+            b.shared[key] = tuple(b.node("Cast", [squeezed], "mask_index", to=6))  # int32
+        inputs.append(b.shared[key][0])
+    else:
+        inputs.append("")
+    inputs.append(zx)
+    b.nodes.append(b.helper.make_node(
+        "QAttention", inputs, [y], name=b.name(base + "/QAttention"), domain="com.microsoft",
+        num_heads=spec.heads, scale=spec.scale, mask_filter_value=float(np.finfo(np.float32).min)))
+    return y
+
+
 def _key_of(node) -> int | None:
     """The registry key of a placeholder node (None for any other node)."""
     if node.domain != _DOMAIN:
@@ -386,7 +487,8 @@ def _key_of(node) -> int | None:
     return next(a.i for a in node.attribute if a.name == "key")
 
 
-def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: int) -> dict[str, str]:
+def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: int,
+                       qattention: bool = True) -> dict[str, str]:
     """Replace every placeholder node of ``model`` (an onnx ModelProto) by its integer
     subgraph; return ``{layer: form}``."""
     from onnx import helper
@@ -397,6 +499,9 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
     new_nodes = []
     folds = _smooth_folds(graph, keys)
     _norm_folds(b, keys, folds)
+    qatt = _qattention_groups(graph, keys, folds) if qattention else {}
+    in_qatt = {k: a for a, ks in qatt.items() for k in ks}
+    producer = {o: n for n in graph.node for o in n.output}
     for node in graph.node:
         if node.domain != _DOMAIN:
             new_nodes.append(node)
@@ -405,7 +510,16 @@ def _fill_placeholders(model, keys: dict[int, tuple[str, Any]], accuracy_level: 
         qualname, (mod, form) = keys[key]
         b.nodes = []
         x, y = node.input[0], node.output[0]
-        if form == "attention":
+        if key in in_qatt:  # computed by its attention's QAttention
+            forms[qualname] = "QAttention (int8 q, k, v with the attention, per-tensor input" + (
+                ", smoothed)" if mod.smooth is not None else ")")
+            continue
+        if key in qatt:
+            pkeys = qatt[key]
+            _qattention(b, mod, [keys[k][1][0] for k in pkeys], [folds.get(k, _Fold()) for k in pkeys],
+                        producer[node.input[0]].input[0],
+                        node.input[3] if len(node.input) > 3 and node.input[3] else None, y, qualname)
+        elif form == "attention":
             _attention(b, mod, list(node.input), y, qualname)
         elif form == "int8":
             fold = folds.get(key, _Fold())

@@ -145,10 +145,13 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
     calib = [_bert_batch(4, 12, 0), _bert_batch(4, 12, 1)]
     held_out = _bert_batch(3, 19, 7)  # other batch size and sequence length
     # the word embeddings as 4-bit affine groups (GatherBlockQuantized, two codes a byte),
-    # the other tables per row at 8 bits, the linears int8 and smoothed
+    # the other tables per row at 8 bits, the linears int8 and smoothed, but for layer 1's
+    # q, k and v: per-tensor, unsmoothed
+    qkv1 = "bert.encoder.layer.1.attention.self"
     res = fxpress.compress(encoder, "quantize{bits=4,granularity=group,group_size=16,scheme=affine,"
                            "include=[bert.embeddings.word_embeddings],tol.min_cosine=0,"
-                           "tol.min_top1=0},quantize{bits=8,smooth=0.5}", calibration=calib, policy="warn")
+                           f"tol.min_top1=0}},quantize{{bits=8,act_scale=tensor,include=[{qkv1}.*]}},"
+                           "quantize{bits=8,smooth=0.5}", calibration=calib, policy="warn")
     before = state_snapshot(res.module)
     out = export_onnx(res, tmp_path / "bert8.onnx", calib[0])
     assert_unchanged(res.module, before)
@@ -160,15 +163,19 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
     assert table.dtype == np.uint8 and table.shape == (300, 32)  # 64 columns, two codes a byte
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in out.model.graph.input]
     assert dims == [["batch", "sequence"], ["batch", "sequence"]]
-    # attention fused: one com.microsoft.MultiHeadAttention per layer over the integer q, k
-    # and v (the padded row's mask its additive bias); the output projection's 1/smooth
-    # moved into the value projection's scales, so that it has no Mul of its own
+    # attention fused: layer 0's com.microsoft.MultiHeadAttention over the integer q, k and
+    # v (the padded row's mask its additive bias); layer 1's q, k and v read one quantised
+    # input, so they and the attention are one QAttention (one integer matmul over the
+    # three layers' codes; the mask its 1/0 mask); each output projection's 1/smooth moved
+    # into the value projection's scales, so that it has no Mul of its own
     ops = _ops(out.model)
-    assert ops.get("MultiHeadAttention") == 2 and "Softmax" not in ops, ops
-    out_proj = "bert.encoder.layer.0.attention.output.dense"
-    assert out.layers[out_proj].endswith("smoothed in the value projection)"), out.layers
+    assert ops.get("MultiHeadAttention") == 1 and ops.get("QAttention") == 1 and "Softmax" not in ops, ops
+    assert all(out.layers[f"{qkv1}.{p}"].startswith("QAttention") for p in ("query", "key", "value"))
     names = {i.name for i in out.model.graph.initializer}
-    assert f"{out_proj}.inv_smooth" not in names
+    for layer in (0, 1):
+        out_proj = f"bert.encoder.layer.{layer}.attention.output.dense"
+        assert out.layers[out_proj].endswith("smoothed in the value projection)"), out.layers
+        assert f"{out_proj}.inv_smooth" not in names
     assert "bert.encoder.layer.0.attention.self.query.inv_smooth" in names
     with torch.no_grad():
         ref = res.module(*held_out)
