@@ -77,6 +77,15 @@ class Budget(Pass):
                     "the one-shot sizing (retrained biases and centroids)", type=(int, float),
                     low=0.0, high=0.5)
 
+    check = option(3, "epochs of the short recovery each setting more damaging than the chain "
+                   "as written gets, one-shot on a copy, before it is chosen (0: size only; "
+                   "needs train_data with labels and a recovery step in the chain)", type=int,
+                   low=0, high=100)
+    max_drop = option(0.02, "a setting whose short recovery's held-out accuracy is more than "
+                      "this (a fraction) below the chain as written's is backed off: the next "
+                      "less damaging one is checked, down to the chain as written", type=(int, float),
+                      low=0.0, high=1.0)
+
     #: set by :func:`resolve` before the pipeline runs (what this run's record reports)
     choice: dict | None = None
 
@@ -130,12 +139,11 @@ def _setting(passes: list[Pass], i: int, step) -> tuple[list[Pass], dict]:
     return out, chosen
 
 
-def _size(gm: torch.fx.GraphModule, passes: list[Pass], ctx: PassContext) -> int:
-    """The entropy-coded file of ``gm`` after ``passes``' lossy passes, one-shot."""
-    from fxpress.graph.artifact import artifact_size
+def _one_shot(gm: torch.fx.GraphModule, passes: list[Pass], ctx: PassContext
+              ) -> tuple[torch.fx.GraphModule, bool]:
+    """A structural copy of ``gm`` after ``passes``' lossy passes, one-shot (no recovery,
+    a staged prune in one step); and whether a recovery step follows the last of them."""
     from fxpress.graph.capture import clone_structure
-
-    from fxpress.passes.gradual import expand
 
     g = clone_structure(gm)
     recovered = False  # a recovery step after the last lossy pass ends trained centroids
@@ -148,6 +156,16 @@ def _size(gm: torch.fx.GraphModule, passes: list[Pass], ctx: PassContext) -> int
         if p.name == "prune" and p.steps > 1:
             p = _with(p, steps=1)
         g = p.run(g, ctx).module
+    return g, recovered
+
+
+def _size(gm: torch.fx.GraphModule, passes: list[Pass], ctx: PassContext) -> int:
+    """The entropy-coded file of ``gm`` after ``passes``' lossy passes, one-shot."""
+    from fxpress.graph.artifact import artifact_size
+
+    from fxpress.passes.gradual import expand
+
+    g, recovered = _one_shot(gm, passes, ctx)
     if recovered:  # ... at float16 precision (CodebookModule.end_training), 2 bytes each
         for m in g.modules():
             cb = m._buffers.get("codebook") if hasattr(m, "begin_training") else None
@@ -158,6 +176,23 @@ def _size(gm: torch.fx.GraphModule, passes: list[Pass], ctx: PassContext) -> int
     meta["passes"] = list(meta.get("passes", [])) + [str(p) for p in expand(passes)]
     g.meta["fxpress"] = meta
     return artifact_size(g, entropy=True)
+
+
+def _score(gm: torch.fx.GraphModule, passes: list[Pass], epochs: int, ctx: PassContext
+           ) -> float | None:
+    """The short-recovery check of a setting: ``passes``' lossy passes one-shot on a copy,
+    then ``epochs`` epochs of the chain's first recovery step holding out a tenth of the
+    training batches; its best held-out accuracy (None without labels or a recovery)."""
+    recovery = next((p for p in passes if p.traits.recovers), None)
+    if recovery is None or "epochs" not in recovery.options_spec():
+        return None
+    from fxpress.graph.capture import clone_structure
+
+    g = clone_structure(_one_shot(gm, passes, ctx)[0], copy_tensors=True)  # trained: its own
+    short = _with(recovery, epochs=epochs, holdout=0.1, patience=epochs + 1)
+    stats = short.run(g, ctx).stats
+    accs = [e["val_accuracy"] for e in stats.get("epochs", ()) if e.get("val_accuracy") is not None]
+    return max(accs) if accs else None
 
 
 def resolve(passes: list[Pass], gm: torch.fx.GraphModule, ctx: PassContext) -> list[Pass]:
@@ -193,14 +228,40 @@ def resolve(passes: list[Pass], gm: torch.fx.GraphModule, ctx: PassContext) -> l
                     mid = (lo + hi) // 2
                     lo, hi = (lo, mid) if size(mid) <= goal else (mid, hi)
                 k = hi
+        # accuracy guard: the fitting step's short recovery against the chain as written's;
+        # one that loses more than max_drop is backed off toward the chain as written
+        scores: dict[int, float | None] = {}
+        fits = k
+        if k > 0 and b.check > 0 and ctx.train_data is not None and ctx.reference is not None:
+            def score(j: int) -> float | None:
+                if j not in scores:
+                    scores[j] = _score(gm, _setting(passes, i, LADDER[j])[0], b.check, ctx)
+                return scores[j]
+
+            base = score(0)
+            while k > 0 and base is not None and (score(k) is None or score(k) < base - b.max_drop):
+                k -= 1
+        size(k)  # a backed-off step may not have been sized yet
         settings = {j: _setting(passes, i, LADDER[j])[1] for j in sorted(tried)}
         passes, chosen = _setting(passes, i, LADDER[k])
         met = tried[k] <= goal
         b.choice = {"ratio": b.ratio, "fp32_bytes": fp32, "budget": budget, "goal": goal,
                     "bytes": tried[k], "met": met, "chosen": chosen,
-                    "tried": [{"setting": settings[j], "bytes": n}
+                    "tried": [{"setting": settings[j], "bytes": n,
+                               **({"check_accuracy": scores[j]} if j in scores else {})}
                               for j, n in sorted(tried.items())]}
-        if not met:
+        if scores:
+            b.choice["check"] = {"epochs": b.check, "max_drop": b.max_drop,
+                                 "as_written": scores.get(0), "backed_off": k < fits}
+        if k < fits:
+            warnings.warn(PlanMissedWarning(
+                f"budget{{ratio={b.ratio}}}: the setting that fits {goal} bytes "
+                f"({settings[fits]}) lost {scores[0] - (scores[fits] or 0):.3f} of held-out "
+                f"accuracy in a {b.check}-epoch recovery against the chain as written (more than "
+                f"max_drop={b.max_drop}); backed off to {chosen or 'the chain as written'} "
+                f"({tried[k]} bytes): accuracy kept over size", {"bytes": tried[k] - goal}),
+                stacklevel=2)
+        elif not met:
             smallest = min(tried.values())
             warnings.warn(PlanMissedWarning(
                 f"budget{{ratio={b.ratio}}}: no setting fits {goal} bytes ({budget} less a "

@@ -247,6 +247,7 @@ class Pipeline:
 
             passes = resolve(passes, gm, PassContext(example_inputs=example_inputs,
                                                      calibration=calib or None, seed=seed,
+                                                     train_data=train_data, reference=reference,
                                                      progress=False))
         passes = expand(passes)  # staged passes (prune{steps=N}) and their recoveries
         with TRACE_LOCK.running(), runtime_caches(False):
