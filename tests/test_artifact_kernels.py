@@ -205,3 +205,34 @@ def test_torch_lstm_calls_in_fx_graphs_are_checked_at_every_call():
     crafted = _graph_module({**t, "whh": t["whh"][:2].clone()}, build)
     with pytest.raises(InputError, match="do not have the shapes"):
         artifact.loads(artifact.dumps(crafted))(x)
+
+
+@pytest.mark.parametrize("call", ["aten", "torch", "torch_by_name"])
+def test_packed_lstm_calls_check_their_batch_sizes(call):
+    # aten.lstm.data steps through the data and the states by batch_sizes unchecked: a first
+    # size of 6 for states of batch 1 corrupted the heap (abort), increasing sizes computed
+    # garbage; the guard now compares them with the data and the states
+    def build(g, x, a):
+        w = [a["wih"], a["whh"], a["bih"], a["bhh"]]
+        rest = ([a["h"], a["c"]], w, True, 1, 0.0, False, False)
+        if call == "torch_by_name":
+            out = g.call_function(torch.lstm, (x,), dict(zip(
+                ("batch_sizes", "hx", "params", "has_biases", "num_layers", "dropout", "train",
+                 "bidirectional"), (a["bs"], *rest))))
+        else:
+            out = g.call_function(aten.lstm.data if call == "aten" else torch.lstm, (x, a["bs"], *rest))
+        return g.call_function(operator.getitem, (out, 0))
+
+    torch.manual_seed(0)
+    t = {"wih": torch.randn(64, 8), "whh": torch.randn(64, 16), "bih": torch.randn(64),
+         "bhh": torch.randn(64)}
+    x = torch.randn(6, 8)
+    states = {n: torch.zeros(1, 3, 16) for n in "hc"}
+    gm = _graph_module({**t, **states, "bs": torch.tensor([3, 2, 1])}, build)
+    assert torch.equal(artifact.loads(artifact.dumps(gm))(x), gm(x))
+    for bs, batch, fragment in [([6], 1, "do not fit"), ([1, 2, 3], 3, "non-increasing"),
+                                ([3, 3, 3], 3, "adding up"), ([3.0, 2.0, 1.0], 3, "int64")]:
+        crafted = _graph_module({**t, **{n: torch.zeros(1, batch, 16) for n in "hc"},
+                                 "bs": torch.tensor(bs)}, build)
+        with pytest.raises(InputError, match=fragment):
+            artifact.loads(artifact.dumps(crafted))(x)

@@ -107,18 +107,40 @@ def _shape(t: Any) -> tuple[int, ...] | None:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
 
+def _packed_batch(batch_sizes: Any, rows: int) -> int | str:
+    """The first batch size of a packed sequence whose ``rows`` rows ``batch_sizes``
+    describes, or what is wrong with it: the kernel steps through the data and the states
+    by these sizes unchecked (a first size past the states' batch corrupted the heap)."""
+    bs = batch_sizes
+    if not isinstance(bs, torch.Tensor) or bs.dtype != torch.int64 or bs.dim() != 1 \
+            or bs.device.type != "cpu" or not 1 <= bs.numel() <= max(rows, 1):
+        return f"batch_sizes {_short(bs)} is not a 1-D int64 CPU tensor of 1..{rows} sizes"
+    if not bool((bs >= 1).all()) or not bool((bs[1:] <= bs[:-1]).all()) or int(bs.sum()) != rows:
+        return (f"batch_sizes {_short(bs)} are not positive, non-increasing sizes adding up to "
+                f"the data's {rows} rows (a packed sequence's)")
+    return int(bs[0])
+
+
+def _short(t: Any) -> str:
+    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def check_lstm_call(packed: bool, input: Any, hx: Sequence[Any], params: Sequence[Any],
                     has_biases: bool, num_layers: int, bidirectional: bool,
-                    batch_first: bool = False) -> None:
+                    batch_first: bool = False, batch_sizes: Any = None) -> None:
     """Raise :class:`~fxpress.errors.InputError` unless the arguments of an
     ``aten.lstm`` call have consistent shapes (``packed``: its ``data`` overload, whose
-    ``input`` is a packed sequence's 2-D data)."""
+    ``input`` is a packed sequence's 2-D data, in steps of ``batch_sizes``)."""
     directions = 2 if bidirectional else 1
     per = 4 if has_biases else 2
     problem = None
-    if not isinstance(num_layers, int) or num_layers < 1 or len(hx) != 2 or not all(
+    if not isinstance(num_layers, int) or num_layers < 1 or not isinstance(hx, (list, tuple)) \
+            or not isinstance(params, (list, tuple)) or len(hx) != 2 or not all(
             isinstance(t, torch.Tensor) for t in (input, *hx, *params)):
         problem = "num_layers, hx or params are not an LSTM's"
+    elif packed:
+        first = _packed_batch(batch_sizes, input.shape[0] if input.dim() == 2 else -1)
+        problem = first if isinstance(first, str) else None
     elif len(params) not in (num_layers * directions * per, num_layers * directions * (per + 1)):
         problem = f"{len(params)} weights for {num_layers} layer(s) x {directions} direction(s)"
     if problem is None:
@@ -128,7 +150,7 @@ def check_lstm_call(packed: bool, input: Any, hx: Sequence[Any], params: Sequenc
         real = h.shape[-1] if h.dim() else -1
         width = input.shape[-1] if input.dim() in ((2,) if packed else (2, 3)) else -1
         if packed:
-            state: tuple = (num_layers * directions, h.shape[1] if h.dim() == 3 else -1)
+            state: tuple = (num_layers * directions, first)
         elif input.dim() == 3:
             state = (num_layers * directions, input.shape[0] if batch_first else input.shape[1])
         else:
@@ -153,24 +175,31 @@ def check_lstm_call(packed: bool, input: Any, hx: Sequence[Any], params: Sequenc
 
 def fxpress_lstm_guard(*args: Any, **kwargs: Any) -> None:
     """What the loader calls before each ``aten.lstm`` call: :func:`check_lstm_call`; with
-    positional ``args``, before a ``torch.lstm`` call, whose overload (a padded or a packed
-    input) shows only at run time."""
-    if args:
-        op = torch.ops.aten.lstm.data if len(args) > 1 and isinstance(args[1], torch.Tensor) \
-            else torch.ops.aten.lstm.input
+    ``args`` (the call's own, positional or not), before a ``torch.lstm`` call, whose
+    overload (a padded or a packed input) shows only at run time, as it does to torch: a
+    tensor second argument, or ``batch_sizes`` or ``data`` by name, is a packed one."""
+    if args or "packed" not in kwargs:
+        packed = (len(args) > 1 and isinstance(args[1], torch.Tensor)) or "batch_sizes" in kwargs \
+            or "data" in kwargs
+        op = torch.ops.aten.lstm.data if packed else torch.ops.aten.lstm.input
         bound = dict(zip((a.name for a in op._schema.arguments), args))
         bound.update(kwargs)
-        if op is torch.ops.aten.lstm.data:
+        if packed:
             bound["input"] = bound.pop("data", None)
-        kwargs = {"packed": op is torch.ops.aten.lstm.data,
-                  **{k: bound[k] for k in _GUARD_ARGS if k in bound}}
-    check_lstm_call(**kwargs)
+        kwargs = {"packed": packed, **{k: bound[k] for k in _GUARD_ARGS if k in bound}}
+    try:
+        check_lstm_call(**kwargs)
+    except InputError:
+        raise
+    except TypeError as e:  # an argument missing or of another kind: the call is no LSTM's
+        raise InputError(f"aten.lstm: its arguments are not an LSTM's ({e})") from None
 
 
 torch.fx.node.has_side_effect(fxpress_lstm_guard)  # dead-code elimination keeps it
 
 LSTM_OPS = (torch.ops.aten.lstm.input, torch.ops.aten.lstm.data)
-_GUARD_ARGS = ("input", "hx", "params", "has_biases", "num_layers", "bidirectional", "batch_first")
+_GUARD_ARGS = ("input", "hx", "params", "has_biases", "num_layers", "bidirectional", "batch_first",
+               "batch_sizes")
 
 
 def guard_lstm_calls(graph: torch.fx.Graph) -> None:
