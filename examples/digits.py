@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,11 +101,39 @@ def train(model: nn.Module, data: Digits, epochs: int = 40, lr: float = 2e-3,
     return model.train(False)
 
 
+#: a directory where trained models are kept for other processes (the test suite sets it
+#: to one folder per run, so its workers and the recipes they load train each model once)
+CACHE_ENV = "FXPRESS_DIGITS_CACHE"
+
+
 @functools.lru_cache(maxsize=None)
 def _trained(kind: str, hidden: tuple[int, ...], seed: int, epochs: int) -> nn.Module:
     torch.manual_seed(seed)
     model = DigitsMLP(hidden) if kind == "mlp" else DigitsCNN()
-    return train(model, digits_data(), epochs=epochs, seed=seed)
+    cache = os.environ.get(CACHE_ENV)
+    if not cache:
+        return train(model, digits_data(), epochs=epochs, seed=seed)
+    import fcntl
+
+    import safetensors.torch
+
+    # keyed by everything the weights depend on: this file's code (a copied digits.py
+    # loaded by a recipe shares it), the arguments and torch's thread count (float sums)
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    key = f"{kind}-{'x'.join(map(str, hidden)) or 'cnn'}-s{seed}-e{epochs}-t{torch.get_num_threads()}-{code}"
+    path = Path(cache) / f"{key}.safetensors"
+    with open(Path(cache) / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process trains, the others wait and load
+        if path.is_file():
+            model.load_state_dict(safetensors.torch.load_file(str(path)))
+            torch.manual_seed(seed)  # the global RNG as training leaves it (train() seeds it)
+            return model.train(False)
+        train(model, digits_data(), epochs=epochs, seed=seed)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                    str(tmp))
+        os.replace(tmp, path)
+    return model
 
 
 def trained_mlp(hidden: tuple[int, ...] = (300, 100), seed: int = 0, epochs: int = 40) -> nn.Module:

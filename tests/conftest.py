@@ -21,6 +21,44 @@ os.environ["FXPRESS_DISABLE_PLUGINS"] = "1"
 
 from examples import digits as _digits  # noqa: E402
 
+
+def _worker_threads() -> None:
+    """Under xdist, each worker gets its share of the cores as torch threads (one each for
+    `make test`'s two workers on two cores), unless OMP_NUM_THREADS says otherwise. Two
+    workers of two threads each on two cores spin against each other in every parallel
+    region: the digits MLP trained in 20 s on one thread and in 296 s on two beside other
+    work. Child processes the tests start inherit the count."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers < 2 or os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // workers)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+_worker_threads()
+_CACHE_OWNER: list = []
+
+
+def pytest_configure(config):
+    """One folder per run where the trained digits models are kept (examples/digits.py's
+    FXPRESS_DIGITS_CACHE): the first process that needs a model trains it, the other worker
+    and the recipes the CLI tests load (each a fresh copy of digits.py) read it back."""
+    if not os.environ.get(_digits.CACHE_ENV):
+        import tempfile
+
+        os.environ[_digits.CACHE_ENV] = tempfile.mkdtemp(prefix="fxpress-digits-")
+        _CACHE_OWNER.append(os.environ[_digits.CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for folder in _CACHE_OWNER:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(_digits.CACHE_ENV, None)
+
 #: the longest test files, collected first: `make test`'s two xdist workers (one file at a
 #: time) start on them, so neither is left alone with a long file at the end
 LONG_FIRST = ("test_bench_smoke.py", "test_distill.py", "test_zoo.py", "test_quantize.py",
