@@ -17,6 +17,7 @@ Under ``torchrun`` it trains with DistributedDataParallel (:mod:`~fxpress.passes
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sized
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from fxpress.graph.capture import capture, clone_structure, eval_mode
 from fxpress.graph.guard import preserved_rng
 from fxpress.graph.runtime import trainable_modules
 from fxpress.passes.distill import FeatureProjection, collect, insert_taps, tap_modules
-from fxpress.passes.distill_config import RESTART_GAIN, History, TrainConfig
+from fxpress.passes.distill_config import (CYCLE_GAIN, FAR_POINTS, FAR_STRETCH,
+                                            RESTART_GAIN, History,
+                                            TrainConfig)
 from fxpress.passes.distill_data import (Dist, count_batches, device_of, distributed, epoch_batches,
                                          in_step, mean_over_ranks, split_holdout, steps_per_rank,
                                          to_device, train_mode)
@@ -439,6 +442,8 @@ class Distiller:
             first.update(0, history.start_val_loss)
         drops_left, dropped, tail = cfg.lr_drops, 0, cfg.patience
         restarts_left, peak, cycle_start, limit = cfg.restarts, lr, 0, cfg.epochs
+        # this cycle's epochs, its patience (scaled with its length) and the best loss before it
+        cycle_len, patience, cycle_best = cfg.epochs, cfg.patience, math.inf
         bests: list[float] = []  # the best held-out loss after each epoch
         bar = progress_bar(cfg.epochs * steps if steps else None, cfg.progress and d.rank == 0)
         try:
@@ -482,41 +487,53 @@ class Distiller:
                 bests.append(best.loss)
                 if not cfg.patience:
                     continue
-                stalled = epoch - max(best.epoch, dropped, cycle_start) >= cfg.patience or \
+                stalled = epoch - max(best.epoch, dropped, cycle_start) >= patience or \
                     (dropped and epoch - dropped >= tail)  # its tail has ended
-                if stalled and epoch < limit:
-                    if drops_left and cfg.schedule != "plateau":
-                        # a plateau while the rate is still high: back to the best
-                        # state, and anneal from this rate to zero over `patience`
-                        # epochs, so the run ends annealed rather than cut off
-                        drops_left -= 1
-                        dropped = epoch
-                        best.restore()
-                        # the tail: `patience` epochs, or half of those left when more
-                        # (a plateau at epoch 13 of 30 on two noisy held-out batches
-                        # annealed 1e-2 to zero in 5 epochs, still improving: -2 points)
-                        tail = max(cfg.patience, (limit - epoch) // 2)
-                        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                            opt, tail * (steps or 1))
-                        history.lr_drops.append(epoch)
-                        continue
-                    history.stopped_early = True
-                    break
-                if epoch == limit and restarts_left and cfg.schedule == "cosine" and \
-                        self._still_improving(bests, best.epoch, epoch, cfg.patience):
-                    # the budget ran out while the held-out loss was still falling: one
-                    # more cycle from the best state at half the peak rate (a warm restart)
-                    restarts_left -= 1
+                end = epoch >= limit
+                if stalled and not end and drops_left and cfg.schedule != "plateau":
+                    # a plateau while the rate is still high: back to the best
+                    # state, and anneal from this rate to zero over `patience`
+                    # epochs, so the run ends annealed rather than cut off
+                    drops_left -= 1
+                    dropped = epoch
                     best.restore()
+                    # the tail: `patience` epochs, or half of those left when more
+                    # (a plateau at epoch 13 of 30 on two noisy held-out batches
+                    # annealed 1e-2 to zero in 5 epochs, still improving: -2 points)
+                    tail = max(patience, (limit - epoch) // 2)
+                    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, tail * (steps or 1))
+                    history.lr_drops.append(epoch)
+                    continue
+                if not (stalled or end):
+                    continue
+                can = bool(restarts_left) and cfg.schedule == "cosine"
+                far = can and self._far(history, best, cycle_best)
+                if not far and not (end and can and self._still_improving(
+                        bests, best.epoch, epoch, patience)):
+                    history.stopped_early = not end
+                    break
+                # a warm restart from the best state (Loshchilov & Hutter 2017). Still far
+                # from the original after a cycle that gained (stopped early or not): the
+                # same peak rate over FAR_STRETCH times the epochs, with as many times the
+                # patience (the student is being retrained, not polished: its held-out loss
+                # falls while the rate anneals, slowly, and noisily on a few batches). Only
+                # the tail still falling: half the peak rate over as many epochs.
+                restarts_left -= 1
+                best.restore()
+                if far:
+                    cycle_len = cfg.epochs * FAR_STRETCH
+                    patience = cfg.patience * FAR_STRETCH
+                    history.far_restarts.append(epoch)
+                else:
                     peak /= 2
-                    for g in opt.param_groups:
-                        g["lr"] = peak
-                    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * (steps or 1))
-                    drops_left, dropped, tail, cycle_start = cfg.lr_drops, 0, cfg.patience, epoch
-                    limit += cfg.epochs
-                    history.restarts.append(epoch)
-                    if bar is not None:
-                        bar.total = limit * steps if steps else None
+                for g in opt.param_groups:
+                    g["lr"] = peak
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cycle_len * (steps or 1))
+                drops_left, dropped, tail, cycle_start = cfg.lr_drops, 0, patience, epoch
+                cycle_best, limit = best.loss, epoch + cycle_len
+                history.restarts.append(epoch)
+                if bar is not None:
+                    bar.total = limit * steps if steps else None
         finally:
             if bar is not None:
                 bar.close()
@@ -529,6 +546,24 @@ class Distiller:
         else:
             history.best_epoch = len(history.epochs)
         return history
+
+    @staticmethod
+    def _far(history: History, best: BestState, cycle_best: float) -> bool:
+        """Whether the kept epoch is still :data:`FAR_POINTS` or more below the original on
+        the held-out batches (accuracy on labels, else agreement with the original's top-1)
+        while this cycle lowered the best held-out loss by :data:`CYCLE_GAIN` or more: a
+        compressed model that is being retrained rather than polished."""
+        if not best.epoch or not best.loss < cycle_best * (1 - CYCLE_GAIN):
+            return False
+        kept = history.epochs[best.epoch - 1]
+        teacher = history.teacher_val_accuracy
+        if teacher is not None and "val_accuracy" in kept:
+            gap = teacher - kept["val_accuracy"]
+        elif "val_agreement" in kept:
+            gap = 1.0 - kept["val_agreement"]
+        else:
+            return False
+        return 100 * gap >= FAR_POINTS
 
     @staticmethod
     def _still_improving(bests: list[float], best_epoch: int, epoch: int, patience: int) -> bool:

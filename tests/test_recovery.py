@@ -5,6 +5,7 @@ alone, gradual pruning and the built-in deep-compression recipe."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -331,26 +332,37 @@ def test_default_prune_spreads_the_sparsity_across_layers_with_a_floor_per_unit(
         assert moved["conv2"] == sizes["conv2"] - 2 * 16 and moved != got
 
 
-def test_a_run_still_improving_when_its_epochs_end_restarts_at_half_the_rate(one_thread):
+def test_a_run_still_improving_when_its_epochs_end_restarts_at_half_the_rate(one_thread,
+                                                                              monkeypatch):
+    from fxpress.passes import distill_train
     from fxpress.passes.distill_train import TrainConfig
 
     teacher = trained_mlp(hidden=(32,), epochs=20)
-    torch.manual_seed(3)
-    d = fxpress.Distiller(teacher, DigitsMLP(hidden=(8,)))
-    # 2 epochs are far from enough: each cycle ends still improving
-    h = d.fit(train_data()[:8], config=TrainConfig(
-        epochs=2, lr=0.05, holdout=0.25, patience=1, restarts=2, progress=False))
-    assert h.restarts == [2, 4] and len(h) == 6 and not h.stopped_early
-    lrs = [e["lr"] for e in h.epochs]  # each epoch's rate at its start: 0.05, 0.025, 0.0125
-    assert lrs[0] == pytest.approx(2 * lrs[2]) == pytest.approx(4 * lrs[4])
+    config = TrainConfig(epochs=2, lr=0.05, holdout=0.25, patience=1, restarts=2, progress=False)
+
+    def fit(config: TrainConfig):
+        torch.manual_seed(3)
+        return fxpress.Distiller(teacher, DigitsMLP(hidden=(8,))).fit(train_data()[:8], config=config)
+
+    # a student trained from scratch for 2 epochs is far from the original (>= 2 points on
+    # the held-out batches) after a cycle that gained: a restart at the same peak rate over
+    # FAR_STRETCH (4) times the epochs, twice
+    h = fit(config)
+    assert h.restarts == h.far_restarts == [2, 10] and len(h) == 18 and not h.stopped_early
+    lrs = [e["lr"] for e in h.epochs]  # each epoch's rate at its start
+    assert lrs[0] == lrs[2] == lrs[10] == 0.05 and lrs[1] == pytest.approx(0.025)
+    assert lrs[3] < 0.05 and lrs[9] < 0.05 * 0.05  # one cosine over the 8 epochs
     vals = [e["val_loss"] for e in h.epochs]
     assert h.best_epoch == 1 + vals.index(min(vals))
     assert 0 <= h.teacher_val_accuracy <= 1
+    # not counted far: only the tail still falling earns a restart, at half the rate
+    monkeypatch.setattr(distill_train, "FAR_POINTS", 101.0)
+    h = fit(config)
+    assert h.restarts == [2, 4] and h.far_restarts == [] and len(h) == 6 and not h.stopped_early
+    lrs = [e["lr"] for e in h.epochs]  # 0.05, 0.025, 0.0125
+    assert lrs[0] == pytest.approx(2 * lrs[2]) == pytest.approx(4 * lrs[4])
     # the same run without restarts stops after its 2 epochs
-    torch.manual_seed(3)
-    d = fxpress.Distiller(teacher, DigitsMLP(hidden=(8,)))
-    assert len(d.fit(train_data()[:8], config=TrainConfig(
-        epochs=2, lr=0.05, holdout=0.25, patience=1, progress=False))) == 2
+    assert len(fit(dataclasses.replace(config, restarts=0))) == 2
 
 
 def test_a_recovery_likely_to_miss_and_an_unreachable_sparsity_are_pointed_out(calib, one_thread):
