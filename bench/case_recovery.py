@@ -115,7 +115,7 @@ def run(size: str) -> list[Table]:
 
 
 def main() -> None:
-    from bench.recovery_models import EXTRA, HELD_OUT, MODELS, OWN
+    from bench.recovery_models import EXTRA, HELD_OUT, MODELS, NEW, OWN
 
     p = argparse.ArgumentParser(prog="python -m bench.case_recovery")
     p.add_argument("--held-out", action="store_true",
@@ -125,6 +125,8 @@ def main() -> None:
                    help=f"the second held-out check: {', '.join(EXTRA)} on seeds 11, 12, 13")
     p.add_argument("--own", action="store_true",
                    help=f"the third held-out check: {', '.join(OWN)} on seeds 21, 22, 23")
+    p.add_argument("--new", action="store_true",
+                   help=f"the fourth held-out check: {', '.join(NEW)} on seeds 31, 32, 33")
     p.add_argument("--pipelines", help="comma-separated indices into the pipelines "
                    f"(0: {list(PIPELINES)[0]}, 1: {list(PIPELINES)[1]}; default both)")
     p.add_argument("--models", help=f"comma-separated (default {','.join(MODELS)})")
@@ -142,6 +144,8 @@ def main() -> None:
         tables = table(EXTRA, (11, 12, 13), "full", "Second held-out set")
     elif args.own:
         tables = table(OWN, (21, 22, 23), "full", "Third held-out set")
+    elif args.new:
+        tables = table(NEW, (31, 32, 33), "full", "Fourth held-out set")
     elif args.models:
         tables = table(tuple(args.models.split(",")), tuple(int(s) for s in args.seeds.split(",")),
                        "full", "Chosen models")

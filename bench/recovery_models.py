@@ -54,7 +54,7 @@ class DigitsTransformer(nn.Module):
 
 
 #: the scikit-learn tables a ``NAME-mlp-W-W`` model trains on (prefix -> loader name)
-TABLES = {"cancer-": "load_breast_cancer", "wine-": "load_wine"}
+TABLES = {"cancer-": "load_breast_cancer", "wine-": "load_wine", "iris-": "load_iris"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,6 +122,11 @@ EXTRA = ("transformer-32x4", "cnn-24-48-96", "cancer-mlp-128-64-32")
 #: a narrow CNN and MLP on digits and an MLP on scikit-learn's wine (44 test examples: one
 #: is 2.27 points) (``python -m bench.case_recovery --own``, seeds 21-23)
 OWN = ("cnn-8-16-64", "mlp-96-48", "wine-mlp-64-32")
+#: added with distill's restarts while far from the original (FAR_POINTS) and never run
+#: while choosing them: a CNN between the narrow ones, a transformer of another width and
+#: an MLP on scikit-learn's iris (37 test examples: one is 2.70 points)
+#: (``python -m bench.case_recovery --new``, seeds 31-33)
+NEW = ("cnn-12-24-48", "transformer-40x2", "iris-mlp-32-16")
 
 
 @functools.lru_cache(maxsize=None)

@@ -303,9 +303,10 @@ AUTO_EPOCHS = 30
 #: rate to zero over ``patience`` more epochs instead of stopping (TrainConfig.lr_drops).
 AUTO_LR_DROPS = 1
 #: With ``epochs`` not given, a run whose held-out loss is still falling when its epochs
-#: run out gets up to this many more cycles (TrainConfig.restarts): a compressed model far
-#: from the original (a narrow transformer pruned to 95% starts at chance and trained
-#: 30 epochs with its loss still falling) trains longer; one that converged does not.
+#: run out, or that is still far from the original (distill_config.FAR_POINTS) after a cycle
+#: that gained, gets up to this many more cycles (TrainConfig.restarts): a compressed model
+#: far from the original (a narrow transformer or MLP pruned to 95% starts near chance)
+#: trains longer; one that converged does not.
 AUTO_RESTARTS = 2
 #: The fraction of the batches held out for early stopping when ``epochs`` is not given.
 AUTO_HOLDOUT = 0.1
@@ -318,8 +319,9 @@ class Distill(Pass):
 
     ``distill`` with ``train_data`` is a recovery step that needs no tuning: it holds out
     10% of the batches, picks its learning rate with a short range test, trains (KD + CE)
-    until the held-out loss stops improving (cycles of 30 epochs: up to two more, each at
-    half the rate, while the loss is still falling when one ends) and keeps the best
+    until the held-out loss stops improving (a cycle of 30 epochs; up to two more: at half
+    the rate while the loss is still falling when one ends, or of 120 epochs at the same
+    rate while the kept epoch is 2 points or more below the original's) and keeps the best
     epoch's weights. It is verified against the original model on task metrics (top-1
     agreement ≥ 0.95, accuracy ratio on labelled batches ≥ 0.99). Without ``train_data``
     it only inserts taps (and is no recovery step: lossy passes before it are judged on

@@ -54,8 +54,11 @@ class TrainConfig:
     epochs (warm restarts, Loshchilov & Hutter 2017), each from the best state at half
     the previous cycle's peak rate, while the cycle before ended still improving (its
     best held-out loss in its last ``patience`` epochs, at least :data:`RESTART_GAIN`
-    below the best before them): the budget grows with the gap the run sees, and early
-    stopping, not an epoch count, ends it (a run that stopped early never restarts).
+    below the best before them); or, stopped early or not, while the kept epoch is still
+    :data:`FAR_POINTS` below the original on the held-out batches after a cycle that
+    lowered the best held-out loss by :data:`CYCLE_GAIN`: then at the same peak rate over
+    :data:`FAR_STRETCH` times ``epochs`` and ``patience``. The budget grows with the
+    distance from the original, and early stopping, not an epoch count, ends it.
     ``device``: where to train
     (default: the student's device; under torchrun with one GPU per rank,
     ``cuda:LOCAL_RANK``). ``progress``: True shows a bar, None only on a terminal.

@@ -34,9 +34,8 @@ from fxpress.graph.capture import capture, clone_structure, eval_mode
 from fxpress.graph.guard import preserved_rng
 from fxpress.graph.runtime import trainable_modules
 from fxpress.passes.distill import FeatureProjection, collect, insert_taps, tap_modules
-from fxpress.passes.distill_config import (CYCLE_GAIN, FAR_POINTS, FAR_STRETCH,
-                                            RESTART_GAIN, History,
-                                            TrainConfig)
+from fxpress.passes.distill_config import (CYCLE_GAIN, FAR_POINTS, FAR_STRETCH, RESTART_GAIN,
+                                            History, TrainConfig)
 from fxpress.passes.distill_data import (Dist, count_batches, device_of, distributed, epoch_batches,
                                          in_step, mean_over_ranks, split_holdout, steps_per_rank,
                                          to_device, train_mode)
