@@ -167,12 +167,16 @@ class _Grid:
         base = math.floor(lo * inv)
         return cls(inv, base, math.floor(hi * inv) - base + 1)
 
-    def index(self, block: torch.Tensor) -> torch.Tensor:
+    def index(self, block: torch.Tensor, scratch: "_Scratch | None" = None) -> torch.Tensor:
         """The bin of every value (int32: half the traffic of int64 in every gather and
-        count that reads it)."""
+        count that reads it); written into ``scratch``'s buffers when given."""
         # the floor before the shift keeps the sign: a negative value never lands in a
         # bin at or above zero (the shift by an integer is exact)
-        return block.mul(self.inv).floor_().sub_(self.base).clamp_(0, self.bins - 1).to(torch.int32)
+        if scratch is None:
+            return block.mul(self.inv).floor_().sub_(self.base).clamp_(0, self.bins - 1).to(torch.int32)
+        n = block.numel()
+        f = torch.mul(block, self.inv, out=scratch.f32[:n]).floor_().sub_(self.base)
+        return scratch.i32[:n].copy_(f.clamp_(0, self.bins - 1))  # whole numbers: exact
 
     def centres(self, first: int, last: int) -> np.ndarray:
         return (np.arange(first, last, dtype=np.float64) + self.base + 0.5) / self.inv
@@ -182,12 +186,24 @@ class _Grid:
         from the start, so the final means can be summed from them bin by bin."""
         cnt = torch.zeros(self.bins, dtype=torch.float64)
         tot = torch.zeros(self.bins, dtype=torch.float64)
+        scratch = _Scratch(min(flat.numel(), _BLOCK), f64=True)
         for i in range(0, flat.numel(), _BLOCK):
             block = flat[i:i + _BLOCK]
-            idx = self.index(block)
+            idx = self.index(block, scratch)
             cnt += torch.bincount(idx, minlength=self.bins)
-            tot += torch.bincount(idx, weights=block.double(), minlength=self.bins)
+            tot += torch.bincount(idx, weights=scratch.f64[:block.numel()].copy_(block),
+                                  minlength=self.bins)
         return cnt.numpy(), tot.numpy()
+
+
+class _Scratch:
+    """Buffers one block of a pass over a tensor reuses: a fresh multi-MB temporary per
+    block is a fresh mapping of zeroed pages (page faults cost more than the work)."""
+
+    def __init__(self, n: int, f64: bool = False):
+        self.f32 = torch.empty(n)
+        self.i32 = torch.empty(n, dtype=torch.int32)
+        self.f64 = torch.empty(n, dtype=torch.float64) if f64 else None
 
 
 @dataclass
@@ -229,13 +245,15 @@ class KMeans1D:
         return codes
 
     def _encode_block(self, block: torch.Tensor, lut: torch.Tensor, marker: int | None = None,
-                      cut_out: list | None = None) -> torch.Tensor:
+                      cut_out: list | None = None, scratch: _Scratch | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         """Codes of a block by its bins; values in a bin that a boundary cuts are coded
         against the boundaries themselves, so every value gets its cluster exactly.
         ``marker``: ``lut`` holds this code for the bins a boundary cuts (one gather
         instead of two). ``cut_out`` receives the positions of those values."""
-        idx = self.grid.index(block)
-        codes = lut.index_select(0, idx)  # index_select: several times faster than lut[idx]
+        idx = self.grid.index(block, scratch)
+        # index_select: several times faster than lut[idx]
+        codes = lut.index_select(0, idx) if out is None else torch.index_select(lut, 0, idx, out=out)
         if marker is not None:
             cut = (codes == marker).nonzero().squeeze(1)
         else:
@@ -435,12 +453,13 @@ def _hist_finish(flat: torch.Tensor, st: dict, fitted: list) -> KMeans1D:
     small = lut.to(torch.uint8) if n_codes <= 256 else lut
     if marker is not None:
         small = small.masked_fill(straddle, marker)
+    scratch = _Scratch(min(flat.numel(), _BLOCK))
     for i in range(0, flat.numel(), _BLOCK):
         block = flat[i:i + _BLOCK]
         cut: list[torch.Tensor] = []
-        codes = fit._encode_block(block, small, marker, cut)
-        if fit.codes is not None:
-            fit.codes[i:i + _BLOCK] = codes
+        # the codes written straight into the fit's (uint8) codes
+        codes = fit._encode_block(block, small, marker, cut, scratch,
+                                  fit.codes[i:i + _BLOCK] if fit.codes is not None else None)
         if cut[0].numel():
             cut_codes = codes[cut[0]].long()
             count += torch.bincount(cut_codes, minlength=n_codes)

@@ -194,16 +194,18 @@ def _zero_smallest_one(t: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | No
     n_below = int(torch.count_nonzero(below))
     inside = a <= hi_v
     inside ^= below  # below lies inside [0, hi]: what is left is [lo, hi]
-    cand = a[inside]
+    pos = torch.nonzero(inside).flatten()  # the candidates' positions, in order
     del inside
+    cand = a[pos]
     idx = k - n_below
     if not 1 <= idx <= cand.numel():
         return None
     v = torch.kthvalue(cand, idx).values
     take_equal = k - n_below - int(torch.count_nonzero(cand < v))
-    del cand
-    # ties at the cut: the first ones in order, so the count is exact
-    ties = torch.nonzero(a == v).flatten()[:take_equal] if take_equal > 0 else None
+    # ties at the cut: the first ones in order, so the count is exact (every entry equal
+    # to v is a candidate: found among them, not by another pass over the layer)
+    ties = pos[torch.nonzero(cand == v).flatten()[:take_equal]] if take_equal > 0 else None
+    del cand, pos
     # the magnitudes are no longer needed: their buffer takes the result
     if _shrink(flat, v, a):
         out = a
