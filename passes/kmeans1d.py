@@ -179,7 +179,11 @@ class _Grid:
         return scratch.i32[:n].copy_(f.clamp_(0, self.bins - 1))  # whole numbers: exact
 
     def centres(self, first: int, last: int) -> np.ndarray:
-        return (np.arange(first, last, dtype=np.float64) + self.base + 0.5) / self.inv
+        return self.centres_of(np.arange(first, last, dtype=np.float64))
+
+    def centres_of(self, bins: np.ndarray) -> np.ndarray:
+        """The centres of the bins numbered ``bins``."""
+        return (bins.astype(np.float64) + self.base + 0.5) / self.inv
 
     def histogram(self, flat: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(count, sum) of the values in each bin, float64: the sums are summed in float64
@@ -388,9 +392,10 @@ def _hist_setup(flat: torch.Tensor, k: int, reserve_zero: bool | None) -> KMeans
     lut = torch.zeros(grid.bins, dtype=torch.int64)
     if not zero_code:
         cnt[zb] += zeros
+        held = np.flatnonzero(cnt)
         ranges, sizes, first = [(0, grid.bins, lo, hi)], [k], 0
     else:
-        nonempty = np.flatnonzero(cnt)
+        nonempty = held = np.flatnonzero(cnt)
         if nonempty.size == 0:  # all zeros: a codebook of one value
             return KMeans1D(torch.zeros(1, dtype=torch.float64), True, [(1, flat.new_empty(0))],
                             0, True, grid, lut)
@@ -406,11 +411,11 @@ def _hist_setup(flat: torch.Tensor, k: int, reserve_zero: bool | None) -> KMeans
         first = 1
     problems = []
     for (a, z, c_lo, c_hi), size in zip(ranges, sizes):
-        centres = grid.centres(a, z)
-        used = np.flatnonzero(cnt[a:z])  # Lloyd needs only the bins that hold values
-        problems.append((centres[used], size, cnt[a:z][used], tot[a:z][used], (c_lo, c_hi)))
+        # Lloyd needs only the bins that hold values
+        used = held[np.searchsorted(held, a):np.searchsorted(held, z)]
+        problems.append((grid.centres_of(used), size, cnt[used], tot[used], (c_lo, c_hi)))
     return {"grid": grid, "cnt": cnt, "tot": tot, "zero_code": zero_code, "lut": lut,
-            "ranges": ranges, "first": first, "problems": problems}
+            "ranges": ranges, "first": first, "problems": problems, "held": held}
 
 
 def _hist_finish(flat: torch.Tensor, st: dict, fitted: list) -> KMeans1D:
@@ -444,10 +449,13 @@ def _hist_finish(flat: torch.Tensor, st: dict, fitted: list) -> KMeans1D:
     # goes whole to its code: its count and float64 sum are the histogram's; the values of
     # the bins a boundary cuts are coded one by one (below) and summed exactly.
     n_codes = fit.centroids.numel()
-    whole = ~straddle.numpy()
-    lut_np = lut.numpy()
-    count = torch.from_numpy(np.bincount(lut_np[whole], weights=cnt[whole], minlength=n_codes))
-    total = torch.from_numpy(np.bincount(lut_np[whole], weights=tot[whole], minlength=n_codes))
+    # only the bins that hold values (a small layer fills a fraction of the bins); an
+    # empty bin adds nothing to a count or a sum
+    held = st["held"]
+    whole = held[~straddle.numpy()[held]]
+    lut_w = lut.numpy()[whole]
+    count = torch.from_numpy(np.bincount(lut_w, weights=cnt[whole], minlength=n_codes))
+    total = torch.from_numpy(np.bincount(lut_w, weights=tot[whole], minlength=n_codes))
     fit.codes = torch.empty(flat.shape, dtype=torch.uint8) if n_codes <= 256 else None
     marker = 255 if n_codes < 255 else None  # a code no cluster uses marks the cut bins
     small = lut.to(torch.uint8) if n_codes <= 256 else lut
