@@ -39,7 +39,8 @@ def run(size: str) -> list[Table]:
         modes = MODES if size == "full" else {"copy": MODES["copy"]}  # quick: one child
         for mode in modes:
             out = subprocess.run([sys.executable, "-m", "bench.scale_child", str(weights), pipeline,
-                                  str(Path(tmp) / "gpt2.fxp"), model_size, mode],
+                                  str(Path(tmp) / "gpt2.fxp"), model_size, mode]
+                                 + (["nowarm"] if size == "tiny" else []),
                                  capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
             if out.returncode != 0:
                 raise RuntimeError(f"scale child ({mode}) failed:\n{out.stderr[-3000:]}")
