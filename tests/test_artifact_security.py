@@ -118,6 +118,9 @@ def test_functions_and_objects_smuggled_into_configs_are_refused(good, value):
     ("operator.call", None), ("builtins.eval", None), ("builtins.exec", None),
     ("builtins.__import__", None), ("builtins.setattr", None), ("os.system", None),
     ("torch.Tensor.register_hook", None), ("torch._C._nn.linear", None), ("str.format", None),
+    # reads the log-probabilities at the targets' labels unchecked: a label of 10**8 crashed
+    ("torch.nn.functional.ctc_loss", None), ("torch.ops.aten.ctc_loss.Tensor", None),
+    ("torch.ops.aten._ctc_loss.default", None),
 ])
 def test_forbidden_call_targets(good, target, args):
     with pytest.raises(ForbiddenTargetError):

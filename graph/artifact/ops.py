@@ -6,7 +6,9 @@ reviewed against three rules:
 1. **memory-safe**: it reads and writes only inside the tensors it is given or allocates,
    with bounds checked by torch (no raw sizes + strides + offsets: ``as_strided``,
    ``_reshape_alias``, ``set_``, ``from_file``, ``empty_strided``, ``frombuffer``; no
-   unchecked indexing: ``_unsafe_index``, sparse constructors without invariant checks; no
+   unchecked indexing: ``_unsafe_index``, sparse constructors without invariant checks,
+   ``ctc_loss``, whose CPU kernel reads the log-probabilities at the targets' labels
+   unchecked (a crafted label of 10**8 crashed the process); no
    uninitialised memory that would leak the process's heap: ``empty``, ``new_empty``,
    ``resize_``; no raw pointers or storages: ``data_ptr``, ``storage``);
 2. **calls nothing it is handed**: no callables taken or invoked (``fork``, ``wait``, hooks,
@@ -96,7 +98,7 @@ cosine_similarity pairwise_distance pdist scaled_dot_product_attention
 multi_head_attention_forward softshrink triplet_margin_loss cross_entropy nll_loss mse_loss
 l1_loss smooth_l1_loss huber_loss kl_div binary_cross_entropy binary_cross_entropy_with_logits
 poisson_nll_loss gaussian_nll_loss cosine_embedding_loss margin_ranking_loss hinge_embedding_loss
-multilabel_margin_loss soft_margin_loss multilabel_soft_margin_loss multi_margin_loss ctc_loss
+multilabel_margin_loss soft_margin_loss multilabel_soft_margin_loss multi_margin_loss
 """.split())
 
 #: Tensor methods (call_method)
@@ -196,4 +198,5 @@ empty_like new_empty new_empty_strided _unsafe_index _unsafe_index_put sparse_co
 sparse_csr_tensor sparse_compressed_tensor fork wait compile vmap cond while_loop map
 apply_ map_ map2_ register_hook register_post_accumulate_grad_hook backward
 share_memory_ pin_memory record_stream tolist numpy save load manual_seed seed
+ctc_loss _ctc_loss
 """.split())
