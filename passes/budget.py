@@ -21,9 +21,21 @@ file it ends with is within the margin of that estimate. It binary-searches the 
 (about five trial compressions; each is a prune, a k-means per layer and a sizing: seconds
 on the small models this recipe is for).
 
+Size is not the only judge: with labelled ``train_data`` and a recovery step in the chain,
+the setting that fits and the chain as written each get a short recovery (``check`` epochs of
+the chain's first recovery step, one-shot on a copy, a tenth of the batches held out), and a
+setting whose best held-out accuracy falls more than ``max_drop`` below the chain as
+written's is backed off a step down the ladder, to the chain as written at worst: accuracy
+is kept over size, with a ``PlanMissedWarning``. On the 64x2 digits transformer (seed 2) the
+3-epoch checks scored the chain as written 0.914, sparsity 0.96 0.867, 0.96 with 6-bit biases
+and norms 0.844, 0.96 with 3-bit codes and 4-bit biases 0.891 (128 held-out images): every
+fitting setting was backed off. The check is one-shot and short, so it flags settings whose
+recovery starts far behind, not one image's difference.
+
 The choice is the pass's record: ``stats["chosen"]`` (the options set), ``"bytes"``
-(estimated) against ``"budget"``, ``"tried"`` (every setting sized) and ``"met"``. When no
-setting fits (a tiny model whose header alone is over), the chain runs as written, since
+(estimated) against ``"budget"``, ``"tried"`` (every setting sized, with its
+``check_accuracy`` where checked), ``"met"`` and ``"check"`` (the chain as written's
+accuracy, ``backed_off``). When no setting fits (a tiny model whose header alone is over), the chain runs as written, since
 more damage would buy no file that fits, and the record and a ``PlanMissedWarning`` say
 so. The passes it sets show their chosen options in their own
 records. Nothing is reordered; the passes keep every option the budget does not set.
