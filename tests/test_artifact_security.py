@@ -312,46 +312,81 @@ def _stream_bomb(codec: str, declared: int, inflated: int) -> bytes:
 
 
 _CHILD = textwrap.dedent("""
-    import resource, sys
+    import json, resource, sys
     import torch
     from fxpress.errors import ArtifactFormatError
     from fxpress.graph import artifact
     def vm():
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
-    path, budget = sys.argv[1], int(sys.argv[2])
-    limit = vm() + budget
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:
-        artifact.load(path)
-    except MemoryError:
-        print("RAW MemoryError"); sys.exit(3)
-    except ArtifactFormatError as e:
-        print(type(e).__name__, str(e)[:300]); sys.exit(0)
-    print("LOADED"); sys.exit(4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    out = {}
+    for name, path, budget in json.loads(sys.argv[1]):  # each bomb under its own cap
+        limit = vm() + budget
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        try:
+            artifact.load(path)
+            out[name] = "LOADED"
+        except MemoryError:
+            out[name] = "RAW MemoryError"
+        except ArtifactFormatError as e:
+            out[name] = type(e).__name__ + " " + str(e)[:300]
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    print(json.dumps(out))
 """)
 
 
-def _in_capped_child(tmp_path, data: bytes, budget: int = 768 << 20) -> str:
-    path = tmp_path / "bomb.fxp"
-    path.write_bytes(data)
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(budget)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300,
+def _bombs() -> dict[str, tuple[bytes, int]]:
+    """name -> (file, address-space budget of the child that loads it)"""
+    out = {
+        # 255 KB of compressed header inflating to 256 MB of tiny JSON arrays
+        "header": (_raw_header_file(chunks=[
+            b'{"format": "fxpress", "version": %d, "x": [' % artifact.VERSION,
+            *([b"[],[],[],[]," * (1 << 16)] * 320), b"[]]}"]), 768 << 20),
+        # the same under the text limit: refused by counting containers before parsing
+        "header-small": (_raw_header_file(chunks=[
+            b'{"format": "fxpress", "version": %d, "x": [' % artifact.VERSION,
+            *([b"[],[],[],[]," * (1 << 16)] * 60), b"[]]}"]), 768 << 20)}
+    for codec in ("zlib", "bz2", "lzma"):
+        # a 1 KB tensor whose stream inflates to 2 GB (16 MB: the slow codecs)
+        out[f"{codec}-inflates"] = (_stream_bomb(codec, 1024, 1 << 30 if codec == "zlib" else 16 << 20),
+                                    384 << 20)
+        # a declared size past the limit
+        out[f"{codec}-declared"] = (_stream_bomb(codec, 1 << 31, 1 << 20), 768 << 20)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory):
+    """Every bomb of this file loaded in ONE child process with a capped address space (a cap
+    per bomb, put back after it): the child's imports are paid once, not eight times.
+    name -> (file size, what the child printed)."""
+    tmp = tmp_path_factory.mktemp("bombs")
+    jobs, sizes = [], {}
+    for name, (data, budget) in _bombs().items():
+        path = tmp / f"{name}.fxp"
+        path.write_bytes(data)
+        jobs.append((name, str(path), budget))
+        sizes[name] = len(data)
+    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(jobs)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
-    assert "out of memory" not in r.stdout, r.stdout  # refused by a limit, not by the cap
-    return r.stdout
+    outs = json.loads(r.stdout.strip().splitlines()[-1])
+    return {name: (sizes[name], outs[name]) for name in sizes}
 
 
-def test_header_bombs(tmp_path):
-    # 255 KB of compressed header inflating to 256 MB of tiny JSON arrays
-    bomb = _raw_header_file(chunks=[b'{"format": "fxpress", "version": %d, "x": [' % artifact.VERSION,
-                                    *([b"[],[],[],[]," * (1 << 16)] * 320), b"[]]}"])
-    assert len(bomb) < 400_000
-    assert "ArtifactLimitError" in _in_capped_child(tmp_path, bomb)
-    # the same under the text limit: refused by counting containers before parsing
-    small = _raw_header_file(chunks=[b'{"format": "fxpress", "version": %d, "x": [' % artifact.VERSION,
-                                     *([b"[],[],[],[]," * (1 << 16)] * 60), b"[]]}"])
-    out = _in_capped_child(tmp_path, small)
+def _refused(bombs, name: str) -> str:
+    out = bombs[name][1]
+    assert out.startswith("Artifact"), out  # an fxpress error, not LOADED or a raw MemoryError
+    assert "out of memory" not in out, out  # refused by a limit, not by the cap
+    return out
+
+
+def test_header_bombs(bombs):
+    assert bombs["header"][0] < 400_000
+    assert "ArtifactLimitError" in _refused(bombs, "header")
+    out = _refused(bombs, "header-small")
     assert "ArtifactLimitError" in out and "objects and arrays" in out
 
 
@@ -366,13 +401,12 @@ def test_node_count_is_refused_before_anything_is_built(tmp_path):
 
 
 @pytest.mark.parametrize("codec", ["zlib", "bz2", "lzma"])
-def test_stream_decompression_stops_at_the_declared_size(tmp_path, codec):
+def test_stream_decompression_stops_at_the_declared_size(bombs, codec):
     # a 1 KB tensor whose stream inflates to 2 GB: decoding stops at 1 KB + 1
-    out = _in_capped_child(tmp_path, _stream_bomb(codec, 1024, 1 << 30 if codec == "zlib" else 16 << 20),
-                           budget=384 << 20)
+    out = _refused(bombs, f"{codec}-inflates")
     assert "ArtifactIntegrityError" in out and "different size" in out
     # a declared size past the limit is refused before a byte is decoded
-    out = _in_capped_child(tmp_path, _stream_bomb(codec, 1 << 31, 1 << 20))
+    out = _refused(bombs, f"{codec}-declared")
     assert "ArtifactLimitError" in out and "over the limit" in out
 
 
