@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fxpress run examples/digits.toml
 
 # Two workers, one test file each at a time (module fixtures such as trained models stay
-# in one process): the suite takes about 10 minutes on 2 cores.
+# in one process): the suite takes about 4 minutes on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
