@@ -17,6 +17,7 @@ import inspect
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -102,20 +103,70 @@ def eval_mode(model: torch.nn.Module):
             m.training = flag
 
 
-def as_input_tuple(example_inputs: Any, what: str = "example_inputs") -> tuple:
+def as_input_tuple(example_inputs: Any, what: str = "example_inputs",
+                   model: torch.nn.Module | None = None) -> tuple:
     """Normalise example inputs to a tuple of positional arguments.
+
+    A mapping (a tokenizer's ``BatchEncoding``, a dict of named tensors) is bound to
+    ``model.forward``'s arguments by name, in their order; arguments it skips before the
+    last one it names get their defaults.
 
     >>> as_input_tuple(torch.zeros(2, 3))[0].shape
     torch.Size([2, 3])
     """
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        return _bind_by_name(example_inputs, what, model)
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple):
         raise InputError(
-            f"{what} must be a tuple of positional inputs (e.g. (x,)), got {type(example_inputs).__name__}")
+            f"{what} must be a tuple of positional inputs (e.g. (x,)) or a mapping of the "
+            f"model's argument names to inputs, got {type(example_inputs).__name__}")
     return example_inputs
+
+
+def forward_parameters(model: torch.nn.Module) -> list[inspect.Parameter]:
+    """``model.forward``'s arguments that can be given by position, in order."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    out = []
+    for prm in sig.parameters.values():
+        if prm.kind not in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD):
+            break
+        out.append(prm)
+    return out
+
+
+def _bind_by_name(named: Mapping, what: str, model: torch.nn.Module | None) -> tuple:
+    if model is None:
+        raise InputError(f"{what} is a mapping of names to inputs; give the model too, or a "
+                         "tuple of positional inputs (e.g. (x,))")
+    if not named:
+        raise InputError(f"{what} is an empty mapping: name at least one of the model's "
+                         "arguments")
+    params = forward_parameters(model)
+    names = [prm.name for prm in params]
+    for key in named:
+        if key not in names:
+            raise InputError(
+                f"{what}: {type(model).__name__}.forward has no argument {key!r} that can be "
+                f"given by position (its arguments: {', '.join(names) or 'none'}); drop the key "
+                "or pass a tuple of positional inputs")
+    last = max(names.index(k) for k in named)
+    out = []
+    for prm in params[:last + 1]:
+        if prm.name in named:
+            out.append(named[prm.name])
+        elif prm.default is not prm.empty:
+            out.append(prm.default)
+        else:
+            raise InputError(f"{what}: {type(model).__name__}.forward's required argument "
+                             f"{prm.name!r} is missing from the mapping; add it")
+    return tuple(out)
 
 
 def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -522,7 +573,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                          "wrap plain functions in a Module")
     if method not in METHODS:
         raise InputError(f"capture: method must be one of {METHODS}, got {method!r}")
-    example_inputs = as_input_tuple(example_inputs)
+    example_inputs = as_input_tuple(example_inputs, model=model)
     model, half, baked = capture_copy(model)
     example_inputs, half_inputs = _widen_inputs(example_inputs) if half else (example_inputs, [])
 

@@ -203,14 +203,14 @@ class Pipeline:
                              "or run with in_place=False")
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        calib = _calibration_list(calibration)
+        calib = _calibration_list(calibration, model)
         _check_train_data(train_data)
         if example_inputs is None:
             example_inputs = calib[0] if calib else _first_inputs(train_data)
             if example_inputs is None:
                 raise InputError("give example_inputs=(x,), calibration=[(x,), ...] or "
                                  "train_data=[(x, y), ...]")
-        example_inputs = as_input_tuple(example_inputs)
+        example_inputs = as_input_tuple(example_inputs, model=model)
         progress = self.progress if progress is None else progress
         instruments = [*self.instruments, *instruments]
         with preserved_rng():
@@ -466,7 +466,7 @@ def _check_train_data(train_data: Any) -> None:
                else ""))
 
 
-def _calibration_list(calibration: Iterable[Any] | None) -> list[tuple]:
+def _calibration_list(calibration: Iterable[Any] | None, model: torch.nn.Module) -> list[tuple]:
     if calibration is None:
         return []
     if isinstance(calibration, torch.Tensor) or not hasattr(calibration, "__iter__") or \
@@ -475,7 +475,7 @@ def _calibration_list(calibration: Iterable[Any] | None) -> list[tuple]:
                          f"not {'a single tensor' if isinstance(calibration, torch.Tensor) else type(calibration).__name__}")
     out = []
     for i, b in enumerate(calibration):
-        out.append(as_input_tuple(b, what=f"calibration batch {i}"))
+        out.append(as_input_tuple(b, what=f"calibration batch {i}", model=model))
     return out
 
 

@@ -327,7 +327,7 @@ def compress_to_target(model: torch.nn.Module, registry: Mapping[str, PassInfo],
         if not calib:
             raise InputError("compress: give example_inputs=(x,) or calibration=[(x,), ...]")
         example_inputs = calib[0]
-    example_inputs = as_input_tuple(example_inputs)
+    example_inputs = as_input_tuple(example_inputs, model=model)
 
     if isinstance(model, torch.fx.GraphModule):
         gm = clone_structure(model)

@@ -264,12 +264,12 @@ def sensitivity(model: torch.nn.Module, registry: Mapping[str, PassInfo], exampl
     """
     if metric not in METRICS:
         raise InputError(f"sensitivity: metric must be one of {METRICS}, got {metric!r}")
-    calib = [as_input_tuple(b, f"calibration batch {i}") for i, b in enumerate(calibration or [])]
+    calib = [as_input_tuple(b, f"calibration batch {i}", model) for i, b in enumerate(calibration or [])]
     if example_inputs is None:
         if not calib:
             raise InputError("sensitivity: give example_inputs=(x,) or calibration=[(x,), ...]")
         example_inputs = calib[0]
-    example_inputs = as_input_tuple(example_inputs)
+    example_inputs = as_input_tuple(example_inputs, model=model)
     batches = _cut(calib or [example_inputs], max_samples)
     start = time.perf_counter()
     if gm is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -27,7 +28,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from fxpress.errors import InputError
-from fxpress.graph.capture import annotate_shapes, eval_mode
+from fxpress.graph.capture import annotate_shapes, eval_mode, forward_parameters
 from fxpress.passes.base import Tolerance
 
 Outputs = list[list[torch.Tensor]]  # per batch, the float tensor leaves of the output
@@ -60,12 +61,42 @@ def _leaves(out: Any) -> list[torch.Tensor]:
             if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def looks_like_logits(ref: Outputs) -> bool:
-    """True when the outputs are ``[batch, classes]`` scores, not embeddings.
+def _leaf_names(out: Any) -> list[str] | None:
+    """A name for each of :func:`_leaves`' tensors (``logits``, ``hidden_states.0``), or None.
 
-    Rows of unit length (sentence embeddings) are not class scores: argmax agreement
-    means nothing for them.
+    Names come from mappings (a dict, transformers' ``ModelOutput``) and sequence positions;
+    None when the output holds no mapping or another container whose order is not known.
     """
+    names: list[str] = []
+    named = False
+
+    def walk(x: Any, path: str) -> bool:
+        nonlocal named
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point():
+                names.append(path)
+            return True
+        if isinstance(x, Mapping):
+            named = True
+            return all(walk(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()
+                       if v is not None)
+        if isinstance(x, (tuple, list)):
+            return all(walk(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(x))
+        return not pytree.tree_leaves(x) or x is None
+    ok = walk(out, "")
+    return names if ok and named and len(names) == len(_leaves(out)) else None
+
+
+def looks_like_logits(ref: Outputs, names: list[str] | None = None) -> bool | frozenset[int]:
+    """Whether argmax agreement means something for the outputs.
+
+    Named outputs (a dict, transformers' ``ModelOutput``): the positions of those whose
+    name says logits (a ``last_hidden_state``'s argmax is no class). Unnamed: True when the
+    ``[batch, classes]`` outputs are scores, not embeddings (rows of unit length are
+    sentence embeddings).
+    """
+    if names is not None:
+        return frozenset(i for i, n in enumerate(names) if "logit" in n.lower())
     twod = [r for rb in ref for r in rb if r.dim() == 2 and r.shape[1] >= 2]
     if not twod:
         return False
@@ -73,13 +104,44 @@ def looks_like_logits(ref: Outputs) -> bool:
     return not unit
 
 
+def padding_mask_position(model: torch.nn.Module, batches: Sequence[tuple]) -> int | None:
+    """Where ``model.forward`` takes an ``attention_mask`` that marks padding in ``batches``.
+
+    A 2-D 0/1 integer or bool tensor at that position in every batch; None otherwise.
+    """
+    names = [prm.name for prm in forward_parameters(model)]
+    if "attention_mask" not in names:
+        return None
+    at = names.index("attention_mask")
+    for b in batches:
+        m = b[at] if at < len(b) else None
+        if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.is_floating_point() or \
+                m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+            return None
+    return at
+
+
+def _without_padding(leaves: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+    """``[batch, tokens, ...]`` outputs with the padded tokens' values zeroed."""
+    if bool(mask.all()):
+        return leaves
+    out = []
+    for t in leaves:
+        if t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+            keep = mask.bool().reshape(*mask.shape, *([1] * (t.dim() - 2)))
+            t = torch.where(keep, t, torch.zeros((), dtype=t.dtype))
+        out.append(t)
+    return out
+
+
 #: Elements compared per step: float64 temporaries of whole outputs (a language model's
 #: logits) would weigh hundreds of megabytes.
 _STEP = 1 << 18
 
 
-def compare(new: Outputs, ref: Outputs, top1: bool = True) -> Metrics:
-    """Metrics of outputs ``new`` against ``ref`` (same structure); ``top1`` for logits.
+def compare(new: Outputs, ref: Outputs, top1: bool | frozenset[int] = True) -> Metrics:
+    """Metrics of outputs ``new`` against ``ref`` (same structure); ``top1`` for logits
+    (all ``[batch, classes]`` outputs, or those at the given positions of each batch's).
 
     Sums run in float64, a block of each output at a time.
     """
@@ -89,7 +151,7 @@ def compare(new: Outputs, ref: Outputs, top1: bool = True) -> Metrics:
     for nb, rb in zip(new, ref):
         if len(nb) != len(rb):
             raise ValueError(f"output structure changed: {len(rb)} tensors became {len(nb)}")
-        for n, r in zip(nb, rb):
+        for j, (n, r) in enumerate(zip(nb, rb)):
             if n.shape != r.shape:
                 raise ValueError(f"output shape changed: {tuple(r.shape)} became {tuple(n.shape)}")
             # each sample (row) flattened; per row: dot product, squared norms, |x| sums
@@ -130,7 +192,8 @@ def compare(new: Outputs, ref: Outputs, top1: bool = True) -> Metrics:
             cos_n += cos.numel()
             if cos.numel():
                 cos_min = min(cos_min, float(cos.min()))
-            if top1 and r.dim() == 2 and r.shape[1] >= 2:
+            wanted = j in top1 if isinstance(top1, frozenset) else top1
+            if wanted and r.dim() == 2 and r.shape[1] >= 2:
                 agree += int((n.argmax(1) == r.argmax(1)).sum())
                 total += r.shape[0]
     rel = math.sqrt(err2) / math.sqrt(ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
@@ -182,6 +245,12 @@ class Verifier:
             raise ValueError("the verifier needs at least one batch of inputs")
         self.batches = [tuple(b) for b in batches]
         self.labelled = [(tuple(x), y) for x, y in (labelled or [])]
+        #: where the inputs hold a padding mask: padded tokens' outputs are not compared
+        #: (the model is told to ignore them; what it computes there is not its output)
+        self.mask_at = padding_mask_position(
+            reference, self.batches + [x for x, _ in self.labelled])
+        #: the output leaves' names, from the reference's first batch (None: unnamed)
+        self.names: list[str] | None = None
         start = time.perf_counter()
         try:
             self.reference = self.run(reference)
@@ -198,7 +267,8 @@ class Verifier:
                              "example inputs") from e
         self.reference_seconds = time.perf_counter() - start
         #: whether top-1 agreement is measured (None: when the outputs look like logits)
-        self.top1 = looks_like_logits(self.reference[:len(self.batches)]) if top1 is None else top1
+        self.top1 = looks_like_logits(self.reference[:len(self.batches)], self.names) \
+            if top1 is None else top1
 
     def run(self, module: torch.nn.Module, annotate: bool = False) -> Outputs:
         """Outputs of ``module`` on every batch (eval mode, no grad).
@@ -210,9 +280,15 @@ class Verifier:
             for i, batch in enumerate(self.batches + [x for x, _ in self.labelled]):
                 try:
                     if annotate and i == 0 and isinstance(module, torch.fx.GraphModule):
-                        outs.append(_leaves(annotate_shapes(module, batch)))
+                        out = annotate_shapes(module, batch)
                     else:
-                        outs.append(_leaves(module(*batch)))
+                        out = module(*batch)
+                    if i == 0 and not hasattr(self, "reference"):
+                        self.names = _leaf_names(out)
+                    leaves = _leaves(out)
+                    if self.mask_at is not None:
+                        leaves = _without_padding(leaves, batch[self.mask_at])
+                    outs.append(leaves)
                 except Exception as e:
                     e.fxpress_batch = i  # which batch, for the caller's error message
                     raise

@@ -147,7 +147,10 @@ CASES = [
          ("nn.Module", "str")),
     Case("inputs-wrong-shape", _example((torch.ones(4, 7),)), E.InputError,
          ("does not run on the example inputs", "[(4, 7)]", "shaped like real model inputs")),
-    Case("inputs-wrong-type", _example({"x": torch.ones(4, 64)}), E.InputError, ("tuple", "dict")),
+    Case("inputs-wrong-type", _example("x.npy"), E.InputError, ("tuple", "str")),
+    Case("inputs-unknown-name", _example({"pixels": torch.ones(4, 64)}), E.InputError,
+         ("has no argument 'pixels'", "arguments: x")),
+    Case("inputs-empty-mapping", _example({}), E.InputError, ("empty mapping",)),
     Case("calibration-single-tensor", lambda m, c: fxpress.compress(
         m, "prune{sparsity=0.5}", calibration=torch.ones(4, 64)), E.InputError,
         ("iterable of input tuples",)),

@@ -177,9 +177,12 @@ CASES = [
         E.InputError, ("calibration batch 1",)),
     Case("calibration-int", _compress("prune{sparsity=0.5}", calibration=5), E.InputError,
          ("calibration",)),
-    Case("calibration-dict-batch", lambda m, c: fxpress.compress(
-        m, "prune{sparsity=0.5}", calibration=[{"x": c[0][0]}], progress=False), E.InputError,
-        ("calibration batch 0", "dict")),
+    Case("calibration-batch-unknown-name", lambda m, c: fxpress.compress(
+        m, "prune{sparsity=0.5}", calibration=[{"pixels": c[0][0]}], progress=False),
+        E.InputError, ("calibration batch 0", "no argument 'pixels'")),
+    Case("calibration-set-batch", lambda m, c: fxpress.compress(
+        m, "prune{sparsity=0.5}", calibration=[{1, 2}], progress=False), E.InputError,
+        ("calibration batch 0", "set")),
     Case("policy-int", _compress("prune{sparsity=0.5}", policy=5), E.InputError,
          ("policy", "strict")),
     Case("rollback-in-place", _compress("prune{sparsity=0.5}", policy="rollback", in_place=True),

@@ -119,7 +119,10 @@ def test_bad_inputs_are_input_errors(mlp):
     with pytest.raises(InputError, match="does not run on the example inputs"):
         fxpress.capture(mlp, (torch.ones(3, 7),))
     with pytest.raises(InputError, match="tuple"):
-        fxpress.capture(mlp, {"x": torch.ones(3, 64)})
+        fxpress.capture(mlp, "x.npy")
+    with pytest.raises(InputError, match="has no argument 'pixels'"):
+        fxpress.capture(mlp, {"pixels": torch.ones(3, 64)})
+    assert fxpress.capture(mlp, {"x": torch.ones(3, 64)}).graph is not None  # bound by name
     with pytest.raises(InputError, match="method"):
         fxpress.capture(mlp, (torch.ones(3, 64),), method="jit")
 

@@ -377,3 +377,60 @@ def test_weights_no_pass_can_reach_are_named_in_the_report():
     floats = res.records[0].stats["float_weights"]
     assert set(floats) == {"mix", "pos"} and "proj.weight" in res.records[0].stats["layers"]
     assert "matmul" in floats["mix"] and "add" in floats["pos"]
+
+
+class _PaddedGarbage(torch.nn.Module):
+    """Embeds tokens; at padded positions it writes ``fill`` (what it computes there is not
+    its output: the mask tells it to ignore them)."""
+
+    def __init__(self, fill: float = 0.0):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.head = torch.nn.Linear(8, 3)
+        self.fill = fill
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = torch.where(attention_mask.unsqueeze(-1).bool(), h, torch.full_like(h, self.fill))
+        return {"last_hidden_state": h, "pooled": self.head(h[:, 0])}
+
+
+def test_a_tokenizers_mapping_binds_by_name_and_padding_is_not_compared():
+    from fxpress.errors import InputError
+    from fxpress.graph.capture import as_input_tuple
+    from fxpress.passes.verify import Verifier, looks_like_logits, padding_mask_position
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ids = torch.randint(1, 20, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 5:] = 0
+    # a tokenizer's output, keys in its own order (token_type_ids before attention_mask)
+    enc = transformers.BatchEncoding({"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+                                      "attention_mask": mask})
+    model = _PaddedGarbage().eval()
+    batch = as_input_tuple(enc, model=model)
+    assert batch[0] is ids and batch[1] is mask and batch[2] is enc["token_type_ids"]
+    assert as_input_tuple({"input_ids": ids}, model=model) == (ids,)
+    # other values at padded positions, the same output; the named outputs hold no logits,
+    # so argmax agreement is not measured
+    assert padding_mask_position(model, [batch]) == 1
+    v = Verifier(model, [batch])
+    other = _PaddedGarbage(fill=5.0)
+    other.load_state_dict(model.state_dict())
+    m = v.compare_to_reference(v.run(other))
+    assert m.rel_l2 == 0.0 and m.top1 is None and v.names == ["last_hidden_state", "pooled"]
+    # through the pipeline: the mapping is the example inputs, and the result runs by name
+    res = fxpress.compress(model, "quantize{bits=8}", example_inputs=enc)
+    assert res.records[-1].status == "ok"
+    assert res.module(**enc)["last_hidden_state"].shape == (3, 6, 8)
+    for bad, says in [({"input_ids": ids, "pixel_values": ids}, "no argument 'pixel_values'"),
+                      ({"attention_mask": mask}, "required argument 'input_ids'")]:
+        with pytest.raises(InputError, match=says):
+            fxpress.compress(model, "quantize{bits=8}", example_inputs=bad)
+    # a model whose outputs name logits gets top-1 agreement on them only
+    named = Verifier(torch.nn.Sequential(), [(torch.randn(4, 5),)])
+    assert named.top1 is True
+    assert looks_like_logits([], ["last_hidden_state", "logits"]) == frozenset({1})
