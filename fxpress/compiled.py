@@ -158,6 +158,9 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
         raise InputError(f"fxpress.compile: unknown backend {backend!r}; one of {sorted(known)}")
     if mode is not None and backend != "inductor":
         raise InputError("fxpress.compile: mode= is Inductor's; give it with backend='inductor'")
+    from fxpress.passes.int8_traced import define_stored_op
+
+    define_stored_op()
     copy = clone_structure(model).train(False)
     if freeze:
         _unfuse_rnns(copy)

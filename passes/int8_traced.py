@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["traced_int8_linear", "traced_quantize_per_tensor"]
+__all__ = ["define_stored_op", "traced_int8_linear", "traced_quantize_per_tensor"]
 
 
 def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None = None
@@ -60,6 +60,51 @@ def _product_weight(wq: torch.Tensor) -> torch.Tensor:
     return wq.t().contiguous() if inductor_config.freezing else wq.t()
 
 
+_STORED: list = []
+
+
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """``x``, computed once into a buffer of its own when Inductor compiles it.
+
+    The input is read twice (its range, then its codes), and Inductor recomputes a cheap
+    elementwise producer in each reader instead of storing it: MiniLM's GELU (``erf``,
+    which Inductor's store-or-recompute heuristic does not count as costly on CPU) ran
+    twice per layer, where oneDNN applies it once inside torchao's matmul. This goes
+    through ``fxpress::stored`` (:func:`define_stored_op`, which :func:`fxpress.compile`
+    calls before tracing; without it ``x`` is read as it is)."""
+    return _STORED[0](x) if _STORED else x
+
+
+def define_stored_op() -> None:
+    """Define ``fxpress::stored`` once per process: an identity op (a copy in eager and
+    other backends, as a custom op may not alias its input) whose Inductor lowering only
+    realizes its input. No layout is asked for, so no guard on the sizes: Inductor's
+    ``inductor_force_stride_order`` compared the input's strides and guarded batch >= 2
+    (MiniLM at batch 1 compiled a second graph, which hung in sympy)."""
+    if _STORED:
+        return
+
+    @torch.library.custom_op("fxpress::stored", mutates_args=())
+    def stored(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @stored.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    try:
+        from torch._inductor.lowering import register_lowering
+    except ImportError:  # no Inductor in this build: the copy is what runs
+        pass
+    else:
+        @register_lowering(torch.ops.fxpress.stored.default, type_promotion_kind=None)
+        def _lower(x):
+            x.realize()
+            return x
+
+    _STORED.append(torch.ops.fxpress.stored.default)
+
+
 def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a :class:`~fxpress.passes.quantize_modules.QuantizedLinear` with
     dynamic activations, in traceable tensor ops (see the module docstring)."""
@@ -67,7 +112,7 @@ def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     # tensor, where flattening ``x`` itself (a view, an expanded tensor) would make
     # torch.compile specialise a batch of 1
     shape = x.shape
-    xf = x if x.dtype == torch.float32 else x.float()
+    xf = _stored(x if x.dtype == torch.float32 else x.float())
     inv = None if layer.smooth is None else layer.smooth.reciprocal()
     wq, sw, zw = layer._int8_weight()
     if layer.act_scale == "tensor":

@@ -108,7 +108,8 @@ def test_the_callers_model_is_not_modified_and_bad_input_is_named(compressed):
 
 
 class _Int8Linear(torch.nn.Module):
-    """One dynamic int8 linear with a per-tensor input scale (what MiniLM's layers take)."""
+    """Two dynamic int8 linears with a per-tensor input scale (what MiniLM's layers take),
+    the second reading a GELU of the first as MiniLM's FFN does."""
 
     def __init__(self):
         super().__init__()
@@ -116,10 +117,11 @@ class _Int8Linear(torch.nn.Module):
 
         torch.manual_seed(0)
         self.fc = int8_twin(torch.randn(48, 32) * 0.1, torch.randn(48))
-        self.fc.act_scale = "tensor"
+        self.fc2 = int8_twin(torch.randn(40, 48) * 0.1, torch.randn(40))
+        self.fc.act_scale = self.fc2.act_scale = "tensor"
 
     def forward(self, x):
-        return self.fc(x)
+        return self.fc2(torch.nn.functional.gelu(self.fc(x)))
 
 
 def test_inductor_compiles_the_int8_path_equal_to_eager_with_unsigned_onednn_inputs(monkeypatch):
@@ -127,7 +129,12 @@ def test_inductor_compiles_the_int8_path_equal_to_eager_with_unsigned_onednn_inp
 
     Inductor's freezing may rewrite an integer product into oneDNN's int8 linear, which
     takes its input as it is: signed codes run oneDNN's reference kernel on CPUs without
-    AMX (thousands of times slower), so no oneDNN int8 call may get them."""
+    AMX (thousands of times slower), so no oneDNN int8 call may get them. The GELU that
+    the second layer quantises is computed once (stored, not recomputed in both reads of
+    its range and its codes), and batch 1 and batch 32 run the graph compiled at batch 4."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
     packet = torch.ops.onednn.qlinear_pointwise
     original, inputs = packet.tensor, []
 
@@ -136,14 +143,18 @@ def test_inductor_compiles_the_int8_path_equal_to_eager_with_unsigned_onednn_inp
         return original(*args, **kwargs)
 
     model = _Int8Linear().eval()
-    fast = fxpress.compile(model, torch.randn(4, 6, 32))
+    counters.clear()
+    fast = fxpress.compile(model)
+    _, code = run_and_get_code(fast, torch.randn(4, 6, 32))
+    assert "".join(code).count(".erf()") == 1, "GELU's erf computed more than once"
     monkeypatch.setattr(packet, "tensor", recording)  # what the generated code calls
-    for shape in ((4, 6, 32), (1, 3, 32), (9, 5, 32)):  # a second batch size and length
+    for shape in ((4, 6, 32), (1, 3, 32), (32, 5, 32), (9, 1, 32)):  # other batch sizes, lengths
         x = torch.randn(*shape)
         with torch.no_grad():
             y = fast(x)
             with int8_backend("reference"):
                 exact = model(x)
         torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-4)
-    assert fast.compiles == 1
+    assert fast.compiles == 1 and counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"]
     assert set(inputs) <= {torch.uint8}, inputs  # (the traced product runs aten's _int_mm)
