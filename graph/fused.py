@@ -148,8 +148,11 @@ def expert_layout(w: torch.Tensor, experts: Any, layout: Any, where: str) -> tor
     return w.transpose(1, 2) if layout == "io" else w
 
 
-#: ATen ops that read several weights inside one fused call (export graphs)
+#: ATen ops that read several weights inside one fused call (export graphs); the RNN cells
+#: (``nn.GRUCell`` & co. stepped in a Python loop, which export unrolls) take their gate
+#: matrices as arguments too
 _FUSED_FUNCTIONS = {getattr(_aten, n).input for n in ("lstm", "gru", "rnn_tanh", "rnn_relu")} | {
+    getattr(_aten, n).default for n in ("lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell")} | {
     _aten._native_multi_head_attention.default, _aten._transformer_encoder_layer_fwd.default}
 
 

@@ -103,3 +103,38 @@ def test_a_crafted_mapping_cannot_reach_host_attributes(model):
     call.host.weight_ih_l1 = nn.Parameter(torch.ones(64, 16))
     with pytest.raises(TypeError, match="empty parameter"):
         call(*_x())
+
+
+class CellLoop(nn.Module):
+    """An RNN cell stepped in a Python loop: symbolic tracing cannot iterate a traced
+    length, so capture exports it, and export unrolls the loop into ``aten.*_cell`` calls
+    that take the gate matrices as arguments."""
+
+    def __init__(self, cell: type):
+        super().__init__()
+        self.cell, self.head = cell(8, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 12)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.head(h)
+
+
+@pytest.mark.parametrize("cell", [nn.GRUCell, nn.RNNCell])
+def test_exported_rnn_cell_gates_are_compressed(cell, tmp_path):
+    torch.manual_seed(0)
+    model = CellLoop(cell).eval()
+    res = fxpress.compress(model, "quantize", _x(2, 4))
+    gm = res.module
+    assert gm.meta["fxpress"]["method"] == "export"
+    assert _float_matrices(gm) == set() and not res.records[0].stats.get("float_weights")
+    assert {"cell.weight_ih", "cell.weight_hh"} <= set(res.records[0].stats["layers"])
+    assert sum(isinstance(m, DecodedWeight) for m in gm.modules()) == 2
+    with torch.no_grad():
+        ref, out = model(*_x(2, 4, 5)), gm(*_x(2, 4, 5))
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), 0) > 0.99
+    fxpress.save(res, tmp_path / "cell.fxp")
+    with torch.no_grad():
+        assert torch.equal(fxpress.load(tmp_path / "cell.fxp")(*_x(2, 4, 5)), out)

@@ -403,6 +403,27 @@ def dict_outputs() -> Specimen:
     return _specimen("dict_outputs", DictOut(), _tokens)
 
 
+class GRUCellLoop(nn.Module):
+    """A GRUCell stepped in a Python loop over time (the sequence length is Python)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(16, 24), nn.Linear(24, 4)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 24)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def grucell_loop() -> Specimen:
+    # export unrolls the loop into aten.gru_cell calls whose gate matrices are fused weights
+    torch.manual_seed(0)
+    return _specimen("grucell_loop", GRUCellLoop(), _tokens, shape=(2, 6), reshaped=(3, 6),
+                     notes="the loop fixes the sequence length at capture: only the batch changes")
+
+
 def minilm() -> Specimen:
     """The pretrained all-MiniLM-L6-v2 sentence encoder (examples/minilm.py), offline."""
     from examples.minilm import SENTENCES, sentence_encoder, tokenize
@@ -667,7 +688,7 @@ def regnet() -> Specimen:
 ZOO: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     bert, distilbert, gpt2, llama, qwen2, t5, bart, vit, whisper_encoder, wav2vec2, resnet,
     convnext, transformer_encoder, multihead_attention, lstm, gru, conv_transpose,
-    tied_embeddings, module_twice, inplace_ops, dict_outputs, minilm)}
+    tied_embeddings, module_twice, inplace_ops, dict_outputs, grucell_loop, minilm)}
 
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2, falcon,

@@ -98,6 +98,9 @@ class Cell:
     cosine: float | None = None   # outputs on the new input vs the model's
     cosine_reshaped: float | None = None
     fresh: bool = False           # a fresh process reproduced the outputs bit for bit
+    #: weights no pass can reach (the pipeline's ``float_weights``: not read by a linear,
+    #: conv or embedding op) -> their element count
+    float_weights: dict[str, int] = field(default_factory=dict)
 
     def label(self) -> str:
         if self.status == "ok":
@@ -122,7 +125,7 @@ class CellSkip(Exception):
 def weighted_layers(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor]]:
     """(weight name, kind, layer type, tensor) of every weight of a weighted layer, each
     tensor once: linear (incl. transformers' Conv1D, MultiheadAttention's projections and
-    RNN gate matrices), conv (incl. transposed) and embedding."""
+    the gate matrices of RNNs and RNN cells), conv (incl. transposed) and embedding."""
     out, seen = [], set()
     for mname, m in model.named_modules():
         kind = None
@@ -139,7 +142,7 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor]
             kind = "linear"
             names = [n for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
                      if getattr(m, n, None) is not None]
-        elif isinstance(m, nn.RNNBase):
+        elif isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
             kind = "linear"
             names = [n for n, _ in m.named_parameters(recurse=False) if n.startswith("weight_")]
         for n in names:
@@ -332,9 +335,10 @@ def _run(gm, x):
         return gm(*x)
 
 
-def run_cell(spec, gm, column: str, workdir: Path, train: list | None = None) -> tuple[Cell, dict | None]:
-    """Run one cell; return it and, when it got as far as a saved artifact, the job for the
-    fresh-process check."""
+def run_cell(spec, gm, column: str, workdir: Path, train: list | None = None,
+             passes: dict[str, str] | None = None) -> tuple[Cell, dict | None]:
+    """Run one cell (``column`` of ``passes``, default ``PASSES``); return it and, when it
+    got as far as a saved artifact, the job for the fresh-process check."""
     import fxpress
 
     cell = Cell(spec.name, column)
@@ -343,10 +347,14 @@ def run_cell(spec, gm, column: str, workdir: Path, train: list | None = None) ->
     job = None
     stage = "pass"
     try:
-        text = PASSES[column]
+        text = (passes or PASSES)[column]
         res = fxpress.compress(gm, text, example_inputs=spec.inputs, policy="warn",
                                progress=False, train_data=spec.train if "distill" in text else None)
         res.module.graph.lint()
+        tensors = _all_tensors(res.module)
+        for r in res.records:
+            for name in r.stats.get("float_weights") or {}:
+                cell.float_weights[name] = int(tensors[name].numel()) if name in tensors else 0
         stage = "coverage"
         cell.notes += _check_coverage(spec, res, column)
         stage = "metrics"
@@ -378,7 +386,7 @@ def run_cell(spec, gm, column: str, workdir: Path, train: list | None = None) ->
         floor = ACCURACY_FLOOR.get(column)
         if floor is not None and not cos["new"] >= floor:
             raise CellFailure("outputs (new input)", f"cosine to the model {cos['new']:.4f} < "
-                              f"{floor} for {PASSES[column]}")
+                              f"{floor} for {text}")
         if cos["reshaped"] is not None and cos["reshaped"] < cos["calibration"] - 0.25:
             raise CellFailure("outputs (reshaped input)", f"cosine to the model {cos['reshaped']:.3f} "
                               f"on the new shape vs {cos['calibration']:.3f} on the calibration shape")
@@ -527,12 +535,15 @@ def capture_model(spec):
 
 def run_matrix(models: Iterable[str], columns: Iterable[str] | None = None, *,
                cells: Iterable[tuple[str, str]] | None = None, workdir: str | Path | None = None,
-               log=None) -> list[Cell]:
+               log=None, passes: dict[str, str] | None = None, build=None) -> list[Cell]:
     """Run the cells (every model x column, or the given (model, column) pairs); the fresh
-    process check runs once at the end for every saved artifact."""
-    from tests.zoo import build
+    process check runs once at the end for every saved artifact. ``passes`` maps columns
+    to pipeline texts (default ``PASSES``); ``build(name)`` makes a specimen (default
+    ``tests.zoo.build``)."""
+    if build is None:
+        from tests.zoo import build
 
-    columns = list(columns or PASSES)
+    columns = list(columns or passes or PASSES)
     wanted = list(cells) if cells is not None else [(m, c) for m in models for c in columns]
     order: dict[str, list[str]] = {}
     for m, c in wanted:
@@ -557,7 +568,7 @@ def run_matrix(models: Iterable[str], columns: Iterable[str] | None = None, *,
                     cell.failure = classify(name, col, "capture", None, err, layer_types)
                     job = None
                 else:
-                    cell, job = run_cell(spec, gm, col, workdir)
+                    cell, job = run_cell(spec, gm, col, workdir, passes=passes)
                 out.append(cell)
                 by_key[f"{name}/{col}"] = cell
                 if job:
@@ -591,10 +602,10 @@ def counts(cells: list[Cell]) -> dict[str, int]:
     return c
 
 
-def markdown(cells: list[Cell], title: str = "") -> str:
+def markdown(cells: list[Cell], title: str = "", passes: dict[str, str] | None = None) -> str:
     """The coverage table (rows: models, columns: pipelines) plus a legend of the classes."""
     models = list(dict.fromkeys(c.model for c in cells))
-    cols = [c for c in PASSES if any(cell.column == c for cell in cells)]
+    cols = [c for c in (passes or PASSES) if any(cell.column == c for cell in cells)]
     grid = {(c.model, c.column): c for c in cells}
     lines = []
     if title:
