@@ -1,0 +1,616 @@
+"""Probe: models fxpress has never seen, through every pass with default options.
+
+Each architecture below is NOT in ``tests/zoo.py`` (neither ``ZOO`` nor ``HELD_OUT``): the
+round-16 probe's models (lost with its script, rebuilt here) and families nobody ran. Each
+cell is one model through one pipeline with the pass's DEFAULT options, run by the zoo
+matrix's own cell (``tests/zoo_matrix.run_cell``: capture, pass, coverage, finite metrics,
+outputs on a new input and a new shape, save + load bit-exact here, then one fresh Python
+process that imports neither transformers nor this file loads every artifact and must
+reproduce the outputs bit for bit).
+
+    python -m bench.probe_zoo                 # every model x every column (~20 min, 2 cores)
+    python -m bench.probe_zoo fno gemma2      # some models
+    python -m bench.probe_zoo --json out.json # also the cells as JSON
+
+``HELD_OUT`` names the models kept for judging the fixes: they were run only after the
+fixes were made, never while making them. ``grucell_loop`` (the class fixed this round) moved
+into ``tests/zoo.py``'s ``ZOO``; the probe still runs it.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tests.zoo import VOCAB, Specimen, _bn_stats, _hf, _ids_mask, _ids_only, _image, _randn, _seq2seq, \
+    _specimen, grucell_loop
+
+#: column -> pipeline text: every pass with its default options (prune needs a target;
+#: distill runs one epoch at a fixed rate, as in tests/zoo_matrix.py: its default range test
+#: and 30-epoch cycles took 80-180 s a cell on the
+#: loaded 2-core machine, on models whose uncompressed graph has nothing to recover)
+COLUMNS: dict[str, str] = {
+    "prune": "prune{sparsity=0.5}",
+    "share": "share",
+    "quantize8": "quantize",
+    "quantize4": "quantize{bits=4}",
+    "binarize": "binarize",
+    "ternary": "binarize{mode=ternary}",
+    "distill": "distill{epochs=1,lr=0.0001}",
+}
+
+
+def _tokens(b, n, s):
+    return (_randn(b, n, 16, seed=s),)
+
+
+# -- round 16's torch models -------------------------------------------------------------------
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class MobileNetV3ish(nn.Module):
+    """Inverted residuals with hardswish, depthwise convs and squeeze-excite."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.expand = nn.Sequential(nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False), nn.BatchNorm2d(48),
+                                nn.Hardswish())
+        self.se = SqueezeExcite(48)
+        self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.Linear(16, 32), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(32, 5))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.project(self.se(self.dw(self.expand(h))))
+        return self.head(h.mean((2, 3)))
+
+
+def mobilenet_v3() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("mobilenet_v3", _bn_stats(MobileNetV3ish()), _image, shape=(2, 16), reshaped=(3, 24))
+
+
+class DiffusionResBlock(nn.Module):
+    """A diffusion UNet's residual block: GroupNorm, SiLU, a time embedding added."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(3, 16, 3, padding=1)
+        self.n1, self.c1 = nn.GroupNorm(4, 16), nn.Conv2d(16, 32, 3, padding=1)
+        self.temb = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 32))
+        self.n2, self.c2 = nn.GroupNorm(8, 32), nn.Conv2d(32, 32, 3, padding=1)
+        self.skip = nn.Conv2d(16, 32, 1)
+        self.out = nn.Conv2d(32, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        half = 8
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = self.temb(torch.cat([torch.sin(args), torch.cos(args)], -1))
+        h0 = self.inp(x)
+        h = self.c1(F.silu(self.n1(h0))) + emb[:, :, None, None]
+        h = self.c2(F.silu(self.n2(h)))
+        return self.out(h + self.skip(h0))
+
+
+def gn_unet_block() -> Specimen:
+    torch.manual_seed(0)
+
+    def make(b, n, s):
+        return (_randn(b, 3, n, n, seed=s), torch.randint(0, 1000, (b,), generator=torch.Generator().manual_seed(s)))
+    return _specimen("gn_unet_block", DiffusionResBlock(), make, shape=(2, 8), reshaped=(3, 12))
+
+
+class Video3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv3d(3, 8, (3, 3, 3), padding=1), nn.BatchNorm3d(8)
+        self.c2 = nn.Conv3d(8, 16, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.b1(self.c1(x)))))
+        return self.head(F.adaptive_avg_pool3d(h, 1).flatten(1))
+
+
+def video3d() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("video3d", _bn_stats(Video3d()), lambda b, n, s: (_randn(b, 3, 4, n, n, seed=s),),
+                     shape=(2, 8), reshaped=(3, 12))
+
+
+class SpectralConv1d(nn.Module):
+    def __init__(self, c: int, modes: int):
+        super().__init__()
+        self.modes = modes
+        self.weight = nn.Parameter(torch.randn(c, c, modes, dtype=torch.cfloat) / c)
+
+    def forward(self, x):
+        xf = torch.fft.rfft(x)
+        out = torch.zeros(x.shape[0], x.shape[1], xf.shape[-1], dtype=torch.cfloat)
+        out[:, :, :self.modes] = torch.einsum("bix,iox->box", xf[:, :, :self.modes], self.weight)
+        return torch.fft.irfft(out, n=x.shape[-1])
+
+
+class FNO1d(nn.Module):
+    """A Fourier neural operator: spectral convs (complex weights) plus pointwise convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lift = nn.Linear(2, 16)
+        self.spec = nn.ModuleList([SpectralConv1d(16, 4) for _ in range(2)])
+        self.w = nn.ModuleList([nn.Conv1d(16, 16, 1) for _ in range(2)])
+        self.proj = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        h = self.lift(x).permute(0, 2, 1)
+        for s, w in zip(self.spec, self.w):
+            h = F.gelu(s(h) + w(h))
+        return self.proj(h.permute(0, 2, 1))
+
+
+def fno() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("fno", FNO1d(), lambda b, n, s: (_randn(b, n, 2, seed=s),), shape=(2, 16),
+                     reshaped=(3, 24))
+
+
+class SuperRes(nn.Module):
+    """ESPCN: convs then PixelShuffle(2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 16, 5, padding=2), nn.Conv2d(16, 8, 3, padding=1)
+        self.c3, self.shuffle = nn.Conv2d(8, 4, 3, padding=1), nn.PixelShuffle(2)
+
+    def forward(self, x):
+        return self.shuffle(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x))))))
+
+
+def pixel_shuffle() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("pixel_shuffle", SuperRes(), lambda b, n, s: (_randn(b, 1, n, n, seed=s),),
+                     reshaped=(3, 12))
+
+
+class BilinearPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(6, 12)
+        self.bil, self.act = nn.Bilinear(16, 12, 20), nn.PReLU()
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x, y):
+        return self.head(self.act(self.bil(self.a(x), self.b(y))))
+
+
+def bilinear_prelu() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("bilinear_prelu", BilinearPReLU(),
+                     lambda b, n, s: (_randn(b, 8, seed=s), _randn(b, 6, seed=s + 7)))
+
+
+class EinsumMixer(nn.Module):
+    """An MLP-mixer whose token and channel mixing are einsums with parameters."""
+
+    def __init__(self, tokens: int = 8, dim: int = 16):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.tok = nn.Parameter(torch.randn(tokens, tokens) / tokens ** 0.5)
+        self.ch1 = nn.Parameter(torch.randn(dim, 32) / dim ** 0.5)
+        self.ch2 = nn.Parameter(torch.randn(32, dim) / 32 ** 0.5)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = x + torch.einsum("st,btd->bsd", self.tok, self.norm1(x))
+        x = x + torch.einsum("bte,ed->btd", F.gelu(torch.einsum("btd,de->bte", self.norm2(x), self.ch1)),
+                             self.ch2)
+        return self.head(x.mean(1))
+
+
+def einsum_mixer() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("einsum_mixer", EinsumMixer(), _tokens, shape=(2, 8), reshaped=(3, 8))
+
+
+class MaxNormEmbedding(nn.Module):
+    """nn.Embedding(max_norm=1): the lookup renormalises the rows it reads, in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16, max_norm=1.0)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def embedding_max_norm() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("embedding_max_norm", MaxNormEmbedding(), _ids_only)
+
+
+# -- new torch models (nobody ran them) --------------------------------------------------------
+
+class DSCNN(nn.Module):
+    """A depthwise-separable keyword-spotting CNN over an MFCC map [B, 1, time, 10]."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, (5, 3), padding=(2, 1)), nn.BatchNorm2d(16), nn.ReLU())
+        blocks = []
+        for _ in range(2):
+            blocks += [nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+                       nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), nn.ReLU()]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(16, 12)
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+def kws_dscnn() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("kws_dscnn", _bn_stats(DSCNN()), lambda b, n, s: (_randn(b, 1, n, 10, seed=s),),
+                     shape=(2, 16), reshaped=(3, 24))
+
+
+class GatedTCN(nn.Module):
+    """WaveNet-style: causal dilated Conv1d by left padding (F.pad), tanh*sigmoid gates,
+    residual and skip 1x1 convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv1d(1, 16, 1)
+        self.filt = nn.ModuleList([nn.Conv1d(16, 32, 2, dilation=2 ** i) for i in range(3)])
+        self.res = nn.ModuleList([nn.Conv1d(16, 16, 1) for _ in range(3)])
+        self.skip = nn.ModuleList([nn.Conv1d(16, 16, 1) for _ in range(3)])
+        self.out = nn.Conv1d(16, 8, 1)
+
+    def forward(self, x):
+        h, skips = self.inp(x), 0
+        for i, (f, r, s) in enumerate(zip(self.filt, self.res, self.skip)):
+            a, g = f(F.pad(h, (2 ** i, 0))).chunk(2, 1)
+            z = torch.tanh(a) * torch.sigmoid(g)
+            h, skips = h + r(z), skips + s(z)
+        return self.out(F.relu(skips))
+
+
+def wavenet_tcn() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("wavenet_tcn", GatedTCN(), lambda b, n, s: (_randn(b, 1, n, seed=s),), shape=(2, 32),
+                     reshaped=(3, 48))
+
+
+class AttentionPooling(nn.Module):
+    """Attention pooling written by hand (no nn.MultiheadAttention): a learned query scores
+    each position, a masked softmax weighs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32, padding_idx=0)
+        self.key = nn.Linear(32, 32)
+        self.query = nn.Parameter(torch.randn(32) / 32 ** 0.5)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids, mask):
+        h = self.emb(ids)
+        scores = (torch.tanh(self.key(h)) @ self.query).masked_fill(mask == 0, -1e9)
+        w = torch.softmax(scores, dim=-1)
+        return self.head((w.unsqueeze(-1) * h).sum(1))
+
+
+def attention_pool() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("attention_pool", AttentionPooling(), _ids_mask)
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.dec = nn.Sequential(nn.ConvTranspose2d(16, 8, 3, 2, 1, output_padding=1), nn.ReLU(),
+                                 nn.ConvTranspose2d(8, 1, 3, 2, 1, output_padding=1), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+def conv_autoencoder() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("conv_autoencoder", ConvAutoencoder(), lambda b, n, s: (_randn(b, 1, n, n, seed=s),),
+                     shape=(2, 8), reshaped=(3, 16))
+
+
+# -- transformers: round 16's families ---------------------------------------------------------
+
+def gemma2() -> Specimen:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       max_position_embeddings=64, sliding_window=4)
+    return _hf("gemma2", Gemma2ForCausalLM(cfg), _ids_mask)
+
+
+def opt() -> Specimen:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                    max_position_embeddings=64, word_embed_proj_dim=32)
+    return _hf("opt", OPTForCausalLM(cfg), _ids_mask)
+
+
+def bloom() -> Specimen:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2)
+    # Bloom's second positional argument is past_key_values: the ids alone
+    return _hf("bloom", BloomForCausalLM(cfg), _ids_only)
+
+
+def electra() -> Specimen:
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = ElectraConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return _hf("electra", ElectraForSequenceClassification(cfg), _ids_mask)
+
+
+def mpnet() -> Specimen:
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+    return _hf("mpnet", MPNetModel(cfg), _ids_mask)
+
+
+def segformer() -> Specimen:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    torch.manual_seed(0)
+    cfg = SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                          hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                          mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=3)
+    return _hf("segformer", SegformerForSemanticSegmentation(cfg), _image, shape=(2, 32), reshaped=(3, 48))
+
+
+def swin() -> Specimen:
+    from transformers import SwinConfig, SwinModel
+
+    torch.manual_seed(0)
+    cfg = SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1],
+                     num_heads=[1, 2], window_size=4)
+    return _hf("swin", SwinModel(cfg), _image, shape=(2, 32), reshaped=(3, 32))
+
+
+def mamba() -> Specimen:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                      conv_kernel=4)
+    return _hf("mamba", MambaForCausalLM(cfg), _ids_only, shape=(2, 8), reshaped=(3, 8))
+
+
+def clip_text() -> Specimen:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=1,
+                         eos_token_id=2)
+    return _hf("clip_text", CLIPTextModel(cfg), _ids_mask)
+
+
+def marian() -> Specimen:
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    cfg = MarianConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                       decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+                       decoder_start_token_id=0)
+    return _hf("marian", MarianMTModel(cfg), _seq2seq)
+
+
+def fnet() -> Specimen:
+    from transformers import FNetConfig, FNetModel
+
+    torch.manual_seed(0)
+    cfg = FNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                     max_position_embeddings=64, use_tpu_fourier_optimizations=False)
+    return _hf("fnet", FNetModel(cfg), _ids_only)
+
+
+# -- transformers: families nobody ran ----------------------------------------------------------
+
+def phi3() -> Specimen:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _hf("phi3", Phi3ForCausalLM(cfg), _ids_mask)
+
+
+def t5_encoder() -> Specimen:
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                   feed_forward_proj="gated-gelu")
+    return _hf("t5_encoder", T5EncoderModel(cfg), _ids_mask)
+
+
+def gemma3_text() -> Specimen:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                           max_position_embeddings=64, sliding_window=4)
+    return _hf("gemma3_text", Gemma3ForCausalLM(cfg), _ids_mask)
+
+
+def starcoder2() -> Specimen:
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Starcoder2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                           bos_token_id=1, eos_token_id=2)
+    return _hf("starcoder2", Starcoder2ForCausalLM(cfg), _ids_mask)
+
+
+def olmo2() -> Specimen:
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Olmo2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _hf("olmo2", Olmo2ForCausalLM(cfg), _ids_mask)
+
+
+def modernbert() -> Specimen:
+    from transformers import ModernBertConfig, ModernBertModel
+
+    torch.manual_seed(0)
+    cfg = ModernBertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=64, local_attention=4,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    return _hf("modernbert", ModernBertModel(cfg), _ids_mask)
+
+
+def xlm_roberta() -> Specimen:
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = XLMRobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return _hf("xlm_roberta", XLMRobertaForSequenceClassification(cfg), _ids_mask)
+
+
+def squeezebert() -> Specimen:
+    from transformers import SqueezeBertConfig, SqueezeBertModel
+
+    torch.manual_seed(0)
+    cfg = SqueezeBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, embedding_size=32,
+                            q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2,
+                            intermediate_groups=2, output_groups=2)
+    return _hf("squeezebert", SqueezeBertModel(cfg), _ids_mask)
+
+
+def dinov2() -> Specimen:
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, mlp_ratio=2)
+    return _hf("dinov2", Dinov2Model(cfg), _image, shape=(2, 32), reshaped=(3, 32))
+
+
+def mobilevit() -> Specimen:
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = MobileViTConfig(image_size=32, patch_size=2, hidden_sizes=[16, 24, 32],
+                          neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], num_attention_heads=2,
+                          num_labels=3)
+    return _hf("mobilevit", MobileViTForImageClassification(cfg), _image, shape=(2, 32), reshaped=(3, 32))
+
+
+def efficientnet() -> Specimen:
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification
+
+    torch.manual_seed(0)
+    cfg = EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1, num_labels=3,
+                             hidden_dim=128)
+    return _hf("efficientnet", _bn_stats(EfficientNetForImageClassification(cfg)), _image, shape=(2, 32),
+               reshaped=(3, 48))
+
+
+def hubert() -> Specimen:
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    cfg = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
+                       num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    return _hf("hubert", HubertModel(cfg), lambda b, n, s: (_randn(b, n, seed=s),), shape=(2, 400),
+               reshaped=(3, 560))
+
+
+def pegasus() -> Specimen:
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = PegasusConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+                        decoder_start_token_id=0)
+    return _hf("pegasus", PegasusForConditionalGeneration(cfg), _seq2seq)
+
+
+PROBE: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
+    mobilenet_v3, gn_unet_block, video3d, fno, pixel_shuffle, grucell_loop, bilinear_prelu,
+    einsum_mixer, embedding_max_norm, kws_dscnn, wavenet_tcn, attention_pool, conv_autoencoder,
+    gemma2, opt, bloom, electra, mpnet, segformer, swin, mamba, clip_text, marian, fnet,
+    phi3, t5_encoder, gemma3_text, starcoder2, olmo2, modernbert, xlm_roberta, squeezebert, dinov2)}
+
+#: never run while fixing: judged once the fixes were made
+HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
+    mobilevit, efficientnet, hubert, pegasus)}
+
+
+def build(name: str) -> Specimen:
+    return {**PROBE, **HELD_OUT}[name]()
+
+
+def main(argv: list[str]) -> int:
+    from tests.zoo_matrix import as_json, counts, markdown, run_matrix
+
+    out_json = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        out_json, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    names = argv or list(PROBE) + list(HELD_OUT)
+    t0 = time.perf_counter()
+    cells = run_matrix(names, list(COLUMNS), passes=COLUMNS, build=build,
+                       log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(markdown([c for c in cells if c.model not in HELD_OUT], passes=COLUMNS))
+    held = [c for c in cells if c.model in HELD_OUT]
+    if held:
+        print("Held out:\n\n" + markdown(held, passes=COLUMNS))
+    n = counts(cells)
+    print(f"{n['ok']} ok / {n['skip']} skip / {n['fail']} fail, {time.perf_counter() - t0:.0f} s")
+    if out_json:
+        open(out_json, "w").write(as_json(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
