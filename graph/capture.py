@@ -169,6 +169,69 @@ def _bind_by_name(named: Mapping, what: str, model: torch.nn.Module | None) -> t
     return tuple(out)
 
 
+#: The keys under which a mapping batch (transformers' data collators) holds its label.
+LABEL_KEYS = ("labels", "label")
+
+
+def positional_batch(batch: Any, model: torch.nn.Module, what: str = "train_data batch") -> Any:
+    """A training batch with named inputs as positional ones, its label last.
+
+    ``{"input_ids": ..., "attention_mask": ..., "labels": y}`` (a data collator's batch) ->
+    ``(input_ids, attention_mask, y)``; ``(mapping, y)`` -> ``(*bound, y)``; anything
+    else unchanged.
+    """
+    if isinstance(batch, Mapping):
+        labels = [k for k in LABEL_KEYS if k in batch]
+        named = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        return (*_bind_by_name(named, what, model), *(batch[k] for k in labels[:1]))
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Mapping):
+        return (*_bind_by_name(batch[0], what, model), *batch[1:])
+    return batch
+
+
+class _PositionalCollate:
+    """A DataLoader's collate function followed by :func:`positional_batch`."""
+
+    def __init__(self, collate: Any, model: torch.nn.Module):
+        self.collate, self.model = collate, model
+
+    def __call__(self, items: Any) -> Any:
+        return positional_batch(self.collate(items), self.model)
+
+
+class _Positional:
+    """An iterable of training batches re-read on every pass, each made positional."""
+
+    def __init__(self, data: Any, model: torch.nn.Module):
+        self.data, self.model = data, model
+
+    def __iter__(self):
+        return (positional_batch(b, self.model) for b in self.data)
+
+
+def positional_batches(data: Any, model: torch.nn.Module) -> Any:
+    """``data`` whose batches are made positional by :func:`positional_batch`.
+
+    A list or tuple becomes a list; a DataLoader stays one (same dataset, sampler and
+    settings), its collate function followed by the binding; another iterable is wrapped.
+    Data whose first batch names nothing is returned as it is.
+    """
+    from torch.utils.data import DataLoader
+
+    if data is None or isinstance(data, (str, bytes, torch.Tensor)) or not hasattr(data, "__iter__"):
+        return data
+    if isinstance(data, (list, tuple)):
+        if not any(isinstance(b, Mapping) or (isinstance(b, (tuple, list)) and b and
+                                              isinstance(b[0], Mapping)) for b in data[:1]):
+            return data
+        return [positional_batch(b, model, f"train_data batch {i}") for i, b in enumerate(data)]
+    if isinstance(data, DataLoader):
+        loader = copy.copy(data)  # same dataset, sampler and settings
+        loader.collate_fn = _PositionalCollate(data.collate_fn, model)
+        return loader
+    return _Positional(data, model)
+
+
 def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
     """Every parameter and buffer of a module (each tensor once)."""
     seen: dict[int, torch.Tensor] = {}

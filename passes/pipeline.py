@@ -37,7 +37,7 @@ from fxpress.errors import (FxpressError, InputError, PassError, SharedTensorWri
                             UnknownPassError, VerificationError)
 from fxpress.graph.artifact import artifact_size
 from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture, capture_copy,
-                                   clone_structure, tensors_of)
+                                   clone_structure, positional_batches, tensors_of)
 from fxpress.graph.guard import CallerModel, preserved_rng
 from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
 from fxpress.graph.memory import RollbackRecord, runtime_caches, stored_bytes
@@ -205,6 +205,7 @@ class Pipeline:
             raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
         calib = _calibration_list(calibration, model)
         _check_train_data(train_data)
+        train_data = positional_batches(train_data, model)
         if example_inputs is None:
             example_inputs = calib[0] if calib else _first_inputs(train_data)
             if example_inputs is None:

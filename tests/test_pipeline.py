@@ -434,3 +434,28 @@ def test_a_tokenizers_mapping_binds_by_name_and_padding_is_not_compared():
     named = Verifier(torch.nn.Sequential(), [(torch.randn(4, 5),)])
     assert named.top1 is True
     assert looks_like_logits([], ["last_hidden_state", "logits"]) == frozenset({1})
+
+
+def test_training_batches_with_named_inputs_and_labels_are_bound_by_name(mlp, digits):
+    """A data collator's batches ({"x": ..., "labels": y}) train distill as (x, y) would."""
+    from torch.utils.data import DataLoader
+
+    from fxpress.graph.capture import positional_batch, positional_batches
+
+    x, y = digits.x_train, digits.y_train
+    pairs = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+    named = [{"labels": b, "x": a} for a, b in pairs]
+    assert all(p[0] is a and p[1] is b for p, (a, b) in zip(positional_batches(named, mlp), pairs))
+    assert positional_batch(({"x": pairs[0][0]}, pairs[0][1]), mlp)[1] is pairs[0][1]
+    assert positional_batches(pairs, mlp) is pairs  # positional data is left as it is
+    rows = [{"x": x[i], "labels": y[i]} for i in range(256)]
+    loader = positional_batches(DataLoader(rows, batch_size=32), mlp)
+    assert isinstance(loader, DataLoader) and len(loader) == 8
+    xb, yb = next(iter(loader))
+    assert torch.equal(xb, x[:32]) and torch.equal(yb, y[:32])
+    spec = "prune{sparsity=0.5},distill{epochs=1,lr=0.001}"
+    by_name = fxpress.compress(mlp, spec, train_data=named, progress=False)
+    by_position = fxpress.compress(mlp, spec, train_data=pairs, progress=False)
+    for a, b in zip(by_name.module.state_dict().values(), by_position.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert by_name.records[-1].cumulative.accuracy_ratio is not None  # the labels were seen
