@@ -60,7 +60,9 @@ _TRANSPOSED_CONV: set[Any] = set()
 for _n in (1, 2, 3):
     _conv_args = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     _FUNCTIONS[getattr(F, f"conv{_n}d")] = (CONV, _conv_args, _n)
-    _FUNCTIONS[getattr(_aten, f"conv{_n}d").default] = (CONV, _conv_args, _n)
+    # .padding: string padding ("same"/"valid"), as export records Conv2d(padding="same")
+    for _o in ("default", "padding"):
+        _FUNCTIONS[getattr(getattr(_aten, f"conv{_n}d"), _o)] = (CONV, _conv_args, _n)
     _convt_args = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
                    "dilation")
     _packet = getattr(_aten, f"conv_transpose{_n}d")

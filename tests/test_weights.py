@@ -196,3 +196,30 @@ def test_tensor_memo_recomputes_after_writes_and_for_new_tensors():
         v = torch.ones(2, 2)
         assert nonzeros(v) == 4
         del v
+
+
+def test_exported_convs_with_string_padding_are_weighted_ops_and_compressed(tmp_path):
+    """Export records Conv2d(padding="same"/"valid") as aten.conv2d.padding; every pass must
+    see those convs (EfficientNet's 36 stayed float32 under every pass)."""
+
+    torch.manual_seed(0)
+
+    class Same(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 16, 3, padding="same")
+            self.c2 = torch.nn.Conv2d(16, 16, 3, padding="valid")
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
+
+    model, x = Same().eval(), torch.randn(4, 3, 12, 12)
+    gm = fxpress.capture(model, (x,), method="export")
+    assert sum(n.target == torch.ops.aten.conv2d.padding for n in gm.graph.nodes) == 2
+    assert len(list(weighted_ops(gm))) == 3
+    res = fxpress.compress(model, "quantize{bits=8}", example_inputs=(x,), capture_method="export")
+    assert not any(n.target == torch.ops.aten.conv2d.padding for n in res.module.graph.nodes)
+    assert res.records[-1].bytes_after < res.records[-1].bytes_before / 3
+    fxpress.save(res, tmp_path / "same.fxp")
+    assert torch.equal(fxpress.load(tmp_path / "same.fxp")(x), res.module(x))
