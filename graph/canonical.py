@@ -7,8 +7,13 @@ compress it. :func:`canonical_linears` rewrites each such product into ``linear(
 (the same matrix product: torch computes ``linear`` as ``x @ W.T``), in fx graphs
 (``operator.matmul`` / ``torch.matmul`` of ``W.T``, ``W.t()``, ``W.transpose(0, 1)``) and in
 exported ones (``aten.matmul`` / ``aten.mm`` of ``aten.t``, ``aten.numpy_T``,
-``aten.transpose``, ``aten.permute(W, [1, 0])``). :func:`fxpress.graph.capture.capture` runs
-it on every graph it captures, before checking the graph against the model.
+``aten.transpose``, ``aten.permute(W, [1, 0])``). A product with the weight on the left,
+``W @ x`` (Mamba's ``dt_proj``), becomes ``linear(x.mT, W).mT`` where the graph recorded
+``x``'s rank. :func:`canonical_weights` points a weighted op whose weight is a view chain
+that gives the parameter back (Mamba's ``conv1d.weight.squeeze(1).unsqueeze(1)``) at the
+parameter. :func:`fxpress.graph.capture.capture` runs both on every graph it captures,
+before checking the graph against the model, and ``canonical_linears`` again once the
+graph's shapes are recorded (a symbolically traced graph has no ranks before).
 """
 from __future__ import annotations
 
@@ -60,22 +65,52 @@ def transposed_weight(gm: torch.fx.GraphModule, node) -> torch.fx.Node | None:
     return src if ok and _param(gm, src) is not None else None
 
 
+def _rank(node) -> int | None:
+    """The number of dimensions of ``node``'s value, when capture recorded it (export's
+    ``val``, ShapeProp's ``tensor_meta``)."""
+    meta = getattr(node, "meta", {}) or {}
+    val = meta.get("val", meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    return len(shape) if shape is not None else None
+
+
 def canonical_linears(gm: torch.fx.GraphModule) -> int:
-    """Rewrite every ``x @ W.T`` of a 2-D float parameter ``W`` into ``linear(x, W)``;
-    return how many (the graph is recompiled when any)."""
+    """Rewrite every ``x @ W.T`` of a 2-D float parameter ``W`` into ``linear(x, W)``, and
+    every ``W @ x`` (Mamba's ``dt_proj``) into ``linear(x.mT, W).mT`` (``linear(x, W)`` for
+    a vector ``x``; only where the graph recorded ``x``'s rank); return how many (the graph
+    is recompiled when any)."""
     graph, count = gm.graph, 0
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target in _MATMULS and len(node.args) == 2
                 and not node.kwargs):
             continue
         x, wt = node.args
+        aten = isinstance(node.target, torch._ops.OpOverload)
+        linear = _aten.linear.default if aten else torch.nn.functional.linear
         w = transposed_weight(gm, wt)
+        if w is None and _param(gm, x) is not None and isinstance(wt, torch.fx.Node) \
+                and _param(gm, wt) is None:
+            rank = _rank(wt)  # W @ x: the weight on the left
+            if rank is None or rank < 1:
+                continue
+            w, x = x, wt
+            transpose = _aten.transpose.int if aten else torch.transpose
+            with graph.inserting_before(node):
+                if rank == 1:
+                    new = graph.call_function(linear, (x, w))
+                else:
+                    xt = graph.call_function(transpose, (x, -1, -2))
+                    new = graph.call_function(transpose, (graph.call_function(linear, (xt, w)),
+                                                          -1, -2))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            count += 1
+            continue
         if w is None or not isinstance(x, torch.fx.Node):
             continue
-        aten = isinstance(node.target, torch._ops.OpOverload)
         with graph.inserting_before(node):
-            new = graph.call_function(_aten.linear.default if aten else torch.nn.functional.linear,
-                                      (x, w))
+            new = graph.call_function(linear, (x, w))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
@@ -88,4 +123,90 @@ def canonical_linears(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-__all__ = ["canonical_linears", "transposed_weight"]
+#: ops that give a view of their first argument with the same elements in the same order
+#: (a reshape of a contiguous weight); a chain of them that ends in the weight's own shape
+#: and strides is the weight itself
+_VIEW_FUNCTIONS = {torch.squeeze, torch.unsqueeze, torch.reshape, torch.flatten,
+                   _aten.squeeze.dim, _aten.squeeze.default, _aten.unsqueeze.default,
+                   _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default,
+                   _aten.alias.default, _aten.detach.default}
+if hasattr(_aten.squeeze, "dims"):
+    _VIEW_FUNCTIONS.add(_aten.squeeze.dims)
+_VIEW_METHODS = {"squeeze", "unsqueeze", "view", "reshape", "flatten", "unflatten",
+                 "contiguous", "detach"}
+
+
+def _view_root(gm: torch.fx.GraphModule, node) -> torch.fx.Node | None:
+    """The ``get_attr`` node of a float parameter ``W`` when ``node`` computes a chain of
+    view ops of ``W`` that gives back ``W``'s shape and strides on ``W``'s storage (Mamba's
+    ``conv1d.weight.squeeze(1)`` then ``.unsqueeze(1)`` before its conv)."""
+    chain = []
+    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") and (
+            node.target in _VIEW_FUNCTIONS if node.op == "call_function"
+            else node.target in _VIEW_METHODS):
+        if not node.args or any(isinstance(a, torch.fx.Node) for a in
+                                (*node.args[1:], *node.kwargs.values())):
+            return None
+        chain.append(node)
+        node = node.args[0]
+    if not chain or not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
+        return None
+    owner, _, attr = str(node.target).rpartition(".")
+    try:
+        w = getattr(gm.get_submodule(owner) if owner else gm, attr)
+    except AttributeError:
+        return None
+    if not (isinstance(w, torch.Tensor) and w.is_floating_point()):
+        return None
+    t = w.detach()
+    try:
+        for n in reversed(chain):
+            f = getattr(t, n.target) if n.op == "call_method" else n.target
+            t = f(*n.args[1:], **n.kwargs) if n.op == "call_method" else f(t, *n.args[1:], **n.kwargs)
+    except Exception:  # noqa: BLE001 - a chain that does not run on the weight is left alone
+        return None
+    same = (isinstance(t, torch.Tensor) and t.shape == w.shape and t.stride() == w.stride()
+            and t.data_ptr() == w.data_ptr())
+    return node if same else None
+
+
+def canonical_weights(gm: torch.fx.GraphModule) -> int:
+    """Point weighted ops whose weight argument is a view chain of a parameter that gives
+    the parameter back (see :func:`_view_root`) at the parameter itself, so every pass sees
+    the op; return how many (the graph is recompiled when any)."""
+    from fxpress.graph.weights import _FUNCTIONS
+
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        try:
+            entry = _FUNCTIONS.get(node.target)
+        except TypeError:
+            continue
+        if entry is None:
+            continue
+        names = entry[1]
+        where = names.index("weight")
+        if len(node.args) > where:
+            arg, put = node.args[where], lambda r: node.update_arg(where, r)
+        elif "weight" in node.kwargs:
+            arg, put = node.kwargs["weight"], lambda r: node.update_kwarg("weight", r)
+        else:
+            continue
+        root = _view_root(gm, arg)
+        if root is None:
+            continue
+        put(root)
+        while isinstance(arg, torch.fx.Node) and arg is not root and not arg.users:
+            up = arg.args[0]
+            graph.erase_node(arg)
+            arg = up
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+__all__ = ["canonical_linears", "canonical_weights", "transposed_weight"]

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from fxpress.errors import CaptureError, InputError
-from fxpress.graph.canonical import canonical_linears
+from fxpress.graph.canonical import canonical_linears, canonical_weights
 
 METHODS = ("auto", "fx", "export")
 
@@ -670,7 +670,12 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                     else:
                         gm = _capture_export(model, example_inputs, dynamic, bound)
                     linears = canonical_linears(gm)
+                    views = canonical_weights(gm)
                     annotate_shapes(gm, example_inputs)
+                    left = canonical_linears(gm)  # W @ x needs x's rank: fx graphs have it now
+                    if left:
+                        linears += left
+                        annotate_shapes(gm, example_inputs)
                     got = gm(*example_inputs)
                     if not _outputs_match(got, expected):
                         raise CaptureError(f"the {m} graph's outputs differ from the model's on the "
@@ -691,6 +696,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
             }
             if linears:
                 gm.meta["fxpress"]["linears_from_matmul"] = linears
+            if views:
+                gm.meta["fxpress"]["weights_from_views"] = views
             fixed = gm.meta.pop("fxpress_fixed", None)
             if fixed is not None and dynamic:
                 gm.meta["fxpress"]["fixed_dims"] = fixed

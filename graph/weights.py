@@ -473,8 +473,9 @@ def _plain_ops(gm: torch.fx.GraphModule, kinds: Iterable[str] | None) -> list[We
 def uncovered_weights(gm: torch.fx.GraphModule, min_numel: int = 2) -> dict[str, str]:
     """Float tensors of ``gm`` (2-D or more, ``min_numel`` elements or more) that no
     weighted op reads, so no pass compresses them: name -> what reads them. Position
-    embeddings added to activations, a ``W @ x`` product (Mamba's ``dt_proj``), a weight
-    reshaped before its conv. Tensors of runtime modules (codebooks, scales) are left out;
+    embeddings added to activations, ``nn.Bilinear``'s 3-D weight, a weight reshaped into
+    another shape before its op (capture already turns ``W @ x`` and views that give the
+    weight back into weighted ops: :mod:`fxpress.graph.canonical`). Tensors of runtime modules (codebooks, scales) are left out;
     passes report their own skipped ops."""
     from fxpress.graph.runtime import RuntimeModule
 

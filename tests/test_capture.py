@@ -177,6 +177,43 @@ def test_linears_written_as_matmuls_become_linear_ops(method):
     assert set(res.records[0].stats["layers"]) == {"weight", "head"}
 
 
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_weights_on_the_left_and_reshaped_weights_become_weighted_ops(method):
+    """Mamba's reference path applies ``dt_proj`` as ``W @ x`` and passes its depthwise
+    conv ``weight.squeeze(1).unsqueeze(1)``: no weighted op read either weight, so every
+    pass left them float (named only in ``float_weights``). Capture makes them a linear and
+    a conv on the parameter itself, outputs unchanged, and a view that changes the weight's
+    shape stays as it was."""
+    class Mixer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(6, 6, 3, groups=6, padding=2)
+            self.proj = torch.nn.Linear(6, 5)
+            self.vec = torch.nn.Linear(6, 4)
+            self.flat = torch.nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, x):  # x: [B, 6, L]
+            n = x.shape[-1]
+            h = torch.nn.functional.conv1d(x, self.conv.weight.squeeze(1).unsqueeze(1),
+                                           self.conv.bias, padding=2, groups=6)[..., :n]
+            y = self.proj.weight @ h                                 # [B, 5, L]
+            v = self.vec.weight @ h[0, :, 0]                         # a vector on the right
+            z = self.flat.reshape(24)                                # not a weight's own shape
+            return y, v + z[:4], self.flat.view(4, 6).t() @ torch.ones(4)
+
+    torch.manual_seed(0)
+    model, x = Mixer(), torch.randn(2, 6, 7)
+    gm = fxpress.capture(model, (x,), method=method)
+    assert gm.meta["fxpress"]["linears_from_matmul"] == 2
+    assert gm.meta["fxpress"]["weights_from_views"] == 1
+    for inp in (x, torch.randn(3, 6, 9)):
+        for a, b in zip(gm(inp), model(inp)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    res = fxpress.compress(model, "quantize{bits=8}", example_inputs=(x,), progress=False)
+    assert set(res.records[0].stats["layers"]) == {"conv.weight", "proj.weight", "vec.weight"}
+    assert set(res.records[0].stats.get("float_weights", {})) == {"flat"}
+
+
 def test_export_fixing_a_sequence_length_is_reported():
     """A model whose Python loops over the sequence (a recurrence, Mamba's reference scan)
     exports with that length fixed: the capture report says so, by input and dimension."""

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -424,6 +425,33 @@ def grucell_loop() -> Specimen:
                      notes="the loop fixes the sequence length at capture: only the batch changes")
 
 
+class SSMMixer(nn.Module):
+    """A Mamba-style mixer written as transformers' reference path writes it: a depthwise
+    causal conv whose weight is squeezed and unsqueezed around ``F.conv1d``, and ``dt_proj``
+    applied as ``W @ x`` (the weight on the left of a matrix product)."""
+
+    def __init__(self, d: int = 16, inner: int = 32, rank: int = 4, k: int = 4):
+        super().__init__()
+        self.in_proj, self.x_proj = nn.Linear(d, inner), nn.Linear(inner, rank)
+        self.conv = nn.Conv1d(inner, inner, k, groups=inner, padding=k - 1)
+        self.dt_proj, self.out = nn.Linear(rank, inner), nn.Linear(inner, d)
+
+    def forward(self, x):
+        n = x.shape[1]
+        h = self.in_proj(x).transpose(1, 2)                      # [B, inner, L]
+        w = self.conv.weight.squeeze(1)                           # causal_conv1d_fn's weight
+        h = F.silu(F.conv1d(h, w.unsqueeze(1), self.conv.bias, padding=self.conv.padding[0],
+                            groups=self.conv.groups)[..., :n])
+        dt = self.dt_proj.weight @ self.x_proj(h.transpose(1, 2)).transpose(1, 2)  # [B, inner, L]
+        dt = F.softplus(dt + self.dt_proj.bias[:, None])
+        return self.out((h * dt).transpose(1, 2))
+
+
+def ssm_mixer() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("ssm_mixer", SSMMixer(), _tokens)
+
+
 def minilm() -> Specimen:
     """The pretrained all-MiniLM-L6-v2 sentence encoder (examples/minilm.py), offline."""
     from examples.minilm import SENTENCES, sentence_encoder, tokenize
@@ -688,7 +716,7 @@ def regnet() -> Specimen:
 ZOO: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     bert, distilbert, gpt2, llama, qwen2, t5, bart, vit, whisper_encoder, wav2vec2, resnet,
     convnext, transformer_encoder, multihead_attention, lstm, gru, conv_transpose,
-    tied_embeddings, module_twice, inplace_ops, dict_outputs, grucell_loop, minilm)}
+    tied_embeddings, module_twice, inplace_ops, dict_outputs, grucell_loop, ssm_mixer, minilm)}
 
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2, falcon,

@@ -8,7 +8,9 @@ One cell is one model through one pipeline (``PASSES``). It checks, in order:
    leaves a graph that lints;
 3. ``coverage``: every weighted layer the pass's docs say it handles (linear incl.
    MultiheadAttention's projections and RNN gates, conv incl. transposed, embedding) no
-   longer holds its float weight, or the pass's report names it as skipped;
+   longer holds its float weight, or the pass's report names it as a documented choice
+   (binarize's ``kept_float``, prune's ``kept_dense``); a weight named only in the
+   pipeline's ``float_weights`` (no weighted op reads it) fails, class ``8-float-weight``;
 4. ``metrics``: the verifier's figures are finite; quantize's per-layer errors are sane;
 5. ``outputs``: on a new input and on a different batch/sequence shape the graph runs,
    gives the model's output structure and shapes, finite values, and is not far worse on
@@ -82,6 +84,9 @@ CLASSES: dict[str, str] = {
     "6-tied-twice": "tied weights or a module called twice break a pass [item 6]",
     "7-group-error": "4-bit group quantization with a large per-layer error [item 7, engineer "
                      "quantize]",
+    "8-float-weight": "a linear/conv/embedding/RNN weight that no weighted op reads (a "
+                      "``W @ x`` product, a weight reshaped before its op) stays float, named "
+                      "only in the pipeline's float_weights",
 }
 
 
@@ -133,7 +138,7 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, str, str, torch.Tensor]
             kind = "linear"
         elif isinstance(m, (nn.modules.conv._ConvNd,)):
             kind = "conv"
-        elif isinstance(m, nn.Embedding):
+        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             kind = "embedding"
         names = []
         if kind is not None:
@@ -185,12 +190,20 @@ def _strings(obj: Any) -> Iterable[str]:
             yield from _strings(v)
 
 
+#: record stats that name weights the pipeline could not reach, not a documented choice of
+#: the pass: a linear/conv/embedding/RNN weight named only there is a coverage failure (the
+#: class "float weight": a weighted layer whose weight no weighted op reads)
+UNREACHED_STATS = ("float_weights",)
+
+
 def _reported(records, name: str) -> bool:
     """Whether a record's stats name this weight (or its layer) outside the rewritten
-    layers: skipped / kept-float lists and the like."""
+    layers as a documented choice of the pass: binarize's ``kept_float`` (first and last
+    layers), prune's ``kept_dense`` (the floor) and the like. ``float_weights`` does not
+    count: it names what no weighted op reads, which is a gap, not a choice."""
     layer = name.rsplit(".", 1)[0]
     for r in records:
-        stats = {k: v for k, v in r.stats.items() if k != "layers"}
+        stats = {k: v for k, v in r.stats.items() if k != "layers" and k not in UNREACHED_STATS}
         for s in _strings(stats):
             if s in (name, layer) or s.startswith(layer + ".") or s.startswith(name + " ") \
                     or s.startswith(layer + " ") or f"'{layer}'" in s or f"'{name}'" in s:
@@ -308,7 +321,11 @@ def _check_coverage(spec, res, column: str) -> list[str]:
     if not kinds:
         return []
     left = _float_digests(res.module)
-    missed, notes = [], []
+    tensors = _all_tensors(res.module)
+    unreached = {d for r in res.records for n in r.stats.get("float_weights") or {}
+                 if n in tensors for d in (_digest(tensors[n]),) + (
+                     (_digest(tensors[n].t()),) if tensors[n].dim() == 2 else ())}
+    missed, notes, unread = [], [], 0
     for name, kind, ltype, t in weighted_layers(spec.model):
         if kind not in kinds or _digest(t) not in left:
             continue
@@ -316,11 +333,15 @@ def _check_coverage(spec, res, column: str) -> list[str]:
             notes.append(f"{name} ({ltype}) skipped, reported")
         else:
             missed.append(f"{name} ({ltype})")
+            unread += _digest(t) in unreached
     if missed:
         types = sorted({m.split("(")[-1].rstrip(")") for m in missed})
+        why = (f"; {unread} named only in float_weights (no weighted op reads them)"
+               if unread else "")
         raise CellFailure("coverage", f"{len(missed)} weighted layer(s) left untouched and not "
                           f"reported [{', '.join(types)}]: {', '.join(missed[:4])}"
-                          + (" ..." if len(missed) > 4 else ""))
+                          + (" ..." if len(missed) > 4 else "") + why,
+                          "8-float-weight" if unread else None)
     return notes
 
 
