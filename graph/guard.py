@@ -19,7 +19,8 @@ parameter, buffer and tensor attribute in a read-only view over the same storage
 a structural copy to trace, verify against and distil from (train/eval flags are set on
 the copy, never on the caller's modules), the views, and checksums (crc32 of each storage,
 read a block at a time, never copied whole) that catch what bypasses the views (raw
-pointers, ctypes). :func:`preserved_rng` restores the process's random state.
+pointers, ctypes). :func:`preserved_rng` restores the process's random state and the
+settings a model's forward may change (default dtype, thread count, grad mode).
 """
 from __future__ import annotations
 
@@ -278,7 +279,8 @@ _RNG_SAVED: Any = None
 def _rng_state() -> tuple:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and \
         torch.cuda.is_initialized() else None
-    return (torch.get_rng_state(), cuda, random.getstate(), _numpy_state())
+    return (torch.get_rng_state(), cuda, random.getstate(), _numpy_state(),
+            torch.get_default_dtype(), torch.get_num_threads())
 
 
 def _numpy_state() -> Any:
@@ -287,22 +289,31 @@ def _numpy_state() -> Any:
 
 
 def _set_rng_state(state: tuple) -> None:
-    cpu, cuda, py, np_state = state
+    cpu, cuda, py, np_state, dtype, threads = state
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
     random.setstate(py)
     if np_state is not None:
         sys.modules["numpy"].random.set_state(np_state)
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """Restore the process's random state (torch CPU and CUDA, Python's ``random``,
-    NumPy's global generator) when the block ends, however it ends. Nested and concurrent
-    blocks (pipelines in threads) share one saved state: the first to enter saves it, the
-    last to leave restores it."""
+    NumPy's global generator), torch's default dtype and thread count, and this thread's
+    grad mode when the block ends, however it ends: a model's forward that calls
+    ``torch.manual_seed``, ``set_default_dtype``, ``set_num_threads`` or
+    ``set_grad_enabled`` while fxpress traces or runs it changes nothing of the caller's.
+    Nested and concurrent blocks (pipelines in threads) share one saved state: the first to
+    enter saves it, the last to leave restores it (grad mode is per thread: each block
+    restores its own)."""
     global _RNG_DEPTH, _RNG_SAVED
+    grad = torch.is_grad_enabled()
     with _RNG_LOCK:
         if _RNG_DEPTH == 0:
             _RNG_SAVED = _rng_state()
@@ -310,6 +321,7 @@ def preserved_rng() -> Iterator[None]:
     try:
         yield
     finally:
+        torch.set_grad_enabled(grad)
         with _RNG_LOCK:
             _RNG_DEPTH -= 1
             if _RNG_DEPTH == 0:

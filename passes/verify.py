@@ -100,7 +100,7 @@ def looks_like_logits(ref: Outputs, names: list[str] | None = None) -> bool | fr
     twod = [r for rb in ref for r in rb if r.dim() == 2 and r.shape[1] >= 2]
     if not twod:
         return False
-    unit = all(torch.allclose(r.float().norm(dim=1), torch.ones(r.shape[0]), atol=1e-3) for r in twod)
+    unit = all(torch.allclose(r.float().norm(dim=1), torch.ones(r.shape[0], dtype=torch.float32), atol=1e-3) for r in twod)
     return not unit
 
 

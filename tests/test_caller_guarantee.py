@@ -187,3 +187,52 @@ def test_the_documented_p_mul_case_fails_the_pass_and_leaves_the_weights(how):
     with pytest.raises(fxpress.errors.PassError, match="pass 'fault'"):
         fxpress.compress(model, [Fault(how)], calibration=_batches(), progress=False)
     assert_unchanged(model, weights)
+
+
+@pytest.fixture
+def restore_torch_settings():
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+def test_a_caller_whose_default_dtype_is_float64_compresses_a_float32_model(
+        restore_torch_settings):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    weights, calib = state_snapshot(model), _batches()
+    torch.set_default_dtype(torch.float64)  # scientific code often runs so
+    res = fxpress.compress(model, f"prune{{sparsity=0.5,{LOOSE}}},share{{bits=4,{LOOSE}}}",
+                           calibration=calib, progress=False)
+    assert [r.status for r in res.records] == ["ok", "ok"]
+    assert torch.get_default_dtype() == torch.float64
+    assert_unchanged(model, weights)
+
+
+class _SettingsForward(torch.nn.Module):
+    """A model whose forward changes process-wide settings (as some research code does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 5)
+
+    def forward(self, x):
+        torch.set_default_dtype(torch.float64)
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        torch.set_grad_enabled(False)
+        return self.fc(x)
+
+
+def test_a_forward_that_changes_process_settings_leaves_the_callers_as_they_were(
+        restore_torch_settings):
+    torch.manual_seed(0)
+    model = _SettingsForward()
+    torch.set_num_threads(2)
+    before = _process_state()
+    fxpress.compress(model, f"quantize{{bits=8,{LOOSE}}}", calibration=_batches(),
+                     progress=False)
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
+    assert _same_process_state(_process_state(), before)
