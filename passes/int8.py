@@ -129,7 +129,12 @@ def quantize_per_tensor(x2: torch.Tensor, levels: int = 255, signed: bool = True
 
     Three passes over ``x2``: ``x/scale + zero`` lies in ``[0, levels]`` (up to float
     rounding), so adding 0.5 and truncating in the conversion to uint8 rounds it with no
-    clamp pass.
+    clamp pass. Except where the zero point rounds up by exactly half a step (a range
+    symmetric about 0, such as saturated tanh's [-1, 1] or a per-token row over its
+    absmax: 127.5 rounds to 128): the top of the range then lands at ``levels + 0.5``,
+    which would round to ``levels + 1`` (256 wraps to 0 in uint8: the largest input read
+    as the smallest); there a clamp pass keeps it at ``levels``, as fbgemm's own
+    quantisation (round, then clamp) does with the same zero point.
     """
     if col_scale is None:
         lo, hi = torch.aminmax(x2)
@@ -143,6 +148,8 @@ def quantize_per_tensor(x2: torch.Tensor, levels: int = 255, signed: bool = True
         q = torch.add(torch.tensor(zero + 0.5), x2, alpha=1.0 / scale)
     else:
         q = torch.addcmul(torch.tensor(zero + 0.5), x2, col_scale / scale)
+    if zero + lo / scale >= 0.5 - 1e-6:  # the top would round past levels (see above)
+        q.clamp_(max=levels)
     if signed:
         return q.floor_().clamp_(0, levels).sub_(128).to(torch.int8), scale, zero - 128
     return q.to(torch.uint8), scale, zero

@@ -142,6 +142,39 @@ def test_smoothed_per_tensor_input_quantises_without_a_smoothing_pass(mlp, calib
             assert torch.allclose(outs[backend], outs["reference"], rtol=1e-5, atol=1e-4), backend
 
 
+@pytest.mark.parametrize("levels", [255, 127])
+def test_per_tensor_input_symmetric_about_zero_keeps_its_top_value(levels):
+    # [-1, 1] puts the zero point at 127.5, rounded up to 128: the top value rounded to
+    # 256, which wrapped to 0 in uint8 (the largest input read as the smallest)
+    x = torch.tensor([[-1.0, -0.5, 0.0, 0.5, 1.0]])
+    for col_scale in (None, torch.ones(5)):
+        q, scale, zero = I8.quantize_per_tensor(x, levels, signed=False, col_scale=col_scale)
+        assert int(q.max()) <= levels
+        assert torch.allclose((q.float() - zero) * scale, x, atol=scale / 2 + 1e-6)
+    # the float simulation of fbgemm's per-token path divides each row by its absmax: every
+    # row spans [-1, 1] exactly
+    xr = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    sim = Q.simulated_input(xr, "token", None, "fbgemm")
+    assert (sim - xr).norm() / xr.norm() < 0.02
+
+
+def test_int8_linear_after_saturated_tanh_stays_faithful():
+    # a saturated tanh gives an input of exactly [-1, 1]: per-tensor int8 read its +1s as -1
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32))
+    with torch.no_grad():
+        model[0].weight.mul_(50)
+    x = torch.randn(256, 64)
+    # (top-1 of a random model's 32 logits is not what this checks)
+    res = fxpress.compress(model, "quantize{bits=8,act_scale=tensor,tol.min_top1=0}",
+                           calibration=[(x,)])
+    with torch.no_grad():
+        y = model(x)
+        for backend in I8._available_backends():
+            with int8_backend(backend):
+                assert (res.module(x) - y).norm() / y.norm() < 0.05, backend
+
+
 def test_layers_reading_one_input_share_its_codes_only_when_nothing_writes_it(calib):
     class Heads(torch.nn.Module):
         def __init__(self, inplace: bool):
