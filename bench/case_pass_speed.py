@@ -24,6 +24,12 @@ SPECS = {
 #: issue 20's goals, pass time over the floor (median)
 GOALS = {"prune": 5, "quantize": 10, "share": 20}
 
+#: torch threads the passes and the floor run on: one, so that a ratio compares one
+#: core's work with one core's memory sweep. On this project's 2-core machine, shared
+#: by several jobs, two threads spun at each small op's barrier while the other core
+#: was busy: GPT-2's quantize took 33 s of CPU for 3.3 s on one thread.
+THREADS = 1
+
 
 def _floor(gm: torch.nn.Module, ops) -> float:
     weights = [op.weight() for op in ops]
@@ -55,6 +61,7 @@ def run(size: str) -> list[Table]:
     import fxpress
     from fxpress.graph.weights import unique_weights, weighted_ops
 
+    torch.set_num_threads(THREADS)  # the harness puts the caller's count back
     reg = fxpress.registry()
     model, data = minilm(size)  # tiny: a random 2-layer BERT
     cases = [("MiniLM" if size != "tiny" else "BERT 32x2", model, data[0])]
@@ -84,7 +91,7 @@ def run(size: str) -> list[Table]:
         t.add(*row)
     t.notes.append("x floor: the pass's own run time (verification excluded) over one "
                    "read+write of the same weights (torch clone), the floor measured again "
-                   f"right before each run; medians of {repeat} runs, side by side in one "
+                   f"right before each run; {THREADS} torch thread; medians of {repeat} runs, side by side in one "
                    "process. The machine is shared: the floor itself varies run to run, "
                    "the ratio much less.")
     return [t]
