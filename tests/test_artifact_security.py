@@ -158,6 +158,21 @@ def test_graph_inputs_cannot_shadow_names_the_generated_code_uses(good, name):
         _load(tamper(good, mutate))
 
 
+
+@pytest.mark.parametrize("names", [["torch"], ["fx_pytree"], ["pytree"], ["self"], ["x", "x"]])
+def test_exported_graph_arguments_cannot_shadow_names_the_generated_code_uses(names):
+    # an export graph's forward() takes its codegen's orig_args: one named torch made
+    # every call of the graph go to the caller's input (torch.ops... read off the argument)
+    from fxpress.graph.capture import capture
+
+    torch.manual_seed(0)
+    data = artifact.dumps(capture(torch.nn.Linear(4, 3).eval(), (torch.randn(2, 4),),
+                                  method="export"))
+    _load(data)
+    bad = tamper(data, lambda h: h["graph"]["codegen"].update(orig_args=names))
+    with pytest.raises(ArtifactFormatError, match="shadow|repeat"):
+        _load(bad)
+
 def test_functions_are_never_data_in_a_graph(good):
     def mutate(h):
         n = node(h, "call_function")

@@ -290,7 +290,15 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
             raise ArtifactFormatError(f"{where}: unknown code generator {_short_repr(cg)}")
         _count("nodes", cg.get("orig_args", []), limits.nodes, where)
         for a in cg.get("orig_args", []):
+            # forward()'s parameters, like a placeholder's target: one must not shadow a
+            # global of the generated code (torch, fx_pytree, ...), or the graph's calls
+            # would go to the caller's input instead of the reviewed ops
             _check_ident(a, f"{where}: graph argument", limits.string)
+            if a in _RESERVED:
+                raise ForbiddenTargetError(f"{where}: graph argument {a!r} would shadow a name "
+                                           "the generated code uses")
+        if len(set(cg.get("orig_args", []))) != len(cg.get("orig_args", [])):
+            raise ArtifactFormatError(f"{where}: graph arguments repeat a name")
     cname = graph.get("class_name", "GraphModule")
     if not isinstance(cname, str) or not _IDENT.fullmatch(cname) or len(cname) > 256 \
             or cname.startswith("__"):
