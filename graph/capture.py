@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from fxpress.errors import CaptureError, InputError
 from fxpress.graph.canonical import canonical_linears, canonical_weights
+from fxpress.graph.input_sizes import guard_input_sizes
 
 METHODS = ("auto", "fx", "export")
 
@@ -255,7 +256,10 @@ def clone_structure(module: torch.nn.Module, copy_tensors: bool = False) -> torc
     with warnings.catch_warnings():
         # torch's own pytree specs of exported graphs warn about a deprecated LeafSpec check
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(module, memo)
+        out = copy.deepcopy(module, memo)
+    if isinstance(out, torch.fx.GraphModule):
+        guard_input_sizes(out)  # GraphModule's deep copy drops forward pre-hooks
+    return out
 
 
 def node_shape(node: torch.fx.Node) -> tuple[tuple[int, ...] | None, torch.dtype | None]:
@@ -439,6 +443,7 @@ def _capture_export(model, example_inputs, dynamic, bound=None):
         ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
         gm = ep.module()
         gm.meta["fxpress_fixed"] = _fixed_dims(ep)
+        gm.meta["fxpress_bounded"] = _bounded_dims(ep)
         return gm
     if shapes is not None:  # with keyword arguments, shapes are given by argument name
         names = list(inspect.signature(model.forward).parameters)[:len(example_inputs)]
@@ -447,6 +452,7 @@ def _capture_export(model, example_inputs, dynamic, bound=None):
                              strict=False)
     gm = ep.module()
     gm.meta["fxpress_fixed"] = _fixed_dims(ep)
+    gm.meta["fxpress_bounded"] = _bounded_dims(ep)
     _drop_bound_inputs(gm, bound, example_inputs)
     return gm
 
@@ -469,6 +475,48 @@ def _fixed_dims(ep) -> dict[int, dict[int, int]]:
             if fixed:
                 out[i] = fixed
     return out
+
+
+def _user_input_vals(ep) -> list:
+    from torch.export.graph_signature import InputKind
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    return [vals.get(s.arg.name) for s in ep.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT and hasattr(s.arg, "name")]
+
+
+def _bounded_dims(ep) -> dict[int, dict[int, tuple[int, int | None]]]:
+    """Positional input index -> {dimension: (low, high)} of every dynamic input dimension
+    whose range the exported program narrowed (the model's Python branches on that size:
+    ``if ids.shape[1] > 10``; export keeps the branch the example took and guards its
+    range). ``high`` is None when unbounded; a plain dynamic dimension (``[2, inf]``) is
+    not listed."""
+    out: dict[int, dict[int, tuple[int, int | None]]] = {}
+    for i, val in enumerate(_user_input_vals(ep)):
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, s in enumerate(val.shape):
+            try:
+                vr = ep.range_constraints.get(s.node.expr)
+                lo, hi = int(vr.lower), vr.upper
+                hi = int(hi) if bool(getattr(hi, "is_Integer", False)) or isinstance(hi, int) else None
+            except (AttributeError, TypeError, ValueError, OverflowError):
+                continue
+            if hi == lo or (lo <= 2 and hi is None):
+                continue
+            out.setdefault(i, {})[d] = (lo, hi)
+    return out
+
+
+def _bounded_note(bounded: dict[int, dict[int, tuple[int, int | None]]]) -> str:
+    if not bounded:
+        return ""
+    named = [f"input {i} dim {d} in [{lo}, {'inf' if hi is None else hi}]"
+             for i, dims in bounded.items() for d, (lo, hi) in dims.items()]
+    return ("; export kept the branch the example inputs took where the model's code tests a "
+            "size, and the graph runs only for " + ", ".join(named) + " (another size fails "
+            "the graph's guard); capture with example inputs of the size you will run, or "
+            "make the model's code size-independent")
 
 
 def _fixed_size(s, ranges) -> int | None:
@@ -699,9 +747,14 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
             if views:
                 gm.meta["fxpress"]["weights_from_views"] = views
             fixed = gm.meta.pop("fxpress_fixed", None)
+            bounded = gm.meta.pop("fxpress_bounded", None)
+            if bounded and dynamic:
+                gm.meta["fxpress"]["bounded_dims"] = bounded
+                gm.meta["fxpress"]["why"] += _bounded_note(bounded)
             if fixed is not None and dynamic:
                 gm.meta["fxpress"]["fixed_dims"] = fixed
                 gm.meta["fxpress"]["why"] += _fixed_note(fixed, example_inputs)
+            guard_input_sizes(gm)  # export's own guards are code no artifact stores
             if bound:
                 gm.meta["fxpress"]["call_kwargs"] = dict(bound)
                 gm.meta["fxpress"]["why"] += ("; the model returns a KV cache (use_cache=True): "

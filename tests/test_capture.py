@@ -214,6 +214,39 @@ def test_weights_on_the_left_and_reshaped_weights_become_weighted_ops(method):
     assert set(res.records[0].stats.get("float_weights", {})) == {"flat"}
 
 
+def test_a_branch_on_an_input_size_is_reported_and_guarded_after_load(tmp_path):
+    """``if x.shape[1] > 10`` defeats symbolic tracing; export keeps the branch the example
+    took and guards the size with code no artifact stores: a loaded graph ran a longer
+    input through the short branch (another output shape than the model's, no error).
+    Capture reports the range, and the graph refuses other sizes with a typed error, in
+    this process and after load."""
+    from fxpress.errors import InputError
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.shape[1] > 10:  # long inputs: the last 10 steps
+                x = x[:, -10:]
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    model, x = Branchy(), torch.randn(2, 6, 4)
+    gm = fxpress.capture(model, (x,))
+    assert gm.meta["fxpress"]["bounded_dims"] == {0: {1: (2, 10)}}
+    assert "input 0 dim 1 in [2, 10]" in gm.meta["fxpress"]["why"]
+    res = fxpress.compress(model, "quantize{bits=8}", example_inputs=(x,), progress=False)
+    fxpress.save(res, tmp_path / "m.fxp")
+    loaded = fxpress.load(tmp_path / "m.fxp")
+    short, long = torch.randn(3, 9, 4), torch.randn(2, 12, 4)
+    assert torch.equal(loaded(short), res.module(short))
+    for g in (gm, res.module, loaded):
+        with pytest.raises(InputError, match=r"input 0 dim 1 is 12: .* in \[2, 10\]"):
+            g(long)
+
+
 def test_export_fixing_a_sequence_length_is_reported():
     """A model whose Python loops over the sequence (a recurrence, Mamba's reference scan)
     exports with that length fixed: the capture report says so, by input and dimension."""

@@ -384,12 +384,17 @@ def run_cell(spec, gm, column: str, workdir: Path, train: list | None = None,
         out = res.module
         cos = {}
         fixed = (gm.meta.get("fxpress") or {}).get("fixed_dims") or {}
+        bounded = (gm.meta.get("fxpress") or {}).get("bounded_dims") or {}
         for which, x in (("new", spec.new), ("reshaped", spec.reshaped), ("calibration", spec.inputs)):
             stage = f"outputs ({which} input)"
             flat = pytree.tree_leaves(x)
             clash = [f"input {i} dim {d} = {n}" for i, dims in fixed.items() for d, n in dims.items()
                      if i < len(flat) and isinstance(flat[i], torch.Tensor)
                      and d < flat[i].dim() and flat[i].shape[d] != n]
+            clash += [f"input {i} dim {d} in [{lo}, {hi}]" for i, dims in bounded.items()
+                      for d, (lo, hi) in dims.items()
+                      if i < len(flat) and isinstance(flat[i], torch.Tensor) and d < flat[i].dim()
+                      and not (lo <= flat[i].shape[d] and (hi is None or flat[i].shape[d] <= hi))]
             if clash:  # the capture report says the graph runs only at these sizes
                 cell.notes.append(f"{which} input not run: capture fixed {', '.join(clash)}")
                 cos[which] = None

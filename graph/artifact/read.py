@@ -26,6 +26,7 @@ from fxpress.graph.artifact.rnn import check_rnn_tree, guard_lstm_calls
 from fxpress.graph.artifact.schema import _IDENT, Allowlist, _Checked, _validate
 from fxpress.graph.artifact.specs import spec_from_file
 from fxpress.graph.artifact.tensors import decode_tensor
+from fxpress.graph.input_sizes import guard_input_sizes
 from fxpress.graph.artifact.values import _Decoder, _dtype, _short_repr, dtype_name, escape_controls
 
 
@@ -363,6 +364,7 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
     gm.training = False
     meta = header.get("meta")
     gm.meta["fxpress"] = dict(meta) if isinstance(meta, dict) else {}
+    guard_input_sizes(gm)  # the sizes an exported graph runs at (export's guards are code)
     if isinstance(header.get("report"), dict):
         gm.meta["fxpress_report"] = header["report"]
     return gm
