@@ -69,6 +69,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         pipe.policy = args.policy
     if args.in_place:
         pipe.in_place = True
+    output = Path(args.output) if args.output else recipe.output_path()
+    if output is not None:  # a path no file can have is refused before the run, not after it
+        from fxpress.graph.artifact.format import as_path
+
+        output = as_path(output, "write")
     make_model = recipe.resolve("model")
     if make_model is None:
         raise PipelineSpecError(f"recipe {args.recipe}: needs model = \"file.py:callable\"")
@@ -97,7 +102,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(result.report())
     for k in before:
         print(f"{k}: {before[k]:.4f} before, {after.get(k, float('nan')):.4f} after")
-    output = Path(args.output) if args.output else recipe.output_path()
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         size = fxpress.save(result, output, entropy=args.entropy or recipe.entropy,

@@ -410,3 +410,56 @@ def test_load_refuses_what_is_not_a_regular_file_before_reading(tmp_path, kind):
     with pytest.raises(E.ArtifactError, match=says):
         fxpress.load(path)
     assert time.perf_counter() - start < 5  # neither read forever nor blocked
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_save_never_replaces_what_is_not_a_regular_file(saved, tmp_path, kind):
+    # the rename replaced the node itself: as root, `fxpress run -o /dev/null` left a
+    # regular file at /dev/null (a FIFO and a socket stand in for the device here)
+    import socket
+
+    res, _, _ = saved
+    node = tmp_path / "node"
+    if kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(node))
+        s.close()
+    else:
+        os.mkfifo(node)
+    before = os.lstat(node).st_mode
+    with pytest.raises(E.ArtifactError, match=r"node: it is a (FIFO|socket), not a regular file"):
+        fxpress.save(res, node)
+    assert os.lstat(node).st_mode == before
+    assert _folder(node) == ["model.fxp", "node"]
+    link = tmp_path / "link.fxp"  # a symbolic link to it is replaced, never written through
+    link.symlink_to(node)
+    fxpress.save(res, link)
+    assert not link.is_symlink() and os.lstat(node).st_mode == before
+
+
+@pytest.mark.parametrize("path, says", [
+    ("a\0b.fxp", "NUL byte"), (5, "int 5: give a file path"), (None, "NoneType None"),
+    (["m.fxp"], "list")])
+def test_paths_that_name_no_file_are_typed_errors(saved, tmp_path, path, says):
+    res, _, _ = saved
+    for call in (lambda: fxpress.save(res, path), lambda: fxpress.load(path)):
+        with pytest.raises(E.ArtifactError, match=says):
+            call()
+
+
+def test_bytes_and_undecodable_names_save_and_load(saved, tmp_path):
+    res, _, _ = saved
+    x = _calib()[0][0]
+    for path in (os.fsencode(tmp_path / "bytes.fxp"), str(tmp_path / "\udcff.fxp")):
+        fxpress.save(res, path)
+        assert torch.equal(fxpress.load(path)(x), res.module(x))
+
+
+def test_cli_refuses_an_output_name_with_a_nul_byte_before_running(tmp_path, capsys):
+    from fxpress.cli import main
+
+    (tmp_path / "m.py").write_text("import torch\ndef build():\n    raise SystemExit('ran')\n")
+    (tmp_path / "r.toml").write_text('model = "m.py:build"\npipeline = "prune{sparsity=0.5}"\n'
+                                     'output = "a\\u0000b.fxp"\n')
+    assert main(["run", str(tmp_path / "r.toml")]) == 2
+    assert "NUL byte" in capsys.readouterr().err

@@ -20,9 +20,10 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from fxpress.errors import ArtifactError
+from fxpress.graph.artifact.format import as_path
 
 _CHUNK = 1 << 22
 #: how long a temporary file must have been left alone before a later save removes it
@@ -35,7 +36,7 @@ def _temp_prefix(path: Path) -> str:
     prefix = f".{path.name}."
     if len(os.fsencode(prefix)) + 12 <= _name_max(path):
         return prefix
-    return f".fxpress-{hashlib.sha256(path.name.encode()).hexdigest()[:8]}-"
+    return f".fxpress-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]}-"
 
 
 def _name_max(path: Path) -> int:
@@ -47,7 +48,7 @@ def _name_max(path: Path) -> int:
 
 def _ours(path: Path) -> re.Pattern:
     """Our temporary files for ``path`` (either naming of :func:`_temp_prefix`)."""
-    hashed = f".fxpress-{hashlib.sha256(path.name.encode()).hexdigest()[:8]}-"
+    hashed = f".fxpress-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]}-"
     return re.compile(rf"(?:{re.escape(hashed)}|\.{re.escape(path.name)}\.)[A-Za-z0-9_]{{8}}\.tmp")
 
 
@@ -96,22 +97,37 @@ def os_failure(path: Path, e: OSError, action: str = "write") -> ArtifactError:
     return ArtifactError(f"cannot {action} {path}: {why}{kept}")
 
 
-def _target(path: Path) -> tuple[Path, Path]:
-    """``path`` and its folder, refused when its name is too long, ``path`` is a folder or
-    its folder is missing."""
+_SPECIAL = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+            (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"))
+
+
+def _target(path: Any) -> tuple[Path, Path]:
+    """``path`` and its folder, refused when it is no file path, its name is too long,
+    ``path`` is a folder, a device, a FIFO or a socket (the rename would replace the node
+    itself: run as root, saving to /dev/null replaced the device with a regular file), or
+    its folder is missing. A symbolic link is replaced, never written through."""
+    path = as_path(path, "write")
     check_name(path)
     if path.is_dir():
         raise ArtifactError(f"{path} is a directory; give a file name such as {path / 'model.fxp'}")
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        mode = None
+    kind = next((k for test, k in _SPECIAL if mode is not None and test(mode)), None)
+    if kind is not None:
+        raise ArtifactError(f"cannot write {path}: it is a {kind}, not a regular file, and saving "
+                            "would replace it; give the path of a regular file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ArtifactError(f"cannot write {path}: directory {parent} does not exist")
     return path, parent
 
 
-def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes]) -> None:
     """Write ``data`` (bytes, or byte strings in order) to ``path`` via a temporary file in
     the same directory + fsync + os.replace; see the module docs."""
-    path, parent = _target(Path(path))
+    path, parent = _target(path)
     remove_stale_temporaries(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)

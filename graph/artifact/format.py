@@ -176,10 +176,33 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
     return header, view[PREFIX_SIZE + hlen:], head
 
 
+def as_path(path: Any, action: str = "read") -> Path:
+    """``path`` (a str, bytes or os.PathLike) as a :class:`Path` the OS can open, or an
+    :class:`~fxpress.errors.ArtifactError` naming it: another type, a NUL byte or a name
+    this file system's encoding cannot hold raised TypeError, ValueError or
+    UnicodeEncodeError from deep inside the open."""
+    try:
+        text = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise ArtifactError(f"cannot {action} an artifact at {type(path).__name__} "
+                            f"{escape_controls(repr(path)[:80])}: give a file path (str or "
+                            "pathlib.Path)") from None
+    shown = escape_controls(text)
+    if "\0" in text:
+        raise ArtifactError(f"cannot {action} {shown}: the path holds a NUL byte; give a file path "
+                            "without one")
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        raise ArtifactError(f"cannot {action} {shown}: the path has characters this file system's "
+                            "encoding cannot hold; give another name") from None
+    return Path(text)
+
+
 def open_regular(path: str | os.PathLike) -> tuple[Any, int]:
     """``path`` opened for reading and its size, refused unless it is a regular file (a FIFO,
     a device such as /dev/zero, or a directory would block or never end)."""
-    p = Path(path)
+    p = as_path(path)
     shown = escape_controls(str(p))
     try:
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))

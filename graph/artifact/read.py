@@ -17,7 +17,8 @@ from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrit
                             ArtifactLimitError, ArtifactSecurityError, FxpressError)
 from fxpress.graph.artifact.compact import crc8, stream_order
 from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _sha64,
-                                           _split_prefix, open_regular, read_bounded)
+                                           _split_prefix, as_path, open_regular,
+                                           read_bounded)
 from fxpress.graph.artifact.limits import Limits, resolve
 from fxpress.graph.artifact.modules import finish_torch_nn
 from fxpress.graph.artifact.kernels import (check_constant_sizes, check_module_sizes,
@@ -406,7 +407,7 @@ def load(path: str | os.PathLike, runtime_modules: Iterable[type] = (), *,
     read, and never past the size they had when opened.
     """
     lim = resolve(limits, max_bytes)
-    p = Path(path)
+    p = as_path(path)
     shown = escape_controls(str(p))
     f, size = open_regular(p)
     try:

@@ -518,7 +518,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike, *, entropy: bool = F
     is written stream by stream: encoded streams wait in an anonymous temporary file, dense
     ones are read from the model, so no copy of the whole artifact is held in memory.
     """
-    path, parent = _target(Path(path))
+    path, parent = _target(path)
     try:
         spool = _Spool(parent)
     except OSError as e:
