@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tests.zoo import VOCAB, Specimen, _bn_stats, _hf, _ids_mask, _ids_only, _image, _randn, _seq2seq, \
-    _specimen, grucell_loop
+    _specimen, _ids, _mask, grucell_loop
 
 #: column -> pipeline text: every pass with its default options (prune needs a target;
 #: distill runs one epoch at a fixed rate, as in tests/zoo_matrix.py: its default range test
@@ -575,11 +575,219 @@ def pegasus() -> Specimen:
     return _hf("pegasus", PegasusForConditionalGeneration(cfg), _seq2seq)
 
 
+# -- round 18: families nobody ran, called as a user calls them -------------------------------
+
+def gemma() -> Specimen:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      max_position_embeddings=64)
+    return _hf("gemma", GemmaForCausalLM(cfg), _ids_mask)
+
+
+def codegen() -> Specimen:
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    torch.manual_seed(0)
+    cfg = CodeGenConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                        n_ctx=64, bos_token_id=1, eos_token_id=2)
+    return _hf("codegen", CodeGenForCausalLM(cfg), _ids_only)  # 2nd positional: past_key_values
+
+
+def gptj() -> Specimen:
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=64,
+                     bos_token_id=1, eos_token_id=2)
+    return _hf("gptj", GPTJForCausalLM(cfg), _ids_only)  # 2nd positional: past_key_values
+
+
+def rwkv() -> Specimen:
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(0)
+    cfg = RwkvConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                     intermediate_size=64, context_length=64)
+    return _hf("rwkv", RwkvForCausalLM(cfg), _ids_only, shape=(2, 8), reshaped=(3, 8))
+
+
+def whisper() -> Specimen:
+    """The whole Whisper (encoder and decoder) on log-mel features and decoder ids."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=VOCAB, num_mel_bins=16, d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_source_positions=16, max_target_positions=32,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+
+    def make(b, n, s):  # input_features, attention_mask (ignored by Whisper), decoder_input_ids
+        return (_randn(b, 16, 32, seed=s), torch.ones(b, 32, dtype=torch.long), _ids(b, n, s + 100))
+    return _hf("whisper", WhisperForConditionalGeneration(cfg), make, shape=(2, 6), reshaped=(3, 9))
+
+
+def speech2text() -> Specimen:
+    from transformers import Speech2TextConfig, Speech2TextForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Speech2TextConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                            decoder_ffn_dim=64, max_source_positions=64, max_target_positions=32,
+                            input_feat_per_channel=16, num_conv_layers=2, conv_channels=32,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+
+    def make(b, n, s):  # input_features [B, frames, mel], attention_mask, decoder_input_ids
+        return (_randn(b, 4 * n, 16, seed=s), torch.ones(b, 4 * n, dtype=torch.long), _ids(b, n, s + 100))
+    return _hf("speech2text", Speech2TextForConditionalGeneration(cfg), make)
+
+
+def clip() -> Specimen:
+    """CLIP's two towers on input_ids, pixel_values and attention_mask."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=64, bos_token_id=1,
+                                      eos_token_id=2),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+
+    def make(b, n, s):
+        return (_ids(b, n, s), _randn(b, 3, 32, 32, seed=s + 50), _mask(b, n))
+    return _hf("clip", CLIPModel(cfg), make)
+
+
+def convnextv2() -> Specimen:
+    from transformers import ConvNextV2Config, ConvNextV2ForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ConvNextV2Config(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=4)
+    return _hf("convnextv2", ConvNextV2ForImageClassification(cfg), _image, shape=(2, 32), reshaped=(3, 48))
+
+
+def detr() -> Specimen:
+    """DETR with a transformers ResNet backbone (no timm), object queries, pixel_values and a
+    pixel mask."""
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    torch.manual_seed(0)
+    backbone = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                            out_features=["stage2"])
+    cfg = DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+                     d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5,
+                     num_labels=3)
+
+    def make(b, n, s):
+        return (_randn(b, 3, n, n, seed=s), torch.ones(b, n, n, dtype=torch.long))
+    return _hf("detr", DetrForObjectDetection(cfg), make, shape=(2, 32), reshaped=(3, 48))
+
+
+class AudioConvNet(nn.Module):
+    """Conv1d audio front end: a strided conv with reflect padding, depthwise dilated convs
+    (padding='same'), a grouped pointwise conv, a ConvTranspose1d back up."""
+
+    def __init__(self):
+        super().__init__()
+        self.front = nn.Conv1d(1, 16, 9, stride=2, padding=4, padding_mode="reflect")
+        self.dw = nn.ModuleList(nn.Conv1d(16, 16, 3, dilation=d, padding="same", groups=16) for d in (1, 2, 4))
+        self.pw = nn.Conv1d(16, 32, 1, groups=4)
+        self.up = nn.ConvTranspose1d(32, 8, 4, stride=2, padding=1)
+        self.head = nn.Conv1d(8, 2, 1)
+
+    def forward(self, wav):  # [B, samples]
+        h = F.gelu(self.front(wav.unsqueeze(1)))
+        for conv in self.dw:
+            h = h + F.gelu(conv(h))
+        return self.head(F.gelu(self.up(F.gelu(self.pw(h)))))
+
+
+def audio_convnet() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("audio_convnet", AudioConvNet(), lambda b, n, s: (_randn(b, 8 * n, seed=s),))
+
+
+class MaskedMHA(nn.Module):
+    """nn.MultiheadAttention with a key padding mask from the attention mask and a causal
+    float mask, its averaged attention weights returned too (need_weights' default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids, mask):
+        h = self.emb(ids)
+        n = ids.shape[1]
+        causal = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
+        out, weights = self.attn(h, h, h, key_padding_mask=mask == 0, attn_mask=causal)
+        return self.head(out), weights
+
+
+def masked_mha() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("masked_mha", MaskedMHA(), _ids_mask)
+
+
+class BiLSTMTagger(nn.Module):
+    """A bidirectional two-layer batch_first LSTM over embeddings, its final states used."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16, padding_idx=0)
+        self.rnn = nn.LSTM(16, 24, num_layers=2, batch_first=True, bidirectional=True, dropout=0.1)
+        self.tag, self.cls = nn.Linear(48, 7), nn.Linear(48, 3)
+
+    def forward(self, ids):
+        out, (h, c) = self.rnn(self.emb(ids))
+        return self.tag(out), self.cls(torch.cat([h[-2], h[-1]], -1))
+
+
+def bilstm_tagger() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("bilstm_tagger", BiLSTMTagger(), _ids_only)
+
+
+class SharedWeights(nn.Module):
+    """A weight read twice by F.linear, a tied embedding read back as ``h @ E.T``, a buffer,
+    in-place ops and a branch on the input's length."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.w = nn.Parameter(torch.randn(32, 32) / 6)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 32))
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if ids.shape[1] > 10:  # long inputs: keep the last 10 tokens
+            h = h[:, -10:]
+        a = F.linear(h, self.w)
+        a.mul_(self.scale).relu_()
+        h = h + F.linear(a, self.w)
+        return h @ self.emb.weight.T
+
+
+def shared_weights() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("shared_weights", SharedWeights(), _ids_only)
+
+
+ROUND18 = (gemma, codegen, gptj, rwkv, whisper, speech2text, clip, convnextv2, detr, audio_convnet,
+           masked_mha, bilstm_tagger, shared_weights)
+
+
 PROBE: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     mobilenet_v3, gn_unet_block, video3d, fno, pixel_shuffle, grucell_loop, bilinear_prelu,
     einsum_mixer, embedding_max_norm, kws_dscnn, wavenet_tcn, attention_pool, conv_autoencoder,
     gemma2, opt, bloom, electra, mpnet, segformer, swin, mamba, clip_text, marian, fnet,
-    phi3, t5_encoder, gemma3_text, starcoder2, olmo2, modernbert, xlm_roberta, squeezebert, dinov2)}
+    phi3, t5_encoder, gemma3_text, starcoder2, olmo2, modernbert, xlm_roberta, squeezebert, dinov2,
+    *ROUND18)}
 
 #: never run while fixing: judged once the fixes were made
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (

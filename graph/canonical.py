@@ -11,7 +11,9 @@ exported ones (``aten.matmul`` / ``aten.mm`` of ``aten.t``, ``aten.numpy_T``,
 ``W @ x`` (Mamba's ``dt_proj``), becomes ``linear(x.mT, W).mT`` where the graph recorded
 ``x``'s rank. :func:`canonical_weights` points a weighted op whose weight is a view chain
 that gives the parameter back (Mamba's ``conv1d.weight.squeeze(1).unsqueeze(1)``) at the
-parameter. :func:`fxpress.graph.capture.capture` runs both on every graph it captures,
+parameter. :func:`canonical_embeddings` makes every other read of an ``nn.Embedding``'s
+table a lookup (Whisper's ``W[positions]``, DETR's whole query table).
+:func:`fxpress.graph.capture.capture` runs them on every graph it captures,
 before checking the graph against the model, and ``canonical_linears`` again once the
 graph's shapes are recorded (a symbolically traced graph has no ranks before).
 """
@@ -209,4 +211,73 @@ def canonical_weights(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-__all__ = ["canonical_linears", "canonical_weights", "transposed_weight"]
+def _reads_as_weight(node, w) -> bool:
+    from fxpress.graph.weights import _FUNCTIONS, _bind
+
+    if node.op != "call_function":
+        return False
+    try:
+        entry = _FUNCTIONS.get(node.target)
+    except TypeError:
+        return False
+    return entry is not None and _bind(entry[1], node).get("weight") is w
+
+
+def canonical_embeddings(gm: torch.fx.GraphModule, tables: set[str]) -> int:
+    """Make every read of an ``nn.Embedding``'s table (``tables``: weight names) a lookup:
+    ``W[ids]`` (Whisper's positions) becomes ``embedding(W, ids)``, and any other read
+    (DETR's object queries, ``W.unsqueeze(0).repeat(...)``; a slice ``W[:n]``) reads
+    ``embedding(W, arange(len(W)))``, the same rows, so a pass that compresses embeddings
+    sees the table. Return how many reads (the graph is recompiled when any)."""
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if not (node.op == "get_attr" and str(node.target) in tables):
+            continue
+        w = _param(gm, node)
+        if w is None:
+            continue
+        aten = any(isinstance(u.target, torch._ops.OpOverload) for u in node.users
+                   if u.op == "call_function")
+        lookup = _aten.embedding.default if aten else None
+        whole = None
+        for user in list(node.users):
+            if _reads_as_weight(user, node) or user.op == "output":
+                continue
+            if (aten and user.target is _aten.index.Tensor and user.args[0] is node
+                    and len(user.args) == 2 and len(user.args[1]) == 1
+                    and isinstance(user.args[1][0], torch.fx.Node)):
+                with graph.inserting_before(user):
+                    new = graph.call_function(lookup, (node, user.args[1][0]))
+                new.meta = dict(user.meta)
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
+                count += 1
+                continue
+            if whole is None:
+                with graph.inserting_after(node):
+                    if aten:
+                        ids = graph.call_function(_aten.arange.default, (w.shape[0],),
+                                                  {"dtype": torch.int64, "device": w.device})
+                        with graph.inserting_after(ids):
+                            whole = graph.call_function(lookup, (node, ids))
+                    else:
+                        ids = graph.call_function(torch.arange, (w.shape[0],),
+                                                  {"device": w.device})
+                        with graph.inserting_after(ids):
+                            whole = graph.call_function(torch.nn.functional.embedding, (ids, node))
+            user.replace_input_with(node, whole)
+            count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def embedding_tables(model: torch.nn.Module) -> set[str]:
+    """The weight names of ``model``'s ``nn.Embedding`` layers (without ``max_norm``)."""
+    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Embedding) and m.max_norm is None}
+
+
+__all__ = ["canonical_embeddings", "canonical_linears", "canonical_weights", "embedding_tables",
+           "transposed_weight"]

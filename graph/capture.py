@@ -26,7 +26,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from fxpress.errors import CaptureError, InputError
-from fxpress.graph.canonical import canonical_linears, canonical_weights
+from fxpress.graph.canonical import (canonical_embeddings, canonical_linears, canonical_weights,
+                                     embedding_tables)
 from fxpress.graph.input_sizes import guard_input_sizes
 
 METHODS = ("auto", "fx", "export")
@@ -719,6 +720,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                         gm = _capture_export(model, example_inputs, dynamic, bound)
                     linears = canonical_linears(gm)
                     views = canonical_weights(gm)
+                    tables = canonical_embeddings(gm, embedding_tables(model))
                     annotate_shapes(gm, example_inputs)
                     left = canonical_linears(gm)  # W @ x needs x's rank: fx graphs have it now
                     if left:
@@ -746,6 +748,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 gm.meta["fxpress"]["linears_from_matmul"] = linears
             if views:
                 gm.meta["fxpress"]["weights_from_views"] = views
+            if tables:
+                gm.meta["fxpress"]["embedding_reads"] = tables
             fixed = gm.meta.pop("fxpress_fixed", None)
             bounded = gm.meta.pop("fxpress_bounded", None)
             if bounded and dynamic:

@@ -214,6 +214,39 @@ def test_weights_on_the_left_and_reshaped_weights_become_weighted_ops(method):
     assert set(res.records[0].stats.get("float_weights", {})) == {"flat"}
 
 
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_embedding_tables_read_without_a_lookup_become_lookups(method):
+    """Whisper's decoder reads its position table as ``W[positions]`` and DETR its object
+    queries as the whole table (``W.unsqueeze(0).repeat(...)``): no embedding op read them,
+    so quantize and share left them float (named only in ``float_weights``). Capture makes
+    every read of an ``nn.Embedding``'s table a lookup, outputs bit-identical."""
+    class Reads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = torch.nn.Embedding(20, 8)
+            self.pos = torch.nn.Embedding(16, 8)
+            self.queries = torch.nn.Embedding(5, 8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, ids):
+            n = ids.shape[1]
+            positions = torch.arange(n).unsqueeze(0).repeat(ids.shape[0], 1)
+            h = self.tok(ids) + self.pos.weight[positions]
+            q = self.queries.weight.unsqueeze(0).repeat(ids.shape[0], 1, 1)   # [B, 5, 8]
+            return self.head(torch.softmax(q @ h.transpose(1, 2), -1) @ h)
+
+    torch.manual_seed(0)
+    model, ids = Reads(), torch.randint(0, 20, (2, 6))
+    gm = fxpress.capture(model, (ids,), method=method)
+    assert gm.meta["fxpress"]["embedding_reads"] == 2
+    for x in (ids, torch.randint(0, 20, (3, 9))):
+        assert torch.equal(gm(x), model(x))
+    res = fxpress.compress(model, "quantize{bits=8}", example_inputs=(ids,), progress=False)
+    stats = res.records[0].stats
+    assert {"pos.weight", "queries.weight"} <= set(stats["layers"])
+    assert not stats.get("float_weights")
+
+
 def test_a_branch_on_an_input_size_is_reported_and_guarded_after_load(tmp_path):
     """``if x.shape[1] > 10`` defeats symbolic tracing; export keeps the branch the example
     took and guards the size with code no artifact stores: a loaded graph ran a longer

@@ -85,8 +85,9 @@ CLASSES: dict[str, str] = {
     "7-group-error": "4-bit group quantization with a large per-layer error [item 7, engineer "
                      "quantize]",
     "8-float-weight": "a linear/conv/embedding/RNN weight that no weighted op reads (a "
-                      "``W @ x`` product, a weight reshaped before its op) stays float, named "
-                      "only in the pipeline's float_weights",
+                      "``W @ x`` product, a weight reshaped before its op, an embedding table "
+                      "indexed or read whole) stays float, named only in the pipeline's "
+                      "float_weights",
 }
 
 
