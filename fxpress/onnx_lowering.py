@@ -102,8 +102,7 @@ def _int8_linear(b: _Builder, mod, x: str, y: str, base: str, fold: _Fold) -> st
     sw = b.const(base + ".scale", _np(scale))
     src = x
     if mod.smooth is not None and not fold.smooth_into:  # the stored weight is w * smooth:
-        inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))  # divide x
-        src = b.node("Mul", [x, inv], base)[0]
+        src = _smoothed_input(b, x, mod.smooth, base)  # divide x
     if mod.act_scale == "tensor":
         key = ("dql", src)
         if key not in b.shared:  # q, k and v read one input: quantise it once, as fxpress does
@@ -130,6 +129,16 @@ def _int8_linear(b: _Builder, mod, x: str, y: str, base: str, fold: _Fold) -> st
         return _finish(b, mod, b.node("Mul", [acc, rowscale], base)[0], y, base, fold)
     accf = b.node("Cast", [acc], base, to=1)[0]
     return _finish(b, mod, b.node("Mul", [accf, prod], base)[0], y, base, fold)
+
+
+def _smoothed_input(b: _Builder, x: str, smooth: torch.Tensor, base: str) -> str:
+    """``x / smooth`` (one ``Mul`` by the inverse), made once for the layers that read
+    ``x`` with equal factors (q, k and v smoothed as a group by the quantize pass)."""
+    inv = _np(smooth.reciprocal().float())
+    key = ("smoothed", x, inv.tobytes())
+    if key not in b.shared:
+        b.shared[key] = tuple(b.node("Mul", [x, b.const(base + ".inv_smooth", inv)], base))
+    return b.shared[key][0]
 
 
 @dataclass
@@ -194,8 +203,7 @@ def _nbits_linear(b: _Builder, mod, x: str, y: str, base: str, accuracy_level: i
     src = x
     if mod.smooth is not None and not fold.smooth_into:  # activation-aware scaling (the
         # stored weight is w * smooth)
-        inv = b.const(base + ".inv_smooth", _np(mod.smooth.reciprocal().float()))
-        src = b.node("Mul", [x, inv], base)[0]
+        src = _smoothed_input(b, x, mod.smooth, base)
     inputs = [src, b.const(base + ".qweight", _np(packed)), b.const(base + ".scales", _np(scale.reshape(-1)))]
     if zero is not None:  # symmetric codes use MatMulNBits' default zero point 2^(bits-1)
         inputs.append(b.const(base + ".zero_points", _np(zpacked)))
@@ -447,8 +455,7 @@ def _qattention(b: _Builder, spec: AttentionSpec, mods: Sequence, folds: Sequenc
     of MultiHeadAttention does."""
     src = x
     if mods[0].smooth is not None and not folds[0].smooth_into:  # one factor for all three
-        inv = b.const(base + ".inv_smooth", _np(mods[0].smooth.reciprocal().float()))
-        src = b.node("Mul", [x, inv], base)[0]
+        src = _smoothed_input(b, x, mods[0].smooth, base)
     key = ("dql", src)
     if key not in b.shared:
         b.shared[key] = tuple(b.node("DynamicQuantizeLinear", [src], base, outputs=3))

@@ -159,10 +159,12 @@ _local = threading.local()
 _ROUNDED_ZERO = torch.tensor(128.5)
 
 
-def _shared_input(x2: torch.Tensor, source: torch.Tensor | None, signed: bool
-                  ) -> tuple[torch.Tensor, float, int]:
-    """:func:`quantize_per_tensor` of ``x2``, reused when the previous layer quantised the
-    very same input (q, k and v of an attention block read one LayerNorm output).
+def _shared_input(x2: torch.Tensor, source: torch.Tensor | None, signed: bool,
+                  col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
+    """:func:`quantize_per_tensor` of ``x2`` (its columns times ``col_scale``: a
+    smoothing's inverse), reused when the previous layer quantised the very same input
+    with equal column factors (q, k and v of an attention block read one LayerNorm output,
+    smoothed by one factor).
 
     ``source`` is the layer's input tensor, given only by layers the quantize pass marked
     ``shares_input`` (their input node has no in-place users); the codes are reused while
@@ -170,14 +172,17 @@ def _shared_input(x2: torch.Tensor, source: torch.Tensor | None, signed: bool
     """
     hit = getattr(_local, "last", None)
     if source is not None and hit is not None:
-        ref, version, was_signed, value = hit
+        ref, version, was_signed, cols, value = hit
         if ref() is source and was_signed == signed and (
-                version is None or version == source._version):
+                version is None or version == source._version) and (
+                cols is col_scale or (cols is not None and col_scale is not None
+                                      and cols.shape == col_scale.shape
+                                      and torch.equal(cols, col_scale))):
             return value
-    value = quantize_per_tensor(x2, 255, signed)
+    value = quantize_per_tensor(x2, 255, signed, col_scale=col_scale)
     if source is not None:
         version = None if source.is_inference() else source._version
-        _local.last = (weakref.ref(source), version, signed, value)
+        _local.last = (weakref.ref(source), version, signed, col_scale, value)
     return value
 
 
@@ -218,8 +223,6 @@ class Int8Kernels:
         # smoothing divides the input's columns by ``smooth``: the kernels multiply by its
         # inverse, folded into the quantisation where they can (per-tensor scales)
         inv = None if self.smooth is None else self.smooth.reciprocal()
-        if inv is not None:
-            source = None
         if x2.dtype != torch.float32:
             x2, source = x2.float(), None
         for backend in self.kernels(x2.shape[0]):
@@ -283,7 +286,7 @@ class Int8Kernels:
             except (RuntimeError, NotImplementedError):
                 return None
         x2 = x.reshape(-1, cols)
-        source = x if self.shares_input and self.act_scale == "tensor" and inv is None else None
+        source = x if self.shares_input and self.act_scale == "tensor" else None
         try:
             y = (self._mm_fbgemm if backend == "fbgemm" else self._mm_onednn)(x2, source, inv, packed)
         except (RuntimeError, NotImplementedError):
@@ -387,8 +390,7 @@ class Int8Kernels:
                     scale[rows].float().contiguous(), torch.zeros(len(scale[rows]), dtype=torch.long))
 
         if self.act_scale == "tensor":
-            xq, sx, zx = (_shared_input(x2, source, signed=False) if inv is None else
-                          quantize_per_tensor(x2, 255, signed=False, col_scale=inv))
+            xq, sx, zx = _shared_input(x2, source, signed=False, col_scale=inv)
             bias = self.bias
             return self._product("onednn", build, lambda p, rows: (
                 torch.ops.onednn.qlinear_pointwise.default(xq, sx, zx, p[0], p[1], p[2],
@@ -439,8 +441,7 @@ class Int8Kernels:
         """int8 codes of the (smoothed) input, their scale ([rows, 1] or 0-d) and zero point
         (or None)."""
         if self.act_scale == "tensor":
-            xq, sx, zx = (_shared_input(x2, source, signed=True) if inv is None else
-                          quantize_per_tensor(x2, 255, signed=True, col_scale=inv))
+            xq, sx, zx = _shared_input(x2, source, signed=True, col_scale=inv)
             return xq, torch.tensor(sx), torch.tensor(zx, dtype=torch.int32)
         xq, sx = quantize_per_token(_smoothed(x2, inv))
         return xq, sx, None

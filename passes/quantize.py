@@ -219,6 +219,12 @@ class Quantize(Pass):
         for op in chosen:
             by_weight.setdefault(op.key, []).append(op)
         groups = sorted(by_weight.values(), key=lambda ops: len(ops) > 1)  # stable
+        # linear layers reading one input (q, k, v) get one smoothing factor and, where
+        # every one of them accepts it, one scaling: one division and one quantisation
+        # of their input, at run time and in an exported graph
+        self._group_of = _input_groups(chosen)
+        self._group_wmax = {}
+        decided: dict = {}
         trim_heap()  # what recording the calibration inputs freed
         for op in [op for ops in groups for op in ops]:
             x = rec.sample.get(op._input) if isinstance(op._input, torch.fx.Node) else None
@@ -226,7 +232,10 @@ class Quantize(Pass):
             if module is not None:
                 module = _share(module)
             else:
-                module, stats = self._choose(op, rec, x, self.bits, codes)
+                group = self._group_of.get(op.name)
+                if group is not None and op.name not in decided:
+                    decided.update(self._choose_group(group, rec, x, self.bits, codes))
+                module, stats = decided.pop(op.name, None) or self._choose(op, rec, x, self.bits, codes)
                 if (self.max_layer_error is not None and self.bits < 8
                         and stats["rel_error"] > self.max_layer_error):
                     # the most sensitive layers keep 8 bits (per channel: the integer
@@ -382,7 +391,7 @@ class Quantize(Pass):
         exact: dict[float | None, float] = {}  # ... and measured on the whole weight
         for alpha in dict.fromkeys(al for _, al in cands):
             acts = [a for a, al in cands if al == alpha]
-            smooth = self._smoothing(op, rec, w2, alpha)
+            smooth = self._smoothing(op, rec, w2, alpha, self._shared_wmax(op))
             # quantised as a whole (one scale over every row), the subset of rows made
             xs = {a: simulated_input(x, a, smooth, kernel, step) for a in acts}
             key = (op.key, bits, tuple(w2.shape))  # _build's key of the unsmoothed codes
@@ -476,7 +485,7 @@ class Quantize(Pass):
         w2 = w.reshape(w.shape[0], -1)
         granularity, scale_mode = self._grid(bits)
         dynamic = self._dynamic(op, bits)
-        smooth = self._smoothing(op, rec, w2, alpha)
+        smooth = self._smoothing(op, rec, w2, alpha, self._shared_wmax(op))
         if smooth is not None:
             w2 = w2 * smooth
         key = (op.key, bits, tuple(w2.shape))  # the weight, however named
@@ -490,7 +499,7 @@ class Quantize(Pass):
         args = (tuple(w.shape), stored, scale, zero, op.bias(), bits, self.scheme,
                 granularity, (self.group_size or 0) if granularity == "group" else 0)
         if op.kind == LINEAR:
-            shares = (dynamic and smooth is None and isinstance(op._input, torch.fx.Node)
+            shares = (dynamic and isinstance(op._input, torch.fx.Node)
                       and _never_written(op.node.graph.owning_module, op._input))
             module: QuantizedWeight = QuantizedLinear(
                 *args, activations="dynamic" if dynamic else "none", smooth=smooth,
@@ -507,17 +516,99 @@ class Quantize(Pass):
         return ("channel", "absmax") if bits != self.bits else (self.granularity, self.scale)
 
     @staticmethod
-    def _smoothing(op, rec: _InputRecorder, w2: torch.Tensor, alpha: float | None
-                   ) -> torch.Tensor | None:
+    def _smoothing(op, rec: _InputRecorder, w2: torch.Tensor, alpha: float | None,
+                   wmax: torch.Tensor | None = None) -> torch.Tensor | None:
         """The per-input-column factors smoothing ``alpha`` multiplies the weight by (None
-        without smoothing or calibration statistics)."""
+        without smoothing or calibration statistics); ``wmax``: the columns' max |w| to
+        use (a group's, :meth:`_shared_wmax`), else ``w2``'s own."""
         if op.kind != LINEAR or alpha is None or op._input not in rec.absmax:
             return None
         xmax = rec.absmax[op._input]
         xmax = torch.maximum(xmax, SMOOTH_INPUT_FLOOR * xmax.mean()).clamp(min=1e-5)
-        # max |w| per column from two reductions, without an |w| copy of the weight
-        wmax = torch.maximum(w2.amax(0), w2.amin(0).neg_()).clamp(min=1e-5)
-        return (xmax.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
+        if wmax is None:
+            wmax = _column_absmax(w2)
+        return (xmax.pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+
+    def _shared_wmax(self, op) -> torch.Tensor | None:
+        """Max |w| per input column over every layer of ``op``'s input group (SmoothQuant's
+        factor for q, k and v over their concatenated weights), or None outside a group."""
+        group = getattr(self, "_group_of", {}).get(op.name)
+        if group is None:
+            return None
+        if group[0].name not in self._group_wmax:
+            ws = [_column_absmax(g.weight().detach().float().reshape(g.weight().shape[0], -1))
+                  for g in group]
+            self._group_wmax[group[0].name] = torch.stack(ws).amax(0)
+        return self._group_wmax[group[0].name]
+
+    def _choose_group(self, group: tuple, rec: _InputRecorder, x: torch.Tensor | None,
+                      bits: int, codes: dict[tuple, tuple]) -> dict[str, tuple]:
+        """:meth:`_choose` for layers that read one input (q, k and v), with one smoothing
+        factor (:meth:`_shared_wmax`). Each layer first chooses alone; when they differ,
+        the cheapest per-tensor candidate (one quantisation of the input for all: cheaper
+        than any mix; weight-only: any candidate) that every layer accepts by its own rule (error at most ``act_error`` or within
+        :data:`AUTO_SLACK` of its best; weight-only: within :data:`GROUP_SLACK` of its
+        best; never a smoothing its rule rejected) is taken by all: their input is then
+        divided and quantised once. ``{name: (module, stats)}``; each layer's own choice
+        where no candidate suits all."""
+        alone = {op.name: self._choose(op, rec, x, bits, codes) for op in group}
+        dynamic = self._dynamic(group[0], bits)
+
+        def picked(stats):
+            return (stats["act_scale"] if dynamic else "token", stats.get("smooth_alpha"))
+
+        choices = {name: picked(st) for name, (_m, st) in alone.items()}
+        cands = self._candidates(group[0], bits)
+        if len(set(choices.values())) == 1 or x is None or any(
+                self._candidates(op, bits) != cands or not self._dynamic(op, bits) == dynamic
+                for op in group) or any(c not in cands for c in choices.values()):
+            return alone
+        # one per-tensor scaling for all is cheaper than any mix (one quantisation of the
+        # input instead of two or more); per-token inputs are never shared
+        for cand in [c for c in cands if c[0] == "tensor" or not dynamic]:
+            label = _label(cand[0] if dynamic else "weight", cand[1])
+            got = {}
+            for op in group:
+                module, stats = alone[op.name]
+                if choices[op.name] == cand:
+                    got[op.name] = (module, stats)
+                    continue
+                errors = stats.get("act_errors", {})
+                if label in stats.get("rejected", ()) or label not in errors:
+                    break
+                measured = [errors[k] for k in stats.get("measured", errors)
+                            if k not in stats.get("rejected", ())]
+                best = min(measured) if measured else stats["rel_error"]
+                good = max(self.act_error, best * (1 + AUTO_SLACK)) if dynamic else \
+                    best * (1 + GROUP_SLACK)
+                if label in stats.get("measured", ()) and errors[label] > good:
+                    break  # the kernel's error, measured already
+                w, b = op.weight().detach(), op.bias()
+                xo = x if op.kind == EMBEDDING or x.shape[0] * w.shape[0] <= CANDIDATE_OUTPUTS \
+                    else x[:max(16, CANDIDATE_OUTPUTS // w.shape[0])]
+                module = self._build(op, rec, bits, cand[0], cand[1], codes)
+                with torch.no_grad():
+                    ref = op_forward(op.kind, op.spec, xo, w, b)
+                err = _output_error(module, xo, ref)
+                if err > good:
+                    break
+                new = self._layer_stats(op, module, w, b, err)
+                for k in ("act_errors", "weight_errors", "simulated_errors", "measured", "rejected"):
+                    if k in stats:
+                        new[k] = stats[k]
+                new["act_errors"] = dict(errors, **{label: err})
+                if "measured" in new and label not in new["measured"]:
+                    new["measured"] = [*new["measured"], label]
+                new["weight_error"] = _weight_error(module, w)
+                new["alone"] = _label(choices[op.name][0] if dynamic else "weight", choices[op.name][1])
+                if cand[1] is not None:
+                    new["smooth_alpha"] = cand[1]
+                got[op.name] = (module, new)
+            else:
+                for name, (_m, st) in got.items():
+                    st["scaled_with"] = [op.name for op in group if op.name != name]
+                return got
+        return alone
 
     @staticmethod
     def _layer_stats(op, module: QuantizedWeight, w, b, err: float) -> dict:
@@ -590,6 +681,37 @@ AUTO_ALPHAS = (0.5, 0.75)
 #: Activation-aware scaling strengths tried on weight-only linear layers (the most
 #: faithful on the calibration sample is kept).
 WEIGHT_ONLY_ALPHAS = (0.25, 0.5)
+
+
+#: Weight-only layers reading one input (q, k, v) take one activation-aware scaling when
+#: each one's output error stays within this fraction of its own best (one ``Mul`` of
+#: their input instead of one each, in an exported graph).
+GROUP_SLACK = 0.1
+
+
+def _input_groups(ops) -> dict[str, tuple]:
+    """``{name: group}`` for the linear layers (two or more, none tied or fused) that read
+    one input node with one input width: q, k and v of an attention block."""
+    by_input: dict = {}
+    for op in ops:
+        if op.kind == LINEAR and op.form != "fused" and len(op.tied) <= 1 \
+                and isinstance(op._input, torch.fx.Node):
+            by_input.setdefault(op._input, []).append(op)
+    out: dict[str, tuple] = {}
+    for members in by_input.values():
+        names = {op.name for op in members}
+        if len(names) < 2 or len({op.weight().reshape(op.weight().shape[0], -1).shape[1]
+                                  for op in members}) != 1:
+            continue
+        group = tuple({op.name: op for op in members}.values())
+        for op in group:
+            out[op.name] = group
+    return out
+
+
+def _column_absmax(w2: torch.Tensor) -> torch.Tensor:
+    """max |w| per column, from two reductions (no |w| copy of the weight)."""
+    return torch.maximum(w2.amax(0), w2.amin(0).neg_())
 
 
 def _label(act: str, alpha: float | None) -> str:

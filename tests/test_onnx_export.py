@@ -146,11 +146,12 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
     held_out = _bert_batch(3, 19, 7)  # other batch size and sequence length
     # the word embeddings as 4-bit affine groups (GatherBlockQuantized, two codes a byte),
     # the other tables per row at 8 bits, the linears int8 and smoothed, but for layer 1's
-    # q, k and v: per-tensor, unsmoothed
-    qkv1 = "bert.encoder.layer.1.attention.self"
+    # q, k and v: per-tensor, unsmoothed, and layer 0's value: per token
+    qkv0, qkv1 = "bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"
     res = fxpress.compress(encoder, "quantize{bits=4,granularity=group,group_size=16,scheme=affine,"
                            "include=[bert.embeddings.word_embeddings],tol.min_cosine=0,"
                            f"tol.min_top1=0}},quantize{{bits=8,act_scale=tensor,include=[{qkv1}.*]}},"
+                           f"quantize{{bits=8,act_scale=token,smooth=0.5,include=[{qkv0}.value]}},"
                            "quantize{bits=8,smooth=0.5}", calibration=calib, policy="warn")
     before = state_snapshot(res.module)
     out = export_onnx(res, tmp_path / "bert8.onnx", calib[0])
@@ -169,6 +170,18 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
     # three layers' codes; the mask its 1/0 mask); each output projection's 1/smooth moved
     # into the value projection's scales, so that it has no Mul of its own
     ops = _ops(out.model)
+    # layer 0's q and k read one input and were smoothed as a group, by one factor: one
+    # Mul and one DynamicQuantizeLinear for both
+    q0, k0 = res.module.get_submodule(f"{qkv0}.query"), res.module.get_submodule(f"{qkv0}.key")
+    assert torch.equal(q0.smooth, k0.smooth) and q0.act_scale == k0.act_scale == "tensor"
+    assert f"{qkv0}.query.inv_smooth" in {i.name for i in out.model.graph.initializer}
+    assert f"{qkv0}.key.inv_smooth" not in {i.name for i in out.model.graph.initializer}
+    node = {n.name: n for n in out.model.graph.node}
+    q0_in = node[f"{qkv0}.query_MatMulInteger"].input[0]
+    norm = node[f"{qkv0}.query_Mul"].input[0]  # the LayerNorm's output, divided once for q and k
+    assert node[f"{qkv0}.key_MatMulInteger"].input[0] == q0_in and sorted(
+        n.input[1] for n in out.model.graph.node if n.op_type == "Mul" and n.input[0] == norm) == [
+        f"{qkv0}.query.inv_smooth", f"{qkv0}.value.inv_smooth"]
     assert ops.get("MultiHeadAttention") == 1 and ops.get("QAttention") == 1 and "Softmax" not in ops, ops
     assert all(out.layers[f"{qkv1}.{p}"].startswith("QAttention") for p in ("query", "key", "value"))
     names = {i.name for i in out.model.graph.initializer}
@@ -230,10 +243,12 @@ def test_smoothing_moves_into_a_layernorm_read_only_by_its_layers():
     # the fold is not one of the fusions; the check is the comparison below
     out = export_onnx(res, example_inputs=calib[0], fuse=False, check=False)
     # ln1 feeds fc1 alone: its scale and bias take fc1's 1/smooth (no Mul); ln2 feeds a and
-    # b, smoothed differently, and fc2 reads the GELU: they keep theirs
+    # b, which read one input and so were smoothed as a group, by one factor: it takes
+    # theirs too; fc2 reads the GELU and keeps its Mul
     assert out.layers["fc1"].endswith("smoothed in the LayerNorm)"), out.layers
+    assert out.layers["a"].endswith("smoothed in the LayerNorm)"), out.layers
     names = {i.name for i in out.model.graph.initializer}
-    assert "fc1.inv_smooth" not in names and {"fc2.inv_smooth", "a.inv_smooth", "b.inv_smooth"} <= names
+    assert not names & {"fc1.inv_smooth", "a.inv_smooth", "b.inv_smooth"} and "fc2.inv_smooth" in names
     x = torch.randn(3, 6, 16) * torch.linspace(0.1, 8, 16)  # another batch size
     with torch.no_grad():
         _close(_run(out, x), res.module(x), 1e-5)

@@ -207,6 +207,55 @@ def test_layers_reading_one_input_share_its_codes_only_when_nothing_writes_it(ca
     assert again is not first and again[1] == pytest.approx(3 * first[1], rel=1e-5)
 
 
+class _SharedInput(torch.nn.Module):
+    """q, k and v reading one input with two outlier columns: q reads only the other
+    columns (per-tensor steps set by the outliers are too coarse for it: it needs
+    smoothing), k and v have large biases (any scaling is accurate for them)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = (torch.nn.Linear(32, 32) for _ in range(3))
+        with torch.no_grad():
+            for m in (self.q, self.k, self.v):
+                m.weight[:, :2] = 0
+            self.k.bias += 20
+            self.v.bias += 20
+
+    def forward(self, x):
+        return self.q(x) + self.k(x) * self.v(x)
+
+
+def test_layers_reading_one_input_get_one_smoothing_and_quantise_it_once(monkeypatch, tmp_path):
+    cols = torch.ones(32)
+    cols[:2] = 20
+    calib = [(torch.randn(64, 32, generator=torch.Generator().manual_seed(s)) * cols,) for s in range(2)]
+    model = _SharedInput().eval()
+    res = fxpress.compress(model, "quantize{bits=8}", calibration=calib)
+    layers = res.records[0].stats["layers"]
+    # alone, k and v keep plain per-tensor scales; q needs smoothing: the three take q's
+    # smoothed per-tensor scaling, by one factor (their weights' joint column maxima)
+    assert layers["k.weight"]["alone"] == layers["v.weight"]["alone"] == "tensor"
+    assert sorted(layers["q.weight"]["scaled_with"]) == ["k.weight", "v.weight"]
+    for name in "qkv":
+        assert layers[f"{name}.weight"]["smooth_alpha"] == 0.5 and layers[f"{name}.weight"]["rel_error"] <= 0.03
+    mods = [res.module.get_submodule(n) for n in "qkv"]
+    assert all(m.act_scale == "tensor" and m.shares_input for m in mods)
+    assert torch.equal(mods[0].smooth, mods[1].smooth) and torch.equal(mods[0].smooth, mods[2].smooth)
+    # at run time the input is divided and quantised once for the three (saved and
+    # loaded too: the factors are equal values, not one object)
+    calls = []
+    real = I8.quantize_per_tensor
+    monkeypatch.setattr(I8, "quantize_per_tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(8, 32) * cols
+    fxpress.save(res, tmp_path / "m.fxp")
+    for gm in (res.module, fxpress.load(tmp_path / "m.fxp")):
+        calls.clear()
+        with torch.no_grad(), int8_backend("reference"):
+            y = gm(x.clone())  # a new input object: nothing cached for it
+        assert len(calls) == 1 and torch.allclose(y, model(x), rtol=0.02, atol=0.5)
+
+
 def test_weight_only_linear_keeps_its_most_faithful_scaling(mlp, calib):
     res = fxpress.compress(mlp, "quantize{bits=4,granularity=group,group_size=4,scheme=affine}",
                            calibration=calib)
