@@ -46,7 +46,7 @@ from fxpress.passes.base import Pass, PassContext, PassInfo, PassResult
 from fxpress.passes.gradual import advise, expand, trains
 from fxpress.passes.instruments import (CallerIntegrity, GraphDumper, Instrument, MemoryTrim,
                                         PassTimer, Progress, Verification, release_memory)
-from fxpress.passes.recipes import PassSpec, Recipe, parse_recipe, parse_spec
+from fxpress.passes.recipes import PassSpec, Recipe, parse_recipe, parse_spec, seed_error
 from fxpress.passes.records import PassRecord, PipelineResult, format_records, weight_counts
 from fxpress.passes.verify import Verifier
 
@@ -201,6 +201,8 @@ class Pipeline:
             raise InputError("policy 'rollback' needs the graph before each pass, which "
                              "in_place=True does not keep; choose policy 'strict' or 'warn', "
                              "or run with in_place=False")
+        if seed_error(seed):
+            raise InputError(f"seed {seed_error(seed)}")
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
         calib = _calibration_list(calibration, model)

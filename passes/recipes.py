@@ -317,6 +317,16 @@ def _toml_position(text: str, e: tomllib.TOMLDecodeError) -> int | None:
     return sum(len(x) for x in lines[: line - 1]) + max(col - 1, 0)
 
 
+def seed_error(seed: Any) -> str | None:
+    """Why ``seed`` cannot seed a run (None when it can): an int (not a bool) that
+    ``torch.manual_seed`` takes, with room for the offsets a run adds (epochs, streams)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"must be an integer, got {type(seed).__name__} {str(seed)[:40]!r}"
+    if not -(1 << 63) <= seed < 1 << 63:
+        return f"must be in [-2**63, 2**63), got {str(seed)[:40]}"
+    return None
+
+
 def parse_recipe(source: str | Path | dict, path: Path | None = None) -> Recipe:
     """Parse a TOML recipe (a path, TOML text, or an already-loaded dict)."""
     text = None
@@ -369,6 +379,8 @@ def parse_recipe(source: str | Path | dict, path: Path | None = None) -> Recipe:
     for key in ("entropy", "in_place"):
         if key in data and not isinstance(data[key], bool):
             raise PipelineSpecError(f"{where}: '{key}' must be true or false")
+    if "seed" in data and seed_error(data["seed"]):
+        raise PipelineSpecError(f"{where}: 'seed' {seed_error(data['seed'])}")
     kwargs = {k: data[k] for k in ("model", "example_inputs", "calibration", "train_data",
                                    "evaluate", "policy", "output", "entropy", "in_place", "seed",
                                    "capture", "description") if k in data}

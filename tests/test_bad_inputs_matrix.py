@@ -187,6 +187,18 @@ CASES = [
          ("policy", "strict")),
     Case("rollback-in-place", _compress("prune{sparsity=0.5}", policy="rollback", in_place=True),
          E.InputError, ("rollback", "in_place")),
+    # seeds: a float seeded distill's generator late (PassError), a string or a 70-bit int
+    # was taken silently
+    *[Case(f"seed-{kind}", _compress("prune{sparsity=0.5}", seed=seed), E.InputError,
+           ("seed", says)) for kind, seed, says in [
+        ("float", 1.5, "integer, got float"), ("str", "7", "integer, got str"),
+        ("huge", 1 << 70, "[-2**63, 2**63)"), ("bool", True, "integer, got bool")]],
+    Case("recipe-seed-huge", lambda m, c: fxpress.Pipeline.from_recipe(
+        'pipeline = "prune{sparsity=0.5}"\nseed = 18446744073709551616\n'), E.PipelineSpecError,
+        ("'seed'", "[-2**63, 2**63)")),
+    Case("recipe-seed-str", lambda m, c: fxpress.Pipeline.from_recipe(
+        'pipeline = "prune{sparsity=0.5}"\nseed = "abc"\n'), E.PipelineSpecError,
+        ("'seed'", "integer, got str")),
     # passes that write into what they share with the caller's model
     *[Case(f"pass-writes-{how}", _compress([_writer(how)]), E.PassError,
            ("writes-weights", what))
