@@ -97,6 +97,7 @@ def advise(passes: list, records: list, train_data=None) -> None:
         if i < len(records):
             start = recovering[k - 1] + 1 if k else 0
             likely_short(records[i], [passes[j] for j in range(start, i) if lossy(j)])
+            held_out_nothing(records[i])
 
 
 #: A recovery step whose kept epoch scores this many points below the original model on
@@ -125,6 +126,18 @@ def likely_short(record, lossy: list) -> None:
           "(nothing was changed)")
 
 
+def held_out_nothing(record) -> None:
+    """Note on a recovery step's record when its batches were too few to hold any out: it
+    trained a fixed budget of steps with no early stopping (passes/distill.AUTO_MIN_STEPS)."""
+    few = (getattr(record, "stats", {}) or {}).get("held_out_nothing")
+    if not few:
+        return
+    _note(record, f"held out nothing: {few['batches']} training batch(es) are too few to hold "
+          f"one out (4 or more are needed), so it trained {few['epochs']} epochs (at least 300 "
+          "steps) with no early stopping and kept the better of the start and the end on the "
+          "training batches; more, smaller batches give it held-out early stopping")
+
+
 def short_of_sparsity(p, record) -> None:
     """Note on a prune's record when the floor of weights per output unit kept it from
     the sparsity asked: the model is too narrow to lose that much evenly."""
@@ -148,4 +161,5 @@ def _note(record, text: str) -> None:
     record.message = f"{record.message}; {text}" if record.message else text
 
 
-__all__ = ["cubic_schedule", "expand", "trains", "advise", "likely_short", "short_of_sparsity"]
+__all__ = ["cubic_schedule", "expand", "trains", "advise", "likely_short", "held_out_nothing",
+           "short_of_sparsity"]

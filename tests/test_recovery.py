@@ -410,3 +410,53 @@ def test_training_that_only_moves_a_student_away_keeps_the_starting_weights(one_
                                                 progress=False)
     assert h.holdout_batches == 0 and h.best_epoch == 0
     assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+
+
+def test_prune_ranks_weights_by_their_inputs_on_the_calibration_batches():
+    # a weight on an input that is always zero adds nothing to its output, however large:
+    # criterion=activation takes it first; by magnitude (the default) it stays
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[2.0, 0.3, 0.2, 0.1]] * 3))
+    x = torch.rand(16, 4) + 0.5
+    x[:, 0] = 0  # a border pixel, a dead unit
+    calibration = [(x[:8],), (x[8:],)]
+
+    def kept(text, **data):
+        res = fxpress.compress(copy.deepcopy(model), text, policy="warn", progress=False, **data)
+        w = next(m.weight for m in res.module.modules() if isinstance(m, torch.nn.Linear))
+        return (w != 0).sum(0).tolist(), res.records[0].stats
+
+    for scope in ("adaptive", "layer", "global"):
+        cols, stats = kept(f"prune{{sparsity=0.5,scope={scope},min_per_unit=0,"
+                           "criterion=activation}", calibration=calibration)
+        assert cols == [0, 3, 3, 0] and stats["criterion"] == "activation", scope
+        assert stats["activation_ranked"] == ["0.weight"]
+        cols, stats = kept(f"prune{{sparsity=0.5,scope={scope},min_per_unit=0}}",
+                           calibration=calibration)
+        assert cols == [3, 3, 0, 0] and stats["criterion"] == "magnitude", scope
+    # asked for activation without calibration batches: a typed error naming the fix
+    with pytest.raises(fxpress.errors.MissingDataError, match="calibration"):
+        fxpress.compress(copy.deepcopy(model), "prune{sparsity=0.5,criterion=activation}",
+                         example_inputs=(x[:2],), progress=False)
+    with pytest.raises(fxpress.errors.OptionError, match="criterion"):
+        fxpress.Pipeline.parse("prune{threshold=0.1,criterion=activation}")
+
+
+def test_a_recovery_on_too_few_batches_to_hold_out_trains_a_budget_of_steps(calib, one_thread):
+    # two batches: nothing held out, so no early stopping; 30 epochs would be 60 steps, and
+    # the default recovery takes at least 300 (and says so) instead
+    res = fxpress.compress(trained_mlp(hidden=(32,), epochs=20), "prune{sparsity=0.9},distill",
+                           calibration=calib, train_data=train_data()[:2], policy="warn",
+                           progress=False)
+    distill = res.records[-1]
+    assert distill.stats["held_out_nothing"] == {"batches": 2, "epochs": 150}
+    assert len(distill.stats["epochs"]) == 150 and distill.stats["holdout_batches"] == 0
+    assert "held out nothing: 2 training batch(es)" in distill.message
+    # enough batches to hold some out: early stopping, the 30-epoch budget, no note
+    res = fxpress.compress(trained_mlp(hidden=(32,), epochs=20), "prune{sparsity=0.9},distill",
+                           calibration=calib, train_data=train_data()[:4], policy="warn",
+                           progress=False)
+    assert "held_out_nothing" not in res.records[-1].stats
+    assert res.records[-1].stats["holdout_batches"] == 1
+    assert "held out nothing" not in (res.records[-1].message or "")
