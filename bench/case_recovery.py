@@ -19,6 +19,7 @@ model and seed; the plain pipeline within 2 points.
     python -m bench recovery                 # the table (3 models x 3 seeds)
     python -m bench.case_recovery --held-out # a model and seeds never run while choosing defaults
     python -m bench.case_recovery --models transformer-64x2 --seeds 0
+    python -m bench.case_recovery --own --pipeline "prune{sparsity=0.95,criterion=activation},share{bits=4},distill"
 """
 from __future__ import annotations
 
@@ -129,6 +130,9 @@ def main() -> None:
                    help=f"the fourth held-out check: {', '.join(NEW)} on seeds 31, 32, 33")
     p.add_argument("--pipelines", help="comma-separated indices into the pipelines "
                    f"(0: {list(PIPELINES)[0]}, 1: {list(PIPELINES)[1]}; default both)")
+    p.add_argument("--pipeline", help="run this pipeline text instead (goal: within 2 points), "
+                   "e.g. an option against the default: "
+                   "'prune{sparsity=0.95,criterion=activation},share{bits=4},distill'")
     p.add_argument("--models", help=f"comma-separated (default {','.join(MODELS)})")
     p.add_argument("--seeds", default="0,1,2")
     args = p.parse_args()
@@ -138,6 +142,9 @@ def main() -> None:
         for name in list(PIPELINES):
             if name not in chosen:
                 del PIPELINES[name]
+    if args.pipeline:
+        PIPELINES.clear()
+        PIPELINES[args.pipeline] = (None, 2.0)
     if args.held_out:
         tables = table(HELD_OUT, (7, 8, 9), "full", "Held-out model")
     elif args.extra:
