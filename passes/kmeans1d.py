@@ -113,12 +113,17 @@ def _lloyd_many(problems: list[tuple], max_iter: int
     done = np.zeros(P, dtype=bool)
     prev_b = None
     b = np.empty(0)
+    # per step, a few numpy calls on ~8k numbers: the loop's cost is the calls, so what
+    # does not change between steps is computed once (the shifts of each boundary, the
+    # first pair of each problem: every live problem has k >= 2, so at least one pair)
+    pair_shift = shift[pair_owner]
+    pair_first = first - np.arange(P)
+    right = left + 1
     for it in range(1, max_iter + 1):
-        b_new = (c[left] + c[left + 1]) * 0.5
-        e = axis.searchsorted(b_new + shift[pair_owner], side="left")
+        b_new = (c[left] + c[right]) * 0.5
+        e = axis.searchsorted(b_new + pair_shift, side="left")
         if prev_b is not None:
-            moved = np.zeros(P, dtype=bool)
-            np.logical_or.at(moved, pair_owner, e != prev_e)
+            moved = np.logical_or.reduceat(e != prev_e, pair_first)
             newly = ~moved & ~done
             iters[newly] = it - 1  # their c are already the means of these members
             done |= ~moved
@@ -188,15 +193,19 @@ class _Grid:
     def histogram(self, flat: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(count, sum) of the values in each bin, float64: the sums are summed in float64
         from the start, so the final means can be summed from them bin by bin."""
-        cnt = torch.zeros(self.bins, dtype=torch.float64)
-        tot = torch.zeros(self.bins, dtype=torch.float64)
+        cnt = tot = None
         scratch = _Scratch(min(flat.numel(), _BLOCK), f64=True)
         for i in range(0, flat.numel(), _BLOCK):
             block = flat[i:i + _BLOCK]
             idx = self.index(block, scratch)
-            cnt += torch.bincount(idx, minlength=self.bins)
-            tot += torch.bincount(idx, weights=scratch.f64[:block.numel()].copy_(block),
-                                  minlength=self.bins)
+            c = torch.bincount(idx, minlength=self.bins)
+            t = torch.bincount(idx, weights=scratch.f64[:block.numel()].copy_(block),
+                               minlength=self.bins)
+            if cnt is None:  # the first block's counts are the arrays (no zeros + add)
+                cnt, tot = c.double(), t
+            else:
+                cnt += c
+                tot += t
         return cnt.numpy(), tot.numpy()
 
 
