@@ -77,6 +77,9 @@ class _InputRecorder(torch.fx.Interpreter):
         self.sample_rows = sample_rows
         self.absmax: dict[torch.fx.Node, torch.Tensor] = {}
         self.sample: dict[torch.fx.Node, torch.Tensor] = {}
+        #: per weight (op.key) being quantised: max |w| of each input column
+        #: (:meth:`Quantize._wmax`), dropped once its layer is replaced
+        self.wmax: dict = {}
 
     def run_node(self, n):
         out = super().run_node(n)
@@ -255,6 +258,7 @@ class Quantize(Pass):
                 if not readers[op._input]:  # its last reader is built: drop the recorded input
                     rec.sample.pop(op._input, None)
                     rec.absmax.pop(op._input, None)
+            rec.wmax.pop(op.key, None)
             op.replace_with(module)
         before = sum(v["bytes_before"] for v in layers.values())
         after = sum(v["bytes_after"] for v in layers.values())
@@ -389,11 +393,14 @@ class Quantize(Pass):
         sim: dict[tuple, float] = {}
         est: dict[float | None, float] = {}    # weight errors, estimated on the subset
         exact: dict[float | None, float] = {}  # ... and measured on the whole weight
+        # the sample's per-column extremes, which every per-tensor candidate's range
+        # comes from (smoothing divides them), taken once
+        ranges = (x.amin(0), x.amax(0)) if any(a == "tensor" for a, _ in cands) else None
         for alpha in dict.fromkeys(al for _, al in cands):
             acts = [a for a, al in cands if al == alpha]
-            smooth = self._smoothing(op, rec, w2, alpha, self._shared_wmax(op))
+            smooth = self._smoothing(op, rec, w2, alpha, self._wmax(op, rec, w2, alpha))
             # quantised as a whole (one scale over every row), the subset of rows made
-            xs = {a: simulated_input(x, a, smooth, kernel, step) for a in acts}
+            xs = {a: simulated_input(x, a, smooth, kernel, step, ranges) for a in acts}
             key = (op.key, bits, tuple(w2.shape))  # _build's key of the unsmoothed codes
             if (alpha is None and granularity == "channel" and bits == 8
                     and self.scheme == "symmetric" and key not in codes):
@@ -485,7 +492,7 @@ class Quantize(Pass):
         w2 = w.reshape(w.shape[0], -1)
         granularity, scale_mode = self._grid(bits)
         dynamic = self._dynamic(op, bits)
-        smooth = self._smoothing(op, rec, w2, alpha, self._shared_wmax(op))
+        smooth = self._smoothing(op, rec, w2, alpha, self._wmax(op, rec, w2, alpha))
         if smooth is not None:
             w2 = w2 * smooth
         key = (op.key, bits, tuple(w2.shape))  # the weight, however named
@@ -528,6 +535,22 @@ class Quantize(Pass):
         if wmax is None:
             wmax = _column_absmax(w2)
         return (xmax.pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+
+    def _wmax(self, op, rec: _InputRecorder, w2: torch.Tensor, alpha: float | None
+              ) -> torch.Tensor | None:
+        """The columns' max |w| smoothing ``alpha`` divides by: the group's
+        (:meth:`_shared_wmax`), else the layer's own, taken once per layer (two passes
+        over the weight) for all its smoothing strengths and smoothed builds; None
+        without smoothing."""
+        if alpha is None or op.kind != LINEAR or op._input not in rec.absmax:
+            return None
+        shared = self._shared_wmax(op)
+        if shared is not None:
+            return shared
+        own = rec.wmax.get(op.key)
+        if own is None or own.shape[0] != w2.shape[1]:
+            own = rec.wmax[op.key] = _column_absmax(w2)
+        return own
 
     def _shared_wmax(self, op) -> torch.Tensor | None:
         """Max |w| per input column over every layer of ``op``'s input group (SmoothQuant's
@@ -864,14 +887,16 @@ def _simulate(module: QuantizedWeight, xs: dict[str, torch.Tensor], w2: torch.Te
 
 
 def simulated_input(x2: torch.Tensor, act: str, smooth: torch.Tensor | None,
-                    kernel: str, step: int = 1) -> torch.Tensor:
+                    kernel: str, step: int = 1,
+                    ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x2`` as a dynamic int8 linear with ``act`` scaling sees it, in float: divided by
     ``smooth``, quantised as ``kernel`` quantises it (one affine scale over ``[min(x, 0),
     max(x, 0)]`` in 255 steps, 127 where fbgemm reduces its range; per token, fbgemm's
     one scale over the rows divided by their absmax, the others' 127 steps per side),
     decoded: its product with the decoded stored (smoothed) weight is the kernel's
     product up to float rounding. Only the rows ``::step`` are made (a per-tensor scale
-    still comes from every row)."""
+    still comes from every row). ``ranges``: ``(x2.amin(0), x2.amax(0))`` when the caller
+    holds them (a layer's candidates share them)."""
     from fxpress.passes.int8 import _REDUCE_RANGE
 
     levels = 127 if kernel == "fbgemm" and _REDUCE_RANGE else 255
@@ -879,7 +904,7 @@ def simulated_input(x2: torch.Tensor, act: str, smooth: torch.Tensor | None,
         if act == "tensor":
             # the range of x / smooth over every row, from per-column extremes (dividing
             # by a positive factor keeps the order); the rows' own quantised with it
-            lo, hi = x2.amin(0), x2.amax(0)
+            lo, hi = ranges if ranges is not None else (x2.amin(0), x2.amax(0))
             sub = x2[::step]
             if smooth is not None:
                 lo, hi, sub = lo / smooth, hi / smooth, sub / smooth
