@@ -1,6 +1,6 @@
-"""Build the preset dictionary version 2 headers are compressed from (graph/artifact/header_dict.py).
+"""Build the preset dictionary version 3 headers are compressed from (graph/artifact/header_dict.py).
 
-The dictionary is the stored (version 2, minimized) header text of small reference
+The dictionary is the stored (version 3, minimized) header text of small reference
 artifacts, untrained (a header does not depend on the weights' values beyond a few counts):
 the demo's 64-300-100-10 digits MLP pruned and shared with 8-bit biases, int8 and 4-bit
 quantized, binarized; the digits CNN with its BatchNorms folded, pruned and shared; a small
@@ -96,10 +96,10 @@ def main() -> None:
         print(hashlib.sha256(zdict).hexdigest(), len(zdict), file=sys.stderr)
         return
     from fxpress.graph.artifact import _split_prefix, minimize
-    from fxpress.graph.artifact.header_dict import HEADER_ZDICT, HEADER_ZDICT_V2
+    from fxpress.graph.artifact.header_dict import HEADER_ZDICT, HEADER_ZDICT_V3
 
-    print("rebuilt dictionary", "matches" if zdict == HEADER_ZDICT_V2 else "DIFFERS FROM",
-          "graph/artifact/header_dict.py's HEADER_ZDICT_V2")
+    print("rebuilt dictionary", "matches" if zdict == HEADER_ZDICT_V3 else "DIFFERS FROM",
+          "graph/artifact/header_dict.py's HEADER_ZDICT_V3")
 
     for path in args.check:
         data = open(path, "rb").read()

@@ -27,7 +27,8 @@ article's "merge similar weights into their mean", done as the paper does it.
 * ``bias_bits=8`` also stores each layer's bias on an affine grid of 256 levels (codes, a
   scale and a zero point: a quarter of its float bytes). On small models the float biases
   are a large share of a Deep-Compressed file (the 64-300-100-10 digits MLP: 1.6 KB of
-  ~5); the grid step is (max - min)/255 of the layer's biases.
+  ~5); the grid step is (max - min)/255 of the layer's biases, rounded up to a float16 number
+  (stored in 2 bytes, as the zero point).
 * Centroids can be fine-tuned (:meth:`CodebookModule.begin_training`): the gradients of
   all weights that share a centroid sum into it, and a latent weight per weight, trained
   straight through, may move a weight to the neighbouring centroid (pruned weights stay
@@ -55,7 +56,8 @@ from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, uniqu
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 from fxpress.passes.kmeans1d import HIST_BINS, KMeans1D, kmeans_1d, kmeans_1d_many
-from fxpress.passes.quantize_grid import dequantize_weight, load_codes, quantize_weight, store_codes
+from fxpress.passes.quantize_grid import (dequantize_weight, load_codes, quantize_weight,
+                                          store_codes, tensor_grid)
 
 # -- runtime modules ------------------------------------------------------------------------
 
@@ -120,10 +122,8 @@ class CodebookModule(DecodeStrategy, CompressedModule):
         elif not self.bias_bits:
             self.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
         else:
-            codes, scale, zero = quantize_weight(bias.detach().reshape(1, -1), self.bias_bits,
-                                                 "affine", "tensor")
+            codes, self.bias_grid = tensor_grid(bias.detach().reshape(1, -1), self.bias_bits)
             self.bias_codes = store_codes(codes, self.bias_bits, "affine")
-            self.bias_grid = torch.cat([scale.reshape(1), zero.reshape(1).float()])
             self._decode_bias(bias.numel())
 
     def _decode_bias(self, n: int) -> None:

@@ -47,7 +47,7 @@ from fxpress.errors import OptionError
 from fxpress.graph.runtime import RuntimeModule
 from fxpress.passes.base import Pass, PassContext, PassResult, PassTraits, Tolerance, option
 from fxpress.passes.kmeans1d import kmeans_1d
-from fxpress.passes.quantize_grid import dequantize_weight, load_codes, quantize_weight, store_codes
+from fxpress.passes.quantize_grid import dequantize_weight, load_codes, store_codes, tensor_grid
 
 _NORMS = {nn.LayerNorm: "layer_norm", nn.GroupNorm: "group_norm"}
 if hasattr(nn, "RMSNorm"):
@@ -61,10 +61,10 @@ def encode_grid(t: torch.Tensor, bits: int) -> tuple[str, torch.Tensor, torch.Te
     ``store_codes``' packed layout of a ``[1, n]`` row."""
     flat = t.detach().float().reshape(1, -1)
     n = flat.numel()
-    codes, scale, zero = quantize_weight(flat, bits, "affine", "tensor")
-    grid = torch.cat([scale.reshape(1), zero.reshape(1).float()])
+    codes, grid = tensor_grid(flat, bits)
     best = ("affine", store_codes(codes, bits, "affine"), grid,
-            float((dequantize_weight(codes, scale, zero) - flat).pow(2).sum()))
+            float((dequantize_weight(codes, grid[:1].reshape(1, 1),
+                                     grid[1:].reshape(1, 1).to(torch.int32)) - flat).pow(2).sum()))
     k = 1 << bits
     # a codebook of k floats costs 4k bytes: only where that is at most a quarter of the codes'
     if n > 1 and 4 * k * 4 <= math.ceil(n * bits / 8):

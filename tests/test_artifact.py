@@ -198,7 +198,7 @@ MARKER = "/tmp/fxpress_artifact_test_pwned"
      ForbiddenTargetError, "not a plain identifier"),
     (lambda h: h["tensors"]["head.weight"].update(shape=[1 << 40, 1 << 7]), ArtifactFormatError,
      "'head.weight': claims 140737488355328 elements"),
-    (lambda h: h.update(version=99), ArtifactFormatError, "v2 artifact"),
+    (lambda h: h.update(version=99), ArtifactFormatError, "v3 artifact"),
 ])
 def test_crafted_files_are_refused_before_anything_runs(mlp_bytes, tmp_path, mutate, error,
                                                         fragment):
@@ -473,24 +473,25 @@ def test_headers_compress_from_the_preset_dictionary_and_old_files_still_load(ml
     import zlib
 
     magic, version, flags, hlen, _ = artifact._PREFIX.unpack(mlp_bytes[:artifact.PREFIX_SIZE])
-    assert flags == 15  # zlib + the second preset dictionary + small streams in one blob
+    assert flags == 23  # zlib + the third preset dictionary + small streams in one blob
     header, payload, raw = artifact._split_prefix(mlp_bytes, "t")
     plain = zlib.compress(raw, 9)
-    first = zlib.compressobj(9, zdict=artifact.format.HEADER_ZDICT)
-    first = first.compress(raw) + first.flush()
+    first, second = (zlib.compressobj(9, zdict=d) for d in (artifact.format.HEADER_ZDICT,
+                                                             artifact.format.HEADER_ZDICT_V2))
+    first, second = first.compress(raw) + first.flush(), second.compress(raw) + second.flush()
     assert hlen < 0.8 * len(plain) and hlen < len(first)  # each dictionary pays for itself
-    # files written before the dictionaries (flag 1: plain zlib) or with the first one (flag 2
-    # without 8) load the same module
+    # files written before the dictionaries (flag 1: plain zlib), with the first one (flag 2
+    # alone) or the second (flags 2 and 8) load the same module
     path = tmp_path / "old.fxp"
-    for old_flags, head in ((1 | 4, plain), (1 | 2 | 4, first)):
+    for old_flags, head in ((1 | 4, plain), (1 | 2 | 4, first), (1 | 2 | 4 | 8, second)):
         old = artifact._PREFIX.pack(magic, version, old_flags, len(head), hashlib.sha256(head).digest())
         path.write_bytes(old + head + bytes(payload))
         assert torch.equal(fxpress.load(path)(calib[0][0]), mlp90(calib[0][0]))
-    # flag 2 without flag 1, 8 without 2, an unknown flag, or a blob flag the header
-    # contradicts is refused
+    # flag 2 without flag 1, 8 or 16 without 2, both 8 and 16, an unknown flag, or a blob
+    # flag the header contradicts is refused
     head = mlp_bytes[artifact.PREFIX_SIZE:artifact.PREFIX_SIZE + hlen]
-    for bad, error in ((6, "unknown flags"), (13, "unknown flags"), (31, "unknown flags"),
-                       (11, "disagree on the blob")):
+    for bad, error in ((6, "unknown flags"), (13, "unknown flags"), (21, "unknown flags"),
+                       (31, "unknown flags"), (87, "unknown flags"), (19, "disagree on the blob")):
         path.write_bytes(artifact._PREFIX.pack(magic, version, bad, hlen, hashlib.sha256(head).digest())
                          + mlp_bytes[artifact.PREFIX_SIZE:])
         with pytest.raises(ArtifactFormatError, match=error):
@@ -539,18 +540,23 @@ RUNTIME_ALL = fxpress.registry().runtime_modules()
 _V1_OUT = [[-0.08405356109142303, 0.3770062029361725, 0.9333221316337585], [0.1602155864238739, 0.33854252099990845, 0.3552606701850891], [0.05730877071619034, -0.13143318891525269, 1.1271902322769165], [0.7976781129837036, -0.39241141080856323, 0.7993595600128174]]
 
 
-def test_version_1_files_still_load_and_resave_as_smaller_version_2(tmp_path):
+def _recorded_input() -> torch.Tensor:
+    """The input the old files' outputs were recorded on: seed 0, the model built, a batch."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.LayerNorm(6),
+                            torch.nn.Linear(6, 3))
+        return torch.randn(4, 8)
+
+
+def test_version_1_files_still_load_and_resave_as_smaller_version_3(tmp_path):
     import base64
 
     data = base64.b64decode(_V1_FILE)
     assert artifact._PREFIX.unpack(data[:artifact.PREFIX_SIZE])[1] == 1
     header, _, _ = artifact._split_prefix(data, "t")
     assert all("sha256" in e for e in header["tensors"].values())  # its digests are checked
-    with torch.random.fork_rng():  # the input the outputs were recorded on
-        torch.manual_seed(0)
-        torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.LayerNorm(6),
-                            torch.nn.Linear(6, 3))
-        x = torch.randn(4, 8)
+    x = _recorded_input()
     gm = artifact.loads(data, RUNTIME_ALL)
     assert torch.allclose(gm(x), torch.tensor(_V1_OUT), atol=1e-6)
     again = artifact.dumps(gm, entropy=True)
@@ -565,6 +571,113 @@ def test_version_1_files_still_load_and_resave_as_smaller_version_2(tmp_path):
     flipped = flip_tensor_byte(data, key, stream=sname, offset=0, mask=1)
     with pytest.raises(ArtifactIntegrityError, match=f"'{key}' stream '{sname}'"):
         artifact.loads(flipped, RUNTIME_ALL)
+
+
+# A file fxpress wrote in format version 2 (node names and references stored as names,
+# grids in float32): the same Sequential, seed 0, pruned 50%, shared at 2 bits with 8-bit
+# biases and its LayerNorm on an 8-bit grid (small), saved with entropy=True.
+_V2_FILE = (
+    "iUZYUFJFU1MCAAAADwAAAHkBAAAAAAAABu+yQFTVjvbLbVkh803zjIAoe09acgKjovUVe7sG57B4+RlYZR3tXUtuwyAQ"
+    "vUvXUQTDJ+YOXbXqAcDGq2y6qLrK3QtxYmOCA0McS5Wy82pmsIfPe555bMipDFlB08zKCIuHi6mCcqPcPSNZioUgJazO"
+    "Qc6wJN+VSvPAIsLNchgo8iLmUtIRhu4h4x5Q7pEvKG5FjDvhb6JhqGggjoY9/LkeJSR8c3s+phIygvzbywaeKRK+m2rA"
+    "AaPnD3QZndKJ8bmyOynC58O+f80G5dYMv5ZdvIUWX/00ydJYuXJNudy8pFzOKsrZa4omCL3znlAxRSncZy5KKQucJHMR"
+    "B4C0WKweXWN3bfyHqZ6TdZbXD7nyDVeoyk/uVh2FS3ztoMzv1Q6Vfq6zp6Q4y6e4QBosJrdq7G4Eg5HAdzwHXM5t+/Hv"
+    "0P7Tfv944SV9xIFgEcFeWChMKBOtliLAnIaAw5JNb0mjjAC3EZrWcq0V7WjTQcM74bWrObWkNd3BkL5nXBsl9aFVkskA"
+    "c74NTwOElvw+ulTsdPoDoJWm6EAAAAAAAAAAeyJibG9iIjp7ImR0eXBlIjoiVTgiLCJzaGFwZSI6WzkzXSwiZGF0YV9v"
+    "ZmZzZXRzIjpbMCw5M119fSAgICAgIAAAAAAzrqW+cfd2vpEhiT6QwAAJLMxwwmIMQPIAScD/lWcnoQI7AACeQv//////"
+    "/4GAgDsAAAAAPwA8AAAAAAAAOyWJvlFIYT7ps8g+RqUh4AFz8/9Vm7Y6AAAAAA=="
+)
+_V2_OUT = [[-0.41100791096687317, 0.08769106864929199, 0.9796965718269348], [0.1602155864238739, 0.33854252099990845, 0.3552606701850891], [0.20673935115337372, -0.5211678743362427, 1.1439175605773926], [1.016990303993225, -0.26917511224746704, 0.562882661819458]]
+
+
+def test_version_2_files_still_load_and_resave_as_smaller_version_3():
+    import base64
+
+    data = base64.b64decode(_V2_FILE)
+    assert artifact._PREFIX.unpack(data[:artifact.PREFIX_SIZE])[1] == 2
+    x = _recorded_input()
+    gm = artifact.loads(data, RUNTIME_ALL)
+    assert torch.allclose(gm(x), torch.tensor(_V2_OUT), atol=1e-6)
+    again = artifact.dumps(gm, entropy=True)
+    assert artifact._PREFIX.unpack(again[:artifact.PREFIX_SIZE])[1] == artifact.VERSION == 3
+    assert len(again) < len(data)
+    back = artifact.loads(again, RUNTIME_ALL)
+    assert [n.name for n in back.graph.nodes] == [n.name for n in gm.graph.nodes]
+    assert torch.equal(back(x), gm(x))
+
+
+class _Blocks(torch.nn.Module):
+    """Three identical blocks (attention-like reshapes, a norm, a feed-forward) after an
+    input projection: a graph whose node names repeat from block to block."""
+
+    def __init__(self, d: int = 16, n: int = 3):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, d)
+        self.q = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(n))
+        self.ff = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(n))
+        self.norm = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(n))
+
+    def forward(self, x):
+        h = self.inp(x.reshape(-1, 4, 8))
+        for q, ff, norm in zip(self.q, self.ff, self.norm):
+            b, t, c = h.shape
+            a = q(h).reshape(b, t, 2, c // 2).transpose(1, 2).transpose(1, 2).reshape(b, t, c)
+            h = norm(h + torch.relu(ff(a)))
+        return h.mean(1)
+
+
+def test_version_3_derives_node_names_and_stores_references_as_distances():
+    import json
+    import zlib
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 32)
+    res = fxpress.compress(_Blocks().eval(), "prune{sparsity=0.5},share{bits=4,bias_bits=8},small",
+                           calibration=[(x,)], policy="warn", progress=False)
+    data = artifact.dumps(res.module, entropy=True)
+    header, _, raw = artifact._split_prefix(data, "t")
+    stored = json.loads(raw)["graph"]["nodes"]
+    # only the placeholder's and the output's names are stored; every reference is a distance
+    assert [n["name"] for n in stored if "name" in n] == ["x", "output"]
+    refs = [a for n in stored for a in n.get("args", {}).get("v", [])
+            if isinstance(a, dict) and a.get("$") == "node"]
+    assert refs and all(isinstance(a["v"], int) and a["v"] >= 1 for a in refs)
+    back = artifact.loads(data, RUNTIME_ALL)
+    assert [(n.name, n.target) for n in back.graph.nodes if n.op != "call_function"] == \
+        [(n.name, n.target) for n in res.module.graph.nodes if n.op != "call_function"]
+    assert [n.name for n in back.graph.nodes] == [n.name for n in res.module.graph.nodes]
+    assert torch.equal(back(x), res.module(x))
+    # the same header as version 2 stored it (names, references by name, its dictionary)
+    v2 = json.dumps(artifact.minimize(dict(header, version=2)), separators=(",", ":")).encode()
+    z = zlib.compressobj(9, zdict=artifact.format.HEADER_ZDICT_V2)
+    v2_bytes = len(z.compress(v2) + z.flush())
+    head_bytes = artifact._PREFIX.unpack(data[:artifact.PREFIX_SIZE])[3]
+    assert head_bytes < 0.85 * v2_bytes, (head_bytes, v2_bytes)
+
+
+def test_derived_names_step_over_stored_ones_and_stay_linear():
+    from fxpress.graph.artifact.compact import fill
+
+    def graph(nodes):
+        return {"format": "fxpress", "version": 3, "graph": {"nodes": nodes}}
+
+    # a stored name is taken: the derivation steps over it, as torch.fx does
+    h = fill(graph([{"op": "placeholder", "name": "x"},
+                    {"op": "call_method", "name": "relu_1", "target": "relu"},
+                    *({"op": "call_method", "target": "relu"} for _ in range(3)),
+                    {"op": "call_module", "target": "layers.0.fc"},
+                    {"op": "call_function", "target": "torch.ops.aten.relu.default"},
+                    {"op": "get_attr", "target": "a.b"}]))
+    assert [n["name"] for n in h["graph"]["nodes"]] == ["x", "relu_1", "relu", "relu_2", "relu_3",
+                                                        "layers_0_fc", "relu_4", "a_b"]
+    # 50,000 stored names that a naive "first free suffix" search would step over again for
+    # each of the 50,000 derived ones (2.5e9 steps): each base's counter only grows
+    n = 50_000
+    h = fill(graph([{"op": "call_method", "name": f"relu_{i}", "target": "relu"} for i in range(1, n)]
+                   + [{"op": "call_method", "target": "relu"} for _ in range(n)]))
+    names = [node["name"] for node in h["graph"]["nodes"]]
+    assert len(set(names)) == len(names) == 2 * n - 1
+    assert names[n - 1] == "relu" and names[-1] == f"relu_{2 * n - 2}"
 
 
 def test_lifted_tensor_constants_come_back_as_plain_attributes(tmp_path):

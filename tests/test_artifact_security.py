@@ -656,10 +656,10 @@ def test_inspect_escapes_terminal_sequences_in_names(tmp_path, capsys):
 
 
 def _stored(data: bytes, mutate) -> bytes:
-    """``data`` re-signed after ``mutate`` edited its header *as stored*: version 2's text,
+    """``data`` re-signed after ``mutate`` edited its header *as stored*: version 3's text,
     the derived fields left out (graph/artifact/compact.py), not the filled-in form."""
     head_len = artifact._PREFIX.unpack(data[:artifact.PREFIX_SIZE])[3]
-    text = zlib.decompressobj(zdict=artifact.format.HEADER_ZDICT_V2).decompress(
+    text = zlib.decompressobj(zdict=artifact.format.HEADER_ZDICT_V3).decompress(
         data[artifact.PREFIX_SIZE:artifact.PREFIX_SIZE + head_len])
     h = json.loads(text)
     mutate(h)
@@ -668,6 +668,16 @@ def _stored(data: bytes, mutate) -> bytes:
     prefix = artifact._PREFIX.pack(artifact.MAGIC, artifact.VERSION, flags, len(head),
                                    hashlib.sha256(head).digest())
     return prefix + head + data[artifact.PREFIX_SIZE + head_len:]
+
+
+def _first_ref(h):
+    """The first node reference in a stored (version 3) header: a distance back."""
+    for n in h["graph"]["nodes"]:
+        for a in n.get("args", {}).get("v", []):
+            if isinstance(a, dict) and a.get("$") == "node":
+                assert isinstance(a["v"], int)
+                return a
+    raise AssertionError("no node reference")
 
 
 def _first_stream(h):
@@ -693,11 +703,16 @@ def _first_stream(h):
      "refers to missing"),
     (lambda h: _module(h, "fc")["tensors"]["weight"].update(requires_grad="yes"),
      ArtifactFormatError, "requires_grad must be a bool"),
-    # a node stored without its target (the module's path is its name) takes its name as
-    # one: renamed, it names no module
-    (lambda h: node(h, "call_module").update(name="nothere"), ArtifactFormatError,
+    # a node stored without its name takes the one derived from its target: retargeted, it
+    # names no module; a placeholder's name is never derived
+    (lambda h: node(h, "call_module").update(target="nothere"), ArtifactFormatError,
      "no module named 'nothere'"),
-    (lambda h: node(h, "call_function").pop("name"), ForbiddenTargetError, "plain identifier"),
+    (lambda h: node(h, "placeholder").pop("name"), ForbiddenTargetError, "placeholder None"),
+    (lambda h: node(h, "call_function").update(target=7), ForbiddenTargetError, "call_function 7"),
+    (lambda h: node(h, "call_function").update(target="torch.ops"), ForbiddenTargetError, "ops"),
+    # a reference stored as a distance back must reach a node before it
+    *((lambda h, d=d: _first_ref(h).update(v=d), ArtifactFormatError, "not defined before it")
+      for d in (0, -1, 10**12, True, 1.5, None, [1])),
     # malformed parts the reader fills around reach the schema, never a raw exception
     (lambda h: h.update(tensors=[1, 2]), ArtifactFormatError, "lacks graph/modules/tensors"),
     (lambda h: h["tensors"]["fc.weight"].update(streams=[]), ArtifactFormatError,
@@ -705,7 +720,7 @@ def _first_stream(h):
     (lambda h: h["modules"].append("x"), ArtifactFormatError, "malformed module"),
     (lambda h: _module(h, "fc").update(tensors={"weight": 3}), ArtifactFormatError, "malformed"),
     (lambda h: h["graph"].update(nodes=[7]), ArtifactFormatError, "malformed node"),
-    (lambda h: h.update(version=1), ArtifactFormatError, "v2 artifact"),
+    (lambda h: h.update(version=1), ArtifactFormatError, "v3 artifact"),
     # the damage locator's threshold: a typed refusal for anything but bytes in [0, 2**32]
     (lambda h: h.update(crc8_min="64"), ArtifactFormatError, "crc8_min"),
     (lambda h: h.update(crc8_min=-1), ArtifactFormatError, "crc8_min"),
@@ -713,7 +728,7 @@ def _first_stream(h):
     (lambda h: h.update(crc8_min=1 << 40), ArtifactFormatError, "crc8_min"),
     (lambda h: h.update(crc8_min=[64]), ArtifactFormatError, "crc8_min"),
 ])
-def test_crafted_version_2_headers_are_refused(good, mutate, error, fragment):
+def test_crafted_stored_headers_are_refused(good, mutate, error, fragment):
     with pytest.raises(error, match=fragment):
         _load(_stored(good, mutate))
 
@@ -739,14 +754,15 @@ def test_the_damage_locator_names_the_stream_and_a_bad_one_is_harmless(good):
             _load(bytes(damaged))
 
 
-def test_a_version_1_prefix_over_a_version_2_header_is_refused(good):
+def test_an_older_prefix_over_a_version_3_header_is_refused(good):
     head_len = artifact._PREFIX.unpack(good[:artifact.PREFIX_SIZE])[3]
     magic, _, flags, hlen, sha = artifact._PREFIX.unpack(good[:artifact.PREFIX_SIZE])
-    old = artifact._PREFIX.pack(magic, 1, flags, hlen, sha) + good[artifact.PREFIX_SIZE:]
-    with pytest.raises(ArtifactFormatError, match="v1 artifact"):
-        _load(old)
-    newer = artifact._PREFIX.pack(magic, 3, flags, hlen, sha) + good[artifact.PREFIX_SIZE:]
-    with pytest.raises(ArtifactFormatError, match="format version 3; this fxpress reads versions 1, 2"):
+    for version in (1, 2):
+        old = artifact._PREFIX.pack(magic, version, flags, hlen, sha) + good[artifact.PREFIX_SIZE:]
+        with pytest.raises(ArtifactFormatError, match=f"v{version} artifact"):
+            _load(old)
+    newer = artifact._PREFIX.pack(magic, 4, flags, hlen, sha) + good[artifact.PREFIX_SIZE:]
+    with pytest.raises(ArtifactFormatError, match="format version 4; this fxpress reads versions 1, 2, 3"):
         _load(newer)
     assert head_len == hlen
 

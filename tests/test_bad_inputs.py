@@ -287,7 +287,7 @@ CASES = [
     Case("artifact-huge-header", _load_damaged(_huge_header), E.ArtifactFormatError,
          ("header claims 4611686018427387904 bytes", "limit", _RESAVE)),
     Case("artifact-newer-version", _load_damaged(lambda b: tamper(b, lambda h: h.update(version=99))),
-         E.ArtifactFormatError, ("v2 artifact",)),
+         E.ArtifactFormatError, ("v3 artifact",)),
     Case("artifact-missing-file", lambda m, c: fxpress.load("/nonexistent/model.fxp"),
          E.ArtifactError, ("cannot read artifact /nonexistent/model.fxp", "No such file")),
 ]

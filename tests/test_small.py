@@ -55,6 +55,11 @@ def test_norms_and_constants_are_stored_as_8_bit_codes_and_round_trip_bit_exactl
     stats = res.records[-1].stats
     assert stats["bytes_after"] < 0.45 * stats["bytes_before"] and stats["worst_rel_l2"] < 0.01
     assert torch.allclose(gm(x), model(x), atol=2e-2)
+    # every [scale, zero] grid holds float16 numbers: stored in 4 bytes, not 8
+    tensors = artifact.artifact_header(gm)["tensors"]
+    grids = {k: t for k, t in gm.state_dict().items() if k.endswith("_grid") and t.numel() == 2}
+    assert grids and all(torch.equal(t.half().float(), t) for t in grids.values())
+    assert all(tensors[k]["narrow"] == "float16" and tensors[k]["stored_bytes"] == 4 for k in grids)
     assert "pos" in dict(model.named_parameters())  # the caller's model keeps its tensors
     back = artifact.loads(artifact.dumps(gm, entropy=True), fxpress.registry().runtime_modules())
     assert torch.equal(back(x), gm(x))

@@ -17,7 +17,7 @@ name plus their attributes, runtime modules by :meth:`RuntimeModule.config`), ex
 graphs' pytree specs (``treespec_dumps``, JSON), and one entry per tensor: dtype, shape,
 encoding, streams. The full sha256 of the header and of the payload guard the file; a
 one-byte CRC per stream (``crc8``) names the stream a damaged payload breaks. Fields the
-reader derives are left out of the stored header (format version 2, :mod:`.compact`).
+reader derives are left out of the stored header (format versions 2 and 3, :mod:`.compact`).
 
 Tensors are stored in the smallest of four encodings, chosen per tensor:
 
@@ -55,7 +55,7 @@ The package, one concern per module:
 * :mod:`.write`: the writer, the stream stores, atomic saves;
 * :mod:`.read`: the loader, building the modules and the graph;
 * :mod:`.header_dict`: the preset dictionary the header is compressed from;
-* :mod:`.compact`: the fields a version 2 header leaves out and the reader derives;
+* :mod:`.compact`: the fields a version 2 or 3 header leaves out and the reader derives;
 * :mod:`.breakdown`: where an artifact's bytes go (prefix, header sections, streams by kind).
 """
 from fxpress.graph.artifact.compact import fill, minimize

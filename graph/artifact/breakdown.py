@@ -18,11 +18,11 @@ from typing import Any
 
 from fxpress.graph.artifact.compact import minimize
 from fxpress.graph.artifact.format import PREFIX_SIZE, _split_prefix
-from fxpress.graph.artifact.header_dict import HEADER_ZDICT_V2
+from fxpress.graph.artifact.header_dict import HEADER_ZDICT_V3
 
 
 def _zsize(obj: Any) -> int:
-    z = zlib.compressobj(9, zdict=HEADER_ZDICT_V2)
+    z = zlib.compressobj(9, zdict=HEADER_ZDICT_V3)
     return len(z.compress(json.dumps(minimize(obj), separators=(",", ":"), allow_nan=False).encode())
                + z.flush())
 

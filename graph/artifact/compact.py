@@ -1,4 +1,4 @@
-"""The fields a version-2 header leaves out because the reader derives them.
+"""The fields a version 2 or 3 header leaves out because the reader derives them.
 
 A header is handled in its *full* form everywhere (what :func:`.read_header` and
 :func:`.artifact_header` return, what the schema checks): every tensor entry with its
@@ -17,6 +17,13 @@ the one the reader would derive (:func:`minimize`), and the reader puts them bac
   module's ``training`` (false) and empty ``tensors``/``config``;
 * a node's ``target`` (its name), empty ``args`` and ``kwargs``; a graph's ``codegen``
   (none); an empty ``dropped`` list.
+
+Version 3 also leaves out each node name the reader derives from the node's target
+(:class:`_NodeNames`: torch.fx's naming, placeholders and the output excepted) and stores
+a reference to an earlier node as its distance back (an integer ``v`` in ``{"$": "node"}``):
+in a stack of identical layers the references repeat where the names do not. The reader
+turns distances back into names; one that reaches no earlier node is left for the schema
+to refuse.
 
 A field present in the file is kept as written and checked as before, so a file that
 states a field differently from its derived value (a crafted one) is judged on what it
@@ -97,6 +104,117 @@ def _stream_defaults(position: int, entry: dict) -> dict[str, dict] | None:
     return out
 
 
+def _version(header: dict) -> int:
+    v = header.get("version")
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+#: ops whose node names version 3 derives from their targets (placeholders and the output
+#: keep theirs: they are the graph's interface)
+_DERIVED_OPS = ("call_module", "call_function", "call_method", "get_attr")
+
+
+#: bases torch.fx never uses bare (Python's keywords and built-in functions: ``getattr_1``
+#: is the first ``getattr`` node), frozen here so that every Python derives the same names
+_SUFFIXED = frozenset((
+    "False None True and as assert async await break class continue def del elif else except "
+    "finally for from global if import in is lambda nonlocal not or pass raise return try while "
+    "with yield abs aiter all anext any ascii bin bool breakpoint bytearray bytes callable chr "
+    "classmethod compile complex delattr dict dir divmod enumerate eval exec filter float format "
+    "frozenset getattr globals hasattr hash help hex id input int isinstance issubclass iter len "
+    "list locals map max memoryview min next object oct open ord pow print property range repr "
+    "reversed round set setattr slice sorted staticmethod str sum super tuple type vars zip").split())
+
+
+class _NodeNames:
+    """The node names version 3 leaves out, derived the way torch.fx names nodes: a
+    module's path or attribute's qualified name with ``_`` for ``.``, a function's or
+    method's name (an ATen op's packet name), made unique by ``_1``, ``_2``... in graph
+    order (from ``_1`` for a Python keyword or built-in, :data:`_SUFFIXED`). Writer and reader walk the nodes with one instance each and derive the same
+    names; a name that differs from its derivation is stored. Linear in the nodes: each
+    base's counter only grows, so each taken name is stepped over at most once per base."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+        self.count: dict[str, int] = {}
+
+    @staticmethod
+    def base(op: Any, target: str) -> str:
+        if op in ("call_module", "get_attr"):
+            return target.replace(".", "_")
+        parts = target.split(".")
+        if op == "call_function" and target.startswith("torch.ops.") and len(parts) >= 4:
+            return parts[3]
+        return parts[-1]
+
+    def _next(self, base: str) -> tuple[str, int]:
+        k = self.count.get(base, 1 if base in _SUFFIXED else 0)
+        name = f"{base}_{k}" if k else base
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        return name, k
+
+    def derive(self, n: dict) -> str:
+        """The name of node ``n`` (its ``op`` one of :data:`_DERIVED_OPS`, a string
+        ``target``), taken."""
+        base = self.base(n.get("op"), n["target"])
+        name, self.count[base] = self._next(base)
+        self.used.add(name)
+        return name
+
+    def add(self, n: dict, name: str) -> bool:
+        """Take node ``n``'s ``name``; True when the reader would derive it from ``n``'s
+        target (the writer leaves it out)."""
+        target = n.get("target")
+        if n.get("op") in _DERIVED_OPS and isinstance(target, str):
+            base = self.base(n["op"], target)
+            derived, k = self._next(base)
+            if derived == name:
+                self.count[base] = k
+                self.used.add(name)
+                return True
+        self.used.add(name)
+        return False
+
+
+def _walk_refs(v: Any, swap) -> Any:
+    """``v`` (a tagged value) with each node reference ``{"$": "node", "v": x}`` replaced by
+    ``swap(x)``'s; without recursion (the reader calls it on unchecked input)."""
+    if not isinstance(v, (dict, list)):
+        return v
+    root = [v]
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        parent, key = stack.pop()
+        x = parent[key]
+        if isinstance(x, dict):
+            if x.get("$") == "node" and set(x) == {"$", "v"}:
+                parent[key] = {"$": "node", "v": swap(x["v"])}
+            else:
+                stack.extend((x, k) for k in x)
+        elif isinstance(x, list):
+            stack.extend((x, i) for i in range(len(x)))
+    return root[0]
+
+
+def _refs_by_distance(v: Any, i: int, seen: dict[str, int]) -> Any:
+    """Version 3 stores a reference to an earlier node as its distance back (1: the node
+    just before), which repeats from one layer to the next where names do not."""
+    v = copy.deepcopy(v)
+    return _walk_refs(v, lambda x: i - seen[x] if isinstance(x, str) and x in seen else x)
+
+
+def _refs_by_name(v: Any, names: list[Any]) -> Any:
+    """Distances back to the names of the nodes they reach; anything else is left for the
+    schema to refuse (a reference must name a node defined before it)."""
+    def swap(x: Any) -> Any:
+        if isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= len(names):
+            return names[len(names) - x]
+        return x
+    return _walk_refs(v, swap)
+
+
 def minimize(header: dict) -> dict:
     """A copy of the full ``header`` without the fields :func:`fill` derives."""
     h = copy.deepcopy(header)
@@ -143,15 +261,27 @@ def minimize(header: dict) -> dict:
     if isinstance(graph, dict):
         if "codegen" in graph and graph["codegen"] is None:
             del graph["codegen"]
-        for n in graph.get("nodes") if isinstance(graph.get("nodes"), list) else ():
+        nodes = graph.get("nodes") if isinstance(graph.get("nodes"), list) else []
+        derived = _NodeNames() if _version(h) >= 3 else None
+        seen: dict[str, int] = {}
+        for i, n in enumerate(nodes):
             if not isinstance(n, dict):
                 continue
+            name = n.get("name")
+            if derived is not None:
+                for k in ("args", "kwargs"):
+                    if k in n:
+                        n[k] = _refs_by_distance(n[k], i, seen)
             if n.get("args") == _EMPTY_ARGS:
                 del n["args"]
             if n.get("kwargs") == _EMPTY_KWARGS:
                 del n["kwargs"]
-            if "target" in n and n["target"] == n.get("name") and isinstance(n["target"], str):
+            if derived is not None and isinstance(name, str) and derived.add(n, name):
+                del n["name"]  # the reader derives it from the target
+            elif "target" in n and n["target"] == name and isinstance(n["target"], str):
                 del n["target"]
+            if isinstance(name, str):
+                seen.setdefault(name, i)
     if h.get("dropped") == []:
         del h["dropped"]
     return h
@@ -195,12 +325,23 @@ def fill(header: Any) -> Any:
     graph = header.get("graph")
     if isinstance(graph, dict):
         graph.setdefault("codegen", None)
+        derived = _NodeNames() if _version(header) >= 3 else None
+        names: list[Any] = []
         for n in graph.get("nodes") if isinstance(graph.get("nodes"), list) else ():
             if isinstance(n, dict):
                 n.setdefault("args", dict(_EMPTY_ARGS, v=[]))
                 n.setdefault("kwargs", dict(_EMPTY_KWARGS, v=[]))
+                if derived is not None:
+                    if "name" not in n and isinstance(n.get("target"), str) \
+                            and n.get("op") in _DERIVED_OPS:
+                        n["name"] = derived.derive(n)
+                    elif isinstance(n.get("name"), str):
+                        derived.used.add(n["name"])
+                    for k in ("args", "kwargs"):
+                        n[k] = _refs_by_name(n[k], names)
                 if "name" in n:
                     n.setdefault("target", n["name"])
+            names.append(n.get("name") if isinstance(n, dict) else None)
     header.setdefault("dropped", [])
     return header
 

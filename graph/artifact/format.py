@@ -4,9 +4,10 @@ File layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"\\x89FXPRESS"  (the high byte catches 7-bit and text-mode damage)
-    8       4     u32 format version (2; version 1 files still load)
+    8       4     u32 format version (3; versions 1 and 2 still load)
     12      4     u32 flags: 1 = header is zlib-compressed (always set by this version),
-                  2 = from a preset dictionary, 8 = the second one, 4 = small streams in a blob
+                  2 = from a preset dictionary, 8 = the second one, 16 = the third one,
+                  4 = small streams in a blob
     16      8     u64 header length H (as stored)
     24      32    sha256 of the H stored header bytes
     56      H     header: UTF-8 JSON (graph, module tree, tensor table, metadata), zlib
@@ -15,8 +16,9 @@ File layout (all integers little-endian)::
 This module packs and unpacks the prefix and the header and computes the checksums; what
 the header may say is :mod:`.schema`'s business. Version 2 leaves out of the stored header
 every field the reader derives and holds no per-stream digests (:mod:`.compact`): on
-small models the header is much of the file. A reader of version 1 refuses a version 2
-file by its version number; this reader reads both.
+small models the header is much of the file. Version 3 also leaves out the node names the
+reader derives from their targets and stores references to earlier nodes as distances
+back. A reader refuses a newer version by its version number; this reader reads all three.
 """
 from __future__ import annotations
 
@@ -34,15 +36,15 @@ import numpy as np
 from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
                             ArtifactLimitError)
 from fxpress.graph.artifact.compact import fill, minimize
-from fxpress.graph.artifact.header_dict import HEADER_ZDICT, HEADER_ZDICT_V2
+from fxpress.graph.artifact.header_dict import HEADER_ZDICT, HEADER_ZDICT_V2, HEADER_ZDICT_V3
 from fxpress.graph.artifact.limits import DEFAULT_LIMITS, Limits
 from fxpress.graph.artifact.values import escape_controls
 
 MAGIC = b"\x89FXPRESS"
-VERSION = 2
+VERSION = 3
 #: the format versions this fxpress reads (1: every derived field and a 64-bit digest per
-#: stream and tensor in the header)
-READ_VERSIONS = (1, 2)
+#: stream and tensor in the header; 2: node names and references stored as names)
+READ_VERSIONS = (1, 2, 3)
 _PREFIX = struct.Struct("<8sIIQ32s")
 _FLAG_ZLIB_HEADER = 1
 #: The header is zlib-compressed from the preset dictionary of graph/artifact/header_dict.py (what
@@ -55,7 +57,11 @@ _FLAG_BLOB_STREAMS = 4
 #: With flag 2, the header is compressed from the second dictionary (HEADER_ZDICT_V2, made of
 #: version 2 headers) instead of the first.
 _FLAG_ZDICT_V2 = 8
-_KNOWN_FLAGS = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_BLOB_STREAMS | _FLAG_ZDICT_V2
+#: With flag 2, the header is compressed from the third dictionary (HEADER_ZDICT_V3, made of
+#: version 3 headers); never with flag 8.
+_FLAG_ZDICT_V3 = 16
+_KNOWN_FLAGS = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_BLOB_STREAMS | _FLAG_ZDICT_V2 \
+    | _FLAG_ZDICT_V3
 BLOB_KEY = "blob"
 BLOB_STREAM_BYTES = 1 << 16
 PREFIX_SIZE = _PREFIX.size  # 56
@@ -81,12 +87,12 @@ def _sha64(data) -> str:
 
 def _pack_header(header: dict) -> bytes:
     """Prefix + header. The header is zlib-compressed from a preset dictionary of typical
-    header text (flags 1, 2 and 8; see graph/artifact/header_dict.py): its JSON is repetitive, and on
+    header text (flags 1, 2 and 16; see graph/artifact/header_dict.py): its JSON is repetitive, and on
     small models it would otherwise outweigh the tensors."""
-    z = zlib.compressobj(9, zdict=HEADER_ZDICT_V2)
+    z = zlib.compressobj(9, zdict=HEADER_ZDICT_V3)
     head = z.compress(json.dumps(minimize(header), separators=(",", ":"),
                                  allow_nan=False).encode()) + z.flush()
-    flags = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_ZDICT_V2 | (
+    flags = _FLAG_ZLIB_HEADER | _FLAG_ZDICT_HEADER | _FLAG_ZDICT_V3 | (
         _FLAG_BLOB_STREAMS if "blob" in header else 0)
     prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(head), hashlib.sha256(head).digest())
     return prefix + head
@@ -153,10 +159,12 @@ def _split_prefix(data: bytes | memoryview, where: str, file_size: int | None = 
         raise ArtifactIntegrityError(f"{where}: header fails its sha256 check; the file is "
                                      "corrupted or was edited")
     if flags & ~_KNOWN_FLAGS or flags & _FLAG_ZDICT_HEADER and not flags & _FLAG_ZLIB_HEADER \
-            or flags & _FLAG_ZDICT_V2 and not flags & _FLAG_ZDICT_HEADER:
+            or flags & (_FLAG_ZDICT_V2 | _FLAG_ZDICT_V3) and not flags & _FLAG_ZDICT_HEADER \
+            or flags & _FLAG_ZDICT_V2 and flags & _FLAG_ZDICT_V3:
         raise ArtifactFormatError(f"{where}: unknown flags {flags:#x}; a newer fxpress wrote it")
     if flags & _FLAG_ZLIB_HEADER:
-        zdict = HEADER_ZDICT_V2 if flags & _FLAG_ZDICT_V2 else HEADER_ZDICT
+        zdict = HEADER_ZDICT_V3 if flags & _FLAG_ZDICT_V3 else \
+            HEADER_ZDICT_V2 if flags & _FLAG_ZDICT_V2 else HEADER_ZDICT
         d = zlib.decompressobj(zdict=zdict) if flags & _FLAG_ZDICT_HEADER else zlib.decompressobj()
         try:
             # stops at one byte past the limit: a bomb never inflates further

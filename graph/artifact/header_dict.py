@@ -15,6 +15,10 @@ reference artifacts none of which is a benchmark model (``python -m bench.header
 rebuilds it byte for byte; see that module for the list). On the Deep-Compressed 64x2 digits
 transformer it stores the header in 1,576 bytes instead of the version 1 dictionary's 2,018.
 
+Format version 3 headers (node names derived, references as distances) are compressed from
+a third dictionary, ``HEADER_ZDICT_V3`` (flags 2 and 16), built the same way from version 3
+headers of the same reference artifacts.
+
 Frozen: files written with them need exactly these bytes to load, so a change is a new
 flag or version, never an edit (the digests below are checked on import).
 """
@@ -128,14 +132,68 @@ _DATA_V2 = (
     "EgcWIAIPvz+M4QgLTwjhwZDboQuAK59Tsy3qD4ZXvzUMIzkib/8PGVhlHQ=="
 )
 
+#: version 3 headers' dictionary (``python -m bench.header_dict``)
+_DATA_V3 = (
+    "eNrtHdtuo0ryV1Zo39Zr9RWaSPOys9J5Oedo93kUoaZpYjYYPBgykzPyv281YAffMGCbeDLWXBIaqKquW1cVRfNgLWQm"
+    "5zrXmbVaTaznKAmsBytPMzWbJok1sVQsl8vG0PT3KNEyM2fSJIyerIcfVpR4oZZ5kWm4EiM0sdIi3xparR4nVq6TZZot"
+    "zR2xfNXZcoqm33T0NMvNUJC/LjQgCuNU5pQAguVMmpEvFCDaDADoRKVBlABOKwBY2lyTZ1rOS5iBzCX8XJl5bOD7kVye"
+    "hD4ENO4AGg8FDTfoLdhFlOSiAdnh3UFbBpqCS6QyxPmvuYHNXeZsI5XxYiYvO6GZlkEnEWM0GQS7iwx6QAWwYAslE+Dn"
+    "LDW2EH6Hq7/NXuHX5evcT+NIeXkmlf7bslBK60AHcMEceBx7a2PR3+V8EevlNIieonw5/Xf544/f/wNXRskCjEOlRQI8"
+    "wRMwwOXSCOSL5UeJzKK/9A8D7BOYJBy+rqzHlZlAnqULoCHPCm3ueYWJBqUl6eQpn1kPQrgUl9Mm3AYSbOYgzjHFGskw"
+    "kIK7juNrJVylRYiQDpxAIIRCm2juMIWRTblrCxwoFITIdS3AqjIlAJQIaKjgcoyI4ZwZ9eZRYj3YDNQpTn1Dx7M2HCqP"
+    "NjqGsStAyX5YYZrNZV4ycwEeYQmXvIDSRSkAoZPKt8BZMsV0iv6hFgVc8JTJxaxUX8NULwEvBZf8Zkb/SIMiNqQklZ18"
+    "+WHVp42s0gX8sohBQrM0DnTWtHVSOZJddVlNflS3KRnH3nwNPpfZkzZkr90JjMFQqTR/Nz6xWJTXvZQkmBFDUDWAV0Zu"
+    "DcSVn9lX1EWlMl8LmeRG+D5oyie22qEpLBKVG341qKpccqbj4vJ0deQIPgczvlGO4EEcMf7oPKy9mVErPSy24FLWmr85"
+    "uiwl5UXVrCuLW0jjdqySkPr3SimsTRgBEUIuIVzIDsURtRHv3V5aWSNU+Pq2ftRg/SIMTbwCRIMs9MEz64Vh58RbiJOB"
+    "/43mukFZ7ZumlUOerjk+/W/9S3Ag8qmBxeszy4VZaSsOB5HKa5Yb3impZtpbTyaU8VIfCHGMeK0HZqY206V0YdGBtSiL"
+    "VOUTkyKGRSI3zlbNZJLouBxPi4W3BCKtB4i+JBjGizTGYeYVvIKelLfDuFezrOZw5Rth2l65LFXry2pfJvgXlIkJZCvn"
+    "eGtCqV3NryeQ2jXfhjyOZDRf9+Pd3ejdWDslA+J39hZbudRF26nORs7tmRS+uUSqA8eMLWJ+JsswE5xso+7AMzyUZ9fI"
+    "EMukpxO/Judyi2P+hrITn3qy6eMlcHtBWrfUjUBm5TZSN58QYiNhI18zwuAkZxRyd6mpy7XyfRlo4kpI6AiM25poX/sY"
+    "mOlLLYnEpJm6Kena2kUKkjzJeyVvRCB6T96GJG/inry9H0duP3kT9+TtQydv4p683V7yJu7J200lb+KnSd4O5G5DH0Z9"
+    "pAztQII2GPxHycL2k7BBkO/JVv9kS3RNtjjlnDSSLUqQCgiXTCnhSGpTxgKXwhgOqItCFviaYiQh60K2w0VIHSn8kEsU"
+    "MAb/NZ+TcWljx/ER5hy7bq9ki1Mm0E+YbFVibwTSQHMJoU8EO/knnuCJmIjdULYc6x/Mw+L1cl5uYx/BvInoyyWlTvMn"
+    "xqy80fOckzSGIFPPTzpTNJffvUWaxqRfJjQh+5SxCRsoN3JWNkyOYL4huZ2m8b3kBn/hz0m5HSckjGUOQVU/KvCu9pAh"
+    "Jh+qswzevnGlGVT3ChW5XkmjnSe3VttYrwiNkN/UvP00fT6YW236rw5mXd6J009ZFJyXmZXcnX6uSfwM1B/KyVQ1fiQj"
+    "+wIHELEZi/5i4rfIsHWf6dhYoLlkIYMy6Gu7JohiWWl4y0VlqgaIcQOqUU9z4V86S5fW4+ls0YbVn05o82Gfubdk/Tq6"
+    "Wy5kBtHp+t4kTSrwD2U5faOUkGyudnSB9NCFuVzeleQmlaSKNbpqSXXUUBJBjitJtZ58MBW5YnUH8ptq4e4vB0FomxzI"
+    "XQ79qmzbbUSdxUAY2xXD4w7nYQ2dNvnfUkawt8sIAHIuF9t1hHrs4QfM6UXGRSkBw9Qk+Qusk5diW6Nsb4YmvUohFdRt"
+    "wR99jj7ZnUp34Gu1Oc6mHnQDW2SWpd/WcLBt1djI+DIh07WlHeMbd+wB3Qe42atBNvwkp1XAxb2lRDqrACVDgY+gArBS"
+    "jasABuEp8WNE2HnyZ6LqPllPr1VEDJ/Z68Iw2mDrqhU9HwJsQI+iE2RsnTjtEgTqya8OZo8J6Q20s+NHw0BfXb7XLbt/"
+    "/vPP1rL7ujoFYxD26B9lPBHlr5/Q1J0sVbrQn57i1Jfxav3k7WCVoFuxHgsbNWr1HDuMcUWp8gUKtNB+YAcB4wT+OSHS"
+    "WGEn1L4fKnOABFVYI6GZo4WLmMCNWj31fSIc7BAkReDioN97LY4Qt1SshyzIISMW6yE53yoeAv5yqH+NCvRscEGoxErJ"
+    "JSp3+4Qt0tqSt1z+KXRzANahKAhGkknQjinkvT2mT1aT8znSkUS/iOI8SpZTOJR5nvXTkZqix1UPXsBhlOt5P0ToyihI"
+    "WaC+KgpaVuJPtuwlfQrc/BJqsU/E1+eX86zVtS9irXuOTM2K5Lmf5lBD3PO35h27dTELfN3jKDrcRVYj6Pm7k0F3nkpd"
+    "hAy4Jc2CqI/qOods8gLLJzvgwdH+mAvou7h6UlUn+i77EBgmS1jgei78eE82xCz79ujSMSy7injsA+KhB8bIXT6ttNAr"
+    "yUcckMUhmfGPL59NJ/b6pIyrvrHAC9LcW2SweKvcKx/I1/f2cH5d/NZq2GSuyM7BAh2UB+0toQccOXYPjInVkCXuQIqS"
+    "pf+7heTpkhkOG57inI6gyVW51SmCLs5Mdw93x1ywU2Xbozyd07fSQvApNgXpt+SDqTa/pmZ74eiqvedE51qe0/qFB04+"
+    "PaOlCHDy22pyOkJRlx6nqpR2f1Te+a0tUpUsh3SOtHQsVIWahhgq9C2Mqy84wrrR+G6MfPobwPkzzeZbHN+8sWOwHK6W"
+    "1DyeHDhVh1bA78eyO6hU7clGtc1Y3fcjwxCEahp/zGD5ssLFAD6+saJ8McRLqlnqhRGo/ifiIOFi7tV9SeYdI3OFjM1r"
+    "Ud6bzjw2ZV3Vw+4m19Xk3NrH9zc5CrceNbk6EL7LoYfrGygHTEmb6yN31/eLuL7iHmz06ssjYqjJMdHSzFwnSndB9Ir6"
+    "hjWq2qzN9ZUp2N33/Qq+r0o57zbX1eb44GijxfM1GjQakij701pYV52/pNl8TpNlLpO8r+mUlLQqet1v0kfZd3u2o2Qx"
+    "biOgQXiqEZCJXo116zm09/+S3jCv1P27AT1Cn2ec4OnuOnOJiRxpya22VXjDOdIMhwoq03EUfN9GB+atvx/Q4Mpg7aon"
+    "MTLDqIl9hJl+fX4Z11QNwlOmSsWZbdwEV5vMr2fXLkK3n2cwQLsqh2sPAz2C5E35YlzRlxhP9vATsYfsuD2tGuv7xoYw"
+    "c5rzaxWR3U9AJdArufA32KN4OPIOPpyM6sPJu/rw8d7FKUaOtorTwRbHZ2oMcSqdKTpEYYTxXoZWdI/C9rxRR9AjSN3U"
+    "YMaVe4nx6pK3qzfwNtNrlVBPF1sCvZL7foM9inPzwnfw329Ix5rje3rwNfoR5poW+bi2bBCeMmWChkRitMFHShtza5dg"
+    "v9feDMyuqsGHQR4jBK+LSdOd+lHLetSz4rCD4ad5SdDz5jJKPG/q/StO1XPrq4FnvRA4qduMOm6ZTrndeDGQOI5wHNdR"
+    "jHHqh9gOXaoop8pGYYC4E6qQEiElCrDtBFIqoUOXUJcFQjksaL4Y6GObKJfaytc283Fou6TnvulEsPu26Z22Tb+B3dhu"
+    "df/0G9hg8AY3Uv+5dh27yo7q92dNPT+k1X0HHOKilie8B/dSv0uj7ye0uosDtUhjfxP1uyR6fjurhyDaN4babEA+at60"
+    "wXoyeWKDPpXb3IuI2O72VuunEwTcvRR25GNVgHV/f/dOGfiwbdjReDWT5meOx1aY05sXUYefqTCEoJ7fc8bnfIS62242"
+    "5yAYQSnKDepHVYgS4+mnYHxI7cVp1F4IaU7vksWXzab+V9jP6A32T76h0anvCOxXLfjF9zGijPDmt7kd2xG28H0RMG5z"
+    "7YQ+IkhR23HtwFdYC64xCx2f26H0eWCHtmZM6oAHDmbUbpQrtEuYi21tPhfXq0xBKaer1f8BQgNRrA=="
+)
+
 HEADER_ZDICT: bytes = zlib.decompress(base64.b64decode(_DATA))
 HEADER_ZDICT_SHA256 = "3285f5b98d80a652967b8a9b6d8c03fcc7847af264c5f1278a1ef69bc2dee531"
 HEADER_ZDICT_V2: bytes = zlib.decompress(base64.b64decode(_DATA_V2))
 HEADER_ZDICT_V2_SHA256 = "05e2d05fc561491dc1d4ceb60582c68b0d577638fd6cee9502e72c37c657a694"
+HEADER_ZDICT_V3: bytes = zlib.decompress(base64.b64decode(_DATA_V3))
+HEADER_ZDICT_V3_SHA256 = "55fe9a49285160cadb443696451850ea0b721f0424d072de34c37db2a7f93eec"
 if hashlib.sha256(HEADER_ZDICT).hexdigest() != HEADER_ZDICT_SHA256 or \
-        hashlib.sha256(HEADER_ZDICT_V2).hexdigest() != HEADER_ZDICT_V2_SHA256:  # pragma: no cover
+        hashlib.sha256(HEADER_ZDICT_V2).hexdigest() != HEADER_ZDICT_V2_SHA256 or \
+        hashlib.sha256(HEADER_ZDICT_V3).hexdigest() != HEADER_ZDICT_V3_SHA256:  # pragma: no cover
     raise ImportError("fxpress.graph.artifact.header_dict was edited: artifacts written with the "
                       "original dictionaries could not be read; restore it")
 
 
-__all__ = ["HEADER_ZDICT", "HEADER_ZDICT_SHA256", "HEADER_ZDICT_V2", "HEADER_ZDICT_V2_SHA256"]
+__all__ = ["HEADER_ZDICT", "HEADER_ZDICT_SHA256", "HEADER_ZDICT_V2", "HEADER_ZDICT_V2_SHA256",
+           "HEADER_ZDICT_V3", "HEADER_ZDICT_V3_SHA256"]
