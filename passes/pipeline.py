@@ -237,7 +237,21 @@ class Pipeline:
             gm = clone_structure(reference)
             gm.meta.setdefault("fxpress", {"method": "given", "passes": []})
         else:
-            gm = clone_structure(capture(reference, example_inputs, capture_method))
+            try:
+                gm = clone_structure(capture(reference, example_inputs, capture_method))
+            except FxpressError as e:
+                wrote = _shared_write(e)
+                if wrote is None:
+                    raise
+                # the model's forward writes into its own tensors (transformers' RWKV rescales
+                # its weights at its first call in eval mode): trace, verify and distil from a
+                # private, writable copy (the caller's model is never written)
+                reference = clone_structure(reference, copy_tensors=True)
+                gm = clone_structure(capture(reference, example_inputs, capture_method))
+                gm.meta["fxpress"]["why"] += (
+                    f"; the model's forward writes into its own tensors (in-place "
+                    f"{wrote.operation} into '{wrote.tensor}'): captured from a private copy, "
+                    "the caller's model untouched")
         caller.protect(reference)
         caller.protect(gm)
         # the caller's tensors (read-only views) by name: a later graph's weights that

@@ -236,3 +236,39 @@ def test_a_forward_that_changes_process_settings_leaves_the_callers_as_they_were
     assert torch.get_default_dtype() == torch.float32
     assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
     assert _same_process_state(_process_state(), before)
+
+
+class _RescalesOnFirstEvalCall(torch.nn.Module):
+    """transformers' RWKV: its first forward in eval mode divides some weights in place
+    (``div_``) and sets a flag, so later calls skip it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+        self.rescaled = False
+
+    def forward(self, x):
+        if not self.training and not self.rescaled:
+            with torch.no_grad():
+                self.fc.weight.div_(2)
+            self.rescaled = True
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_a_forward_that_writes_into_its_own_weights_is_compressed_from_a_private_copy():
+    """The reference run hit the read-only views and compress failed with 'does not run on
+    the example inputs'; now the pipeline works on a writable copy: the graph computes what
+    the model computes after that call, and the caller's weights and flag stay as they were."""
+    torch.manual_seed(0)
+    model, x = _RescalesOnFirstEvalCall().eval(), torch.randn(4, 8)
+    before = state_snapshot(model)
+    res = fxpress.compress(model, "quantize{bits=8}", example_inputs=(x,), progress=False)
+    assert_unchanged(model, before)
+    assert model.rescaled is False
+    assert "writes into its own tensors (in-place div_ into 'fc.weight')" in res.module.meta["fxpress"]["why"]
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        want = twin(x)
+        torch.testing.assert_close(res.module(x), want, rtol=0.05, atol=0.02)
