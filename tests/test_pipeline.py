@@ -359,9 +359,10 @@ def test_one_value_per_sample_is_compared_as_a_column():
 
 
 def test_weights_no_pass_can_reach_are_named_in_the_report():
-    """A parameter read by something other than a linear/conv/embedding op (a ``W @ x``
-    product, a position table added to activations) stays float: every weight-rewriting
-    pass's record names it and what reads it, so "compressed" never hides a float tensor."""
+    """A parameter read by something other than a linear/conv/embedding op (a position
+    table added to activations) stays float: every weight-rewriting pass's record names it
+    and what reads it, so "compressed" never hides a float tensor. (A ``W @ x`` product is
+    a linear since capture rewrites it: ``tests/test_capture.py``.)"""
     class Odd(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -375,8 +376,8 @@ def test_weights_no_pass_can_reach_are_named_in_the_report():
     res = fxpress.compress(Odd(), "quantize{bits=8}", example_inputs=(torch.randn(2, 5, 4),),
                            progress=False)
     floats = res.records[0].stats["float_weights"]
-    assert set(floats) == {"mix", "pos"} and "proj.weight" in res.records[0].stats["layers"]
-    assert "matmul" in floats["mix"] and "add" in floats["pos"]
+    assert set(floats) == {"pos"} and {"proj.weight", "mix"} <= set(res.records[0].stats["layers"])
+    assert "add" in floats["pos"]
 
 
 class _PaddedGarbage(torch.nn.Module):
