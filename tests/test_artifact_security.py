@@ -944,8 +944,19 @@ def test_exported_lstm_calls_are_checked_at_every_call():
     assert sum(n.target is fxpress_lstm_guard for n in loaded.graph.nodes) == 1
     assert torch.equal(artifact.loads(artifact.dumps(loaded))(x), gm(x))
     assert "fxpress_lstm_guard" not in json.dumps(artifact.artifact_header(loaded))
+    with pytest.raises(InputError, match="input 0 dim 2 is 64"):
+        loaded(torch.randn(2, 5, 64))  # the sizes export fixed are checked first
+    # a file that fixes no input sizes (crafted, or written before they were stored) still
+    # meets the guard: the kernel would read past the weights (NaNs)
+    meta = gm.meta["fxpress"]
+    kept = {k: meta.pop(k) for k in ("fixed_dims", "bounded_dims") if k in meta}
+    try:
+        unsized = artifact.loads(artifact.dumps(gm))
+    finally:
+        meta.update(kept)
+    assert kept and not unsized._forward_pre_hooks
     with pytest.raises(InputError, match="input's 64 features do not fit weight_ih_l0"):
-        loaded(torch.randn(2, 5, 64))  # the kernel read past the weights (NaNs)
+        unsized(torch.randn(2, 5, 64))
     weights = [n.target for n in gm.graph.nodes if n.op == "get_attr" and "weight_hh" in n.target]
     owner, _, attr = weights[0].rpartition(".")
     short = gm.get_submodule(owner)
