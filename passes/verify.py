@@ -266,6 +266,18 @@ class Verifier:
                              f"{type(e).__name__}: {e}; every batch must be shaped like the "
                              "example inputs") from e
         self.reference_seconds = time.perf_counter() - start
+        tensors = [t for leaves in self.reference for t in leaves if isinstance(t, torch.Tensor)]
+        if tensors and not any(t.numel() for t in tensors):
+            # metrics over nothing are perfect: a pass that zeroed the model verified ok (one
+            # empty batch among others is fine: a detector may find nothing in one image)
+            shapes = [tuple(t.shape) for t in self.batches[0] if isinstance(t, torch.Tensor)]
+            outs = [tuple(t.shape) for t in self.reference[0] if isinstance(t, torch.Tensor)]
+            raise InputError(
+                f"every calibration batch gives only empty outputs (batch 0: input shapes "
+                f"{shapes}, outputs {outs[:4]}"
+                f"{' once padding is left out' if self.mask_at is not None else ''}): "
+                "verification would compare nothing and pass any change; give batches with "
+                "at least one row (and, with a padding mask, one unmasked token)")
         #: whether top-1 agreement is measured (None: when the outputs look like logits)
         self.top1 = looks_like_logits(self.reference[:len(self.batches)], self.names) \
             if top1 is None else top1

@@ -187,6 +187,10 @@ CASES = [
          ("policy", "strict")),
     Case("rollback-in-place", _compress("prune{sparsity=0.5}", policy="rollback", in_place=True),
          E.InputError, ("rollback", "in_place")),
+    # a batch of 0 rows verified vacuously: prune{sparsity=0.99} was "ok" at cosine 1.0
+    Case("calibration-only-empty-batches", lambda m, c: fxpress.compress(
+        m, "prune{sparsity=0.99}", calibration=[(c[0][0][:0],), (c[1][0][:0],)], progress=False),
+        E.InputError, ("every calibration batch gives only empty outputs", "(0, 16)")),
     # seeds: a float seeded distill's generator late (PassError), a string or a 70-bit int
     # was taken silently
     *[Case(f"seed-{kind}", _compress("prune{sparsity=0.5}", seed=seed), E.InputError,
