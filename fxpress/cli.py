@@ -137,7 +137,7 @@ def _open(ref: str):
     from fxpress.graph import artifact
 
     p = Path(ref)
-    if p.is_file():
+    if p.exists():  # a folder, FIFO or device is refused by load as not a regular file
         return fxpress.load(p), artifact.read_header(p)
     if ":" not in ref:
         raise InputError(f"{ref}: no such file; give an artifact path or file.py:callable")
@@ -263,7 +263,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from fxpress.onnx_export import export_onnx
 
     src = Path(args.artifact)
-    if not src.is_file():
+    if not src.exists():
         raise InputError(f"{args.artifact}: no such artifact file")
     out = export_onnx(src, Path(args.output), fuse=not args.no_fuse,
                       accuracy_level=args.accuracy_level)

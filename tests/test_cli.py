@@ -87,3 +87,18 @@ def test_run_in_place_gives_the_same_artifact_and_refuses_rollback(tmp_path, cap
     capsys.readouterr()
     assert main(["run", str(recipe), "--in-place", "--policy", "rollback"]) == 2
     assert "in_place" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["inspect", "report", "diff"])
+def test_commands_name_a_folder_or_fifo_given_as_artifact_as_not_a_regular_file(
+        tmp_path, capsys, command):
+    # they said "no such file; give an artifact path or file.py:callable" of a path that is there
+    import os
+
+    pipe = tmp_path / "pipe.fxp"
+    os.mkfifo(pipe)
+    for bad in (pipe, tmp_path):
+        argv = {"inspect": [str(bad)], "report": [str(bad), "-o", str(tmp_path / "r.html")],
+                "diff": [str(bad), str(bad)]}[command]
+        assert main([command, *argv]) == 2
+        assert f"{bad} is not a regular file" in capsys.readouterr().err
