@@ -696,6 +696,11 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
         except Exception as e:  # the inputs do not fit the model: say so before tracing
             shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                       for x in example_inputs]
+            from fxpress.graph.guard import forward_write_error  # guard imports this module
+
+            writes = forward_write_error(e, model)
+            if writes:
+                raise InputError(f"capture: {writes}") from e
             raise InputError(
                 f"capture: {type(model).__name__} does not run on the example inputs {shapes}: "
                 f"{type(e).__name__}: {e}. Pass inputs shaped like real model inputs.") from e

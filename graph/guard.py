@@ -271,6 +271,18 @@ class CallerModel:
                 if now.get(key, (name, crc))[1] != crc]
 
 
+def forward_write_error(e: BaseException, model: Any) -> str | None:
+    """What to tell the caller when running their model was refused because its forward
+    writes in place into its own tensors (a step counter, a cache, statistics it updates):
+    the guard's message speaks to pass writers. None for any other error."""
+    if not isinstance(e, SharedTensorWriteError):
+        return None
+    return (f"{type(model).__name__}'s forward writes in place into its own tensor "
+            f"'{e.tensor}' ({e.operation}); fxpress runs the model without changing it, so a "
+            "forward that updates its state (a step counter, a cache, statistics) cannot run "
+            "here: move the update out of forward, or under `if self.training:`")
+
+
 _RNG_LOCK = threading.Lock()
 _RNG_DEPTH = 0
 _RNG_SAVED: Any = None
@@ -329,5 +341,5 @@ def preserved_rng() -> Iterator[None]:
                 _RNG_SAVED = None
 
 
-__all__ = ["Guard", "CallerModel", "ReadOnlyTensor", "ReadOnlyParameter", "storage_checksums",
+__all__ = ["Guard", "CallerModel", "forward_write_error", "ReadOnlyTensor", "ReadOnlyParameter", "storage_checksums",
            "named_tensors", "preserved_rng"]

@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from fxpress.errors import InputError
 from fxpress.graph.capture import annotate_shapes, eval_mode, forward_parameters
+from fxpress.graph.guard import forward_write_error
 from fxpress.passes.base import Tolerance
 
 Outputs = list[list[torch.Tensor]]  # per batch, the float tensor leaves of the output
@@ -262,6 +263,9 @@ class Verifier:
             what = f"calibration batch {i}" if i < n else f"train_data batch {i - n}"
             batch = (self.batches + [x for x, _ in self.labelled])[i]
             shapes = [tuple(t.shape) for t in batch if isinstance(t, torch.Tensor)]
+            writes = forward_write_error(e, reference)
+            if writes:
+                raise InputError(f"{what}: {writes}") from e
             raise InputError(f"{what} (input shapes {shapes}) does not run on the model: "
                              f"{type(e).__name__}: {e}; every batch must be shaped like the "
                              "example inputs") from e

@@ -34,6 +34,20 @@ def _model() -> torch.nn.Module:
     return m.train()  # the caller's model is in training mode: it must stay so
 
 
+class _Stateful(torch.nn.Module):
+    """A model whose forward counts its calls in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():  # the case checks the global RNG: leave it alone
+            self.fc = torch.nn.Linear(16, 5)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return self.fc(x)
+
+
 def _calib(n: int = 2, width: int = 16) -> list[tuple[torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
     return [(torch.randn(8, width, generator=g),) for _ in range(n)]
@@ -187,6 +201,12 @@ CASES = [
          ("policy", "strict")),
     Case("rollback-in-place", _compress("prune{sparsity=0.5}", policy="rollback", in_place=True),
          E.InputError, ("rollback", "in_place")),
+    # a forward that updates its own buffer was told "every batch must be shaped like the
+    # example inputs" and to use WeightedOp.set_weight (advice for pass writers)
+    Case("forward-updates-its-buffer", lambda m, c: fxpress.compress(
+        _Stateful(), "prune{sparsity=0.5}", calibration=c, progress=False), E.InputError,
+        ("_Stateful's forward writes in place into its own tensor 'steps' (add_)",
+         "move the update out of forward")),
     # a batch of 0 rows verified vacuously: prune{sparsity=0.99} was "ok" at cosine 1.0
     Case("calibration-only-empty-batches", lambda m, c: fxpress.compress(
         m, "prune{sparsity=0.99}", calibration=[(c[0][0][:0],), (c[1][0][:0],)], progress=False),
