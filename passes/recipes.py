@@ -317,6 +317,10 @@ def _toml_position(text: str, e: tomllib.TOMLDecodeError) -> int | None:
     return sum(len(x) for x in lines[: line - 1]) + max(col - 1, 0)
 
 
+#: the most bytes a recipe file may hold (they are a few hundred)
+RECIPE_MAX_BYTES = 4 << 20
+
+
 def seed_error(seed: Any) -> str | None:
     """Why ``seed`` cannot seed a run (None when it can): an int (not a bool) that
     ``torch.manual_seed`` takes, with room for the offsets a run adds (epochs, streams)."""
@@ -334,9 +338,18 @@ def parse_recipe(source: str | Path | dict, path: Path | None = None) -> Recipe:
                                     and "\n" not in source):
         path = Path(source)
         try:
-            text = path.read_text()
+            with open(path, "rb") as f:  # bounded: /dev/zero as a recipe filled the memory
+                raw = f.read(RECIPE_MAX_BYTES + 1)
         except OSError as e:
             raise PipelineSpecError(f"recipe {path}: cannot read it: {e}") from e
+        if len(raw) > RECIPE_MAX_BYTES:
+            raise PipelineSpecError(f"recipe {path}: over {RECIPE_MAX_BYTES:,} bytes; a recipe is "
+                                    "a short TOML text file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PipelineSpecError(f"recipe {path}: not UTF-8 text (byte {e.start}); a recipe "
+                                    "is a TOML text file") from None
     elif isinstance(source, str):
         text = source
     if text is not None:

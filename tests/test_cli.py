@@ -102,3 +102,15 @@ def test_commands_name_a_folder_or_fifo_given_as_artifact_as_not_a_regular_file(
                 "diff": [str(bad), str(bad)]}[command]
         assert main([command, *argv]) == 2
         assert f"{bad} is not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, says", [("binary", "not UTF-8 text (byte 0)"),
+                                          ("/dev/zero", "over 4,194,304 bytes")])
+def test_a_recipe_that_is_no_text_file_is_refused_with_exit_code_2(tmp_path, capsys, recipe, says):
+    # a binary recipe printed a raw UnicodeDecodeError with exit code 1 (a verification
+    # failure's code); /dev/zero was read until the memory ran out
+    if recipe == "binary":
+        recipe = tmp_path / "r.toml"
+        recipe.write_bytes(b"\xff\xfe\x00pipeline")
+    assert main(["run", str(recipe)]) == 2
+    assert says in capsys.readouterr().err
