@@ -1008,3 +1008,10 @@ def test_binarized_configs_that_every_call_would_refuse(field, value, fragment):
         setattr(layer, field, value)
     with pytest.raises(ArtifactFormatError, match=fragment):
         artifact.loads(artifact.dumps(gm), classes)
+
+
+def test_a_refused_tensor_name_names_the_file_once(good):
+    bad = tamper(good, lambda h: h.update(tensors={"x\u0430": h["tensors"].popitem()[1], **h["tensors"]}))
+    with pytest.raises(ForbiddenTargetError) as e:
+        artifact.loads(bad, RUNTIME, where="model.fxp")
+    assert str(e.value).count("model.fxp") == 1, str(e.value)

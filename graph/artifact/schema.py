@@ -126,7 +126,7 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
     arith_bytes = 0
     for key, entry in tensors.items():
         try:
-            _check_qualname(key, f"{where}: tensor", limit=limits.string)
+            _check_qualname(key, "tensor", limit=limits.string)
             _, _, nbytes, streams = _check_tensor_entry(key, entry)
         except ArtifactFormatError as e:
             raise type(e)(f"{where}: {e}") from None
