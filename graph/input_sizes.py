@@ -59,8 +59,9 @@ def _check(sizes: dict[int, dict[int, tuple[int, int | None]]], module, args, kw
             runs = f"= {lo}" if lo == hi else f"in [{lo}, {'inf' if hi is None else hi}]"
             raise InputError(
                 f"input {i} dim {d} is {n}: this graph runs only for input {i} dim {d} {runs} "
-                "(torch.export specialised the model's code to the example inputs' size there: "
-                "a loop over it or a branch on it; see gm.meta['fxpress']['why']). Capture again "
+                "(torch.export specialised the graph to the example inputs' size there: a "
+                "weight's width, a loop over it or a branch on it; see gm.meta['fxpress']['why']). "
+                "Capture again "
                 "with example inputs of the size you will run, or make the model's code "
                 "size-independent")
 
