@@ -179,8 +179,9 @@ def positional_batch(batch: Any, model: torch.nn.Module, what: str = "train_data
     """A training batch with named inputs as positional ones, its label last.
 
     ``{"input_ids": ..., "attention_mask": ..., "labels": y}`` (a data collator's batch) ->
-    ``(input_ids, attention_mask, y)``; ``(mapping, y)`` -> ``(*bound, y)``; anything
-    else unchanged.
+    ``(input_ids, attention_mask, y)``; ``(mapping, y)`` -> ``(*bound, y)``; the inputs
+    grouped as calibration gives them, ``((x, mask), y)``, -> ``(x, mask, y)`` when forward
+    takes that many positional arguments; anything else unchanged.
     """
     if isinstance(batch, Mapping):
         labels = [k for k in LABEL_KEYS if k in batch]
@@ -188,7 +189,29 @@ def positional_batch(batch: Any, model: torch.nn.Module, what: str = "train_data
         return (*_bind_by_name(named, what, model), *(batch[k] for k in labels[:1]))
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Mapping):
         return (*_bind_by_name(batch[0], what, model), *batch[1:])
+    if _grouped_inputs(batch, model):
+        return (*batch[0], *batch[1:])
     return batch
+
+
+def _grouped_inputs(batch: Any, model: torch.nn.Module) -> bool:
+    """Whether ``batch`` is ``((x1, x2, ...), y)``: several tensors grouped as one first
+    element, for a forward that takes at least that many positional arguments (a forward
+    of one argument may take a tuple, an RNN's ``(h, c)``: that stays as it is)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and isinstance(batch[0], (tuple, list)) and len(batch[0]) > 1
+            and all(isinstance(t, torch.Tensor) for t in batch[0])):
+        return False
+    params = forward_parameters(model)
+    return len(params) >= len(batch[0]) or _takes_varargs(model)
+
+
+def _takes_varargs(model: torch.nn.Module) -> bool:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
 
 
 class _PositionalCollate:
@@ -216,15 +239,15 @@ def positional_batches(data: Any, model: torch.nn.Module) -> Any:
 
     A list or tuple becomes a list; a DataLoader stays one (same dataset, sampler and
     settings), its collate function followed by the binding; another iterable is wrapped.
-    Data whose first batch names nothing is returned as it is.
+    Data whose first batch neither names nor groups its inputs is returned as it is.
     """
     from torch.utils.data import DataLoader
 
     if data is None or isinstance(data, (str, bytes, torch.Tensor)) or not hasattr(data, "__iter__"):
         return data
     if isinstance(data, (list, tuple)):
-        if not any(isinstance(b, Mapping) or (isinstance(b, (tuple, list)) and b and
-                                              isinstance(b[0], Mapping)) for b in data[:1]):
+        if not any(isinstance(b, Mapping) or _grouped_inputs(b, model) or (
+                isinstance(b, (tuple, list)) and b and isinstance(b[0], Mapping)) for b in data[:1]):
             return data
         return [positional_batch(b, model, f"train_data batch {i}") for i, b in enumerate(data)]
     if isinstance(data, DataLoader):

@@ -460,3 +460,41 @@ def test_training_batches_with_named_inputs_and_labels_are_bound_by_name(mlp, di
     for a, b in zip(by_name.module.state_dict().values(), by_position.module.state_dict().values()):
         assert torch.equal(a, b)
     assert by_name.records[-1].cumulative.accuracy_ratio is not None  # the labels were seen
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x, gate):
+        return self.head(torch.relu(self.fc(x)) * gate)
+
+
+def test_training_batches_with_grouped_inputs_train_a_multi_input_model():
+    """((x, gate), y), the inputs grouped as calibration gives them, trains as (x, gate, y)
+    would; it was handed to forward as one argument (a PassError from inside the model)."""
+    from fxpress.graph.capture import positional_batch, positional_batches
+
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    x, gate = torch.randn(128, 8), torch.rand(128, 16)
+    y = model(x, gate).argmax(1)
+    flat = [(x[i:i + 32], gate[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    grouped = [((a, g), b) for a, g, b in flat]
+    assert all(p[0] is f[0] and p[1] is f[1] and p[2] is f[2]
+               for p, f in zip(positional_batches(grouped, model), flat))
+    # a forward of one argument may take a tuple (an RNN's state): left as it is
+    pair = ((torch.randn(2, 4), torch.randn(2, 4)), torch.zeros(2))
+    assert positional_batch(pair, torch.nn.Linear(4, 4)) is pair
+    assert positional_batches([pair], torch.nn.Linear(4, 4)) == [pair]
+    assert positional_batch(((x, gate, x), y), model) == ((x, gate, x), y)  # too many for forward
+    spec = "prune{sparsity=0.5},distill{epochs=1,lr=0.001}"
+    calib = [(x[:32], gate[:32])]
+    kw = dict(calibration=calib, policy="warn", progress=False)
+    by_group = fxpress.compress(model, spec, train_data=grouped, **kw)
+    by_flat = fxpress.compress(model, spec, train_data=flat, **kw)
+    for a, b in zip(by_group.module.state_dict().values(), by_flat.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert by_group.records[-1].cumulative.accuracy_ratio is not None
