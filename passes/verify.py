@@ -228,6 +228,28 @@ def task_accuracy(outputs: Outputs, labels: Sequence[torch.Tensor]) -> float | N
     return correct / total if total else None
 
 
+def _refuse_nan_outputs(reference: Sequence[Sequence[Any]], batches: Sequence[tuple],
+                        n_calibration: int) -> None:
+    """The model's own outputs must be numbers: NaN in them (NaN or inf in the data, or a
+    model that overflows) makes every metric NaN, and a pass would fail with a message
+    about its tolerance, or inside its statistics, instead of about the data."""
+    for i, leaves in enumerate(reference):
+        for j, t in enumerate(leaves):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and bool(torch.isnan(t).any())):
+                continue
+            what = f"calibration batch {i}" if i < n_calibration else \
+                f"train_data batch {i - n_calibration}"
+            bad = [k for k, x in enumerate(batches[i]) if isinstance(x, torch.Tensor)
+                   and x.is_floating_point() and not bool(torch.isfinite(x).all())]
+            cause = (f"its input(s) {bad} hold NaN or inf" if bad else
+                     "its inputs are finite: the model itself overflows or divides by zero")
+            raise InputError(
+                f"{what}: the model's own output {j} holds NaN ({cause}); verification "
+                "compares with the model's outputs and cannot compare with NaN: clean the "
+                "data (torch.nan_to_num, drop the rows) or give other batches")
+
+
 class Verifier:
     """Holds the reference outputs and measures graphs against them.
 
@@ -282,6 +304,8 @@ class Verifier:
                 f"{' once padding is left out' if self.mask_at is not None else ''}): "
                 "verification would compare nothing and pass any change; give batches with "
                 "at least one row (and, with a padding mask, one unmasked token)")
+        _refuse_nan_outputs(self.reference, self.batches + [x for x, _ in self.labelled],
+                            len(self.batches))
         #: whether top-1 agreement is measured (None: when the outputs look like logits)
         self.top1 = looks_like_logits(self.reference[:len(self.batches)], self.names) \
             if top1 is None else top1

@@ -211,6 +211,14 @@ CASES = [
     Case("calibration-only-empty-batches", lambda m, c: fxpress.compress(
         m, "prune{sparsity=0.99}", calibration=[(c[0][0][:0],), (c[1][0][:0],)], progress=False),
         E.InputError, ("every calibration batch gives only empty outputs", "(0, 16)")),
+    # NaN or inf in the data: quantize failed inside its statistics ("cannot convert float
+    # NaN to integer", a PassError), share asked to loosen its tolerance (cosine nan)
+    *[Case(f"calibration-{kind}-{spec}", lambda m, c, v=value, spec=spec: fxpress.compress(
+        m, spec, calibration=[(c[0][0].clone().index_fill_(1, torch.tensor([2]), v),)],
+        progress=False), E.InputError,
+        ("calibration batch 0: the model's own output 0 holds NaN", "input(s) [0] hold NaN or inf"))
+      for kind, value in [("nan", float("nan")), ("inf", float("inf"))]
+      for spec in ["quantize", "share"]],
     # seeds: a float seeded distill's generator late (PassError), a string or a 70-bit int
     # was taken silently
     *[Case(f"seed-{kind}", _compress("prune{sparsity=0.5}", seed=seed), E.InputError,
