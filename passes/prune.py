@@ -28,12 +28,14 @@ so they never concatenate the model's weights or copy them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 
 from fxpress.errors import MissingDataError, OptionError
+from fxpress.graph.capture import clone_structure
 from fxpress.graph.memory import remember_nonzeros, sparsity
 from fxpress.graph.weights import KINDS, select, unique_weights, weighted_ops
 from fxpress.graph.fused import fused_weights
@@ -43,6 +45,9 @@ from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tole
 from fxpress.passes.gradual import cubic_schedule
 
 _NONE = type(None)
+
+#: the sparsities ``prune`` tries when given neither threshold nor sparsity, rising
+AUTO_LADDER = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 #: Elements per block. Large layers (GPT-2's 38M-entry tied embedding) are processed block
@@ -514,7 +519,9 @@ class Prune(Pass):
     traits = PassTraits(tolerance=Tolerance(min_cosine=0.9, min_top1=0.9), replaces_tensors=True)
 
     threshold = option(None, "zero every weight with |w| < threshold", type=(float, _NONE), low=0.0)
-    sparsity = option(None, "fraction of weights to zero (0 <= s < 1)", type=(float, _NONE),
+    sparsity = option(None, "fraction of weights to zero (0 <= s < 1); with neither threshold nor "
+                      "sparsity, the highest of 0.1 ... 0.9 that keeps the tolerance",
+                      type=(float, _NONE),
                       low=0.0, high=1.0, high_open=True)
     scope = option("adaptive", "'adaptive': the sparsity of all selected layers together, cut on "
                    "LAMP scores (a weight's square over the sum of the squares of its layer's "
@@ -537,7 +544,7 @@ class Prune(Pass):
     def check_options(self) -> None:
         if self.steps > 1 and self.sparsity is None:
             raise OptionError(self.name, "steps", "needs sparsity=...; a threshold has no schedule")
-        if (self.threshold is None) == (self.sparsity is None):
+        if self.threshold is not None and self.sparsity is not None:
             raise OptionError(self.name, "sparsity", "give exactly one of threshold=... or sparsity=...")
         if self.threshold is not None and "criterion" in self._given:
             raise OptionError(self.name, "criterion", "only applies with sparsity=...; a "
@@ -559,6 +566,44 @@ class Prune(Pass):
                                    "...] or use criterion='magnitude'")
         return self.criterion
 
+    def _run_auto(self, gm, ctx: PassContext) -> PassResult:
+        """Neither threshold nor sparsity: the highest sparsity of :data:`AUTO_LADDER` whose
+        one-shot result keeps this pass's own tolerance, tightened by a quarter of its slack
+        (the search sees at most 4 calibration batches, the verifier all of them)."""
+        from fxpress.passes.verify import Verifier, misses
+
+        batches = list(ctx.calibration or [ctx.example_inputs])[:4]
+        before = Verifier(gm, batches)
+        tol = self.tol
+        strict = dataclasses.replace(tol, **{
+            k: 1 - 0.75 * (1 - getattr(tol, k)) for k in ("min_cosine", "min_top1")
+            if getattr(tol, k) is not None})
+        given = {k: v for k, v in self._given.items() if k != "sparsity"}
+        tried: dict[float, float] = {}  # sparsity -> the cosine the tolerance reads
+        kept: list[float] = []
+        lo, hi = 0, len(AUTO_LADDER)  # AUTO_LADDER[:lo] keep the tolerance, [hi:] do not
+        while lo < hi:  # the ladder rises: the first setting that misses, by bisection
+            mid = (lo + hi) // 2
+            s = AUTO_LADDER[mid]
+            trial = Prune(**given, sparsity=s).run(clone_structure(gm), ctx).module
+            m = before.compare_to_reference(before.run(trial))
+            tried[s] = round(m.value_for("min_cosine"), 6)
+            if misses(strict, m):
+                hi = mid
+            else:
+                lo = mid + 1
+                kept.append(s)
+            del trial
+        chosen = AUTO_LADDER[lo - 1] if lo else 0.0
+        result = Prune(**given, sparsity=chosen).run(gm, ctx)
+        result.stats["auto_sparsity"] = {
+            "chosen": chosen, "tried": dict(sorted(tried.items())), "kept": sorted(kept),
+            "why": ("no threshold or sparsity given: the highest sparsity on the ladder "
+                    f"{list(AUTO_LADDER)} whose outputs on {len(batches)} calibration "
+                    "batch(es) keep this pass's tolerance with a quarter of its slack to spare"
+                    + ("" if chosen else "; none did, so nothing was pruned"))}
+        return result
+
     def stages(self) -> list["Prune"]:
         """This prune as ``steps`` prunes to the sparsities of the cubic schedule
         (:mod:`fxpress.passes.gradual`); itself when ``steps`` is 1."""
@@ -569,6 +614,8 @@ class Prune(Pass):
                 for s in cubic_schedule(self.sparsity, self.steps)]
 
     def run(self, gm, ctx: PassContext) -> PassResult:
+        if self.threshold is None and self.sparsity is None:
+            return self._run_auto(gm, ctx)
         # weights that fused modules (LSTM, MultiheadAttention) read are pruned in place too
         all_ops = weighted_ops(gm, self.ops) + (fused_weights(gm) if LINEAR in self.ops else [])
         chosen, unmatched = select(all_ops, self.include, self.exclude)

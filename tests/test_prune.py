@@ -216,3 +216,35 @@ def test_layers_at_their_floor_are_named_in_the_report():
     assert stats["layers"]["4.weight"] == 0.0
     assert "floor of 2 weights per output unit" in stats["kept_dense"]["4.weight"]
     assert set(stats["kept_dense"]) == {"4.weight"}
+
+
+def test_prune_without_a_target_chooses_the_highest_sparsity_that_keeps_its_tolerance(mlp, calib):
+    """``prune`` alone (a new user's first try) was an OptionError; it now searches its
+    ladder and keeps the highest sparsity whose one-shot result meets the tolerance with a
+    quarter of the slack to spare, and the next rung up, when tried, missed it."""
+    from fxpress.passes.prune import AUTO_LADDER
+
+    snap = state_snapshot(mlp)
+    res = fxpress.compress(mlp, "prune", calibration=calib, progress=False)
+    rec = res.records[0]
+    auto = rec.stats["auto_sparsity"]
+    assert rec.status == "ok" and auto["chosen"] in AUTO_LADDER
+    assert auto["chosen"] in auto["tried"] and auto["tried"][auto["chosen"]] >= 1 - 0.75 * 0.1
+    assert abs(rec.stats["sparsity"] - auto["chosen"]) < 0.02
+    higher = [s for s in auto["tried"] if s > auto["chosen"]]
+    assert auto["chosen"] == AUTO_LADDER[-1] or min(higher) == AUTO_LADDER[
+        AUTO_LADDER.index(auto["chosen"]) + 1]
+    assert auto["chosen"] == max(auto["kept"]) and not set(higher) & set(auto["kept"])
+    # the result is the plain prune at that sparsity, bit for bit
+    plain = fxpress.compress(mlp, f"prune{{sparsity={auto['chosen']}}}", calibration=calib,
+                             progress=False)
+    for a, b in zip(res.module.state_dict().values(), plain.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert_unchanged(mlp, snap)
+    # a model no rung keeps whole: nothing pruned, and the record says so
+    tight = fxpress.compress(mlp, "prune{tol.min_cosine=0.999999}", calibration=calib,
+                             progress=False)
+    assert tight.records[0].stats["auto_sparsity"]["chosen"] == 0.0
+    assert "nothing was pruned" in tight.records[0].stats["auto_sparsity"]["why"]
+    with pytest.raises(OptionError, match="exactly one"):
+        fxpress.Pipeline.parse("prune{sparsity=0.5,threshold=0.1}")

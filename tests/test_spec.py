@@ -90,7 +90,7 @@ def test_toml_recipe_with_pipeline_text_is_the_same_spec():
 @pytest.mark.parametrize("text, fragment", [
     ('pipeline = "prune"\nmodel = \n', "invalid TOML"),
     ('[[pass]]\nsparsity = 0.5\n', "has no name"),
-    ('pipeline = "prune"\n[[pass]]\nname="prune"\n', "exactly one"),
+    ('pipeline = "prune"\n[[pass]]\nname="prune"\nsparsity=0.5\nthreshold=0.1\n', "exactly one"),
     ('pipeline = "prune"\nmodle = "x.py:m"\n', "unknown key"),
 ])
 def test_bad_recipes_are_spec_errors(text, fragment):
