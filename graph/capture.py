@@ -25,7 +25,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
-from fxpress.errors import CaptureError, InputError
+from fxpress.errors import CaptureError, FxpressError, InputError
 from fxpress.graph.canonical import (canonical_embeddings, canonical_linears, canonical_weights,
                                      embedding_tables)
 from fxpress.graph.input_sizes import guard_input_sizes
@@ -666,6 +666,45 @@ def _without_parametrizations(m: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
+def capture_private_on_write(reference: torch.nn.Module, example_inputs: Any, method: str,
+                             kw: dict | None = None) -> tuple[torch.fx.GraphModule, torch.nn.Module]:
+    """``capture(reference, guard=False)``; when its forward writes into its own (read-only)
+    tensors, the capture of a private, writable copy instead, noted in ``meta["why"]``.
+    Returns the graph and the module it was traced from."""
+    from fxpress.graph.guard import shared_write  # guard imports this module
+
+    try:
+        return capture(reference, example_inputs, method, guard=False, **(kw or {})), reference
+    except FxpressError as e:
+        wrote = shared_write(e)
+        if wrote is None:
+            raise
+    private = clone_structure(reference, copy_tensors=True)
+    gm = capture(private, example_inputs, method, guard=False, **(kw or {}))
+    gm.meta["fxpress"]["why"] += (
+        f"; the model's forward writes into its own tensors (in-place {wrote.operation} into "
+        f"'{wrote.tensor}'): captured from a private copy, the caller's model untouched")
+    return gm, private
+
+
+def _capture_guarded(model: torch.nn.Module, example_inputs: Any, method: str,
+                     kw: dict) -> torch.fx.GraphModule:
+    from fxpress.graph.guard import Guard  # guard imports this module
+
+    try:
+        reference = clone_structure(model)
+    except Exception:  # a module tree that cannot be copied: traced as it is
+        return capture(model, example_inputs, method, guard=False, **kw)
+    views = Guard()
+    views.protect(reference)
+    gm = None
+    try:
+        gm, _ = capture_private_on_write(reference, example_inputs, method, kw)
+        return gm
+    finally:
+        views.release(gm)  # the caller's own tensor objects in the graph handed out
+
+
 def _widen_inputs(example_inputs: tuple) -> tuple[tuple, list[int]]:
     """The inputs with half-precision tensors as float32, and which positions those were."""
     widened = [i for i, x in enumerate(example_inputs)
@@ -690,7 +729,7 @@ def _cast_inputs_to_float32(gm: torch.fx.GraphModule, positions: list[int]) -> N
 
 def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *,
             dynamic: bool = True, concrete_args: dict[str, Any] | None = None,
-            leaf_modules: Iterable[type] = ()) -> torch.fx.GraphModule:
+            leaf_modules: Iterable[type] = (), guard: bool = True) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule.
 
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -702,12 +741,21 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
     every input dimension of an exported graph as dynamic where the model allows.
     ``concrete_args`` and ``leaf_modules`` are handed to symbolic tracing.
     Raises :class:`~fxpress.errors.CaptureError` showing each method's cause when none works.
+
+    The caller's model is never changed: it is traced as a structural copy holding
+    read-only views of its tensors (flags and attributes its forward sets land on the
+    copy), and a forward that writes into its own tensors (transformers' RWKV rescales its
+    weights at its first call) is traced from a private copy, which ``meta["why"]`` says.
+    ``guard=False`` traces ``model`` itself (for callers that protect it already).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"capture: expected a torch.nn.Module, got {type(model).__name__}; "
                          "wrap plain functions in a Module")
     if method not in METHODS:
         raise InputError(f"capture: method must be one of {METHODS}, got {method!r}")
+    kw = dict(dynamic=dynamic, concrete_args=concrete_args, leaf_modules=leaf_modules)
+    if guard:
+        return _capture_guarded(model, example_inputs, method, kw)
     example_inputs = as_input_tuple(example_inputs, model=model)
     model, half, baked = capture_copy(model)
     example_inputs, half_inputs = _widen_inputs(example_inputs) if half else (example_inputs, [])

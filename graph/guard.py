@@ -271,6 +271,17 @@ class CallerModel:
                 if now.get(key, (name, crc))[1] != crc]
 
 
+def shared_write(e: BaseException | None) -> SharedTensorWriteError | None:
+    """The refused write behind ``e``, if one is in its chain of causes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, SharedTensorWriteError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def forward_write_error(e: BaseException, model: Any) -> str | None:
     """What to tell the caller when running their model was refused because its forward
     writes in place into its own tensors (a step counter, a cache, statistics it updates):
@@ -341,5 +352,5 @@ def preserved_rng() -> Iterator[None]:
                 _RNG_SAVED = None
 
 
-__all__ = ["Guard", "CallerModel", "forward_write_error", "ReadOnlyTensor", "ReadOnlyParameter", "storage_checksums",
+__all__ = ["Guard", "CallerModel", "forward_write_error", "shared_write", "ReadOnlyTensor", "ReadOnlyParameter", "storage_checksums",
            "named_tensors", "preserved_rng"]

@@ -36,9 +36,10 @@ import torch.fx
 from fxpress.errors import (FxpressError, InputError, PassError, SharedTensorWriteError,
                             UnknownPassError, VerificationError)
 from fxpress.graph.artifact import artifact_size
-from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture, capture_copy,
-                                   clone_structure, positional_batches, tensors_of)
-from fxpress.graph.guard import CallerModel, preserved_rng
+from fxpress.graph.capture import (TRACE_LOCK, as_input_tuple, capture_copy,
+                                   capture_private_on_write, clone_structure, positional_batches,
+                                   tensors_of)
+from fxpress.graph.guard import CallerModel, preserved_rng, shared_write
 from fxpress.graph.inspect import layer_summary, stamp_changes, to_networkx
 from fxpress.graph.memory import RollbackRecord, runtime_caches, stored_bytes
 from fxpress.graph.weights import uncovered_weights
@@ -237,21 +238,11 @@ class Pipeline:
             gm = clone_structure(reference)
             gm.meta.setdefault("fxpress", {"method": "given", "passes": []})
         else:
-            try:
-                gm = clone_structure(capture(reference, example_inputs, capture_method))
-            except FxpressError as e:
-                wrote = _shared_write(e)
-                if wrote is None:
-                    raise
-                # the model's forward writes into its own tensors (transformers' RWKV rescales
-                # its weights at its first call in eval mode): trace, verify and distil from a
-                # private, writable copy (the caller's model is never written)
-                reference = clone_structure(reference, copy_tensors=True)
-                gm = clone_structure(capture(reference, example_inputs, capture_method))
-                gm.meta["fxpress"]["why"] += (
-                    f"; the model's forward writes into its own tensors (in-place "
-                    f"{wrote.operation} into '{wrote.tensor}'): captured from a private copy, "
-                    "the caller's model untouched")
+            # a forward that writes into its own tensors (transformers' RWKV rescales its
+            # weights at its first call in eval mode) is traced, verified and distilled from
+            # a private, writable copy (the caller's model is never written)
+            gm, reference = capture_private_on_write(reference, example_inputs, capture_method)
+            gm = clone_structure(gm)
         caller.protect(reference)
         caller.protect(gm)
         # the caller's tensors (read-only views) by name: a later graph's weights that
@@ -356,7 +347,7 @@ class Pipeline:
                 e.last_good = snap.last_good
                 raise
             except Exception as e:
-                write = _shared_write(e)  # wrapped on its way (shape propagation does)
+                write = shared_write(e)  # wrapped on its way (shape propagation does)
                 if write is not None:
                     raise PassError(p.name, f"the rewritten graph does not run: {write}",
                                     last_good=snap.last_good) from e
@@ -443,17 +434,6 @@ class Pipeline:
         record.params, record.zeros = weight_counts(new)
         record.disk_bytes = artifact_size(new)
         _notify(instruments, "run_after_pass", p, new, record)
-
-
-def _shared_write(e: BaseException | None) -> SharedTensorWriteError | None:
-    """The refused write behind ``e``, if one is in its chain of causes."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, SharedTensorWriteError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _notify(instruments: Iterable[Instrument], hook: str, *args: Any) -> None:

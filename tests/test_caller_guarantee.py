@@ -272,3 +272,28 @@ def test_a_forward_that_writes_into_its_own_weights_is_compressed_from_a_private
     with torch.no_grad():
         want = twin(x)
         torch.testing.assert_close(res.module(x), want, rtol=0.05, atol=0.02)
+
+
+def test_capture_on_its_own_never_changes_the_callers_model():
+    """``fxpress.capture`` outside a pipeline ran the model itself: a forward writing into
+    its own weights (RWKV) rescaled the caller's weights and set its flag. It now traces a
+    structural copy over read-only views (a private copy when the forward writes), and the
+    graph it hands out holds the caller's own tensor objects (no view leaks out)."""
+    from fxpress.graph.guard import ReadOnlyParameter, ReadOnlyTensor
+
+    torch.manual_seed(0)
+    model, x = _RescalesOnFirstEvalCall().eval(), torch.randn(4, 8)
+    before = state_snapshot(model)
+    gm = fxpress.capture(model, (x,))
+    assert_unchanged(model, before)
+    assert model.rescaled is False
+    assert "captured from a private copy" in gm.meta["fxpress"]["why"]
+    import copy
+
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), copy.deepcopy(model)(x))
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).train()
+    gm = fxpress.capture(plain, (x,))
+    assert plain.training and gm.get_parameter("0.weight") is plain[0].weight
+    assert not isinstance(gm.get_parameter("0.weight"), (ReadOnlyTensor, ReadOnlyParameter))
+    torch.testing.assert_close(gm(x), plain(x))
