@@ -33,7 +33,8 @@ _MATMULS = (operator.matmul, torch.matmul, _aten.matmul.default, _aten.mm.defaul
 _TRANSPOSES = (torch.t, _aten.t.default, _aten.numpy_T.default)
 
 
-def _param(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+def _float_attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    """The floating-point tensor a ``get_attr`` node reads, else None."""
     if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
         return None
     owner, _, attr = str(node.target).rpartition(".")
@@ -41,7 +42,12 @@ def _param(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
         t = getattr(gm.get_submodule(owner) if owner else gm, attr)
     except AttributeError:
         return None
-    return t if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2 else None
+    return t if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+
+
+def _param(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    t = _float_attr(gm, node)
+    return t if t is not None and t.dim() == 2 else None
 
 
 def _swaps_two_dims(dims) -> bool:
@@ -151,14 +157,8 @@ def _view_root(gm: torch.fx.GraphModule, node) -> torch.fx.Node | None:
             return None
         chain.append(node)
         node = node.args[0]
-    if not chain or not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
-        return None
-    owner, _, attr = str(node.target).rpartition(".")
-    try:
-        w = getattr(gm.get_submodule(owner) if owner else gm, attr)
-    except AttributeError:
-        return None
-    if not (isinstance(w, torch.Tensor) and w.is_floating_point()):
+    w = _float_attr(gm, node) if chain else None
+    if w is None:
         return None
     t = w.detach()
     try:
