@@ -1015,3 +1015,88 @@ def test_a_refused_tensor_name_names_the_file_once(good):
     with pytest.raises(ForbiddenTargetError) as e:
         artifact.loads(bad, RUNTIME, where="model.fxp")
     assert str(e.value).count("model.fxp") == 1, str(e.value)
+
+
+# -- the report page of a crafted file (fxpress report) ------------------------------------------
+
+def _report_header(good):
+    """``good``'s header with a report section of every kind the page draws: a pass record
+    with a recovery curve, a per-layer baseline with histograms, a plan with its frontier."""
+    header = artifact._split_prefix(good, "t")[0]
+    header["report"] = {
+        "original_bytes": 900, "original_disk_bytes": 800,
+        "records": [{"index": 1, "name": "distill", "spec": "distill", "seconds": 0.5,
+                     "bytes_after": 700, "disk_bytes": 600, "sparsity": 0.5, "status": "ok",
+                     "message": "m", "cumulative": {"rel_l2": 0.1, "cosine": 0.9, "top1": 1.0},
+                     "stats": {"epochs": [{"loss": 1.0, "val_loss": 2.0},
+                                          {"loss": 0.5, "val_loss": 1.0}],
+                               "best_epoch": 1, "lr": 0.1, "start_val_loss": 1.0}}],
+        "baseline": {"layers": [{"name": "fc", "disk_bytes": 500}, {"name": "gone", "disk_bytes": 9}],
+                     "histograms": {"fc": {"lo": -1.0, "hi": 1.0, "counts": [1, 2], "zeros": 0,
+                                           "numel": 3, "distinct": 3}}},
+        "plan": {"file_bytes": 10, "ratio": 2.0, "target_ratio": 3.0, "metric": "cosine",
+                 "drop": 0.1, "max_drop": 0.2, "met": False, "missed": "x",
+                 "attempts": [{"drop": 0.1, "ratio": 2.0}],
+                 "rows": [{"layer": "fc", "kind": "linear", "params": 10, "choice": "c",
+                           "bytes": 5, "bits_per_weight": 2.0, "error": 0.1}],
+                 "sensitivity": {"metric": "cosine", "layers": [
+                     {"name": "fc", "params": 10, "trials": [{"candidate": "c", "error": 0.1,
+                                                              "bytes": 3}]}]},
+                 "frontier": {"uniform": [{"ratio": 2.0, "predicted_error": 0.1, "setting": "s"}],
+                              "planner": [{"ratio": 3.0, "predicted_error": 0.2}]}}}
+    header["meta"] = {"method": "fx", "passes": ["distill"]}
+    header["dropped"] = ["d"]
+    return header
+
+
+def test_the_report_escapes_every_string_a_crafted_file_holds(good):
+    """Each string (or string-holding value) of the report section, the meta and the dropped
+    list, replaced by markup: the page shows it escaped or refuses the value, never renders
+    it (a distill record's ``best_epoch`` went into the page raw: script injection)."""
+    from fxpress.report import render_report
+
+    gm = _load(good)
+    header = _report_header(good)
+    assert "Recovery curves" in render_report(gm, header) and "Plan" in render_report(gm, header)
+    paths = [p for root in ("report", "meta", "dropped") for p in _paths(header[root], (root,))
+             if not isinstance(_at(header, p), (dict, list))]
+    assert len(paths) > 60
+    for path in paths:
+        for value in ("<i-x>", ["<i-x>"], {"<i-x>": 1}):
+            h = copy.deepcopy(header)
+            _at(h, path[:-1])[path[-1]] = copy.deepcopy(value)
+            try:
+                page = render_report(gm, h)
+            except Exception:  # a value of the wrong kind may be refused; never shown raw
+                continue
+            assert "<i-x" not in page, (path, value)
+
+
+def _at(obj, path):
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def test_the_report_groups_crafted_layer_names_in_bounded_memory(good):
+    """Grouping repeated blocks (``layer.[0-5].fc``) copied every prefix of every name: a
+    20 KB baseline name of ``.1.1.1...`` held 200 MB (a 2 MB one, 2 TB); ids interned part
+    by part keep it linear, and a name of more parts than modules have is not grouped."""
+    import tracemalloc
+
+    from fxpress.report import _collapse, render_report
+
+    names = ["a" + ".1" * 10_000, "b" + ".2" * 10_000, "c" + ".1" * 10_000]
+    tracemalloc.start()
+    try:
+        groups = _collapse(names, lambda n: 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, peak
+    assert [label for label, _ in groups] == names
+    # still grouped where modules repeat
+    assert _collapse(["h.0.fc", "h.1.fc", "h.2.fc"], lambda n: 1) == [("h.[0-2].fc", ["h.0.fc", "h.1.fc", "h.2.fc"])]
+    header = _report_header(good)
+    header["report"]["baseline"]["layers"] += [{"name": n, "disk_bytes": 1} for n in names]
+    assert "Bytes per layer" in render_report(_load(good), header)
