@@ -38,9 +38,11 @@ def _sizes(meta: dict) -> dict[int, dict[int, tuple[int, int | None]]]:
                         lo = hi = int(v)
                     else:
                         lo, hi = int(v[0]), (None if v[1] is None else int(v[1]))
-                    out.setdefault(int(i), {})[int(d)] = (lo, hi)
-                except (TypeError, ValueError, IndexError, KeyError):
-                    continue
+                    where, dim = int(i), int(d)
+                except (TypeError, ValueError, IndexError, KeyError, OverflowError):
+                    continue  # OverflowError: a crafted file's Infinity
+                if where >= 0 and dim >= 0:  # a negative dim indexed past a 1-D input
+                    out.setdefault(where, {})[dim] = (lo, hi)
     return out
 
 

@@ -1100,3 +1100,40 @@ def test_the_report_groups_crafted_layer_names_in_bounded_memory(good):
     header = _report_header(good)
     header["report"]["baseline"]["layers"] += [{"name": n, "disk_bytes": 1} for n in names]
     assert "Bytes per layer" in render_report(_load(good), header)
+
+
+# -- sizes the file records for its inputs ------------------------------------------------------
+
+@pytest.mark.parametrize("shape, error, fragment", [
+    ([-3, 16], ArtifactFormatError, "malformed shape"),
+    ([1 << 50], ArtifactFormatError, "malformed shape"),
+    # 16 GB of float32: export-onnx built an example input of it (torch.randn)
+    ([1 << 16, 1 << 16], ArtifactLimitError, "an input of shape \\[65536, 65536\\] is 17179869184 bytes"),
+])
+def test_input_shapes_are_sizes_and_bounded_like_decoded_tensors(good, shape, error, fragment):
+    def mutate(h):
+        node(h, "placeholder").update(shape=shape, dtype="float32")
+    with pytest.raises(error, match=fragment):
+        _load(tamper(good, mutate))
+    # raised as the limit asks
+    if error is ArtifactLimitError:
+        _load(tamper(good, mutate), max_bytes=1 << 35)
+
+
+def test_input_size_checks_from_a_crafted_file_never_fail_raw(net, good):
+    """``fixed_dims`` / ``bounded_dims`` (the sizes an exported graph runs at) come from the
+    file: an ``Infinity`` size made loading fail inside ``int()`` (OverflowError), a negative
+    dimension made every call index past the input (IndexError). Malformed entries are
+    ignored, as before: the check only ever refuses inputs."""
+    gm, x = net
+    for table in ({"fixed_dims": {"0": {"0": float("inf")}}},
+                  {"bounded_dims": {"0": {"1": [float("-inf"), float("inf")]}}},
+                  {"fixed_dims": {"0": {"-9": 3}}}, {"fixed_dims": {"-1": {"0": 3}}},
+                  {"fixed_dims": {"0": {"0": "7" * 5000}}}):
+        h, payload, _ = artifact._split_prefix(good, "t")
+        h["meta"] = {**h.get("meta", {}), **table}
+        text = json.dumps(artifact.compact.minimize(h)).encode()  # Infinity: JSON as Python reads it
+        head = zlib.compress(text, 9)
+        data = artifact._PREFIX.pack(artifact.MAGIC, artifact.VERSION, 1 | 4, len(head),
+                                     hashlib.sha256(head).digest()) + head + bytes(payload)
+        assert torch.equal(_load(data)(x), gm(x)), table

@@ -12,6 +12,7 @@ where that is what it is) naming the field, module or node.
 from __future__ import annotations
 
 import keyword
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,13 @@ def _check_tensor_name(cls: type, name: Any, where: str, limit: int) -> str:
         raise ArtifactSecurityError(f"{where}: tensor name {name!r} would replace an attribute "
                                     f"of {cls.__name__}")
     return name
+
+
+def _itemsize(dtype: Any) -> int:
+    """Bytes per element of a node's recorded dtype (8, the widest, when it is not one)."""
+    from fxpress.graph.artifact.values import _DTYPES
+
+    return _DTYPES[dtype].itemsize if isinstance(dtype, str) and dtype in _DTYPES else 8
 
 
 def _keys(d: dict, allowed: set, where: str) -> None:
@@ -278,8 +286,18 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
             raise ArtifactFormatError(f"{nw}: output node target must be 'output'")
         shape = n.get("shape")
         if shape is not None and not (isinstance(shape, list) and len(shape) <= 64 and all(
-                s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in shape)):
-            raise ArtifactFormatError(f"{nw}: malformed shape")
+                s is None or (isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 48)
+                for s in shape)):
+            raise ArtifactFormatError(f"{nw}: malformed shape {_short_repr(shape)} (sizes are "
+                                      "whole numbers from 0)")
+        if op == "placeholder" and shape is not None and all(isinstance(s, int) for s in shape):
+            # tools build example inputs of this size (export-onnx without example inputs)
+            nbytes = math.prod(shape) * _itemsize(n.get("dtype"))
+            if nbytes > decoded_limit:
+                raise ArtifactLimitError(
+                    f"{nw}: an input of shape {_short_repr(shape)} is {nbytes} bytes, over the "
+                    f"limit of {decoded_limit} (example inputs are built at this size); pass "
+                    "max_bytes= to load() if you trust the file")
         if not isinstance(n.get("pass", ""), str) or not isinstance(n.get("dtype", ""), str):
             raise ArtifactFormatError(f"{nw}: malformed pass or dtype")
         names.add(name)
