@@ -80,15 +80,23 @@ def mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-def interleaved_medians(fns: dict, repeat: int) -> dict[str, float]:
-    """Median seconds of each callable, timed round-robin (one call each per round)."""
+def interleaved_medians(fns: dict, repeat: int, cpu: dict | None = None) -> dict[str, float]:
+    """Median seconds of each callable, timed round-robin (one call each per round).
+
+    ``cpu``: a dict to fill with each callable's median CPU seconds over the same calls
+    (``time.process_time``: every thread of this process, so torch's and ONNX Runtime's
+    worker threads count, and time spent waiting for a core on a loaded machine does not)."""
     with torch.inference_mode():
         for f in fns.values():
             f()
         times: dict[str, list[float]] = {k: [] for k in fns}
+        cpus: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeat):
             for k, f in fns.items():
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t)
+                cpus[k].append(time.process_time() - c)
+    if cpu is not None:
+        cpu.update({k: statistics.median(v) for k, v in cpus.items()})
     return {k: statistics.median(v) for k, v in times.items()}
