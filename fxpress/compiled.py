@@ -62,7 +62,7 @@ class CompiledModel(torch.nn.Module):
 
         # the compiled callable is not a submodule: state_dict stays the copy's own
         object.__setattr__(self, "_compiled", torch.compile(
-            module, backend=counted if mode is None else backend, fullgraph=True,
+            _own_frame(module), backend=counted if mode is None else backend, fullgraph=True,
             dynamic=dynamic, mode=mode))
         if mode is not None:
             self.compiles = -1  # Inductor's own mode handling: not counted
@@ -94,6 +94,23 @@ class CompiledModel(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"compiles={self.compiles}, freeze={self.freeze}"
+
+
+def _own_frame(module: torch.nn.Module) -> Any:
+    """``module(*args, **kwargs)`` from a code object of its own, for ``torch.compile``.
+
+    Dynamo keeps its compiled graphs on the code object of the frame it starts from, at
+    most ``recompile_limit`` (8) per code object, and fails past them under
+    ``fullgraph=True``. Compiling a module directly starts at frames other compiled models
+    share: its class's ``forward`` and its forward pre-hooks (an exported graph's input
+    size check), so the ninth model compiled in one process failed, and each kept the
+    graphs (frozen weights included) of the ones before it alive. From a frame of its own
+    the module's call, hooks included, is one graph, freed with the compiled model."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace()  # a new code object: Dynamo's cache is per object
+    return call
 
 
 def _unfuse_rnns(copy: torch.nn.Module) -> None:

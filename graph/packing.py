@@ -134,9 +134,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, row_len: int, rows: torch.Tenso
     """
     if not rows_byte_aligned(row_len, bits):
         raise ValueError(f"rows of {row_len} codes x {bits} bits do not start on a byte")
-    idx = rows.reshape(-1).to(torch.int64)
-    chunks = packed.reshape(-1, row_len * bits // 8).index_select(0, idx)
-    return unpack_bits(chunks.reshape(-1), bits, idx.numel() * row_len).view(*rows.shape, row_len)
+    # indexed with ``rows`` as they are, the (contiguous) result flattened: flattening the
+    # indices first would make torch.compile specialise a batch of 1 (an expanded tensor,
+    # such as BERT's token types, is reshaped by a copy only when no size is 1)
+    chunks = packed.reshape(-1, row_len * bits // 8)[rows.to(torch.int64)]
+    return unpack_bits(chunks.reshape(-1), bits, rows.numel() * row_len).view(*rows.shape, row_len)
 
 
 def rows_byte_aligned(row_len: int, bits: int) -> bool:

@@ -158,3 +158,57 @@ def test_inductor_compiles_the_int8_path_equal_to_eager_with_unsigned_onednn_inp
     assert fast.compiles == 1 and counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"]
     assert set(inputs) <= {torch.uint8}, inputs  # (the traced product runs aten's _int_mm)
+
+
+class _Small(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+def test_many_models_compile_in_one_process_each_with_its_own_weights():
+    """Dynamo keeps at most 8 graphs per code object and, with ``fullgraph=True``, fails
+    past them: models compiled from frames they share (their class's forward, an exported
+    graph's input-size hook) failed from the ninth on. Each compiled model computes with
+    its own weights (frozen constants of one are never another's)."""
+    x = torch.randn(3, 8)
+    for seed in range(10):
+        model = _Small(seed).eval()
+        fast = fxpress.compile(model, x, backend="eager")
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x))
+            torch.testing.assert_close(fast(x[:1]), model(x[:1]))
+        assert fast.compiles == 1
+
+
+class _ExpandedIds(torch.nn.Module):
+    """Token types as BERT makes them: a buffer of zeros expanded to the batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.types = torch.nn.Embedding(40, 16), torch.nn.Embedding(2, 16)
+        self.register_buffer("type_ids", torch.zeros(1, 64, dtype=torch.long))
+
+    def forward(self, ids):
+        types = self.type_ids[:, :ids.shape[1]].expand(ids.shape[0], ids.shape[1])
+        return self.emb(ids) + self.types(types)
+
+
+@pytest.mark.parametrize("pipeline", ["share{bits=4}", "binarize{mode=sign,ops=[embedding]}"])
+def test_packed_embeddings_read_expanded_ids_without_a_batch_1_graph(pipeline):
+    """Codebook and binary embeddings unpack the rows their ids select: indices flattened
+    first (an expanded tensor copies only when no size is 1) made batch 1 a second graph."""
+    model = _ExpandedIds().eval()
+    gm = fxpress.compress(model, pipeline, (torch.randint(0, 40, (4, 12)),), policy="warn",
+                          progress=False).module
+    fast = fxpress.compile(gm, torch.randint(0, 40, (4, 12)), backend="eager")
+    for batch, length in ((1, 12), (1, 5), (7, 20)):
+        ids = torch.randint(0, 40, (batch, length))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(ids), gm(ids))
+    assert fast.compiles == 1
