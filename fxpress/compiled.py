@@ -103,9 +103,8 @@ def _own_frame(module: torch.nn.Module) -> Any:
     most ``recompile_limit`` (8) per code object, and fails past them under
     ``fullgraph=True``. Compiling a module directly starts at frames other compiled models
     share: its class's ``forward`` and its forward pre-hooks (an exported graph's input
-    size check), so the ninth model compiled in one process failed, and each kept the
-    graphs (frozen weights included) of the ones before it alive. From a frame of its own
-    the module's call, hooks included, is one graph, freed with the compiled model."""
+    size check), so the ninth model compiled in one process failed. From a frame of its
+    own the module's call, hooks included, is one graph of this compiled model's."""
     def call(*args: Any, **kwargs: Any) -> Any:
         return module(*args, **kwargs)
 
