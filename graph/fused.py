@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 
 from fxpress.graph.memory import trim_heap
 from fxpress.graph.runtime import CompressedModule, RuntimeModule
-from fxpress.graph.weights import (LINEAR, WeightedOp, _assign, _free_name, _module_kind,
+from fxpress.graph.weights import (LINEAR, WeightedOp, _assign, _cast_after, _free_name, _module_kind,
                                    _resolve, _set_submodule)
 
 _aten = torch.ops.aten
@@ -46,9 +46,10 @@ _aten = torch.ops.aten
 _CHILD = re.compile(r"w\d{1,6}")
 
 
-def placeholder() -> torch.nn.Parameter:
-    """What a host keeps where a compressed matrix was: an empty, frozen parameter."""
-    return torch.nn.Parameter(torch.empty(0), requires_grad=False)
+def placeholder(dtype: torch.dtype = torch.float32) -> torch.nn.Parameter:
+    """What a host keeps where a compressed matrix was: an empty, frozen parameter of the
+    matrix's dtype (the decoded matrix is cast to it: a float64 host computes in float64)."""
+    return torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
 
 
 class FusedCall(RuntimeModule):
@@ -69,7 +70,9 @@ class FusedCall(RuntimeModule):
         self.weights[child] = name
         owner_name, _, attr = name.rpartition(".")
         owner = self.host.get_submodule(owner_name)
-        owner._parameters[attr] = placeholder()
+        old = owner._parameters.get(attr)
+        owner._parameters[attr] = placeholder(old.dtype if old is not None and old.is_floating_point()
+                                              else torch.float32)
         if isinstance(owner, torch.nn.RNNBase):  # the kernel reads its list of weights
             owner._init_flat_weights()
         return child
@@ -87,7 +90,8 @@ class FusedCall(RuntimeModule):
                     name not in host_params or host_params[name].numel() != 0):
                 raise TypeError(f"{type(self).__name__}: weight {child!r} -> {name!r} is not a "
                                 "compressed child standing for an empty parameter of its host")
-            out[name] = module.dense_weight()
+            w = module.dense_weight()
+            out[name] = w if w.dtype == host_params[name].dtype else w.to(host_params[name].dtype)
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -195,6 +199,7 @@ class FusedWeightOp(WeightedOp):
             return f"{path}.{wrapper.add(self.spec['param'], module)}"
         graph = gm.graph
         owner, attr = _resolve(gm, self.name)
+        dtype = getattr(owner, attr).dtype
         owner._parameters.pop(attr, None)
         owner._buffers.pop(attr, None)
         owner.__dict__.pop(attr, None)
@@ -207,6 +212,8 @@ class FusedWeightOp(WeightedOp):
             new.meta = dict(n.meta)
             n.replace_all_uses_with(new)
             graph.erase_node(n)
+            if dtype.is_floating_point and dtype != torch.float32:  # decoded float32
+                _cast_after(graph, new, dtype)
         return f"{qualname}.w0"
 
     def set_weight(self, w: torch.Tensor) -> None:

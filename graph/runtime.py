@@ -37,7 +37,14 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def op_forward(kind: str, spec: dict, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """Compute a weighted op of ``kind`` with the given weight (layout of :meth:`WeightedOp.weight`)."""
+    """Compute a weighted op of ``kind`` with the given weight (layout of :meth:`WeightedOp.weight`).
+
+    A decoded weight is float32 (codes, scales and codebooks are stored so); with another
+    floating input (a ``model.double()``) the weight and bias take the input's dtype, as
+    the model's own layer computed."""
+    if kind != EMBEDDING and x.is_floating_point() and weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
     if kind == LINEAR:
         return F.linear(x, weight, bias)
     if kind == CONV:

@@ -239,11 +239,20 @@ class WeightedOp:
         """
         trim_heap()  # the temporaries that built ``module``
         gm, node, graph = self.gm, self.node, self.gm.graph
+        # a lookup's output has the table's dtype; a runtime module decodes float32, so the
+        # rows of a float64 table (``model.double()``) are cast back to what the model gave
+        # (linear and conv compute in their input's dtype: ``op_forward``)
+        cast = None
+        if self.kind == EMBEDDING:
+            dtype = self.weight().dtype
+            cast = dtype if dtype.is_floating_point and dtype != torch.float32 else None
         if self.form == "module":
             qualname = str(node.target)
             _set_submodule(gm, qualname, module)
             for call in (node, *self.calls):  # a module called twice: every call site
                 call.args, call.kwargs = (self.current_input(call),), {}
+                if cast is not None:
+                    _cast_after(graph, call, cast)
             return qualname
         tmp = _free_name(gm, "_fxpress_new_module")
         _set_submodule(gm, tmp, module)
@@ -253,6 +262,8 @@ class WeightedOp:
         new.meta.pop("nn_module_stack", None)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        if cast is not None:
+            _cast_after(graph, new, cast)
         for attr_node in (self._weight_node, self._bias_node):
             if attr_node is not None and attr_node.op == "get_attr" and not attr_node.users:
                 target = str(attr_node.target)
@@ -275,6 +286,14 @@ class WeightedOp:
         _set_submodule(gm, qualname, module)
         new.target = qualname
         return qualname
+
+
+def _cast_after(graph: torch.fx.Graph, node: torch.fx.Node, dtype: torch.dtype) -> None:
+    """Make every user of ``node`` read it cast to ``dtype``."""
+    with graph.inserting_after(node):
+        cast = graph.call_method("to", (node, dtype))
+    cast.meta = dict(node.meta)
+    node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
 
 
 def _attr_used(graph: torch.fx.Graph, target: str) -> bool:

@@ -317,10 +317,10 @@ class Quantize(Pass):
         if x is not None:
             with torch.no_grad():
                 ref = op_forward(op.kind, op.spec, x, w, b)
-                ref_norm = float(torch.linalg.vector_norm(ref, dtype=torch.float32))
+                ref_norm = float(_norm32(ref))
         tried, weight_errors = [], {}
         dynamic = self._dynamic(op, bits)
-        w_norm = float(torch.linalg.vector_norm(w, dtype=torch.float32))
+        w_norm = float(_norm32(w))
         if dynamic and len(cands) > 1 and x is not None:
             return self._choose_simulated(op, rec, x, w, b, bits, cands, codes, ref, ref_norm,
                                           w_norm)
@@ -730,6 +730,12 @@ def _column_absmax(w2: torch.Tensor) -> torch.Tensor:
     return torch.maximum(w2.amax(0), w2.amin(0).neg_())
 
 
+def _norm32(t: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of ``t``, accumulated in float32 or wider (a float64 model's tensors
+    keep their precision: torch refuses to narrow them)."""
+    return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))
+
+
 def _label(act: str, alpha: float | None) -> str:
     return act if alpha is None else f"{act}+smooth{alpha:g}"  # e.g. tensor+smooth0.5
 
@@ -740,7 +746,7 @@ def _weight_error(module: QuantizedWeight, w: torch.Tensor, norm: float | None =
     compared in place: no decoded copy of the whole weight, no float64 copy of either."""
     with torch.no_grad():
         if norm is None:
-            norm = float(torch.linalg.vector_norm(w, dtype=torch.float32))
+            norm = float(_norm32(w))
         w2 = w.reshape(w.shape[0], -1)
         sq = 0.0
         for start, rows in _decoded_blocks(module):
@@ -781,7 +787,7 @@ def _rel_error(out: torch.Tensor, b: torch.Tensor | None, ref: torch.Tensor,
     with torch.no_grad():
         if b is not None:
             out += b
-        err = float(torch.linalg.vector_norm(out.sub_(ref), dtype=torch.float32))
+        err = float(_norm32(out.sub_(ref)))
     return err / ref_norm if ref_norm > 0 else 0.0
 
 
@@ -824,7 +830,7 @@ def _quantize_measured(w2: torch.Tensor, smooth: torch.Tensor | None,
             if smooth is not None:
                 dec = dec.div_(smooth)
             sq += float(torch.linalg.vector_norm(dec.sub_(blk))) ** 2
-        norm = float(torch.linalg.vector_norm(w2, dtype=torch.float32))
+        norm = float(_norm32(w2))
     return (math.sqrt(sq) / norm if norm > 0 else 0.0), outs
 
 
@@ -875,7 +881,7 @@ def _simulate(module: QuantizedWeight, xs: dict[str, torch.Tensor], w2: torch.Te
             for a, x in xs.items():
                 outs[a][:, start:end] = x @ rows.t()
             sq += float(torch.linalg.vector_norm(rows.sub_(w2[start:end]))) ** 2
-        norm = float(torch.linalg.vector_norm(w2, dtype=torch.float32))
+        norm = float(_norm32(w2))
     return (math.sqrt(sq) / norm if norm > 0 else 0.0), outs
 
 
@@ -928,8 +934,8 @@ def _output_error(module: QuantizedWeight, x: torch.Tensor | None, ref: torch.Te
     with torch.no_grad():
         out = module(x)
         if denom is None:
-            denom = float(torch.linalg.vector_norm(ref, dtype=torch.float32))
-        err = float(torch.linalg.vector_norm(out.sub_(ref), dtype=torch.float32))
+            denom = float(_norm32(ref))
+        err = float(_norm32(out.sub_(ref)))
     return err / denom if denom > 0 else 0.0
 
 

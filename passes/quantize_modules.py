@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from fxpress.graph.runtime import CompressedModule
+from fxpress.graph.runtime import CompressedModule, op_forward
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR
 from fxpress.passes.decode import DecodeStrategy
 from fxpress.passes.int8 import Int8Kernels, _prepacked
@@ -238,12 +238,12 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
                 and self.__dict__.get("_decode_path") == "int8"):
             return self.int8_forward(x)
         if self._training_path() or x.requires_grad:
-            return F.linear(x, self.weight_float(), self.bias)
+            return op_forward(LINEAR, self.spec, x, self.weight_float(), self.bias)
         if self.decode_path() == "int8":
             # stored int8 codes run as they are; other weights through their int8 twin
             return (self.int8_forward(x) if self.activations == "dynamic"
                     else self._twin().int8_forward(x))
-        return F.linear(x, self.dense_weight(), self.bias)
+        return op_forward(LINEAR, self.spec, x, self.dense_weight(), self.bias)
 
 
 class QuantizedConv(QuantizedWeight):

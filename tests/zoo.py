@@ -713,10 +713,46 @@ def regnet() -> Specimen:
     return _hf("regnet", RegNetForImageClassification(cfg), _image, shape=(2, 32), reshaped=(3, 48))
 
 
+# -- round 19: float64 models (``model.double()``; scientific code) -------------------------
+
+class MixedF64(nn.Module):
+    """An embedding, a LayerNorm, nn.MultiheadAttention, an LSTM, a conv and linears, all
+    float64 (symbolic tracing: fused module calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ln = nn.Embedding(VOCAB, 16), nn.LayerNorm(16)
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.conv, self.fc, self.head = nn.Conv1d(16, 16, 3, padding=1), nn.Linear(16, 32), nn.Linear(32, 5)
+
+    def forward(self, ids):
+        h = self.ln(self.emb(ids))
+        h = h + self.att(h, h, h, need_weights=False)[0]
+        h = self.lstm(h)[0]
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.relu(self.fc(h)))
+
+
+def mixed_f64() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("mixed_f64", MixedF64().double(), _ids_only)
+
+
+def llama_f64() -> Specimen:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return _hf("llama_f64", LlamaForCausalLM(cfg).double(), _ids_mask)
+
+
 ZOO: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     bert, distilbert, gpt2, llama, qwen2, t5, bart, vit, whisper_encoder, wav2vec2, resnet,
     convnext, transformer_encoder, multihead_attention, lstm, gru, conv_transpose,
-    tied_embeddings, module_twice, inplace_ops, dict_outputs, grucell_loop, ssm_mixer, minilm)}
+    tied_embeddings, module_twice, inplace_ops, dict_outputs, grucell_loop, ssm_mixer, minilm,
+    mixed_f64, llama_f64)}
 
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2, falcon,
