@@ -805,6 +805,15 @@ def main(argv: list[str]) -> int:
     if "--json" in argv:
         i = argv.index("--json")
         out_json, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print("models:", " ".join(PROBE), "\nheld out:", " ".join(HELD_OUT))
+        return 0
+    unknown = [n for n in argv if n not in PROBE and n not in HELD_OUT]
+    if unknown:
+        print(f"unknown model(s) {', '.join(unknown)}; python -m bench.probe_zoo --help lists them",
+              file=sys.stderr)
+        return 2
     names = argv or list(PROBE) + list(HELD_OUT)
     t0 = time.perf_counter()
     cells = run_matrix(names, list(COLUMNS), passes=COLUMNS, build=build,
