@@ -279,5 +279,63 @@ def embedding_tables(model: torch.nn.Module) -> set[str]:
             if isinstance(m, torch.nn.Embedding) and m.max_norm is None}
 
 
-__all__ = ["canonical_embeddings", "canonical_linears", "canonical_weights", "embedding_tables",
+def _written_arg(node: torch.fx.Node):
+    """The argument an ATen op of ``node`` writes into in place (``copy_``'s ``self``), else None."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    for i, a in enumerate(t._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+    return None
+
+
+def _aliases_input(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an ATen view of its first argument (``select``, ``slice``, ...)."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not node.args:
+        return False
+    r = t._schema.returns
+    return bool(r) and r[0].alias_info is not None and not r[0].alias_info.is_write \
+        and _written_arg(node) is None
+
+
+def autograd_safe(gm: torch.nn.Module) -> torch.nn.Module:
+    """``gm`` as a graph autograd can differentiate when the graph writes in place into
+    tensors it also reads (RWKV's exported recurrence copies each step's state into a
+    slice of a state tensor that earlier steps read: backward found the values it saved
+    overwritten). A new GraphModule over the same modules and parameters, where every
+    read of a tensor that some op of the graph writes into (or of a view of one) reads a
+    clone taken at that point; ``gm`` itself when nothing is written (or not a graph).
+    The values are those of ``gm``; only autograd's saved tensors differ."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        return gm
+
+    def root(n):
+        while isinstance(n, torch.fx.Node) and _aliases_input(n):
+            n = n.args[0]
+        return n
+
+    if not any(isinstance(_written_arg(n), torch.fx.Node) for n in gm.graph.nodes):
+        return gm
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    written = {root(m) for n in graph.nodes if isinstance(m := _written_arg(n), torch.fx.Node)}
+    for n in list(graph.nodes):
+        if n.op == "output" or _aliases_input(n):
+            continue
+        target = _written_arg(n)
+        for a in list(n.all_input_nodes):
+            if a is target or a.op == "get_attr" or root(a) not in written:
+                continue
+            with graph.inserting_before(n):
+                clone = graph.call_function(_aten.clone.default, (a,))
+            clone.meta = dict(a.meta)
+            n.replace_input_with(a, clone)
+    out = torch.fx.GraphModule(gm, graph, type(gm).__name__)
+    out.meta = gm.meta
+    return out
+
+
+__all__ = ["autograd_safe", "canonical_embeddings", "canonical_linears", "canonical_weights", "embedding_tables",
            "transposed_weight"]

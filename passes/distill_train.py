@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from fxpress.errors import InputError, MissingDataError
 from fxpress.graph.capture import capture, clone_structure, eval_mode
+from fxpress.graph.canonical import autograd_safe
 from fxpress.graph.guard import preserved_rng
 from fxpress.graph.runtime import trainable_modules
 from fxpress.passes.distill import FeatureProjection, collect, insert_taps, tap_modules
@@ -335,7 +336,8 @@ class Distiller:
             student(*x0)
             projections = self._projections(s_acts, t_acts)
         in_student = {id(p) for p in student.parameters()}
-        trainee = _Trainee(student, s_names, projections,
+        # a graph that writes in place into tensors it reads (RWKV) trains through clones
+        trainee = _Trainee(autograd_safe(student), s_names, projections,
                            [p for p in trainable if id(p) not in in_student]).to(device)
 
         # one probe step (no update) finds parameters the graph never uses (e.g. a pooler

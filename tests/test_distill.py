@@ -359,3 +359,36 @@ def test_regression_models_recover_on_float_targets():
     err = lambda m: float(nn.functional.mse_loss(m(x[300:]), y[300:]))  # noqa: E731
     assert err(res.module) < err(pruned)
     assert "label_mse" in json.dumps(res.records[-1].stats)  # the labels were used
+
+
+class _StateLoop(nn.Module):
+    """A recurrence keeping its state in one tensor that each step overwrites in place
+    (RWKV's exported graph copies its state into slices so): export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        state = torch.zeros(x.shape[0], 16)
+        for t in range(x.shape[1]):
+            state.copy_(torch.tanh(self.inp(x[:, t])) * state + self.inp(x[:, t]))
+        return self.head(state)
+
+
+def test_distill_trains_a_graph_that_writes_in_place_into_what_it_reads():
+    # backward needs the state each step multiplied by; the next step's copy_ overwrote it
+    # ("modified by an inplace operation": PassError). Training runs on clones of such
+    # reads; the graph kept (and saved) is the captured one.
+    torch.manual_seed(0)
+    model = _StateLoop().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 5, 8, generator=g),) for _ in range(4)]
+    res = fxpress.compress(model, "quantize{bits=4},distill{epochs=1,lr=0.001}", calibration=data,
+                           train_data=data, progress=False, policy="warn")
+    assert [r.changed for r in res.records] == [True, True]
+    assert "aten.clone.default" not in {str(n.target) for n in res.module.graph.nodes}
+    x = data[0][0]
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(res.module(x).flatten(), model(x).flatten(), 0)
+    assert cos > 0.9
