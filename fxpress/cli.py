@@ -114,7 +114,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, default=str))
+    from fxpress.graph.artifact import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2, default=str).encode())
 
 
 def _failure_json(e: BaseException, code: int) -> dict:
@@ -354,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _json_outcome(args: argparse.Namespace, data: dict) -> None:
     """``--json FILE`` (run) gets the outcome written; ``--json`` (a flag) prints it."""
+    from fxpress.errors import ArtifactError
+
     dest = getattr(args, "json", None)
     if not dest:
         return
@@ -362,7 +366,7 @@ def _json_outcome(args: argparse.Namespace, data: dict) -> None:
             print(json.dumps(data, indent=2, default=str))
         else:
             _write_json(dest, data)
-    except (OSError, BrokenPipeError) as e:
+    except (OSError, BrokenPipeError, ArtifactError) as e:
         print(f"fxpress: cannot write the --json outcome: {e}", file=sys.stderr)
 
 

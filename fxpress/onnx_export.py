@@ -46,7 +46,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from fxpress.errors import ExportError, InputError, MissingExtraError
+from fxpress.errors import ArtifactError, ExportError, InputError, MissingExtraError
+from fxpress.graph.artifact.files import write_atomic
 from fxpress.onnx_attention import fuse_attention
 from fxpress.onnx_lowering import (_ATTENTION, _DOMAIN, _PLACEHOLDER, AttentionSpec,
                                     _embedding_block, _fill_placeholders, _nbits_block, _np)
@@ -442,8 +443,6 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
     (:attr:`OnnxExport.check`).
     """
     _require()
-    import onnx
-
     gm = _as_graph_module(model)
     if example_inputs is None:
         example_inputs = example_inputs_from(gm)
@@ -475,9 +474,14 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
     if path is not None:
         path = Path(path)
         try:
-            onnx.save_model(mp, str(path))
-        except OSError as e:
-            raise ExportError(f"export_onnx: cannot write {str(path)!r}: {e.strerror or e}") from e
+            data = mp.SerializeToString()
+        except ValueError as e:  # protobuf's 2 GB limit
+            raise ExportError(f"export_onnx: cannot serialise the model for {str(path)!r}: "
+                              f"{_first_line(e)}") from None
+        try:  # a symbolic link is replaced, never written through; a FIFO or device refused
+            write_atomic(path, data)
+        except ArtifactError as e:
+            raise ExportError(f"export_onnx: {e}") from None
         result.path = path
     return result
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -278,8 +279,17 @@ def to_node_link(g) -> dict:
     return json.loads(json.dumps(data, default=str))
 
 
+def _write(path: str | Path, data: bytes) -> None:
+    """Every file inspect writes goes through the artifact's atomic write: a symbolic link
+    is replaced, never written through, and a FIFO or device is refused (writing the
+    node-link JSON to a FIFO had blocked forever)."""
+    from fxpress.graph.artifact.files import write_atomic
+
+    write_atomic(path, data)
+
+
 def write_node_link(g, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_node_link(g), indent=1))
+    _write(path, json.dumps(to_node_link(g), indent=1).encode())
 
 
 def _scalar(v: Any) -> Any:
@@ -307,7 +317,9 @@ def graphml_ready(g):
 def write_graphml(g, path: str | Path) -> None:
     import networkx as nx
 
-    nx.write_graphml(graphml_ready(g), str(path))
+    buf = io.BytesIO()
+    nx.write_graphml(graphml_ready(g), buf)
+    _write(path, buf.getvalue())
 
 
 _PASS_COLORS = ("#fde68a", "#bfdbfe", "#bbf7d0", "#fecaca", "#ddd6fe", "#fed7aa")
@@ -350,7 +362,7 @@ def to_dot(g) -> str:
 
 
 def write_dot(g, path: str | Path) -> None:
-    Path(path).write_text(to_dot(g))
+    _write(path, to_dot(g).encode())
 
 
 # -- per-layer tables ---------------------------------------------------------------------------

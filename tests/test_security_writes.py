@@ -3,9 +3,12 @@ load -> `fxpress run` of a recipe with an output -> inspect / diff / report, wit
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import textwrap
 from pathlib import Path
+
+import pytest
 
 import fxpress
 from fxpress.cli import main
@@ -65,3 +68,47 @@ def test_nothing_is_written_outside_the_given_paths(tmp_path, monkeypatch, capsy
     assert after[0] == before[0], after[0] - before[0]
     assert after[1] - before[1] == given
     assert after[2] == before[2], after[2] - before[2]
+
+
+def test_every_file_the_cli_writes_replaces_a_link_and_refuses_a_fifo(tmp_path, capsys):
+    """The report and artifacts were written atomically, but export-onnx, inspect's
+    --dot/--graphml/--node-link and run's --json opened the path as it was: through a
+    symbolic link into the file it points at, and into a FIFO (blocking until a reader came,
+    or feeding one). Now each goes through the same atomic write: the link itself is
+    replaced, a FIFO or device is refused with exit code 2 naming it."""
+    import torch
+
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    art = tmp_path / "m.fxp"
+    fxpress.save(fxpress.capture(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()),
+                                 torch.randn(2, 4)), art)
+    (tmp_path / "m.py").write_text("import torch\ndef build():\n    torch.manual_seed(0)\n"
+                                   "    return torch.nn.Linear(4, 3)\n"
+                                   "def inputs():\n    return torch.randn(2, 4)\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "m.py:build"\nexample_inputs = "m.py:inputs"\n'
+                      'pipeline = "prune{sparsity=0.3}"\npolicy = "warn"\n')
+    commands = {"dot": ["inspect", str(art), "--dot"], "graphml": ["inspect", str(art), "--graphml"],
+                "node-link": ["inspect", str(art), "--node-link"],
+                "report": ["report", str(art), "-o"], "onnx": ["export-onnx", str(art), "-o"],
+                "json": ["run", str(recipe), "--json"]}
+    for name, argv in commands.items():
+        victim, link = tmp_path / f"{name}.victim", tmp_path / f"{name}.link"
+        victim.write_text("keep")
+        link.symlink_to(victim)
+        assert main([*argv, str(link)]) == 0, (name, capsys.readouterr())
+        assert victim.read_text() == "keep", name
+        assert link.is_file() and not link.is_symlink() and link.stat().st_size > 0, name
+        fifo = tmp_path / f"{name}.fifo"
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the write would not block
+        try:
+            code = main([*argv, str(fifo)])
+            err = capsys.readouterr().err
+            assert code == 2, (name, code, err)
+            assert "FIFO" in err and str(fifo) in err, (name, err)
+            assert os.read(reader, 1) == b"", name  # nothing went into the pipe
+        finally:
+            os.close(reader)
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode), name
