@@ -755,7 +755,10 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
         raise InputError(f"capture: method must be one of {METHODS}, got {method!r}")
     kw = dict(dynamic=dynamic, concrete_args=concrete_args, leaf_modules=leaf_modules)
     if guard:
-        return _capture_guarded(model, example_inputs, method, kw)
+        from fxpress.graph.guard import preserved_rng  # guard imports this module
+
+        with preserved_rng():  # the caller's RNG, threads, grad mode and torch's switches
+            return _capture_guarded(model, example_inputs, method, kw)
     example_inputs = as_input_tuple(example_inputs, model=model)
     model, half, baked = capture_copy(model)
     example_inputs, half_inputs = _widen_inputs(example_inputs) if half else (example_inputs, [])

@@ -303,7 +303,7 @@ def _rng_state() -> tuple:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and \
         torch.cuda.is_initialized() else None
     return (torch.get_rng_state(), cuda, random.getstate(), _numpy_state(),
-            torch.get_default_dtype(), torch.get_num_threads())
+            torch.get_default_dtype(), torch.get_num_threads(), _flags())
 
 
 def _numpy_state() -> Any:
@@ -311,8 +311,32 @@ def _numpy_state() -> Any:
     return np.random.get_state() if np is not None else None
 
 
+#: torch's process-wide switches a forward can flip (their getters, their setters)
+_FLAGS: tuple[tuple[Any, Any], ...] = (
+    (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    (lambda: (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled()),
+     lambda v: torch.use_deterministic_algorithms(v[0], warn_only=v[1])),
+    (lambda: (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+     lambda v: torch.set_anomaly_enabled(*v)),
+    (lambda: torch.get_default_device().type, lambda v: torch.set_default_device(
+        None if v == "cpu" else v)),
+    (lambda: torch.backends.mkldnn.enabled, lambda v: setattr(torch.backends.mkldnn, "enabled", v)),
+    (lambda: (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic),
+     lambda v: [setattr(torch.backends.cudnn, k, x)
+                for k, x in zip(("enabled", "benchmark", "deterministic"), v)]),
+    (lambda: sys.modules["numpy"].geterr() if "numpy" in sys.modules else None,
+     lambda v: v is not None and sys.modules["numpy"].seterr(**v)),
+)
+
+
+def _flags() -> list[Any]:
+    return [get() for get, _ in _FLAGS]
+
+
 def _set_rng_state(state: tuple) -> None:
-    cpu, cuda, py, np_state, dtype, threads = state
+    cpu, cuda, py, np_state, dtype, threads, flags = state
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
@@ -323,15 +347,21 @@ def _set_rng_state(state: tuple) -> None:
         torch.set_default_dtype(dtype)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    for (get, put), saved in zip(_FLAGS, flags):
+        if get() != saved:
+            put(saved)
 
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """Restore the process's random state (torch CPU and CUDA, Python's ``random``,
-    NumPy's global generator), torch's default dtype and thread count, and this thread's
-    grad mode when the block ends, however it ends: a model's forward that calls
-    ``torch.manual_seed``, ``set_default_dtype``, ``set_num_threads`` or
-    ``set_grad_enabled`` while fxpress traces or runs it changes nothing of the caller's.
+    NumPy's global generator), torch's default dtype, device and thread count, its global
+    switches (float32 matmul precision, deterministic algorithms, anomaly detection, the
+    oneDNN and cuDNN flags, NumPy's floating-point error handling) and this thread's grad
+    mode when the block ends, however it ends: a model's forward that calls
+    ``torch.manual_seed``, ``set_default_dtype``, ``set_num_threads``,
+    ``set_float32_matmul_precision`` or ``set_grad_enabled`` while fxpress traces or runs
+    it changes nothing of the caller's.
     Nested and concurrent blocks (pipelines in threads) share one saved state: the first to
     enter saves it, the last to leave restores it (grad mode is per thread: each block
     restores its own)."""

@@ -297,3 +297,56 @@ def test_capture_on_its_own_never_changes_the_callers_model():
     assert plain.training and gm.get_parameter("0.weight") is plain[0].weight
     assert not isinstance(gm.get_parameter("0.weight"), (ReadOnlyTensor, ReadOnlyParameter))
     torch.testing.assert_close(gm(x), plain(x))
+
+
+class _SwitchesForward(torch.nn.Module):
+    """A forward that reseeds every generator and flips torch's process-wide switches."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 5)
+
+    def forward(self, x):
+        torch.manual_seed(3), random.seed(3), np.random.seed(3)
+        torch.set_num_threads(1)
+        torch.set_grad_enabled(False)
+        torch.set_float32_matmul_precision("medium")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.autograd.set_detect_anomaly(True)
+        torch.backends.mkldnn.enabled = False
+        np.seterr(all="raise")
+        return self.fc(x)
+
+
+def _switches():
+    return (torch.get_num_threads(), torch.is_grad_enabled(), torch.get_float32_matmul_precision(),
+            torch.are_deterministic_algorithms_enabled(), torch.is_anomaly_enabled(),
+            torch.backends.mkldnn.enabled, np.geterr())
+
+
+@pytest.mark.parametrize("how", ["capture", "compress"])
+def test_a_forward_that_flips_torchs_switches_leaves_the_callers_as_they_were(
+        how, restore_torch_settings):
+    """``fxpress.capture`` on its own restored nothing: a forward that reseeded torch,
+    Python and NumPy or set the thread count left the caller reseeded and on one thread;
+    and neither capture nor compress restored torch's other process-wide switches (float32
+    matmul precision, deterministic algorithms, anomaly detection, oneDNN, NumPy's error
+    handling)."""
+    torch.manual_seed(0)
+    model, x = _SwitchesForward().eval(), torch.randn(6, 12)
+    torch.set_num_threads(2)
+    before, switches = _process_state(), _switches()
+    try:
+        if how == "capture":
+            fxpress.capture(model, (x,))
+        else:
+            fxpress.compress(model, f"prune{{sparsity=0.2,{LOOSE}}}", calibration=_batches(),
+                             progress=False)
+        assert _switches() == switches
+        assert _same_process_state(_process_state(), before)
+    finally:
+        torch.set_float32_matmul_precision(switches[2])
+        torch.use_deterministic_algorithms(False)
+        torch.autograd.set_detect_anomaly(False)
+        torch.backends.mkldnn.enabled = True
+        np.seterr(**switches[-1])
