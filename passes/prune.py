@@ -43,6 +43,7 @@ from fxpress.graph.weights import CONV, LINEAR
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
                                  check_glob_matches, option)
 from fxpress.passes.gradual import cubic_schedule
+from fxpress.passes.watch import WatchInterpreter
 
 _NONE = type(None)
 
@@ -445,21 +446,19 @@ def adaptive_counts(weights: list[torch.Tensor], k: int, caps: list[int],
     return counts
 
 
-class _ColumnRMS(torch.fx.Interpreter):
+class _ColumnRMS(WatchInterpreter):
     """Runs a graph and keeps, for chosen nodes (the inputs of weighted ops), the sum of
     squares of every input column (linear: the last dimension; conv: the channels) over
     every batch, and how many values each sum holds."""
 
     def __init__(self, gm, nodes: dict):
-        super().__init__(gm)
-        self.watch = nodes  # node -> kind of the op it feeds
+        super().__init__(gm, nodes)  # node -> kind of the op it feeds
         self.sums: dict = {}
         self.counts: dict = {}
 
-    def run_node(self, n):
-        out = super().run_node(n)
-        kind = self.watch.get(n)
-        if kind is not None and isinstance(out, torch.Tensor) and out.is_floating_point() \
+    def watched(self, n, out):
+        kind = self.watch[n]
+        if isinstance(out, torch.Tensor) and out.is_floating_point() \
                 and out.dim() >= 1 and out.numel():
             x = out.detach().float()
             if kind == CONV and x.dim() >= 3:
@@ -470,7 +469,6 @@ class _ColumnRMS(torch.fx.Interpreter):
                 count = x.numel() // x.shape[-1]
             self.sums[n] = sq + self.sums[n] if n in self.sums else sq
             self.counts[n] = self.counts.get(n, 0) + count
-        return out
 
 
 def input_scales(gm, ops: list, batches: list) -> dict[str, torch.Tensor]:
@@ -478,8 +476,6 @@ def input_scales(gm, ops: list, batches: list) -> dict[str, torch.Tensor]:
     ``batches``, shaped to broadcast over its weight ``[out, in, *kernel]``. Ops it does
     not apply to are left out (embeddings, grouped and transposed convs, fused weights,
     inputs that are not one float tensor)."""
-    from fxpress.graph.capture import _flat_graph_inputs, eval_mode
-
     nodes = {}
     for op in ops:
         n = getattr(op, "_input", None)
@@ -487,11 +483,7 @@ def input_scales(gm, ops: list, batches: list) -> dict[str, torch.Tensor]:
             nodes.setdefault(n, op.kind)
     if not nodes:
         return {}
-    rec = _ColumnRMS(gm, nodes)
-    with torch.no_grad(), eval_mode(gm):
-        for b in batches:
-            rec.run(*_flat_graph_inputs(gm, b))
-            rec.env = {}  # values it would otherwise hold to the end (see quantize)
+    rec = _ColumnRMS(gm, nodes).record(batches)
     out = {}
     for op in ops:
         n = getattr(op, "_input", None) if op.kind in (LINEAR, CONV) else None

@@ -47,7 +47,6 @@ import torch
 import torch.fx
 
 from fxpress.errors import OptionError
-from fxpress.graph.capture import _flat_graph_inputs, eval_mode
 from fxpress.graph.memory import stored_bytes, trim_heap
 from fxpress.graph.runtime import CompressedModule, op_forward
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, select
@@ -60,6 +59,7 @@ from fxpress.passes.quantize_grid import (GRANULARITIES, SCHEMES, _quantize,
                                           code_range, dequantize_weight, load_codes,
                                           quantize_stored, quantize_weight, store_codes)
 from fxpress.passes.decode import normalize_decode
+from fxpress.passes.watch import WatchInterpreter
 from fxpress.passes.quantize_modules import (RUNTIME_MODULES, QuantizedConv, QuantizedEmbedding,
                                              QuantizedLinear, QuantizedWeight)
 
@@ -67,13 +67,12 @@ _NONE = type(None)
 
 # -- calibration: what each op sees --------------------------------------------------------
 
-class _InputRecorder(torch.fx.Interpreter):
+class _InputRecorder(WatchInterpreter):
     """Runs a graph and keeps, for chosen nodes, the per-column absmax over every batch
     and a sample of rows from the first batch (to measure each layer's output error)."""
 
     def __init__(self, gm, nodes: dict[torch.fx.Node, str], sample_rows: int):
-        super().__init__(gm)
-        self.watch = nodes  # node -> kind of the op it feeds
+        super().__init__(gm, nodes)  # node -> kind of the op it feeds
         self.sample_rows = sample_rows
         self.absmax: dict[torch.fx.Node, torch.Tensor] = {}
         self.sample: dict[torch.fx.Node, torch.Tensor] = {}
@@ -81,10 +80,9 @@ class _InputRecorder(torch.fx.Interpreter):
         #: (:meth:`Quantize._wmax`), dropped once its layer is replaced
         self.wmax: dict = {}
 
-    def run_node(self, n):
-        out = super().run_node(n)
-        kind = self.watch.get(n)
-        if kind is not None and isinstance(out, torch.Tensor):
+    def watched(self, n, out):
+        kind = self.watch[n]
+        if isinstance(out, torch.Tensor):
             if kind == LINEAR:
                 x2 = out.detach().reshape(-1, out.shape[-1]).float()
                 a = x2.abs().amax(0)
@@ -94,7 +92,6 @@ class _InputRecorder(torch.fx.Interpreter):
                     self.sample[n] = x2[::step][: self.sample_rows].clone()
             elif n not in self.sample:
                 self.sample[n] = out.detach()[: max(1, min(len(out), 64))].clone()
-        return out
 
 
 def _record_inputs(gm, ops, batches, sample_rows=512):
@@ -102,15 +99,7 @@ def _record_inputs(gm, ops, batches, sample_rows=512):
     for op in ops:
         if isinstance(op._input, torch.fx.Node):
             nodes.setdefault(op._input, op.kind)
-    rec = _InputRecorder(gm, nodes, sample_rows)
-    with torch.no_grad(), eval_mode(gm):
-        for b in batches:
-            rec.run(*_flat_graph_inputs(gm, b))
-            # the interpreter keeps the values of nodes it never frees (get_attr nodes of
-            # weights read to the end: GPT-2's tied token embedding) in its environment;
-            # held there, a weight the pass replaces would live until the pass returns
-            rec.env = {}
-    return rec
+    return _InputRecorder(gm, nodes, sample_rows).record(batches)
 
 
 # -- the pass ------------------------------------------------------------------------------
