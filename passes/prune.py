@@ -23,8 +23,9 @@ The zeros stay in the dense weight where later passes (share, quantize) and the 
 see them; the artifact stores pruned layers sparse, so the file shrinks. The cut (the
 k-th smallest magnitude) is found by selection, not sorting: a strided sample brackets
 it, one pass counts what lies below the bracket and keeps the few percent inside, whose
-k-th value is exact. Global scope and layers over 4M weights do this a block at a time,
-so they never concatenate the model's weights or copy them.
+k-th value is exact. That pass works a block of 65,536 weights at a time (its
+temporaries stay in cache), in one layer or across a global scope's layers, so it never
+concatenates the model's weights or copies them.
 """
 from __future__ import annotations
 
@@ -182,95 +183,98 @@ def zero_below(tensors: list[torch.Tensor], v: float, take_equal: int = 0) -> li
     return out
 
 
-#: Magnitudes sampled to bracket a layer's k-th smallest (see :func:`_zero_smallest_one`).
+#: Magnitudes sampled to bracket a layer's k-th smallest (see :func:`_kth_by_selection`).
 SAMPLE = 1 << 15
+#: Weights per block of the selection's counting pass: the block's magnitudes and masks
+#: (about 400 KB) stay in a core's L2 cache, so the pass reads each weight from memory
+#: once, and its half-dozen elementwise steps run on cached data.
+SELECT_BLOCK = 1 << 16
 
 
 def _zero_smallest_one(t: torch.Tensor, k: int) -> tuple[torch.Tensor, int] | None:
-    """:func:`zero_smallest` of one tensor by selection, without sorting it: the k-th
-    smallest magnitude of a strided sample, widened by four standard deviations of a
-    sample quantile's rank, brackets the exact one; one pass counts what lies below the
-    bracket and keeps what lies in it (a few percent), whose k-th value is then exact.
-    Returns (pruned copy, its count of zeros), or None when the bracket misses (the
-    caller falls back to the exact search).
-
-    About seven elementwise passes over the layer: the magnitudes are computed once and
-    their buffer becomes the result, so a layer allocates one float tensor, not three."""
-    flat = _flat(t)
-    a = flat.abs()
-    n = a.numel()
-    sample = a[::max(1, n // SAMPLE)].float().numpy()
-    m = sample.size
-    rank, spread = k / n * m, 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 2
-    lo_i, hi_i = max(int(rank - spread), 0), min(int(rank + spread) + 1, m - 1)
-    # both order statistics in one partial sort (numpy's introselect; a copy of the sample)
-    part = np.partition(sample, (lo_i, hi_i))
-    lo_v, hi_v = float(part[lo_i]), float(part[hi_i])  # float32 values, exact as floats
-    below = a < lo_v
-    n_below = int(torch.count_nonzero(below))
-    inside = a <= hi_v
-    inside ^= below  # below lies inside [0, hi]: what is left is [lo, hi]
-    pos = torch.nonzero(inside).flatten()  # the candidates' positions, in order
-    del inside
-    cand = a[pos]
-    idx = k - n_below
-    if not 1 <= idx <= cand.numel():
+    """:func:`zero_smallest` of one tensor (of any size) by selection, without sorting
+    it (:func:`_kth_by_selection`): a pass that counts what lies below the sample's
+    bracket and keeps what lies in it, then one vectorised pass that writes the pruned
+    copy (:func:`_shrink`), the ties at the cut zeroed by position. Returns (pruned copy,
+    its count of zeros), or None when the bracket misses (the caller falls back to the
+    exact search). Nothing of the layer's size is allocated but the result."""
+    found = _kth_by_selection([t], k, ties=True)
+    if found is None:
         return None
-    v = torch.kthvalue(cand, idx).values
-    take_equal = k - n_below - int(torch.count_nonzero(cand < v))
-    # ties at the cut: the first ones in order, so the count is exact (every entry equal
-    # to v is a candidate: found among them, not by another pass over the layer)
-    ties = pos[torch.nonzero(cand == v).flatten()[:take_equal]] if take_equal > 0 else None
-    del cand, pos
-    # the magnitudes are no longer needed: their buffer takes the result
-    if _shrink(flat, v, a):
-        out = a
-        if ties is not None:
-            out[ties] = 0
+    v, _below, ties = found
+    flat = _flat(t)
+    res, dst = _empty_flat(t)
+    if _shrink(flat, v, dst):
+        if ties.numel():
+            dst[ties] = 0
     else:
-        mask = torch.lt(a, v, out=below)
-        if ties is not None:
-            mask[ties] = True
-        out = torch.where(mask, flat.new_zeros(()), flat, out=a)
+        mask = flat.abs() < v
+        mask[ties] = True
+        dst.copy_(flat.masked_fill(mask, 0))
     # every zero of the input has magnitude 0 <= v: with v > 0 exactly k entries are zero
-    zeros = k if float(v) > 0 else n - int(torch.count_nonzero(out))
-    if t.is_contiguous():
-        return out.view(t.shape), zeros
-    if t.dim() == 2 and t.t().is_contiguous():
-        # a transposed layout (GPT-2's Conv1D): ``out`` is in its storage order already,
-        # so it is the result as it lies, viewed back (the strides empty_like(t) would give)
-        return out.view(t.t().shape).t(), zeros
-    return _in_layout_of(out.view(t.shape), t), zeros
+    zeros = k if float(v) > 0 else dst.numel() - int(torch.count_nonzero(dst))
+    return _in_layout_of(res, t), zeros
 
 
-def _kth_by_selection(tensors: list[torch.Tensor], k: int) -> tuple[float, int] | None:
+def _kth_by_selection(tensors: list[torch.Tensor], k: int, ties: bool = False):
     """The ``k``-th smallest magnitude across ``tensors`` and how many lie below it, by
-    the selection of :func:`_zero_smallest_one` done a block at a time (a layer of any
-    size, or all of a global scope's layers, without joining them or a copy of them):
-    a strided sample brackets the cut, one pass counts what lies below the bracket and
-    keeps what lies in it. None when the bracket misses."""
+    selection, a block at a time (a layer of any size, or all of a global scope's
+    layers, without joining them or a copy of them): the k-th of a strided sample,
+    widened by four standard deviations of a sample quantile's rank, brackets the cut;
+    one pass counts what lies below the bracket and keeps what lies in it (a few
+    percent), whose k-th value is then exact. None when the bracket misses.
+
+    Returns ``(float(v), count below v)``; with ``ties``, ``(v as a 0-d tensor of the
+    weights' dtype, count below v, flat positions (in the tensors' order, end to end) of
+    the first ``k - below`` entries equal to v)``: zeroing those too makes the count
+    exact (every entry equal to v is a candidate: found among them, not by another pass)."""
     n = sum(t.numel() for t in tensors)
     step = max(1, n // SAMPLE)
     sample = torch.cat([_flat(t)[::step].abs().float() for t in tensors]).numpy()
     m = sample.size
     rank, spread = k / n * m, 4 * math.sqrt(m * (k / n) * (1 - k / n)) + 2
     lo_i, hi_i = max(int(rank - spread), 0), min(int(rank + spread) + 1, m - 1)
+    # both order statistics in one partial sort (numpy's introselect; a copy of the sample)
     part = np.partition(sample, (lo_i, hi_i))
-    lo_v, hi_v = float(part[lo_i]), float(part[hi_i])
-    n_below, cand = 0, []
-    for b in _blocks(tensors):
-        a = b.abs()
-        below = a < lo_v
-        n_below += int(torch.count_nonzero(below))
-        inside = a <= hi_v
-        inside ^= below
-        cand.append(a[inside])
-    cand = torch.cat(cand)
+    lo_v, hi_v = float(part[lo_i]), float(part[hi_i])  # float32 values, exact as floats
+    n_below, cand, where = 0, [], []
+    size = min(n, SELECT_BLOCK)
+    # numpy's comparisons, nonzero and gathers ran 3-10x torch's on one thread here;
+    # the block's buffers are reused (a fresh temporary per block is fresh pages)
+    bufs: dict = {}
+    offset = 0
+    for t in tensors:
+        flat = _flat(t)
+        exact = flat.dtype in (torch.float32, torch.float64)  # else compared as float32
+        dtype = np.float64 if flat.dtype == torch.float64 else np.float32
+        if dtype not in bufs:
+            bufs[dtype] = (np.empty(size, dtype), np.empty(size, bool), np.empty(size, bool))
+        a_buf, lt_buf, in_buf = bufs[dtype]
+        for i in range(0, flat.numel(), SELECT_BLOCK):
+            b = flat[i:i + SELECT_BLOCK]
+            b = b.numpy() if exact else b.float().numpy()
+            j = b.size
+            a = np.abs(b, out=a_buf[:j])
+            lt = np.less(a, lo_v, out=lt_buf[:j])
+            n_below += int(np.count_nonzero(lt))
+            ins = np.less_equal(a, hi_v, out=in_buf[:j])
+            ins ^= lt  # below lies inside [0, hi]: what is left is [lo, hi]
+            pos = np.flatnonzero(ins)
+            cand.append(a[pos])
+            if ties:
+                where.append(pos + (offset + i))
+        offset += flat.numel()
+    cand = np.concatenate(cand)
     idx = k - n_below
-    if not 1 <= idx <= cand.numel():
+    if not 1 <= idx <= cand.size:
         return None
-    v = torch.kthvalue(cand, idx).values
-    return float(v), n_below + int(torch.count_nonzero(cand < v))
+    v = np.partition(cand, idx - 1)[idx - 1]  # the idx-th smallest
+    below = n_below + int(np.count_nonzero(cand < v))
+    if not ties:
+        return float(v), below
+    take = k - below
+    pos = np.concatenate(where)[np.flatnonzero(cand == v)[:take]]
+    return torch.tensor(float(v), dtype=tensors[0].dtype), below, torch.from_numpy(pos)
 
 
 def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -284,7 +288,7 @@ def zero_smallest(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         return list(tensors)
     if k >= total:
         return [torch.zeros_like(t) for t in tensors]
-    if len(tensors) == 1 and total <= 1 << 22:
+    if len(tensors) == 1:
         out = _zero_smallest_one(tensors[0], k)
         if out is not None:
             return [out[0]]
@@ -636,7 +640,7 @@ class Prune(Pass):
                         # the k lowest |w|·rms(x): a mask from the scaled copy
                         op.set_weight(_masked_by(w, zero_smallest([w * scales[op.name]], k)[0]))
                         continue
-                    fast = _zero_smallest_one(w, k) if 0 < k < w.numel() <= 1 << 22 else None
+                    fast = _zero_smallest_one(w, k) if 0 < k < w.numel() else None
                     if fast is None:
                         op.set_weight(zero_smallest([w], k)[0])
                         continue

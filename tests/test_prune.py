@@ -248,3 +248,42 @@ def test_prune_without_a_target_chooses_the_highest_sparsity_that_keeps_its_tole
     assert "nothing was pruned" in tight.records[0].stats["auto_sparsity"]["why"]
     with pytest.raises(OptionError, match="exactly one"):
         fxpress.Pipeline.parse("prune{sparsity=0.5,threshold=0.1}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_selection_in_small_blocks_equals_the_exact_search_in_every_dtype(monkeypatch, dtype):
+    """The selection's counting pass works a block at a time (numpy on float32/float64,
+    float16 compared as float32): with blocks far smaller than the layers, the pruned
+    copy, its zero count and layout must be the exact search's, ties and zeros included."""
+    from fxpress.passes import prune as P
+
+    monkeypatch.setattr(P, "SELECT_BLOCK", 1000)
+    g = torch.Generator().manual_seed(3)
+    for trial in range(24):
+        n = int(torch.randint(2, 30000, (1,), generator=g))
+        w = torch.randn(n, generator=g)
+        if trial % 4 == 1:
+            w = torch.round(w * 4) / 4  # many ties at the cut
+        if trial % 4 == 2:
+            w[: n // 3] = 0
+            w[n // 3: n // 2] = -0.0
+        w = w.to(dtype)
+        if trial % 4 == 3 and n % 6 == 0:
+            w = w.reshape(6, n // 6).t()  # a transposed layout
+        k = int(torch.randint(1, n, (1,), generator=g))
+        got = P._zero_smallest_one(w, k)
+        if got is None:  # the bracket missed: the caller's exact fallback
+            continue
+        v = P.kth_smallest_magnitude([w], k)
+        ref = P.zero_below([w], v, k - P.count_below([w], v))[0]
+        assert torch.equal(got[0], ref) and got[0].stride() == w.stride(), (trial, n, k)
+        assert got[1] == int((ref == 0).sum()), (trial, n, k)
+        assert all(torch.equal(a, b) for a, b in zip(P.zero_smallest([w, w * 2], 2 * k),
+                                                     P.zero_below([w, w * 2], *_cut([w, w * 2], 2 * k))))
+
+
+def _cut(ts, k):
+    from fxpress.passes import prune as P
+
+    v = P.kth_smallest_magnitude(ts, k)
+    return v, k - P.count_below(ts, v)
