@@ -49,7 +49,7 @@ import torch
 from fxpress.errors import OptionError
 from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, unpack_bits,
                                     unpack_rows)
-from fxpress.graph.runtime import CompressedModule, kind_classes
+from fxpress.graph.runtime import CompressedModule, kind_classes, op_forward
 from fxpress.passes.decode import DecodeStrategy, normalize_decode
 from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, unique_weights,
                                    weighted_ops)
@@ -220,7 +220,20 @@ class CodebookModule(DecodeStrategy, CompressedModule):
     def gathers_rows(self) -> bool:
         return not self.sparse and rows_byte_aligned(self.shape[1], self.bits)
 
+    def _grid_bias(self) -> torch.Tensor:
+        """While fine-tuned with ``bias_bits``: the float bias on the grid :meth:`end_training`
+        will store it on (fitted to its current values, as :meth:`_store_bias` fits it),
+        the gradient straight through to the float bias. Forward adds what is stored (a
+        bias trained in float and rounded afterwards moved, untrained, by up to half a grid
+        step: 1/30 of the layer's bias range at 4 bits)."""
+        b = self.bias
+        codes, grid = tensor_grid(b.detach().reshape(1, -1), self.bias_bits)
+        on_grid = dequantize_weight(codes, grid[:1].reshape(1, 1), grid[1:].reshape(1, 1).to(torch.int32))
+        return on_grid.reshape(b.shape).to(b.dtype) + (b - b.detach())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias_codes is not None and isinstance(self.bias, torch.nn.Parameter):
+            return op_forward(self.kind, self.spec, x, self.dense_weight(), self._grid_bias())
         if (self.kind == EMBEDDING and not self.codebook.requires_grad and self.gathers_rows()
                 and self.decode_path() == "per_call"):
             # a lookup touches a few rows: unpack only those
@@ -295,7 +308,8 @@ class CodebookModule(DecodeStrategy, CompressedModule):
             else:
                 self.codes = pack_bits(codes, self.bits)
         if self.bias is not None:
-            self._store_bias(self.bias.detach())  # a trained bias goes back onto its grid
+            # a trained bias goes back onto its grid: the one forward trained it through
+            self._store_bias(self.bias.detach())
         self._buffers.pop("codes_unpacked", None)
         self._zero_mask = None
         self.drop_cache()

@@ -207,7 +207,7 @@ def test_bias_bits_store_biases_on_a_grid_through_fine_tuning_and_reload(mlp, ca
     # 410 biases: 1 byte each instead of 4, plus a float32 [scale, zero] per layer
     assert stored_bytes(plain) - stored_bytes(res.module) == 3 * 410 - 3 * 8
     assert res.records[-1].status == "ok"
-    # fine-tuning trains a float bias and puts it back on a (new) grid
+    # fine-tuning trains a float bias (through a grid fitted to it) and puts it back on a (new) grid
     params = m.begin_training()
     assert any(p is m.bias for p in params) and isinstance(m.bias, torch.nn.Parameter)
     with torch.no_grad():
@@ -221,6 +221,32 @@ def test_bias_bits_store_biases_on_a_grid_through_fine_tuning_and_reload(mlp, ca
     loaded = fxpress.load(tmp_path / "m.fxp")
     assert torch.equal(loaded.get_submodule("layers.0").bias, m.bias)
     assert torch.equal(loaded(calib[0][0]), res.module(calib[0][0]))
+
+
+def test_fine_tuning_trains_the_bias_through_its_grid():
+    # what forward adds while a recovery step trains is what end_training stores (a bias
+    # trained in float and rounded afterwards moved by up to half a 4-bit grid step)
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    w[w.abs() < 0.8] = 0
+    flat = w.reshape(-1)
+    codes = torch.bucketize(flat, torch.tensor([-1.2, 0.0, 1.2])).to(torch.uint8) + 1
+    codes[flat == 0] = 0
+    m = CodebookLinear("linear", {}, (8, 16), 4, torch.tensor([0.0, -1.5, -1.0, 1.0, 1.5]), codes,
+                       torch.randn(8), zero_code=True, bias_bits=4)
+    x = torch.randn(5, 16)
+    m.begin_training()
+    opt = torch.optim.SGD([m.bias], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (m(x) - 3).pow(2).mean().backward()
+        opt.step()
+    assert m.bias.grad is not None and m.bias.grad.abs().sum() > 0  # the gradient goes through
+    with torch.no_grad():
+        trained = m(x)
+    m.end_training()
+    assert torch.equal(m(x), trained)
+    assert torch.unique(m.bias).numel() <= 16
 
 
 @pytest.mark.parametrize("text, option", [
