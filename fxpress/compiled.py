@@ -136,6 +136,42 @@ def _unfuse_rnns(copy: torch.nn.Module) -> None:
         setattr(copy.get_submodule(parent_name), child, host)
 
 
+class _TimeMajor(torch.nn.Module):
+    """A batch-first LSTM/GRU/RNN run time-major on a contiguous copy of its input.
+
+    torch's RNN decomposition makes a batch-first input contiguous after transposing it,
+    and whether that transposed view is contiguous depends on the batch being 1: compiled,
+    the graph guarded batch != 1 and one sentence compiled a second graph. Here the input
+    is copied time-major first (a fresh contiguous tensor: nothing to test), and the output
+    copied back batch-first. The wrapped RNN is a shallow copy (the same weights) with
+    ``batch_first=False``; unbatched and packed inputs, where the flag means nothing, go
+    straight to it."""
+
+    def __init__(self, rnn: torch.nn.RNNBase):
+        super().__init__()
+        import copy as _copy
+
+        self.rnn = _copy.copy(rnn)
+        self.rnn.batch_first = False
+
+    def forward(self, x: Any, hx: Any = None) -> Any:
+        if not (isinstance(x, torch.Tensor) and x.dim() == 3):
+            return self.rnn(x, hx)
+        out, h = self.rnn(x.transpose(0, 1).clone(memory_format=torch.contiguous_format), hx)
+        # back batch-first, contiguous as the RNN gives it (a transposed view's reshape in
+        # the next layer would test the batch for 1 in turn)
+        return out.transpose(0, 1).clone(memory_format=torch.contiguous_format), h
+
+
+def _time_major_rnns(copy: torch.nn.Module) -> None:
+    """Wrap each batch-first RNN module of ``copy`` (its own module objects) in
+    :class:`_TimeMajor`, so that batch 1 runs the graph compiled for any batch."""
+    for name, module in list(copy.named_modules()):
+        if isinstance(module, torch.nn.RNNBase) and module.batch_first and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(copy.get_submodule(parent_name), child, _TimeMajor(module))
+
+
 def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, freeze: bool = True,
             mode: str | None = None, backend: str = "inductor",
             max_bytes: int | None = None) -> CompiledModel:
@@ -180,6 +216,7 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     copy = clone_structure(model).train(False)
     if freeze:
         _unfuse_rnns(copy)
+    _time_major_rnns(copy)
     compiled = CompiledModel(copy, dynamic=dynamic, freeze=freeze, mode=mode, backend=backend)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)

@@ -66,7 +66,8 @@ LONG_FIRST = ("test_bench_smoke.py", "test_zoo.py", "test_artifact_security.py",
               "test_onnx_export.py", "test_quantize.py", "test_share.py", "test_integration.py",
               "test_artifact.py", "test_distill.py", "test_binarize.py", "test_prune.py",
               "test_properties.py", "test_caller_guarantee.py", "test_cli.py", "test_recovery.py",
-              "test_compile.py", "test_capture.py", "test_pipeline.py", "test_layer_rules.py")
+              "test_compile.py", "test_compile_matrix.py",
+              "test_capture.py", "test_pipeline.py", "test_layer_rules.py")
 
 
 def pytest_collection_modifyitems(config, items):
