@@ -57,10 +57,12 @@ def _one(model: torch.nn.Module, pipeline: str, train: list, calib: list, digits
     base = accuracy(model, digits.x_test, digits.y_test)
     acc = accuracy(res.module, digits.x_test, digits.y_test)
     trained = [r.stats for r in res.records if r.name == "distill" and "epochs" in r.stats]
+    pruned = [r.stats["sparsity"] for r in res.records if r.name == "prune" and "sparsity" in r.stats]
     return {"ratio": fp32_safetensors_bytes(model) / nbytes, "bytes": nbytes, "base": base,
             "acc": acc, "delta": 100 * (acc - base), "seconds": seconds,
             "epochs": "/".join(str(len(s["epochs"])) for s in trained),
             "lrs": "/".join(f"{s['lr']:.1e}" for s in trained),
+            "sparsity": round(pruned[-1], 3) if pruned else None,
             "statuses": ",".join(r.status for r in res.records)}
 
 
@@ -68,7 +70,7 @@ def table(models: tuple[str, ...], seeds: tuple[int, ...], size: str, title: str
     from bench.recovery_models import data_for, trained
     runs = Table(f"{title}: every run", ["model", "seed", "pipeline", "uncompressed acc",
                                          "compressed acc", "Δ (points)", "x smaller",
-                                         "distill epochs", "chosen lr", "statuses", "seconds"])
+                                         "pruned", "distill epochs", "chosen lr", "statuses", "seconds"])
     summary = Table(f"{title}: mean and worst over seeds", [
         "model", "pipeline", "seeds", "x smaller (mean)", "x smaller (worst)", "Δ points (mean)",
         "Δ points (worst)", "goal", "met"])
@@ -85,7 +87,7 @@ def table(models: tuple[str, ...], seeds: tuple[int, ...], size: str, title: str
                 r = _one(model, pipeline, train, calib, digits)
                 got.append(r)
                 runs.add(kind, seed, f"`{pipeline}`", round(r["base"], 4), round(r["acc"], 4),
-                         f"{r['delta']:+.2f}", round(r["ratio"], 1), r["epochs"], r["lrs"],
+                         f"{r['delta']:+.2f}", round(r["ratio"], 1), r["sparsity"], r["epochs"], r["lrs"],
                          r["statuses"], round(r["seconds"], 1))
             worst_ratio = min(r["ratio"] for r in got)
             worst = min(r["delta"] for r in got)

@@ -502,6 +502,23 @@ def input_scales(gm, ops: list, batches: list) -> dict[str, torch.Tensor]:
     return out
 
 
+def protect_units(rank: torch.Tensor, m: int) -> torch.Tensor:
+    """A copy of ``rank`` (what ranks a layer's weights, ``[out, ...]``) in which the ``m``
+    largest magnitudes of every output unit (row) are +inf, so no cut takes them: every unit
+    keeps ``m`` inputs (``floor="unit"``). A row with fewer than ``m`` nonzero entries
+    protects only those (a unit already dead stays dead).
+
+    >>> protect_units(torch.tensor([[0.1, -0.3, 0.2], [0.0, 0.0, 0.5]]), 1)
+    tensor([[0.1000,    inf, 0.2000],
+            [0.0000, 0.0000,    inf]])
+    """
+    rows = rank.detach().reshape(rank.shape[0], -1)
+    out = rows.abs().float() if rank.dtype != torch.float64 else rows.abs()
+    top = torch.topk(out, min(m, out.shape[1]), dim=1).indices
+    keep = torch.zeros_like(out, dtype=torch.bool).scatter_(1, top, True) & (out != 0)
+    return out.masked_fill_(keep, math.inf).reshape(rank.shape)
+
+
 def _masked_by(w: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     """``w`` with zeros where ``pruned`` (a pruned copy of a scaled ``w``) has them."""
     return w.masked_fill(pruned == 0, 0)
@@ -536,6 +553,10 @@ class Prune(Pass):
     min_per_unit = option(2, "each linear/conv layer keeps on average at least this many "
                           "weights per output unit, so no layer is emptied (a first conv over one "
                           "channel, an 8-wide input projection); 0: the sparsity exactly", low=0)
+    floor = option("layer", "where min_per_unit holds: 'layer': each linear/conv layer keeps "
+                   "that many weights per output unit on average (the cut may leave a unit "
+                   "none); 'unit': every output unit keeps its min_per_unit largest weights, the "
+                   "rest of the layer's count going by rank", choices=("layer", "unit"))
 
     def check_options(self) -> None:
         if self.steps > 1 and self.sparsity is None:
@@ -600,6 +621,16 @@ class Prune(Pass):
                     + ("" if chosen else "; none did, so nothing was pruned"))}
         return result
 
+    def _rank(self, w: torch.Tensor, op, scales: dict) -> torch.Tensor | None:
+        """What ranks ``op``'s weights when it is not ``w`` itself (None): ``w`` times its
+        input scales (``criterion="activation"``), with every output unit's
+        ``min_per_unit`` largest protected (``floor="unit"``, :func:`protect_units`)."""
+        rank = w * scales[op.name] if op.name in scales else None
+        if (self.floor == "unit" and self.min_per_unit and op.kind in (LINEAR, CONV)
+                and w.dim() >= 2):
+            rank = protect_units(w if rank is None else rank, self.min_per_unit)
+        return rank
+
     def stages(self) -> list["Prune"]:
         """This prune as ``steps`` prunes to the sparsities of the cubic schedule
         (:mod:`fxpress.passes.gradual`); itself when ``steps`` is 1."""
@@ -636,9 +667,11 @@ class Prune(Pass):
                     w = op.weight()
                     k = (counts[j] if self.scope == "adaptive" else
                          layer_prune_count(w, self.sparsity, self.min_per_unit, op.kind))
-                    if op.name in scales and 0 < k < w.numel():
-                        # the k lowest |w|·rms(x): a mask from the scaled copy
-                        op.set_weight(_masked_by(w, zero_smallest([w * scales[op.name]], k)[0]))
+                    rank = self._rank(w, op, scales)
+                    if rank is not None and 0 < k < w.numel():
+                        # the k lowest |w|·rms(x), or with each unit's largest protected:
+                        # a mask from the ranking copy
+                        op.set_weight(_masked_by(w, zero_smallest([rank], k)[0]))
                         continue
                     fast = _zero_smallest_one(w, k) if 0 < k < w.numel() else None
                     if fast is None:
@@ -648,10 +681,10 @@ class Prune(Pass):
                     # the count is known: the stats below need not count the layer again
                     remember_nonzeros(op.weight(), w.numel() - fast[1])
             else:
-                scaled = [op.weight() * scales[op.name] if op.name in scales else None
-                          for op in ops] if scales else None
+                scaled = [self._rank(op.weight(), op, scales) for op in ops]
+                ranked = {op.name for op, r in zip(ops, scaled) if r is not None}
                 for op, w in global_prune(ops, self.sparsity, self.min_per_unit, scaled):
-                    op.set_weight(_masked_by(op.weight(), w) if op.name in scales else w)
+                    op.set_weight(_masked_by(op.weight(), w) if op.name in ranked else w)
                 del scaled
         layers = {op.name: sparsity(op.weight()) for op in ops}
         n = sum(op.numel for op in ops)

@@ -443,6 +443,39 @@ def test_prune_ranks_weights_by_their_inputs_on_the_calibration_batches():
         fxpress.Pipeline.parse("prune{threshold=0.1,criterion=activation}")
 
 
+def test_prune_floor_unit_keeps_inputs_for_every_output_unit():
+    # one unit's weights are all ten times smaller than the others': a cut by rank
+    # (floor="layer") leaves it no input, only its bias; floor="unit" keeps its two largest
+    # and takes the count from the others, and a unit with no weight at all stays empty
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(10)
+        model[0].weight[0] /= 10
+        model[0].weight[1] = 0  # dead anyway
+    x = [(torch.randn(8, 16),)]
+
+    def rows(text):
+        res = fxpress.compress(copy.deepcopy(model), text, calibration=x, policy="warn",
+                               progress=False)
+        w = res.module.get_parameter("0.weight")
+        return (w != 0).sum(1).tolist(), int((w == 0).sum()), res
+
+    for scope in ("adaptive", "layer", "global"):
+        kept, _, _ = rows(f"prune{{sparsity=0.8,scope={scope}}}")
+        assert kept[0] == 0 and kept[1] == 0, scope
+        kept, zeros, res = rows(f"prune{{sparsity=0.8,scope={scope},floor=unit}}")
+        assert kept[0] == 2 and kept[1] == 0 and min(kept[2:]) >= 2, scope
+        # the unit keeps its own two largest weights, unchanged
+        w, orig = res.module.get_parameter("0.weight")[0], model[0].weight[0]
+        assert torch.equal(w[w != 0].sort().values,
+                           orig[orig.abs().topk(2).indices].sort().values)
+        if scope == "layer":
+            assert zeros == round(0.8 * 128)  # the layer's count is still exact
+    with pytest.raises(fxpress.errors.OptionError, match="floor"):
+        fxpress.Pipeline.parse("prune{sparsity=0.5,floor=row}")
+
+
 def test_a_recovery_on_too_few_batches_to_hold_out_trains_a_budget_of_steps(calib, one_thread):
     # two batches: nothing held out, so no early stopping; 30 epochs would be 60 steps, and
     # the default recovery takes at least 300 (and says so) instead
