@@ -727,6 +727,39 @@ def _cast_inputs_to_float32(gm: torch.fx.GraphModule, positions: list[int]) -> N
     gm.recompile()
 
 
+def _private_inputs(inputs: tuple) -> tuple:
+    """``inputs`` with each plain tensor cloned: capture runs the model on its own copies,
+    so a forward that writes into its inputs (``x.mul_(2)``) never changes the caller's."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor)
+                           and t.layout == torch.strided else t, inputs)
+
+
+def _input_copies(inputs: tuple) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(leaf position, tensor, copy) of each plain tensor among ``inputs``, to tell whether
+    the model's forward writes into them."""
+    return [(i, t, t.detach().clone()) for i, t in enumerate(pytree.tree_leaves(inputs))
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta"]
+
+
+def _same_bits(t: torch.Tensor, c: torch.Tensor) -> bool:
+    if t.shape != c.shape or t.dtype != c.dtype:
+        return False
+    if t.is_floating_point() or t.is_complex():
+        return bool((t.eq(c) | (t.isnan() & c.isnan())).all())
+    return torch.equal(t, c)
+
+
+def _input_writes(copies: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[int]:
+    """The inputs the forward wrote into, put back as they were (later runs see the same
+    inputs as the first)."""
+    changed = [i for i, t, c in copies if not _same_bits(t, c)]
+    with torch.no_grad():
+        for i, t, c in copies:
+            if i in changed and t.shape == c.shape:
+                t.copy_(c)
+    return changed
+
+
 def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *,
             dynamic: bool = True, concrete_args: dict[str, Any] | None = None,
             leaf_modules: Iterable[type] = (), guard: bool = True) -> torch.fx.GraphModule:
@@ -762,9 +795,11 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
     example_inputs = as_input_tuple(example_inputs, model=model)
     model, half, baked = capture_copy(model)
     example_inputs, half_inputs = _widen_inputs(example_inputs) if half else (example_inputs, [])
+    example_inputs = _private_inputs(example_inputs)  # the forward may write into them
 
     with TRACE_LOCK.tracing(), eval_mode(model), torch.no_grad(), \
             traceable_experts(model) as experts:
+        copies = _input_copies(example_inputs)
         try:
             expected = model(*example_inputs)
         except Exception as e:  # the inputs do not fit the model: say so before tracing
@@ -779,6 +814,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 f"capture: {type(model).__name__} does not run on the example inputs {shapes}: "
                 f"{type(e).__name__}: {e}. Pass inputs shaped like real model inputs.") from e
 
+        written = _input_writes(copies)
         # a KV cache in the outputs (transformers' default use_cache=True): capture the one
         # call without it, and say so in the capture report
         bound = cache_free_kwargs(model, expected)
@@ -877,6 +913,10 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
         hint = ("\nTry method='export' (or 'auto') for models with data-dependent Python control "
                 "flow, concrete_args={...} to fix non-tensor arguments, or leaf_modules=[SomeModule] "
                 "to keep an untraceable submodule whole.")
+    if written:  # each run saw the inputs the run before had changed
+        hint += (f"\nIts forward writes into its input(s) {written} in place (mul_, add_, +=, "
+                 "index assignment), so each run sees other inputs: make it compute out of "
+                 "place (x = x * 2 instead of x.mul_(2)).")
     err = CaptureError(f"capture: could not capture {type(model).__name__} with "
                        f"{' or '.join(causes)}:\n" + "\n".join(lines) + hint, causes)
     err.details = {m: d for m, d in details.items() if d}

@@ -44,6 +44,20 @@ from fxpress.passes.distill_tuning import (FEW_BATCHES, BestState, RangeTest, Sn
                                            lr_range_test, make_optimizer, progress_bar)
 
 
+def _check_classes(y: torch.Tensor, classes: int) -> None:
+    """Integer labels must be class indices of the model's output (or -100, which
+    cross-entropy ignores): another value made cross_entropy raise 'Target 9 is out of
+    bounds' from inside the pass (a PassError about an IndexError)."""
+    if y.is_floating_point() or y.is_complex() or not y.numel():
+        return
+    bad = ((y < 0) & (y != -100)) | (y >= classes)
+    if bool(bad.any()):
+        raise InputError(f"distill: train_data labels must be class indices in [0, {classes}) "
+                         f"(the model's output has {classes} classes; -100 is ignored), got "
+                         f"{int(y[bad].reshape(-1)[0])} ({int(bad.sum())} such labels); fix the labels "
+                         "or give batches of inputs alone to distill from the original model only")
+
+
 @dataclass
 class _Run:
     """What one :meth:`Distiller.fit` trains with: models, data, the first batch, where."""
@@ -181,7 +195,15 @@ class Distiller:
             has = (len(batch) >= 2 and isinstance(y, torch.Tensor) and not y.is_floating_point()
                    and y.dim() == 1 and isinstance(x0, torch.Tensor) and x0.dim() >= 1
                    and x0.shape[0] == y.shape[0])
-        return (batch[:-1], batch[-1]) if has else (batch, None)
+        if not has:
+            return batch, None
+        y = batch[-1]
+        if isinstance(y, torch.Tensor) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            bad = int((~torch.isfinite(y)).sum())
+            raise InputError(f"distill: a train_data label holds NaN or inf ({bad} of {y.numel()} "
+                             "values): the loss would be NaN and the trained model with it; clean "
+                             "the labels (torch.nan_to_num) or drop those rows")
+        return batch[:-1], y
 
     def _tapped(self, model: nn.Module, names: list[str], example: tuple) -> nn.Module:
         have = tap_modules(model)
@@ -212,6 +234,7 @@ class Distiller:
             out = F.mse_loss(s, t)
         parts["kd"] = _loss_item(out)
         if y is not None and self.output_loss == "kl":
+            _check_classes(y, s.shape[-1])
             ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
             parts["ce"] = _loss_item(ce)
             total = self.alpha * out + (1 - self.alpha) * ce

@@ -362,3 +362,25 @@ def test_recipe_reference_to_a_missing_file(tmp_path, capsys):
     (tmp_path / "r.toml").write_text('model = "nowhere.py:build"\npipeline = "prune{sparsity=0.5}"\n')
     assert main(["run", str(tmp_path / "r.toml")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("label, fragment", [
+    (torch.full((6, 4), float("inf")), "label holds NaN or inf \\(24 of 24 values\\)"),
+    (torch.tensor([0, 1, 2, 3, 9, 1]), "class indices in \\[0, 4\\).*got 9"),
+    (torch.tensor([0, 1, -5, 3, 2, 1]), "class indices in \\[0, 4\\).*got -5"),
+])
+def test_distill_names_labels_it_cannot_train_on(label, fragment):
+    """An inf regression label trained the graph into NaN and failed verification after
+    the epochs ('produced 24 NaN/Inf output values'); a class index past the output made
+    cross_entropy raise from inside the pass (PassError about an IndexError). Both are the
+    data's fault and are named as such, before the caller's model is touched."""
+    from fxpress.errors import InputError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(6, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=fragment):
+        fxpress.compress(model, "distill{epochs=1,lr=0.01}", (x,), train_data=[(x, label)],
+                         progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

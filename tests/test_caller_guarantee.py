@@ -350,3 +350,31 @@ def test_a_forward_that_flips_torchs_switches_leaves_the_callers_as_they_were(
         torch.autograd.set_detect_anomaly(False)
         torch.backends.mkldnn.enabled = True
         np.seterr(**switches[-1])
+
+
+class _WritesItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.fc(x)
+
+
+def test_a_forward_that_writes_into_its_input_never_changes_the_callers_tensors():
+    """capture ran the model on the caller's own example tensors: ``x.mul_(2)`` in forward
+    doubled the caller's input at every run (and each later run saw other inputs, so capture
+    failed blaming data-dependent control flow). Capture now runs on its own copies, and the
+    failure says the forward writes into its input."""
+    from fxpress.errors import CaptureError
+
+    torch.manual_seed(0)
+    model, x = _WritesItsInput().eval(), torch.randn(6, 8)
+    calib = [(torch.randn(6, 8),)]
+    kept = x.clone(), calib[0][0].clone()
+    with pytest.raises(CaptureError, match=r"writes into its input\(s\) \[0\] in place"):
+        fxpress.capture(model, (x,))
+    with pytest.raises(CaptureError, match=r"writes into its input\(s\) \[0\] in place"):
+        fxpress.compress(model, "prune{sparsity=0.3}", calibration=calib, progress=False)
+    assert torch.equal(x, kept[0]) and torch.equal(calib[0][0], kept[1])
