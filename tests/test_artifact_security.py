@@ -1137,3 +1137,22 @@ def test_input_size_checks_from_a_crafted_file_never_fail_raw(net, good):
         data = artifact._PREFIX.pack(artifact.MAGIC, artifact.VERSION, 1 | 4, len(head),
                                      hashlib.sha256(head).digest()) + head + bytes(payload)
         assert torch.equal(_load(data)(x), gm(x)), table
+
+
+@pytest.mark.parametrize("key", ["kind", "spec", "zero_code"])
+def test_a_runtime_config_missing_a_field_is_refused_at_load(key):
+    """A codebook layer whose config lacks ``kind``, ``spec`` or ``zero_code`` loaded, then
+    failed at its first call (AttributeError from forward); a module built from the file's
+    config must now give that config back, or the load is refused naming the module."""
+    from fxpress.passes.share import CODEBOOK_CLASSES
+
+    classes = tuple(CODEBOOK_CLASSES.values())
+    data, gm = _codebook_file(sparse=False)
+    x = torch.randn(3, 16)
+    assert torch.equal(artifact.loads(data, classes)(x), gm(x))
+
+    def mutate(h):
+        next(m for m in h["modules"] if m.get("kind") == "runtime")["config"].pop(key)
+    with pytest.raises(ArtifactFormatError, match="module 'fc': CodebookLinear built from the "
+                                                  "file's config cannot give its config back"):
+        artifact.loads(tamper(data, mutate), classes)

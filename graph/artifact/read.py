@@ -217,6 +217,13 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str)
             if not isinstance(mod, cls):
                 raise ArtifactFormatError(f"{where}: module {path!r}: from_state returned "
                                           f"{type(mod).__name__}")
+            try:  # a config without a field the class reads failed at the first call instead
+                mod.config()
+            except Exception as e:
+                raise ArtifactFormatError(f"{where}: module {path!r}: {cls.__name__} built from "
+                                          "the file's config cannot give its config back "
+                                          f"({type(e).__name__}: {_short_repr(str(e), 200)}): "
+                                          "the config lacks a field the class needs") from None
             for n, r in refs.items():  # from_state decides trainability; restore what was saved
                 p = mod._parameters.get(n) if n in params else None
                 if p is not None and "requires_grad" in r and p.is_floating_point():
