@@ -506,3 +506,37 @@ def test_smoothing_does_not_give_up_columns_calibration_left_idle():
     x = torch.randn(256, 16)
     with torch.no_grad():
         assert (res.module(x) - model(x)).norm() / model(x).norm() < 0.2
+
+
+def test_below_8_bits_a_tiny_layer_with_a_large_output_error_keeps_8_bits_by_default():
+    # a squeeze-excite reduction: few outputs over a pooled, all-positive input, its rows
+    # summing to about zero, so the output nearly cancels and 4-bit rounding dominates it
+    # (EfficientNet's 2x48 conv: 62 % output error from 10 % weight error)
+    torch.manual_seed(0)
+    tiny, wide = torch.nn.Linear(48, 2, bias=False), torch.nn.Linear(48, 128, bias=False)
+    with torch.no_grad():
+        for lin in (tiny, wide):
+            lin.weight.sub_(lin.weight.mean(1, keepdim=True))
+    model = torch.nn.ModuleDict({"tiny": tiny, "wide": wide})
+
+    class SE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tiny, self.wide = model["tiny"], model["wide"]
+
+        def forward(self, x):
+            return self.tiny(x), self.wide(x)
+
+    se = SE().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(1 + 0.01 * torch.randn(8, 48, generator=g),) for _ in range(2)]
+    res = fxpress.compress(se, "quantize{bits=4}", calibration=batches, progress=False, policy="warn")
+    st = res.records[0].stats
+    assert st["promoted"] == ["tiny.weight"]  # 96 weights; the wide layer (6144) stays 4-bit
+    assert st["layers"]["tiny.weight"]["error_at_low_bits"] > 0.25
+    assert st["layers"]["tiny.weight"]["rel_error"] < 0.25
+    assert st["layers"]["wide.weight"]["rel_error"] > 0.25
+    # an explicit max_layer_error is the rule
+    res = fxpress.compress(se, "quantize{bits=4,max_layer_error=10}", calibration=batches,
+                           progress=False, policy="warn")
+    assert res.records[0].stats["promoted"] == []
