@@ -324,18 +324,51 @@ def _dynamic_shapes(example_inputs: tuple) -> tuple:
                  for x in example_inputs)
 
 
-def _fixed_note(fixed: dict[int, dict[int, int]], example_inputs: tuple) -> str:
-    # a float input's last dimension is its feature width, fixed by design; any other
-    # fixed dimension (a batch, a sequence length, an image size, channels) is worth saying
+def _runs_at_other_size(model, example_inputs: tuple, kwargs: dict, i: int, d: int) -> bool:
+    """Whether ``model`` runs with flat input ``i``'s dimension ``d`` (and that dimension of
+    every other input of the same size there) one longer or twice as long: a size the
+    model's own code needs (image channels, a feature width, ViT's image size) fails."""
+    flat, spec = pytree.tree_flatten(tuple(example_inputs))
+    size = flat[i].shape[d]
+    for new in (size + 1, 2 * size):
+        grown = [x.repeat_interleave(2, d).narrow(d, 0, new)
+                 if isinstance(x, torch.Tensor) and x.dim() > d and x.shape[d] == size else x
+                 for x in flat]
+        try:
+            with torch.no_grad():
+                model(*pytree.tree_unflatten(grown, spec), **kwargs)
+            return True
+        except Exception:  # noqa: BLE001 - the model refuses that size: it is its design
+            continue
+    return False
+
+
+def _fixed_note(fixed: dict[int, dict[int, int]], example_inputs: tuple, model=None,
+                kwargs: dict | None = None) -> str:
+    """What the user needs to know of the dimensions export fixed: a size the model itself
+    accepts only so (its image channels, feature width, ViT's image size: checked by
+    running the model one longer and twice as long) is said in one calm clause; a size the
+    model runs at but the graph does not (a batch, a sequence length, an image size its
+    code tests) is the one to act on."""
     flat = pytree.tree_leaves(tuple(example_inputs))
-    named = [f"input {i} dim {d} = {s}" for i, dims in fixed.items() for d, s in dims.items()
-             if i < len(flat) and isinstance(flat[i], torch.Tensor) and not (
-                 flat[i].is_floating_point() and flat[i].dim() >= 2 and d == flat[i].dim() - 1)]
-    if not named:
-        return ""
-    return ("; export fixed " + ", ".join(named) + " (the model's code depends on that size): "
-            "the graph runs only at that size; capture with example inputs of the size you "
-            "will run, or make the model's code size-independent")
+    design, act = [], []
+    for i, dims in fixed.items():
+        for d, s in dims.items():
+            if i >= len(flat) or not isinstance(flat[i], torch.Tensor):
+                continue
+            by_design = model is not None and not _runs_at_other_size(model, example_inputs,
+                                                                       kwargs or {}, i, d)
+            (design if by_design else act).append(f"input {i} dim {d} = {s}")
+    note = ""
+    if act:
+        note += ("; export fixed " + ", ".join(act) + " though the model runs at other sizes "
+                 "there (its code depends on that size): the graph runs only at that size; "
+                 "capture with example inputs of the size you will run, or make the model's "
+                 "code size-independent")
+    if design:
+        note += ("; " + ", ".join(design) + " fixed as the model itself requires (it does not "
+                 "run at other sizes there): nothing to do")
+    return note
 
 
 def _outputs_match(a: Any, b: Any) -> bool:
@@ -872,7 +905,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 gm.meta["fxpress"]["why"] += _bounded_note(bounded)
             if fixed is not None and dynamic:
                 gm.meta["fxpress"]["fixed_dims"] = fixed
-                gm.meta["fxpress"]["why"] += _fixed_note(fixed, example_inputs)
+                gm.meta["fxpress"]["why"] += _fixed_note(fixed, example_inputs, model, bound)
             guard_input_sizes(gm)  # export's own guards are code no artifact stores
             if bound:
                 gm.meta["fxpress"]["call_kwargs"] = dict(bound)

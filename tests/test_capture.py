@@ -301,6 +301,34 @@ def test_export_fixing_a_sequence_length_is_reported():
     assert gm(torch.randn(3, 5, 4)).shape == (3, 4)  # the batch stays free
 
 
+def test_the_fixed_size_note_tells_what_the_model_requires_from_what_the_graph_lost():
+    """Export fixes image channels and feature widths too; the note said of a ResNet's 3
+    channels that "the graph runs only at that size; capture with example inputs of the
+    size you will run". A size the model itself refuses to change is named as such; only a
+    size the model runs at but the graph does not comes with advice."""
+    class Scan(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.zeros_like(x[:, 0])
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.cell(h) + x[:, t])
+            return h
+
+    why = fxpress.capture(Scan(), (torch.randn(2, 5, 4),), method="export").meta["fxpress"]["why"]
+    lost, required = why.split("input 0 dim 1 = 5", 1)[1], why.split("input 0 dim 2 = 4", 1)[1]
+    assert lost.startswith(" though the model runs at other sizes") and "capture with" in lost
+    assert required.startswith(" fixed as the model itself requires") and "nothing to do" in required
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(1),
+                               torch.nn.Identity())
+    why = fxpress.capture(conv.eval(), (torch.randn(2, 3, 8, 8),), method="export").meta["fxpress"]["why"]
+    assert "input 0 dim 1 = 3 fixed as the model itself requires" in why
+    assert "export fixed" not in why  # no advice for the channels (the bounded H, W have theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models_are_compressed_in_float32(dtype, tmp_path):
     # a bfloat16 Llama or a float16 CNN failed in every weight pass (float32 codes and
