@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -55,6 +56,10 @@ _FUNCTIONS: dict[Any, tuple[str, tuple[str, ...], int]] = {
     _aten.convolution.default: (CONV, ("input", "weight", "bias", "stride", "padding", "dilation",
                                        "transposed", "output_padding", "groups"), -1),
 }
+# ``x @ W`` with a 2-D parameter ``W`` stored [in, out] (a hand-written layer using an
+# nn.Parameter as a raw matmul operand): a linear of the transposed weight, as addmm's
+for _t in (operator.matmul, torch.matmul, _aten.matmul.default, _aten.mm.default):
+    _FUNCTIONS[_t] = ("matmul", ("input", "weight"), 0)
 #: transposed convolutions (``ConvTransposeNd``): their own argument order
 _TRANSPOSED_CONV: set[Any] = set()
 for _n in (1, 2, 3):
@@ -408,6 +413,12 @@ def _op_from_function(gm, node) -> WeightedOp | None:
     spec: dict[str, Any] = {}
     if kind == "addmm":
         if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
+            return None
+        kind, transposed = LINEAR, True
+    if kind == "matmul":  # x @ W: only a 2-D float parameter on the right, an activation left
+        x_in, wt = a.get("input"), getattr(*_resolve(gm, str(w.target)))
+        if (not isinstance(wt, torch.Tensor) or wt.dim() != 2 or not wt.is_floating_point()
+                or not isinstance(x_in, torch.fx.Node) or x_in.op == "get_attr"):
             return None
         kind, transposed = LINEAR, True
     if kind == CONV:

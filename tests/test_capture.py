@@ -393,3 +393,36 @@ def test_embedding_max_norm_is_baked_and_the_callers_table_never_written(tmp_pat
     assert torch.nn.functional.cosine_similarity(res.module(ids).flatten(), ref.flatten(), 0) > 0.999
     fxpress.save(res.module, tmp_path / "m.fxp")
     assert torch.equal(fxpress.load(tmp_path / "m.fxp")(ids), res.module(ids))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_parameter_used_as_a_raw_matmul_operand_is_a_weighted_op(method, tmp_path):
+    """``h @ W`` with an nn.Parameter ``W`` stored [in, out], applied in a loop: no linear
+    read it, so every pass left it float (named in ``float_weights``)."""
+    class ParamLoop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Parameter(torch.randn(16, 24) * 0.2)
+            self.U = torch.nn.Parameter(torch.randn(24, 16) * 0.2)
+            self.inp, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.inp(x)
+            for _ in range(2):
+                h = torch.tanh(torch.tanh(h @ self.W) @ self.U)
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = ParamLoop().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 8, generator=g),) for _ in range(2)]
+    res = fxpress.compress(model, "quantize", calibration=batches, capture_method=method,
+                           progress=False)
+    st = res.records[0].stats
+    assert {"W", "U"} <= set(st["layers"]) and not st.get("float_weights")
+    x = torch.randn(5, 3, 8, generator=g)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(res.module(x).flatten(), model(x).flatten(), 0)
+    assert cos > 0.999
+    fxpress.save(res, tmp_path / "m.fxp")
+    assert torch.equal(fxpress.load(tmp_path / "m.fxp")(x), res.module(x))
