@@ -18,6 +18,9 @@ MiniLM's linears one by one (``_annotate_linear_unary`` off); GELU then runs as 
 op after the int8 linear, as it does in fxpress's graph.
 
 Latencies are medians of interleaved rounds at 2 threads (every variant once per round).
+The full size adds the compile matrix: ``tests/test_compile_matrix.py``'s check (one graph
+for batch 4, 1, 32 and another length, equal to eager) over every model it knows x every
+weight pass x (in memory, loaded), where the test runs one or two passes per model.
 ``--tiny`` traces the digits MLP with the ``aot_eager`` backend instead of Inductor (Inductor
 generates C++ for tens of seconds) and skips torchao.
 """
@@ -196,10 +199,48 @@ def _digits(size: str, kind: str) -> Table:
                     baseline, notes)
 
 
+#: the matrix's columns: every weight-rewriting built-in pass (and the binarize modes)
+MATRIX_PASSES = {
+    "prune": "prune{sparsity=0.5}", "int8": "quantize{bits=8}",
+    "4-bit g16": "quantize{bits=4,granularity=group,group_size=16}", "share 4": "share{bits=4}",
+    "sign": "binarize{mode=sign}", "ternary": "binarize{mode=ternary}", "pow2": "binarize{mode=pow2}",
+    "small": "small", "fold_bn + int8": "fold_bn,quantize{bits=8}",
+    "prune + int8": "prune{sparsity=0.5},quantize{bits=8}",
+}
+
+
+def _matrix() -> Table:
+    """``tests/test_compile_matrix.py``'s check over the whole product: every model x
+    every pass x (in memory, loaded); a cell gives the graphs compiled for batch 4, 1, 32
+    and another length (1: no recompile), "fail" with the error otherwise."""
+    import tempfile
+
+    from tests.test_compile_matrix import CELLS, GRAPHS, compile_cell
+
+    t = Table("fxpress.compile matrix (Dynamo whole graph, backend='eager'): graphs compiled "
+              "for batch 4, 1, 32 and another length, in memory / loaded",
+              ["model", *MATRIX_PASSES])
+    for name in CELLS:
+        row = [name]
+        for text in MATRIX_PASSES.values():
+            cell = []
+            for form in ("memory", "loaded"):
+                with tempfile.TemporaryDirectory() as folder:
+                    try:
+                        cell.append(str(compile_cell(name, text, form, folder)))
+                    except Exception as e:  # noqa: BLE001 - a cell reports what failed
+                        cell.append(f"fail ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+            row.append(" / ".join(cell))
+        t.add(*row)
+    t.notes.append(f"expected: 1 graph, except {GRAPHS} (torch's conv kernel choice per batch "
+                   f"range); every cell also equals the uncompiled graph at the four shapes")
+    return t
+
+
 def run(size: str) -> list[Table]:
     if size == "tiny":
         return [_digits(size, "mlp")]
     tables = [_minilm(size), _digits(size, "mlp")]
     if size == "full":
-        tables.append(_digits(size, "cnn"))
+        tables += [_digits(size, "cnn"), _matrix()]
     return tables
