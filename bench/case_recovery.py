@@ -7,7 +7,8 @@ the defaults were chosen: another MLP, a narrower CNN, a narrower and deeper tra
 and an MLP on scikit-learn's breast_cancer):
 
 * the built-in ``deep-compression`` recipe (gradual global pruning to 95% with a recovery
-  after each stage, 4-bit sharing with 8-bit biases, a final recovery);
+  after each stage, 4-bit sharing with 4-bit biases, norms and position embeddings on
+  4-bit grids, a final recovery);
 * ``prune{sparsity=0.95},share{bits=4},distill``: per-layer pruning, sharing, and one
   recovery after the last lossy pass (which must train through the codebooks).
 
