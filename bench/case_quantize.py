@@ -275,8 +275,52 @@ def _strategies(size: str) -> list[Table]:
     return out
 
 
+#: (in, out) of the layers of the small-call table
+SMALL_CALL_SHAPES = ((64, 64), (128, 128), (128, 512), (256, 256), (384, 384), (384, 1536))
+SMALL_CALL_ROWS = (1, 16, 64, 512)
+
+
+def _small_calls(size: str) -> Table:
+    """One int8 linear layer (quantize{bits=8}) at several widths and rows: decode=auto
+    (small calls in float from a copy decoded once, the rest on the int8 kernels) and
+    decode=int8 (every call on the kernels), each against torch's fp32 nn.Linear."""
+    import fxpress
+    from fxpress.passes.decode import AUTO_INT8_MIN_WORK
+
+    repeat = {"full": 41, "quick": 21, "tiny": 3}[size]
+    t = Table(f"int8 linear layers: speed vs fp32 nn.Linear by call size, {THREADS} threads, "
+              f"medians of {repeat} interleaved rounds", [
+                  "layer in x out", "rows", "work (x AUTO_INT8_MIN_WORK)", "auto path",
+                  "decode=auto (x fp32)", "decode=int8 (x fp32)"])
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        for i, o in SMALL_CALL_SHAPES:
+            torch.manual_seed(0)
+            lin = torch.nn.Sequential(torch.nn.Linear(i, o)).eval()
+            calib = [(torch.randn(32, i),)]
+            auto = fxpress.compress(lin, "quantize", calibration=calib, policy="warn",
+                                    progress=False).module
+            forced = copy.deepcopy(auto)
+            fxpress.set_decode(forced, "int8")
+            for rows in SMALL_CALL_ROWS:
+                x = torch.randn(rows, i)
+                lat = interleaved_medians({"fp32": lambda: lin(x), "auto": lambda: auto(x),
+                                           "int8": lambda: forced(x)}, repeat)
+                work = max(rows, 4) * i * o
+                t.add(f"{i}x{o}", rows, round(work / AUTO_INT8_MIN_WORK, 2),
+                      "float" if work < AUTO_INT8_MIN_WORK else "int8",
+                      round(lat["fp32"] / lat["auto"], 2), round(lat["fp32"] / lat["int8"], 2))
+    finally:
+        torch.set_num_threads(old)
+    t.notes.append("decode=auto runs a call of a stored int8 layer in float when max(rows, 4) x "
+                   "in x out < AUTO_INT8_MIN_WORK (passes/decode.py), holding a float copy of "
+                   "that layer (4 bytes per weight, at most AUTO_INT8_MIN_WORK weights)")
+    return t
+
+
 def run(size: str) -> list[Table]:
-    tables = _digits(size)
+    tables = _digits(size) + [_small_calls(size)]
     if size != "tiny":  # the smoke test keeps to the digits models; MiniLM takes minutes
         tables[:0] = [_minilm(size)] + _strategies(size)
     return tables

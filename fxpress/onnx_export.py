@@ -374,7 +374,10 @@ def _quiet():
 def _outputs(gm, inputs) -> list[torch.Tensor]:
     from fxpress.graph.capture import _flat_graph_inputs, eval_mode
 
-    with torch.no_grad(), eval_mode(gm):
+    from fxpress.passes.decode import int8_kernels_only
+
+    # int8 layers export as their integer kernels: compare with them at every call size
+    with torch.no_grad(), eval_mode(gm), int8_kernels_only():
         out = gm(*_flat_graph_inputs(gm, inputs))
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 

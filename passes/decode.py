@@ -15,7 +15,10 @@ A low-bit, codebook or binarized layer stores its weight compressed. At run time
 * ``"auto"`` (the default): ``"int8"`` for linear layers at least
   :data:`AUTO_INT8_MIN_WIDTH` wide both ways whose re-quantization error is at most
   :data:`AUTO_INT8_MAX_ERROR`; ``"float"`` for other linear layers and for convs;
-  ``"per_call"`` for embeddings that unpack only the rows they look up (else ``"float"``).
+  ``"per_call"`` for embeddings of more than :data:`AUTO_EMBEDDING_FLOAT_MAX` weights that
+  unpack only the rows they look up (else ``"float"``). A layer storing int8 codes runs a
+  call in float from a copy decoded once when the call is small
+  (:data:`AUTO_INT8_MIN_WORK`).
   Per batch size, the int8 path then picks its kernel by the rows of each call
   (:data:`~fxpress.passes.int8.ONEDNN_MIN_ROWS`).
 
@@ -27,8 +30,10 @@ each layer's path and the memory every strategy would hold.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Iterable
+import threading
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -46,9 +51,43 @@ AUTO_INT8_MIN_WIDTH = 256
 #: a row coarsens that row's step). 4-bit and codebook weights of MiniLM re-quantize with
 #: an error of 0.007 (most layers) to 0.02 (384x1536 layers of 4-bit groups).
 AUTO_INT8_MAX_ERROR = 0.03
+#: ``auto`` runs a call of a layer that stores int8 codes (``quantize{bits=8}``) in float,
+#: from a copy decoded once, when the call's work ``max(rows, 4) x in x out`` is below this:
+#: there the dynamic int8 path's fixed cost per call (quantizing the input, the kernel's
+#: dispatch) outweighs what the integer product saves. Measured at 1 thread, int8 over
+#: fp32 ``F.linear`` (``bench/case_quantize.py``'s crossover table): 64x64 0.39x at 1 row,
+#: 1.04x at 512 rows; 128x128 0.67x at 16 rows, 1.15x at 64; 256x256 0.59x at 1 row,
+#: 1.44x at 16; 384x384 0.99x at 1 row, 2.34x at 16; 384x1536 2.29x at 1 row.
+AUTO_INT8_MIN_WORK = 600_000
+#: ``auto`` keeps a float copy of an embedding table of at most this many weights (256 KB)
+#: instead of unpacking the looked-up rows on every call: a 50x16 int8 table's lookup of
+#: 3 rows took 31 us per call that way against 5 us for torch's own embedding. Larger
+#: tables (a vocabulary's) unpack their rows per call and hold nothing.
+AUTO_EMBEDDING_FLOAT_MAX = 65_536
 #: How the int8 path of a decoded layer quantizes its input: one scale per row needs no
 #: calibration (an outlier token does not flatten the others).
 DECODED_ACT_SCALE = "token"
+
+
+_KERNELS_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def int8_kernels_only() -> Iterator[None]:
+    """While the block runs (in this thread), every call of a layer storing int8 codes takes
+    the int8 kernels, as ``decode="int8"`` would, small calls too (see
+    :data:`AUTO_INT8_MIN_WORK`): what an ONNX export reproduces, and what the pipeline's
+    verifier measures (it runs with run-time caches off, so without the float copy)."""
+    _KERNELS_ONLY.depth = getattr(_KERNELS_ONLY, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _KERNELS_ONLY.depth -= 1
+
+
+def small_calls_in_float() -> bool:
+    """False inside :func:`int8_kernels_only`."""
+    return not getattr(_KERNELS_ONLY, "depth", 0)
 
 
 def normalize_decode(strategy: str) -> str:
@@ -143,7 +182,8 @@ class DecodeStrategy:
             return strategy
         # auto, or int8 where the op has no int8 path
         if self.kind == EMBEDDING:
-            return "per_call" if self.gathers_rows() else "float"
+            small = math.prod(self.shape) <= AUTO_EMBEDDING_FLOAT_MAX
+            return "per_call" if self.gathers_rows() and not small else "float"
         if self.kind == CONV or not self._int8_capable():
             return "float"
         if strategy == "auto" and min(self.shape) < AUTO_INT8_MIN_WIDTH:
@@ -202,6 +242,8 @@ class DecodeStrategy:
             runner = self if native else self.__dict__.get("_int8_twin")
             kernels = max(1, len(_packed_backends(runner))) if runner is not None else 1
             held["int8"] = (0 if native else n + 4 * rows) + kernels * (n + 4 * rows)
+            if "small_call_weight" in self.__dict__:  # auto's float copy for small calls
+                held["int8"] += 4 * n
         return held
 
     def decode_info(self) -> dict[str, Any]:
@@ -293,5 +335,7 @@ def format_decode_plan(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DECODE_CHOICES", "AUTO_INT8_MIN_WIDTH", "AUTO_INT8_MAX_ERROR", "DecodeStrategy",
+__all__ = ["DECODE_CHOICES", "AUTO_INT8_MIN_WIDTH", "AUTO_INT8_MAX_ERROR", "AUTO_INT8_MIN_WORK",
+           "AUTO_EMBEDDING_FLOAT_MAX", "int8_kernels_only",
+           "small_calls_in_float", "DecodeStrategy",
            "set_decode", "decode_plan", "format_decode_plan", "int8_twin", "normalize_decode"]

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from fxpress.graph.runtime import CompressedModule, op_forward
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR
-from fxpress.passes.decode import DecodeStrategy
-from fxpress.passes.int8 import Int8Kernels, _prepacked
+from fxpress.graph.memory import caches_enabled
+from fxpress.passes.decode import AUTO_INT8_MIN_WORK, DecodeStrategy, small_calls_in_float
+from fxpress.passes.int8 import Int8Kernels, _backend_override, _prepacked
 from fxpress.passes.quantize_grid import (code_range, dequantize_weight, from_groups, group_count,
                                           load_codes, store_codes, to_groups)
 
@@ -234,16 +235,58 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
         # the common case first, in the fewest Python steps (at batch 1 each call's
         # matmul takes tens of microseconds): stored int8 codes, no parameter (neither
         # fine-tuned nor trained), the int8 path chosen already
+        d = self.__dict__
         if (not self._parameters and self.activations == "dynamic" and not x.requires_grad
-                and self.__dict__.get("_decode_path") == "int8"):
+                and d.get("_decode_path") == "int8"):
+            if x.numel() < d.get("_float_below", 0) and self._small_call_ok(x):
+                return F.linear(x, self._small_call_weight(), self._buffers["bias"])
             return self.int8_forward(x)
         if self._training_path() or x.requires_grad:
             return op_forward(LINEAR, self.spec, x, self.weight_float(), self.bias)
         if self.decode_path() == "int8":
-            # stored int8 codes run as they are; other weights through their int8 twin
-            return (self.int8_forward(x) if self.activations == "dynamic"
-                    else self._twin().int8_forward(x))
+            if self.activations != "dynamic":  # other weights run through their int8 twin
+                return self._twin().int8_forward(x)
+            if x.numel() < d.get("_float_below", 0) and self._small_call_ok(x):
+                return F.linear(x, self._small_call_weight(), self.bias)
+            return self.int8_forward(x)
         return op_forward(LINEAR, self.spec, x, self.dense_weight(), self.bias)
+
+    def _choose_path(self) -> str:
+        path = super()._choose_path()
+        # auto runs a call in float when ``max(rows, 4) x in x out`` is below
+        # AUTO_INT8_MIN_WORK: an input of fewer than _float_below elements
+        out, cols = int(self.shape[0]), self.cols
+        small = (path == "int8" and self.native_int8() and self._requested() == "auto"
+                 and 4 * cols * out < AUTO_INT8_MIN_WORK)
+        self.__dict__["_float_below"] = -(-AUTO_INT8_MIN_WORK // out) if small else 0
+        return path
+
+    @staticmethod
+    def _small_call_ok(x: torch.Tensor) -> bool:
+        """Whether a small call (see :meth:`_choose_path`) may run in float: a float32
+        input, runtime caches on, no kernel forced by :func:`~fxpress.passes.int8.
+        int8_backend`, not inside :func:`~fxpress.passes.decode.int8_kernels_only`, not
+        under ``torch.compile`` (one graph for every batch size)."""
+        return (x.dtype == torch.float32 and not _backend_override and caches_enabled()
+                and small_calls_in_float() and not torch.compiler.is_compiling())
+
+    def _small_call_weight(self) -> torch.Tensor:
+        """The float weight of a small call, decoded at the first such call and kept as a
+        run-time cache (never in ``state_dict``; dropped with the other caches, decoded
+        again when the stored tensors are written)."""
+        b = self._buffers
+        versions = tuple(t._version if t is not None else -1
+                         for t in (b["qweight"], b["scale"], b.get("smooth")))
+        held = self.__dict__.get("small_call_weight")
+        if held is None or held[0] != versions:
+            with torch.no_grad():
+                held = self.__dict__["small_call_weight"] = (versions, self.weight_float())
+        return held[1]
+
+    def drop_cache(self) -> None:
+        super().drop_cache()
+        for key in ("small_call_weight", "_float_below"):
+            self.__dict__.pop(key, None)
 
 
 class QuantizedConv(QuantizedWeight):

@@ -8,16 +8,20 @@ from fxpress.errors import InputError
 from fxpress.graph.artifact import artifact_size
 from fxpress.graph.runtime import compressed_modules
 from fxpress.passes import int8 as int8_mod
-from fxpress.passes.decode import AUTO_INT8_MIN_WIDTH, decode_plan, set_decode
+from fxpress.passes.decode import (AUTO_EMBEDDING_FLOAT_MAX, AUTO_INT8_MIN_WIDTH,
+                                   AUTO_INT8_MIN_WORK, decode_plan, int8_kernels_only,
+                                   set_decode)
 from tests.helpers import assert_unchanged, state_snapshot
 
 
 class Net(torch.nn.Module):
-    """An embedding, two wide linear layers (auto: int8), a narrow one (auto: float)."""
+    """An embedding larger than auto's float limit (auto: per call), two wide linear layers
+    (auto: int8), a narrow one (auto: float)."""
 
     def __init__(self):
         super().__init__()
-        self.emb = torch.nn.Embedding(50, AUTO_INT8_MIN_WIDTH)
+        self.emb = torch.nn.Embedding(AUTO_EMBEDDING_FLOAT_MAX // AUTO_INT8_MIN_WIDTH + 50,
+                                      AUTO_INT8_MIN_WIDTH)
         self.up = torch.nn.Linear(AUTO_INT8_MIN_WIDTH, 384)
         self.down = torch.nn.Linear(384, AUTO_INT8_MIN_WIDTH)
         self.head = torch.nn.Linear(AUTO_INT8_MIN_WIDTH, 8)
@@ -159,6 +163,7 @@ def test_the_remembered_kernel_equals_the_full_path_and_sees_weight_changes(act_
     layer = QuantizedLinear((cols, cols), base.qweight.clone(), base.scale, None, base.bias, 8,
                             "symmetric", "channel", activations="dynamic", act_scale=act_scale,
                             smooth=smooth, stored=True)
+    layer.set_decode("int8")  # every call size through the kernels (auto runs small calls in float)
     with torch.no_grad():
         for rows in (3, int8_mod.ONEDNN_MIN_ROWS):  # fbgemm's size class, then oneDNN's
             x = torch.randn(2, rows, cols)
@@ -196,3 +201,88 @@ def test_a_twin_built_in_inference_mode_runs_the_fast_kernels(compressed, tmp_pa
         with int8_mod.int8_backend("reference"):
             exact = up(x)
     torch.testing.assert_close(y, exact, rtol=0.02, atol=0.02)
+
+
+# -- auto: small calls of stored int8 layers, small embedding tables ---------------------------
+
+def _int8_model(width_in: int, width_out: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width_in, width_out)).eval()
+    calib = [(torch.randn(32, width_in, generator=torch.Generator().manual_seed(seed + i)),)
+             for i in range(2)]
+    return model, fxpress.compress(model, "quantize", calibration=calib, policy="warn").module
+
+
+def test_auto_runs_small_calls_of_int8_layers_in_float():
+    """A call whose work max(rows, 4) x in x out is under AUTO_INT8_MIN_WORK runs in float
+    from a copy decoded once (the int8 path's fixed cost per call was more than the product
+    saved: 0.4-0.7x fp32 on 64-256 wide layers at 1-16 rows); larger calls take the int8
+    kernels; decode="int8" and a forced kernel always take them."""
+    model, gm = _int8_model(64, 96)
+    ((_, layer),) = compressed_modules(gm)
+    dense = layer.weight_float()
+    small = torch.randn(3, 64)  # 4 x 64 x 96 = 24,576 < AUTO_INT8_MIN_WORK
+    rows = -(-AUTO_INT8_MIN_WORK // (64 * 96)) + 1
+    big = torch.randn(rows, 64)
+    with torch.inference_mode():
+        assert torch.allclose(gm(small), torch.nn.functional.linear(small, dense, layer.bias),
+                              atol=1e-6)
+        assert int8_mod.prepacked_backends(layer) == []  # no int8 kernel ran
+        assert "small_call_weight" in layer.__dict__
+        y = gm(big)
+        assert int8_mod.prepacked_backends(layer)  # an int8 kernel ran for the large call
+        assert _rel(y, model(big)) < 0.02
+        assert not torch.equal(y, torch.nn.functional.linear(big, dense, layer.bias))
+        (row,) = decode_plan(gm)
+        assert row["path"] == "int8" and row["held_now"] >= 4 * 64 * 96  # the float copy counted
+        set_decode(gm, "int8")
+        assert "small_call_weight" not in layer.__dict__
+        gm(small)
+        assert "small_call_weight" not in layer.__dict__  # forced: the int8 path for every call
+        set_decode(gm, "auto")
+        with int8_mod.int8_backend("reference"):
+            gm(small)
+        assert "small_call_weight" not in layer.__dict__
+        with int8_kernels_only():  # what an ONNX export reproduces
+            gm(small)
+        assert "small_call_weight" not in layer.__dict__
+        assert "small_call_weight" not in dict(gm.state_dict())
+
+
+def test_small_call_copy_follows_writes_to_the_stored_codes():
+    _, gm = _int8_model(32, 32, seed=3)
+    ((_, layer),) = compressed_modules(gm)
+    x = torch.randn(2, 32)
+    with torch.inference_mode():
+        before = gm(x)
+        layer.qweight.neg_()  # the stored codes written in place
+        after = gm(x)
+    bias = layer.bias if layer.bias is not None else 0
+    assert torch.allclose(after - bias, -(before - bias), atol=1e-5)
+
+
+def test_wide_int8_layer_runs_every_call_size_in_int8():
+    """A layer where even 4 rows are AUTO_INT8_MIN_WORK or more never takes the float copy."""
+    side = int((AUTO_INT8_MIN_WORK / 4) ** 0.5) + 1
+    _, gm = _int8_model(side, side, seed=5)
+    ((_, layer),) = compressed_modules(gm)
+    with torch.inference_mode():
+        gm(torch.randn(1, side))
+    assert "small_call_weight" not in layer.__dict__ and int8_mod.prepacked_backends(layer)
+
+
+def test_auto_keeps_small_embedding_tables_decoded():
+    """Tables of at most AUTO_EMBEDDING_FLOAT_MAX weights decode once (a per-call row unpack
+    cost 31 us against torch's 5 us on a 50x16 table); larger ones unpack their rows."""
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Embedding(50, 16)).eval()
+    large = torch.nn.Sequential(torch.nn.Embedding(AUTO_EMBEDDING_FLOAT_MAX // 16 + 1, 16)).eval()
+    ids = [(torch.randint(0, 50, (4, 6)),)]
+    for model, path in ((small, "float"), (large, "per_call")):
+        gm = fxpress.compress(model, "quantize{bits=4}", calibration=ids).module
+        (row,) = decode_plan(gm)
+        assert row["path"] == path
+        with torch.inference_mode():
+            y = gm(*ids[0])
+            set_decode(gm, "per_call")
+            assert torch.equal(gm(*ids[0]), y)  # the same decoded rows either way

@@ -19,6 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from fxpress.onnx_export import export_onnx, session  # noqa: E402
+from fxpress.passes.decode import int8_kernels_only  # noqa: E402
 from fxpress.passes.verify import compare  # noqa: E402
 from tests.helpers import assert_unchanged, state_snapshot  # noqa: E402
 
@@ -38,6 +39,13 @@ def _ops(model) -> dict[str, int]:
 
 def _initializer(model, name: str) -> np.ndarray:
     return next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def _fx(module, *inputs):
+    """fxpress's own output with its int8 layers on their kernels at every call size (what
+    the export reproduces; decode=auto runs small calls of an int8 layer in float)."""
+    with torch.no_grad(), int8_kernels_only():
+        return module(*inputs)
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4):
@@ -62,7 +70,7 @@ def test_every_pass_on_the_mlp_runs_in_onnxruntime(small_mlp, calib, digits):
         res = fxpress.compress(small_mlp, text, calibration=calib[:1], policy="warn")
         out = export_onnx(res)
         with torch.no_grad():
-            ref = res.module(x)
+            ref = _fx(res.module, x)
         # per-token inputs: ORT rounds like fxpress's reference kernel, fbgemm's differs by ~0.4%
         _close(_run(out, x), ref, 1e-2 if "token" in text else 1e-5)
         ops = _ops(out.model)
@@ -83,7 +91,7 @@ def test_group_layers_with_a_shorter_last_group_run_as_matmulnbits(mlp, calib, d
     assert _ops(out.model).get("MatMulNBits") == 3, out.layers
     x = digits.x_test[:5]
     with torch.no_grad():
-        _close(_run(out, x), res.module(x), 1e-5)
+        _close(_run(out, x), _fx(res.module, x), 1e-5)
 
 
 def test_int8_layers_keep_fxpress_codes_and_scales(small_mlp, calib):
@@ -106,7 +114,7 @@ def test_cnn_quantized_shared_and_binarized_layers(cnn, digits):
         assert out.layers and all(f == "decoded float" or f.startswith("MatMulInteger")
                                   for f in out.layers.values()), out.layers
         with torch.no_grad():
-            ref = res.module(x[:3])
+            ref = _fx(res.module, x[:3])
         _close(_run(out, x[:3]), ref, 1e-4)
 
 
@@ -191,7 +199,7 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
         assert f"{out_proj}.inv_smooth" not in names
     assert "bert.encoder.layer.0.attention.self.query.inv_smooth" in names
     with torch.no_grad():
-        ref = res.module(*held_out)
+        ref = _fx(res.module, *held_out)
     m = compare([_run(out, *held_out)], [ref], top1=False)
     assert m.cosine_min >= 0.9999 and m.rel_l2 < 5e-3, m  # per-token rounding may differ by one step
 
@@ -251,7 +259,7 @@ def test_smoothing_moves_into_a_layernorm_read_only_by_its_layers():
     assert not names & {"fc1.inv_smooth", "a.inv_smooth", "b.inv_smooth"} and "fc2.inv_smooth" in names
     x = torch.randn(3, 6, 16) * torch.linspace(0.1, 8, 16)  # another batch size
     with torch.no_grad():
-        _close(_run(out, x), res.module(x), 1e-5)
+        _close(_run(out, x), _fx(res.module, x), 1e-5)
 
 
 def test_attention_that_onnxruntime_refuses_falls_back_to_plain_ops(monkeypatch):
@@ -283,7 +291,7 @@ def test_artifact_exports_without_example_inputs(small_mlp, calib, tmp_path, dig
     out = export_onnx(str(tmp_path / "m.fxp"), tmp_path / "m.onnx")
     x = digits.x_test[:5]
     with torch.no_grad():
-        ref = fxpress.load(tmp_path / "m.fxp")(x)
+        ref = _fx(fxpress.load(tmp_path / "m.fxp"), x)
     _close(_run(out, x), ref, 1e-5)
     stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in out.model.graph.initializer)
     assert stored < 0.35 * 4 * sum(p.numel() for p in small_mlp.parameters())  # int8, not float
