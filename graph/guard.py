@@ -55,15 +55,15 @@ def _name(func: Any) -> str:
 def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensors ``func`` writes into, as far as the call shows it."""
     out: list[torch.Tensor] = []
+    name = _name(func)
+    if name in _METADATA_ONLY:  # aten.detach_ too, whose schema marks self as written
+        return out
     if isinstance(func, torch._ops.OpOverload):
         schema_args = func._schema.arguments
         for i, a in enumerate(schema_args):
             if a.alias_info is not None and a.alias_info.is_write:
                 v = args[i] if i < len(args) else kwargs.get(a.name)
                 out += [t for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
-        return out
-    name = _name(func)
-    if name in _METADATA_ONLY:
         return out
     if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
         first = args[0] if args else None

@@ -378,3 +378,19 @@ def test_a_forward_that_writes_into_its_input_never_changes_the_callers_tensors(
     with pytest.raises(CaptureError, match=r"writes into its input\(s\) \[0\] in place"):
         fxpress.compress(model, "prune{sparsity=0.3}", calibration=calib, progress=False)
     assert torch.equal(x, kept[0]) and torch.equal(calib[0][0], kept[1])
+
+
+def test_detach_in_an_exported_graph_is_not_a_write_into_the_callers_tensor():
+    """torch.export records ``detach_`` as ``aten.detach_``, whose schema marks its input as
+    written: the guard took it for a write into the caller's tensor, and calibrating a
+    captured GPT-2 (``detach_`` on a lifted constant in its attention) failed with 'forward
+    writes in place into its own tensor ... (detach_)'. It changes only the wrapper's
+    autograd state; a real in-place op is still refused."""
+    from fxpress.errors import SharedTensorWriteError
+    from fxpress.graph.guard import _read_only
+
+    t = _read_only(torch.ones(3), "c")
+    torch.ops.aten.detach_.default(t)
+    with pytest.raises(SharedTensorWriteError, match="'c'"):
+        torch.ops.aten.add_.Tensor(t, 1)
+    assert torch.equal(t, torch.ones(3))
