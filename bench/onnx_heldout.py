@@ -4,7 +4,7 @@ attention), each compressed by ``quantize{bits=8}`` and by the bench's 4-bit pip
 exported at one batch size and length, then run by ONNX Runtime at another and compared
 with fxpress's own run of the same compressed graph (the export check's metrics)::
 
-    python -m bench.onnx_heldout            # seeds 0 and 1, about 5 minutes on 2 cores
+    python -m bench.onnx_heldout [SEED ...]     # default: seeds 0 and 1
 """
 from __future__ import annotations
 
