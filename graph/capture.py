@@ -371,6 +371,19 @@ def _fixed_note(fixed: dict[int, dict[int, int]], example_inputs: tuple, model=N
     return note
 
 
+def dtype_hint(model: torch.nn.Module, inputs: Any) -> str:
+    """A sentence for a model that does not run on its inputs when their floating dtype is
+    none of its weights' (a float32 batch for a ``model.double()``), else ""."""
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    given = {t.dtype for t in pytree.tree_leaves(inputs)
+             if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if not weights or not given or given & weights:
+        return ""
+    name = lambda ds: "/".join(sorted(str(d).removeprefix("torch.") for d in ds))  # noqa: E731
+    return (f" The model's weights are {name(weights)} and the float inputs {name(given)}: cast "
+            f"the inputs (x.to(torch.{name(weights).split('/')[0]})) or the model.")
+
+
 def _outputs_match(a: Any, b: Any) -> bool:
     la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
     if len(la) != len(lb):
@@ -845,7 +858,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 raise InputError(f"capture: {writes}") from e
             raise InputError(
                 f"capture: {type(model).__name__} does not run on the example inputs {shapes}: "
-                f"{type(e).__name__}: {e}. Pass inputs shaped like real model inputs.") from e
+                f"{type(e).__name__}: {e}. Pass inputs shaped like real model inputs."
+                f"{dtype_hint(model, example_inputs)}") from e
 
         written = _input_writes(copies)
         # a KV cache in the outputs (transformers' default use_cache=True): capture the one

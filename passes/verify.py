@@ -28,7 +28,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from fxpress.errors import InputError
-from fxpress.graph.capture import annotate_shapes, eval_mode, forward_parameters
+from fxpress.graph.capture import annotate_shapes, dtype_hint, eval_mode, forward_parameters
 from fxpress.graph.guard import forward_write_error
 from fxpress.passes.base import Tolerance
 
@@ -290,7 +290,7 @@ class Verifier:
                 raise InputError(f"{what}: {writes}") from e
             raise InputError(f"{what} (input shapes {shapes}) does not run on the model: "
                              f"{type(e).__name__}: {e}; every batch must be shaped like the "
-                             "example inputs") from e
+                             f"example inputs.{dtype_hint(reference, batch)}") from e
         self.reference_seconds = time.perf_counter() - start
         tensors = [t for leaves in self.reference for t in leaves if isinstance(t, torch.Tensor)]
         if tensors and not any(t.numel() for t in tensors):

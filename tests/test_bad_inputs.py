@@ -384,3 +384,17 @@ def test_distill_names_labels_it_cannot_train_on(label, fragment):
         fxpress.compress(model, "distill{epochs=1,lr=0.01}", (x,), train_data=[(x, label)],
                          progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_inputs_of_another_float_dtype_than_the_model_are_named_with_the_cast(dtype):
+    # model.double() (or a bf16 model) fed float32 batches: the error named the shapes and
+    # said to pass inputs "shaped like real model inputs" - the shapes were right
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).to(dtype).eval()
+    x = torch.randn(3, 8)
+    with pytest.raises(E.InputError) as err:
+        fxpress.compress(model, "prune{sparsity=0.5}", calibration=[(x,)], progress=False)
+    name = str(dtype).removeprefix("torch.")
+    assert f"weights are {name} and the float inputs float32" in str(err.value)
+    assert f"x.to(torch.{name})" in str(err.value)
