@@ -148,7 +148,8 @@ class Quantize(Pass):
     max_layer_error = option(None, "re-quantize at 8 bits every layer whose own output error "
                              "(relative L2 on the calibration inputs) exceeds this; the "
                              "layers kept at 8 bits are listed in stats['promoted']; unset: "
-                             "only layers of at most 4096 weights, above 0.25",
+                             "only layers of at most 4096 weights, above 0.25 and over twice "
+                             "their weight error",
                              type=(float, _NONE), low=0.0, low_open=True)
     decode = option("auto", "how weight-only layers compute at run time: 'per_call' decodes "
                     "the weight on every forward (memory); 'float' keeps the decoded weight; "
@@ -234,7 +235,9 @@ class Quantize(Pass):
                 if self.bits < 8 and (stats["rel_error"] > self.max_layer_error
                                       if self.max_layer_error is not None else
                                       op.numel <= TINY_LAYER_WEIGHTS
-                                      and stats["rel_error"] > TINY_LAYER_ERROR):
+                                      and stats["rel_error"] > TINY_LAYER_ERROR
+                                      and stats["rel_error"] > TINY_LAYER_RATIO
+                                      * stats.get("weight_error", 0.0)):
                     # the most sensitive layers keep 8 bits (per channel: the integer
                     # kernel can still run them)
                     low = stats["rel_error"]
@@ -684,8 +687,12 @@ def _never_written(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 #: Over ten models (EfficientNet, MobileNet-v3, RegNet, ResNet, a keyword spotter,
 #: ConvNeXt-V2, MobileViT, SegFormer, BERT, Llama; random weights) no layer outside
 #: EfficientNet's squeeze-excite reductions reached 0.2 at 4 bits.
+#: Only where the output error is over TINY_LAYER_RATIO times the weight's own (outputs
+#: near cancelling, 62 % from 10 %): at 2 bits every layer's output error is about its
+#: weight error, 0.3 and up, and a small model would have kept 8 bits everywhere.
 TINY_LAYER_WEIGHTS = 4096
 TINY_LAYER_ERROR = 0.25
+TINY_LAYER_RATIO = 2.0
 #: Output values (rows x channels) a layer's candidates are measured on at most: a wide
 #: layer (a language model's head) gets fewer calibration rows, so that the float and
 #: candidate outputs held during the search stay a few MB.

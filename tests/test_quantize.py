@@ -540,3 +540,10 @@ def test_below_8_bits_a_tiny_layer_with_a_large_output_error_keeps_8_bits_by_def
     res = fxpress.compress(se, "quantize{bits=4,max_layer_error=10}", calibration=batches,
                            progress=False, policy="warn")
     assert res.records[0].stats["promoted"] == []
+    # at 2 bits every layer's output error is about its weight error (0.3 and up): a small
+    # model keeps the bits it asked for
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32)).eval()
+    res = fxpress.compress(mlp, "quantize{bits=2}", calibration=[(torch.randn(16, 64, generator=g),)],
+                           progress=False, policy="warn")
+    assert res.records[0].stats["promoted"] == []
