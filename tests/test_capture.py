@@ -280,22 +280,25 @@ def test_a_branch_on_an_input_size_is_reported_and_guarded_after_load(tmp_path):
             g(long)
 
 
+class _Scan(torch.nn.Module):
+    """A recurrence in a Python loop over the sequence (Mamba's reference scan)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.zeros_like(x[:, 0])
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(h) + x[:, t])
+        return h
+
+
 def test_export_fixing_a_sequence_length_is_reported():
     """A model whose Python loops over the sequence (a recurrence, Mamba's reference scan)
     exports with that length fixed: the capture report says so, by input and dimension."""
-    class Scan(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cell = torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            h = torch.zeros_like(x[:, 0])
-            for t in range(x.shape[1]):
-                h = torch.tanh(self.cell(h) + x[:, t])
-            return h
-
     x = torch.randn(2, 5, 4)
-    gm = fxpress.capture(Scan(), (x,), method="export")
+    gm = fxpress.capture(_Scan(), (x,), method="export")
     assert gm.meta["fxpress"]["fixed_dims"] == {0: {1: 5, 2: 4}}
     assert "input 0 dim 1 = 5" in gm.meta["fxpress"]["why"]
     assert gm(torch.randn(3, 5, 4)).shape == (3, 4)  # the batch stays free
@@ -306,18 +309,7 @@ def test_the_fixed_size_note_tells_what_the_model_requires_from_what_the_graph_l
     channels that "the graph runs only at that size; capture with example inputs of the
     size you will run". A size the model itself refuses to change is named as such; only a
     size the model runs at but the graph does not comes with advice."""
-    class Scan(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cell = torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            h = torch.zeros_like(x[:, 0])
-            for t in range(x.shape[1]):
-                h = torch.tanh(self.cell(h) + x[:, t])
-            return h
-
-    why = fxpress.capture(Scan(), (torch.randn(2, 5, 4),), method="export").meta["fxpress"]["why"]
+    why = fxpress.capture(_Scan(), (torch.randn(2, 5, 4),), method="export").meta["fxpress"]["why"]
     lost, required = why.split("input 0 dim 1 = 5", 1)[1], why.split("input 0 dim 2 = 4", 1)[1]
     assert lost.startswith(" though the model runs at other sizes") and "capture with" in lost
     assert required.startswith(" fixed as the model itself requires") and "nothing to do" in required
