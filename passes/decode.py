@@ -55,7 +55,7 @@ AUTO_INT8_MAX_ERROR = 0.03
 #: from a copy decoded once, when the call's work ``max(rows, 4) x in x out`` is below this:
 #: there the dynamic int8 path's fixed cost per call (quantizing the input, the kernel's
 #: dispatch) outweighs what the integer product saves. Measured at 1 thread, int8 over
-#: fp32 ``F.linear`` (``bench/case_quantize.py``'s crossover table): 64x64 0.39x at 1 row,
+#: fp32 ``F.linear`` (``bench/case_quantize.py``'s small-call table): 64x64 0.39x at 1 row,
 #: 1.04x at 512 rows; 128x128 0.67x at 16 rows, 1.15x at 64; 256x256 0.59x at 1 row,
 #: 1.44x at 16; 384x384 0.99x at 1 row, 2.34x at 16; 384x1536 2.29x at 1 row.
 AUTO_INT8_MIN_WORK = 600_000
