@@ -335,7 +335,7 @@ def _runs_at_other_size(model, example_inputs: tuple, kwargs: dict, i: int, d: i
                  if isinstance(x, torch.Tensor) and x.dim() > d and x.shape[d] == size else x
                  for x in flat]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), quiet():  # a refused size's warnings are not the user's
                 model(*pytree.tree_unflatten(grown, spec), **kwargs)
             return True
         except Exception:  # noqa: BLE001 - the model refuses that size: it is its design
