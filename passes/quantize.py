@@ -359,8 +359,12 @@ class Quantize(Pass):
         own) and multiplies the decoded rows by a subset of the calibration rows quantised
         as the kernel quantises them: the integer product up to float rounding, estimated
         on about :data:`SIMULATED_WEIGHTS` weights and :data:`SIMULATED_ROWS` rows. The
-        cheapest candidate runs through the integer kernel on the whole sample first and
-        is kept when it is within ``act_error`` (the rule of :meth:`_choose`). Otherwise
+        cheapest candidate is measured first on the whole sample and every output channel,
+        and is kept when it is within ``act_error`` (the rule of :meth:`_choose`): where it
+        is per-tensor over the plain 8-bit symmetric codes (the default grid), by the same
+        simulation over every row and channel, made in the pass that makes the codes (the
+        kernel's output up to float rounding, without building and prepacking a weight for
+        the kernel); else through the integer kernel. Otherwise
         the candidates over its codes (per-token beside per-tensor: no new weight) run
         through the kernel too, and each other smoothing is built and run unless its
         estimate exceeds :data:`SIMULATION_MARGIN` times the bound the measured ones set
@@ -393,29 +397,47 @@ class Quantize(Pass):
         # the sample's per-column extremes, which every per-tensor candidate's range
         # comes from (smoothing divides them), taken once
         ranges = (x.amin(0), x.amax(0)) if any(a == "tensor" for a, _ in cands) else None
+        measured: dict[tuple, float] = {}
         for alpha in dict.fromkeys(al for _, al in cands):
             acts = [a for a, al in cands if al == alpha]
             smooth = self._smoothing(op, rec, w2, alpha, self._wmax(op, rec, w2, alpha))
             # quantised as a whole (one scale over every row), the subset of rows made
             xs = {a: simulated_input(x, a, smooth, kernel, step, ranges) for a in acts}
             key = (op.key, bits, tuple(w2.shape))  # _build's key of the unsmoothed codes
-            if (alpha is None and granularity == "channel" and bits == 8
-                    and self.scheme == "symmetric" and key not in codes):
+            plain8 = (alpha is None and granularity == "channel" and bits == 8
+                      and self.scheme == "symmetric")
+            # the cheapest candidate (per-tensor over the plain 8-bit codes) on the whole
+            # sample and every channel, simulated: the kernel's output up to float
+            # rounding, measured without building and prepacking a weight for the kernel
+            # (on a few rows the float product costs less than fbgemm's prepacking)
+            whole = None
+            if plain8 and cands[0] == ("tensor", None) and x.shape[0] <= WHOLE_SIMULATION_ROWS:
+                whole = xs["tensor"] if step == 1 else simulated_input(
+                    x, "tensor", None, kernel, 1, ranges)
+            out_whole = None
+            if plain8 and key not in codes:
                 # the unsmoothed codes every candidate without smoothing is built over,
-                # their exact weight error and the subset's simulated outputs in one pass
-                stored, scale, exact[alpha], outs = _stored_measured(w2, xs, ch, scale_mode,
-                                                                     w_norm)
+                # their exact weight error and the subset's simulated outputs (and the
+                # whole product) in one pass
+                stored, scale, exact[alpha], outs, out_whole = _stored_measured(
+                    w2, xs, ch, scale_mode, w_norm, whole)
                 codes[key] = (stored, scale, None)
                 est[alpha] = exact[alpha]
             elif granularity == "channel":
                 est[alpha], outs = _quantize_measured(w2[::ch], smooth, xs, bits, self.scheme,
                                                       scale_mode)
+                if whole is not None:  # codes made already (a tied weight's other op)
+                    out_whole, exact[alpha] = _codes_product(*codes[key][:2], whole, w2,
+                                                             w_norm)
             else:  # one scale over the whole weight: quantised whole
                 module = modules[(acts[0], alpha)] = self._build(op, rec, bits, acts[0], alpha, codes)
                 est[alpha], outs = _simulate(module, xs, w2)
                 exact[alpha] = est[alpha]
             for a, out in outs.items():
                 sim[(a, alpha)] = _rel_error(out, b_sim, ref_sim, sim_norm)
+            if out_whole is not None:
+                measured[cands[0]] = _rel_error(out_whole, b, ref, ref_norm)
+                del out_whole
 
         def werr(alpha):
             return exact.get(alpha, est[alpha])
@@ -430,8 +452,6 @@ class Quantize(Pass):
                     modules[c] = type(base).from_state(cfg, dict(base.named_buffers()))
                     modules[c].decode = base.decode
             return modules[c]
-
-        measured: dict[tuple, float] = {}
 
         def real(c):
             if c not in measured:
@@ -805,6 +825,11 @@ def _rel_error(out: torch.Tensor, b: torch.Tensor | None, ref: torch.Tensor,
 #: rows; the finalists' kernels run on all of both).
 SIMULATED_WEIGHTS = 1 << 17
 SIMULATED_ROWS = 128
+#: Sample rows up to which the cheapest candidate's output error is measured by the float
+#: simulation over every row and channel instead of the int8 kernel: on one thread here the
+#: float product of 16-128 rows took 0.2-0.7x the kernel's prepacking and run on GPT-2's
+#: and MiniLM's layer shapes, about 1x at 256 and 1.2-1.7x at 512 (MiniLM's sample).
+WHOLE_SIMULATION_ROWS = 256
 #: A candidate whose simulated error exceeds this many times the bound the kernel's
 #: measurements set is not built (the estimates run 0.75-1.8x the kernel's error on
 #: MiniLM's FFN layers).
@@ -844,17 +869,24 @@ def _quantize_measured(w2: torch.Tensor, smooth: torch.Tensor | None,
 
 
 def _stored_measured(w2: torch.Tensor, xs: dict[str, torch.Tensor], ch: int, scale_mode: str,
-                     norm: float) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
+                     norm: float, whole: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor],
+                                torch.Tensor | None]:
     """8-bit symmetric per-channel codes of ``w2`` as :func:`quantize_stored` stores them
     (the same blocks), and in the same pass what measuring them needs: the decoded
     weight's relative error against ``w2`` (``norm``: its norm), the value
     :func:`_weight_error` gives, and each simulated input's product with the decoded
-    rows ``::ch`` (:func:`_quantize_measured` of ``w2[::ch]``). Returns (stored codes,
-    scales, weight error, outputs)."""
+    rows ``::ch`` (:func:`_quantize_measured` of ``w2[::ch]``); with ``whole`` (a
+    simulated input, :func:`simulated_input` of the whole sample), also its product with
+    every decoded row. Returns (stored codes, scales, weight error, outputs, the whole
+    product or None)."""
     rows, cols = w2.shape
     step = max(1, (1 << 20) // max(cols, 1))
     stored = torch.empty((rows, cols), dtype=torch.int8)
-    outs = {a: x.new_empty((x.shape[0], len(range(0, rows, ch)))) for a, x in xs.items()}
+    # an input that is ``whole`` itself: its rows ``::ch`` are taken from the whole product
+    sub_xs = {a: x for a, x in xs.items() if x is not whole}
+    outs = {a: x.new_empty((x.shape[0], len(range(0, rows, ch)))) for a, x in sub_xs.items()}
+    out_whole = None if whole is None else whole.new_empty((whole.shape[0], rows))
     scales, sq = [], 0.0
     with torch.no_grad():
         for start in range(0, rows, step):
@@ -864,14 +896,39 @@ def _stored_measured(w2: torch.Tensor, xs: dict[str, torch.Tensor], ch: int, sca
             s = s.float()
             scales.append(s)
             dec = codes.mul_(s.reshape(-1, 1))  # int8 codes times their scale, as decoded
+            if out_whole is not None:
+                out_whole[:, start:start + blk.shape[0]] = whole @ dec.t()
             first = (-start) % ch
             sub = dec[first::ch]
-            if len(sub):
+            if len(sub) and sub_xs:
                 j = (start + first) // ch
-                for a, x in xs.items():
+                for a, x in sub_xs.items():
                     outs[a][:, j:j + len(sub)] = x @ sub.t()
             sq += float(torch.linalg.vector_norm(dec.sub_(blk))) ** 2
-    return stored, torch.cat(scales), (math.sqrt(sq) / norm if norm > 0 else 0.0), outs
+    for a, x in xs.items():
+        if a not in outs:
+            outs[a] = out_whole[:, ::ch].clone()
+    return stored, torch.cat(scales), (math.sqrt(sq) / norm if norm > 0 else 0.0), outs, out_whole
+
+
+def _codes_product(stored: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
+                   w2: torch.Tensor, norm: float) -> tuple[torch.Tensor, float]:
+    """``x`` times the decoded 8-bit symmetric per-channel codes ``stored`` (scales
+    ``scale``, one per row) transposed, and the decoded weight's relative error against
+    ``w2`` (``norm``: its norm), decoded about a million weights at a time as
+    :func:`_weight_error` decodes them (each code times its row's scale: the values
+    :func:`_stored_measured` multiplies by)."""
+    rows, cols = stored.shape
+    out = x.new_empty((x.shape[0], rows))
+    step = max(1, (1 << 20) // max(cols, 1))
+    sq = 0.0
+    with torch.no_grad():
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            dec = torch.mul(stored[start:end], scale[start:end].reshape(-1, 1))
+            out[:, start:end] = x @ dec.t()
+            sq += float(torch.linalg.vector_norm(dec.sub_(w2[start:end]))) ** 2
+    return out, (math.sqrt(sq) / norm if norm > 0 else 0.0)
 
 
 def _simulate(module: QuantizedWeight, xs: dict[str, torch.Tensor], w2: torch.Tensor

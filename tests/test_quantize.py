@@ -547,3 +547,36 @@ def test_below_8_bits_a_tiny_layer_with_a_large_output_error_keeps_8_bits_by_def
     res = fxpress.compress(mlp, "quantize{bits=2}", calibration=[(torch.randn(16, 64, generator=g),)],
                            progress=False, policy="warn")
     assert res.records[0].stats["promoted"] == []
+
+
+@pytest.mark.parametrize("seed,rows", [(0, 24), (1, 100), (2, 200)])
+def test_cheapest_candidate_measured_without_the_kernel_equals_the_kernel(seed, rows, monkeypatch):
+    # act_scale=auto measures its cheapest candidate (per-tensor) on the whole calibration
+    # sample: on up to WHOLE_SIMULATION_ROWS rows by the float simulation of the kernel's
+    # product, prepacking nothing in the pass (fbgemm below 128 rows, oneDNN above on
+    # these >= 256-wide layers); the error it reports is the kernel's own
+    assert rows <= Q.WHOLE_SIMULATION_ROWS
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(288, 320), torch.nn.GELU(),
+                                torch.nn.Linear(320, 264)).eval()
+    x = torch.randn(rows, 288, generator=g)
+    gm = fxpress.capture(model, (x,))
+    p = fxpress.Pipeline.parse("quantize{bits=8}").passes[0]
+    built = []
+    real = I8.Int8Kernels._cached
+    monkeypatch.setattr(I8.Int8Kernels, "_cached", lambda self, *a: built.append(1) or real(self, *a))
+    res = p.run(gm, fxpress.PassContext(example_inputs=(x,), calibration=[(x,)], reference=model))
+    monkeypatch.undo()
+    layers = res.stats["layers"]
+    assert [v["measured"] for v in layers.values()] == [["tensor"], ["tensor"]]
+    assert built == []  # no kernel built in the pass
+    with torch.no_grad():
+        inputs = {"0.weight": x, "2.weight": model[1](model[0](x))}
+        for m in res.module.modules():
+            if isinstance(m, QuantizedLinear):
+                name = next(k for k in inputs if m.shape[1] == inputs[k].shape[1])
+                layer = model[0] if name == "0.weight" else model[2]
+                ref = layer(inputs[name])
+                kernel = Q._output_error(m, inputs[name], ref)
+                assert layers[name]["rel_error"] == pytest.approx(kernel, rel=1e-3), name
