@@ -415,6 +415,62 @@ def test_node_count_is_refused_before_anything_is_built(tmp_path):
         artifact.loads(data)
 
 
+def _relu_chain(good, names, fanin: int = 1) -> bytes:
+    """``good`` with its graph replaced by a chain of nodes named ``names``, each taking the
+    ``fanin`` nodes before it (``torch.cat``) or the one before it (``torch.relu``)."""
+    def mutate(h):
+        nodes = h["graph"]["nodes"]
+        new, done = [nodes[0]], [nodes[0]["name"]]
+        for nm in names:
+            refs = [{"$": "node", "v": done[-1 - j % len(done)]} for j in range(fanin)]
+            args = {"$": "tuple", "v": [{"$": "tuple", "v": refs}]} if fanin > 1 else \
+                {"$": "tuple", "v": refs}
+            new.append({"name": nm, "op": "call_function", "args": args,
+                        "target": "torch.cat" if fanin > 1 else "torch.relu"})
+            done.append(nm)
+        new.append({"name": "output", "op": "output", "target": "output",
+                    "args": {"$": "tuple", "v": [{"$": "node", "v": done[-1]}]}})
+        h["graph"]["nodes"] = new
+    return tamper(good, mutate)
+
+
+def test_the_generated_code_is_bounded_before_the_graph_is_built(good):
+    """A name is short in the file (a version 3 reference is a distance back) but written
+    into the generated code at every use: 20 nodes of 4,000-character names, each taking
+    the 300 before it, are a 3 KB file whose code is 24 M characters (a 15,000-node one
+    took 40 s and 1.3 GB to load). Counted on the header, refused before anything is built."""
+    names = ["a" * 3990 + "%010d" % i for i in range(20)]
+    data = _relu_chain(good, names, fanin=300)
+    assert len(data) < 5_000
+    with pytest.raises(ArtifactLimitError, match="generated code would exceed 16777216 characters"):
+        _load(data)
+    # within the limit, and a limit raised by the caller, it loads
+    assert len(_load(_relu_chain(good, names[:2], fanin=2)).code) > 16_000
+    _load(data, limits=Limits(code_chars=1 << 26))
+
+
+@pytest.mark.parametrize("name", ["print", "list", "inf", "torch", "NoneType"])
+def test_node_names_torch_fx_would_rename_are_refused(good, name):
+    """torch.fx renames a node named as a builtin (``print`` -> ``print_1``); stored names
+    that then collide step its counter from where a name like ``print_00`` put it back:
+    14,000 nodes took 16 s, quadratic. fx never writes such a name: refused."""
+    names = [name] + [f"{name}_{i}" for i in range(1, 4)] + [f"{name}_00", f"{name}_4"]
+    with pytest.raises(ForbiddenTargetError, match=f"node name '{name}' is a Python keyword"):
+        _load(_relu_chain(good, names))
+
+
+def test_module_trees_are_bounded_in_depth(good):
+    """torch.nn walks a module tree recursively: a 2,047-deep one loaded only into a
+    RecursionError, one deep enough to load broke the caller's state_dict()."""
+    def mutate(h, depth=Limits().depth + 1):
+        for i in range(1, depth + 1):
+            h["modules"].append({"path": ".".join(["m"] * i), "kind": "container",
+                                 "class": "torch.nn.Module"})
+    with pytest.raises(ArtifactLimitError, match="nested 65 deep, over the limit of 64"):
+        _load(tamper(good, mutate))
+    _load(tamper(good, lambda h: mutate(h, Limits().depth)))
+
+
 @pytest.mark.parametrize("codec", ["zlib", "bz2", "lzma"])
 def test_stream_decompression_stops_at_the_declared_size(bombs, codec):
     # a 1 KB tensor whose stream inflates to 2 GB: decoding stops at 1 KB + 1

@@ -36,14 +36,23 @@ class Limits:
     header_text_bytes: int = 64 << 20
     #: objects and arrays in the header's JSON (counted on the text, before parsing)
     json_containers: int = 2_000_000
-    #: nesting of JSON values and of tagged values (tuples in tuples ...)
+    #: nesting of JSON values, of tagged values (tuples in tuples ...) and of modules
     depth: int = 64
-    #: graph nodes, module entries, tensor entries
-    nodes: int = 100_000
-    modules: int = 100_000
-    tensors: int = 200_000
+    #: graph nodes, module entries, tensor entries (each loads in ~0.2 ms: 50,000 nodes
+    #: 8.7 s, python -m bench.crafted_load; Llama with 32 layers has 2,516 nodes)
+    nodes: int = 50_000
+    modules: int = 20_000
+    tensors: int = 50_000
     #: characters in a name, target, class name or string value of the graph and modules
     string: int = 4096
+    #: characters of the Python code torch.fx generates for the graph, counted on the header
+    #: before anything is built: each node's name and target, each reference to a node (its
+    #: name again) and each string argument. A name is short in the file (a version 3
+    #: reference is a distance back, a derived name is not stored) but written into the
+    #: code at every use, and building and compiling the code costs ~0.1 µs and ~6 bytes
+    #: of memory a character (python -m bench.crafted_load); the biggest real graphs write
+    #: ~0.3 M (Llama with 32 layers, 2,516 nodes: 267,125 characters)
+    code_chars: int = 16 << 20
     #: decoded bytes of all ``acW``-coded streams together (graph/artifact/arith.py decodes
     #: in Python, ~4 µs of CPU a byte: this bounds a file's decoding to seconds); writers
     #: stay under the default

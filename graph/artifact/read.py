@@ -342,6 +342,8 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
         elif op in ("placeholder", "get_attr") and any(isinstance(a, torch.fx.Node) for a in args):
             raise ArtifactFormatError(f"{nw}: a {op} node takes no node arguments")
         node = graph.create_node(op, target, args, kwargs, name=n["name"])
+        if node.name != n["name"]:  # torch.fx renamed it: the schema lets no such name through
+            raise ArtifactFormatError(f"{nw}: torch.fx does not keep this name")
         env[n["name"]] = node
         if n.get("shape") is not None and "dtype" in n:
             shape = n["shape"]

@@ -11,6 +11,7 @@ where that is what it is) naming the field, module or node.
 """
 from __future__ import annotations
 
+import builtins
 import keyword
 import math
 import re
@@ -39,6 +40,12 @@ _BASE_KEYS = frozenset(vars(torch.nn.Module()).keys())
 #: never a graph input's name, which becomes a parameter of the generated forward()
 _RESERVED = ops.BUILTINS | frozenset(
     "self torch device fx_pytree pytree inf nan NoneType operator math builtins".split())
+#: node names torch.fx never keeps (keywords, builtins, its own globals): it renames such a
+#: node with a counter, and a stored name that then collides makes every later collision
+#: scan the counter from where a name like ``print_00`` reset it (quadratic: 14,000 nodes
+#: took 16 s). fx itself never writes one, so a file that does is refused.
+_FX_RENAMES = frozenset(keyword.kwlist) | frozenset(vars(builtins)) | frozenset(
+    getattr(torch.fx.graph, "_illegal_names", ()))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -83,6 +90,25 @@ def _check_tensor_name(cls: type, name: Any, where: str, limit: int) -> str:
         raise ArtifactSecurityError(f"{where}: tensor name {name!r} would replace an attribute "
                                     f"of {cls.__name__}")
     return name
+
+
+def _code_chars(v: Any) -> int:
+    """Characters the tagged value ``v`` (a node's args or kwargs, references by name)
+    writes into the generated code: a referenced node's name, a string's text, ~8 for any
+    other leaf; without recursion (the value is unchecked)."""
+    total, stack = 0, [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            if x.get("$") == "node" and isinstance(x.get("v"), str):
+                total += len(x["v"]) + 2
+            else:
+                stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        else:
+            total += len(x) + 2 if isinstance(x, str) else 8
+    return total
 
 
 def _itemsize(dtype: Any) -> int:
@@ -158,6 +184,11 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
         path = _check_qualname(m.get("path"), f"{where}: module path", allow_empty=True,
                                limit=limits.string)
         parent = path.rpartition(".")[0]
+        if path.count(".") >= limits.depth:  # torch.nn walks a module tree recursively
+            raise ArtifactLimitError(f"{where}: module {_short_repr(path, 60)} is nested "
+                                     f"{path.count('.') + 1} deep, over the limit of "
+                                     f"{limits.depth}; pass limits=Limits(depth=...) to load() "
+                                     "if you trust the file")
         if path in paths or (path and not paths.get(parent)):
             raise ArtifactFormatError(f"{where}: module {path!r} is duplicated or does not come "
                                       "after its parent (a real module, not an alias)")
@@ -233,6 +264,7 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
             attrs.add(_join(path, tname))
         plan.modules.append(m)
     names: set[str] = set()
+    code = 0  # characters of the code fx will generate (Limits.code_chars)
     for n in nodes:
         if not isinstance(n, dict):
             raise ArtifactFormatError(f"{where}: malformed node")
@@ -284,6 +316,17 @@ def _validate(header: dict, allow: Allowlist, where: str, limits: Limits | None 
                                                f"{_short_repr(attr)}")
         elif op == "output" and target != "output":
             raise ArtifactFormatError(f"{nw}: output node target must be 'output'")
+        if name in _FX_RENAMES:
+            raise ForbiddenTargetError(f"{nw}: node name {name!r} is a Python keyword or builtin or a "
+                                       "global of torch.fx's code, which torch.fx never writes")
+        # a name is written where the node is defined and freed, a target where it is called
+        code += 2 * len(name) + len(str(n.get("target"))) + 8 + _code_chars(n.get("args")) + \
+            _code_chars(n.get("kwargs"))
+        if code > limits.code_chars:
+            raise ArtifactLimitError(
+                f"{nw}: the graph's generated code would exceed {limits.code_chars} characters "
+                "(names, targets and string arguments, a name again at every use); pass "
+                "limits=Limits(code_chars=...) to load() if you trust the file")
         shape = n.get("shape")
         if shape is not None and not (isinstance(shape, list) and len(shape) <= 64 and all(
                 s is None or (isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 48)
