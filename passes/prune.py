@@ -29,7 +29,6 @@ concatenates the model's weights or copies them.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -588,14 +587,10 @@ class Prune(Pass):
         """Neither threshold nor sparsity: the highest sparsity of :data:`AUTO_LADDER` whose
         one-shot result keeps this pass's own tolerance, tightened by a quarter of its slack
         (the search sees at most 4 calibration batches, the verifier all of them)."""
-        from fxpress.passes.verify import Verifier, misses
+        from fxpress.passes.verify import misses, one_shot_check
 
-        batches = list(ctx.calibration or [ctx.example_inputs])[:4]
-        before = Verifier(gm, batches)
-        tol = self.tol
-        strict = dataclasses.replace(tol, **{
-            k: 1 - 0.75 * (1 - getattr(tol, k)) for k in ("min_cosine", "min_top1")
-            if getattr(tol, k) is not None})
+        before, strict = one_shot_check(self.tol, gm, ctx)
+        batches = before.batches
         given = {k: v for k, v in self._given.items() if k != "sparsity"}
         tried: dict[float, float] = {}  # sparsity -> the cosine the tolerance reads
         kept: list[float] = []

@@ -8,7 +8,8 @@ and against the graph before the pass (incremental):
 * ``max_abs``   largest absolute difference
 * ``rel_l2``    ||new - ref|| / ||ref|| over all outputs
 * ``cosine``    mean cosine similarity of each sample's flattened output (``cosine_min``: worst)
-* ``top1``      argmax agreement, for ``[batch, classes]`` logits
+* ``top1``      argmax agreement, for ``[batch, classes]`` logits (a class the reference
+                ties with its argmax agrees too: :data:`TOP1_TIE`)
 * ``nonfinite`` NaN/Inf values that the reference does not have
 * ``accuracy``, ``accuracy_ratio`` when the verifier has labelled batches: task accuracy
   (argmax against the label) and its ratio to the other graph's (for recovery steps)
@@ -17,6 +18,7 @@ A :class:`~fxpress.passes.base.Tolerance` turns these into a verdict.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -140,6 +142,22 @@ def _without_padding(leaves: list[torch.Tensor], mask: torch.Tensor) -> list[tor
 _STEP = 1 << 18
 
 
+#: A sample's reference logits within this fraction of their row's standard deviation of
+#: the largest are tied: an argmax on any of them agrees (a random-weight classifier's
+#: near-tied logits flipped under 8-bit quantization at margins of 0.5-2.5 % of it).
+TOP1_TIE = 0.03
+
+
+def top1_agreement(new: torch.Tensor, ref: torch.Tensor) -> int:
+    """Rows of ``[batch, classes]`` logits whose argmax in ``new`` is the reference's, or a
+    class the reference ties with it (within :data:`TOP1_TIE` of the row's standard
+    deviation): which of two near-equal scores wins is no decision of the model's."""
+    r = ref.double()
+    picked = r.gather(1, new.argmax(1, keepdim=True)).squeeze(1)
+    tie = TOP1_TIE * r.std(1, unbiased=False)
+    return int(((new.argmax(1) == ref.argmax(1)) | (picked >= r.max(1).values - tie)).sum())
+
+
 def compare(new: Outputs, ref: Outputs, top1: bool | frozenset[int] = True) -> Metrics:
     """Metrics of outputs ``new`` against ``ref`` (same structure); ``top1`` for logits
     (all ``[batch, classes]`` outputs, or those at the given positions of each batch's).
@@ -195,7 +213,7 @@ def compare(new: Outputs, ref: Outputs, top1: bool | frozenset[int] = True) -> M
                 cos_min = min(cos_min, float(cos.min()))
             wanted = j in top1 if isinstance(top1, frozenset) else top1
             if wanted and r.dim() == 2 and r.shape[1] >= 2:
-                agree += int((n.argmax(1) == r.argmax(1)).sum())
+                agree += top1_agreement(n, r)
                 total += r.shape[0]
     rel = math.sqrt(err2) / math.sqrt(ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
     return Metrics(max_abs=max_abs, rel_l2=rel, cosine=cos_sum / cos_n if cos_n else 1.0,
@@ -215,6 +233,18 @@ def misses(tol: Tolerance, metrics: Metrics) -> list[tuple[str, float, float]]:
         if bad or math.isnan(value):
             out.append((key, limit, value))
     return out
+
+
+def one_shot_check(tol: Tolerance, gm: torch.fx.GraphModule, ctx) -> tuple["Verifier", Tolerance]:
+    """What a pass that chooses its own setting (prune's sparsity, share's bits) measures its
+    trials with: a verifier of ``gm`` on at most 4 of ``ctx``'s calibration batches (the
+    example inputs without any), and ``tol`` with a quarter of its slack kept in reserve
+    (the search sees those batches, the pipeline's verifier all of them)."""
+    batches = list(ctx.calibration or [ctx.example_inputs])[:4]
+    strict = dataclasses.replace(tol, **{
+        k: 1 - 0.75 * (1 - getattr(tol, k)) for k in ("min_cosine", "min_top1")
+        if getattr(tol, k) is not None})
+    return Verifier(gm, batches), strict
 
 
 def task_accuracy(outputs: Outputs, labels: Sequence[torch.Tensor]) -> float | None:

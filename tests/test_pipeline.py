@@ -358,6 +358,26 @@ def test_one_value_per_sample_is_compared_as_a_column():
     assert compare([[wrong]], [[ref]], top1=False).cosine_min < 0.3
 
 
+def test_top1_counts_a_flip_between_tied_reference_logits_as_agreement():
+    # a random-weight classifier's logits can be near-tied: 8-bit quantize flipped one of
+    # 16 ResNet samples whose top two differed by 0.6 % of the row's spread, and strict
+    # policy refused a pass that kept cosine 0.9999
+    from fxpress.passes.verify import TOP1_TIE, compare
+
+    ref = torch.tensor([[2.0, 2.0 - 0.5 * TOP1_TIE, -1.0, 0.0], [3.0, 0.0, 1.0, -2.0]])
+    std = float(ref[0].std(unbiased=False))
+    tied = ref.clone()
+    tied[0, 1] += 0.02 * std  # within the tie: the second class now wins
+    assert tied[0].argmax() == 1 and compare([[tied]], [[ref]]).top1 == 1.0
+    real = ref.clone()
+    real[1, 2] = 3.5  # a decided sample changes its class
+    assert compare([[real]], [[ref]]).top1 == 0.5
+    apart = torch.tensor([[2.0, 2.0 - 2 * TOP1_TIE * std, -1.0, 0.0]])
+    flipped = apart.clone()
+    flipped[0, 1] = 2.1
+    assert compare([[flipped]], [[apart]]).top1 == 0.0
+
+
 def test_weights_no_pass_can_reach_are_named_in_the_report():
     """A parameter read by something other than a linear/conv/embedding op (a position
     table added to activations) stays float: every weight-rewriting pass's record names it

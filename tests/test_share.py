@@ -352,3 +352,34 @@ def test_batched_lloyd_equals_one_fit_at_a_time():
         one = K.kmeans_1d(x, 16)
         assert torch.equal(fit.centroids, one.centroids)
         assert torch.equal(fit.encode(x), one.encode(x))
+
+
+def _gaussian_stack(seed: int) -> torch.nn.Module:
+    """Linears with transformers' N(0, 0.02) initialisation between LayerNorms: 4-bit
+    codebooks move its outputs by 5-20 % (random weights, nothing learnt to keep)."""
+    torch.manual_seed(seed)
+    layers = [m for _ in range(4) for m in (torch.nn.Linear(32, 32), torch.nn.LayerNorm(32))]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 4)).eval()
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.02)
+            torch.nn.init.zeros_(m.bias)
+    return model
+
+
+def test_share_without_bits_chooses_the_fewest_that_keep_its_tolerance():
+    # default `share` on random ViT / ConvNeXt / DeiT classifiers missed its own tolerance
+    # (cosine 0.94-0.97) and strict policy refused it; a user who gives no bits gets a
+    # codebook that keeps the tolerance, as prune chooses its sparsity
+    model = _gaussian_stack(0)
+    x = (torch.randn(16, 32, generator=torch.Generator().manual_seed(1)),)
+    res = fxpress.compress(model, "share", example_inputs=x, progress=False)  # strict
+    auto = res.records[-1].stats["auto_bits"]
+    assert auto["tried"][4] < 0.985 and auto["chosen"] > 4
+    assert list(auto["tried"]) == [b for b in (4, 5, 6, 8) if b <= auto["chosen"]]
+    assert {m.bits for _, m in compressed_modules(res.module)} == {auto["chosen"]}
+    # bits given are kept as given
+    given = fxpress.compress(model, "share{bits=4}", example_inputs=x, policy="warn",
+                             progress=False)
+    assert given.records[-1].status == "warn" and "auto_bits" not in given.records[-1].stats
+    assert {m.bits for _, m in compressed_modules(given.module)} == {4}
