@@ -1212,3 +1212,15 @@ def test_a_runtime_config_missing_a_field_is_refused_at_load(key):
     with pytest.raises(ArtifactFormatError, match="module 'fc': CodebookLinear built from the "
                                                   "file's config cannot give its config back"):
         artifact.loads(tamper(data, mutate), classes)
+
+
+@pytest.mark.parametrize("path, field", [("fc", "in_features"), ("fc", "out_features"),
+                                         ("conv", "padding_mode"), ("conv", "stride"),
+                                         ("conv", "groups")])
+def test_a_torch_nn_module_missing_a_field_is_refused_at_load(good, path, field):
+    """A torch.nn module stored without one of its class's fields loaded, then failed at
+    its first call with a raw AttributeError: refused at load, naming the module."""
+    bad = tamper(good, lambda h: _module(h, path)["config"].pop(field))
+    with pytest.raises(ArtifactFormatError, match=f"module '{path}' \\(torch.nn.[A-Za-z0-9]+\\) "
+                                                  f"lacks the field\\(s\\) {field}"):
+        _load(bad)

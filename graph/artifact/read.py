@@ -20,7 +20,7 @@ from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _s
                                            _split_prefix, as_path, open_regular,
                                            read_bounded)
 from fxpress.graph.artifact.limits import Limits, resolve
-from fxpress.graph.artifact.modules import finish_torch_nn
+from fxpress.graph.artifact.modules import TORCH_NN, finish_torch_nn
 from fxpress.graph.artifact.kernels import (check_constant_sizes, check_module_sizes,
                                             guard_kernel_calls)
 from fxpress.graph.artifact.rnn import check_rnn_tree, guard_lstm_calls
@@ -198,6 +198,7 @@ def _damaged_streams(header: dict, payload: memoryview) -> list[str]:
 
 def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
     built: dict[str, torch.nn.Module] = {}
+    paths = {m["path"] for m in plan.modules} | {p for p, _ in plan.aliases}
     root = torch.nn.Module()
     for m in plan.modules:
         path = m["path"]
@@ -245,6 +246,7 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str)
                 else:
                     object.__setattr__(mod, n, t)
             if path and m.get("kind") == "torch.nn":
+                _check_fields(m, mod, paths, where)
                 finish_torch_nn(mod)
         mod.training = bool(m.get("training", False))
         built[path] = mod
@@ -257,6 +259,18 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str)
     _no_module_cycles(root, where)
     check_rnn_tree(root, where)
     return root
+
+
+def _check_fields(m: dict, mod: torch.nn.Module, paths: set[str], where: str) -> None:
+    """Refuse a torch.nn module without one of its class's fields (as config, tensor or
+    child module): it loaded, then failed at its first call with a raw AttributeError."""
+    cname = m["class"].removeprefix("torch.nn.")
+    missing = sorted(f for f in TORCH_NN[cname][0] if f not in vars(mod) and f not in
+                     mod._parameters and f not in mod._buffers and f"{m['path']}.{f}" not in paths)
+    if missing:
+        raise ArtifactFormatError(f"{where}: module {m['path']!r} (torch.nn.{cname}) lacks the "
+                                  f"field(s) {', '.join(missing)} its class needs; save the "
+                                  "model again with fxpress.save")
 
 
 def _no_module_cycles(root: torch.nn.Module, where: str) -> None:
