@@ -53,6 +53,20 @@ class DigitsTransformer(nn.Module):
         return self.head(h.mean(1))
 
 
+class DigitsRNN(nn.Module):
+    """A GRU or LSTM over the image's rows (8 steps of 8 pixels); the last step's hidden
+    state feeds a linear head."""
+
+    def __init__(self, cell: str = "gru", hidden: int = 32, classes: int = 10):
+        super().__init__()
+        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(8, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x.reshape(-1, 8, 8))
+        return self.head(out[:, -1])
+
+
 #: the scikit-learn tables a ``NAME-mlp-W-W`` model trains on (prefix -> loader name)
 TABLES = {"cancer-": "load_breast_cancer", "wine-": "load_wine", "iris-": "load_iris"}
 
@@ -103,6 +117,9 @@ def build(kind: str) -> nn.Module:
         return DigitsMLP(hidden=tuple(int(w) for w in kind.split("-")[1:]))
     if kind.startswith("cnn-"):
         return DigitsCNN(*(int(w) for w in kind.split("-")[1:]))
+    if kind.startswith(("gru-", "lstm-")):  # gru-H / lstm-H: one recurrent layer of H
+        cell, hidden = kind.split("-")
+        return DigitsRNN(cell, int(hidden))
     if kind.startswith("transformer-"):  # transformer-DxL: width D, L layers, 4 heads, ff 2D
         d, layers = (int(v) for v in kind.split("-")[1].split("x"))
         return DigitsTransformer(d_model=d, heads=4, layers=layers, ff=2 * d)
@@ -127,6 +144,11 @@ OWN = ("cnn-8-16-64", "mlp-96-48", "wine-mlp-64-32")
 #: an MLP on scikit-learn's iris (37 test examples: one is 2.70 points)
 #: (``python -m bench.case_recovery --new``, seeds 31-33)
 NEW = ("cnn-12-24-48", "transformer-40x2", "iris-mlp-32-16")
+#: added in round 20 with the staged prune by default, never run while choosing it:
+#: recurrent classifiers (a GRU and an LSTM over the image's rows), a wider, deeper MLP
+#: and a deeper, narrow MLP on breast_cancer (``python -m bench.case_recovery --fifth``,
+#: seeds 41-43)
+FIFTH = ("gru-32", "lstm-48", "mlp-512-256-128-64", "cancer-mlp-32-32-32-32")
 
 
 @functools.lru_cache(maxsize=None)

@@ -185,7 +185,7 @@ def _size(gm: torch.fx.GraphModule, passes: list[Pass], ctx: PassContext) -> int
                 m._buffers["codebook"] = cb.to(torch.float16).to(torch.float32)
     # the file also lists every pass the pipeline will have run (its stages included)
     meta = dict(gm.meta.get("fxpress", {}))
-    meta["passes"] = list(meta.get("passes", [])) + [str(p) for p in expand(passes)]
+    meta["passes"] = list(meta.get("passes", [])) + [str(p) for p in expand(passes, ctx.train_data)]
     g.meta["fxpress"] = meta
     return artifact_size(g, entropy=True)
 

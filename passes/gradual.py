@@ -26,26 +26,56 @@ def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float
     return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
 
 
-def expand(passes: list) -> list:
-    """The passes with every staged pass replaced by its stages and recovery steps."""
+#: ``prune{sparsity=s}`` with ``s`` at least this and no ``steps`` given runs in
+#: :data:`AUTO_STEPS` stages when a recovery step that trains follows it (measured:
+#: python -m bench.case_recovery, README "Gradual compression"); ``steps=1`` cuts once.
+AUTO_STAGE_FROM = 0.9
+AUTO_STEPS = 3
+
+
+def auto_steps(p, later: list, train_data) -> int:
+    """How many stages ``p`` runs in when its options leave that to the pipeline: the
+    ``steps`` it was given, else :data:`AUTO_STEPS` for a ``prune`` to a sparsity of
+    :data:`AUTO_STAGE_FROM` or more whose next recovery step (among ``later``) trains and
+    sets its own budget (no ``epochs`` given: it stops early, so a copy after each stage
+    trains as long as that stage needs; a fixed ``epochs`` is a budget the caller chose,
+    which staging would multiply), else 1. A cut that large recovers better a little at
+    a time. A prune with per-layer rules (``layers=``) is not staged by default."""
+    if p.name != "prune" or "steps" in getattr(p, "_given", {}) or getattr(p, "layer_rules", None):
+        return getattr(p, "steps", 1)
+    if p.sparsity is None or p.sparsity < AUTO_STAGE_FROM:
+        return 1
+    recovery = next((q for q in later if trains(q, train_data)), None)
+    if recovery is None or "epochs" in getattr(recovery, "_given", {}):
+        return 1
+    return AUTO_STEPS
+
+
+def expand(passes: list, train_data=None) -> list:
+    """The passes with every staged pass replaced by its stages and recovery steps.
+
+    With ``train_data`` (None: a run without it), a high sparsity with a recovery step
+    after it is staged by default (:func:`auto_steps`); each stage is marked with
+    ``stage_of = (k, n, the pass as written)`` so that the records say so."""
     out: list = []
     for i, p in enumerate(passes):
-        stages = p.stages() if hasattr(p, "stages") else [p]
+        auto = p.name == "prune" and "steps" not in getattr(p, "_given", {}) \
+            and auto_steps(p, passes[i + 1:], train_data) > 1
+        stages = p.stages(AUTO_STEPS) if auto else (p.stages() if hasattr(p, "stages") else [p])
         if len(stages) == 1:
             out.append(stages[0])
             continue
-        recovery = next((q for q in passes[i + 1:] if q.traits.recovers), None)
+        recovery = next((q for q in passes[i + 1:]
+                         if (trains(q, train_data) if auto else q.traits.recovers)), None)
         if recovery is None:
             raise OptionError(p.name, "steps", "compresses in stages with a recovery step after "
                               "each; add one after it (e.g. ',distill') or drop steps")
         for k, stage in enumerate(stages):
+            stage.stage_of = (k + 1, len(stages), p)
             out.append(stage)
             if k + 1 < len(stages):
                 out.append(type(recovery)(**recovery._given, tol=dict(recovery._tol_given)))
     return out
-
-
-
 
 
 def trains(p, train_data) -> bool:
@@ -93,6 +123,7 @@ def advise(passes: list, records: list, train_data=None) -> None:
               "put it after the pass it should recover from")
     for i in range(min(len(passes), len(records))):
         short_of_sparsity(passes[i], records[i])
+        staged_by_default(passes[i], records[i])
     for k, i in enumerate(recovering):
         if i < len(records):
             start = recovering[k - 1] + 1 if k else 0
@@ -116,10 +147,16 @@ def likely_short(record, lossy: list) -> None:
     if got is None or 100 * (teacher - got) < MISS_POINTS:
         return
     what = [p for p in lossy if p.name == "prune" and getattr(p, "sparsity", None)
-            and getattr(p, "steps", 1) == 1]
-    options = [f"'{_spec(what[0], steps=3)}' (the sparsity in 3 stages, a recovery after "
-               "each)", "the 'deep-compression' recipe", "a lower sparsity"] if what else \
-        ["a milder setting of " + (", ".join(sorted({p.name for p in lossy})) or "the passes before it")]
+            and getattr(p, "steps", 1) == 1 and not getattr(p, "stage_of", None)]
+    staged = [p for p in lossy if p.name == "prune" and getattr(p, "stage_of", None)]
+    if what:
+        options = [f"'{_spec(what[0], steps=3)}' (the sparsity in 3 stages, a recovery after "
+                   "each)", "the 'deep-compression' recipe", "a lower sparsity"]
+    elif staged:  # already in stages: what is left is the recipe or a smaller cut
+        options = ["the 'deep-compression' recipe", f"a sparsity below {staged[0].sparsity:g}"]
+    else:
+        options = ["a milder setting of " + (", ".join(sorted({p.name for p in lossy}))
+                                              or "the passes before it")]
     _note(record, f"likely short of the original: its kept epoch ({best}) scored {got:.3f} on "
           f"{st.get('holdout_batches', 0)} held-out batches against the original's {teacher:.3f} "
           f"({100 * (teacher - got):.1f} points); " + " or ".join(options) + " would likely do better "
@@ -136,6 +173,23 @@ def held_out_nothing(record) -> None:
           f"one out (4 or more are needed), so it trained {few['epochs']} epochs (at least 300 "
           "steps) with no early stopping and kept the better of the start and the end on the "
           "training batches; more, smaller batches give it held-out early stopping")
+
+
+def staged_by_default(p, record) -> None:
+    """Note on the first stage's record of a prune the pipeline staged by itself
+    (:func:`auto_steps`): what ran instead of the one cut written, and how to ask for it."""
+    k, n, whole = getattr(p, "stage_of", None) or (0, 0, None)
+    if k != 1 or whole is None or "steps" in whole._given:
+        return
+    _note(record, f"staged by default: {_spec(whole)} ran as {n} prunes to the sparsities of "
+          f"Zhu & Gupta's cubic schedule ({', '.join(f'{s:g}' for s in _stage_sparsities(whole, n))}"
+          f"), each but the last followed by a copy of the recovery step after it (a sparsity "
+          f"of {AUTO_STAGE_FROM:g} or more recovers better a little at a time); "
+          f"{_spec(whole, steps=1)} cuts once")
+
+
+def _stage_sparsities(p, n: int) -> list[float]:
+    return [round(s, 4) for s in cubic_schedule(p.sparsity, n)]
 
 
 def short_of_sparsity(p, record) -> None:
@@ -162,4 +216,4 @@ def _note(record, text: str) -> None:
 
 
 __all__ = ["cubic_schedule", "expand", "trains", "advise", "likely_short", "held_out_nothing",
-           "short_of_sparsity"]
+           "short_of_sparsity", "staged_by_default", "auto_steps", "AUTO_STAGE_FROM", "AUTO_STEPS"]

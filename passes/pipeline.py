@@ -257,7 +257,8 @@ class Pipeline:
                                                      calibration=calib or None, seed=seed,
                                                      train_data=train_data, reference=reference,
                                                      progress=False))
-        passes = expand(passes)  # staged passes (prune{steps=N}) and their recoveries
+        # staged passes (prune{steps=N}, and a high sparsity before a recovery that trains)
+        passes = expand(passes, train_data)
         with TRACE_LOCK.running(), runtime_caches(False):
             labelled = None
             if train_data is not None and any(p.tol.min_accuracy_ratio is not None for p in passes):

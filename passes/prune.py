@@ -545,7 +545,9 @@ class Prune(Pass):
     exclude = option([], "glob patterns to leave alone")
     ops = option(["linear", "conv"], "kinds of weighted ops to prune (linear, conv, embedding)")
     steps = option(1, "reach the sparsity in this many stages on Zhu & Gupta's cubic schedule, "
-                   "each followed by the next recovery step (distill)", low=1, high=20)
+                   "each followed by the next recovery step (distill); not given: 3 stages for "
+                   "a sparsity of 0.9 or more when a distill without epochs follows and the run "
+                   "has train_data (steps=1: one cut)", low=1, high=20)
     criterion = option("magnitude", "what ranks the weights with sparsity=...: 'magnitude' "
                        "(|w|) or 'activation' (|w| times the root mean square of its input "
                        "column on the calibration batches: Wanda, Sun et al. 2023; needs "
@@ -627,14 +629,15 @@ class Prune(Pass):
             rank = protect_units(w if rank is None else rank, self.min_per_unit)
         return rank
 
-    def stages(self) -> list["Prune"]:
-        """This prune as ``steps`` prunes to the sparsities of the cubic schedule
-        (:mod:`fxpress.passes.gradual`); itself when ``steps`` is 1."""
-        if self.steps == 1:
+    def stages(self, steps: int | None = None) -> list["Prune"]:
+        """This prune as ``steps`` (default: its option) prunes to the sparsities of the
+        cubic schedule (:mod:`fxpress.passes.gradual`); itself when that is 1."""
+        steps = self.steps if steps is None else steps
+        if steps == 1:
             return [self]
         given = {k: v for k, v in self._given.items() if k not in ("steps", "sparsity")}
         return [Prune(**given, sparsity=round(s, 4), tol=dict(self._tol_given))
-                for s in cubic_schedule(self.sparsity, self.steps)]
+                for s in cubic_schedule(self.sparsity, steps)]
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         if self.threshold is None and self.sparsity is None:

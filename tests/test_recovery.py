@@ -216,6 +216,49 @@ def test_gradual_pruning_runs_stages_with_a_recovery_after_each(small_mlp, calib
         fxpress.compress(small_mlp, "prune{sparsity=0.9,steps=3}", calibration=calib)
 
 
+def _expanded(text: str, train_data) -> list:
+    from fxpress.passes.gradual import expand
+    from fxpress.passes.pipeline import Pipeline
+
+    return expand(Pipeline(text).passes, train_data)
+
+
+def test_a_high_sparsity_before_a_self_tuning_recovery_is_staged_by_default():
+    from fxpress.passes.gradual import advise
+    from fxpress.passes.records import PassRecord
+
+    data = train_data()[:4]
+    staged = _expanded("prune{sparsity=0.95,scope=global},share{bits=4},distill", data)
+    assert [p.name for p in staged] == ["prune", "distill", "prune", "distill", "prune", "share",
+                                        "distill"]
+    assert [p.sparsity for p in staged if p.name == "prune"] == [0.6685, 0.9148, 0.95]
+    assert all(p.scope == "global" for p in staged if p.name == "prune")
+    # what keeps the one cut: steps=1, a lower sparsity, no training data, a recovery with
+    # a budget of epochs the caller fixed, per-layer rules, no recovery at all
+    for text, data_ in [("prune{sparsity=0.95,steps=1},distill", data),
+                        ("prune{sparsity=0.8},distill", data),
+                        ("prune{sparsity=0.95},distill", None),
+                        ("prune{sparsity=0.95},distill{epochs=10}", data),
+                        ('prune{sparsity=0.95,layers={"0"={sparsity=0.5}}},distill', data)]:
+        assert [p.name for p in _expanded(text, data_)] == ["prune", "distill"], text
+    assert [p.name for p in _expanded("prune{sparsity=0.95},share{bits=4}", data)] == ["prune", "share"]
+    # the first stage's record says what ran and how to cut once; a stage is never told
+    # to stage itself
+    records = [PassRecord(index=i + 1, name=p.name, spec=str(p)) for i, p in enumerate(staged)]
+    advise(staged, records, data)
+    assert "staged by default: prune{sparsity=0.95,scope=global} ran as 3 prunes" in records[0].message
+    assert "prune{sparsity=0.95,scope=global,steps=1} cuts once" in records[0].message
+    assert not any("staged" in r.message for r in records[1:])
+    from fxpress.passes.gradual import likely_short
+
+    last = PassRecord(index=7, name="distill", spec="distill",
+                      stats={"teacher_val_accuracy": 0.98, "best_epoch": 1,
+                             "epochs": [{"val_accuracy": 0.90}], "holdout_batches": 2})
+    likely_short(last, [staged[4], staged[5]])
+    assert "likely short" in last.message and "steps=3" not in last.message
+    assert "deep-compression" in last.message
+
+
 def test_deep_compression_recipe_needs_only_the_model_and_training_data(one_thread):
     model = trained_mlp(hidden=(32,), epochs=20)
     data = train_data()[:8]
@@ -479,7 +522,8 @@ def test_prune_floor_unit_keeps_inputs_for_every_output_unit():
 def test_a_recovery_on_too_few_batches_to_hold_out_trains_a_budget_of_steps(calib, one_thread):
     # two batches: nothing held out, so no early stopping; 30 epochs would be 60 steps, and
     # the default recovery takes at least 300 (and says so) instead
-    res = fxpress.compress(trained_mlp(hidden=(32,), epochs=20), "prune{sparsity=0.9},distill",
+    res = fxpress.compress(trained_mlp(hidden=(32,), epochs=20),
+                           "prune{sparsity=0.9,steps=1},distill",
                            calibration=calib, train_data=train_data()[:2], policy="warn",
                            progress=False)
     distill = res.records[-1]
@@ -487,7 +531,8 @@ def test_a_recovery_on_too_few_batches_to_hold_out_trains_a_budget_of_steps(cali
     assert len(distill.stats["epochs"]) == 150 and distill.stats["holdout_batches"] == 0
     assert "held out nothing: 2 training batch(es)" in distill.message
     # enough batches to hold some out: early stopping, the 30-epoch budget, no note
-    res = fxpress.compress(trained_mlp(hidden=(32,), epochs=20), "prune{sparsity=0.9},distill",
+    res = fxpress.compress(trained_mlp(hidden=(32,), epochs=20),
+                           "prune{sparsity=0.9,steps=1},distill",
                            calibration=calib, train_data=train_data()[:4], policy="warn",
                            progress=False)
     assert "held_out_nothing" not in res.records[-1].stats
