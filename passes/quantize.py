@@ -385,6 +385,11 @@ class Quantize(Pass):
         if granularity == "channel":
             ch = max(1, w2.shape[0] // max(SIMULATED_WEIGHTS // max(w2.shape[1], 1), 1))
         step = max(1, x.shape[0] // SIMULATED_ROWS)
+        # the subset's rows copied together once (about SIMULATED_WEIGHTS weights): from a
+        # weight read through a transposed view (GPT-2's Conv1D), each smoothing's dozen
+        # elementwise steps gathered them from every cache line of the whole weight again
+        # (2x the time on GPT-2's layers)
+        w_sub = w2[::ch].contiguous()
         ref_sim = ref[::step, ::ch]
         b_sim = None if b is None else b[::ch]
         # the subset's squared error, scaled to the whole layer, over the whole output's
@@ -424,7 +429,7 @@ class Quantize(Pass):
                 codes[key] = (stored, scale, None)
                 est[alpha] = exact[alpha]
             elif granularity == "channel":
-                est[alpha], outs = _quantize_measured(w2[::ch], smooth, xs, bits, self.scheme,
+                est[alpha], outs = _quantize_measured(w_sub, smooth, xs, bits, self.scheme,
                                                       scale_mode)
                 if whole is not None:  # codes made already (a tied weight's other op)
                     out_whole, exact[alpha] = _codes_product(*codes[key][:2], whole, w2,

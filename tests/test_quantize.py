@@ -580,3 +580,44 @@ def test_cheapest_candidate_measured_without_the_kernel_equals_the_kernel(seed, 
                 ref = layer(inputs[name])
                 kernel = Q._output_error(m, inputs[name], ref)
                 assert layers[name]["rel_error"] == pytest.approx(kernel, rel=1e-3), name
+
+
+def test_simulated_candidates_read_a_transposed_weight_once(monkeypatch):
+    # a weight read through a transposed view (x @ W, GPT-2's Conv1D): the float
+    # simulation of the smoothed candidates works on one contiguous copy of the weight's
+    # strided subset of rows, not on the view (whose every step gathered from every cache
+    # line of the whole weight); its estimates equal the view's within float rounding
+    class XW(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(288, 1040) * 0.05)
+            self.b = torch.nn.Parameter(torch.zeros(1040))
+
+        def forward(self, x):
+            return x @ self.w + self.b
+
+    torch.manual_seed(0)
+    model = XW().eval()
+    x = torch.randn(64, 288)
+    gm = fxpress.capture(model, (x,))
+    seen = []
+    real = Q._quantize_measured
+    ch = max(1, 1040 // max(Q.SIMULATED_WEIGHTS // 288, 1))
+    view = model.w.detach().t()[::ch]  # the rows the simulation takes, as a strided view
+    assert not view.is_contiguous()
+
+    def spy(w2, *args):
+        seen.append(w2.is_contiguous())
+        est, outs = real(w2, *args)
+        assert torch.equal(w2, view)
+        view_est, view_outs = real(view, *args)
+        assert est == pytest.approx(view_est, rel=1e-4)
+        for a, out in outs.items():
+            assert torch.allclose(out, view_outs[a], rtol=1e-5, atol=1e-6), a
+        return est, outs
+
+    monkeypatch.setattr(Q, "_quantize_measured", spy)
+    p = fxpress.Pipeline.parse("quantize{bits=8}").passes[0]
+    res = p.run(gm, fxpress.PassContext(example_inputs=(x,), calibration=[(x,)], reference=model))
+    assert seen and all(seen)
+    assert res.stats["layers"]["w"]["simulated_errors"].keys() >= {"tensor+smooth0.5"}
