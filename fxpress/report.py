@@ -464,6 +464,69 @@ def _recovery_figure(records: list[dict]) -> str:
     return "".join(out)
 
 
+# -- the header's fields the page reads, checked before drawing (a crafted or edited file) ----
+
+_N, _C, _P, _S, _A = "a number", "a number from 0", "a number above 0", "a string", "anything"
+# a dict or list the page reads with ``or {}`` / ``or []`` may also be null
+_REPORT_SPEC: dict = {
+    "original_bytes": _C, "original_disk_bytes": _C,
+    "records": ([{"seconds": _N, "sparsity": _N, "bytes_after": _C, "disk_bytes": (_C, None),
+                  "cumulative": ({}, None), "stats": ({"epochs": ([{}], None)}, None)}], None),
+    "baseline": ({"layers": [{"name!": _S, "disk_bytes!": _C}],
+                  "histograms": {"*": {"lo!": _N, "hi!": _N, "counts!": [_C], "zeros": _C,
+                                       "numel": _C, "distinct": (_C, None)}}}, None),
+    "plan": ({"attempts": ([{"drop": (_N, None), "ratio": (_P, None)}], None),
+              "rows": [{"layer!": _A, "kind!": _A, "params!": _C, "choice!": _A, "bytes!": _C,
+                        "bits_per_weight!": _N, "error!": _N}],
+              "sensitivity": ({"layers": ([{"name!": _A, "params!": _C, "trials!": [
+                  {"candidate!": (_S, _N), "error!": _N, "bytes!": _C}]}], None)}, None),
+              "frontier": ({"uniform": ([{"ratio!": _P, "predicted_error!": _N, "setting!": _A}],
+                                        None),
+                            "planner": ([{"ratio!": _P, "predicted_error!": _N}], None)}, None)},
+             None)}
+_HEADER_SPEC = {"file_bytes": (_C, None), "meta": ({"passes": ([_S], None)}, None),
+                "dropped": ([_S], None), "report": (_REPORT_SPEC, None)}
+
+
+def _fits(v: Any, kind: Any) -> bool:
+    if kind is None or kind == _A:
+        return v is None if kind is None else True
+    if kind == _S:
+        return isinstance(v, str)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or abs(v) > 1e300:
+        return False  # NaN passes (a metric may be NaN); the page draws it as such
+    return kind == _N or (kind == _C and not v < 0) or (kind == _P and not v <= 0)
+
+
+def _check_spec(v: Any, spec: Any, path: str) -> None:
+    """Raise ArtifactFormatError naming ``path`` where ``v`` does not fit ``spec``: a dict
+    of fields (``name!`` required, ``*`` any key), a one-item list (each item), a kind,
+    or a tuple of alternatives (None: absent or null)."""
+    from fxpress.errors import ArtifactFormatError
+    from fxpress.graph.artifact.values import _short_repr
+
+    alts = spec if isinstance(spec, tuple) else (spec,)
+    for alt in alts:
+        if isinstance(alt, dict) and isinstance(v, dict):
+            for key, sub in alt.items():
+                name = key.rstrip("!")
+                items = v.items() if name == "*" else ([(name, v[name])] if name in v else [])
+                if key.endswith("!") and name not in v:
+                    raise ArtifactFormatError(f"{path} lacks {name!r}")
+                for k, x in items:
+                    _check_spec(x, sub, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]")
+            return
+        if isinstance(alt, list) and isinstance(v, list):
+            for i, x in enumerate(v):
+                _check_spec(x, alt[0], f"{path}[{i}]")
+            return
+        if not isinstance(alt, (dict, list)) and _fits(v, alt):
+            return
+    want = " or ".join("null" if a is None else "an object" if isinstance(a, dict) else
+                       "a list" if isinstance(a, list) else a for a in alts)
+    raise ArtifactFormatError(f"{path} is {_short_repr(v, 60)}, not {want}")
+
+
 def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpress report",
                   before: dict | None = None) -> str:
     """The HTML page (a string).
@@ -472,6 +535,21 @@ def render_report(gm: torch.fx.GraphModule, header: dict, *, title: str = "fxpre
     and the per-layer baseline); ``before`` overrides the baseline with
     :func:`fxpress.graph.inspect.layer_summary` of another graph.
     """
+    from fxpress.errors import ArtifactFormatError, FxpressError
+
+    try:
+        _check_spec(header, _HEADER_SPEC, "header")
+        return _render(gm, header, title=title, before=before)
+    except FxpressError as e:
+        raise ArtifactFormatError(f"{title}: {e}; the page was not written (the model itself "
+                                  "still loads with fxpress.load)") from None
+    except Exception as e:  # a field the check does not cover: typed, never raw
+        raise ArtifactFormatError(f"{title}: the header's report fields do not draw "
+                                  f"({type(e).__name__}: {str(e)[:200]}); the page was not "
+                                  "written (the model itself still loads with fxpress.load)") from None
+
+
+def _render(gm: torch.fx.GraphModule, header: dict, *, title: str, before: dict | None) -> str:
     report = header.get("report") or {}
     baseline = before if before is not None else (report.get("baseline") or {})
     rows = layers(gm, header)

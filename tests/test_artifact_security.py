@@ -1134,6 +1134,44 @@ def _at(obj, path):
     return obj
 
 
+@pytest.mark.parametrize("path, value, fragment", [
+    (("records", 0, "seconds"), "x", "header.report.records\\[0\\].seconds is 'x', not a number"),
+    (("records", 0, "sparsity"), {"a": 1}, "records\\[0\\].sparsity is"),
+    (("baseline", "histograms", "fc", "counts", 0), -1, "counts\\[0\\] is -1, not a number from 0"),
+    (("plan", "rows", 0, "params"), "x", "rows\\[0\\].params is 'x'"),
+    (("plan", "frontier", "planner", 0, "ratio"), 0, "ratio is 0, not a number above 0"),
+    (("plan", "frontier", "planner", 0), {"a": 1}, "planner\\[0\\] lacks 'ratio'"),
+    (("baseline", "layers"), 0, "layers is 0, not a list"),
+])
+def test_render_report_refuses_malformed_numbers_naming_the_field(good, path, value, fragment):
+    """``fxpress.report.render_report`` (the Python API) raised raw TypeError, ValueError
+    and KeyError on a record's malformed numbers: a typed error naming the field now."""
+    from fxpress.report import render_report
+
+    header = _report_header(good)
+    _at(header["report"], path[:-1])[path[-1]] = value
+    with pytest.raises(ArtifactFormatError, match=fragment):
+        render_report(_load(good), header, title="m.fxp")
+
+
+def test_render_report_never_raises_raw_on_any_malformed_field(good):
+    """Every field of a report header of every kind the page draws, replaced by each of ten
+    malformed values: the page renders or raises ArtifactFormatError, nothing else."""
+    from fxpress.report import render_report
+
+    gm, base = _load(good), _report_header(good)
+    values = ["x", None, [1], {"a": 1}, float("nan"), float("inf"), -1, True, 10**30, 0]
+    for path in [("report", *p) for p in _paths(base["report"])] + [
+            (k,) for k in ("file_bytes", "meta", "dropped", "report")]:
+        for value in values:
+            header = copy.deepcopy(base)
+            _at(header, path[:-1])[path[-1]] = value
+            try:
+                render_report(gm, header)
+            except ArtifactFormatError:
+                pass
+
+
 def test_the_report_groups_crafted_layer_names_in_bounded_memory(good):
     """Grouping repeated blocks (``layer.[0-5].fc``) copied every prefix of every name: a
     20 KB baseline name of ``.1.1.1...`` held 200 MB (a 2 MB one, 2 TB); ids interned part
