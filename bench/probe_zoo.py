@@ -18,6 +18,7 @@ into ``tests/zoo.py``'s ``ZOO``; the probe still runs it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -778,6 +779,126 @@ def shared_weights() -> Specimen:
     return _specimen("shared_weights", SharedWeights(), _ids_only)
 
 
+# -- round 20: families nobody had run, and outputs and layers users write ----------------------
+
+def stablelm() -> Specimen:
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    torch.manual_seed(0)
+    cfg = StableLmConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return _hf("stablelm", StableLmForCausalLM(cfg), _ids_mask)
+
+
+def mpt() -> Specimen:
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MptConfig(vocab_size=VOCAB, d_model=32, n_heads=2, n_layers=2, expansion_ratio=2,
+                    max_seq_len=64)
+    return _hf("mpt", MptForCausalLM(cfg), _ids_only)  # its 2nd argument is the cache
+
+
+def yolos() -> Specimen:
+    from transformers import YolosConfig, YolosForObjectDetection
+
+    torch.manual_seed(0)
+    cfg = YolosConfig(image_size=[32, 32], patch_size=8, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, num_detection_tokens=4,
+                      num_labels=3)
+    return _hf("yolos", YolosForObjectDetection(cfg), _image, shape=(2, 32), reshaped=(3, 32))
+
+
+def videomae() -> Specimen:
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    cfg = VideoMAEConfig(image_size=16, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         num_labels=4)
+
+    def clip_(b, n, s):
+        return (_randn(b, 4, 3, 16, 16, seed=s),)
+    return _hf("videomae", VideoMAEForVideoClassification(cfg), clip_, shape=(2, 16),
+               reshaped=(3, 16))
+
+
+def mamba2() -> Specimen:
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2,
+                       expand=2, head_dim=16, num_heads=4, n_groups=1, conv_kernel=4, chunk_size=8)
+    return _hf("mamba2", Mamba2ForCausalLM(cfg), _ids_only, shape=(2, 8), reshaped=(3, 8))
+
+
+def longformer() -> Specimen:
+    from transformers import LongformerConfig, LongformerModel
+
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, attention_window=4, max_position_embeddings=80)
+    return _hf("longformer", LongformerModel(cfg), _ids_mask, shape=(2, 16), reshaped=(3, 24))
+
+
+class DropPath(nn.Module):
+    """timm's stochastic depth: identity in eval mode."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, c: int, p: float):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.se = SqueezeExcite(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.drop_path = DropPath(p)
+
+    def forward(self, x):
+        return x + self.drop_path(self.bn2(self.pw(self.se(F.silu(self.bn1(self.dw(x)))))))
+
+
+@dataclasses.dataclass
+class DetOut:
+    """A plain dataclass output (not a ModelOutput), holding a tuple of dicts."""
+    logits: torch.Tensor
+    heads: tuple
+
+
+class TimmLike(nn.Module):
+    """A hand-written timm-style net: depthwise convs, squeeze-excite, stochastic depth (eval),
+    BatchNorm with running stats, returning a dataclass with a tuple of dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.blocks = nn.Sequential(TimmBlock(16, 0.1), TimmBlock(16, 0.2))
+        self.head = nn.Linear(16, 5)
+        self.box = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.blocks(self.stem(x)).mean((2, 3))
+        return DetOut(self.head(h), ({"box": self.box(h)}, {"score": self.head(h).sigmoid()}))
+
+
+def timm_like() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("timm_like", _bn_stats(TimmLike()), _image, shape=(2, 32), reshaped=(3, 48))
+
+
+ROUND20 = (stablelm, mpt, yolos, videomae, mamba2, longformer, timm_like)
+
 ROUND18 = (gemma, codegen, gptj, rwkv, whisper, speech2text, clip, convnextv2, detr, audio_convnet,
            masked_mha, bilstm_tagger, shared_weights)
 
@@ -787,7 +908,7 @@ PROBE: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     einsum_mixer, embedding_max_norm, kws_dscnn, wavenet_tcn, attention_pool, conv_autoencoder,
     gemma2, opt, bloom, electra, mpnet, segformer, swin, mamba, clip_text, marian, fnet,
     phi3, t5_encoder, gemma3_text, starcoder2, olmo2, modernbert, xlm_roberta, squeezebert, dinov2,
-    *ROUND18)}
+    *ROUND18, *ROUND20)}
 
 #: never run while fixing: judged once the fixes were made
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (

@@ -44,6 +44,35 @@ class ModelOutputs(OrderedDict):
         return (type(self), (), None, None, iter(self.items()))
 
 
+def named_outputs(**fields: Any) -> ModelOutputs:
+    """What an artifact calls where the graph built a dataclass output (see
+    :func:`dataclass_fields`): the same fields, by name, as :class:`ModelOutputs`."""
+    return ModelOutputs(fields)
+
+
+def dataclass_fields(cls: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The fields a call ``cls(*args, **kwargs)`` gives a dataclass, by name (defaults of
+    fields not given included when they are plain values); None when ``cls`` is no
+    dataclass or the call does not fit its fields."""
+    import dataclasses
+
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    init = [f for f in dataclasses.fields(cls) if f.init]
+    if len(args) > len(init) or any(k not in {f.name for f in init} for k in kwargs):
+        return None
+    out = dict(zip((f.name for f in init), args))
+    for f in init:
+        if f.name in kwargs:
+            out[f.name] = kwargs[f.name]
+        elif f.name not in out:
+            if f.default is dataclasses.MISSING or not (
+                    f.default is None or isinstance(f.default, (bool, int, float, str))):
+                return None
+            out[f.name] = f.default
+    return out
+
+
 def _flatten(out: ModelOutputs) -> tuple[list[Any], list[str]]:
     return list(out.values()), list(out.keys())
 

@@ -13,7 +13,11 @@ import torch.nn.functional as F
 
 from fxpress.graph.artifact import ops
 from fxpress.graph.artifact.modules import TORCH_NN
+from fxpress.graph.outputs import named_outputs
 from fxpress.graph.runtime import RuntimeModule
+
+#: the stored name of :func:`fxpress.graph.outputs.named_outputs`
+NAMED_OUTPUTS = "fxpress.graph.outputs.named_outputs"
 
 _NAMESPACES = (("torch", torch, ops.TORCH), ("torch.nn.functional", F, ops.FUNCTIONAL),
                ("operator", operator, ops.OPERATOR), ("math", math, ops.MATH),
@@ -33,6 +37,8 @@ def _static_functions() -> dict[str, Any]:
                 if callable(fn) and not isinstance(fn, type):
                     fns[f"{prefix}.{name}"] = fn
         fns["torch._assert"] = torch._assert
+        # a graph that builds a dataclass output is stored building ModelOutputs (write.py)
+        fns[NAMED_OUTPUTS] = named_outputs
         _STATIC = fns
     return _STATIC
 

@@ -28,6 +28,7 @@ from fxpress.graph.artifact.limits import DEFAULT_LIMITS
 from fxpress.graph.artifact.tensors import _as_ints, encode_tensor
 from fxpress.graph.artifact.values import _Encoder, dtype_name
 from fxpress.graph.capture import node_shape
+from fxpress.graph.outputs import dataclass_fields, named_outputs
 from fxpress.graph.runtime import RuntimeModule
 
 _BASE_MODULE_KEYS = frozenset(vars(torch.nn.Module()).keys())
@@ -203,6 +204,12 @@ class _Writer:
             target: Any = node.target
             if node.op == "call_function" and target in (fxpress_lstm_guard, fxpress_kernel_guard):
                 continue  # the loader inserts them again (see .rnn, .kernels)
+            args, kwargs = tuple(node.args), dict(node.kwargs)
+            fields = dataclass_fields(target, args, kwargs) if node.op == "call_function" else None
+            if fields is not None:
+                # a dataclass output (a user's, not a ModelOutput): stored as ModelOutputs,
+                # the same fields by name, so loading needs no model code
+                target, args, kwargs = named_outputs, (), fields
             if node.op == "call_function":
                 name = self.allow.name_of(target)
                 if name is None:
@@ -216,8 +223,7 @@ class _Writer:
                                             "not allowlisted")
             encode = _Encoder(self.allow, where)
             entry: dict[str, Any] = {"name": node.name, "op": node.op, "target": str(target),
-                                     "args": encode(tuple(node.args)),
-                                     "kwargs": encode(dict(node.kwargs))}
+                                     "args": encode(args), "kwargs": encode(kwargs)}
             shape, dtype = node_shape(node)
             if shape is not None:
                 entry["shape"] = [s if isinstance(s, int) else None for s in shape]
