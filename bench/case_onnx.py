@@ -10,7 +10,9 @@ per-tensor and per-token input scaling that is accurate enough), ``quantize{bits
 act_scale=tensor}`` (ORT's own scheme: per-tensor inputs, per-channel weights) and
 ``quantize{bits=4,granularity=group,group_size=32,embeddings=false}`` (embeddings stay
 float, as ORT's MatMulNBits leaves them; MatMulNBits' default accuracy_level 0, float),
-exported by :func:`fxpress.export_onnx` (the same fusions), and (not at the tiny size)
+exported by :func:`fxpress.export_onnx` (the same fusions, and its default
+``skip_padding``: per-token layers on the real tokens only; the ``pad tokens kept`` row
+is int8 with ``skip_padding=False``, ORT's own graphs keep every token), and (not at the tiny size)
 the 4-bit pair at accuracy_level 4 (MatMulNBits' int8-activation kernel), and fp32, ORT's int8 and fxpress's int8 again without fusions
 (``fuse=False``). Every ORT variant runs the same session options. Each call's wall time
 and CPU time (``time.process_time``, every thread) are measured; the CPU time leaves out
@@ -49,6 +51,8 @@ INT8_TENSOR = "quantize{bits=8,act_scale=tensor}"
 ACC4 = "accuracy_level=4"
 ROWS = [("ORT fp32", None), ("ORT quantize_dynamic int8", None), ("fxpress int8", INT8),
         ("fxpress int8 act_scale=tensor", INT8_TENSOR),
+        # skip_padding=False: every token runs, pad tokens too (ORT's own graphs do)
+        ("fxpress int8, pad tokens kept", INT8),
         ("ORT MatMulNBits 4-bit (block 32)", None), ("fxpress 4-bit (group 32)", INT4),
         # MatMulNBits' int8-activation kernel (accuracy_level=4) on both sides
         (f"ORT MatMulNBits 4-bit (block 32), {ACC4}", None), (f"fxpress 4-bit (group 32), {ACC4}", INT4),
@@ -108,7 +112,8 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
     notes, checks = [], {}
     t0 = time.perf_counter()
     captured = fxpress.capture(enc, calib[0])
-    fp32 = export_onnx(captured, tmp / "fp32.onnx", b32)
+    # ORT's own side: the padded graph (ONNX Runtime removes no padding on CPU)
+    fp32 = export_onnx(captured, tmp / "fp32.onnx", b32, skip_padding=False)
     paths["ORT fp32"] = fp32.path
     if unfused:
         paths["ORT fp32, unfused"] = export_onnx(captured, tmp / "fp32_unfused.onnx", b32,
@@ -133,7 +138,7 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
     # the tiny size (code paths only, in the smoke test) leaves out the repeats of a path
     # (act_scale=tensor is int8's export path with another option: tests/test_onnx_export.py
     # exports it into ORT)
-    rows = [r for r in ROWS if unfused or not (r[0].endswith("unfused") or r[0].endswith(ACC4)
+    rows = [r for r in ROWS if unfused or not (r[0].endswith(("unfused", "kept")) or r[0].endswith(ACC4)
                                                or r[1] == INT8_TENSOR)]
     for label, pipe in rows:
         if pipe is None:
@@ -145,7 +150,8 @@ def _case(title: str, enc, calib: list, held_out: list, b1: tuple, b32: tuple, r
                                                            policy="warn")
         compressed[pipe] = res
         out = export_onnx(res, tmp / f"fxpress{len(paths)}.onnx", b32,
-                          fuse=not label.endswith("unfused"), accuracy_level=4 if ACC4 in label else 0)
+                          fuse=not label.endswith("unfused"), accuracy_level=4 if ACC4 in label else 0,
+                          skip_padding=not label.endswith("kept"))
         paths[label] = out.path
         checks[label] = out.check
         notes.append(f"{label} ({pipe}): compress + export {time.perf_counter() - t0:.1f} s")

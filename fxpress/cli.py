@@ -268,7 +268,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     if not src.exists():
         raise InputError(f"{args.artifact}: no such artifact file")
     out = export_onnx(src, Path(args.output), fuse=not args.no_fuse,
-                      accuracy_level=args.accuracy_level)
+                      accuracy_level=args.accuracy_level, skip_padding=not args.keep_padding)
     print(out.summary())
     return EXIT_OK
 
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
                     help="MatMulNBits compute type for 4-bit layers: 0 float (exact), 4 int8 "
                          "(faster, less faithful)")
+    so.add_argument("--keep-padding", action="store_true",
+                    help="run every token, pad tokens too (by default per-token layers skip the "
+                         "attention mask's pad tokens where no output reads them)")
     so.set_defaults(func=_cmd_export_onnx)
     return p
 

@@ -51,6 +51,8 @@ from fxpress.graph.artifact.files import write_atomic
 from fxpress.onnx_attention import fuse_attention
 from fxpress.onnx_lowering import (_ATTENTION, _DOMAIN, _PLACEHOLDER, AttentionSpec,
                                     _embedding_block, _fill_placeholders, _nbits_block, _np)
+from fxpress.onnx_padding import padding_plan
+from fxpress.onnx_padding import skip_padding as apply_padding_plan
 
 #: How to get what this module needs.
 INSTALL_HINT = "pip install 'fxpress[onnx]'"
@@ -81,6 +83,9 @@ class OnnxExport:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     check: dict[str, float] = field(default_factory=dict)
+    #: the mask input whose pad tokens the per-token ops skip ("" where none: the graph
+    #: runs every token, see :mod:`fxpress.onnx_padding`)
+    padding: str = ""
 
     def summary(self) -> str:
         forms: dict[str, int] = {}
@@ -91,6 +96,8 @@ class OnnxExport:
         where = f"wrote {self.path}" if self.path else "ONNX model"
         return "\n".join([f"{where}: inputs {self.input_names}, outputs {self.output_names}",
                           *("  " + line for line in lines),
+                          *([f"  per-token ops on the real tokens of {self.padding!r} only (pad tokens "
+                             f"skipped)"] if self.padding else []),
                           f"  onnxruntime vs fxpress on the example inputs: {check}"])
 
 
@@ -430,7 +437,8 @@ def session(model, threads: int | None = None, optimized: bool = True, spin: boo
 
 def export_onnx(model, path: str | Path | None = None, example_inputs: Any = None, *,
                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                fuse: bool = True, accuracy_level: int = 0, check: bool = True) -> OnnxExport:
+                fuse: bool = True, accuracy_level: int = 0, skip_padding: bool = True,
+                check: bool = True) -> OnnxExport:
     """Export a compressed model (a GraphModule from :func:`fxpress.compress`, a
     :class:`PipelineResult`, or an artifact path) to ONNX and return :class:`OnnxExport`.
 
@@ -464,16 +472,17 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
     if len(names) != len(flat):
         raise InputError(f"export_onnx: {len(names)} input names for {len(flat)} inputs")
     ref = _outputs(gm, inputs) if check else []
-    mp, forms, fused = _build(gm, inputs, names, output_names, fuse, fuse, accuracy_level)
+    mp, forms, fused, padding = _build(gm, inputs, names, output_names, fuse, fuse, accuracy_level,
+                                       skip_padding)
     try:
         checked = _run_check(mp, inputs, ref) if check else {}
     except ExportError:
         if not fused:
             raise
         # an attention ONNX Runtime's MultiHeadAttention does not take: the plain ops
-        mp, forms, _ = _build(gm, inputs, names, output_names, False, fuse, accuracy_level)
+        mp, forms, _, padding = _build(gm, inputs, names, output_names, False, fuse, accuracy_level)
         checked = _run_check(mp, inputs, ref)
-    result = OnnxExport(None, mp, forms, names, [o.name for o in mp.graph.output], checked)
+    result = OnnxExport(None, mp, forms, names, [o.name for o in mp.graph.output], checked, padding)
     if path is not None:
         path = Path(path)
         try:
@@ -490,9 +499,11 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
 
 
 def _build(gm, inputs: tuple, names: list[str], output_names, attention: bool, fuse: bool,
-           accuracy_level: int):
-    """The ONNX model of ``gm`` (placeholders filled, axes named, fused): ``(model, forms,
-    whether an attention was fused)``."""
+           accuracy_level: int, skip_padding: bool = False):
+    """The ONNX model of ``gm`` (placeholders filled, axes named, fused; ``skip_padding``:
+    per-token ops on real tokens only where that is exact, :mod:`fxpress.onnx_padding`):
+    ``(model, forms, whether an attention was fused, the mask input padding is skipped by
+    or "")``."""
     lowered, keys = _lowered(gm, attention=attention)
     try:
         for mod in lowered.modules():  # a copy: exported graphs refuse train()
@@ -509,16 +520,22 @@ def _build(gm, inputs: tuple, names: list[str], output_names, attention: bool, f
                 raise ExportError(f"export_onnx: torch.onnx could not export the graph: "
                                   f"{_first_line(e)}\n{_tail(log.getvalue())}") from e
         mp = prog.model_proto
+        _name_axes(mp, names)
+        plan = padding_plan(mp.graph, keys) if skip_padding and attention else None
+        if plan is not None:
+            apply_padding_plan(mp, plan)
+        # QAttention's one matmul over q, k and v reads the padded input: with padding
+        # skipped, the three layers run on the real tokens before MultiHeadAttention
         forms = _fill_placeholders(mp, {k: v for k, v in keys.items() if k >= 0} | {
-            k: v for k, v in keys.items() if k < 0}, accuracy_level)
+            k: v for k, v in keys.items() if k < 0}, accuracy_level, qattention=plan is None)
     finally:
         with _registry_lock:
             for k in keys:
                 _registry.pop(k, None)
-    _name_axes(mp, names)
     if fuse:
         mp = _fuse(mp)
-    return mp, forms, any(form == "attention" for _name, (_m, form) in keys.values())
+    return (mp, forms, any(form == "attention" for _name, (_m, form) in keys.values()),
+            plan["mask"] if plan is not None else "")
 
 
 def _run_check(mp, inputs: tuple, ref: list[torch.Tensor]) -> dict[str, float]:

@@ -311,6 +311,8 @@ def _smooth_folds(graph, keys: dict[int, tuple[str, Any]]) -> dict[int, _Fold]:
     projection): attention is linear in its values, so the layer's 1/smooth moves into the
     value projection's output scales and bias (when that projection is integer and feeds
     only this attention), and the layer's own ``Mul`` goes."""
+    from fxpress.onnx_padding import producer_through
+
     key_of = _key_of
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {}
@@ -324,14 +326,14 @@ def _smooth_folds(graph, keys: dict[int, tuple[str, Any]]) -> dict[int, _Fold]:
         key = key_of(node)
         if key is None or keys[key][1][1] not in ("int8", "nbits") or keys[key][1][0].smooth is None:
             continue
-        att = producer.get(node.input[0])
+        att = producer_through(producer, node.input[0])  # padding's gather: see through
         att_key = None if att is None else key_of(att)
         if att_key is None or keys[att_key][1][1] != "attention" or not keys[att_key][1][0].merged:
             continue
-        value = producer.get(att.input[2])
+        value = producer_through(producer, att.input[2])
         v_key = None if value is None else key_of(value)
         if v_key is None or keys[v_key][1][1] not in ("int8", "nbits") or readers.get(att.input[2]) != 1 \
-                or v_key in folds:
+                or readers.get(value.output[0]) != 1 or v_key in folds:
             continue
         folds[v_key] = _Fold(out=keys[key][1][0].smooth.reciprocal().float())
         folds[key] = _Fold(smooth_into="the value projection")

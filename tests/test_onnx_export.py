@@ -162,7 +162,9 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
                            f"quantize{{bits=8,act_scale=token,smooth=0.5,include=[{qkv0}.value]}},"
                            "quantize{bits=8,smooth=0.5}", calibration=calib, policy="warn")
     before = state_snapshot(res.module)
-    out = export_onnx(res, tmp_path / "bert8.onnx", calib[0])
+    # the padded graph: QAttention reads the padded input (test_pad_tokens_skipped_... for
+    # the default, which skips pad tokens)
+    out = export_onnx(res, tmp_path / "bert8.onnx", calib[0], skip_padding=False)
     assert_unchanged(res.module, before)
     assert out.path.stat().st_size > 0
     forms = set(out.layers.values())
@@ -202,6 +204,61 @@ def test_tiny_bert_int8_and_4bit(encoder, tmp_path):
         ref = _fx(res.module, *held_out)
     m = compare([_run(out, *held_out)], [ref], top1=False)
     assert m.cosine_min >= 0.9999 and m.rel_l2 < 5e-3, m  # per-token rounding may differ by one step
+
+
+class _TokenEncoder(_Encoder):
+    """The tiny BERT's every token's state as output, pad tokens' too."""
+
+    def forward(self, ids, mask):
+        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _padded_more(batch, extra: int):
+    """The same sentences with ``extra`` more pad tokens each (id 0, mask 0)."""
+    ids, mask = batch
+    return (torch.cat([ids, ids.new_zeros(ids.shape[0], extra)], 1),
+            torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1))
+
+
+def test_pad_tokens_skipped_where_no_output_reads_them(encoder):
+    calib = [_bert_batch(4, 12, 0), _bert_batch(4, 12, 1)]
+    held_out = _bert_batch(3, 19, 7)  # row 0 half pad tokens
+    held_out[1][2, 5:] = 0  # row 2 mostly pad tokens
+    captured = fxpress.capture(encoder, calib[0])
+    four = fxpress.compress(captured, "quantize{bits=4,granularity=group,group_size=16,tol.min_cosine=0,"
+                            "tol.min_top1=0}", calibration=calib, policy="warn")
+    eight = fxpress.compress(captured, "quantize{bits=8}", calibration=calib, policy="warn")
+    for res in (captured, four, eight):
+        module = getattr(res, "module", res)
+        out = export_onnx(res, example_inputs=calib[0])
+        # the mean pooling multiplies by the mask and the attention masks pad keys: the
+        # per-token layers run on the real tokens, gathered once per call
+        assert out.padding == "mask", out.summary()
+        ops = _ops(out.model)
+        assert ops.get("NonZero") == 1 and ops.get("MultiHeadAttention") == 2 and "QAttention" not in ops, ops
+        got = _run(out, *held_out)
+        if res is not eight:  # float and weight-only layers: the padded graph's results exactly
+            _close(got, _fx(module, *held_out), 1e-5)
+            continue
+        # int8 per-tensor inputs take their range over the real tokens only: close to
+        # fxpress's own padded run, equal to it without pad tokens, and the same however
+        # much padding a batch carries
+        _close(got, _fx(module, *held_out), 1e-2)
+        full = (held_out[0], torch.ones_like(held_out[1]))
+        _close(_run(out, *full), _fx(module, *full), 1e-5)
+        _close(_run(out, *_padded_more(held_out, 21)), got, 1e-6)
+        assert "real tokens of 'mask'" in out.summary()
+
+
+def test_pad_tokens_kept_where_an_output_reads_them():
+    model = _TokenEncoder().train(False)
+    batch = _bert_batch(3, 10, 4)
+    gm = fxpress.capture(model, batch)
+    out = export_onnx(gm, example_inputs=batch)
+    assert out.padding == "" and "NonZero" not in _ops(out.model)
+    x = _bert_batch(2, 13, 5)  # pad tokens' rows too
+    with torch.no_grad():
+        _close(_run(out, *x), gm(*x), 1e-5)
 
 
 class _Attention(torch.nn.Module):
