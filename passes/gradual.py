@@ -13,7 +13,9 @@ record shows its own options (its sparsity).
 """
 from __future__ import annotations
 
-from fxpress.errors import OptionError
+import warnings
+
+from fxpress.errors import OptionError, PlanMissedWarning
 
 
 def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
@@ -129,6 +131,8 @@ def advise(passes: list, records: list, train_data=None) -> None:
             start = recovering[k - 1] + 1 if k else 0
             likely_short(records[i], [passes[j] for j in range(start, i) if lossy(j)])
             held_out_nothing(records[i])
+    if last < len(records):
+        missed_promise(records[last], last + 1)
 
 
 #: A recovery step whose kept epoch scores this many points below the original model on
@@ -136,16 +140,25 @@ def advise(passes: list, records: list, train_data=None) -> None:
 MISS_POINTS = 2.0
 
 
-def likely_short(record, lossy: list) -> None:
-    """Note on a recovery step's record when its kept epoch is :data:`MISS_POINTS` or more
-    below the original on the held-out batches, and what would likely do better."""
+def held_out_gap(record) -> tuple[float, float, int] | None:
+    """(the original's accuracy, the kept epoch's, the kept epoch) on a recovery step's
+    held-out batches, from its record; None when it held nothing out or had no labels."""
     st = getattr(record, "stats", {}) or {}
     teacher, epochs, best = st.get("teacher_val_accuracy"), st.get("epochs") or [], st.get("best_epoch")
     if teacher is None or not best or best > len(epochs):
-        return
+        return None
     got = epochs[best - 1].get("val_accuracy")
-    if got is None or 100 * (teacher - got) < MISS_POINTS:
+    return None if got is None else (teacher, got, best)
+
+
+def likely_short(record, lossy: list) -> None:
+    """Note on a recovery step's record when its kept epoch is :data:`MISS_POINTS` or more
+    below the original on the held-out batches, and what would likely do better."""
+    gap = held_out_gap(record)
+    if gap is None or 100 * (gap[0] - gap[1]) < MISS_POINTS:
         return
+    teacher, got, best = gap
+    st = record.stats
     what = [p for p in lossy if p.name == "prune" and getattr(p, "sparsity", None)
             and getattr(p, "steps", 1) == 1 and not getattr(p, "stage_of", None)]
     staged = [p for p in lossy if p.name == "prune" and getattr(p, "stage_of", None)]
@@ -161,6 +174,33 @@ def likely_short(record, lossy: list) -> None:
           f"{st.get('holdout_batches', 0)} held-out batches against the original's {teacher:.3f} "
           f"({100 * (teacher - got):.1f} points); " + " or ".join(options) + " would likely do better "
           "(nothing was changed)")
+
+
+#: The most points the pipeline's last recovery step may end below the original on its
+#: held-out batches without a :class:`PlanMissedWarning` (:func:`missed_promise`): the
+#: ``deep-compression`` recipe's promise (issue 18: within 1 point), kept for every
+#: pipeline that recovers, so that no run loses more than the point silently.
+PROMISE_POINTS = 1.0
+
+
+def missed_promise(record, position: int) -> None:
+    """Warn (``PlanMissedWarning``) and note on the last recovery step's record when its
+    kept epoch is more than :data:`PROMISE_POINTS` below the original on its held-out
+    batches: the model returned is likely that far below it on the caller's own data."""
+    gap = held_out_gap(record)
+    if gap is None or getattr(record, "status", None) == "rolled back" \
+            or round(100 * (gap[0] - gap[1]), 6) <= PROMISE_POINTS:
+        return
+    teacher, got, best = gap
+    points = 100 * (teacher - got)
+    text = (f"more than {PROMISE_POINTS:g} point below the original: the last recovery step "
+            f"(#{position} {record.name}) kept epoch {best}, which scored {got:.3f} on "
+            f"{record.stats.get('holdout_batches', 0)} held-out batches against the original's "
+            f"{teacher:.3f} ({points:.1f} points); a lower sparsity or more bits (share{{bits}}, "
+            "bias_bits, small{bits}) would keep more (nothing was changed)")
+    _note(record, text)
+    warnings.warn(PlanMissedWarning("compress: " + text, {"accuracy_points": round(points, 2)}),
+                  stacklevel=2)
 
 
 def held_out_nothing(record) -> None:
@@ -216,4 +256,5 @@ def _note(record, text: str) -> None:
 
 
 __all__ = ["cubic_schedule", "expand", "trains", "advise", "likely_short", "held_out_nothing",
-           "short_of_sparsity", "staged_by_default", "auto_steps", "AUTO_STAGE_FROM", "AUTO_STEPS"]
+           "short_of_sparsity", "staged_by_default", "auto_steps", "AUTO_STAGE_FROM", "AUTO_STEPS",
+           "held_out_gap", "missed_promise", "PROMISE_POINTS"]

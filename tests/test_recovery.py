@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 import fxpress
 from examples.digits import DigitsMLP, accuracy, train_data, trained_mlp
+from fxpress.errors import PlanMissedWarning
 from fxpress.graph.runtime import compressed_modules
 from fxpress.passes.distill_data import split_holdout
 from fxpress.passes.distill_tuning import lr_range_test
@@ -411,11 +413,16 @@ def test_a_run_still_improving_when_its_epochs_end_restarts_at_half_the_rate(one
 def test_a_recovery_likely_to_miss_and_an_unreachable_sparsity_are_pointed_out(calib, one_thread):
     # 98% of a 32-wide MLP is below its floor of 2 weights per unit (96.5%), and 1 epoch
     # at a small rate recovers little: both records say so, and nothing is reordered
-    res = fxpress.compress(trained_mlp(hidden=(32,), epochs=20),
-                           "prune{sparsity=0.98},distill{epochs=1,lr=0.001,holdout=0.2}",
-                           calibration=calib, train_data=train_data()[:10], policy="warn",
-                           progress=False)
+    with pytest.warns(PlanMissedWarning, match="more than 1 point below the original") as caught:
+        res = fxpress.compress(trained_mlp(hidden=(32,), epochs=20),
+                               "prune{sparsity=0.98},distill{epochs=1,lr=0.001,holdout=0.2}",
+                               calibration=calib, train_data=train_data()[:10], policy="warn",
+                               progress=False)
     prune, distill = res.records
+    # the last recovery step ends far below: a warning and a note, never silent (issue 18)
+    missed = [w.message for w in caught if isinstance(w.message, PlanMissedWarning)]
+    assert missed[0].missed["accuracy_points"] > 1 and "#2 distill" in str(missed[0])
+    assert "more than 1 point below the original" in distill.message
     assert prune.stats["sparsity"] < 0.97 and "of the 0.98 asked" in prune.message
     assert "min_per_unit=2" in prune.message
     assert "likely short of the original" in distill.message
@@ -538,3 +545,25 @@ def test_a_recovery_on_too_few_batches_to_hold_out_trains_a_budget_of_steps(cali
     assert "held_out_nothing" not in res.records[-1].stats
     assert res.records[-1].stats["holdout_batches"] == 1
     assert "held out nothing" not in (res.records[-1].message or "")
+
+
+def test_the_last_recovery_warns_past_one_held_out_point_and_only_then():
+    # what the record says decides: 1.0 point below is the promise kept, 1.6 is not
+    from types import SimpleNamespace
+
+    from fxpress.passes.gradual import missed_promise
+
+    def record(got, status="ok"):
+        return SimpleNamespace(name="distill", status=status, message="", stats={
+            "teacher_val_accuracy": 0.99, "best_epoch": 2, "holdout_batches": 2,
+            "epochs": [{"val_accuracy": 0.5}, {"val_accuracy": got}]})
+
+    for kept in (record(0.98), record(0.97, "rolled back")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            missed_promise(kept, 3)
+        assert kept.message == ""
+    far = record(0.974)
+    with pytest.warns(PlanMissedWarning, match=r"#3 distill\) kept epoch 2, which scored 0.974") as w:
+        missed_promise(far, 3)
+    assert w[0].message.missed == {"accuracy_points": 1.6} and "1.6 points" in far.message
