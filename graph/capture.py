@@ -191,7 +191,30 @@ def positional_batch(batch: Any, model: torch.nn.Module, what: str = "train_data
         return (*_bind_by_name(batch[0], what, model), *batch[1:])
     if _grouped_inputs(batch, model):
         return (*batch[0], *batch[1:])
+    _check_arity(batch, model, what)
     return batch
+
+
+def _check_arity(batch: Any, model: torch.nn.Module, what: str) -> None:
+    """Refuse a batch of more inputs than ``model.forward`` takes: ``((x1, x2, x3), y)``
+    for a forward of two required arguments (grouped), or more tensors than its arguments
+    and a label (flat). Such a batch failed inside distill as a PassError."""
+    if not isinstance(batch, (tuple, list)) or _takes_varargs(model):
+        return
+    params = forward_parameters(model)
+    if not params:
+        return
+    required = [p for p in params if p.default is p.empty]
+    grouped = (len(batch) == 2 and isinstance(batch[0], (tuple, list)) and len(batch[0]) > 1
+               and all(isinstance(t, torch.Tensor) for t in batch[0]) and len(required) >= 2)
+    flat = all(isinstance(t, torch.Tensor) for t in batch) and len(batch) > len(params) + 1
+    if grouped or flat:
+        k = len(batch[0]) if grouped else len(batch) - 1
+        raise InputError(
+            f"{what} holds {k} inputs{' grouped as its first element' if grouped else ' and a label'}, "
+            f"but {type(model).__name__}.forward takes {len(params)} "
+            f"({', '.join(p.name for p in params)}); give at most {len(params)} inputs, then "
+            "the label: (x, ..., y) or ((x, ...), y)")
 
 
 def _grouped_inputs(batch: Any, model: torch.nn.Module) -> bool:
@@ -248,6 +271,8 @@ def positional_batches(data: Any, model: torch.nn.Module) -> Any:
     if isinstance(data, (list, tuple)):
         if not any(isinstance(b, Mapping) or _grouped_inputs(b, model) or (
                 isinstance(b, (tuple, list)) and b and isinstance(b[0], Mapping)) for b in data[:1]):
+            for i, b in enumerate(data):
+                _check_arity(b, model, f"train_data batch {i}")
             return data
         return [positional_batch(b, model, f"train_data batch {i}") for i, b in enumerate(data)]
     if isinstance(data, DataLoader):

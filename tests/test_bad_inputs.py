@@ -398,3 +398,34 @@ def test_inputs_of_another_float_dtype_than_the_model_are_named_with_the_cast(dt
     name = str(dtype).removeprefix("torch.")
     assert f"weights are {name} and the float inputs float32" in str(err.value)
     assert f"x.to(torch.{name})" in str(err.value)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x, mask):
+        return self.fc(x * mask)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda x, m, y: [((x, m), y), ((x, m, x), y)],
+     "train_data batch 1 holds 3 inputs grouped as its first element, but _Masked.forward takes 2"),
+    (lambda x, m, y: [((x, m, x), y)],
+     "train_data batch 0 holds 3 inputs grouped as its first element, but _Masked.forward takes 2"),
+    (lambda x, m, y: [(x, m, x, y)], "train_data batch 0 holds 3 inputs and a label"),
+    (lambda x, m, y: (b for b in [((x, m, x), y)]), "train_data batch holds 3 inputs grouped"),
+])
+def test_train_batches_of_more_inputs_than_forward_takes_name_the_batch(make, fragment):
+    """``((x, mask, extra), y)`` for ``forward(x, mask)`` was left as it was and failed
+    inside distill: a PassError about an index conversion. It is the data's fault: an
+    InputError naming the batch, before the caller's model is touched."""
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    x, m, y = torch.randn(8, 4), torch.ones(8, 4), torch.randint(0, 3, (8,))
+    before = state_snapshot(model)
+    with pytest.raises(E.InputError, match=fragment):
+        fxpress.compress(model, "distill{epochs=1}", calibration=[(x, m)], train_data=make(x, m, y),
+                         progress=False)
+    assert_unchanged(model, before)
