@@ -832,8 +832,9 @@ SIMULATED_WEIGHTS = 1 << 17
 SIMULATED_ROWS = 128
 #: Sample rows up to which the cheapest candidate's output error is measured by the float
 #: simulation over every row and channel instead of the int8 kernel: on one thread here the
-#: float product of 16-128 rows took 0.2-0.7x the kernel's prepacking and run on GPT-2's
-#: and MiniLM's layer shapes, about 1x at 256 and 1.2-1.7x at 512 (MiniLM's sample).
+#: float product (with decoding) of 16-128 rows took 0.1-0.7x the kernel's prepacking and
+#: run on GPT-2's and MiniLM's layer shapes, 0.8-1.1x at 256 and 0.85-1.65x at 512
+#: (MiniLM's sample: its quantize pass took 1.26x as long measured that way).
 WHOLE_SIMULATION_ROWS = 256
 #: A candidate whose simulated error exceeds this many times the bound the kernel's
 #: measurements set is not built (the estimates run 0.75-1.8x the kernel's error on
