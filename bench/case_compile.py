@@ -5,7 +5,8 @@ Models: the real all-MiniLM-L6-v2 (batch 32: the first 32 sentences padded to th
 batch 1: one sentence of 16 tokens) and the digits MLP and CNN (batch 128 and 1). Every
 compiled variant is compiled once with dynamic shapes and then run at the two timed shapes
 and a third (MiniLM: 8 sentences of 40 tokens; digits: 37 images): "compiles" counts the
-graphs Inductor built over all three (1: no recompile), "cos vs eager" is the lowest
+graphs Inductor built over all three and the timed calls (which run under
+``torch.inference_mode()``; 1: no recompile), "cos vs eager" is the lowest
 cosine between the compiled and the same model eager over the three shapes.
 
 The PT2E baseline: torchao's ``X86InductorQuantizer`` with its default dynamic config
@@ -27,6 +28,7 @@ generates C++ for tens of seconds) and skips torchao.
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 
@@ -35,7 +37,9 @@ import torch
 from bench.common import Table, interleaved_medians
 
 TITLE = "Compiled models: fxpress.compile vs torchao PT2E + Inductor vs fp32 eager and compiled"
-THREADS = 2
+#: BENCH_THREADS=1 measures on one (a machine other jobs load: every OpenMP fork waits for
+#: a time slice there, eager and compiled alike)
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,21 +79,26 @@ def _compiled(model: torch.nn.Module, example: tuple, backend: str):
 def _measure(title: str, eager: dict, compiled: dict, compile_s: dict, shapes: dict,
              third: tuple, repeat: int, baseline: str | None, notes: list[str]) -> Table:
     """One table: every variant at the timed shapes, compiled ones checked at all three."""
-    fidelity, compiles = {}, {}
+    fidelity = {}
     with torch.no_grad():
         ref = {k: eager["fp32 eager"](*x) for k, x in shapes.items()}
         for name, fast in compiled.items():
             own = eager[name.replace(" compiled", " eager")]
             fidelity[name] = min(_cos(fast(*x), own(*x)) for x in (*shapes.values(), third))
-            compiles[name] = fast.compiles
     variants = {**eager, **compiled}
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
+    load = os.getloadavg()[0]
     try:
         lat = {k: interleaved_medians({n: (lambda m=m, x=x: m(*x)) for n, m in variants.items()},
                                       repeat) for k, x in shapes.items()}
     finally:
         torch.set_num_threads(threads)
+    # counted after the timed calls too (under inference mode, at another thread count):
+    # a graph compiled there is a recompile the table must show
+    compiles = {name: fast.compiles for name, fast in compiled.items()}
+    notes = [*notes, f"{THREADS} thread(s); load average {load:.1f} -> {os.getloadavg()[0]:.1f} "
+             f"over the timed rounds"]
     (k1, k2) = list(shapes)
     cols = ["variant", "compile s", "compiles (3 shapes)", "cos vs its eager (min)",
             f"cos vs fp32 ({k1}, min)", f"ms {k1}", f"x fp32 eager {k1}", f"ms {k2}",

@@ -25,13 +25,21 @@ gradients.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch._inductor.config as _inductor_config
 import torch.fx.experimental._config as _shape_config
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _CustomGraphPass
+except ImportError:  # an older torch: the pass only keys Inductor's cache
+    _CustomGraphPass = object
 
 from fxpress.errors import CompileError, InputError
 
@@ -78,9 +86,18 @@ class CompiledModel(torch.nn.Module):
             # allow_rnn: LSTM/GRU/RNN (fused calls) are traced, not refused; specialize_float:
             # a module's float attribute (an LSTM's dropout) is a constant, not a symbol
             # whose specialisation makes Dynamo trace the whole model a second time
-            with torch.no_grad(), _shape_config.patch(backed_size_oblivious=True), \
-                    _inductor_config.patch(freezing=self.freeze), \
-                    torch._dynamo.config.patch(allow_rnn=True, specialize_float=True):
+            # inference mode off and inference tensors copied (see _plain): Dynamo guards
+            # each input's dispatch keys, which inference mode changes, and a call under
+            # torch.inference_mode() (or on a tensor made there) compiled a graph of its own
+            # small_work_serial: generated kernels fork threads only for enough work (its
+            # pass keys Inductor's cache)
+            with torch.inference_mode(False), torch.no_grad(), \
+                    _shape_config.patch(backed_size_oblivious=True), \
+                    _inductor_config.patch(freezing=self.freeze,
+                                           post_grad_custom_post_pass=_serial_pass()), \
+                    torch._dynamo.config.patch(allow_rnn=True, specialize_float=True), \
+                    small_work_serial():
+                args, kwargs = _plain(args), _plain(kwargs)
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
             raise CompileError(
@@ -94,6 +111,130 @@ class CompiledModel(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"compiles={self.compiles}, freeze={self.freeze}"
+
+
+def _plain(values: Any) -> Any:
+    """``values`` (a tuple or dict of call arguments, nested) with every inference tensor
+    (one made under ``torch.inference_mode()``) replaced by a copy made outside it: its
+    dispatch keys differ from an ordinary tensor's, and Dynamo guards them, so each kind
+    of input compiled a graph of its own. Other values are passed as they are."""
+    from torch.utils._pytree import tree_map_only
+
+    flat = values.values() if isinstance(values, dict) else values
+    if not any(isinstance(v, (tuple, list, dict)) or isinstance(v, torch.Tensor) and v.is_inference()
+               for v in flat):
+        return values  # the common call: tensors made outside inference mode (microseconds)
+    return tree_map_only(torch.Tensor, lambda t: t.clone() if t.is_inference() else t, values)
+
+
+#: elements of work below which a generated kernel runs on the calling thread: aten's own
+#: ``at::internal::GRAIN_SIZE``, below which its kernels do not fork threads either
+GRAIN = 32768
+_PENDING = threading.local()
+
+
+class _SerialSmallKernels(_CustomGraphPass):
+    """A no-op post-grad pass whose only role is its ``uuid``: Inductor's graph cache keys
+    on it, so code generated without :func:`small_work_serial` (an earlier version, or a
+    plain ``torch.compile``) is not served to :func:`compile`. It runs the pass it
+    replaces, if any."""
+
+    def __init__(self, previous: Any):
+        self.previous = previous
+
+    def __call__(self, graph: Any) -> None:
+        if self.previous is not None:
+            self.previous(graph)
+
+    def uuid(self) -> Any:
+        previous = None if self.previous is None else getattr(self.previous, "uuid", lambda: None)()
+        return ("fxpress.compile: omp parallel if(work >= GRAIN)", GRAIN, previous)
+
+
+def _serial_pass() -> Any:
+    """The post-grad pass a :class:`CompiledModel` call sets: the caller's own, wrapped in
+    :class:`_SerialSmallKernels` (made once per pass it wraps)."""
+    previous = _inductor_config.post_grad_custom_post_pass
+    if isinstance(previous, _SerialSmallKernels):
+        return previous
+    held = _SERIAL_PASSES.get(id(previous))
+    if held is None or held.previous is not previous:
+        held = _SERIAL_PASSES[id(previous)] = _SerialSmallKernels(previous)
+    return held
+
+
+_SERIAL_PASSES: dict = {}
+
+
+@contextlib.contextmanager
+def small_work_serial() -> Iterator[None]:
+    """While Inductor generates C++ in this thread (here: the calls of a
+    :class:`CompiledModel`), give every ``#pragma omp parallel`` of a kernel whose size
+    depends on the input an ``if(elements >= GRAIN)`` clause.
+
+    Inductor decides once, from the size it compiled at, whether a loop forks threads:
+    compiled at batch 128, a one-row call forked an OpenMP team in every kernel, and on a
+    machine whose cores other processes hold each fork waits for a time slice (the digits
+    MLP's compiled int8 layers: 25 ms a call at batch 1 against 0.9 ms with the clause;
+    aten's eager kernels run such sizes on the calling thread). With the clause the
+    decision is taken per call, as aten takes it. A static size keeps Inductor's own
+    decision. The code generator is patched once per process and acts only inside this
+    context, in this thread (other compiles are untouched); where it is not as expected
+    (another torch), nothing is patched."""
+    if not _patch_codegen():
+        yield
+        return
+    outer = getattr(_PENDING, "active", False)
+    _PENDING.active = True
+    try:
+        yield
+    finally:
+        _PENDING.active = outer
+
+
+_PATCHED: list = []
+
+
+def _patch_codegen() -> bool:
+    """Wrap Inductor's C++ loop generation (once): see :func:`small_work_serial`."""
+    if _PATCHED:
+        return _PATCHED[0]
+    try:
+        from torch._inductor.codegen import cpp as cg
+        from torch._inductor.codegen.cpp_utils import cexpr_index
+        from torch._inductor.utils import sympy_product
+
+        loops, parallel = cg.CppKernel.codegen_loops_impl, cg.WorkSharing.parallel
+    except (ImportError, AttributeError):
+        _PATCHED.append(False)
+        return False
+
+    def codegen_loops_impl(self: Any, loop_nest: Any, code: Any, worksharing: Any) -> Any:
+        if not getattr(_PENDING, "active", False):
+            return loops(self, loop_nest, code, worksharing)
+        work = sympy_product(self.call_ranges or ())
+        _PENDING.work = None if getattr(work, "is_number", True) else \
+            cexpr_index(self.rename_indexing(work))
+        try:
+            return loops(self, loop_nest, code, worksharing)
+        finally:
+            _PENDING.work = None
+
+    def serial_if_small(self: Any, threads: int) -> None:
+        opening = not self.in_parallel or threads != self.num_threads
+        parallel(self, threads)
+        work, lines = getattr(_PENDING, "work", None), getattr(self.code, "_lines", None)
+        if not (opening and work and lines):
+            return
+        # the pragma, then "{" and "int tid = ..." that open the region
+        for i in range(len(lines) - 1, max(len(lines) - 4, -1), -1):
+            if isinstance(lines[i], str) and lines[i].lstrip().startswith("#pragma omp parallel"):
+                lines[i] = f"{lines[i]} if({work} >= {GRAIN})"
+                break
+
+    cg.CppKernel.codegen_loops_impl, cg.WorkSharing.parallel = codegen_loops_impl, serial_if_small
+    _PATCHED.append(True)
+    return True
 
 
 def _own_frame(module: torch.nn.Module) -> Any:

@@ -234,11 +234,12 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the common case first, in the fewest Python steps (at batch 1 each call's
         # matmul takes tens of microseconds): stored int8 codes, no parameter (neither
-        # fine-tuned nor trained), the int8 path chosen already
+        # fine-tuned nor trained), the int8 path chosen already. _small_call_ok before the
+        # size test: compiled, the size test made Dynamo guard on the batch (a second graph)
         d = self.__dict__
         if (not self._parameters and self.activations == "dynamic" and not x.requires_grad
                 and d.get("_decode_path") == "int8"):
-            if x.numel() < d.get("_float_below", 0) and self._small_call_ok(x):
+            if self._small_call_ok(x) and x.numel() < d.get("_float_below", 0):
                 return F.linear(x, self._small_call_weight(), self._buffers["bias"])
             return self.int8_forward(x)
         if self._training_path() or x.requires_grad:
@@ -246,7 +247,7 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
         if self.decode_path() == "int8":
             if self.activations != "dynamic":  # other weights run through their int8 twin
                 return self._twin().int8_forward(x)
-            if x.numel() < d.get("_float_below", 0) and self._small_call_ok(x):
+            if self._small_call_ok(x) and x.numel() < d.get("_float_below", 0):
                 return F.linear(x, self._small_call_weight(), self.bias)
             return self.int8_forward(x)
         return op_forward(LINEAR, self.spec, x, self.dense_weight(), self.bias)

@@ -144,13 +144,23 @@ def minilm_gm(minilm, minilm_batches):
     return fxpress.capture(minilm, minilm_batches[0])
 
 
+def _threads(count: int):
+    n = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny MLPs train faster on one thread, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from _threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads (an xdist worker runs on one, where Inductor forks no threads)."""
+    yield from _threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,13 @@ int8 product, and that it equals eager); ``bench/case_compile.py`` compiles whol
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import fxpress
+from fxpress.compiled import GRAIN
 from fxpress.errors import InputError
 from fxpress.passes.int8 import int8_backend
 from tests.helpers import assert_unchanged, state_snapshot
@@ -124,7 +127,8 @@ class _Int8Linear(torch.nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc(x)))
 
 
-def test_inductor_compiles_the_int8_path_equal_to_eager_with_unsigned_onednn_inputs(monkeypatch):
+def test_inductor_compiles_the_int8_path_equal_to_eager_with_unsigned_onednn_inputs(monkeypatch,
+                                                                                    two_threads):
     """One real Inductor compile (frozen weights, dynamic shapes) of the int8 path.
 
     Inductor's freezing may rewrite an integer product into oneDNN's int8 linear, which
@@ -144,9 +148,15 @@ def test_inductor_compiles_the_int8_path_equal_to_eager_with_unsigned_onednn_inp
 
     model = _Int8Linear().eval()
     counters.clear()
+    # generated here, not handed back from Inductor's cache (what this test reads is the code)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     fast = fxpress.compile(model)
     _, code = run_and_get_code(fast, torch.randn(4, 6, 32))
     assert "".join(code).count(".erf()") == 1, "GELU's erf computed more than once"
+    # every kernel forks threads only for enough work, decided per call (a small call
+    # forked a team in every kernel: 16-132 ms a call on a loaded machine)
+    pragmas = re.findall(r"#pragma omp parallel.*", "".join(code))
+    assert pragmas and all(f">= {GRAIN})" in p for p in pragmas), pragmas
     monkeypatch.setattr(packet, "tensor", recording)  # what the generated code calls
     for shape in ((4, 6, 32), (1, 3, 32), (32, 5, 32), (9, 1, 32)):  # other batch sizes, lengths
         x = torch.randn(*shape)
@@ -212,3 +222,40 @@ def test_packed_embeddings_read_expanded_ids_without_a_batch_1_graph(pipeline):
         with torch.no_grad():
             torch.testing.assert_close(fast(ids), gm(ids))
     assert fast.compiles == 1
+
+
+def test_repeated_calls_at_two_batch_sizes_run_one_graph_under_no_grad_and_inference_mode():
+    """Calls as users make them, repeated, at batch 1 and batch 128: under ``no_grad``,
+    under ``torch.inference_mode()`` (what benchmarks and servers use) and on tensors made
+    there. Dynamo guards each input's dispatch keys, which inference mode changes: each
+    kind of call compiled a graph of its own (4 graphs). An int8 layer's small-call rule
+    (decode=auto: a call under 2,000 elements in float) tested the size before seeing that
+    it was compiled: batch 1 compiled a second graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 10)).eval()
+    x = torch.randn(128, 64)
+    gm = fxpress.compress(model, "quantize{bits=8,activations=dynamic}", (x,), calibration=[(x,)],
+                          policy="warn", progress=False).module
+    with torch.no_grad():
+        gm(x), gm(x[:1])  # eager calls first: the layers choose their path and small-call rule
+    counters.clear()
+    fast = fxpress.compile(gm, x, backend="eager")
+    with torch.inference_mode():
+        made_there = x.clone()
+    for _ in range(3):
+        for rows in (1, 128):
+            with torch.no_grad(), int8_backend("reference"):
+                exact = gm(x[:rows])
+            with torch.no_grad():
+                outs = [fast(x[:rows])]
+            with torch.inference_mode():
+                outs += [fast(x[:rows]), fast(made_there[:rows])]
+            outs.append(fast(made_there[:rows]))
+            for y in outs:
+                torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-5)
+    assert fast.compiles == 1
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"]
