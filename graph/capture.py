@@ -532,7 +532,35 @@ def _capture_fx(model, example_inputs, concrete_args, leaf_modules):
     return gm
 
 
+@contextlib.contextmanager
+def _plain_attribute_copies(model: torch.nn.Module):
+    """Tensors kept as plain module attributes (neither parameter nor buffer: VideoMAE's
+    sinusoid position table), while the pipeline holds them as read-only views, become
+    private copies for the block: export lifts such a tensor as a constant, and its fake
+    tensor conversion cannot go through the view's ``__torch_function__`` ("Unable to cast
+    NotImplemented to Tensor"). The caller's tensor is never written either way."""
+    from fxpress.graph.guard import ReadOnlyParameter, ReadOnlyTensor  # guard imports this module
+
+    swapped = []
+    for m in model.modules():
+        for k, t in list(vars(m).items()):
+            if isinstance(t, (ReadOnlyTensor, ReadOnlyParameter)) and not k.startswith("__"):
+                with torch._C.DisableTorchFunctionSubclass():
+                    vars(m)[k] = torch.Tensor.clone(t).detach()
+                swapped.append((m, k, t))
+    try:
+        yield
+    finally:
+        for m, k, t in swapped:
+            vars(m)[k] = t
+
+
 def _capture_export(model, example_inputs, dynamic, bound=None):
+    with _plain_attribute_copies(model):
+        return _capture_export_as_is(model, example_inputs, dynamic, bound)
+
+
+def _capture_export_as_is(model, example_inputs, dynamic, bound=None):
     shapes = _dynamic_shapes(example_inputs) if dynamic else None
     if not bound:
         ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)

@@ -436,3 +436,31 @@ def test_the_fixed_size_trial_runs_keep_the_models_warnings_quiet():
         warnings.simplefilter("always")
         fxpress.capture(Noisy(), (torch.randn(2, 5, 4),), method="export")
     assert not [w for w in caught if "not written for" in str(w.message)]
+
+
+class _PlainTable(torch.nn.Module):
+    """A tensor kept as a plain attribute (neither parameter nor buffer), as VideoMAE keeps
+    its sinusoid position table."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.table = torch.randn(1, 4, 8)
+
+    def forward(self, x):
+        return self.lin(x) + self.table.detach().type_as(x).to(device=x.device, copy=True)
+
+
+def test_export_captures_a_tensor_kept_as_a_plain_attribute():
+    # export lifts it as a constant and could not convert the pipeline's read-only view of
+    # it ("Unable to cast NotImplemented to Tensor"): VideoMAE failed capture in every pass
+    torch.manual_seed(0)
+    model, x = _PlainTable().eval(), torch.randn(2, 4, 8)
+    table = model.table
+    before = table.clone()
+    res = fxpress.compress(model, "quantize", example_inputs=(x,), capture_method="export",
+                           progress=False)
+    assert res.capture["method"] == "export"
+    assert torch.allclose(res.module(x), model(x), atol=0.05)
+    assert model.table is table and torch.equal(table, before)
+    assert type(table) is torch.Tensor
