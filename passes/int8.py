@@ -240,12 +240,12 @@ class Int8Kernels:
         return y.reshape(*shape[:-1], -1)
 
     def _weight_state(self) -> tuple[tuple, tuple, tuple]:
-        """(ids, versions, tensors) of what the prepacked weights are built from."""
-        b = self._buffers
-        qweight, scale, bias, smooth = tensors = (b["qweight"], b["scale"], b.get("bias"),
-                                                  b.get("smooth"))
-        versions = (_version(qweight), _version(scale), _version(bias), _version(smooth))
-        return (id(qweight), id(scale), id(bias), id(smooth)), versions, tensors
+        """(ids, versions, tensors) of every buffer the layer holds (codes, scale, zero
+        point, smoothing factors, bias): what its prepacked weights, kernel plans and small
+        calls' float weight are built from. Every buffer, so that none is left out: an
+        in-place edit of the zero point left all three stale (outputs off by 0.04)."""
+        tensors = tuple(self._buffers.values())
+        return tuple(map(id, tensors)), tuple(map(_version, tensors)), tensors
 
     def _remember_plan(self, backend: str, rows: int, inv: torch.Tensor | None) -> None:
         """Keep the kernel this call took (and its prepacked weight) for calls of the same
@@ -320,12 +320,12 @@ class Int8Kernels:
         bias = self.bias  # fbgemm's per-tensor prepack holds a copy of it
         # inference tensors (a decoded twin built in inference mode) have no version
         # counter: reading one raised, and every kernel was marked broken for the process
-        key = (backend, self.act_scale, self.qweight.data_ptr(), _version(self.qweight),
-               _version(self.scale), id(bias), _version(bias))
+        ids, versions, tensors = self._weight_state()
+        key = (backend, self.act_scale, ids, versions, id(bias))
         held = _prepacked.get(self)
         hit = None if held is None else held.get(backend)
         if hit is None or hit[0] != key:
-            hit = (key, build())
+            hit = (key, build(), tensors)  # the tensors held: their ids stay theirs
             if caches_enabled():
                 if held is None:
                     held = _prepacked[self] = {}

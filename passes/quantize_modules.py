@@ -275,13 +275,12 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
         """The float weight of a small call, decoded at the first such call and kept as a
         run-time cache (never in ``state_dict``; dropped with the other caches, decoded
         again when the stored tensors are written)."""
-        b = self._buffers
-        versions = tuple(t._version if t is not None else -1
-                         for t in (b["qweight"], b["scale"], b.get("smooth")))
+        ids, versions, tensors = self._weight_state()  # every buffer, the zero point too
         held = self.__dict__.get("small_call_weight")
-        if held is None or held[0] != versions:
+        if held is None or held[0] != (ids, versions):
             with torch.no_grad():
-                held = self.__dict__["small_call_weight"] = (versions, self.weight_float())
+                held = self.__dict__["small_call_weight"] = ((ids, versions), self.weight_float(),
+                                                             tensors)
         return held[1]
 
     def drop_cache(self) -> None:

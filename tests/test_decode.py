@@ -261,6 +261,31 @@ def test_small_call_copy_follows_writes_to_the_stored_codes():
     assert torch.allclose(after - bias, -(before - bias), atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [2, 200])  # the small call's float copy; the int8 kernel
+def test_every_cache_of_an_int8_layer_follows_writes_to_any_stored_tensor(rows):
+    """The small call's float copy, the prepacked kernel weight and the kernel plan were
+    keyed on the codes, the scale and the smoothing factors only: an in-place edit of an
+    affine layer's zero point left outputs off by 0.009 (small calls) and 0.04 (int8
+    kernels). Every buffer keys them now; the output matches a fresh copy of the layer."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    calib = [(torch.randn(32, 16),)]
+    gm = fxpress.compress(model, "quantize{scheme=affine}", calibration=calib, policy="warn").module
+    ((_, layer),) = compressed_modules(gm)
+    assert layer.zero_point is not None
+    x = torch.randn(rows, 16)
+    gm(x)
+    gm(x)  # every cache built
+    layer.zero_point.add_(3)
+    fresh = copy.deepcopy(gm)
+    for m in fresh.modules():
+        if hasattr(m, "drop_cache"):
+            m.drop_cache()
+    assert torch.equal(gm(x), fresh(x))
+
+
 def test_wide_int8_layer_runs_every_call_size_in_int8():
     """A layer where even 4 rows are AUTO_INT8_MIN_WORK or more never takes the float copy."""
     side = int((AUTO_INT8_MIN_WORK / 4) ** 0.5) + 1
