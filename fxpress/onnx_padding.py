@@ -206,14 +206,29 @@ def skip_padding(model, plan: dict) -> None:
         rename[t] = b.node("Gather", [flat, rows], PREFIX + t, axis=0)[0]
     packs = list(b.nodes[len(head):])
     unpacks: dict[str, list] = {}
+    dims = _dims(graph)
+    by_width: dict[int, tuple[str, str]] = {}
     for t in plan["unpack"]:
         b.nodes = []
         packed = b.name(t + ".packed")
-        width = b.node("Shape", [packed], PREFIX + t, start=1)[0]
-        zeros = b.node("ConstantOfShape", [b.node("Concat", [bs, width], PREFIX + t, axis=0)[0]],
-                       PREFIX + t, value=_zero())[0]
+        c = (dims.get(t) or [None])[-1]
+        if isinstance(c, int) and c > 0:  # zeros and shape once per width (q, k, v share them)
+            if c not in by_width:
+                b.nodes = []
+                width = b.const(base + f".width{c}", np.array([c], np.int64))
+                by_width[c] = (
+                    b.node("ConstantOfShape", [b.node("Concat", [bs, width], PREFIX + "zeros", axis=0)[0]],
+                           PREFIX + "zeros", value=_zero())[0],
+                    b.node("Concat", [bs_shape, width], PREFIX + "shape", axis=0)[0])
+                head.extend(b.nodes)
+                b.nodes = []
+            zeros, shape = by_width[c]
+        else:
+            width = b.node("Shape", [packed], PREFIX + t, start=1)[0]
+            zeros = b.node("ConstantOfShape", [b.node("Concat", [bs, width], PREFIX + t, axis=0)[0]],
+                           PREFIX + t, value=_zero())[0]
+            shape = b.node("Concat", [bs_shape, width], PREFIX + t + ".shape", axis=0)[0]
         full = b.node("ScatterND", [zeros, rows2, packed], PREFIX + t)[0]
-        shape = b.node("Concat", [bs_shape, width], PREFIX + t + ".shape", axis=0)[0]
         b.nodes.append(b.helper.make_node("Reshape", [full, shape], [t], name=b.name(PREFIX + t + "/Reshape")))
         unpacks[t] = (packed, list(b.nodes))
     out = []
