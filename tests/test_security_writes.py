@@ -112,3 +112,34 @@ def test_every_file_the_cli_writes_replaces_a_link_and_refuses_a_fifo(tmp_path, 
         finally:
             os.close(reader)
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode), name
+
+
+def test_a_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
+    """A private file (0600) saved again became 0644, readable by everyone: the atomic
+    write's temporary file took the default mode. It takes the replaced file's mode now
+    (a new file: 0666 less the umask, read without setting it); a symbolic link at the
+    path is replaced by a file of the default mode, its target left alone."""
+    import torch
+
+    from fxpress.graph.artifact import write_atomic
+
+    target = tmp_path / "private.fxp"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    fxpress.save(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    write_atomic(tmp_path / "group.json", b"{}")
+    (tmp_path / "group.json").chmod(0o640)
+    write_atomic(tmp_path / "group.json", b"[]")
+    assert stat.S_IMODE((tmp_path / "group.json").stat().st_mode) == 0o640
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_atomic(tmp_path / "new.json", b"{}")
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o666 & ~umask
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_bytes(b"keep")
+    elsewhere.chmod(0o600)
+    (tmp_path / "link.json").symlink_to(elsewhere)
+    write_atomic(tmp_path / "link.json", b"{}")
+    assert not (tmp_path / "link.json").is_symlink() and elsewhere.read_bytes() == b"keep"
+    assert stat.S_IMODE((tmp_path / "link.json").stat().st_mode) == 0o666 & ~umask

@@ -124,6 +124,31 @@ def _target(path: Any) -> tuple[Path, Path]:
     return path, parent
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (setting it
+    for a moment changes it for every thread of the process)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
+        return umask
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a write to ``path`` leaves: those of the regular file it
+    replaces (not of a symbolic link's target: the link itself is replaced), else
+    ``0o666`` less the umask."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~_umask()
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes]) -> None:
     """Write ``data`` (bytes, or byte strings in order) to ``path`` via a temporary file in
     the same directory + fsync + os.replace; see the module docs."""
@@ -134,10 +159,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes]) -> None
     except OSError as e:
         raise os_failure(path, e) from None
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp makes the file private (0600): give it the mode of the file it replaces
+        # (a 0600 file had become 0644, readable by everyone, when saved again), else the
+        # mode a plain open() would
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
             for piece in pieces:
