@@ -16,8 +16,8 @@ of:
   mean pooling over the mask, where a pad row counts 0 times either way.
 
 Any other reader of a per-token value (a graph output of per-token values, an unfused
-attention, a convolution over the sequence, pooling that ignores the mask) keeps the graph
-as it was, and so does a graph with no fused attention or no single ``[batch, sequence]``
+attention, a convolution over the sequence, pooling that ignores the mask), or of what an
+attention computed for its pad queries from the zero rows, keeps the graph as it was, and so does a graph with no fused attention or no single ``[batch, sequence]``
 integer input that every attention's mask comes from. Real tokens' results are then the
 padded graph's exactly, but for per-tensor int8 inputs (``DynamicQuantizeLinear``), whose
 range is taken over the real tokens only instead of real and pad tokens.
@@ -175,6 +175,21 @@ def padding_plan(graph, keys: dict[int, tuple[str, Any]]) -> dict | None:
         # a value made padded (outside the region) and read inside it is gathered: that
         # is always exact; nothing more to check
     if not region:
+        return None
+    # the values outside the region that read scattered rows have pad rows unlike the
+    # padded graph's (an attention's pad queries saw zero rows): only a gather into the
+    # region, another attention's q, k, v or a Mul by the mask may read them
+    dirty = {o for i in region for o in nodes[i].output
+             if any(r not in region for r, _ in readers.get(o, []))}
+    for i, n in enumerate(nodes):
+        if i in region or not any(t in dirty for t in n.input):
+            continue
+        reads = [j for j, t in enumerate(n.input) if t in dirty]
+        if not all(safe(i, j) for j in reads):
+            return None
+        if id(n) in att_ids:
+            dirty.update(n.output)
+    if dirty & outputs:
         return None
     pack = sorted({t for i in region for t in nodes[i].input
                    if t in token and (producer.get(t) is None or nodes.index(producer[t]) not in region)})
