@@ -76,6 +76,13 @@ class QuantizedWeight(DecodeStrategy, CompressedModule):
         weight's shape: the native int8 kernels read one scale per output channel, and
         oneDNN's read past a shorter tensor (a crafted file's 2 scales for 256 channels
         gave outputs of 1e33)."""
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= 8) or self.scheme not in (
+                "symmetric", "affine") or self.activations not in ("none", "dynamic") or \
+                self.act_scale not in ("token", "tensor"):
+            # bits=2**40 loaded, then its first call never returned
+            raise ValueError(f"bits {self.bits!r} (2-8), scheme {self.scheme!r}, activations "
+                             f"{self.activations!r} or act_scale {self.act_scale!r} is not one "
+                             "the quantize pass writes")
         rows, cols = int(self.shape[0]), self.cols
         per = {"tensor": 1, "channel": rows,
                "group": rows * group_count(cols, self.group_size)}.get(self.granularity)

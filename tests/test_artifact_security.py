@@ -1262,3 +1262,24 @@ def test_a_torch_nn_module_missing_a_field_is_refused_at_load(good, path, field)
     with pytest.raises(ArtifactFormatError, match=f"module '{path}' \\(torch.nn.[A-Za-z0-9]+\\) "
                                                   f"lacks the field\\(s\\) {field}"):
         _load(bad)
+
+
+@pytest.mark.parametrize("field, value", [("bits", 1 << 40), ("bits", 1), ("bits", 9),
+                                          ("scheme", "x"), ("activations", "x"),
+                                          ("act_scale", "x")])
+def test_quantized_configs_outside_what_the_pass_writes_are_refused_at_load(field, value):
+    """A 4-bit group-quantized layer whose config says bits=2**40 loaded, then its first
+    call never returned (found by fuzzing runtime configs of real compressed models)."""
+    import fxpress
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    res = fxpress.compress(model, "quantize{bits=4,granularity=group,group_size=8}",
+                           (torch.randn(4, 16),), progress=False, policy="warn")
+    data = artifact.dumps(res.module)
+    path = next(m["path"] for m in artifact._split_prefix(data, "t")[0]["modules"]
+                if m.get("kind") == "runtime")
+    bad = tamper(data, lambda h: _module(h, path)["config"].update({field: value}))
+    with pytest.raises(ArtifactFormatError, match=f"module '{path}': QuantizedLinear.from_state "
+                                                  "refused its config \\(ValueError: .bits"):
+        artifact.loads(bad, fxpress.registry().runtime_modules())
