@@ -151,6 +151,9 @@ class CodebookModule(DecodeStrategy, CompressedModule):
         otherwise fail, or index past the codebook, long after the file loaded."""
         bits, cb, codes, mask = self.bits, self.codebook, self.codes, self._buffers.get("mask")
         n = self.numel
+        bb = self.bias_bits  # bias_bits=2**40 loaded into a decode that never returned
+        if not isinstance(bb, int) or isinstance(bb, bool) or not (bb == 0 or 2 <= bb <= 8):
+            raise ValueError(f"bias_bits {bb!r} is not one share writes (0 or 2-8)")
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8 \
                 or cb is None or cb.dim() != 1 or not cb.is_floating_point() \
                 or not 1 <= cb.numel() <= 1 << bits:

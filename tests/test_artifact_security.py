@@ -1283,3 +1283,21 @@ def test_quantized_configs_outside_what_the_pass_writes_are_refused_at_load(fiel
     with pytest.raises(ArtifactFormatError, match=f"module '{path}': QuantizedLinear.from_state "
                                                   "refused its config \\(ValueError: .bits"):
         artifact.loads(bad, fxpress.registry().runtime_modules())
+
+
+@pytest.mark.parametrize("value", [1 << 40, 9, 1, -1])
+def test_codebook_bias_bits_outside_what_share_writes_are_refused_at_load(value):
+    """bias_bits=2**40 in a share layer's config made load decode a grid that never
+    finished (found by fuzzing the runtime configs of real compressed models)."""
+    import fxpress
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    res = fxpress.compress(model, "share{bits=4,bias_bits=8}", (torch.randn(4, 16),),
+                           progress=False, policy="warn")
+    data = artifact.dumps(res.module)
+    path = next(m["path"] for m in artifact._split_prefix(data, "t")[0]["modules"]
+                if m.get("kind") == "runtime")
+    bad = tamper(data, lambda h: _module(h, path)["config"].update(bias_bits=value))
+    with pytest.raises(ArtifactFormatError, match=f"module '{path}'.*bias_bits {value} is not one"):
+        artifact.loads(bad, fxpress.registry().runtime_modules())
