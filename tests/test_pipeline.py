@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxpress
-from fxpress.errors import MissingDataError, PassError, VerificationError
+from fxpress.errors import InputError, MissingDataError, PassError, VerificationError
 from fxpress.graph.weights import weighted_ops
 from fxpress.passes.base import EXACT, Pass, PassResult, Tolerance, option
 from tests.helpers import assert_unchanged, state_snapshot
@@ -509,7 +509,8 @@ def test_training_batches_with_grouped_inputs_train_a_multi_input_model():
     pair = ((torch.randn(2, 4), torch.randn(2, 4)), torch.zeros(2))
     assert positional_batch(pair, torch.nn.Linear(4, 4)) is pair
     assert positional_batches([pair], torch.nn.Linear(4, 4)) == [pair]
-    assert positional_batch(((x, gate, x), y), model) == ((x, gate, x), y)  # too many for forward
+    with pytest.raises(InputError, match=r"3 inputs grouped.*takes 2"):  # too many for forward
+        positional_batch(((x, gate, x), y), model)
     spec = "prune{sparsity=0.5},distill{epochs=1,lr=0.001}"
     calib = [(x[:32], gate[:32])]
     kw = dict(calibration=calib, policy="warn", progress=False)
