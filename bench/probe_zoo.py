@@ -13,12 +13,12 @@ reproduce the outputs bit for bit).
     python -m bench.probe_zoo --json out.json # also the cells as JSON
 
 ``HELD_OUT`` names the models kept for judging the fixes: they were run only after the
-fixes were made, never while making them. ``grucell_loop`` (the class fixed this round) moved
-into ``tests/zoo.py``'s ``ZOO``; the probe still runs it.
+fixes were made, never while making them. ``grucell_loop`` (round 17's class) and
+``timm_like`` (round 21's: a dataclass output) moved into ``tests/zoo.py``'s ``ZOO``; the
+probe still runs them.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tests.zoo import VOCAB, Specimen, _bn_stats, _hf, _ids_mask, _ids_only, _image, _randn, _seq2seq, \
-    _specimen, _ids, _mask, grucell_loop
+from tests.zoo import VOCAB, SqueezeExcite, Specimen, _bn_stats, _hf, _ids_mask, _ids_only, _image, _randn, _seq2seq, \
+    _specimen, _ids, _mask, grucell_loop, timm_like
 
 #: column -> pipeline text: every pass with its default options (prune needs a target;
 #: distill runs one epoch at a fixed rate, as in tests/zoo_matrix.py: its default range test
@@ -51,16 +51,6 @@ def _tokens(b, n, s):
 
 
 # -- round 16's torch models -------------------------------------------------------------------
-
-class SqueezeExcite(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
-
-    def forward(self, x):
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
-
 
 class MobileNetV3ish(nn.Module):
     """Inverted residuals with hardswish, depthwise convs and squeeze-excite."""
@@ -839,62 +829,6 @@ def longformer() -> Specimen:
     cfg = LongformerConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, attention_window=4, max_position_embeddings=80)
     return _hf("longformer", LongformerModel(cfg), _ids_mask, shape=(2, 16), reshaped=(3, 24))
-
-
-class DropPath(nn.Module):
-    """timm's stochastic depth: identity in eval mode."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.p
-        return x * keep / (1 - self.p)
-
-
-class TimmBlock(nn.Module):
-    def __init__(self, c: int, p: float):
-        super().__init__()
-        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.se = SqueezeExcite(c)
-        self.pw = nn.Conv2d(c, c, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.drop_path = DropPath(p)
-
-    def forward(self, x):
-        return x + self.drop_path(self.bn2(self.pw(self.se(F.silu(self.bn1(self.dw(x)))))))
-
-
-@dataclasses.dataclass
-class DetOut:
-    """A plain dataclass output (not a ModelOutput), holding a tuple of dicts."""
-    logits: torch.Tensor
-    heads: tuple
-
-
-class TimmLike(nn.Module):
-    """A hand-written timm-style net: depthwise convs, squeeze-excite, stochastic depth (eval),
-    BatchNorm with running stats, returning a dataclass with a tuple of dicts."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
-        self.blocks = nn.Sequential(TimmBlock(16, 0.1), TimmBlock(16, 0.2))
-        self.head = nn.Linear(16, 5)
-        self.box = nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = self.blocks(self.stem(x)).mean((2, 3))
-        return DetOut(self.head(h), ({"box": self.box(h)}, {"score": self.head(h).sigmoid()}))
-
-
-def timm_like() -> Specimen:
-    torch.manual_seed(0)
-    return _specimen("timm_like", _bn_stats(TimmLike()), _image, shape=(2, 32), reshaped=(3, 48))
 
 
 ROUND20 = (stablelm, mpt, yolos, videomae, mamba2, longformer, timm_like)

@@ -29,6 +29,7 @@ from fxpress.errors import CaptureError, FxpressError, InputError
 from fxpress.graph.canonical import (canonical_embeddings, canonical_linears, canonical_weights,
                                      embedding_tables)
 from fxpress.graph.input_sizes import guard_input_sizes
+from fxpress.graph.outputs import plain_outputs
 
 METHODS = ("auto", "fx", "export")
 
@@ -410,7 +411,8 @@ def dtype_hint(model: torch.nn.Module, inputs: Any) -> str:
 
 
 def _outputs_match(a: Any, b: Any) -> bool:
-    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    # a dataclass output is compared field by field (pytree sees it as one opaque leaf)
+    la, lb = pytree.tree_leaves(plain_outputs(a)), pytree.tree_leaves(plain_outputs(b))
     if len(la) != len(lb):
         return False
     for x, y in zip(la, lb):

@@ -73,6 +73,23 @@ def dataclass_fields(cls: Any, args: tuple, kwargs: dict) -> dict[str, Any] | No
     return out
 
 
+def plain_outputs(out: Any) -> Any:
+    """``out`` with every dataclass instance (a user's output class, no pytree node) as a
+    dict of its fields, recursively: pytree sees such an object as one leaf, not a tensor,
+    and a model returning one was compared on nothing. ``pytree.tree_leaves(plain_outputs(
+    out))`` lists the output's tensors in field order, as an artifact that stores the
+    dataclass as :class:`ModelOutputs` gives them."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return {f.name: plain_outputs(getattr(out, f.name)) for f in dataclasses.fields(out)}
+    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+        return type(out)(plain_outputs(v) for v in out) if type(out) in (tuple, list) else out
+    if type(out) is dict:
+        return {k: plain_outputs(v) for k, v in out.items()}
+    return out
+
+
 def _flatten(out: ModelOutputs) -> tuple[list[Any], list[str]]:
     return list(out.values()), list(out.keys())
 
@@ -88,4 +105,4 @@ def _flatten_with_keys(out: ModelOutputs):
 pytree.register_pytree_node(ModelOutputs, _flatten, _unflatten, serialized_type_name=SERIALIZED_NAME,
                             flatten_with_keys_fn=_flatten_with_keys)
 
-__all__ = ["ModelOutputs", "SERIALIZED_NAME"]
+__all__ = ["ModelOutputs", "SERIALIZED_NAME", "plain_outputs"]

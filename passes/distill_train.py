@@ -33,6 +33,7 @@ from fxpress.errors import InputError, MissingDataError
 from fxpress.graph.capture import capture, clone_structure, eval_mode
 from fxpress.graph.canonical import autograd_safe
 from fxpress.graph.guard import preserved_rng
+from fxpress.graph.outputs import plain_outputs
 from fxpress.graph.runtime import trainable_modules
 from fxpress.passes.distill import FeatureProjection, collect, insert_taps, tap_modules
 from fxpress.passes.distill_config import (CYCLE_GAIN, FAR_POINTS, FAR_STRETCH, RESTART_GAIN,
@@ -91,7 +92,8 @@ class _Trainee(nn.Module):
 
 
 def _first_float(out: Any) -> torch.Tensor:
-    for t in pytree.tree_leaves(out):
+    # a dataclass output is its fields (pytree sees it as one leaf), as the verifier reads it
+    for t in pytree.tree_leaves(plain_outputs(out)):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return t
     raise InputError(f"distill: the model's output has no float tensor ({type(out).__name__})")

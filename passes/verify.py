@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from fxpress.errors import InputError
 from fxpress.graph.capture import annotate_shapes, dtype_hint, eval_mode, forward_parameters
 from fxpress.graph.guard import forward_write_error
+from fxpress.graph.outputs import plain_outputs
 from fxpress.passes.base import Tolerance
 
 Outputs = list[list[torch.Tensor]]  # per batch, the float tensor leaves of the output
@@ -59,21 +60,8 @@ class Metrics:
                 "max_abs": self.max_abs, "min_accuracy_ratio": self.accuracy_ratio}.get(limit_key)
 
 
-def _plain(out: Any) -> Any:
-    """``out`` with every dataclass instance (a user's output class, no pytree node) as a
-    dict of its fields: pytree sees such an object as one leaf, not a tensor, and a model
-    returning one was compared on nothing (any pass verified with rel_l2 0)."""
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        return {f.name: _plain(getattr(out, f.name)) for f in dataclasses.fields(out)}
-    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
-        return type(out)(_plain(v) for v in out) if type(out) in (tuple, list) else out
-    if type(out) is dict:
-        return {k: _plain(v) for k, v in out.items()}
-    return out
-
-
 def _leaves(out: Any) -> list[torch.Tensor]:
-    return [t.detach() for t in pytree.tree_leaves(_plain(out))
+    return [t.detach() for t in pytree.tree_leaves(plain_outputs(out))
             if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
@@ -99,7 +87,7 @@ def _leaf_names(out: Any) -> list[str] | None:
         if isinstance(x, (tuple, list)):
             return all(walk(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(x))
         return not pytree.tree_leaves(x) or x is None
-    out = _plain(out)
+    out = plain_outputs(out)
     ok = walk(out, "")
     return names if ok and named and len(names) == len(_leaves(out)) else None
 

@@ -464,3 +464,42 @@ def test_export_captures_a_tensor_kept_as_a_plain_attribute():
     assert torch.allclose(res.module(x), model(x), atol=0.05)
     assert model.table is table and torch.equal(table, before)
     assert type(table) is torch.Tensor
+
+
+def test_capture_compares_a_dataclass_output_field_by_field():
+    # capture checks its graph against the model on the example inputs, but compared pytree
+    # leaves: a plain dataclass output is one opaque leaf, so a graph that computes another
+    # function (here a call counter baked in by tracing) was accepted without a word when the
+    # model returned a dataclass, and refused when it returned a tuple
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        y: torch.Tensor
+
+    class Counting(torch.nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.fc, self.calls, self.wrap = torch.nn.Linear(4, 3), 0, wrap
+
+        def forward(self, x):
+            self.calls += 1
+            return self.wrap(self.fc(x) * self.calls)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    for wrap in (lambda y: (y,), Out):
+        with pytest.raises(CaptureError, match="outputs differ from the model's"):
+            fxpress.capture(Counting(wrap).eval(), (x,))
+
+    class Plain(torch.nn.Module):  # the same output class from a pure forward captures
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return Out(self.fc(x))
+
+    model = Plain().eval()
+    got = fxpress.capture(model, (x,))(x)
+    assert torch.equal(got.y, model(x).y)

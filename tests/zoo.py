@@ -748,11 +748,80 @@ def llama_f64() -> Specimen:
     return _hf("llama_f64", LlamaForCausalLM(cfg).double(), _ids_mask)
 
 
+# -- round 20/21: a timm-style net returning a plain dataclass (the probe's, moved here when its
+# classes were fixed: distill and the matrix's output checks read the dataclass's fields)
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class DropPath(nn.Module):
+    """timm's stochastic depth: identity in eval mode."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, c: int, p: float):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.se = SqueezeExcite(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.drop_path = DropPath(p)
+
+    def forward(self, x):
+        return x + self.drop_path(self.bn2(self.pw(self.se(F.silu(self.bn1(self.dw(x)))))))
+
+
+@dataclass
+class DetOut:
+    """A plain dataclass output (not a ModelOutput), holding a tuple of dicts."""
+    logits: torch.Tensor
+    heads: tuple
+
+
+class TimmLike(nn.Module):
+    """A hand-written timm-style net: depthwise convs, squeeze-excite, stochastic depth (eval),
+    BatchNorm with running stats, returning a dataclass with a tuple of dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.blocks = nn.Sequential(TimmBlock(16, 0.1), TimmBlock(16, 0.2))
+        self.head = nn.Linear(16, 5)
+        self.box = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.blocks(self.stem(x)).mean((2, 3))
+        return DetOut(self.head(h), ({"box": self.box(h)}, {"score": self.head(h).sigmoid()}))
+
+
+def timm_like() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("timm_like", _bn_stats(TimmLike()), _image, shape=(2, 32), reshaped=(3, 48))
+
+
 ZOO: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     bert, distilbert, gpt2, llama, qwen2, t5, bart, vit, whisper_encoder, wav2vec2, resnet,
     convnext, transformer_encoder, multihead_attention, lstm, gru, conv_transpose,
     tied_embeddings, module_twice, inplace_ops, dict_outputs, grucell_loop, ssm_mixer, minilm,
-    mixed_f64, llama_f64)}
+    mixed_f64, llama_f64, timm_like)}
 
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     albert, mobilebert, gpt_neox, mistral, phi, bigru, conv1d_grouped, mixtral, deberta_v2, falcon,

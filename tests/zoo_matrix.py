@@ -220,9 +220,12 @@ def _reported(records, name: str) -> bool:
 
 def leaves(out: Any) -> list[torch.Tensor]:
     """The tensors of a model's output, in order (dicts, tuples, ModelOutputs, registered
-    pytrees; an object with ``to_tuple`` or ``items`` too)."""
+    pytrees, a dataclass's fields as the verifier and the artifact read them; an object with
+    ``to_tuple`` or ``items`` too)."""
+    from fxpress.graph.outputs import plain_outputs
+
     res = []
-    for leaf in pytree.tree_leaves(out):
+    for leaf in pytree.tree_leaves(plain_outputs(out)):
         if isinstance(leaf, torch.Tensor):
             res.append(leaf)
         elif hasattr(leaf, "to_tuple"):
@@ -488,10 +491,11 @@ torch.set_num_threads(int(sys.argv[2]))
 from safetensors.torch import load_file
 from torch.utils import _pytree as pytree
 import fxpress
+from fxpress.graph.outputs import plain_outputs
 
 def leaves(out):
     res = []
-    for leaf in pytree.tree_leaves(out):
+    for leaf in pytree.tree_leaves(plain_outputs(out)):
         if isinstance(leaf, torch.Tensor):
             res.append(leaf)
         elif hasattr(leaf, "to_tuple"):
