@@ -169,7 +169,7 @@ def first_example(seeds: tuple[int | None, ...]) -> Table:
 
 
 def main() -> None:
-    from bench.recovery_models import EXTRA, FIFTH, HELD_OUT, MODELS, NEW, OWN
+    from bench.recovery_models import EXTRA, FIFTH, HELD_OUT, MODELS, NEW, OWN, SIXTH
 
     p = argparse.ArgumentParser(prog="python -m bench.case_recovery")
     p.add_argument("--held-out", action="store_true",
@@ -183,6 +183,8 @@ def main() -> None:
                    help=f"the fourth held-out check: {', '.join(NEW)} on seeds 31, 32, 33")
     p.add_argument("--fifth", action="store_true",
                    help=f"the fifth held-out check: {', '.join(FIFTH)} on seeds 41, 42, 43")
+    p.add_argument("--sixth", action="store_true",
+                   help=f"the sixth held-out check: {', '.join(SIXTH)} on seeds 51, 52, 53")
     p.add_argument("--pipelines", help="comma-separated indices into the pipelines "
                    f"(0: {list(PIPELINES)[0]}, 1: {list(PIPELINES)[1]}; default both)")
     p.add_argument("--pipeline", help="run this pipeline text instead (goal: within 2 points), "
@@ -216,6 +218,8 @@ def main() -> None:
         tables = table(NEW, (31, 32, 33), "full", "Fourth held-out set")
     elif args.fifth:
         tables = table(FIFTH, (41, 42, 43), "full", "Fifth held-out set")
+    elif args.sixth:
+        tables = table(SIXTH, (51, 52, 53), "full", "Sixth held-out set")
     elif args.models:
         tables = table(tuple(args.models.split(",")), tuple(int(s) for s in args.seeds.split(",")),
                        "full", "Chosen models")

@@ -149,6 +149,12 @@ NEW = ("cnn-12-24-48", "transformer-40x2", "iris-mlp-32-16")
 #: and a deeper, narrow MLP on breast_cancer (``python -m bench.case_recovery --fifth``,
 #: seeds 41-43)
 FIFTH = ("gru-32", "lstm-48", "mlp-512-256-128-64", "cancer-mlp-32-32-32-32")
+#: added in round 21 with the staged automatic sparsity, never run while choosing it: small
+#: tables of other widths and depths (breast_cancer 64-16 and 24-24-24, wine 32-32-32,
+#: iris 16-16) and a digits MLP 128-64-32 (``python -m bench.case_recovery --sixth``,
+#: seeds 51-53)
+SIXTH = ("cancer-mlp-64-16", "cancer-mlp-24-24-24", "wine-mlp-32-32-32", "iris-mlp-16-16",
+         "mlp-128-64-32")
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,21 +31,31 @@ def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float
 #: ``prune{sparsity=s}`` with ``s`` at least this and no ``steps`` given runs in
 #: :data:`AUTO_STEPS` stages when a recovery step that trains follows it (measured:
 #: python -m bench.case_recovery, README "Gradual compression"); ``steps=1`` cuts once.
+#: A ``prune`` with neither sparsity nor threshold (the sparsity it chooses itself) is
+#: staged the same way whatever it chooses (README "Distillation", round 21).
 AUTO_STAGE_FROM = 0.9
 AUTO_STEPS = 3
+
+
+def automatic(p) -> bool:
+    """Whether ``p`` is a ``prune`` that chooses its own sparsity (neither given)."""
+    return p.name == "prune" and getattr(p, "sparsity", None) is None \
+        and getattr(p, "threshold", None) is None
 
 
 def auto_steps(p, later: list, train_data) -> int:
     """How many stages ``p`` runs in when its options leave that to the pipeline: the
     ``steps`` it was given, else :data:`AUTO_STEPS` for a ``prune`` to a sparsity of
-    :data:`AUTO_STAGE_FROM` or more whose next recovery step (among ``later``) trains and
+    :data:`AUTO_STAGE_FROM` or more, or one that chooses its own sparsity (the choice is
+    a one-shot check on the training examples the model fits best, which understates what
+    unseen examples lose), whose next recovery step (among ``later``) trains and
     sets its own budget (no ``epochs`` given: it stops early, so a copy after each stage
     trains as long as that stage needs; a fixed ``epochs`` is a budget the caller chose,
     which staging would multiply), else 1. A cut that large recovers better a little at
     a time. A prune with per-layer rules (``layers=``) is not staged by default."""
     if p.name != "prune" or "steps" in getattr(p, "_given", {}) or getattr(p, "layer_rules", None):
         return getattr(p, "steps", 1)
-    if p.sparsity is None or p.sparsity < AUTO_STAGE_FROM:
+    if not automatic(p) and (p.sparsity is None or p.sparsity < AUTO_STAGE_FROM):
         return 1
     recovery = next((q for q in later if trains(q, train_data)), None)
     if recovery is None or "epochs" in getattr(recovery, "_given", {}):
@@ -166,7 +176,9 @@ def likely_short(record, lossy: list) -> None:
         options = [f"'{_spec(what[0], steps=3)}' (the sparsity in 3 stages, a recovery after "
                    "each)", "the 'deep-compression' recipe", "a lower sparsity"]
     elif staged:  # already in stages: what is left is the recipe or a smaller cut
-        options = ["the 'deep-compression' recipe", f"a sparsity below {staged[0].sparsity:g}"]
+        target = _target(staged[0])
+        options = ["the 'deep-compression' recipe",
+                   f"a sparsity below {target:g}" if target is not None else "a lower sparsity"]
     else:
         options = ["a milder setting of " + (", ".join(sorted({p.name for p in lossy}))
                                               or "the passes before it")]
@@ -221,6 +233,16 @@ def staged_by_default(p, record) -> None:
     k, n, whole = getattr(p, "stage_of", None) or (0, 0, None)
     if k != 1 or whole is None or "steps" in whole._given:
         return
+    if automatic(whole):
+        auto = (getattr(record, "stats", {}) or {}).get("auto_stage") or {}
+        schedule = ", ".join(f"{s:g}" for s in auto.get("schedule", []))
+        _note(record, f"staged by default: {_spec(whole)} chose sparsity "
+              f"{auto.get('chosen', 0):g} and ran as {n} prunes to the sparsities of Zhu & "
+              f"Gupta's cubic schedule ({schedule}), each but the last followed by a copy of "
+              "the recovery step after it (its choice is a one-shot check on training "
+              "examples, which understates what unseen ones lose); "
+              f"{_spec(whole, steps=1)} cuts once")
+        return
     _note(record, f"staged by default: {_spec(whole)} ran as {n} prunes to the sparsities of "
           f"Zhu & Gupta's cubic schedule ({', '.join(f'{s:g}' for s in _stage_sparsities(whole, n))}"
           f"), each but the last followed by a copy of the recovery step after it (a sparsity "
@@ -230,6 +252,14 @@ def staged_by_default(p, record) -> None:
 
 def _stage_sparsities(p, n: int) -> list[float]:
     return [round(s, 4) for s in cubic_schedule(p.sparsity, n)]
+
+
+def _target(p) -> float | None:
+    """The sparsity a prune stage cuts towards: its own, or its staged automatic choice."""
+    if getattr(p, "sparsity", None) is not None:
+        return p.sparsity
+    stage = getattr(p, "auto_stage", None)
+    return stage[2].get("sparsity") if stage else None
 
 
 def short_of_sparsity(p, record) -> None:
@@ -256,5 +286,6 @@ def _note(record, text: str) -> None:
 
 
 __all__ = ["cubic_schedule", "expand", "trains", "advise", "likely_short", "held_out_nothing",
-           "short_of_sparsity", "staged_by_default", "auto_steps", "AUTO_STAGE_FROM", "AUTO_STEPS",
+           "short_of_sparsity", "staged_by_default", "auto_steps", "automatic", "AUTO_STAGE_FROM",
+           "AUTO_STEPS",
            "held_out_gap", "missed_promise", "PROMISE_POINTS"]

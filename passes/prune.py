@@ -546,8 +546,9 @@ class Prune(Pass):
     ops = option(["linear", "conv"], "kinds of weighted ops to prune (linear, conv, embedding)")
     steps = option(1, "reach the sparsity in this many stages on Zhu & Gupta's cubic schedule, "
                    "each followed by the next recovery step (distill); not given: 3 stages for "
-                   "a sparsity of 0.9 or more when a distill without epochs follows and the run "
-                   "has train_data (steps=1: one cut)", low=1, high=20)
+                   "a sparsity of 0.9 or more, or for the sparsity it chooses itself (none "
+                   "given), when a distill without epochs follows and the run has train_data "
+                   "(steps=1: one cut)", low=1, high=20)
     criterion = option("magnitude", "what ranks the weights with sparsity=...: 'magnitude' "
                        "(|w|) or 'activation' (|w| times the root mean square of its input "
                        "column on the calibration batches: Wanda, Sun et al. 2023; needs "
@@ -561,8 +562,9 @@ class Prune(Pass):
                    "rest of the layer's count going by rank", choices=("layer", "unit"))
 
     def check_options(self) -> None:
-        if self.steps > 1 and self.sparsity is None:
-            raise OptionError(self.name, "steps", "needs sparsity=...; a threshold has no schedule")
+        if self.steps > 1 and self.threshold is not None:
+            raise OptionError(self.name, "steps", "needs sparsity=... (or neither: the sparsity "
+                              "it chooses itself); a threshold has no schedule")
         if self.threshold is not None and self.sparsity is not None:
             raise OptionError(self.name, "sparsity", "give exactly one of threshold=... or sparsity=...")
         if self.threshold is not None and "criterion" in self._given:
@@ -589,18 +591,24 @@ class Prune(Pass):
         """Neither threshold nor sparsity: the highest sparsity of :data:`AUTO_LADDER` whose
         one-shot result keeps this pass's own tolerance, tightened by a quarter of its slack
         (the search sees at most 4 calibration batches, the verifier all of them)."""
+        chosen, info = self._choose(gm, ctx)
+        result = self._cut(gm, ctx, chosen)
+        result.stats["auto_sparsity"] = info
+        return result
+
+    def _choose(self, gm, ctx: PassContext) -> tuple[float, dict]:
+        """The sparsity :meth:`_run_auto` cuts to, and how it was found (its stats)."""
         from fxpress.passes.verify import misses, one_shot_check
 
         before, strict = one_shot_check(self.tol, gm, ctx)
         batches = before.batches
-        given = {k: v for k, v in self._given.items() if k != "sparsity"}
         tried: dict[float, float] = {}  # sparsity -> the cosine the tolerance reads
         kept: list[float] = []
         lo, hi = 0, len(AUTO_LADDER)  # AUTO_LADDER[:lo] keep the tolerance, [hi:] do not
         while lo < hi:  # the ladder rises: the first setting that misses, by bisection
             mid = (lo + hi) // 2
             s = AUTO_LADDER[mid]
-            trial = Prune(**given, sparsity=s).run(clone_structure(gm), ctx).module
+            trial = self._cut(clone_structure(gm), ctx, s).module
             m = before.compare_to_reference(before.run(trial))
             tried[s] = round(m.value_for("min_cosine"), 6)
             if misses(strict, m):
@@ -610,13 +618,33 @@ class Prune(Pass):
                 kept.append(s)
             del trial
         chosen = AUTO_LADDER[lo - 1] if lo else 0.0
-        result = Prune(**given, sparsity=chosen).run(gm, ctx)
-        result.stats["auto_sparsity"] = {
+        return chosen, {
             "chosen": chosen, "tried": dict(sorted(tried.items())), "kept": sorted(kept),
             "why": ("no threshold or sparsity given: the highest sparsity on the ladder "
                     f"{list(AUTO_LADDER)} whose outputs on {len(batches)} calibration "
                     "batch(es) keep this pass's tolerance with a quarter of its slack to spare"
                     + ("" if chosen else "; none did, so nothing was pruned"))}
+
+    def _cut(self, gm, ctx: PassContext, sparsity: float) -> PassResult:
+        """This prune's options with ``sparsity`` (the automatic choice, or a stage of it)."""
+        given = {k: v for k, v in self._given.items() if k not in ("sparsity", "steps")}
+        return Prune(**given, sparsity=sparsity).run(gm, ctx)
+
+    def _run_auto_stage(self, gm, ctx: PassContext) -> PassResult:
+        """Stage ``k`` of ``n`` of an automatic sparsity staged by the pipeline
+        (:func:`fxpress.passes.gradual.expand`): the first stage chooses the sparsity as
+        :meth:`_run_auto` does, on the graph as it is then (the one cut's choice), and every
+        stage cuts to its point of the cubic schedule towards it."""
+        k, n, chosen = self.auto_stage
+        info = None
+        if "sparsity" not in chosen:  # the first stage (or a stage run on its own)
+            chosen["sparsity"], info = self._choose(gm, ctx)
+        schedule = [round(s, 4) for s in cubic_schedule(chosen["sparsity"], n)]
+        result = self._cut(gm, ctx, schedule[k - 1])
+        result.stats["auto_stage"] = {"stage": k, "of": n, "chosen": chosen["sparsity"],
+                                      "schedule": schedule}
+        if info is not None:
+            result.stats["auto_sparsity"] = info
         return result
 
     def _rank(self, w: torch.Tensor, op, scales: dict) -> torch.Tensor | None:
@@ -631,16 +659,29 @@ class Prune(Pass):
 
     def stages(self, steps: int | None = None) -> list["Prune"]:
         """This prune as ``steps`` (default: its option) prunes to the sparsities of the
-        cubic schedule (:mod:`fxpress.passes.gradual`); itself when that is 1."""
+        cubic schedule (:mod:`fxpress.passes.gradual`); itself when that is 1. Without a
+        sparsity or threshold (the automatic choice) the first stage chooses it and the
+        later ones read it (``auto_stage``: stage, count, the choice they share)."""
         steps = self.steps if steps is None else steps
         if steps == 1:
             return [self]
         given = {k: v for k, v in self._given.items() if k not in ("steps", "sparsity")}
+        if self.sparsity is None and self.threshold is None:
+            chosen: dict = {}
+            out = [Prune(**given, tol=dict(self._tol_given)) for _ in range(steps)]
+            for k, stage in enumerate(out, 1):
+                stage.auto_stage = (k, steps, chosen)
+            return out
         return [Prune(**given, sparsity=round(s, 4), tol=dict(self._tol_given))
                 for s in cubic_schedule(self.sparsity, steps)]
 
+    #: (stage, stages, the shared choice) of an automatic sparsity run in stages (:meth:`stages`)
+    auto_stage: tuple[int, int, dict] | None = None
+
     def run(self, gm, ctx: PassContext) -> PassResult:
         if self.threshold is None and self.sparsity is None:
+            if self.auto_stage is not None:
+                return self._run_auto_stage(gm, ctx)
             return self._run_auto(gm, ctx)
         # weights that fused modules (LSTM, MultiheadAttention) read are pruned in place too
         all_ops = weighted_ops(gm, self.ops) + (fused_weights(gm) if LINEAR in self.ops else [])

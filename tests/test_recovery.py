@@ -261,6 +261,52 @@ def test_a_high_sparsity_before_a_self_tuning_recovery_is_staged_by_default():
     assert "deep-compression" in last.message
 
 
+def test_an_automatic_sparsity_before_a_self_tuning_recovery_is_staged_by_default():
+    data = train_data()[:4]
+    staged = _expanded("prune{scope=global},share,distill", data)
+    assert [p.name for p in staged] == ["prune", "distill", "prune", "distill", "prune", "share",
+                                        "distill"]
+    stages = [p for p in staged if p.name == "prune"]
+    assert [p.auto_stage[:2] for p in stages] == [(1, 3), (2, 3), (3, 3)]
+    assert len({id(p.auto_stage[2]) for p in stages}) == 1  # one choice, shared
+    assert all(p.sparsity is None and p.scope == "global" for p in stages)
+    # the one cut: steps=1, no training data, a recovery with a fixed budget, a threshold,
+    # per-layer rules, no recovery at all; steps=3 asks for the stages explicitly
+    for text, data_ in [("prune{steps=1},distill", data), ("prune,distill", None),
+                        ("prune,distill{epochs=10}", data), ("prune{threshold=0.01},distill", data),
+                        ('prune{layers={"0"={sparsity=0.5}}},distill', data)]:
+        assert [p.name for p in _expanded(text, data_)] == ["prune", "distill"], text
+    assert len(_expanded("prune{steps=3},distill{epochs=2}", data)) == 6
+    with pytest.raises(fxpress.errors.OptionError, match="threshold has no schedule"):
+        fxpress.Pipeline("prune{threshold=0.01,steps=3},distill")
+
+
+def test_staged_automatic_sparsity_chooses_once_and_cuts_along_the_schedule(one_thread):
+    from fxpress.passes.gradual import cubic_schedule
+
+    model = trained_mlp(hidden=(32,), epochs=20)
+    data = train_data()[:8]
+    calib = [(x,) for x, _ in data[:2]]
+    one = fxpress.compress(model, "prune", calibration=calib, progress=False)
+    chosen = one.records[0].stats["auto_sparsity"]["chosen"]
+    assert 0 < chosen < 1
+    res = fxpress.compress(model, "prune,distill", calibration=calib, train_data=data,
+                           policy="warn", progress=False)
+    prunes = [r for r in res.records if r.name == "prune"]
+    assert [r.name for r in res.records] == ["prune", "distill"] * 3
+    # the first stage chose what the one cut chooses, on the same graph; every stage cut
+    # to its point of the cubic schedule towards it, and only the first searched
+    assert prunes[0].stats["auto_sparsity"]["chosen"] == chosen
+    assert not any("auto_sparsity" in r.stats for r in prunes[1:])
+    schedule = [round(s, 4) for s in cubic_schedule(chosen, 3)]
+    assert [r.stats["auto_stage"]["schedule"] for r in prunes] == [schedule] * 3
+    for r, s in zip(prunes, schedule):
+        assert r.stats["sparsity"] == pytest.approx(s, abs=0.01)
+    assert f"chose sparsity {chosen:g} and ran as 3 prunes" in prunes[0].message
+    assert "prune{steps=1} cuts once" in prunes[0].message
+    assert all(len(r.stats["epochs"]) > 0 for r in res.records if r.name == "distill")
+
+
 def test_deep_compression_recipe_needs_only_the_model_and_training_data(one_thread):
     model = trained_mlp(hidden=(32,), epochs=20)
     data = train_data()[:8]
