@@ -50,10 +50,10 @@ def _one(model: torch.nn.Module, pipeline: str, train: list, calib: list, digits
     from examples.digits import accuracy
 
     before = torch.get_rng_state()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     res = fxpress.compress(model, pipeline, calibration=calib, train_data=train, policy="warn",
                            progress=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert torch.equal(before, torch.get_rng_state()), "a pass moved the global RNG"
     with tempfile.TemporaryDirectory() as tmp:
         nbytes = fxpress.save(res.module, Path(tmp) / "m.fxp", entropy=True)
@@ -62,7 +62,7 @@ def _one(model: torch.nn.Module, pipeline: str, train: list, calib: list, digits
     trained = [r.stats for r in res.records if r.name == "distill" and "epochs" in r.stats]
     pruned = [r.stats["sparsity"] for r in res.records if r.name == "prune" and "sparsity" in r.stats]
     return {"ratio": fp32_safetensors_bytes(model) / nbytes, "bytes": nbytes, "base": base,
-            "acc": acc, "delta": 100 * (acc - base), "seconds": seconds,
+            "acc": acc, "delta": 100 * (acc - base), "seconds": seconds, "cpu": cpu,
             "epochs": "/".join(str(len(s["epochs"])) for s in trained),
             "lrs": "/".join(f"{s['lr']:.1e}" for s in trained),
             "sparsity": round(pruned[-1], 3) if pruned else None,
@@ -73,7 +73,8 @@ def table(models: tuple[str, ...], seeds: tuple[int, ...], size: str, title: str
     from bench.recovery_models import data_for, trained
     runs = Table(f"{title}: every run", ["model", "seed", "pipeline", "uncompressed acc",
                                          "compressed acc", "Δ (points)", "x smaller",
-                                         "pruned", "distill epochs", "chosen lr", "statuses", "seconds"])
+                                         "pruned", "distill epochs", "chosen lr", "statuses", "seconds",
+                                         "cpu s"])
     summary = Table(f"{title}: mean and worst over seeds", [
         "model", "pipeline", "seeds", "x smaller (mean)", "x smaller (worst)", "Δ points (mean)",
         "Δ points (worst)", "goal", "met"])
@@ -91,7 +92,7 @@ def table(models: tuple[str, ...], seeds: tuple[int, ...], size: str, title: str
                 got.append(r)
                 runs.add(kind, seed, f"`{pipeline}`", round(r["base"], 4), round(r["acc"], 4),
                          f"{r['delta']:+.2f}", round(r["ratio"], 1), r["sparsity"], r["epochs"], r["lrs"],
-                         r["statuses"], round(r["seconds"], 1))
+                         r["statuses"], round(r["seconds"], 1), round(r["cpu"], 1))
             worst_ratio = min(r["ratio"] for r in got)
             worst = min(r["delta"] for r in got)
             goal = (f">= {min_ratio:.0f}x, " if min_ratio else "") + f"within {max_loss:g} pt"
