@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 
-def trim_heap() -> None:
+def trim_heap(freed: int | None = None) -> None:
     """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
 
     glibc keeps freed blocks below its adaptive mmap threshold (a few MB: most layers'
@@ -23,10 +23,28 @@ def trim_heap() -> None:
     blocks still in use: without this, what one layer or step freed still counts while
     the next allocates its own. Replacing a weight trims; so does the pipeline between
     steps.
+
+    ``freed``: about how many bytes the caller's step freed (a layer's weight and the
+    temporaries that replaced it): the heap is then trimmed only once such steps add up
+    to :data:`TRIM_BYTES` since the last trim. A trim walks the whole heap and hands its
+    pages back, which the next allocations fault in again: once per layer it was about
+    a tenth of quantize's time on MiniLM (4 ms a call under load), for layers of 0.6-2.4 MB.
     """
+    if freed is not None:
+        pending = getattr(_TRIM, "pending", 0) + max(int(freed), 0)
+        if pending < TRIM_BYTES:
+            _TRIM.pending = pending
+            return
+    _TRIM.pending = 0
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+#: Bytes that steps calling ``trim_heap(freed)`` free before the heap is trimmed: what a
+#: pass holds beyond what it must is at most about this much (0.034x GPT-2 124M's bytes).
+TRIM_BYTES = 16 << 20
+_TRIM = threading.local()
 
 
 @functools.lru_cache(maxsize=None)

@@ -218,8 +218,8 @@ class WeightedOp:
 
         The old tensor is left untouched (other graphs may share it).
         """
-        trim_heap()  # the temporaries that computed ``w``
         old = self.weight()
+        trim_heap(old.numel() * old.element_size())  # the temporaries that computed ``w``
         if tuple(w.shape) != tuple(old.shape):
             raise ValueError(f"{self.name}: new weight shape {tuple(w.shape)} != {tuple(old.shape)}")
         value: torch.Tensor | None = w.t().contiguous() if self.transposed else w
@@ -242,7 +242,10 @@ class WeightedOp:
         for embeddings. Weight and bias tensors that no other node uses are dropped from
         the graph, so its state_dict holds only what the module stores.
         """
-        trim_heap()  # the temporaries that built ``module``
+        owner, attr = _resolve(self.gm, self.name)  # the temporaries that built ``module``
+        w = getattr(owner, attr)
+        trim_heap(w.numel() * w.element_size())
+        del owner, w
         gm, node, graph = self.gm, self.node, self.gm.graph
         # a lookup's output has the table's dtype; a runtime module decodes float32, so the
         # rows of a float64 table (``model.double()``) are cast back to what the model gave

@@ -69,19 +69,40 @@ _NONE = type(None)
 
 class _InputRecorder(WatchInterpreter):
     """Runs a graph and keeps, for chosen nodes, the per-column absmax over every batch
-    and a sample of rows from the first batch (to measure each layer's output error)."""
+    and a sample of rows from the first batch (to measure each layer's output error);
+    for the linear layers of ``outputs`` (op node -> op), also the layer's own output on
+    those rows (:meth:`reference`), which the calibration forward computes anyway."""
 
-    def __init__(self, gm, nodes: dict[torch.fx.Node, str], sample_rows: int):
-        super().__init__(gm, nodes)  # node -> kind of the op it feeds
+    def __init__(self, gm, nodes: dict[torch.fx.Node, str], sample_rows: int,
+                 outputs: dict | None = None):
+        outputs = outputs or {}
+        super().__init__(gm, {**dict.fromkeys(outputs, None), **nodes})
         self.sample_rows = sample_rows
         self.absmax: dict[torch.fx.Node, torch.Tensor] = {}
         self.sample: dict[torch.fx.Node, torch.Tensor] = {}
         #: per weight (op.key) being quantised: max |w| of each input column
         #: (:meth:`Quantize._wmax`), dropped once its layer is replaced
         self.wmax: dict = {}
+        self._outputs = outputs
+        #: op node -> the layer's output on its input's sample rows (float32 layers only)
+        self.outputs: dict[torch.fx.Node, torch.Tensor] = {}
+        self._steps: dict[torch.fx.Node, int] = {}  # input node -> its sample's row step
+        self._budget = OUTPUT_SAMPLES
+        self._first = True
+
+    def record(self, batches):
+        # the references are the first batch's, like the samples
+        for i, b in enumerate(batches):
+            self._first = i == 0
+            super().record([b])
+        return self
 
     def watched(self, n, out):
+        if n in self._outputs:
+            self._watched_output(n, out)
         kind = self.watch[n]
+        if kind is None:  # an output only
+            return
         if isinstance(out, torch.Tensor):
             if kind == LINEAR:
                 x2 = out.detach().reshape(-1, out.shape[-1]).float()
@@ -90,8 +111,43 @@ class _InputRecorder(WatchInterpreter):
                 if n not in self.sample:
                     step = max(1, x2.shape[0] // self.sample_rows)
                     self.sample[n] = x2[::step][: self.sample_rows].clone()
+                    if out.dtype == torch.float32:
+                        self._steps[n] = (step, x2.shape[0])
             elif n not in self.sample:
                 self.sample[n] = out.detach()[: max(1, min(len(out), 64))].clone()
+
+    def _watched_output(self, n, out) -> None:
+        """Keep a float32 linear layer's output on its input's sample rows (the first
+        batch's), while :data:`OUTPUT_SAMPLES` bytes allow."""
+        op = self._outputs[n]
+        seen = self._steps.get(op._input) if self._first else None
+        if seen is None or n in self.outputs or not isinstance(out, torch.Tensor) \
+                or out.dtype != torch.float32 or out.dim() < 1:
+            return
+        step, in_rows = seen
+        w, b = op.weight(), op.bias()
+        if w.dtype != torch.float32 or (b is not None and b.dtype != torch.float32) \
+                or out.shape[-1] != w.shape[0]:
+            return
+        y2 = out.detach().reshape(-1, out.shape[-1])
+        rows = y2[::step][: self.sample_rows]
+        if y2.shape[0] != in_rows or rows.numel() * 4 > self._budget:
+            return
+        self._budget -= rows.numel() * 4
+        self.outputs[n] = rows.clone()
+
+    def reference(self, op, rows: int) -> torch.Tensor | None:
+        """The layer's float output on the first ``rows`` rows of its input's sample, as
+        the calibration forward computed it, or None (not recorded: compute it)."""
+        y = self.outputs.get(op.node)
+        return None if y is None else y[:rows]
+
+
+#: Bytes of layer outputs :class:`_InputRecorder` keeps as the reference outputs of the
+#: layers' candidates at most (GPT-2 124M's on 64 tokens: 21 MB; MiniLM's on 512 rows:
+#: 40 MB); the layers past it compute theirs again, as the layers whose outputs come
+#: after the last recorded input do (a language model's head: recording it would run it).
+OUTPUT_SAMPLES = 64 << 20
 
 
 def _record_inputs(gm, ops, batches, sample_rows=512):
@@ -99,7 +155,14 @@ def _record_inputs(gm, ops, batches, sample_rows=512):
     for op in ops:
         if isinstance(op._input, torch.fx.Node):
             nodes.setdefault(op._input, op.kind)
-    return _InputRecorder(gm, nodes, sample_rows).record(batches)
+    # the outputs of linear layers that the recording runs anyway (before its last input)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max((order[n] for n in nodes if n in order), default=-1)
+    # (an input written in place before its layer reads it would not be the sample's)
+    outputs = {op.node: op for op in ops
+               if op.kind == LINEAR and op.form != "fused" and op._input in nodes
+               and order.get(op.node, last) < last and _never_written(gm, op._input)}
+    return _InputRecorder(gm, nodes, sample_rows, outputs).record(batches)
 
 
 # -- the pass ------------------------------------------------------------------------------
@@ -256,6 +319,7 @@ class Quantize(Pass):
                     rec.sample.pop(op._input, None)
                     rec.absmax.pop(op._input, None)
             rec.wmax.pop(op.key, None)
+            rec.outputs.pop(op.node, None)
             op.replace_with(module)
         before = sum(v["bytes_before"] for v in layers.values())
         after = sum(v["bytes_after"] for v in layers.values())
@@ -311,7 +375,9 @@ class Quantize(Pass):
         ref = ref_norm = None
         if x is not None:
             with torch.no_grad():
-                ref = op_forward(op.kind, op.spec, x, w, b)
+                ref = rec.reference(op, x.shape[0]) if op.kind == LINEAR else None
+                if ref is None:
+                    ref = op_forward(op.kind, op.spec, x, w, b)
                 ref_norm = float(_norm32(ref))
         tried, weight_errors = [], {}
         dynamic = self._dynamic(op, bits)
@@ -378,6 +444,7 @@ class Quantize(Pass):
         granularity, scale_mode = self._grid(bits)
         w2 = w.reshape(w.shape[0], -1).float()
         kernel = _kernel_for(w2.shape, self.scheme, x.shape[0])
+        keep = getattr(self, "_kernel_measured", None)
         # a float matmul costs more than the int8 kernel: the simulation runs on a strided
         # subset of the sample's rows and, with per-channel scales, of the weight's rows
         # (output channels)
@@ -464,6 +531,8 @@ class Quantize(Pass):
                 if c[1] not in exact:
                     exact[c[1]] = _weight_error(module, w, w_norm)
                 measured[c] = _output_error(module, x, ref, ref_norm)
+                if keep is not None:  # for _choose_group: measured through the kernel
+                    keep[(op.name, c)] = (module, measured[c], exact[c[1]])
             return measured[c]
 
         def kept_by(errs):
@@ -595,7 +664,17 @@ class Quantize(Pass):
         most ``act_error`` or within :data:`AUTO_SLACK` of its best; never a smoothing its
         rule rejected) is taken by all: their input is then divided and quantised once.
         ``{name: (module, stats)}``; each layer's own choice where no candidate suits all."""
-        alone = {op.name: self._choose(op, rec, x, bits, codes) for op in group}
+        # the candidates each layer's own choice measured through the kernel, with their
+        # modules: a shared scaling among them is not built and run again
+        self._kernel_measured = {}
+        try:
+            alone = {op.name: self._choose(op, rec, x, bits, codes) for op in group}
+            return self._group_choice(group, rec, x, bits, codes, alone)
+        finally:
+            self._kernel_measured = None
+
+    def _group_choice(self, group, rec, x, bits, codes, alone) -> dict[str, tuple]:
+        """:meth:`_choose_group` once each layer has chosen alone (``alone``)."""
 
         def picked(stats):
             return (stats["act_scale"], stats.get("smooth_alpha"))
@@ -626,12 +705,18 @@ class Quantize(Pass):
                 if label in stats.get("measured", ()) and errors[label] > good:
                     break  # the kernel's error, measured already
                 w, b = op.weight().detach(), op.bias()
-                xo = x if op.kind == EMBEDDING or x.shape[0] * w.shape[0] <= CANDIDATE_OUTPUTS \
-                    else x[:max(16, CANDIDATE_OUTPUTS // w.shape[0])]
-                module = self._build(op, rec, bits, cand[0], cand[1], codes)
-                with torch.no_grad():
-                    ref = op_forward(op.kind, op.spec, xo, w, b)
-                err = _output_error(module, xo, ref)
+                hit = self._kernel_measured.get((op.name, cand))
+                if hit is not None:  # its module, kernel error and weight error, as below
+                    module, err, werr = hit
+                else:
+                    xo = x if op.kind == EMBEDDING or x.shape[0] * w.shape[0] <= CANDIDATE_OUTPUTS \
+                        else x[:max(16, CANDIDATE_OUTPUTS // w.shape[0])]
+                    module = self._build(op, rec, bits, cand[0], cand[1], codes)
+                    with torch.no_grad():
+                        ref = rec.reference(op, xo.shape[0])
+                        if ref is None:
+                            ref = op_forward(op.kind, op.spec, xo, w, b)
+                    err, werr = _output_error(module, xo, ref), None
                 if err > good:
                     break
                 new = self._layer_stats(op, module, w, b, err)
@@ -641,7 +726,7 @@ class Quantize(Pass):
                 new["act_errors"] = dict(errors, **{label: err})
                 if "measured" in new and label not in new["measured"]:
                     new["measured"] = [*new["measured"], label]
-                new["weight_error"] = _weight_error(module, w)
+                new["weight_error"] = _weight_error(module, w) if werr is None else werr
                 new["alone"] = _label(*choices[op.name])
                 if cand[1] is not None:
                     new["smooth_alpha"] = cand[1]

@@ -431,6 +431,66 @@ def test_minilm_export_graph_quantizes_and_passes_the_verifier(minilm_gm, minilm
     assert out.shape == (5, 384)
 
 
+def test_layer_outputs_come_from_the_calibration_forward_and_are_measured_once(
+        minilm_gm, minilm_batches, monkeypatch):
+    # each linear layer's float output on its calibration sample (what its candidates are
+    # measured against) is the one the recording forward computed: not computed again,
+    # except where recording it would run more of the graph (the pooler, after the last
+    # recorded input); and a candidate a layer of q, k and v measured through the kernel
+    # when choosing alone is not measured again when the three choose one scaling. The
+    # result is the same, bit for bit, as with every reference computed again
+    p = fxpress.Pipeline.parse("quantize{bits=8}").passes[0]
+    ctx = fxpress.PassContext(example_inputs=minilm_batches[0], calibration=minilm_batches[:1])
+    refs, kernel_runs = [], []
+    real_forward, real_error = Q.op_forward, Q._output_error
+    monkeypatch.setattr(Q, "op_forward", lambda kind, *a: refs.append(kind) or real_forward(kind, *a))
+
+    def measure(module, x, ref, *rest):  # which layer (its scales) and which candidate
+        kernel_runs.append((tuple(module.shape), float(module.scale.sum()), module.act_scale,
+                            None if module.smooth is None else float(module.smooth.sum())))
+        return real_error(module, x, ref, *rest)
+
+    monkeypatch.setattr(Q, "_output_error", measure)
+    res = p.run(fxpress.graph.clone_structure(minilm_gm), ctx)
+    layers = res.stats["layers"]
+    assert refs.count("linear") == 1  # the pooler
+    assert any("scaled_with" in v for v in layers.values())
+    assert kernel_runs and len(set(kernel_runs)) == len(kernel_runs)
+    refs.clear()
+    monkeypatch.setattr(Q, "OUTPUT_SAMPLES", 0)  # nothing recorded: each computed again
+    again = p.run(fxpress.graph.clone_structure(minilm_gm), ctx)
+    assert refs.count("linear") >= sum(v["kind"] == "linear" for v in layers.values())
+    assert again.stats == res.stats
+    ours, theirs = res.module.state_dict(), again.module.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_layer_whose_input_is_written_in_place_computes_its_own_reference():
+    # the recorded output of a layer is its output on the sample only when nothing
+    # writes into its input before the layer reads it
+    class Writes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            y = self.b(h)
+            h.mul_(2)
+            return y + self.b(h).sum()
+
+    torch.manual_seed(0)
+    model = Writes().eval()
+    x = torch.randn(32, 16)
+    gm = fxpress.capture(model, (x,))
+    ops = weighted_ops(gm)
+    rec = Q._record_inputs(gm, ops, [(x,)])
+    recorded = {op.name for op in ops if rec.reference(op, 4) is not None}
+    assert "a.weight" in recorded and "b.weight" not in recorded
+    a = next(op for op in ops if op.name == "a.weight")
+    assert torch.equal(rec.reference(a, 32), model.a(x).detach())
+
+
 def test_a_weight_tied_between_an_embedding_and_a_linear_keeps_one_set_of_codes(tmp_path):
     class TiedLM(torch.nn.Module):
         def __init__(self):

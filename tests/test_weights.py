@@ -223,3 +223,23 @@ def test_exported_convs_with_string_padding_are_weighted_ops_and_compressed(tmp_
     assert res.records[-1].bytes_after < res.records[-1].bytes_before / 3
     fxpress.save(res, tmp_path / "same.fxp")
     assert torch.equal(fxpress.load(tmp_path / "same.fxp")(x), res.module(x))
+
+
+def test_replacing_layers_trims_the_heap_once_their_bytes_add_up(monkeypatch):
+    # a layer's replacement trims the heap only once the weights replaced since the last
+    # trim add up to TRIM_BYTES (a trim per small layer cost a tenth of quantize's time);
+    # a trim without a size (the pipeline's, between steps) always trims
+    from fxpress.graph import memory as M
+
+    trims = []
+    monkeypatch.setattr(M, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(M, "TRIM_BYTES", 3 * 64 * 64 * 4)
+    M.trim_heap()
+    assert trims == [0]
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(7)]).eval()
+    gm = fxpress.capture(model, (torch.randn(2, 64),))
+    for i, op in enumerate(weighted_ops(gm)):
+        op.set_weight(op.weight().detach() * 0.5) if i % 2 else op.replace_with(torch.nn.Linear(64, 64))
+    assert trims == [0, 0, 0]  # after the 3rd and 6th layers
+    M.trim_heap()
+    assert trims == [0, 0, 0, 0]
