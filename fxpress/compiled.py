@@ -42,6 +42,7 @@ except ImportError:  # an older torch: the pass only keys Inductor's cache
     _CustomGraphPass = object
 
 from fxpress.errors import CompileError, InputError
+from fxpress.passes.int8_traced import choose_product, define_traced_ops, traced_product
 
 __all__ = ["compile", "CompiledModel"]
 
@@ -55,9 +56,11 @@ class CompiledModel(torch.nn.Module):
     """
 
     def __init__(self, module: torch.nn.Module, *, dynamic: bool, freeze: bool, mode: str | None,
-                 backend: str = "inductor"):
+                 backend: str = "inductor", product: tuple[str, int] = ("int_mm", 255)):
         super().__init__()
         self.module = module
+        #: the int8 product its dynamic int8 linears trace (:func:`~fxpress.passes.int8_traced.choose_product`)
+        self.product = product
         self.compiles = 0
         self.compile_seconds = 0.0
         self.freeze = freeze
@@ -96,7 +99,7 @@ class CompiledModel(torch.nn.Module):
                     _inductor_config.patch(freezing=self.freeze,
                                            post_grad_custom_post_pass=_serial_pass()), \
                     torch._dynamo.config.patch(allow_rnn=True, specialize_float=True), \
-                    small_work_serial():
+                    small_work_serial(), traced_product(self.product):
                 args, kwargs = _plain(args), _plain(kwargs)
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
@@ -110,7 +113,7 @@ class CompiledModel(torch.nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"compiles={self.compiles}, freeze={self.freeze}"
+        return f"compiles={self.compiles}, freeze={self.freeze}, int8={self.product[0]}"
 
 
 def _plain(values: Any) -> Any:
@@ -351,14 +354,13 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
         raise InputError(f"fxpress.compile: unknown backend {backend!r}; one of {sorted(known)}")
     if mode is not None and backend != "inductor":
         raise InputError("fxpress.compile: mode= is Inductor's; give it with backend='inductor'")
-    from fxpress.passes.int8_traced import define_stored_op
-
-    define_stored_op()
+    define_traced_ops()
     copy = clone_structure(model).train(False)
     if freeze:
         _unfuse_rnns(copy)
     _time_major_rnns(copy)
-    compiled = CompiledModel(copy, dynamic=dynamic, freeze=freeze, mode=mode, backend=backend)
+    compiled = CompiledModel(copy, dynamic=dynamic, freeze=freeze, mode=mode, backend=backend,
+                             product=choose_product(freeze, backend))
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         compiled(*args)

@@ -7,45 +7,59 @@ a thread-local and read scales with ``float()``: each of those breaks a graph. H
 same arithmetic is written so that Dynamo traces it whole, with any batch size:
 
 * the input is quantised in the graph, without leaving tensors (per token: symmetric
-  codes of each row; per tensor: affine codes with one scale and zero point, signed as
-  ``torch._int_mm`` takes them);
-* the product is ``torch._int_mm(codes, weight.T)`` (aten's s8 x s8 kernel), its int32
-  result multiplied by ``x_scale`` then ``w_scale`` with no separate float conversion:
-  that conversion completes the pattern which Inductor's freezing rewrites into oneDNN's
-  int8 linear, and oneDNN takes the signed input as it is - on CPUs without AMX through
-  its reference kernel, 3-7 s a call for one MiniLM layer at batch 32 (the 607 s
-  "compile" of MiniLM int8 measured before was mostly its first run);
+  codes of each row; per tensor: affine codes with one scale and zero point);
+* the product (:func:`choose_product`, fixed per compiled model): where oneDNN's int8
+  linear runs, ``onednn::qlinear_pointwise`` on uint8 codes (:func:`_onednn_product`),
+  the weight prepacked by ``fxpress::qlinear_prepack`` - with frozen weights, once, at
+  compile time - and the weight scales (per tensor: the bias too) applied inside it;
+  that is the kernel torchao's PT2E int8 runs. aten's ``torch._int_mm`` on an AVX2 CPU
+  without VNNI ran 50-60x slower than it (MiniLM's 576x384x1536 product: 237 ms against
+  4 ms, one thread). Elsewhere (no oneDNN, a kernel forced, Inductor without freezing)
+  ``torch._int_mm(codes, weight.T)`` on signed codes, its int32 result multiplied by
+  ``x_scale`` then ``w_scale`` with no separate float conversion: that conversion
+  completes the pattern which Inductor's freezing rewrites into oneDNN's int8 linear
+  with the signed input as it is - on CPUs without AMX its reference kernel, 3-7 s a
+  call for one MiniLM layer at batch 32;
 * zero points (an affine input, affine weights) are removed afterwards, as
   :meth:`~fxpress.passes.int8.Int8Kernels._finish` removes them;
 * q, k and v of an attention block quantise the same input three times in the graph;
   Inductor's common-subexpression elimination computes it once (what the eager
   ``shares_input`` cache does by hand).
 
-The result equals the eager integer product up to float rounding (per-token codes are
-exactly the eager ``int_mm``/``reference`` backends'; oneDNN's and fbgemm's eager paths
-round their inputs slightly differently).
+The ``_int_mm`` form equals the eager integer product of the ``int_mm``/``reference``
+backends up to float rounding; the oneDNN form is the exact integer product of its own
+uint8 codes (127 levels on CPUs without VNNI, see :func:`_onednn_product`).
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-__all__ = ["define_stored_op", "traced_int8_linear", "traced_quantize_per_tensor"]
+__all__ = ["choose_product", "define_stored_op", "define_traced_ops", "traced_int8_linear",
+           "traced_product", "traced_quantize_per_tensor"]
 
 
-def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None = None
+def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None = None,
+                               levels: int = 255, signed: bool = True
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Signed affine codes of ``x2`` (times ``col_scale`` along its last axis) with one
-    scale and zero point, as :func:`~fxpress.passes.int8.quantize_per_tensor` with
-    ``signed=True``, computed in tensors: ``(codes int8, scale 0-d, zero 0-d float)``."""
+    """Affine codes of ``x2`` (times ``col_scale`` along its last axis) with one scale and
+    zero point over ``[min(x, 0), max(x, 0)]`` in ``levels`` steps, as
+    :func:`~fxpress.passes.int8.quantize_per_tensor`, computed in tensors: ``(codes,
+    scale 0-d, zero 0-d float)``. ``signed``: codes and zero shifted by -128 into int8
+    (``torch._int_mm``'s input); else uint8 (oneDNN's)."""
     if col_scale is not None:
         x2 = x2 * col_scale
     zero_t = x2.new_zeros(())
     lo = torch.minimum(x2.amin(), zero_t)
     hi = torch.maximum(x2.amax(), zero_t)
-    scale = ((hi - lo) / 255).clamp(min=1e-12)
-    zero = torch.round(-lo / scale).clamp(0, 255)
-    codes = torch.floor(x2 / scale + (zero + 0.5)).clamp(0, 255) - 128
-    return codes.to(torch.int8), scale, zero - 128
+    scale = ((hi - lo) / levels).clamp(min=1e-12)
+    zero = torch.round(-lo / scale).clamp(0, levels)
+    codes = torch.floor(x2 / scale + (zero + 0.5)).clamp(0, levels)
+    if signed:
+        return (codes - 128).to(torch.int8), scale, zero - 128
+    return codes.to(torch.uint8), scale, zero
 
 
 def _product_weight(wq: torch.Tensor) -> torch.Tensor:
@@ -105,6 +119,128 @@ def define_stored_op() -> None:
     _STORED.append(torch.ops.fxpress.stored.default)
 
 
+_PREPACK: list = []
+#: the product the traced form writes, for the call being traced (:func:`traced_product`):
+#: ("onednn", activation levels) or ("int_mm", 255)
+#: (a plain list: Dynamo reads it while tracing and guards its value)
+_PRODUCT: list = [None]
+
+
+def _define_prepack_op() -> None:
+    """``fxpress::qlinear_prepack``: oneDNN's weight prepack for its int8 linear, as an op
+    Dynamo can trace (torch registers no fake kernel for ``onednn::qlinear_prepack``). Its
+    fake result has the packed weight's sizes (``[in, out]``, what the fake kernel of
+    ``onednn::qlinear_pointwise`` reads); frozen, Inductor's constant folding runs it once
+    at compile time and the generated code holds the packed weight as a constant."""
+    if _PREPACK or not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        return
+
+    @torch.library.custom_op("fxpress::qlinear_prepack", mutates_args=())
+    def qlinear_prepack(w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_prepack(w, None)
+
+    @qlinear_prepack.register_fake
+    def _(w: torch.Tensor) -> torch.Tensor:
+        return w.new_empty((w.shape[1], w.shape[0]))
+
+    _PREPACK.append(torch.ops.fxpress.qlinear_prepack.default)
+
+
+def define_traced_ops() -> None:
+    """Define fxpress's custom ops for the traced form, once per process (``fxpress::stored``,
+    ``fxpress::qlinear_prepack``); :func:`fxpress.compile` calls it before tracing."""
+    define_stored_op()
+    try:
+        _define_prepack_op()
+    except (AttributeError, RuntimeError):  # no oneDNN ops in this build: _int_mm it is
+        pass
+
+
+_ONEDNN_RUNS: list = []
+
+
+def _onednn_runs() -> bool:
+    """Whether oneDNN's int8 linear runs in this torch build on this CPU: a 4x4 product
+    tried once per process against the exact one (a build without oneDNN, another
+    architecture, an operator that raises: no)."""
+    if not _ONEDNN_RUNS:
+        ok = False
+        if _PREPACK and torch.backends.mkldnn.is_available():
+            try:
+                w = torch.tensor([[1, -2, 3, -4], [5, 6, -7, 8]] * 2, dtype=torch.int8)
+                x = torch.tensor([[0, 1, 2, 3], [127, 100, 3, 0]], dtype=torch.uint8)
+                y = torch.ops.onednn.qlinear_pointwise.default(
+                    x, 1.0, 0, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(4),
+                    torch.zeros(4, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
+                ok = torch.equal(y, x.float() @ w.float().t())
+            except (RuntimeError, NotImplementedError, AttributeError):
+                ok = False
+        _ONEDNN_RUNS.append(ok)
+    return _ONEDNN_RUNS[0]
+
+
+def choose_product(freeze: bool = True, backend: str = "inductor") -> tuple[str, int]:
+    """The int8 product a model compiled now traces: oneDNN's int8 linear on uint8 codes
+    where it runs (what torchao's PT2E int8 runs), else ``torch._int_mm``; a kernel forced
+    with :func:`~fxpress.passes.int8.int8_backend` ("onednn", or any other for
+    ``_int_mm``) is taken. The activation codes span 255 levels on CPUs with VNNI or AMX
+    and 127 without (see :func:`_onednn_product`). Inductor without ``freeze`` keeps
+    ``_int_mm``: its oneDNN lowering takes the prepacked weight only as a constant
+    (generating code for a per-call prepack failed)."""
+    from fxpress.passes.int8 import _REDUCE_RANGE, _backend_override
+
+    forced = _backend_override[-1] if _backend_override else None
+    if forced not in (None, "onednn") or not _onednn_runs() or (backend == "inductor" and not freeze):
+        return ("int_mm", 255)
+    return ("onednn", 127 if _REDUCE_RANGE else 255)
+
+
+@contextlib.contextmanager
+def traced_product(choice: tuple[str, int]) -> Iterator[None]:
+    """Trace (and run) the int8 product ``choice`` (:func:`choose_product`) in this thread."""
+    outer = _PRODUCT[0]
+    _PRODUCT[0] = choice
+    try:
+        yield
+    finally:
+        _PRODUCT[0] = outer
+
+
+def _onednn_product(layer, xf: torch.Tensor, inv: torch.Tensor | None, wq: torch.Tensor,
+                    sw: torch.Tensor, levels: int) -> torch.Tensor:
+    """``layer``'s product through oneDNN's int8 linear (``onednn::qlinear_pointwise``) on
+    uint8 codes of ``xf``, its weight prepacked by ``fxpress::qlinear_prepack`` (frozen:
+    once, at compile time), the weight scales and, per tensor, the bias applied inside it.
+
+    On CPUs without VNNI oneDNN adds pairs of u8 x s8 products in int16 and saturates
+    (a 384-wide row of codes 255 times weights 127 gave 6,291,264 instead of 12,435,840;
+    full-range random codes were off by up to 11%), so there the codes span 127 levels
+    (per token 64 +- 63), whose pairs stay below 2^15: the integer product is then exact,
+    at half the activation resolution - what fbgemm's eager kernel (``reduce_range``)
+    does on such CPUs. With VNNI or AMX oneDNN accumulates in int32 and the codes span
+    255 levels, as eager oneDNN's."""
+    rows = xf.shape[-1]
+    wzp = torch.zeros(wq.shape[0], dtype=torch.long)
+    packed = _PREPACK[0](wq)
+    if layer.act_scale == "tensor":
+        xq, sx, zx = traced_quantize_per_tensor(xf, inv, levels, signed=False)
+        return torch.ops.onednn.qlinear_pointwise.tensor(
+            xq.reshape(-1, rows), sx, zx.to(torch.long), packed, sw, wzp, layer.bias, 1.0, 0,
+            torch.float32, "none", [], "")
+    if inv is not None:
+        xf = xf * inv
+    # each row over its absmax spans [-1, 1]: codes mid + step·x/amax with one fixed scale
+    # 1/step and zero point mid; + 0.5 and truncation to uint8 round it
+    step, mid = levels // 2, levels // 2 + 1
+    amax = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg()).clamp(min=1e-12)
+    xq = (xf * (step / amax) + (mid + 0.5)).to(torch.uint8)
+    y = torch.ops.onednn.qlinear_pointwise.default(
+        xq.reshape(-1, rows), 1.0 / step, mid, packed, sw, wzp, None, 1.0, 0, torch.float32,
+        "none", [], "")
+    y = y * amax.reshape(-1, 1)
+    return y if layer.bias is None else y + layer.bias
+
+
 def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a :class:`~fxpress.passes.quantize_modules.QuantizedLinear` with
     dynamic activations, in traceable tensor ops (see the module docstring)."""
@@ -115,6 +251,10 @@ def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     xf = _stored(x if x.dtype == torch.float32 else x.float())
     inv = None if layer.smooth is None else layer.smooth.reciprocal()
     wq, sw, zw = layer._int8_weight()
+    kind, levels = _PRODUCT[0] or ("int_mm", 255)
+    if kind == "onednn" and zw is None:
+        y = _onednn_product(layer, xf, inv, wq, sw, levels)
+        return y.to(x.dtype).reshape(*shape[:-1], -1)
     if layer.act_scale == "tensor":
         xq, sx, zx = traced_quantize_per_tensor(xf, inv)
     else:

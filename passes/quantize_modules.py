@@ -275,8 +275,10 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
         input, runtime caches on, no kernel forced by :func:`~fxpress.passes.int8.
         int8_backend`, not inside :func:`~fxpress.passes.decode.int8_kernels_only`, not
         under ``torch.compile`` (one graph for every batch size)."""
-        return (x.dtype == torch.float32 and not _backend_override and caches_enabled()
-                and small_calls_in_float() and not torch.compiler.is_compiling())
+        # compiling first: the rest is then never read while Dynamo traces (it guarded
+        # the int8_backend override, and a model compiled inside one compiled again outside)
+        return (not torch.compiler.is_compiling() and x.dtype == torch.float32
+                and not _backend_override and caches_enabled() and small_calls_in_float())
 
     def _small_call_weight(self) -> torch.Tensor:
         """The float weight of a small call, decoded at the first such call and kept as a
