@@ -239,7 +239,8 @@ def test_the_int8_product_falls_back_to_int_mm_where_onednn_does_not_run(monkeyp
         assert fast.product == ("int_mm", 255)
         for rows in (5, 1):
             with torch.no_grad():
-                torch.testing.assert_close(fast(x[:rows]), exact[:rows], rtol=1e-4, atol=1e-4)
+                # (a second-layer code may round the other way: see the test above)
+                torch.testing.assert_close(fast(x[:rows]), exact[:rows], rtol=2e-3, atol=1e-3)
         assert fast.compiles == 1
 
 
