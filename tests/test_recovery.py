@@ -279,6 +279,16 @@ def test_an_automatic_sparsity_before_a_self_tuning_recovery_is_staged_by_defaul
     assert len(_expanded("prune{steps=3},distill{epochs=2}", data)) == 6
     with pytest.raises(fxpress.errors.OptionError, match="threshold has no schedule"):
         fxpress.Pipeline("prune{threshold=0.01,steps=3},distill")
+    # a recovery likely short after the stages names a sparsity below the one chosen
+    from fxpress.passes.gradual import likely_short
+    from fxpress.passes.records import PassRecord
+
+    stages[0].auto_stage[2]["sparsity"] = 0.8
+    last = PassRecord(index=7, name="distill", spec="distill",
+                      stats={"teacher_val_accuracy": 0.98, "best_epoch": 1,
+                             "epochs": [{"val_accuracy": 0.90}], "holdout_batches": 2})
+    likely_short(last, [stages[2], staged[5]])
+    assert "a sparsity below 0.8" in last.message and "steps=3" not in last.message
 
 
 def test_staged_automatic_sparsity_chooses_once_and_cuts_along_the_schedule(one_thread):
