@@ -23,6 +23,11 @@ model and seed; the plain pipeline within 2 points.
     python -m bench.case_recovery --models transformer-64x2 --seeds 0
     python -m bench.case_recovery --own --pipeline "prune{sparsity=0.95,criterion=activation},share{bits=4},distill"
     python -m bench.case_recovery --first-example --seeds 0,1,2,3   # README's first example
+    python -m bench.case_recovery --sixth --pipeline "prune,share,distill"   # the literal defaults
+
+The held-out sets (``--held-out``, ``--extra``, ``--own``, ``--new``, ``--fifth``,
+``--sixth``) are listed in bench/recovery_models.py; ``cpu s`` is the process's CPU time
+for the run (one torch thread), ``seconds`` its wall time.
 """
 from __future__ import annotations
 
