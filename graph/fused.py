@@ -29,6 +29,7 @@ kernel).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from fxpress.graph.memory import trim_heap
-from fxpress.graph.runtime import CompressedModule, RuntimeModule
+from fxpress.graph.runtime import CompressedModule, RuntimeModule, StateCheck
 from fxpress.graph.weights import (LINEAR, WeightedOp, _assign, _cast_after, _free_name, _module_kind,
                                    _resolve, _set_submodule)
 
@@ -79,6 +80,23 @@ class FusedCall(RuntimeModule):
 
     def config(self) -> dict:
         return {"weights": dict(self.weights)}
+
+    def check_loaded(self, check: StateCheck) -> None:
+        """Every entry of ``weights`` a compressed child ``w<i>`` standing for an empty
+        parameter of the host (what :meth:`decoded` needs at every call)."""
+        if not isinstance(self.weights, dict) or not isinstance(self._modules.get("host"), torch.nn.Module):
+            check.fail("config 'weights'", "a fused call needs a host module and a dict of weights")
+        host_params = dict(self.host.named_parameters())
+        for child, name in self.weights.items():
+            module = self._modules.get(child) if _CHILD.fullmatch(str(child)) else None
+            if not isinstance(module, CompressedModule) or module.kind != LINEAR:
+                check.fail(f"config 'weights.{child}'", "does not name a compressed linear child")
+            if not isinstance(name, str) or name not in host_params or host_params[name].numel():
+                check.fail(f"config 'weights.{child}'", f"{name!r} is not an empty parameter of "
+                           f"the host {type(self.host).__name__}")
+        extra = set(self._modules) - set(self.weights) - {"host"}
+        if extra:
+            check.fail("config 'weights'", f"children {sorted(extra)} are not in it")
 
     def decoded(self) -> dict[str, torch.Tensor]:
         """The host's parameter name -> its decoded matrix."""
@@ -127,6 +145,17 @@ class DecodedWeight(RuntimeModule):
             raise ValueError(f"experts={experts!r}, layout={getattr(m, 'layout', None)!r}: "
                              "expected three positive ints and 'oi' or 'io'")
         return m
+
+    def check_loaded(self, check: StateCheck) -> None:
+        """A compressed linear child ``w0``, whose weight the experts' layout covers."""
+        module = self._modules.get("w0")
+        if not isinstance(module, CompressedModule) or module.kind != LINEAR or set(self._modules) != {"w0"}:
+            check.fail("child 'w0'", "a decoded weight holds one compressed linear child, w0")
+        experts = getattr(self, "experts", None)
+        shape = getattr(module, "shape", None)
+        if experts is not None and isinstance(shape, list) and (
+                math.prod(experts) != math.prod(shape) or experts[2] != shape[-1]):
+            check.fail("config 'experts'", f"{experts} does not lay out w0's {shape} weight")
 
     def forward(self) -> torch.Tensor:
         module = self._modules.get("w0")

@@ -44,7 +44,8 @@ def op_forward(kind: str, spec: dict, x: torch.Tensor, weight: torch.Tensor,
     the model's own layer computed."""
     if kind != EMBEDDING and x.is_floating_point() and weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-        bias = None if bias is None else bias.to(x.dtype)
+    if bias is not None and bias.dtype != weight.dtype:  # a float64 model's bias, float32 codebook
+        bias = bias.to(weight.dtype)
     if kind == LINEAR:
         return F.linear(x, weight, bias)
     if kind == CONV:
@@ -52,6 +53,151 @@ def op_forward(kind: str, spec: dict, x: torch.Tensor, weight: torch.Tensor,
     if kind == EMBEDDING:
         return F.embedding(x, weight, spec.get("padding_idx"))
     raise ValueError(f"unknown weighted op kind {kind!r}")
+
+
+
+# -- checking a module rebuilt from a file: shared by every runtime module's from_state ----
+
+class StateError(ValueError):
+    """A runtime module's config disagrees with itself or with its stored tensors; raised by
+    ``from_state`` (the artifact loader reports it as an ``ArtifactFormatError`` naming the
+    module), so a crafted file is refused at load, not at the module's first call."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class StateCheck:
+    """Checks of one module's config fields and stored tensors, each naming the field.
+
+    ``from_state`` runs them after rebuilding the module: every field is read from the
+    module (where the file's config put it), and the first that does not fit raises
+    :class:`StateError` ``"<field>: <what>"``.
+
+    >>> m = torch.nn.Module(); m.bits = 9
+    >>> StateCheck(m).integer("bits", 2, 8)
+    Traceback (most recent call last):
+    ...
+    fxpress.graph.runtime.StateError: config 'bits': is 9, expected an int in [2, 8]
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.m = module
+
+    def fail(self, field: str, what: str) -> None:
+        raise StateError(f"{field}: {what}")
+
+    def value(self, name: str) -> Any:
+        return getattr(self.m, name, None)
+
+    def choice(self, name: str, choices: Iterable[Any]) -> Any:
+        return self.choice_of(name, self.value(name), tuple(choices))
+
+    def flag(self, name: str) -> bool:
+        return self.choice(name, (False, True))
+
+    def integer(self, name: str, low: int | None = None, high: int | None = None) -> int:
+        v = self.value(name)
+        if not _is_int(v) or (low is not None and v < low) or (high is not None and v > high):
+            self.fail(f"config {name!r}", f"is {v!r}, expected an int in [{low}, {high}]"
+                      if high is not None else f"is {v!r}, expected an int >= {low}")
+        return v
+
+    def sizes(self, name: str, dims: Iterable[int], low: int = 1, value: Any = None) -> list[int]:
+        """A list of ints >= ``low`` whose length is one of ``dims`` (``value``: check that
+        instead of the attribute, e.g. an entry of a nested config)."""
+        v = self.value(name) if value is None else value
+        dims = tuple(dims)
+        if not (isinstance(v, (list, tuple)) and len(v) in dims
+                and all(_is_int(d) and d >= low for d in v)):
+            self.fail(f"config {name!r}", f"is {v!r}, expected {'/'.join(map(str, dims))} "
+                      f"ints >= {low}")
+        return list(v)
+
+    def tensor(self, name: str, *, dtypes: Iterable[torch.dtype] | None = None,
+               floating: bool = False, shape: Iterable[int] | None = None,
+               numel: int | None = None, optional: bool = False,
+               finite: bool = False, positive: bool = False) -> torch.Tensor | None:
+        """The stored tensor ``name`` (a buffer or parameter), checked: present unless
+        ``optional``, of one of ``dtypes`` (or any floating type), exactly ``shape`` or
+        ``numel`` elements, and (``finite``/``positive``) its values."""
+        t = self.m._parameters.get(name, self.m._buffers.get(name))
+        field = f"tensor {name!r}"
+        if t is None:
+            if not optional:
+                self.fail(field, "is missing")
+            return None
+        dtypes = tuple(dtypes) if dtypes is not None else None
+        if (dtypes is not None and t.dtype not in dtypes) or (floating and not t.is_floating_point()):
+            self.fail(field, f"is {str(t.dtype).removeprefix('torch.')}, expected "
+                      + ("/".join(str(d).removeprefix("torch.") for d in dtypes) if dtypes
+                         else "a floating type"))
+        if shape is not None and list(t.shape) != list(shape):
+            self.fail(field, f"has shape {list(t.shape)}, expected {list(shape)}")
+        if numel is not None and t.numel() != numel:
+            self.fail(field, f"has {t.numel()} elements, expected {numel}")
+        if finite or positive:
+            with torch.no_grad():
+                bad = ~torch.isfinite(t) if finite else torch.zeros((), dtype=torch.bool)
+                if positive:
+                    bad = bad | ~(t > 0)
+            if bool(bad.any()):
+                self.fail(field, "holds " + ("non-finite or non-positive" if positive
+                                             else "non-finite") + " values")
+        return t
+
+    def weight_shape(self, kind: str) -> list[int]:
+        """``shape`` of a compressed weighted op: 2 positive sizes (a linear's or
+        embedding's), or a conv's 3-5 (as many as its ``spec``'s dims + 2)."""
+        if kind == CONV:
+            return self.sizes("shape", (3, 4, 5))
+        return self.sizes("shape", (2,))
+
+    def conv_spec(self, spec: Any, shape: list[int]) -> None:
+        """A conv's ``spec`` (as :func:`conv_forward` reads it) against its weight's shape."""
+        field = "config 'spec'"
+        dims = len(shape) - 2
+        if not isinstance(spec, dict) or spec.get("dims") != dims or isinstance(spec.get("dims"), bool):
+            self.fail(field, f"dims {spec.get('dims') if isinstance(spec, dict) else spec!r} does "
+                      f"not fit a weight of shape {shape}")
+        for key, low in (("stride", 1), ("dilation", 1)):
+            self.sizes(f"spec.{key}", (dims,), low, value=spec.get(key))
+        padding = spec.get("padding")
+        if not (padding in ("same", "valid") and not spec.get("transposed")):
+            self.sizes("spec.padding", (dims,), 0, value=padding)
+        groups = spec.get("groups")
+        transposed = self.choice_of("spec.transposed", spec.get("transposed", False), (False, True))
+        if not _is_int(groups) or groups < 1 or shape[0] % groups:
+            self.fail("config 'spec.groups'", f"is {groups!r}, expected a positive int that "
+                      f"divides the {shape[0]} output channels")
+        if transposed:
+            self.sizes("spec.output_padding", (dims,), 0, value=spec.get("output_padding"))
+        mode = self.choice_of("spec.padding_mode", spec.get("padding_mode", "zeros"),
+                              ("zeros", "reflect", "replicate", "circular"))
+        if mode != "zeros":
+            if transposed:
+                self.fail("config 'spec.padding_mode'", f"{mode!r} with a transposed conv")
+            self.sizes("spec.reversed_padding", (2 * dims,), 0, value=spec.get("reversed_padding"))
+
+    def choice_of(self, field: str, v: Any, choices: tuple) -> Any:
+        """``v`` (config field ``field``) if it is one of ``choices``, of the same type."""
+        if not any(type(v) is type(c) and v == c for c in choices):
+            self.fail(f"config {field!r}", f"is {v!r}, expected one of {choices}")
+        return v
+
+    def op_spec(self, kind: str, spec: Any, shape: list[int]) -> None:
+        """The ``spec`` of a compressed op of ``kind`` (a conv's fields; an embedding's
+        ``padding_idx`` inside its rows)."""
+        if not isinstance(spec, dict):
+            self.fail("config 'spec'", f"is {type(spec).__name__}, expected a dict")
+        if kind == CONV:
+            self.conv_spec(spec, shape)
+        elif kind == EMBEDDING:
+            pi = spec.get("padding_idx")
+            if pi is not None and not (_is_int(pi) and -shape[0] <= pi < shape[0]):
+                self.fail("config 'spec.padding_idx'", f"is {pi!r}, outside the table's "
+                          f"{shape[0]} rows")
 
 
 class RuntimeModule(torch.nn.Module):
@@ -79,6 +225,11 @@ class RuntimeModule(torch.nn.Module):
         limit before any module is built. ``config`` is the file's, checked only as plain
         data: raise on a malformed one."""
         return 0
+
+    def check_loaded(self, check: StateCheck) -> None:
+        """Refuse (:class:`StateError`) a module whose children, as the file built them,
+        do not fit its config; the loader calls it once the whole module tree is built
+        (``from_state`` runs before the children exist). The default checks nothing."""
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
@@ -115,6 +266,8 @@ class CompressedModule(RuntimeModule):
 
     #: The pass that writes this module ("quantize", "share", ...).
     technique: str = ""
+    #: the op kind of this class's modules (``kind_classes`` sets it); None: any of KINDS
+    _op_kind: str | None = None
     optional_tensors = ("bias",)
     #: ``False``: decode the weight on every call (memory: only the compressed tensors are
     #: held). ``True``: decode once and keep the dense weight (speed); the copy is a
@@ -127,6 +280,28 @@ class CompressedModule(RuntimeModule):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.spec = dict(spec or {})
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
+                   parameters: Iterable[str] = ()) -> "CompressedModule":
+        m = super().from_state(config, tensors, parameters)
+        m.check_state(StateCheck(m))
+        return m
+
+    def check_state(self, check: StateCheck) -> None:
+        """Refuse (:class:`StateError`, naming the field) a module rebuilt from a file whose
+        config does not fit itself or its stored tensors, which every call would otherwise
+        fail on (or compute past) long after the file loaded. The base checks ``kind``
+        (the class's own), ``cache_weight``, and with a ``shape``: its sizes, the op's
+        ``spec`` and ``bias``; subclasses add their tensors, calling this first."""
+        kind = check.choice("kind", (self._op_kind,) if self._op_kind else KINDS)
+        check.flag("cache_weight")
+        if "shape" in self.__dict__:
+            shape = check.weight_shape(kind)
+            check.op_spec(kind, self.spec, shape)
+            check.tensor("bias", optional=True, floating=True, shape=[shape[0]])
+        elif not isinstance(self.spec, dict):
+            check.fail("config 'spec'", f"is {type(self.spec).__name__}, expected a dict")
 
     def weight_float(self) -> torch.Tensor:
         """The decoded weight, in the layout of :meth:`WeightedOp.weight`."""
@@ -230,7 +405,7 @@ def kind_classes(base: type[CompressedModule], prefix: str, what: str) -> dict[s
                                (EMBEDDING, "Embedding", "embedding")):
         name = prefix + suffix
         out[kind] = type(name, (base,), {
-            "__module__": base.__module__, "__qualname__": name,
+            "__module__": base.__module__, "__qualname__": name, "_op_kind": kind,
             "__doc__": f"A {noun} {what} (see :class:`{base.__name__}`)."})
     return out
 
@@ -249,5 +424,5 @@ def trainable_modules(gm: torch.nn.Module) -> list[tuple[str, RuntimeModule]]:
                                             and callable(getattr(m, "end_training", None))))]
 
 
-__all__ = ["RuntimeModule", "CompressedModule", "compressed_modules", "trainable_modules", "kind_classes", "op_forward",
+__all__ = ["RuntimeModule", "CompressedModule", "StateCheck", "StateError", "compressed_modules", "trainable_modules", "kind_classes", "op_forward",
            "conv_forward"]

@@ -38,7 +38,7 @@ import torch
 from fxpress.errors import OptionError
 from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, unpack_bits,
                                    unpack_rows)
-from fxpress.graph.runtime import CompressedModule, kind_classes
+from fxpress.graph.runtime import CompressedModule, StateCheck, kind_classes
 from fxpress.passes.decode import DecodeStrategy
 from fxpress.graph.weights import CONV, EMBEDDING, KINDS, LINEAR, select, weighted_ops
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
@@ -235,39 +235,26 @@ class BinaryModule(DecodeStrategy, CompressedModule):
         return {**super().config(), "mode": self.mode, "bits": self.bits, "shape": self.shape,
                 "e_max": self.e_max}
 
-    @classmethod
-    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
-                   parameters=()) -> "BinaryModule":
-        m = super().from_state(config, tensors, parameters)
-        m._check_state()
-        return m
-
-    def _check_state(self) -> None:
-        """Refuse (ValueError) a mode, bit width, window, shape, codes, α or bias that do not
-        fit each other: every call would otherwise fail, or decode on other shapes, long
-        after the file loaded."""
-        mode, bits, shape, e_max = self.mode, self.bits, self.shape, self.e_max
-        ints = (lambda v: isinstance(v, int) and not isinstance(v, bool))
-        if mode not in MODES or not ints(bits) or bits != MODE_BITS.get(mode, bits) \
-                or not 1 <= bits <= 8 or (mode == "pow2" and bits < 2):
-            raise ValueError(f"mode={mode!r} with bits={bits!r}: expected sign (1 bit), ternary "
-                             "(2 bits) or pow2 (2-8 bits)")
-        if not isinstance(shape, list) or not 2 <= len(shape) <= 5 or not all(
-                ints(d) and d > 0 for d in shape) or not ints(e_max) or not -126 <= e_max <= 127:
-            raise ValueError(f"shape={shape!r}, e_max={e_max!r}: expected 2-5 positive sizes "
-                             "and a float32 exponent")
-        codes, alpha = self.codes, self._buffers.get("alpha")
-        bias = self._parameters.get("bias", self._buffers.get("bias"))
-        rows = shape[0]
-        if codes is None or codes.dtype != torch.uint8 or codes.numel() != packed_size(
-                math.prod(shape), bits):
-            raise ValueError(f"codes do not hold {math.prod(shape)} codes of {bits} bits")
-        if (alpha is None) != (mode == "pow2") or (alpha is not None and (
-                alpha.numel() != rows or not alpha.is_floating_point())):
-            raise ValueError(f"{mode} stores {'no α' if mode == 'pow2' else f'{rows} α'}, got "
-                             f"{None if alpha is None else tuple(alpha.shape)}")
-        if bias is not None and (bias.numel() != rows or not bias.is_floating_point()):
-            raise ValueError(f"a bias of {tuple(bias.shape)} for {rows} output channels")
+    def check_state(self, check: StateCheck) -> None:
+        """Also refuse a mode, bit width, window, codes or α that do not fit each other:
+        every call would otherwise fail, or decode on other shapes, long after the file
+        loaded."""
+        super().check_state(check)
+        mode = check.choice("mode", MODES)
+        bits = check.integer("bits", 2 if mode == "pow2" else 1, 8)
+        if bits != MODE_BITS.get(mode, bits):
+            check.fail("config 'bits'", f"mode={mode!r} with bits={bits!r}: expected sign (1 "
+                       "bit), ternary (2 bits) or pow2 (2-8 bits)")
+        check.integer("e_max", -126, 127)  # a float32 exponent
+        rows, n = self.shape[0], math.prod(self.shape)
+        codes = check.tensor("codes", dtypes=(torch.uint8,))
+        if codes.numel() != packed_size(n, bits):
+            check.fail("tensor 'codes'", f"codes do not hold {n} codes of {bits} bits")
+        if mode == "pow2":
+            if self._buffers.get("alpha") is not None:
+                check.fail("tensor 'alpha'", "pow2 stores no α")
+        else:
+            check.tensor("alpha", dtypes=(torch.float32, torch.float64), shape=[rows], finite=True)
 
     # -- fine-tuning -------------------------------------------------------------------
     def begin_training(self) -> list[torch.nn.Parameter]:

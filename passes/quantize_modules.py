@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from fxpress.graph.runtime import CompressedModule, op_forward
+from fxpress.graph.runtime import CompressedModule, StateCheck, op_forward
 from fxpress.graph.weights import CONV, EMBEDDING, LINEAR
 from fxpress.graph.memory import caches_enabled
 from fxpress.passes.decode import AUTO_INT8_MIN_WORK, DecodeStrategy, small_calls_in_float
@@ -65,36 +65,36 @@ class QuantizedWeight(DecodeStrategy, CompressedModule):
                 "group_size": self.group_size, "activations": self.activations,
                 "act_scale": self.act_scale}
 
-    @classmethod
-    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], parameters=()):
-        m = super().from_state(config, tensors, parameters)
-        m._check_scales()
-        return m
-
-    def _check_scales(self) -> None:
-        """Refuse (ValueError) scales, zero points, smoothing or a bias that do not fit the
-        weight's shape: the native int8 kernels read one scale per output channel, and
-        oneDNN's read past a shorter tensor (a crafted file's 2 scales for 256 channels
-        gave outputs of 1e33)."""
-        if not (isinstance(self.bits, int) and 2 <= self.bits <= 8) or self.scheme not in (
-                "symmetric", "affine") or self.activations not in ("none", "dynamic") or \
-                self.act_scale not in ("token", "tensor"):
-            # bits=2**40 loaded, then its first call never returned
-            raise ValueError(f"bits {self.bits!r} (2-8), scheme {self.scheme!r}, activations "
-                             f"{self.activations!r} or act_scale {self.act_scale!r} is not one "
-                             "the quantize pass writes")
+    def check_state(self, check: StateCheck) -> None:
+        """Also refuse what the quantize pass never writes (bits outside 2-8: bits=2**40
+        loaded, then its first call never returned), codes of another size than ``bits``
+        and ``shape`` give, and scales, zero points, smoothing or a bias that do not fit the
+        weight: the native int8 kernels read one scale per output channel, and oneDNN's
+        read past a shorter tensor (a crafted file's 2 scales for 256 channels gave
+        outputs of 1e33)."""
+        super().check_state(check)
+        bits = check.integer("bits", 2, 8)
+        scheme = check.choice("scheme", ("symmetric", "affine"))
+        check.choice("activations", ("none", "dynamic"))
+        check.choice("act_scale", ("token", "tensor"))
+        granularity = check.choice("granularity", ("tensor", "channel", "group"))
+        group_size = check.integer("group_size", 1) if granularity == "group" else \
+            check.integer("group_size", 0, 0)
         rows, cols = int(self.shape[0]), self.cols
-        per = {"tensor": 1, "channel": rows,
-               "group": rows * group_count(cols, self.group_size)}.get(self.granularity)
-        b = self._buffers
-        scale, zero, smooth, bias = b.get("scale"), b.get("zero_point"), b.get("smooth"), \
-            self._parameters.get("bias", b.get("bias"))
-        if per is None or scale is None or scale.numel() != per or (
-                zero is not None and zero.numel() != per) or (
-                smooth is not None and smooth.numel() != cols) or (
-                bias is not None and bias.numel() != rows) or self.qweight.shape[0] != rows:
-            raise ValueError(f"{self.granularity!r} scales, zero points, smoothing or bias do not "
-                             f"fit a {rows}x{cols} weight")
+        if bits == 8:
+            check.tensor("qweight", dtypes=(torch.int8 if scheme == "symmetric" else torch.uint8,),
+                         shape=[rows, cols])
+        else:
+            check.tensor("qweight", dtypes=(torch.uint8,), shape=[rows, -(-cols // 8) * bits])
+        grid = {"tensor": [1, 1], "channel": [rows, 1],
+                "group": [rows, group_count(cols, group_size)]}[granularity]
+        check.tensor("scale", dtypes=(torch.float32,), shape=grid)
+        check.tensor("zero_point", dtypes=(torch.uint8,), shape=grid, optional=scheme != "affine")
+        if scheme != "affine" and self.zero_point is not None:
+            check.fail("tensor 'zero_point'", "is stored for a symmetric scheme")
+        check.tensor("smooth", dtypes=(torch.float32,), shape=[cols], optional=True,
+                     positive=True)
+        check.tensor("bias", optional=True, dtypes=(torch.float32,))
 
     # -- decoding ------------------------------------------------------------------------
     @property
@@ -228,9 +228,15 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
     #: reading one input (q, k, v) may reuse its per-tensor codes (:func:`_shared_input`)
     shares_input = False
 
+    _op_kind = LINEAR
+
     def __init__(self, *args: Any, shares_input: bool = False, **kwargs: Any):
         super().__init__(LINEAR, {}, *args, **kwargs)
         self.shares_input = bool(shares_input)
+
+    def check_state(self, check: StateCheck) -> None:
+        super().check_state(check)
+        check.flag("shares_input")
 
     def config(self) -> dict:
         return {**super().config(), "shares_input": self.shares_input}
@@ -301,12 +307,16 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
 class QuantizedConv(QuantizedWeight):
     """A conv with integer weights, decoded on the fly (weight-only)."""
 
+    _op_kind = CONV
+
     def __init__(self, spec: dict, *args: Any, **kwargs: Any):
         super().__init__(CONV, spec, *args, **kwargs)
 
 
 class QuantizedEmbedding(QuantizedWeight):
     """An embedding table with integer rows; a lookup decodes only the rows it reads."""
+
+    _op_kind = EMBEDDING
 
     def __init__(self, spec: dict, *args: Any, **kwargs: Any):
         super().__init__(EMBEDDING, spec, *args, **kwargs)

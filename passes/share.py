@@ -49,7 +49,7 @@ import torch
 from fxpress.errors import OptionError
 from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, unpack_bits,
                                     unpack_rows)
-from fxpress.graph.runtime import CompressedModule, kind_classes, op_forward
+from fxpress.graph.runtime import CompressedModule, StateCheck, kind_classes, op_forward
 from fxpress.passes.decode import DecodeStrategy, normalize_decode
 from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, unique_weights,
                                    weighted_ops)
@@ -140,36 +140,51 @@ class CodebookModule(DecodeStrategy, CompressedModule):
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
                    parameters=()) -> "CodebookModule":
-        m = super().from_state(config, tensors, parameters)
-        m._check_codes()
+        m = super().from_state(config, tensors, parameters)  # checked: check_state
         if m.bias_codes is not None:
             m._decode_bias(int(m.shape[0]))
         return m
 
-    def _check_codes(self) -> None:
-        """Refuse (ValueError) stored codes that do not fit the config: every call would
-        otherwise fail, or index past the codebook, long after the file loaded."""
-        bits, cb, codes, mask = self.bits, self.codebook, self.codes, self._buffers.get("mask")
+    def check_state(self, check: StateCheck) -> None:
+        """Also refuse stored codes that do not fit the config: every call would otherwise
+        fail, or index past the codebook, long after the file loaded."""
+        super().check_state(check)
         n = self.numel
-        bb = self.bias_bits  # bias_bits=2**40 loaded into a decode that never returned
-        if not isinstance(bb, int) or isinstance(bb, bool) or not (bb == 0 or 2 <= bb <= 8):
-            raise ValueError(f"bias_bits {bb!r} is not one share writes (0 or 2-8)")
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8 \
-                or cb is None or cb.dim() != 1 or not cb.is_floating_point() \
+        # bias_bits=2**40 loaded into a decode that never returned
+        bb = self.bias_bits
+        if not (isinstance(bb, int) and not isinstance(bb, bool) and (bb == 0 or 2 <= bb <= 8)):
+            check.fail("config 'bias_bits'", f"bias_bits {bb!r} is not one share writes (0 or 2-8)")
+        bits = check.integer("bits", 1, 8)
+        zero_code, sparse = check.flag("zero_code"), check.flag("sparse")
+        if sparse and not zero_code:
+            check.fail("config 'sparse'", "a sparse layer stores its zeros as code 0: it needs "
+                       "zero_code")
+        cb = self._buffers.get("codebook", self._parameters.get("codebook"))
+        if cb is None or cb.dim() != 1 or cb.dtype not in (torch.float32, torch.float64) \
                 or not 1 <= cb.numel() <= 1 << bits:
-            raise ValueError(f"a {bits!r}-bit code addresses 1..{1 << bits if isinstance(bits, int) and 0 < bits < 9 else '?'} "
-                             f"centroids, got a codebook of {None if cb is None else tuple(cb.shape)}")
-        sparse = bool(getattr(self, "sparse", False))
-        count = getattr(self, "nonzeros", None) if sparse else n
-        if codes is None or codes.dtype != torch.uint8 or not isinstance(count, int) \
-                or isinstance(count, bool) or not 0 <= count <= n \
-                or codes.numel() != packed_size(count, bits):
-            raise ValueError(f"codes do not hold {count!r} codes of {bits} bits")
-        if sparse and (mask is None or mask.dtype != torch.uint8 or mask.numel() != packed_size(n, 1)
-                            or int(unpack_bits(mask, 1, n).count_nonzero()) != count):
-            raise ValueError(f"the mask does not mark the {count} stored codes")
+            check.fail("tensor 'codebook'", f"a {bits}-bit code addresses 1..{1 << bits} "
+                       f"centroids, got a codebook of {None if cb is None else tuple(cb.shape)}")
+        count = check.integer("nonzeros", 0, n) if sparse else n
+        codes = check.tensor("codes", dtypes=(torch.uint8,))
+        if codes.numel() != packed_size(count, bits):
+            check.fail("tensor 'codes'", f"codes do not hold {count!r} codes of {bits} bits")
+        if sparse:
+            mask = check.tensor("mask", dtypes=(torch.uint8,), numel=packed_size(n, 1))
+            if int(unpack_bits(mask, 1, n).count_nonzero()) != count:
+                check.fail("tensor 'mask'", f"the mask does not mark the {count} stored codes")
+        elif self._buffers.get("mask") is not None:
+            check.fail("tensor 'mask'", "is stored for a dense layer")
         if cb.numel() < 1 << bits and count and int(unpack_bits(codes, bits, count).max()) >= cb.numel():
-            raise ValueError(f"codes index past the codebook's {cb.numel()} centroids")
+            check.fail("tensor 'codes'", f"codes index past the codebook's {cb.numel()} centroids")
+        rows = int(self.shape[0])
+        if bb and self._buffers.get("bias_codes") is not None:
+            if self._parameters.get("bias") is not None or self._buffers.get("bias") is not None:
+                check.fail("tensor 'bias'", "is stored besides its grid codes")
+            check.tensor("bias_codes", dtypes=(torch.uint8,),
+                         shape=[1, rows if bb == 8 else -(-rows // 8) * bb])
+            check.tensor("bias_grid", dtypes=(torch.float32,), shape=[2], finite=True)
+        elif self._buffers.get("bias_codes") is not None or self._buffers.get("bias_grid") is not None:
+            check.fail("tensor 'bias_codes'", "is stored without bias_bits")
 
     @property
     def numel(self) -> int:

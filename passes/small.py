@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpress.errors import OptionError
-from fxpress.graph.runtime import RuntimeModule
+from fxpress.graph.runtime import RuntimeModule, StateCheck
 from fxpress.passes.base import Pass, PassContext, PassResult, PassTraits, Tolerance, option
 from fxpress.passes.kmeans1d import kmeans_1d
 from fxpress.passes.quantize_grid import dequantize_weight, load_codes, store_codes, tensor_grid
@@ -196,28 +196,32 @@ class GridTensors(RuntimeModule):
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
                    parameters=()) -> "GridTensors":
         m = super().from_state(config, tensors, parameters)
-        grids = m.grids
+        m.check_state(StateCheck(m))
+        m._decode_all()
+        return m
+
+    def check_state(self, check: StateCheck) -> None:
+        """Refuse (:class:`StateError`, naming the field) grids whose codes do not fit
+        their shape and bits, or a grid of another size than its mode stores."""
+        grids = self.grids
         if not isinstance(grids, dict):
-            raise ValueError("grids must map tensor names to their shape, dtype and mode")
-        if m.bits not in range(2, 9):
-            raise ValueError(f"bits must be 2..8, got {m.bits!r}")
+            check.fail("config 'grids'", "must map tensor names to their shape, dtype and mode")
+        bits = check.integer("bits", 2, 8)
         for name, g in grids.items():
+            field = f"config 'grids.{name}'"
             if not isinstance(g, dict) or set(g) != {"shape", "dtype", "mode"} \
                     or g["mode"] not in ("affine", "codebook") \
                     or g["dtype"] not in ("float32", "float16", "bfloat16", "float64") \
-                    or not isinstance(g["shape"], list) \
-                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in g["shape"]) \
                     or not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
-                raise ValueError(f"grid {name!r} is malformed")
-            codes, grid = m._buffers.get(f"{name}_codes"), m._buffers.get(f"{name}_grid")
+                check.fail(field, f"grid {name!r} is malformed")
+            check.sizes(f"grids.{name}.shape", range(0, 33), 0, value=g["shape"])
             n = math.prod(g["shape"])
-            if codes is None or grid is None or codes.dtype != torch.uint8 or grid.dtype != torch.float32 \
-                    or codes.numel() != _stored_bytes(n, m.bits) \
-                    or (g["mode"] == "affine" and grid.numel() != 2) \
-                    or (g["mode"] == "codebook" and not 1 <= grid.numel() <= 1 << m.bits):
-                raise ValueError(f"codes do not fit shape {g['shape']} at {m.bits} bits ({name!r})")
-        m._decode_all()
-        return m
+            check.tensor(f"{name}_codes", dtypes=(torch.uint8,), numel=_stored_bytes(n, bits))
+            check.tensor(f"{name}_grid", dtypes=(torch.float32,), finite=True,
+                         shape=[2] if g["mode"] == "affine" else None)
+            if g["mode"] == "codebook" and not 1 <= self._buffers[f"{name}_grid"].numel() <= 1 << bits:
+                check.fail(f"tensor '{name}_grid'", f"a codebook of {bits}-bit codes holds "
+                           f"1..{1 << bits} values")
 
     def config(self) -> dict:
         return {"bits": self.bits, "grids": self.grids}
@@ -263,25 +267,31 @@ class GridNorm(GridTensors):
         return {**super().config(), "kind": self.kind, "eps": self.eps,
                 "num_groups": self.num_groups, "normalized_shape": self.normalized_shape}
 
+    def check_state(self, check: StateCheck) -> None:
+        """Also what every call would refuse (or compute on other shapes)."""
+        super().check_state(check)
+        kind = check.choice("kind", ("layer_norm", "rms_norm", "group_norm"))
+        eps = self.eps
+        if not ((eps is None and kind == "rms_norm") or (
+                isinstance(eps, (int, float)) and not isinstance(eps, bool)
+                and math.isfinite(eps) and eps >= 0)):
+            check.fail("config 'eps'", f"is {eps!r}, expected a finite number >= 0 "
+                       "(None: rms_norm only)")
+        if kind == "group_norm":
+            groups = check.integer("num_groups", 1)
+            check.sizes("normalized_shape", (0,), value=self.normalized_shape)
+        else:
+            check.integer("num_groups", 0, 0)
+            shape = check.sizes("normalized_shape", range(1, 9))
+        for name, g in self.grids.items():
+            if name not in ("weight", "bias") or (kind != "group_norm" and g["shape"] != shape) or (
+                    kind == "group_norm" and (len(g["shape"]) != 1 or g["shape"][0] % groups)):
+                check.fail(f"config 'grids.{name}'", f"GridNorm {kind!r}: grid {name!r} of shape "
+                           f"{g['shape']} does not fit its config")
+
     @classmethod
     def from_state(cls, config, tensors, parameters=()):
         m = super().from_state(config, tensors, parameters)
-        if m.kind not in ("layer_norm", "rms_norm", "group_norm") \
-                or not (m.eps is None or isinstance(m.eps, (int, float)) and not isinstance(m.eps, bool)) \
-                or not isinstance(m.num_groups, int) or not isinstance(m.normalized_shape, list):
-            raise ValueError(f"GridNorm config is malformed ({m.kind!r})")
-        # what every call would refuse (or compute on other shapes) is refused at load
-        shape = m.normalized_shape
-        if (m.eps is None and m.kind != "rms_norm") or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) \
-                or (m.kind == "group_norm") != (m.num_groups > 0) or (m.kind == "group_norm") == bool(shape):
-            raise ValueError(f"GridNorm {m.kind!r}: eps={m.eps!r}, num_groups={m.num_groups!r}, "
-                             f"normalized_shape={shape!r} do not describe it")
-        for name, g in m.grids.items():
-            if name not in ("weight", "bias") or (shape and g["shape"] != shape) or (
-                    not shape and (len(g["shape"]) != 1 or g["shape"][0] % m.num_groups)):
-                raise ValueError(f"GridNorm {m.kind!r}: grid {name!r} of shape {g['shape']} does "
-                                 "not fit its config")
         for name in ("weight", "bias"):
             if name not in m._buffers:
                 m.register_buffer(name, None)

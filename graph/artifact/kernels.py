@@ -34,6 +34,7 @@ import torch
 from fxpress.errors import ArtifactFormatError, ArtifactLimitError, InputError
 from fxpress.graph.artifact import ops
 from fxpress.graph.artifact.rnn import _shape
+from fxpress.graph.runtime import RuntimeModule
 
 aten = torch.ops.aten
 
@@ -347,6 +348,16 @@ def check_module_sizes(root: torch.nn.Module, limit: int, where: str) -> None:
     upsampling's size or factor, an adaptive pool's output size, a pad) make a float32
     tensor past ``limit`` bytes when it runs."""
     for path, m in root.named_modules():
+        spec = m.__dict__.get("spec") if isinstance(m, RuntimeModule) else None
+        if isinstance(spec, dict) and m.__dict__.get("kind") == "conv":
+            # a compressed conv's padding (its spec) sizes what it computes the same way
+            for field, n in (("padding", _padding(spec.get("padding"), spec.get("output_padding"))),
+                             ("reversed_padding", _pads(spec.get("reversed_padding")))):
+                if n is not None and n * 4 > limit:
+                    raise ArtifactLimitError(
+                        f"{where}: module {path!r}: {type(m).__name__} spec {field} makes "
+                        f"{n:.3g} elements when it runs, past the limit of {limit} bytes; pass "
+                        "max_bytes= to load() if you trust the file")
         fields = _MODULE_SIZES.get(type(m).__name__)
         for field, kind in (fields or {}).items():
             v = getattr(m, field, None)

@@ -20,7 +20,7 @@ from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _s
                                            _split_prefix, as_path, open_regular,
                                            read_bounded)
 from fxpress.graph.artifact.limits import Limits, resolve
-from fxpress.graph.artifact.modules import TORCH_NN, finish_torch_nn
+from fxpress.graph.artifact.modules import _ABSENT, _class_attr, TORCH_NN, finish_torch_nn
 from fxpress.graph.artifact.kernels import (check_constant_sizes, check_module_sizes,
                                             guard_kernel_calls)
 from fxpress.graph.artifact.rnn import check_rnn_tree, guard_lstm_calls
@@ -196,6 +196,26 @@ def _damaged_streams(header: dict, payload: memoryview) -> list[str]:
     return bad
 
 
+def _check_loaded(root: torch.nn.Module, plan: _Checked, where: str) -> None:
+    """Each runtime module's ``check_loaded`` (its children against its config), once the
+    whole tree is built; a refusal names the module."""
+    from fxpress.graph.runtime import RuntimeModule, StateCheck
+
+    for m in plan.modules:
+        path = m["path"]
+        if m.get("kind") != "runtime":
+            continue
+        mod = root.get_submodule(path)
+        if not isinstance(mod, RuntimeModule):
+            continue
+        try:
+            mod.check_loaded(StateCheck(mod))
+        except Exception as e:
+            raise ArtifactFormatError(f"{where}: module {path!r}: {type(mod).__name__} does not fit "
+                                      f"its children ({type(e).__name__}: "
+                                      f"{escape_controls(str(e)[:400])})") from None
+
+
 def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
     built: dict[str, torch.nn.Module] = {}
     paths = {m["path"] for m in plan.modules} | {p for p, _ in plan.aliases}
@@ -214,17 +234,25 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str)
             except Exception as e:
                 raise ArtifactFormatError(f"{where}: module {path!r}: {cls.__name__}.from_state "
                                           f"refused its config ({type(e).__name__}: "
-                                          f"{_short_repr(str(e), 200)})") from None
+                                          f"{escape_controls(str(e)[:400])})") from None
             if not isinstance(mod, cls):
                 raise ArtifactFormatError(f"{where}: module {path!r}: from_state returned "
                                           f"{type(mod).__name__}")
             try:  # a config without a field the class reads failed at the first call instead
-                mod.config()
+                given = mod.config()
             except Exception as e:
                 raise ArtifactFormatError(f"{where}: module {path!r}: {cls.__name__} built from "
                                           "the file's config cannot give its config back "
                                           f"({type(e).__name__}: {_short_repr(str(e), 200)}): "
                                           "the config lacks a field the class needs") from None
+            # a key the class neither gives back nor declares is no field of it, but an
+            # attribute its code may read (``latent`` made a quantized layer take its
+            # fine-tuning path at every call, on the file's value)
+            extra = sorted(k for k in plan.configs[path] if k not in given
+                           and _class_attr(cls, k) is _ABSENT)
+            if extra:
+                raise ArtifactFormatError(f"{where}: module {path!r}: config key(s) {extra} are "
+                                          f"no field of {cls.__name__}")
             for n, r in refs.items():  # from_state decides trainability; restore what was saved
                 p = mod._parameters.get(n) if n in params else None
                 if p is not None and "requires_grad" in r and p.is_floating_point():
@@ -257,6 +285,7 @@ def _build_modules(plan: _Checked, decoded: dict[str, torch.Tensor], where: str)
         parent, _, name = path.rpartition(".")
         built[parent].add_module(name, built[target])
     _no_module_cycles(root, where)
+    _check_loaded(root, plan, where)
     check_rnn_tree(root, where)
     return root
 
