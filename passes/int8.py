@@ -33,6 +33,14 @@ def _cpu_has_vnni() -> bool:
 
 
 _REDUCE_RANGE = not _cpu_has_vnni()
+#: Levels of the uint8 input codes of oneDNN's eager int8 linear. Without VNNI (AVX2, or
+#: AVX-512 before Cascade Lake) oneDNN adds pairs of u8 x s8 products in int16, which
+#: saturates at full range: measured on an AVX2-only AMD EPYC, codes 255 against weights
+#: 127 gave 8,160 instead of 1,032,256 and random full-range codes were off by up to 64,802
+#: in a 256-wide row. 127 levels keep every pair below 2^15, so the integer product is
+#: exact there, at half the input resolution: what fbgemm's ``reduce_range`` does on such
+#: CPUs and what the compiled path does (:func:`~fxpress.passes.int8_traced.choose_product`).
+ONEDNN_LEVELS = 127 if _REDUCE_RANGE else 255
 #: Layers with fewer input or output features than this skip the oneDNN kernel (see
 #: :meth:`QuantizedLinear.kernels`; on the 64-300-100-10 digits MLP it was 1.3x slower
 #: than fbgemm, on MiniLM's 384/1536-wide layers 1.2x faster).
@@ -156,7 +164,8 @@ def quantize_per_tensor(x2: torch.Tensor, levels: int = 255, signed: bool = True
 
 
 _local = threading.local()
-_ROUNDED_ZERO = torch.tensor(128.5)
+#: step -> the per-token codes' zero point plus 0.5 (rounding by truncation)
+_ROUNDED_ZERO = {127: torch.tensor(128.5), 63: torch.tensor(64.5)}
 
 
 def _shared_input(x2: torch.Tensor, source: torch.Tensor | None, signed: bool,
@@ -179,7 +188,9 @@ def _shared_input(x2: torch.Tensor, source: torch.Tensor | None, signed: bool,
                                       and cols.shape == col_scale.shape
                                       and torch.equal(cols, col_scale))):
             return value
-    value = quantize_per_tensor(x2, 255, signed, col_scale=col_scale)
+    # oneDNN's uint8 input (unsigned) spans 127 levels on CPUs without VNNI (see
+    # :data:`ONEDNN_LEVELS`); torch._int_mm's int8 input (signed) always spans 255
+    value = quantize_per_tensor(x2, 255 if signed else ONEDNN_LEVELS, signed, col_scale=col_scale)
     if source is not None:
         version = None if source.is_inference() else source._version
         _local.last = (weakref.ref(source), version, signed, col_scale, value)
@@ -200,10 +211,11 @@ def per_token_absmax(x2: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_()).clamp_(min=1e-12)
 
 
-def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes of each row of ``x2`` and the row scales ``[rows, 1]``."""
+def quantize_per_token(x2: torch.Tensor, step: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row of ``x2`` (``step`` per side) and the row scales
+    ``[rows, 1]``."""
     amax = per_token_absmax(x2)
-    return torch.mul(x2, 127.0 / amax).round_().to(torch.int8), amax / 127.0
+    return torch.mul(x2, step / amax).round_().to(torch.int8), amax / step
 
 
 class Int8Kernels:
@@ -397,13 +409,16 @@ class Int8Kernels:
                                                    None if bias is None else bias[rows],
                                                    1.0, 0, torch.float32, "none", [], "")), packed)
         x2 = _smoothed(x2, inv)
-        # per token: each row divided by its absmax spans [-1, 1], one fixed scale 1/127;
-        # 128.5 + 127·x/amax lies in [1.5, 255.5], so truncating to uint8 rounds it
+        # per token: each row divided by its absmax spans [-1, 1], one fixed scale 1/step;
+        # (mid + 0.5) + step·x/amax lies in [1.5, 2·step + 1.5], so truncating to uint8
+        # rounds it (step 127, mid 128 with VNNI; 63 and 64 without, see ONEDNN_LEVELS)
+        step = ONEDNN_LEVELS // 2
         amax = per_token_absmax(x2)
-        xq = torch.addcmul(_ROUNDED_ZERO, x2, 127.0 / amax).to(torch.uint8)
+        xq = torch.addcmul(_ROUNDED_ZERO[step], x2, step / amax).to(torch.uint8)
         y = self._product("onednn", build, lambda p, rows: (
-            torch.ops.onednn.qlinear_pointwise.default(xq, 1.0 / 127, 128, p[0], p[1], p[2], None,
-                                               1.0, 0, torch.float32, "none", [], "")), packed)
+            torch.ops.onednn.qlinear_pointwise.default(xq, 1.0 / step, step + 1, p[0], p[1], p[2],
+                                               None, 1.0, 0, torch.float32, "none", [], "")),
+            packed)
         if self.bias is None:
             return y.mul_(amax)
         return torch.addcmul(self.bias, y, amax, out=y)

@@ -1053,9 +1053,10 @@ def simulated_input(x2: torch.Tensor, act: str, smooth: torch.Tensor | None,
     product up to float rounding. Only the rows ``::step`` are made (a per-tensor scale
     still comes from every row). ``ranges``: ``(x2.amin(0), x2.amax(0))`` when the caller
     holds them (a layer's candidates share them)."""
-    from fxpress.passes.int8 import _REDUCE_RANGE
+    from fxpress.passes.int8 import _REDUCE_RANGE, ONEDNN_LEVELS
 
-    levels = 127 if kernel == "fbgemm" and _REDUCE_RANGE else 255
+    levels = 127 if kernel == "fbgemm" and _REDUCE_RANGE else (
+        ONEDNN_LEVELS if kernel == "onednn" else 255)
     if act == "tensor" or kernel == "fbgemm":
         if act == "tensor":
             # the range of x / smooth over every row, from per-column extremes (dividing
@@ -1077,7 +1078,8 @@ def simulated_input(x2: torch.Tensor, act: str, smooth: torch.Tensor | None,
         q, scale, zero = quantize_per_tensor(torch.cat([sub, ends]), levels, signed=False)
         out = q[:-2].float().sub_(zero).mul_(scale)
         return out if amax is None else out.mul_(amax)
-    q, sx = quantize_per_token(x2[::step] if smooth is None else x2[::step] / smooth)
+    q, sx = quantize_per_token(x2[::step] if smooth is None else x2[::step] / smooth,
+                               ONEDNN_LEVELS // 2 if kernel == "onednn" else 127)
     return q.float().mul_(sx)
 
 
