@@ -11,7 +11,7 @@ from fxpress.passes import int8 as int8_mod
 from fxpress.passes.decode import (AUTO_EMBEDDING_FLOAT_MAX, AUTO_INT8_MIN_WIDTH,
                                    AUTO_INT8_MIN_WORK, decode_plan, int8_kernels_only,
                                    set_decode)
-from tests.helpers import assert_unchanged, state_snapshot
+from tests.helpers import assert_unchanged, needs_vnni, state_snapshot
 
 
 class Net(torch.nn.Module):
@@ -150,6 +150,7 @@ def test_int8_kernel_follows_the_rows_of_each_call(compressed):
     assert held == 3 * (384 * 256 + 4 * 384)  # codes + two prepacked copies
 
 
+@needs_vnni
 @pytest.mark.parametrize("act_scale", ["tensor", "token"])
 def test_the_remembered_kernel_equals_the_full_path_and_sees_weight_changes(act_scale):
     from fxpress.graph.capture import clone_structure
@@ -182,6 +183,7 @@ def test_the_remembered_kernel_equals_the_full_path_and_sees_weight_changes(act_
         assert not torch.allclose(y, full, atol=0.1)
 
 
+@needs_vnni
 def test_a_twin_built_in_inference_mode_runs_the_fast_kernels(compressed, tmp_path):
     """A decoded layer first called under ``torch.inference_mode`` builds its int8 twin from
     inference tensors, which have no version counter: reading it once raised inside every

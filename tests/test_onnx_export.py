@@ -21,7 +21,7 @@ onnx = pytest.importorskip("onnx")
 from fxpress.onnx_export import export_onnx, session  # noqa: E402
 from fxpress.passes.decode import int8_kernels_only  # noqa: E402
 from fxpress.passes.verify import compare  # noqa: E402
-from tests.helpers import assert_unchanged, state_snapshot  # noqa: E402
+from tests.helpers import assert_unchanged, needs_vnni, state_snapshot  # noqa: E402
 
 
 def _run(out, *inputs) -> torch.Tensor:
@@ -64,6 +64,7 @@ MLP_PIPELINES = [
 ]
 
 
+@needs_vnni
 def test_every_pass_on_the_mlp_runs_in_onnxruntime(small_mlp, calib, digits):
     x = digits.x_test[:37]  # a batch size the graph was not exported with
     for text in MLP_PIPELINES:
@@ -105,6 +106,7 @@ def test_int8_layers_keep_fxpress_codes_and_scales(small_mlp, calib):
         assert np.array_equal(_initializer(out.model, f"{name}.scale"), mod.scale.reshape(-1).numpy())
 
 
+@needs_vnni
 def test_cnn_quantized_shared_and_binarized_layers(cnn, digits):
     x = digits.images(digits.x_test[:9])
     for text in ("quantize{bits=8}", "share{bits=5}",
@@ -220,6 +222,7 @@ def _padded_more(batch, extra: int):
             torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1))
 
 
+@needs_vnni
 def test_pad_tokens_skipped_where_no_output_reads_them(encoder):
     calib = [_bert_batch(4, 12, 0), _bert_batch(4, 12, 1)]
     held_out = _bert_batch(3, 19, 7)  # row 0 half pad tokens
@@ -313,6 +316,7 @@ class _PreNorm(torch.nn.Module):
         return x + self.a(h) * self.b(h)
 
 
+@needs_vnni
 def test_smoothing_moves_into_a_layernorm_read_only_by_its_layers():
     model = _PreNorm().eval()
     calib = [(torch.randn(4, 6, 16) * torch.linspace(0.1, 8, 16),)]  # outlier columns
@@ -354,6 +358,7 @@ def test_attention_that_onnxruntime_refuses_falls_back_to_plain_ops(monkeypatch)
         _close(_run(out, x), gm(x), 1e-5)
 
 
+@needs_vnni
 def test_artifact_exports_without_example_inputs(small_mlp, calib, tmp_path, digits):
     res = fxpress.compress(small_mlp, "prune{sparsity=0.5},quantize{bits=8}", calibration=calib[:1])
     fxpress.save(res, tmp_path / "m.fxp")

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxpress
+from tests.helpers import needs_vnni
 from fxpress.errors import OptionError
 from fxpress.graph.packing import packed_size
 from fxpress.graph.memory import stored_bytes
@@ -459,6 +460,7 @@ def test_minilm_export_graph_quantizes_and_passes_the_verifier(minilm_gm, minilm
     assert out.shape == (5, 384)
 
 
+@needs_vnni
 def test_layer_outputs_come_from_the_calibration_forward_and_are_measured_once(
         minilm_gm, minilm_batches, monkeypatch):
     # each linear layer's float output on its calibration sample (what its candidates are
@@ -596,6 +598,7 @@ def test_smoothing_does_not_give_up_columns_calibration_left_idle():
         assert (res.module(x) - model(x)).norm() / model(x).norm() < 0.2
 
 
+@needs_vnni
 def test_below_8_bits_a_tiny_layer_with_a_large_output_error_keeps_8_bits_by_default():
     # a squeeze-excite reduction: few outputs over a pooled, all-positive input, its rows
     # summing to about zero, so the output nearly cancels and 4-bit rounding dominates it
