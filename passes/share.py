@@ -29,6 +29,10 @@ article's "merge similar weights into their mean", done as the paper does it.
   are a large share of a Deep-Compressed file (the 64-300-100-10 digits MLP: 1.6 KB of
   ~5); the grid step is (max - min)/255 of the layer's biases, rounded up to a float16 number
   (stored in 2 bytes, as the zero point).
+* ``codebook_bits=8`` stores each layer's centroids as one byte each on an affine grid of
+  256 levels (codes and a ``[scale, zero]`` pair of float16 numbers: 20 bytes for 16
+  centroids instead of 32 of float16); 0.0 is on the grid, so a pruned layer's zero
+  centroid stays exact, and fine-tuning trains the centroids through the grid.
 * Centroids can be fine-tuned (:meth:`CodebookModule.begin_training`): the gradients of
   all weights that share a centroid sum into it, and a latent weight per weight, trained
   straight through, may move a weight to the neighbouring centroid (pruned weights stay
@@ -74,16 +78,21 @@ class CodebookModule(DecodeStrategy, CompressedModule):
     """
 
     technique = "share"
-    optional_tensors = ("bias", "mask", "bias_codes", "bias_grid")
+    optional_tensors = ("bias", "mask", "bias_codes", "bias_grid", "codebook", "codebook_codes",
+                        "codebook_grid")
     #: bits of the stored bias grid; 0 keeps the bias in float (artifacts before the option)
     bias_bits = 0
+    #: bits of the stored codebook grid, 0 or 8; 0 stores the centroids as floats (artifacts
+    #: before the option: ``codebook`` in the file)
+    codebook_bits = 0
 
     def __init__(self, kind: str, spec: dict, shape: tuple[int, ...], bits: int,
                  codebook: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None = None,
                  zero_code: bool = False, cache_weight: bool = False, sparse: bool | None = None,
-                 bias_bits: int = 0):
+                 bias_bits: int = 0, codebook_bits: int = 0):
         super().__init__(kind, spec)
         self.bias_bits = int(bias_bits)
+        self.codebook_bits = int(codebook_bits)
         self.shape = [int(d) for d in shape]
         self.bits = int(bits)
         self.zero_code = bool(zero_code)
@@ -98,7 +107,7 @@ class CodebookModule(DecodeStrategy, CompressedModule):
         if sparse is None:
             sparse = packed_size(n, 1) + packed_size(self.nonzeros, self.bits) < packed_size(n, self.bits)
         self.sparse = bool(sparse) and self.zero_code
-        self.register_buffer("codebook", codebook.detach().clone())
+        self._store_codebook(codebook.detach().clone())
         if self.sparse:
             nonzero = codes != 0
             self.register_buffer("mask", pack_bits(nonzero, 1))
@@ -107,6 +116,32 @@ class CodebookModule(DecodeStrategy, CompressedModule):
             self.register_buffer("mask", None)
             self.register_buffer("codes", pack_bits(codes, self.bits))
         self._store_bias(bias)
+
+    def _store_codebook(self, codebook: torch.Tensor) -> None:
+        """Keep ``codebook`` as a buffer, or with ``codebook_bits`` as codes on one affine grid
+        of that many bits with its ``[scale, zero]`` pair (what is stored: ``2**bits`` centroids
+        of a 4-bit layer in 16 bytes and a 4-byte grid instead of 32 bytes of float16) plus
+        the decoded centroids (a non-persistent buffer, what forward reads). The grid spans
+        [min, max] of the centroids and 0, so the zero centroid of a pruned layer stays 0.0
+        exactly; every other centroid moves by at most half a step ((max - min) / 510 at
+        8 bits, a 34th of the spacing of 16 evenly spread centroids)."""
+        for name in ("codebook", "codebook_codes", "codebook_grid"):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+        self.register_buffer("codebook_codes", None)
+        self.register_buffer("codebook_grid", None)
+        if not self.codebook_bits:
+            self.register_buffer("codebook", codebook)
+            return
+        codes, self.codebook_grid = tensor_grid(codebook.reshape(1, -1).float(), self.codebook_bits)
+        self.codebook_codes = store_codes(codes, self.codebook_bits, "affine")
+        self._decode_codebook(codebook.numel())
+
+    def _decode_codebook(self, k: int) -> None:
+        grid = self.codebook_grid
+        codes = load_codes(self.codebook_codes, self.codebook_bits, "affine", k)
+        table = dequantize_weight(codes, grid[:1].reshape(1, 1), grid[1:].reshape(1, 1).to(torch.int32))
+        self.register_buffer("codebook", table.reshape(k), persistent=False)
 
     def _store_bias(self, bias: torch.Tensor | None) -> None:
         """Keep ``bias`` as a frozen parameter, or with ``bias_bits`` as grid codes and a
@@ -134,8 +169,11 @@ class CodebookModule(DecodeStrategy, CompressedModule):
 
     @classmethod
     def load_bytes(cls, config: dict) -> int:
-        """The float bias :meth:`from_state` decodes from ``bias_bits``-bit codes."""
-        return int(config["shape"][0]) * 8 if config.get("bias_bits") else 0
+        """The float bias :meth:`from_state` decodes from ``bias_bits``-bit codes, and the
+        float centroids it decodes from ``codebook_bits``-bit codes."""
+        bias = int(config["shape"][0]) * 8 if config.get("bias_bits") else 0
+        table = 4 << 8 if config.get("codebook_bits") == 8 else 0
+        return bias + table
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor],
@@ -145,10 +183,35 @@ class CodebookModule(DecodeStrategy, CompressedModule):
             m._decode_bias(int(m.shape[0]))
         return m
 
+    def _check_codebook(self, check: StateCheck) -> None:
+        """Refuse a ``codebook_bits`` share never writes, or a stored codebook that does not
+        fit it (a float ``codebook`` without it, grid codes and a ``[scale, zero]`` pair with
+        it); decode the grid's centroids."""
+        cbits = self.codebook_bits
+        if not (isinstance(cbits, int) and not isinstance(cbits, bool) and cbits in (0, 8)):
+            check.fail("config 'codebook_bits'",
+                       f"codebook_bits {cbits!r} is not one share writes (0 or 8)")
+        codes, grid = self._buffers.get("codebook_codes"), self._buffers.get("codebook_grid")
+        if not cbits:
+            if codes is not None or grid is not None:
+                check.fail("tensor 'codebook_codes'", "is stored without codebook_bits")
+            return
+        if self._buffers.get("codebook") is not None or "codebook" in self._parameters:
+            check.fail("tensor 'codebook'", f"a float codebook is stored beside codebook_bits={cbits}")
+        bits = check.integer("bits", 1, 8)
+        codes = check.tensor("codebook_codes", dtypes=(torch.uint8,))
+        if codes.dim() != 2 or codes.shape[0] != 1 or not 1 <= codes.shape[1] <= 1 << bits:
+            check.fail("tensor 'codebook_codes'", f"must be [1, k] with 1 <= k <= {1 << bits} for a "
+                       f"{bits}-bit code, got {tuple(codes.shape)}")
+        check.tensor("codebook_grid", dtypes=(torch.float32,), shape=[2], finite=True)
+        self._decode_codebook(codes.shape[1])
+
     def check_state(self, check: StateCheck) -> None:
         """Also refuse stored codes that do not fit the config: every call would otherwise
-        fail, or index past the codebook, long after the file loaded."""
+        fail, or index past the codebook, long after the file loaded. A codebook stored on
+        a grid (``codebook_bits``) is checked and decoded first."""
         super().check_state(check)
+        self._check_codebook(check)
         n = self.numel
         # bias_bits=2**40 loaded into a decode that never returned
         bb = self.bias_bits
@@ -192,9 +255,16 @@ class CodebookModule(DecodeStrategy, CompressedModule):
 
     def _table(self) -> torch.Tensor:
         # code 0 of a layer with zeros decodes to exactly 0.0, also while it is trained
+        cb = self.codebook
+        if self.codebook_bits and isinstance(cb, torch.nn.Parameter):
+            # trained through its grid: forward reads what end_training stores, the
+            # gradient goes straight through to the float centroids
+            codes, grid = tensor_grid(cb.detach().reshape(1, -1), self.codebook_bits)
+            on_grid = dequantize_weight(codes, grid[:1].reshape(1, 1), grid[1:].reshape(1, 1).to(torch.int32))
+            cb = on_grid.reshape(cb.shape).to(cb.dtype) + (cb - cb.detach())
         if self.zero_code:
-            return torch.cat([self.codebook.new_zeros(1), self.codebook[1:]])
-        return self.codebook
+            return torch.cat([cb.new_zeros(1), cb[1:]])
+        return cb
 
     def _codes(self) -> torch.Tensor:
         unpacked = self._buffers.get("codes_unpacked")  # set only while fine-tuning
@@ -259,9 +329,10 @@ class CodebookModule(DecodeStrategy, CompressedModule):
         return super().forward(x)
 
     def config(self) -> dict:
+        extra = {"codebook_bits": self.codebook_bits} if self.codebook_bits else {}
         return {**super().config(), "shape": self.shape, "bits": self.bits,
                 "zero_code": self.zero_code, "sparse": self.sparse, "nonzeros": self.nonzeros,
-                "bias_bits": self.bias_bits}
+                "bias_bits": self.bias_bits, **extra}
 
     # -- fine-tuning -------------------------------------------------------------------
     def begin_training(self) -> list[torch.nn.Parameter]:
@@ -293,6 +364,8 @@ class CodebookModule(DecodeStrategy, CompressedModule):
         codes = self._codes()
         self.register_buffer("codes_unpacked", codes, persistent=False)
         codebook = self._buffers.pop("codebook")
+        for name in ("codebook_codes", "codebook_grid"):  # stored again by end_training
+            self._buffers[name] = None
         self.codebook = torch.nn.Parameter(codebook.detach().clone())
         with torch.no_grad():
             w = self._table().index_select(0, codes).view(self.shape).clone()
@@ -317,7 +390,7 @@ class CodebookModule(DecodeStrategy, CompressedModule):
             codebook = codebook.to(torch.float16).to(torch.float32)
         if self.zero_code:
             codebook[0] = 0
-        self.register_buffer("codebook", codebook)
+        self._store_codebook(codebook)
         latent = self._parameters.pop("latent", None)
         if latent is not None:
             codes = self._nearest(latent.detach())
@@ -334,6 +407,7 @@ class CodebookModule(DecodeStrategy, CompressedModule):
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.shape)}, bits={self.bits}, clusters={self.codebook.numel()}, "
+                f"codebook_bits={self.codebook_bits}, "
                 f"zero_code={self.zero_code}, sparse={self.sparse}, cache_weight={self.cache_weight}")
 
 
@@ -377,6 +451,8 @@ class Share(Pass):
                       low=1)
     bias_bits = option(0, "store each layer's bias on an affine grid of this many bits "
                        "(2-8; 0 keeps it float32)", low=0, high=8)
+    codebook_bits = option(0, "store each layer's centroids on an affine grid of 256 levels "
+                           "(8: one byte each and a 4-byte grid; 0 keeps them float)", low=0, high=8)
 
     def check_options(self) -> None:
         bad = [k for k in self.ops if k not in KINDS]
@@ -387,6 +463,10 @@ class Share(Pass):
         if self.bias_bits == 1:
             raise OptionError(self.name, "bias_bits", "a 1-bit grid holds only the smallest and "
                               "largest bias; use 2-8, or 0 to keep biases in float")
+        if self.codebook_bits not in (0, 8):
+            raise OptionError(self.name, "codebook_bits", f"{self.codebook_bits} is not stored "
+                              "smaller than 8 (a centroid's code takes a byte either way); use 8, "
+                              "or 0 to keep centroids in float")
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         if "bits" not in self._given:
@@ -456,11 +536,14 @@ class Share(Pass):
             module = CODEBOOK_CLASSES[op.kind](op.kind, op.spec, tuple(w.shape), self.bits,
                                                codebook, codes, bias, fits[op.key].zero_code,
                                                self.decode in ("once", "float"),
-                                               bias_bits=self.bias_bits)
+                                               bias_bits=self.bias_bits,
+                                               codebook_bits=self.codebook_bits)
             module.decode = normalize_decode(self.decode)
             first = built.get(op.key)
             if first is not None:  # a tied weight: point at the same stored tensors
                 module.codebook, module.codes = first.codebook, first.codes
+                if self.codebook_bits:
+                    module.codebook_codes, module.codebook_grid = first.codebook_codes, first.codebook_grid
             else:
                 built[op.key] = module
                 fit = fits[op.key]

@@ -1303,3 +1303,38 @@ def test_codebook_bias_bits_outside_what_share_writes_are_refused_at_load(value)
     bad = tamper(data, lambda h: _module(h, path)["config"].update(bias_bits=value))
     with pytest.raises(ArtifactFormatError, match=f"module '{path}'.*bias_bits {value} is not one"):
         artifact.loads(bad, fxpress.registry().runtime_modules())
+
+
+@pytest.mark.parametrize("value", [1 << 40, 9, 4, -1, True])
+def test_codebook_bits_outside_what_share_writes_are_refused_at_load(value):
+    """codebook_bits is 0 or 8 in every file share writes; any other value is refused
+    by name, before the codebook is decoded."""
+    import fxpress
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    res = fxpress.compress(model, "share{bits=4,codebook_bits=8}", (torch.randn(4, 16),),
+                           progress=False, policy="warn")
+    data = artifact.dumps(res.module)
+    path = next(m["path"] for m in artifact._split_prefix(data, "t")[0]["modules"]
+                if m.get("kind") == "runtime")
+    bad = tamper(data, lambda h: _module(h, path)["config"].update(codebook_bits=value))
+    with pytest.raises(ArtifactFormatError, match=f"module '{path}'.*codebook_bits"):
+        artifact.loads(bad, fxpress.registry().runtime_modules())
+
+
+def test_a_codebook_grid_stored_without_codebook_bits_is_refused_at_load():
+    """A file whose config says float centroids (codebook_bits 0, or an older file) but
+    whose tensors are grid codes would decode nothing: refused, naming the module."""
+    import fxpress
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    res = fxpress.compress(model, "share{bits=4,codebook_bits=8}", (torch.randn(4, 16),),
+                           progress=False, policy="warn")
+    data = artifact.dumps(res.module)
+    path = next(m["path"] for m in artifact._split_prefix(data, "t")[0]["modules"]
+                if m.get("kind") == "runtime")
+    bad = tamper(data, lambda h: _module(h, path)["config"].pop("codebook_bits"))
+    with pytest.raises(ArtifactFormatError, match=f"module '{path}'.*codebook_codes"):
+        artifact.loads(bad, fxpress.registry().runtime_modules())

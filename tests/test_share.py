@@ -249,8 +249,75 @@ def test_fine_tuning_trains_the_bias_through_its_grid():
     assert torch.unique(m.bias).numel() <= 16
 
 
+def test_codebook_bits_store_centroids_on_a_grid_through_fine_tuning_and_reload(mlp, calib, tmp_path):
+    # share{codebook_bits=8}: each layer's centroids as 8-bit codes on one affine grid and
+    # its [scale, zero] pair (float16 numbers), not as a float codebook
+    gm = fxpress.compress(mlp, "prune{sparsity=0.9},share{bits=4}", calibration=calib,
+                          policy="warn").module
+    res = fxpress.compress(mlp, "prune{sparsity=0.9},share{bits=4,codebook_bits=8}",
+                           calibration=calib, policy="warn")
+    plain, m = _codebooks(gm)["layers.1"], _codebooks(res.module)["layers.1"]
+    assert {"codebook_codes", "codebook_grid"} <= set(m.state_dict()) and "codebook" not in m.state_dict()
+    assert m.codebook_codes.dtype == torch.uint8 and m.codebook_codes.numel() == plain.codebook.numel()
+    assert torch.equal(m.codebook_grid.half().float(), m.codebook_grid)
+
+    def step(c):  # the grid spans [min(c, 0), max(c, 0)] in 255 steps, rounded up to a float16
+        return (c.max().clamp(min=0) - c.min().clamp(max=0)) / 255 * (1 + 2 ** -10)
+
+    assert m.codebook[0] == 0 and torch.equal(m._codes(), plain._codes())  # same assignment
+    assert (m.codebook - plain.codebook).abs().max() <= step(plain.codebook) / 2 + 1e-7
+    # per layer: 16 one-byte codes and a [scale, zero] grid instead of 16 float32 centroids
+    k = sum(c.codebook.numel() for c in _codebooks(gm).values())
+    # (in memory the grid is float32: 8 bytes; the artifact stores it in 4, float16 numbers)
+    assert stored_bytes(gm) - stored_bytes(res.module) == 4 * k - k - 8 * len(_codebooks(gm))
+    # fine-tuning trains float centroids through the grid; end_training stores them on it
+    x = calib[0][0]
+    params = m.begin_training()
+    assert params[0] is m.codebook and isinstance(m.codebook, torch.nn.Parameter)
+    opt = torch.optim.SGD(params, lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(res.module(x), res.module(x).argmax(1).roll(1)).backward()
+        opt.step()
+    assert m.codebook.grad is not None and m.codebook.grad.abs().sum() > 0
+    with torch.no_grad():
+        trained = res.module(x)
+        centroids = m.codebook.detach().clone()
+    m.end_training()
+    assert "codebook" not in m.state_dict() and {"codebook_codes", "codebook_grid"} <= set(m.state_dict())
+    assert not torch.equal(m.codebook, plain.codebook)  # the centroids moved, on a new grid
+    assert torch.allclose(res.module(x), trained, atol=1e-5)  # forward trained what is stored
+    assert (m.codebook[1:] - centroids[1:]).abs().max() <= step(centroids) / 2 + 1e-3 * step(centroids)
+    # the file holds the codes; the loaded module decodes the same centroids, bit for bit
+    fxpress.save(res.module, tmp_path / "m.fxp")
+    loaded = fxpress.load(tmp_path / "m.fxp")
+    assert torch.equal(loaded.get_submodule("layers.1").codebook, m.codebook)
+    assert torch.equal(loaded(x), res.module(x))
+
+
+def test_codebook_bits_keeps_tied_weights_one_stored_codebook():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16)
+            self.b = torch.nn.Linear(16, 16)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    gm = fxpress.compress(Tied().eval(), "share{bits=4,codebook_bits=8}", (x,), policy="warn",
+                          progress=False).module
+    a, b = gm.get_submodule("a"), gm.get_submodule("b")
+    assert a.codebook_codes is b.codebook_codes and a.codebook_grid is b.codebook_grid
+    assert torch.equal(artifact.loads(artifact.dumps(gm), fxpress.registry().runtime_modules())(x), gm(x))
+
+
 @pytest.mark.parametrize("text, option", [
     ("share{bias_bits=1}", "bias_bits"), ("share{bias_bits=9}", "bias_bits"),
+    ("share{codebook_bits=4}", "codebook_bits"), ("share{codebook_bits=9}", "codebook_bits"),
     ("share{bits=9}", "bits"), ("share{bits=0}", "bits"), ("share{bits=2.5}", "bits"),
     ("share{scope=model}", "scope"), ("share{ops=[dense]}", "ops"),
     ("share{decode=lazy}", "decode"), ("share{iters=3}", "iters"), ("share{max_iter=0}", "max_iter"),

@@ -35,7 +35,7 @@ def tensor_group(name: str, entry: dict) -> str:
         return "norms"
     if leaf in ("bias", "bias_codes", "bias_grid"):
         return "biases"
-    if leaf in ("codebook", "codes", "mask", "indices", "latent"):
+    if leaf in ("codebook", "codes", "mask", "indices", "latent", "codebook_codes", "codebook_grid"):
         return "matrices (codebooks, codes, masks)"
     if leaf in ("weight", "weight_codes", "scale", "zero_point", "scales", "zero"):
         return "matrices (dense or quantized)"
