@@ -75,6 +75,7 @@ CASES = [
     ("mlp", "quantize{bits=4,scheme=affine,granularity=tensor}"),
     ("mlp", "share{bits=4,bias_bits=8}"),
     ("mlp", "prune{sparsity=0.8},share{bits=3}"),
+    ("mlp", "prune{sparsity=0.8},share{bits=4,codebook_bits=8}"),
     ("mlp", "binarize{keep_first_last=false}"),
     ("mlp", "binarize{mode=pow2,keep_first_last=false}"),
     ("cnn", "share"),
