@@ -18,7 +18,10 @@ linear+GELU fusions (a GELU partition with no output node), so the bench annotat
 MiniLM's linears one by one (``_annotate_linear_unary`` off); GELU then runs as its own
 op after the int8 linear, as it does in fxpress's graph.
 
-Latencies are medians of interleaved rounds at 2 threads (every variant once per round).
+Latencies are medians of interleaved rounds at 2 threads (every variant once per round;
+``BENCH_THREADS=1``: one), CPU time of the process (``time.process_time``: every thread,
+not the time spent waiting for a core on a shared machine) with the wall time beside it;
+the ratios are of CPU time.
 The full size adds the compile matrix: ``tests/test_compile_matrix.py``'s check (one graph
 for batch 4, 1, 32 and another length, equal to eager) over every model it knows x every
 weight pass x (in memory, loaded), where the test runs one or two passes per model.
@@ -89,11 +92,15 @@ def _measure(title: str, eager: dict, compiled: dict, compile_s: dict, shapes: d
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     load = os.getloadavg()[0]
+    cpu: dict = {k: {} for k in shapes}
     try:
-        lat = {k: interleaved_medians({n: (lambda m=m, x=x: m(*x)) for n, m in variants.items()},
-                                      repeat) for k, x in shapes.items()}
+        wall = {k: interleaved_medians({n: (lambda m=m, x=x: m(*x)) for n, m in variants.items()},
+                                       repeat, cpu=cpu[k]) for k, x in shapes.items()}
     finally:
         torch.set_num_threads(threads)
+    # the ratios are of CPU time (every thread of this process; time spent waiting for a
+    # core on the shared machine does not count), the wall medians are shown beside them
+    lat = cpu
     # counted after the timed calls too (under inference mode, at another thread count):
     # a graph compiled there is a recompile the table must show
     compiles = {name: fast.compiles for name, fast in compiled.items()}
@@ -101,8 +108,8 @@ def _measure(title: str, eager: dict, compiled: dict, compile_s: dict, shapes: d
              f"over the timed rounds"]
     (k1, k2) = list(shapes)
     cols = ["variant", "compile s", "compiles (3 shapes)", "cos vs its eager (min)",
-            f"cos vs fp32 ({k1}, min)", f"ms {k1}", f"x fp32 eager {k1}", f"ms {k2}",
-            f"x fp32 eager {k2}"]
+            f"cos vs fp32 ({k1}, min)", f"cpu ms {k1}", f"wall ms {k1}", f"x fp32 eager {k1}",
+            f"cpu ms {k2}", f"wall ms {k2}", f"x fp32 eager {k2}"]
     if baseline:
         cols += [f"x {baseline} {k1}", f"x {baseline} {k2}"]
     t = Table(title, cols)
@@ -111,9 +118,9 @@ def _measure(title: str, eager: dict, compiled: dict, compile_s: dict, shapes: d
             cos_fp32 = _cos(m(*shapes[k1]), ref[k1])
         row = [name, round(compile_s[name], 1) if name in compile_s else "-",
                compiles.get(name, "-"), round(fidelity[name], 5) if name in fidelity else "-",
-               round(cos_fp32, 4), round(lat[k1][name] * 1e3, 2),
+               round(cos_fp32, 4), round(lat[k1][name] * 1e3, 2), round(wall[k1][name] * 1e3, 2),
                round(lat[k1]["fp32 eager"] / lat[k1][name], 2), round(lat[k2][name] * 1e3, 2),
-               round(lat[k2]["fp32 eager"] / lat[k2][name], 2)]
+               round(wall[k2][name] * 1e3, 2), round(lat[k2]["fp32 eager"] / lat[k2][name], 2)]
         if baseline:
             row += [round(lat[k1][baseline] / lat[k1][name], 2),
                     round(lat[k2][baseline] / lat[k2][name], 2)]
@@ -164,6 +171,56 @@ def _minilm(size: str) -> Table:
     return _measure("all-MiniLM-L6-v2 (pretrained): batch 32 (32 sentences, padded to the "
                     "longest) and batch 1 (one sentence, 16 tokens)", eager, compiled, compile_s,
                     {"b32": b32, "b1": b1}, third, {"full": 15, "quick": 7}[size], baseline, notes)
+
+
+class _Hidden(torch.nn.Module):
+    """A transformers encoder's last hidden state as one tensor."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask):
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _tiny_bert(size: str, seed: int = 0) -> Table:
+    """A BERT of random weights (transformers config: 4 layers, hidden 256, 4 heads, FFN
+    1024, ``seed``): batch 32 x 32 tokens and batch 1 x 16, random ids."""
+    import fxpress
+    from torch.export import Dim
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=2000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=1024, max_position_embeddings=128)
+    model = _Hidden(BertModel(cfg, add_pooling_layer=False)).eval()
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(batch, length):
+        return torch.randint(0, 2000, (batch, length), generator=g), torch.ones(batch, length, dtype=torch.long)
+
+    b32, b1, third = ids(32, 32), ids(1, 16), ids(8, 40)
+    calib = [ids(32, 32) for _ in range(2)]
+    eager = {"fp32 eager": model,
+             "fxpress int8 eager": fxpress.compress(model, "quantize{bits=8}", b32, calibration=calib,
+                                                    policy="warn", progress=False).module}
+    compiled, compile_s, notes = {}, {}, []
+    batch, length = Dim("batch", min=1, max=1024), Dim("length", min=2, max=128)
+    qm, why = _pt2e(model, b32, ({0: batch, 1: length}, {0: batch, 1: length}), unary=False)
+    if qm is None:
+        notes.append(why)
+    else:
+        eager["torchao PT2E int8 eager"] = qm
+        compiled["torchao PT2E int8 compiled"], compile_s["torchao PT2E int8 compiled"] = \
+            _compiled(qm, b32, "inductor")
+    for label in ("fp32", "fxpress int8"):
+        compiled[f"{label} compiled"], compile_s[f"{label} compiled"] = _compiled(
+            eager[f"{label} eager"], b32, "inductor")
+    baseline = "torchao PT2E int8 compiled" if qm is not None else None
+    return _measure(f"BERT, random weights (4 layers, hidden 256, seed {seed}): batch 32 x 32 "
+                    f"tokens and batch 1 x 16", eager, compiled, compile_s, {"b32": b32, "b1": b1},
+                    third, {"full": 15, "quick": 9}[size], baseline, notes)
 
 
 def _digits(size: str, kind: str) -> Table:
@@ -249,7 +306,7 @@ def _matrix() -> Table:
 def run(size: str) -> list[Table]:
     if size == "tiny":
         return [_digits(size, "mlp")]
-    tables = [_minilm(size), _digits(size, "mlp")]
+    tables = [_minilm(size), _tiny_bert(size), _digits(size, "mlp")]
     if size == "full":
         tables += [_digits(size, "cnn"), _matrix()]
     return tables
