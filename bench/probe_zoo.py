@@ -831,6 +831,73 @@ def longformer() -> Specimen:
     return _hf("longformer", LongformerModel(cfg), _ids_mask, shape=(2, 16), reshaped=(3, 24))
 
 
+# -- round 21: held-out families and what users hand over ------------------------------------
+
+def perceiver() -> Specimen:
+    from transformers import PerceiverConfig, PerceiverForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = PerceiverConfig(num_latents=8, d_latents=32, d_model=32, num_blocks=1,
+                          num_self_attends_per_block=2, num_self_attention_heads=2,
+                          num_cross_attention_heads=1, vocab_size=VOCAB, max_position_embeddings=64,
+                          num_labels=3)
+    return _hf("perceiver", PerceiverForSequenceClassification(cfg), _ids_mask, shape=(2, 16),
+               reshaped=(3, 24))
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.c1(x)))
+        return self.fc(F.relu(self.bn2(self.c2(h))).mean((2, 3)))
+
+
+def bn_train() -> Specimen:
+    """A CNN handed over in training mode (never ``.eval()``-ed), BatchNorm with running
+    statistics: fxpress compresses its eval-mode function and leaves the caller's flags and
+    statistics as they were; the matrix compares against the model in eval mode."""
+    torch.manual_seed(0)
+    spec = _specimen("bn_train", _bn_stats(BNNet()), _image, shape=(4, 16), reshaped=(3, 24))
+    spec.model.train()
+    return spec
+
+
+class RoundSTE(torch.autograd.Function):
+    """Round in the forward pass, identity gradient (a straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class STENet(nn.Module):
+    """A user's custom ``torch.autograd.Function`` between linears (activation rounding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = RoundSTE.apply(torch.tanh(self.fc1(x)))
+        return self.fc3(F.gelu(self.fc2(h)))
+
+
+def autograd_function() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("autograd_function", STENet(), _tokens, shape=(2, 6), reshaped=(3, 9))
+
+
+ROUND21 = (perceiver, bn_train, autograd_function)
+
 ROUND20 = (stablelm, mpt, yolos, videomae, mamba2, longformer, timm_like)
 
 ROUND18 = (gemma, codegen, gptj, rwkv, whisper, speech2text, clip, convnextv2, detr, audio_convnet,
@@ -842,7 +909,7 @@ PROBE: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     einsum_mixer, embedding_max_norm, kws_dscnn, wavenet_tcn, attention_pool, conv_autoencoder,
     gemma2, opt, bloom, electra, mpnet, segformer, swin, mamba, clip_text, marian, fnet,
     phi3, t5_encoder, gemma3_text, starcoder2, olmo2, modernbert, xlm_roberta, squeezebert, dinov2,
-    *ROUND18, *ROUND20)}
+    *ROUND18, *ROUND20, *ROUND21)}
 
 #: never run while fixing: judged once the fixes were made
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (

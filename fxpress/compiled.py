@@ -335,6 +335,7 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     Compiling MiniLM takes tens of seconds on two cores (see README "Compiled models").
     """
     from fxpress.graph.capture import clone_structure
+    from fxpress.graph.custom_functions import inference_graph
     from fxpress.passes.records import PipelineResult
 
     if isinstance(model, (str, Path)):
@@ -355,7 +356,9 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     if mode is not None and backend != "inductor":
         raise InputError("fxpress.compile: mode= is Inductor's; give it with backend='inductor'")
     define_traced_ops()
-    copy = clone_structure(model).train(False)
+    # a model's autograd.Function nodes as their forward's ops (dynamo cannot call them
+    # through fxpress's node target; a compiled model is for inference)
+    copy = clone_structure(inference_graph(model, "fxpress.compile")).train(False)
     if freeze:
         _unfuse_rnns(copy)
     _time_major_rnns(copy)

@@ -178,10 +178,20 @@ class PlanMissedWarning(UserWarning):
         self.missed = dict(missed or {})
 
 
+class GradientWarning(UserWarning):
+    """``distill`` trains a graph that differentiates ops the model's own backward replaced:
+    a custom ``torch.autograd.Function`` (a straight-through estimator) captured by
+    torch.export as its forward's ops; ``functions`` names the classes."""
+
+    def __init__(self, message: str, functions: list[str] | None = None):
+        super().__init__(message)
+        self.functions = list(functions or [])
+
+
 __all__ = [
     "FxpressError", "InputError", "CaptureError", "PipelineSpecError", "UnknownPassError",
     "OptionError", "PluginError", "PassError", "SharedTensorWriteError", "MissingDataError", "VerificationError",
     "ArtifactError", "ArtifactFormatError", "ArtifactIntegrityError", "ArtifactSecurityError",
     "ForbiddenTargetError", "ArtifactLimitError", "UnsupportedGraphError", "MissingExtraError",
-    "ExportError", "CompileError", "PlanMissedWarning",
+    "ExportError", "CompileError", "PlanMissedWarning", "GradientWarning",
 ]

@@ -454,7 +454,9 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
     (:attr:`OnnxExport.check`).
     """
     _require()
-    gm = _as_graph_module(model)
+    from fxpress.graph.custom_functions import inference_graph
+
+    gm = inference_graph(_as_graph_module(model), "export_onnx")  # autograd.Functions: forward ops
     if example_inputs is None:
         example_inputs = example_inputs_from(gm)
     elif isinstance(example_inputs, torch.Tensor):

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from fxpress.errors import CaptureError, FxpressError, InputError
 from fxpress.graph.canonical import (canonical_embeddings, canonical_linears, canonical_weights,
                                      embedding_tables)
+from fxpress.graph import custom_functions
 from fxpress.graph.input_sizes import guard_input_sizes
 from fxpress.graph.outputs import plain_outputs
 
@@ -528,7 +529,8 @@ def _drop_bound_inputs(gm: torch.fx.GraphModule, bound: dict[str, Any], example_
 
 def _capture_fx(model, example_inputs, concrete_args, leaf_modules):
     tracer = _LeafTracer(tuple(leaf_modules or ()))
-    graph = tracer.trace(model, concrete_args=concrete_args)
+    with custom_functions.recording(tracer):  # a model's autograd.Function: one node, its backward kept
+        graph = tracer.trace(model, concrete_args=concrete_args)
     name = model.__class__.__name__
     gm = torch.fx.GraphModule(tracer.root, graph, name)
     return gm
@@ -558,8 +560,11 @@ def _plain_attribute_copies(model: torch.nn.Module):
 
 
 def _capture_export(model, example_inputs, dynamic, bound=None):
-    with _plain_attribute_copies(model):
-        return _capture_export_as_is(model, example_inputs, dynamic, bound)
+    with _plain_attribute_copies(model), custom_functions.noting() as functions:
+        gm = _capture_export_as_is(model, example_inputs, dynamic, bound)
+    if functions:  # export records their forward's ops only: distill says so
+        gm.meta["fxpress_functions"] = [custom_functions.class_label(c) for c in functions]
+    return gm
 
 
 def _capture_export_as_is(model, example_inputs, dynamic, bound=None):
@@ -967,6 +972,20 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 gm.meta["fxpress"]["weights_from_views"] = views
             if tables:
                 gm.meta["fxpress"]["embedding_reads"] = tables
+            functions = gm.meta.pop("fxpress_functions", None)
+            if functions:
+                gm.meta["fxpress"]["autograd_functions_inlined"] = functions
+                gm.meta["fxpress"]["why"] += (
+                    f"; torch.autograd.Function(s) {', '.join(functions)} recorded as their "
+                    "forward's ops (export keeps no custom backward: training this graph "
+                    "differentiates those ops)")
+            kept = custom_functions.function_nodes(gm)
+            if kept:
+                gm.meta["fxpress"]["why"] += (
+                    f"; {len(kept)} torch.autograd.Function call(s) kept as node(s) (" +
+                    ", ".join(f"{n}: {c}" for n, c in list(kept.items())[:3]) +
+                    (", ..." if len(kept) > 3 else "") + "): training runs their backward, "
+                    "save stores their forward's ops")
             fixed = gm.meta.pop("fxpress_fixed", None)
             bounded = gm.meta.pop("fxpress_bounded", None)
             if bounded and dynamic:

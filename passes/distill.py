@@ -21,13 +21,14 @@ import contextlib
 import dataclasses
 import fnmatch
 import re
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
-from fxpress.errors import MissingDataError, OptionError
+from fxpress.errors import GradientWarning, MissingDataError, OptionError
 from fxpress.graph.capture import capture, clone_structure
 from fxpress.graph.runtime import RuntimeModule
 from fxpress.passes.base import EXACT, Pass, PassContext, PassResult, PassTraits, Tolerance, option
@@ -402,6 +403,16 @@ class Distill(Pass):
             return PassResult(gm, changed=added > 0, stats=stats)
 
         data = ctx.require(self.name, "train_data")
+        inlined = gm.meta.get("fxpress", {}).get("autograd_functions_inlined")
+        if inlined:
+            stats["autograd_functions_inlined"] = list(inlined)
+            warnings.warn(GradientWarning(
+                f"{self.name}: the graph was captured with torch.export, which records the "
+                f"custom torch.autograd.Function(s) {', '.join(inlined)} as their forward's ops "
+                "and not their backward: training differentiates those ops (torch.round, "
+                "sign: zero gradient), so the layers before them may not train. Make the model "
+                "traceable by torch.fx.symbolic_trace (fxpress keeps such calls whole there, "
+                "backward included), or train outside fxpress.", inlined), stacklevel=2)
         if ctx.reference is None:
             raise MissingDataError(self.name, "needs the original model as the teacher; run it in "
                                    "a pipeline (fxpress.compress) or set ctx.reference")

@@ -365,6 +365,7 @@ def run_cell(spec, gm, column: str, workdir: Path, train: list | None = None,
     """Run one cell (``column`` of ``passes``, default ``PASSES``); return it and, when it
     got as far as a saved artifact, the job for the fresh-process check."""
     import fxpress
+    from fxpress.graph.capture import eval_mode
 
     cell = Cell(spec.name, column)
     start = time.perf_counter()
@@ -403,7 +404,7 @@ def run_cell(spec, gm, column: str, workdir: Path, train: list | None = None,
                 cell.notes.append(f"{which} input not run: capture fixed {', '.join(clash)}")
                 cos[which] = None
                 continue
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(spec.model):  # what capture compresses
                 ref = leaves(spec.model(*x))
                 got = leaves(_run(out, x))
             bad = _same_structure(got, ref)

@@ -28,6 +28,7 @@ from fxpress.graph.artifact.limits import DEFAULT_LIMITS
 from fxpress.graph.artifact.tensors import _as_ints, encode_tensor
 from fxpress.graph.artifact.values import _Encoder, dtype_name
 from fxpress.graph.capture import node_shape
+from fxpress.graph.custom_functions import inference_graph
 from fxpress.graph.outputs import dataclass_fields, named_outputs
 from fxpress.graph.runtime import RuntimeModule
 
@@ -449,6 +450,7 @@ def _layout(gm: torch.fx.GraphModule, entropy: bool, report: Any, store: _Store)
     if not isinstance(gm, torch.fx.GraphModule):
         raise UnsupportedGraphError(f"save: expected a torch.fx.GraphModule, got {type(gm).__name__}; "
                                     "capture the model first (fxpress.capture)")
+    gm = inference_graph(gm, "save")  # a model's autograd.Function: its forward's ops
     w = _Writer(gm, entropy, store)
     w.walk()
     nodes = w.nodes()
