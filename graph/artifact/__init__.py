@@ -54,6 +54,7 @@ The package, one concern per module:
 * :mod:`.tensors`: the tensor codecs (dense, bitmap, relative and bit indices, entropy coding);
 * :mod:`.write`: the writer, the stream stores, atomic saves;
 * :mod:`.read`: the loader, building the modules and the graph;
+* :mod:`.calls`: a loaded graph's calls (arity checked at load, typed errors at a call);
 * :mod:`.header_dict`: the preset dictionary the header is compressed from;
 * :mod:`.compact`: the fields a version 2 or 3 header leaves out and the reader derives;
 * :mod:`.breakdown`: where an artifact's bytes go (prefix, header sections, streams by kind).

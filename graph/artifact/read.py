@@ -15,6 +15,7 @@ import torch.fx
 
 from fxpress.errors import (ArtifactError, ArtifactFormatError, ArtifactIntegrityError,
                             ArtifactLimitError, ArtifactSecurityError, FxpressError)
+from fxpress.graph.artifact.calls import SAVED, LoadedGraphModule, check_call_arity
 from fxpress.graph.artifact.compact import crc8, stream_order
 from fxpress.graph.artifact.format import (BLOB_KEY, BLOB_STREAM_BYTES, _sha, _sha64,
                                            _split_prefix, as_path, open_regular,
@@ -393,6 +394,8 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
             if isinstance(shape, list) and all(isinstance(s, int) for s in shape):
                 node.meta["tensor_meta"] = TensorMetadata(
                     torch.Size(shape), _dtype(n["dtype"], nw), False, (), None, False, {})
+            if isinstance(shape, list) and all(s is None or isinstance(s, int) for s in shape):
+                node.meta[SAVED] = (list(shape), _dtype(n["dtype"], nw))  # see .calls
         if isinstance(n.get("pass"), str):
             node.meta["fxpress_pass"] = n["pass"]
     cg = ginfo.get("codegen")
@@ -409,10 +412,12 @@ def _build_graph(header: dict, plan: _Checked, root: torch.nn.Module, allow: All
     check_module_sizes(root, decoded_limit, where)
     try:
         graph.lint()
-        gm = torch.fx.GraphModule(root, graph, ginfo.get("class_name", "GraphModule"))
+        gm = LoadedGraphModule(root, graph, ginfo.get("class_name", "GraphModule"))
     except Exception as e:
         raise ArtifactFormatError(f"{where}: the stored graph does not rebuild: "
                                   f"{type(e).__name__}: {_short_repr(str(e), 200)}") from None
+    check_call_arity(gm, where)
+    gm.fxpress_file = where  # named by a call's typed error (.calls)
     _keep_non_persistent(gm, header)
     gm.training = False
     meta = header.get("meta")
