@@ -158,9 +158,14 @@ def _record_inputs(gm, ops, batches, sample_rows=512):
     # the outputs of linear layers that the recording runs anyway (before its last input)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     last = max((order[n] for n in nodes if n in order), default=-1)
-    # (an input written in place before its layer reads it would not be the sample's)
+    # (an input written in place before its layer reads it would not be the sample's; a
+    # weight several nodes read, an exported layer called twice as ALBERT's shared layers
+    # are, is measured once on one node's sample: its reference is computed from that
+    # sample, as the other call's output was 0.93 off it)
+    reads = Counter(op.key for op in ops)
     outputs = {op.node: op for op in ops
                if op.kind == LINEAR and op.form != "fused" and op._input in nodes
+               and reads[op.key] == 1
                and order.get(op.node, last) < last and _never_written(gm, op._input)}
     return _InputRecorder(gm, nodes, sample_rows, outputs).record(batches)
 
