@@ -527,6 +527,25 @@ def _drop_bound_inputs(gm: torch.fx.GraphModule, bound: dict[str, Any], example_
     gm.recompile()
 
 
+@contextlib.contextmanager
+def _packed_rnn_calls(model: torch.nn.Module):
+    """Yield the list of the RNN modules (by path) that the block calls with a PackedSequence
+    (hooks on ``model``, which is capture's own structural copy)."""
+    found: list[str] = []
+    handles = []
+    for path, m in model.named_modules():
+        if isinstance(m, torch.nn.RNNBase):
+            def hook(mod, args, name=f"{path or type(model).__name__} ({type(m).__name__})"):
+                if args and isinstance(args[0], torch.nn.utils.rnn.PackedSequence) and name not in found:
+                    found.append(name)
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _capture_fx(model, example_inputs, concrete_args, leaf_modules):
     tracer = _LeafTracer(tuple(leaf_modules or ()))
     with custom_functions.recording(tracer):  # a model's autograd.Function: one node, its backward kept
@@ -907,7 +926,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
             traceable_experts(model) as experts:
         copies = _input_copies(example_inputs)
         try:
-            expected = model(*example_inputs)
+            with _packed_rnn_calls(model) as packed:  # for the hint when neither method works
+                expected = model(*example_inputs)
         except Exception as e:  # the inputs do not fit the model: say so before tracing
             shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                       for x in example_inputs]
@@ -1034,6 +1054,13 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
         hint = ("\nTry method='export' (or 'auto') for models with data-dependent Python control "
                 "flow, concrete_args={...} to fix non-tensor arguments, or leaf_modules=[SomeModule] "
                 "to keep an untraceable submodule whole.")
+    if packed:
+        hint += (f"\n{', '.join(packed)} {'is' if len(packed) == 1 else 'are'} called with a "
+                 "PackedSequence (pack_padded_sequence / pack_sequence): a packed batch's step "
+                 "sizes are data (the lengths), which neither method can capture. Run the RNN "
+                 "on the padded batch and zero the outputs past each length (out * mask[..., None]; "
+                 "for a unidirectional RNN padded at the end the outputs within each length are "
+                 "the same, the final state is out[b, length-1]), or compress the layers around it.")
     if written:  # each run saw the inputs the run before had changed
         hint += (f"\nIts forward writes into its input(s) {written} in place (mul_, add_, +=, "
                  "index assignment), so each run sees other inputs: make it compute out of "

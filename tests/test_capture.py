@@ -503,3 +503,32 @@ def test_capture_compares_a_dataclass_output_field_by_field():
     model = Plain().eval()
     got = fxpress.capture(model, (x,))(x)
     assert torch.equal(got.y, model(x).y)
+
+
+class _PackedTagger(torch.nn.Module):
+    """Variable-length sequences through pack_padded_sequence, an RNN and back."""
+
+    def __init__(self, cell=torch.nn.LSTM):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 12)
+        self.rnn = cell(12, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(self.inp(x), lengths, batch_first=True,
+                                                         enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.head(out)
+
+
+@pytest.mark.parametrize("cell", [torch.nn.LSTM, torch.nn.GRU])
+def test_an_rnn_on_a_packed_sequence_is_named_in_the_capture_error(cell):
+    torch.manual_seed(0)
+    model = _PackedTagger(cell).eval()
+    before = state_snapshot(model)
+    x, lengths = torch.randn(3, 7, 8), torch.tensor([7, 5, 2])
+    with pytest.raises(CaptureError, match=rf"rnn \({cell.__name__}\) is called with a PackedSequence"):
+        fxpress.capture(model, (x, lengths))
+    assert not model.rnn._forward_pre_hooks
+    assert_unchanged(model, before)
