@@ -6,7 +6,9 @@ an ONNX model whose compressed layers keep fxpress's own integers and scales:
 
 * ``QuantizedLinear`` with int8 activations (``activations=dynamic``): the input is
   quantised at run time exactly as fxpress does it and multiplied in integers by
-  ``MatMulInteger`` against fxpress's codes, then scaled by fxpress's per-channel scales.
+  ``MatMulInteger`` against fxpress's codes (symmetric codes as uint8 with zero point 128:
+  ONNX Runtime's uint8 x int8 product saturates on x86 CPUs without VNNI, its uint8 x
+  uint8 product is exact on every CPU), then scaled by fxpress's per-channel scales.
   Per-tensor activations use ``DynamicQuantizeLinear`` (one affine uint8 scale, what
   fxpress's per-tensor mode computes; layers reading one input share it, like q, k and v
   do in fxpress), per-token activations one symmetric scale per row; smoothed layers
@@ -380,13 +382,15 @@ def _quiet():
 
 def _outputs(gm, inputs) -> list[torch.Tensor]:
     from fxpress.graph.capture import _flat_graph_inputs, eval_mode
+    from fxpress.graph.outputs import plain_outputs
 
     from fxpress.passes.decode import int8_kernels_only
 
     # int8 layers export as their integer kernels: compare with them at every call size
     with torch.no_grad(), eval_mode(gm), int8_kernels_only():
         out = gm(*_flat_graph_inputs(gm, inputs))
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    # a dataclass output (no pytree node) field by field, not as one leaf that is no tensor
+    return [t for t in pytree.tree_leaves(plain_outputs(out)) if isinstance(t, torch.Tensor)]
 
 
 def _check(session, input_names, inputs, ref: list[torch.Tensor]) -> dict[str, float]:

@@ -85,6 +85,32 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
+#: Zero point of the uint8 weights that stand for fxpress's symmetric int8 codes (code
+#: + 128). ONNX Runtime's integer matmuls (MLAS) multiply uint8 inputs by int8 weights with
+#: ``vpmaddubsw`` on x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake), which adds
+#: two u8 x s8 products in int16 and saturates: a full-range input (the 255 levels
+#: ``DynamicQuantizeLinear`` and the per-token codes use) came out wrong there, measured on
+#: an AVX2-only AMD EPYC at 0.99 relative error on random full-range codes and 0.09 on
+#: fxpress's int8 models. uint8 x uint8 is exact on every CPU (MLAS widens both to int16
+#: and adds pairs in int32), at the full 255 input levels fxpress's exact integer product
+#: (its reference kernel, and fbgemm and oneDNN on VNNI CPUs) uses; a file exported on one
+#: machine runs on others.
+U8_WEIGHT_ZERO = 128
+
+
+def _unsigned_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 codes as the uint8 weights of :data:`U8_WEIGHT_ZERO`."""
+    return (codes.to(torch.int16) + U8_WEIGHT_ZERO).to(torch.uint8)
+
+
+def _weight_zero(b: _Builder) -> str:
+    """The scalar uint8 weight zero point :data:`U8_WEIGHT_ZERO`, one per graph."""
+    key = ("u8_weight_zero",)
+    if key not in b.shared:
+        b.shared[key] = (b.const("u8_weight_zero_point", np.array(U8_WEIGHT_ZERO, np.uint8)),)
+    return b.shared[key][0]
+
+
 def _int8_linear(b: _Builder, mod, x: str, y: str, base: str, fold: _Fold) -> str:
     """``y = mod(x)`` for a dynamic int8 QuantizedLinear: fxpress's codes and scales."""
     codes = mod.codes()  # int32 [N, K]
@@ -92,9 +118,9 @@ def _int8_linear(b: _Builder, mod, x: str, y: str, base: str, fold: _Fold) -> st
     n = mod.shape[0]
     scale = mod.scale.reshape(-1).float()
     scale = (scale.expand(n) if scale.numel() == 1 else scale) * fold.out
-    if zero is None:  # symmetric codes fit int8
-        w = b.const(base + ".qweight", _np(codes.t().to(torch.int8)))
-        wzp = None
+    if zero is None:  # symmetric codes -127..127: uint8 with zero point 128 (see U8_WEIGHT_ZERO)
+        w = b.const(base + ".qweight", _np(_unsigned_codes(codes.t())))
+        wzp = _weight_zero(b)
     else:  # affine codes 0..2^bits-1 with an integer zero point per channel (or tensor)
         w = b.const(base + ".qweight", _np(codes.t().to(torch.uint8)))
         z = zero.reshape(-1)
@@ -465,7 +491,7 @@ def _qattention(b: _Builder, spec: AttentionSpec, mods: Sequence, folds: Sequenc
     codes, scales, biases = [], [], []
     for mod, fold in zip(mods, folds):
         n = mod.shape[0]
-        codes.append(mod.codes().t().to(torch.int8))
+        codes.append(_unsigned_codes(mod.codes().t()))  # exact on every CPU: U8_WEIGHT_ZERO
         scale = mod.scale.reshape(-1).float()
         scales.append((scale.expand(n) if scale.numel() == 1 else scale) * fold.out)
         bias = getattr(mod, "bias", None)
@@ -482,7 +508,7 @@ def _qattention(b: _Builder, spec: AttentionSpec, mods: Sequence, folds: Sequenc
         inputs.append(b.shared[key][0])
     else:
         inputs.append("")
-    inputs.append(zx)
+    inputs += [zx, _weight_zero(b)]
     b.nodes.append(b.helper.make_node(
         "QAttention", inputs, [y], name=b.name(base + "/QAttention"), domain="com.microsoft",
         num_heads=spec.heads, scale=spec.scale, mask_filter_value=float(np.finfo(np.float32).min)))
