@@ -1,56 +1,112 @@
-"""The compiled digits MLP at batch 1 and 128 with and without fxpress.compile's per-call
-OpenMP clause (``small_work_serial``), side by side in one process: fp32 eager, fxpress
-int8 eager, int8 compiled with the clause, int8 compiled without it, fp32 compiled.
-Medians of interleaved rounds at 2 threads, then 1; prints the load average.
+"""Small calls of compiled models: fp32 eager, fxpress int8 eager, int8 compiled (the
+default: each int8 layer's small calls in float as eager runs them, oneDNN's int8 linear
+on the calling thread below ``SERIAL_WORK`` multiply-adds), int8 compiled with oneDNN at
+every size and its own thread count ("any size": the rule off), and fp32 compiled, side by
+side in one process at batch 1 and batch 32.
 
-``python -m bench.compile_threads [rounds]``"""
+Models: the digits MLP 64-300-100-10 and CNN (trained, sklearn digits), a GRU over the
+digits images as 8 rows of 8 pixels (GRU 8->64, a linear head; random weights, seed 0)
+and the pretrained all-MiniLM-L6-v2 (batch 32: 32 sentences padded to the longest; batch
+1: one sentence of 16 tokens). Medians of interleaved rounds, CPU time of the process
+(``time.process_time``: every thread, so a forked OpenMP team's spinning counts) with the
+wall time beside it; one thread count per process (``BENCH_THREADS``, default 2: Dynamo
+guards the thread count, so each compiled model is compiled at the count it is timed at);
+prints the load average and the graphs each compiled model built.
+
+``BENCH_THREADS=1 python -m bench.compile_threads [rounds] [mlp,cnn,gru,minilm]``"""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 import torch
 
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 
-def main(rounds: int = 15) -> None:
-    import fxpress
-    import fxpress.compiled as compiled_mod
-    from bench.common import interleaved_medians
+
+class DigitsGRU(torch.nn.Module):
+    """A GRU over a digits image's 8 rows of 8 pixels, a linear head on the last state."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru = torch.nn.GRU(8, 64, batch_first=True)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        out, _ = self.gru(x.reshape(-1, 8, 8))
+        return self.head(out[:, -1])
+
+
+def _model(name: str):
+    """(fp32 model, pipeline, inputs at batch 32, inputs at batch 1, calibration)."""
+    if name == "minilm":
+        from examples.minilm import SENTENCES, batches, sentence_encoder, tokenize, tokenizer
+
+        enc = tokenizer()(SENTENCES[32:33], padding="max_length", truncation=True, max_length=16,
+                          return_tensors="pt")
+        b32 = tokenize(SENTENCES[:32])
+        return (sentence_encoder(), "quantize{bits=8}", b32,
+                (enc["input_ids"], enc["attention_mask"]), batches(32, SENTENCES[:32]))
     from examples import digits
 
     x = digits.digits_data().x_test
-    model = digits.trained_mlp().eval()
-    big = x[:128]
-    q = fxpress.compress(model, "quantize{bits=8,activations=dynamic}", (big,),
-                         calibration=[(big,)], policy="warn", progress=False).module
-    v = {"fp32 eager": model, "int8 eager": q}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        v["int8 compiled"] = fxpress.compile(q, big)
-        # without the clause, and without its cache key (Inductor's cache would hand back
-        # the code made with it)
-        kept = compiled_mod.small_work_serial, compiled_mod._serial_pass
-        compiled_mod.small_work_serial, compiled_mod._serial_pass = contextlib.nullcontext, \
-            lambda: torch._inductor.config.post_grad_custom_post_pass
+    model = {"mlp": digits.trained_mlp, "cnn": digits.trained_cnn, "gru": DigitsGRU}[name]()
+    return (model.eval(), "quantize{bits=8,activations=dynamic}", (x[:32],), (x[:1],),
+            [(x[i:i + 128],) for i in range(0, 256, 128)])
+
+
+def _table(name: str, rounds: int) -> None:
+    import fxpress
+    import fxpress.passes.int8_traced as traced
+    from bench.common import interleaved_medians
+
+    model, pipeline, b32, b1, calib = _model(name)
+    gm = fxpress.capture(model, b32)
+    q = fxpress.compress(gm, pipeline, calibration=calib, policy="warn", progress=False).module
+    v = {"fp32 eager": model, "int8 eager": q, "int8 compiled": fxpress.compile(q, b32)}
+    anysize = fxpress.compile(q)
+    anysize.small_calls = False  # before its first call, which traces the graph
+
+    def any_size(*x, _serial=traced.SERIAL_WORK):
+        traced.SERIAL_WORK = 0
         try:
-            v["int8 compiled, no clause"] = fxpress.compile(q, big)
-            v["int8 compiled, no clause"](x[:1])  # compiled (and run) without the clause
+            return anysize(*x)
         finally:
-            compiled_mod.small_work_serial, compiled_mod._serial_pass = kept
-        v["fp32 compiled"] = fxpress.compile(model, big)
-        for n in (2, 1):
-            torch.set_num_threads(n)
-            for name, xx in (("b1", x[:1]), ("b128", big)):
-                load = os.getloadavg()[0]
-                r = interleaved_medians({k: (lambda m=m, xx=xx: m(xx)) for k, m in v.items()}, rounds)
-                print(f"{n} thread(s) {name} (load {load:.1f}):",
-                      ", ".join(f"{k} {t * 1e3:.3f} ms" for k, t in r.items()))
+            traced.SERIAL_WORK = _serial
+
+    any_size(*b32)
+    v["int8 compiled, any size"] = any_size
+    v["fp32 compiled"] = fxpress.compile(model, b32)
+    for label, x in (("b1", b1), ("b32", b32)):
+        cpu: dict = {}
+        load = os.getloadavg()[0]
+        wall = interleaved_medians({k: (lambda m=m, x=x: m(*x)) for k, m in v.items()}, rounds, cpu=cpu)
+        print(f"{name} {label}, {THREADS} thread(s), load {load:.1f}: " + ", ".join(
+            f"{k} {cpu[k] * 1e3:.3f} ({wall[k] * 1e3:.3f})" for k in v) + "  [cpu ms (wall ms)]",
+            flush=True)
+    with torch.no_grad():
+        for label, x in (("b1", b1), ("b32", b32)):
+            ref = q(*x)
+            for k in ("int8 compiled", "int8 compiled, any size"):
+                got = v[k](*x)
+                cos = torch.nn.functional.cosine_similarity(got.flatten(1).double(),
+                                                            ref.flatten(1).double()).min()
+                print(f"  {k} {label}: max |compiled - eager| {float((got - ref).abs().max()):.2e}, "
+                      f"min cosine {float(cos):.6f}")
+    print(f"  graphs: int8 compiled {v['int8 compiled'].compiles}, any size {anysize.compiles}, "
+          f"fp32 compiled {v['fp32 compiled'].compiles}", flush=True)
+
+
+def main(rounds: int = 15, models: str = "mlp,cnn,gru,minilm") -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        for name in models.split(","):
+            _table(name, rounds)
     finally:
         torch.set_num_threads(threads)
-    print("compiles:", {k: m.compiles for k, m in v.items() if hasattr(m, "compiles")})
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))
+    main(*(int(a) if a.isdigit() else a for a in sys.argv[1:]))

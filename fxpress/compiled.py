@@ -42,7 +42,8 @@ except ImportError:  # an older torch: the pass only keys Inductor's cache
     _CustomGraphPass = object
 
 from fxpress.errors import CompileError, InputError
-from fxpress.passes.int8_traced import choose_product, define_traced_ops, traced_product
+from fxpress.passes.int8_traced import (choose_product, define_traced_ops, small_calls_allowed,
+                                        traced_product)
 
 __all__ = ["compile", "CompiledModel"]
 
@@ -56,11 +57,14 @@ class CompiledModel(torch.nn.Module):
     """
 
     def __init__(self, module: torch.nn.Module, *, dynamic: bool, freeze: bool, mode: str | None,
-                 backend: str = "inductor", product: tuple[str, int] = ("int_mm", 255)):
+                 backend: str = "inductor", product: tuple[str, int] = ("int_mm", 255),
+                 small_calls: bool = False):
         super().__init__()
         self.module = module
         #: the int8 product its dynamic int8 linears trace (:func:`~fxpress.passes.int8_traced.choose_product`)
         self.product = product
+        #: whether its int8 layers run small calls in float, as eager (decode=auto)
+        self.small_calls = small_calls
         self.compiles = 0
         self.compile_seconds = 0.0
         self.freeze = freeze
@@ -79,6 +83,21 @@ class CompiledModel(torch.nn.Module):
             self.compiles = -1  # Inductor's own mode handling: not counted
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiles > 0:
+            # a call that runs a graph compiled already needs none of the settings below that
+            # only tracing and code generation read (torch's config patches took 140 us a
+            # call, more than the digits MLP's whole eager forward at batch 1): tried
+            # under Dynamo's "fail_on_recompile" stance, which refuses, before running
+            # anything, a call that would trace; that call then takes the full path
+            try:
+                with torch.inference_mode(False), torch.no_grad(), \
+                        torch.compiler.set_stance("fail_on_recompile"), \
+                        traced_product(self.product, self.small_calls):
+                    args, kwargs = _plain(args), _plain(kwargs)
+                    return self._compiled(*args, **kwargs)
+            except RuntimeError as e:
+                if _RECOMPILE not in str(e):
+                    raise
         before = self.compiles
         start = time.perf_counter()
         try:
@@ -99,7 +118,7 @@ class CompiledModel(torch.nn.Module):
                     _inductor_config.patch(freezing=self.freeze,
                                            post_grad_custom_post_pass=_serial_pass()), \
                     torch._dynamo.config.patch(allow_rnn=True, specialize_float=True), \
-                    small_work_serial(), traced_product(self.product):
+                    small_work_serial(), traced_product(self.product, self.small_calls):
                 args, kwargs = _plain(args), _plain(kwargs)
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
@@ -114,6 +133,10 @@ class CompiledModel(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"compiles={self.compiles}, freeze={self.freeze}, int8={self.product[0]}"
+
+
+#: how Dynamo's "fail_on_recompile" stance words its refusal (a RuntimeError)
+_RECOMPILE = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
 
 def _plain(values: Any) -> Any:
@@ -362,8 +385,9 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     if freeze:
         _unfuse_rnns(copy)
     _time_major_rnns(copy)
+    product = choose_product(freeze, backend)
     compiled = CompiledModel(copy, dynamic=dynamic, freeze=freeze, mode=mode, backend=backend,
-                             product=choose_product(freeze, backend))
+                             product=product, small_calls=product[0] == "onednn" and small_calls_allowed())
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         compiled(*args)

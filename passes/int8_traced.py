@@ -10,9 +10,11 @@ same arithmetic is written so that Dynamo traces it whole, with any batch size:
   codes of each row; per tensor: affine codes with one scale and zero point);
 * the product (:func:`choose_product`, fixed per compiled model): where oneDNN's int8
   linear runs, ``onednn::qlinear_pointwise`` on uint8 codes (:func:`_onednn_product`),
-  the weight prepacked by ``fxpress::qlinear_prepack`` - with frozen weights, once, at
-  compile time - and the weight scales (per tensor: the bias too) applied inside it;
-  that is the kernel torchao's PT2E int8 runs. aten's ``torch._int_mm`` on an AVX2 CPU
+  the weight prepacked once, at the first call, and the weight scales (per tensor: the
+  bias too) applied inside it; that is the kernel torchao's PT2E int8 runs. It is called
+  through ``fxpress::int8_linear`` (:func:`_int8_linear`), which decides per call what
+  the eager layer decides: a small call (``decode=auto``) in float, and a small product
+  on the calling thread (:data:`SERIAL_WORK`). aten's ``torch._int_mm`` on an AVX2 CPU
   without VNNI ran 50-60x slower than it (MiniLM's 576x384x1536 product: 237 ms against
   4 ms, one thread). Elsewhere (no oneDNN, a kernel forced, Inductor without freezing)
   ``torch._int_mm(codes, weight.T)`` on signed codes, its int32 result multiplied by
@@ -33,12 +35,13 @@ uint8 codes (127 levels on CPUs without VNNI, see :func:`_onednn_product`).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["choose_product", "define_stored_op", "define_traced_ops", "traced_int8_linear",
-           "traced_product", "traced_quantize_per_tensor"]
+__all__ = ["SERIAL_WORK", "choose_product", "define_stored_op", "define_traced_ops",
+           "small_calls_allowed", "traced_int8_linear", "traced_product", "traced_quantize_per_tensor"]
 
 
 def traced_quantize_per_tensor(x2: torch.Tensor, col_scale: torch.Tensor | None = None,
@@ -119,39 +122,115 @@ def define_stored_op() -> None:
     _STORED.append(torch.ops.fxpress.stored.default)
 
 
-_PREPACK: list = []
 #: the product the traced form writes, for the call being traced (:func:`traced_product`):
 #: ("onednn", activation levels) or ("int_mm", 255)
 #: (a plain list: Dynamo reads it while tracing and guards its value)
 _PRODUCT: list = [None]
+#: whether the call being traced runs small calls in float (:func:`small_calls_allowed`)
+_SMALL_CALLS: list = [False]
 
 
-def _define_prepack_op() -> None:
-    """``fxpress::qlinear_prepack``: oneDNN's weight prepack for its int8 linear, as an op
-    Dynamo can trace (torch registers no fake kernel for ``onednn::qlinear_prepack``). Its
-    fake result has the packed weight's sizes (``[in, out]``, what the fake kernel of
-    ``onednn::qlinear_pointwise`` reads); frozen, Inductor's constant folding runs it once
-    at compile time and the generated code holds the packed weight as a constant."""
-    if _PREPACK or not hasattr(torch.ops.onednn, "qlinear_prepack"):
+#: A oneDNN int8 product of fewer multiply-adds than this (rows x in x out) runs on the
+#: calling thread. oneDNN forks its OpenMP team at any size (aten's kernels and MKL's small
+#: GEMMs do not): one row of the digits MLP's 64x300 layer at 2 threads took 58 us of the
+#: calling thread's CPU and 32 ms wall on the loaded 2-core machine (load ~13), 52 us
+#: serial. 2^22 multiply-adds are about 50 us of one core's int8 work on an AVX2 EPYC
+#: (MiniLM's 32x384x384: 114 us serial, 106 us at 2 threads).
+SERIAL_WORK = 1 << 22
+
+_LINEAR: list = []
+_LIBRARY: list = []  # the torch.library.Library defining fxpress::int8_linear (kept alive)
+_WEIGHT_ZEROS: dict = {}  # out features -> oneDNN's weight zero points (all 0, symmetric)
+#: id of a compiled graph's int8 weight codes -> (weak reference to them, oneDNN's
+#: prepacked copy); an entry goes when its codes are freed
+_PACKED: dict = {}
+
+
+def _packed(wq: torch.Tensor) -> torch.Tensor:
+    """oneDNN's prepacked copy of the int8 weight codes ``wq`` (``[out, in]``), made at the
+    first call and kept while ``wq`` lives: frozen, ``wq`` is a constant of the compiled
+    graph, so each weight is packed once (one byte per weight). The packed tensor is an
+    opaque oneDNN tensor, which Inductor can hold as a constant only for its own lowering
+    of ``onednn::qlinear_pointwise``: handed to an operator of fxpress's, its generated code
+    read it as a strided tensor and failed, so it is kept here, out of the graph."""
+    key = id(wq)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is wq:
+        return hit[1]
+    packed = torch.ops.onednn.qlinear_prepack(wq, None)
+    _PACKED[key] = (weakref.ref(wq, lambda _, key=key: _PACKED.pop(key, None)), packed)
+    return packed
+
+
+def _int8_linear(x: torch.Tensor, codes: torch.Tensor, x_scale: torch.Tensor,
+                 x_zero: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, weight: torch.Tensor | None, step: int,
+                 float_below: int) -> torch.Tensor:
+    """``fxpress::int8_linear``: one dynamic int8 linear of the compiled form, chosen per
+    call as the eager layer chooses (:meth:`~fxpress.passes.quantize_modules.
+    QuantizedLinear.forward`): an input of fewer than ``float_below`` elements in float
+    (``F.linear`` on ``weight``, the decoded float weight; the layer's small-call rule,
+    ``decode=auto``), else oneDNN's int8 linear on the uint8 ``codes`` of ``x``: per tensor
+    (``step`` 0) with their scale and zero point (0-d tensors) and the bias inside it; per
+    token with one fixed scale ``1/step`` and zero point ``step + 1``, each row then times
+    its absmax (``x_scale``, ``[rows, 1]``) plus the bias; ``wq``: the int8 weight codes
+    (``[out, in]``, prepacked at the first call, :func:`_packed`). A product of fewer than
+    :data:`SERIAL_WORK` multiply-adds runs on the calling thread."""
+    if weight is not None and x.numel() < float_below:
+        return torch.nn.functional.linear(x, weight, bias)
+    rows, cols = codes.shape
+    out = w_scale.shape[0]
+    packed = _packed(wq)
+    wzp = _WEIGHT_ZEROS.get(out)
+    if wzp is None:
+        wzp = _WEIGHT_ZEROS[out] = torch.zeros(out, dtype=torch.long)
+    threads = torch.get_num_threads()
+    serial = threads > 1 and rows * cols * out < SERIAL_WORK
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        if step:
+            y = torch.ops.onednn.qlinear_pointwise.default(
+                codes, 1.0 / step, step + 1, packed, w_scale, wzp, None, 1.0, 0, torch.float32,
+                "none", [], "")
+        else:
+            y = torch.ops.onednn.qlinear_pointwise.tensor(
+                codes, x_scale, x_zero, packed, w_scale, wzp, bias, 1.0, 0, torch.float32,
+                "none", [], "")
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
+    if not step:
+        return y
+    return y.mul_(x_scale) if bias is None else torch.addcmul(bias, y, x_scale, out=y)
+
+
+def _define_linear_op() -> None:
+    """``fxpress::int8_linear`` (:func:`_int8_linear`), once per process. A plain
+    ``torch.library`` operator: Inductor's generated code calls it as an external kernel,
+    with the weight codes and the float copy as frozen constants (its dispatch costs
+    about 3 us a call; ``torch.library.custom_op``'s wrapper 18 us)."""
+    if _LINEAR or not hasattr(torch.ops.onednn, "qlinear_prepack"):
         return
+    lib = torch.library.Library("fxpress", "FRAGMENT")
+    lib.define("int8_linear(Tensor x, Tensor codes, Tensor x_scale, Tensor x_zero, Tensor wq, "
+               "Tensor w_scale, Tensor? bias, Tensor? weight, int step, int float_below) -> Tensor")
+    lib.impl("int8_linear", _int8_linear, "CPU")
 
-    @torch.library.custom_op("fxpress::qlinear_prepack", mutates_args=())
-    def qlinear_prepack(w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.onednn.qlinear_prepack(w, None)
+    def fake(x, codes, x_scale, x_zero, wq, w_scale, bias, weight, step, float_below):
+        return codes.new_empty((codes.shape[0], w_scale.shape[0]), dtype=torch.float32)
 
-    @qlinear_prepack.register_fake
-    def _(w: torch.Tensor) -> torch.Tensor:
-        return w.new_empty((w.shape[1], w.shape[0]))
-
-    _PREPACK.append(torch.ops.fxpress.qlinear_prepack.default)
+    torch.library.register_fake("fxpress::int8_linear", fake, lib=lib)
+    _LIBRARY.append(lib)
+    _LINEAR.append(torch.ops.fxpress.int8_linear.default)
 
 
 def define_traced_ops() -> None:
     """Define fxpress's custom ops for the traced form, once per process (``fxpress::stored``,
-    ``fxpress::qlinear_prepack``); :func:`fxpress.compile` calls it before tracing."""
+    ``fxpress::int8_linear``); :func:`fxpress.compile` calls it before tracing."""
     define_stored_op()
     try:
-        _define_prepack_op()
+        _define_linear_op()
     except (AttributeError, RuntimeError):  # no oneDNN ops in this build: _int_mm it is
         pass
 
@@ -165,7 +244,7 @@ def _onednn_runs() -> bool:
     architecture, an operator that raises: no)."""
     if not _ONEDNN_RUNS:
         ok = False
-        if _PREPACK and torch.backends.mkldnn.is_available():
+        if _LINEAR and torch.backends.mkldnn.is_available():
             try:
                 w = torch.tensor([[1, -2, 3, -4], [5, 6, -7, 8]] * 2, dtype=torch.int8)
                 x = torch.tensor([[0, 1, 2, 3], [127, 100, 3, 0]], dtype=torch.uint8)
@@ -195,22 +274,39 @@ def choose_product(freeze: bool = True, backend: str = "inductor") -> tuple[str,
     return ("onednn", 127 if _REDUCE_RANGE else 255)
 
 
+def small_calls_allowed() -> bool:
+    """Whether a model compiled now runs its int8 layers' small calls in float, as the eager
+    layers do (``decode=auto``): not with a kernel forced by :func:`~fxpress.passes.int8.
+    int8_backend`, runtime caches off, or inside :func:`~fxpress.passes.decode.
+    int8_kernels_only` (read once, at compile time: read while Dynamo traces, they were
+    guarded, and a model compiled inside one of them compiled again outside)."""
+    from fxpress.graph.memory import caches_enabled
+    from fxpress.passes.decode import small_calls_in_float
+    from fxpress.passes.int8 import _backend_override
+
+    return not _backend_override and caches_enabled() and small_calls_in_float()
+
+
 @contextlib.contextmanager
-def traced_product(choice: tuple[str, int]) -> Iterator[None]:
-    """Trace (and run) the int8 product ``choice`` (:func:`choose_product`) in this thread."""
-    outer = _PRODUCT[0]
-    _PRODUCT[0] = choice
+def traced_product(choice: tuple[str, int], small_calls: bool = False) -> Iterator[None]:
+    """Trace (and run) the int8 product ``choice`` (:func:`choose_product`) in this thread;
+    ``small_calls``: with the small-call rule (:func:`small_calls_allowed`)."""
+    outer = _PRODUCT[0], _SMALL_CALLS[0]
+    _PRODUCT[0], _SMALL_CALLS[0] = choice, small_calls
     try:
         yield
     finally:
-        _PRODUCT[0] = outer
+        _PRODUCT[0], _SMALL_CALLS[0] = outer
 
 
 def _onednn_product(layer, xf: torch.Tensor, inv: torch.Tensor | None, wq: torch.Tensor,
-                    sw: torch.Tensor, levels: int) -> torch.Tensor:
+                    sw: torch.Tensor, levels: int, small_calls: bool) -> torch.Tensor:
     """``layer``'s product through oneDNN's int8 linear (``onednn::qlinear_pointwise``) on
-    uint8 codes of ``xf``, its weight prepacked by ``fxpress::qlinear_prepack`` (frozen:
-    once, at compile time), the weight scales and, per tensor, the bias applied inside it.
+    uint8 codes of ``xf``, its weight prepacked once (at the first call), the weight
+    scales and, per tensor, the bias applied inside it;
+    called through ``fxpress::int8_linear`` (:func:`_int8_linear`), which runs small
+    products on the calling thread and, with ``small_calls``, a call below the layer's
+    small-call size in float as the eager layer does.
 
     On CPUs without VNNI oneDNN adds pairs of u8 x s8 products in int16 and saturates
     (a 384-wide row of codes 255 times weights 127 gave 6,291,264 instead of 12,435,840;
@@ -219,26 +315,23 @@ def _onednn_product(layer, xf: torch.Tensor, inv: torch.Tensor | None, wq: torch
     at half the activation resolution - what fbgemm's eager kernel (``reduce_range``)
     does on such CPUs. With VNNI or AMX oneDNN accumulates in int32 and the codes span
     255 levels, as eager oneDNN's."""
-    rows = xf.shape[-1]
-    wzp = torch.zeros(wq.shape[0], dtype=torch.long)
-    packed = _PREPACK[0](wq)
+    cols = xf.shape[-1]
+    below = layer.float_call_below() if small_calls and xf.dtype == torch.float32 else 0
+    # the float copy a small call multiplies by (folded into a constant when frozen)
+    weight = layer.weight_float().reshape(wq.shape) if below else None
+    x2 = xf.reshape(-1, cols)
     if layer.act_scale == "tensor":
         xq, sx, zx = traced_quantize_per_tensor(xf, inv, levels, signed=False)
-        return torch.ops.onednn.qlinear_pointwise.tensor(
-            xq.reshape(-1, rows), sx, zx.to(torch.long), packed, sw, wzp, layer.bias, 1.0, 0,
-            torch.float32, "none", [], "")
-    if inv is not None:
-        xf = xf * inv
+        return _LINEAR[0](x2, xq.reshape(-1, cols), sx, zx.to(torch.long), wq, sw, layer.bias,
+                          weight, 0, below)
+    xs = xf if inv is None else xf * inv
     # each row over its absmax spans [-1, 1]: codes mid + step·x/amax with one fixed scale
     # 1/step and zero point mid; + 0.5 and truncation to uint8 round it
     step, mid = levels // 2, levels // 2 + 1
-    amax = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg()).clamp(min=1e-12)
-    xq = (xf * (step / amax) + (mid + 0.5)).to(torch.uint8)
-    y = torch.ops.onednn.qlinear_pointwise.default(
-        xq.reshape(-1, rows), 1.0 / step, mid, packed, sw, wzp, None, 1.0, 0, torch.float32,
-        "none", [], "")
-    y = y * amax.reshape(-1, 1)
-    return y if layer.bias is None else y + layer.bias
+    amax = torch.maximum(xs.amax(-1, keepdim=True), xs.amin(-1, keepdim=True).neg()).clamp(min=1e-12)
+    xq = (xs * (step / amax) + (mid + 0.5)).to(torch.uint8)
+    return _LINEAR[0](x2, xq.reshape(-1, cols), amax.reshape(-1, 1), amax.new_zeros((), dtype=torch.long),
+                      wq, sw, layer.bias, weight, step, below)
 
 
 def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +346,7 @@ def traced_int8_linear(layer, x: torch.Tensor) -> torch.Tensor:
     wq, sw, zw = layer._int8_weight()
     kind, levels = _PRODUCT[0] or ("int_mm", 255)
     if kind == "onednn" and zw is None:
-        y = _onednn_product(layer, xf, inv, wq, sw, levels)
+        y = _onednn_product(layer, xf, inv, wq, sw, levels, _SMALL_CALLS[0])
         return y.to(x.dtype).reshape(*shape[:-1], -1)
     if layer.act_scale == "tensor":
         xq, sx, zx = traced_quantize_per_tensor(xf, inv)

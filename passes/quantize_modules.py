@@ -267,13 +267,19 @@ class QuantizedLinear(Int8Kernels, QuantizedWeight):
 
     def _choose_path(self) -> str:
         path = super()._choose_path()
-        # auto runs a call in float when ``max(rows, 4) x in x out`` is below
-        # AUTO_INT8_MIN_WORK: an input of fewer than _float_below elements
-        out, cols = int(self.shape[0]), self.cols
-        small = (path == "int8" and self.native_int8() and self._requested() == "auto"
-                 and 4 * cols * out < AUTO_INT8_MIN_WORK)
-        self.__dict__["_float_below"] = -(-AUTO_INT8_MIN_WORK // out) if small else 0
+        self.__dict__["_float_below"] = self.float_call_below() if path == "int8" else 0
         return path
+
+    def float_call_below(self) -> int:
+        """The input size (elements) below which ``auto`` runs a call of this layer in
+        float, from a copy decoded once: its work ``max(rows, 4) x in x out`` is below
+        AUTO_INT8_MIN_WORK. 0: never (a strategy other than ``auto``, a layer too large, or
+        activations not dynamic). The compiled form takes the same rule, decided per call
+        (:func:`~fxpress.passes.int8_traced.traced_int8_linear`)."""
+        out, cols = int(self.shape[0]), self.cols
+        small = (self.native_int8() and self._requested() == "auto"
+                 and 4 * cols * out < AUTO_INT8_MIN_WORK)
+        return -(-AUTO_INT8_MIN_WORK // out) if small else 0
 
     @staticmethod
     def _small_call_ok(x: torch.Tensor) -> bool:

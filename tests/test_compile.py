@@ -125,6 +125,8 @@ class _Int8Linear(torch.nn.Module):
         self.fc = int8_twin(w1, torch.randn(48))
         self.fc2 = int8_twin(w2, torch.randn(40))
         self.fc.act_scale, self.fc2.act_scale = act_scale
+        for layer in (self.fc, self.fc2):  # the int8 product at every size (no small calls)
+            layer.set_decode("int8")
 
     def forward(self, x):
         return self.fc2(torch.nn.functional.gelu(self.fc(x)))
@@ -156,6 +158,15 @@ def _exact(layer, x, product):
     return (xd @ w.t() + layer.bias.double()).float().reshape(*x.shape[:-1], -1)
 
 
+def _as_compiled(layer, x, product, small_calls=True):
+    """``layer(x)`` as the compiled form computes it: a call below the layer's small-call
+    size (``decode=auto``) in float from the decoded weight, as the eager layer runs it;
+    else the int8 product (:func:`_exact`)."""
+    if small_calls and x.numel() < layer.float_call_below():
+        return torch.nn.functional.linear(x, layer.weight_float(), layer.bias)
+    return _exact(layer, x, product)
+
+
 def _exact_model(model, x, product):
     return _exact(model.fc2, torch.nn.functional.gelu(_exact(model.fc, x, product)), product)
 
@@ -182,7 +193,7 @@ def test_inductor_compiles_the_int8_path_into_onednn_exact_on_full_range_codes(m
     recorded, inputs = {}, []
     for overload in ("default", "tensor"):
         def recording(*args, _original=getattr(packet, overload), **kwargs):
-            inputs.append(args[0].dtype)
+            inputs.append((args[0].dtype, args[0].shape[0], torch.get_num_threads()))
             return _original(*args, **kwargs)
         recorded[overload] = recording
 
@@ -196,7 +207,7 @@ def test_inductor_compiles_the_int8_path_into_onednn_exact_on_full_range_codes(m
     assert code.count(".erf()") == 1, "GELU's erf computed more than once"
     if _onednn_runs():
         assert fast.product[0] == "onednn"
-        assert code.count("qlinear_pointwise") >= 2 and "_int_mm" not in code
+        assert code.count("fxpress.int8_linear") >= 2 and "_int_mm" not in code
         assert not re.search(r"ops\.(fxpress|onednn)\.qlinear_prepack", code), "prepacked per call"
     # every kernel forks threads only for enough work, decided per call (a small call
     # forked a team in every kernel: 16-132 ms a call on a loaded machine)
@@ -204,7 +215,8 @@ def test_inductor_compiles_the_int8_path_into_onednn_exact_on_full_range_codes(m
     assert pragmas and all(f">= {GRAIN})" in p for p in pragmas), pragmas
     for overload, fn in recorded.items():  # what the generated code calls
         monkeypatch.setattr(packet, overload, fn)
-    for shape in ((4, 6, 32), (1, 3, 32), (32, 5, 32), (9, 1, 32)):  # other batch sizes, lengths
+    # other batch sizes and lengths; the last one's products reach SERIAL_WORK
+    for shape in ((4, 6, 32), (1, 3, 32), (32, 5, 32), (9, 1, 32), (32, 100, 32)):
         x = torch.rand(*shape) * 4
         with torch.no_grad():
             y = fast(x)
@@ -216,7 +228,15 @@ def test_inductor_compiles_the_int8_path_into_onednn_exact_on_full_range_codes(m
         assert torch.nn.functional.cosine_similarity(y.flatten(1), eager.flatten(1)).min() > 0.999
     assert fast.compiles == 1 and counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"]
-    assert set(inputs) <= {torch.uint8}, inputs  # signed codes: oneDNN's reference kernel
+    assert {dtype for dtype, _, _ in inputs} == {torch.uint8}, inputs  # signed: reference kernel
+    # a product below SERIAL_WORK multiply-adds runs on the calling thread (oneDNN forked its
+    # team at any size: one row of a 64x300 layer took 32 ms on a loaded 2-core machine),
+    # larger ones on the caller's threads
+    from fxpress.passes.int8_traced import SERIAL_WORK
+
+    if _onednn_runs():
+        assert {(rows * 32 * 48 < SERIAL_WORK, threads) for _, rows, threads in inputs[::2]} == \
+            {(True, 1), (False, 2)}, inputs
 
 
 def test_the_int8_product_falls_back_to_int_mm_where_onednn_does_not_run(monkeypatch):
@@ -304,7 +324,9 @@ def test_repeated_calls_at_two_batch_sizes_run_one_graph_under_no_grad_and_infer
     there. Dynamo guards each input's dispatch keys, which inference mode changes: each
     kind of call compiled a graph of its own (4 graphs). An int8 layer's small-call rule
     (decode=auto: a call under 2,000 elements in float) tested the size before seeing that
-    it was compiled: batch 1 compiled a second graph."""
+    it was compiled: batch 1 compiled a second graph. Compiled, a small call runs in float
+    as the eager layer runs it (the int8 product's fixed cost, and oneDNN's threads, made
+    the compiled digits MLP 100x slower than eager at batch 1 on 2 threads)."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -323,7 +345,9 @@ def test_repeated_calls_at_two_batch_sizes_run_one_graph_under_no_grad_and_infer
     for _ in range(3):
         for rows in (1, 128):
             with torch.no_grad():
-                exact = _exact(second, torch.relu(_exact(first, x[:rows], fast.product)), fast.product)
+                exact = _as_compiled(second, torch.relu(_as_compiled(first, x[:rows], fast.product)),
+                                     fast.product, fast.small_calls)
+                eager = gm(x[:rows])
             with torch.no_grad():
                 outs = [fast(x[:rows])]
             with torch.inference_mode():
@@ -331,6 +355,32 @@ def test_repeated_calls_at_two_batch_sizes_run_one_graph_under_no_grad_and_infer
             outs.append(fast(made_there[:rows]))
             for y in outs:
                 torch.testing.assert_close(y, exact, rtol=1e-4, atol=1e-5)
+                if rows == 1:  # both layers' small calls, in float: what eager computes
+                    torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-6)
+    assert fast.small_calls == (fast.product[0] == "onednn")
     assert fast.compiles == 1
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"]
+
+
+def test_calls_of_a_compiled_graph_skip_the_tracing_settings(monkeypatch):
+    """A call that runs a graph compiled already patches none of torch's configs (the
+    patches cost 140 us a call, more than a small model's eager forward); a call that needs
+    a new graph (here: another number of dimensions) still traces with them, once."""
+    import fxpress.compiled as compiled_mod
+
+    model = _Small(0).eval()
+    x = torch.randn(3, 8)
+    fast = fxpress.compile(model, x, backend="eager")
+    patches = []  # the full path's settings (_serial_pass: the post-grad pass it patches in)
+    original = compiled_mod._serial_pass
+    monkeypatch.setattr(compiled_mod, "_serial_pass", lambda: patches.append(1) or original())
+    with torch.no_grad():
+        for rows in (1, 5, 3):
+            torch.testing.assert_close(fast(x[:rows]), model(x[:rows]))
+        assert patches == [] and fast.compiles == 1
+        x3 = torch.randn(2, 4, 8)
+        torch.testing.assert_close(fast(x3), model(x3))
+        assert len(patches) == 1 and fast.compiles == 2
+        torch.testing.assert_close(fast(x3[:1]), model(x3[:1]))
+    assert len(patches) == 1 and fast.compiles == 2
