@@ -1,7 +1,6 @@
 """Assertions shared by the tests."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 
@@ -74,19 +73,3 @@ def flip_tensor_byte(data: bytes, tensor: str, stream: str = "values", offset: i
     flipped = bytearray(data)
     flipped[start] ^= mask
     return bytes(flipped)
-
-
-def _no_vnni() -> bool:
-    from fxpress.passes.int8 import _REDUCE_RANGE
-
-    return _REDUCE_RANGE
-
-
-#: Open defect, round 21: on CPUs without VNNI (AVX2-only, e.g. an AMD EPYC of that kind)
-#: fbgemm and oneDNN take 127-level input codes (their int16 pair sums saturate at 255) and
-#: ONNX Runtime's MLAS u8 x s8 kernels saturate: these tests compare such kernels with
-#: 255-level references at tolerances measured on VNNI CPUs, and fail there. Expected to fail
-#: on such CPUs until the references and ONNX export model the reduced range (not strict: they
-#: pass on VNNI CPUs, where they check what they say).
-needs_vnni = pytest.mark.xfail(_no_vnni(), strict=False,
-                               reason="int8 kernels reduce their input range without VNNI")

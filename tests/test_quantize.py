@@ -6,7 +6,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxpress
-from tests.helpers import needs_vnni
 from fxpress.errors import OptionError
 from fxpress.graph.packing import packed_size
 from fxpress.graph.memory import stored_bytes
@@ -460,7 +459,6 @@ def test_minilm_export_graph_quantizes_and_passes_the_verifier(minilm_gm, minilm
     assert out.shape == (5, 384)
 
 
-@needs_vnni
 def test_layer_outputs_come_from_the_calibration_forward_and_are_measured_once(
         minilm_gm, minilm_batches, monkeypatch):
     # each linear layer's float output on its calibration sample (what its candidates are
@@ -469,6 +467,9 @@ def test_layer_outputs_come_from_the_calibration_forward_and_are_measured_once(
     # recorded input); and a candidate a layer of q, k and v measured through the kernel
     # when choosing alone is not measured again when the three choose one scaling. The
     # result is the same, bit for bit, as with every reference computed again
+    # (a wider slack lets q, k and v agree on one scaling on every CPU: with 127 input
+    # levels, no VNNI, MiniLM's v chose a stronger smoothing than its q and k accept)
+    monkeypatch.setattr(Q, "AUTO_SLACK", 1.0)
     p = fxpress.Pipeline.parse("quantize{bits=8}").passes[0]
     ctx = fxpress.PassContext(example_inputs=minilm_batches[0], calibration=minilm_batches[:1])
     refs, kernel_runs = [], []
@@ -598,7 +599,6 @@ def test_smoothing_does_not_give_up_columns_calibration_left_idle():
         assert (res.module(x) - model(x)).norm() / model(x).norm() < 0.2
 
 
-@needs_vnni
 def test_below_8_bits_a_tiny_layer_with_a_large_output_error_keeps_8_bits_by_default():
     # a squeeze-excite reduction: few outputs over a pooled, all-positive input, its rows
     # summing to about zero, so the output nearly cancels and 4-bit rounding dominates it
@@ -625,8 +625,15 @@ def test_below_8_bits_a_tiny_layer_with_a_large_output_error_keeps_8_bits_by_def
     st = res.records[0].stats
     assert st["promoted"] == ["tiny.weight"]  # 96 weights; the wide layer (6144) stays 4-bit
     assert st["layers"]["tiny.weight"]["error_at_low_bits"] > 0.25
-    assert st["layers"]["tiny.weight"]["rel_error"] < 0.25
+    # its 8-bit error is mostly the input's rounding, as coarse as the kernel's input
+    # levels (127 where fbgemm reduces its range without VNNI: 0.30 on an AVX2 EPYC, 0.23
+    # at 255): a fraction of the 4-bit error on any kernel, and below 0.25 at 255 levels
+    assert st["layers"]["tiny.weight"]["rel_error"] < st["layers"]["tiny.weight"]["error_at_low_bits"] / 4
     assert st["layers"]["wide.weight"]["rel_error"] > 0.25
+    with int8_backend("reference"):  # the exact integer product, 255 levels on every CPU
+        exact = fxpress.compress(se, "quantize{bits=4}", calibration=batches, progress=False,
+                                 policy="warn").records[0].stats
+    assert exact["promoted"] == ["tiny.weight"] and exact["layers"]["tiny.weight"]["rel_error"] < 0.25
     # an explicit max_layer_error is the rule
     res = fxpress.compress(se, "quantize{bits=4,max_layer_error=10}", calibration=batches,
                            progress=False, policy="warn")
