@@ -898,6 +898,165 @@ def autograd_function() -> Specimen:
 
 ROUND21 = (perceiver, bn_train, autograd_function)
 
+# -- round 22: held-out families, and torch layers used with masks and packed sequences ---------
+
+def llama_default() -> Specimen:
+    """A Llama from transformers' DEFAULT LlamaConfig() with only its sizes shrunk (rope,
+    attention bias, tied embeddings, rms eps: as a user's config gives them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig()
+    cfg.update(dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    return _hf("llama_default", LlamaForCausalLM(cfg), _ids_mask)
+
+
+def mistral_sliding() -> Specimen:
+    """Mistral with a sliding window shorter than the inputs (8 and 12 tokens, window 4)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                        sliding_window=4)
+    return _hf("mistral_sliding", MistralForCausalLM(cfg), _ids_mask)
+
+
+def convbert() -> Specimen:
+    from transformers import ConvBertConfig, ConvBertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = ConvBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, embedding_size=32, conv_kernel_size=3, head_ratio=2,
+                         max_position_embeddings=64, num_labels=3)
+    return _hf("convbert", ConvBertForSequenceClassification(cfg), _ids_mask)
+
+
+def layoutlm() -> Specimen:
+    """LayoutLM: token ids, a mask and one bounding box per token (2-D position embeddings)."""
+    from transformers import LayoutLMConfig, LayoutLMForTokenClassification
+
+    torch.manual_seed(0)
+    cfg = LayoutLMConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, max_2d_position_embeddings=128,
+                         num_labels=5)
+
+    def make(b, n, s):
+        xy = torch.randint(0, 60, (b, n, 2), generator=torch.Generator().manual_seed(s))
+        box = torch.cat([xy, xy + torch.randint(1, 60, (b, n, 2), generator=torch.Generator().manual_seed(s + 1))], -1)
+        return (_ids(b, n, s), box, _mask(b, n))
+    return _hf("layoutlm", LayoutLMForTokenClassification(cfg), make)
+
+
+def beit() -> Specimen:
+    """BEiT: relative position bias per layer, layer scale, mean pooling."""
+    from transformers import BeitConfig, BeitForImageClassification
+
+    torch.manual_seed(0)
+    cfg = BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, use_relative_position_bias=True,
+                     num_labels=4)
+    return _hf("beit", BeitForImageClassification(cfg), _image, shape=(2, 32), reshaped=(3, 32))
+
+
+def vit_mae() -> Specimen:
+    """ViT-MAE's encoder with its default mask_ratio=0.75: random patch shuffling at every
+    call (the noise is an input: the graph gets it as the model does)."""
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    torch.manual_seed(0)
+    cfg = ViTMAEConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64)
+
+    def make(b, n, s):
+        return (_randn(b, 3, n, n, seed=s), torch.rand(b, (n // 8) ** 2, generator=torch.Generator().manual_seed(s)))
+    return _hf("vit_mae", ViTMAEModel(cfg), make, shape=(2, 32), reshaped=(3, 32))
+
+
+def hiera() -> Specimen:
+    from transformers import HieraConfig, HieraForImageClassification
+
+    torch.manual_seed(0)
+    cfg = HieraConfig(embed_dim=16, image_size=[64, 64], patch_size=[7, 7], patch_stride=[4, 4],
+                      patch_padding=[3, 3], depths=[1, 1], num_heads=[1, 2],
+                      embed_dim_multiplier=2.0, num_query_pool=1, query_stride=[2, 2],
+                      masked_unit_size=[8, 8], masked_unit_attention=[True, False], num_labels=3)
+    return _hf("hiera", HieraForImageClassification(cfg), _image, shape=(2, 64), reshaped=(3, 64))
+
+
+def patchtst() -> Specimen:
+    """PatchTST forecasting: patches of a multivariate series, instance normalisation."""
+    from transformers import PatchTSTConfig, PatchTSTForPrediction
+
+    torch.manual_seed(0)
+    cfg = PatchTSTConfig(num_input_channels=3, context_length=32, patch_length=8, patch_stride=8,
+                         prediction_length=8, d_model=32, num_attention_heads=2,
+                         num_hidden_layers=2, ffn_dim=64)
+    return _hf("patchtst", PatchTSTForPrediction(cfg), lambda b, n, s: (_randn(b, 32, 3, seed=s),),
+               shape=(2, 32), reshaped=(3, 32))
+
+
+def encodec() -> Specimen:
+    """EnCodec: a conv encoder, an LSTM, residual vector quantization, a conv decoder."""
+    from transformers import EncodecConfig, EncodecModel
+
+    torch.manual_seed(0)
+    cfg = EncodecConfig(hidden_size=16, num_filters=4, num_residual_layers=1, upsampling_ratios=[4, 2],
+                        codebook_size=32, codebook_dim=16, target_bandwidths=[1.5], sampling_rate=800,
+                        num_lstm_layers=1)
+    return _hf("encodec", EncodecModel(cfg), lambda b, n, s: (_randn(b, 1, n, seed=s),),
+               shape=(2, 160), reshaped=(3, 240))
+
+
+class PackedLSTM(nn.Module):
+    """Variable-length sequences through pack_padded_sequence, an LSTM and back."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 24)
+        self.rnn = nn.LSTM(24, 32, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.inp(x), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.head(out)
+
+
+def packed_lstm() -> Specimen:
+    def make(b, n, s):
+        return (_randn(b, n, 16, seed=s), torch.tensor([n] + [max(n - 2 - i, 1) for i in range(b - 1)]))
+    torch.manual_seed(0)
+    return _specimen("packed_lstm", PackedLSTM(), make)
+
+
+class PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder with src_key_padding_mask from an attention mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids, mask):
+        h = self.encoder(self.emb(ids), src_key_padding_mask=mask == 0)
+        return self.head(h[:, 0])
+
+
+def padded_encoder() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("padded_encoder", PaddedEncoder(), _ids_mask)
+
+
+ROUND22 = (llama_default, mistral_sliding, convbert, layoutlm, beit, vit_mae, hiera, patchtst, encodec,
+           packed_lstm, padded_encoder)
+
+
 ROUND20 = (stablelm, mpt, yolos, videomae, mamba2, longformer, timm_like)
 
 ROUND18 = (gemma, codegen, gptj, rwkv, whisper, speech2text, clip, convnextv2, detr, audio_convnet,
@@ -909,7 +1068,7 @@ PROBE: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     einsum_mixer, embedding_max_norm, kws_dscnn, wavenet_tcn, attention_pool, conv_autoencoder,
     gemma2, opt, bloom, electra, mpnet, segformer, swin, mamba, clip_text, marian, fnet,
     phi3, t5_encoder, gemma3_text, starcoder2, olmo2, modernbert, xlm_roberta, squeezebert, dinov2,
-    *ROUND18, *ROUND20, *ROUND21)}
+    *ROUND18, *ROUND20, *ROUND21, *ROUND22)}
 
 #: never run while fixing: judged once the fixes were made
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (

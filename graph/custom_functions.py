@@ -59,21 +59,24 @@ def _touches_graph(tracer: torch.fx.Tracer, args: tuple, kwargs: dict) -> bool:
                for a in flat)
 
 
+def _recording_apply(cls, *args, **kwargs):
+    tracer = getattr(_LOCAL, "tracer", None)
+    if tracer is not None and _touches_graph(tracer, args, kwargs):
+        return tracer.create_proxy("call_function", caller(cls), args, kwargs)
+    return _APPLY.__get__(None, cls)(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def recording(tracer: torch.fx.Tracer):
     """While ``tracer`` traces: a Function applied to graph values (or to the model's
     parameters) becomes one ``call_function`` node calling its ``apply``."""
-    def apply(cls, *args, **kwargs):
-        if getattr(_LOCAL, "tracer", None) is tracer and _touches_graph(tracer, args, kwargs):
-            return tracer.create_proxy("call_function", caller(cls), args, kwargs)
-        return _APPLY.__get__(None, cls)(*args, **kwargs)
-
-    with _patched(classmethod(apply)):
+    outer = getattr(_LOCAL, "tracer", None)
+    with _patched(classmethod(_recording_apply)):
         _LOCAL.tracer = tracer
         try:
             yield
         finally:
-            _LOCAL.tracer = None
+            _LOCAL.tracer = outer
 
 
 @contextlib.contextmanager
@@ -94,9 +97,9 @@ def noting():
 @contextlib.contextmanager
 def _patched(replacement: classmethod):
     # Function.apply is looked up on each call (RoundSTE.apply -> Function's classmethod);
-    # the capture holds TRACE_LOCK.tracing() meanwhile, and the wrapper only calls through
-    # for calls that are not this trace's
-    if Function.__dict__["apply"] is not _APPLY:  # a nested capture: the outer one records
+    # the capture holds TRACE_LOCK.tracing() meanwhile, and the wrappers call through for
+    # every call that is not the current trace's (other threads: _LOCAL)
+    if Function.__dict__["apply"] is not _APPLY:  # a nested block keeps the outer's patch
         yield
         return
     Function.apply = replacement
