@@ -139,7 +139,8 @@ class StateCheck:
             self.fail(field, f"has {t.numel()} elements, expected {numel}")
         if finite or positive:
             with torch.no_grad():
-                bad = ~torch.isfinite(t) if finite else torch.zeros((), dtype=torch.bool)
+                # positive is finite too: an inf smoothing factor or scale passed ``t > 0``
+                bad = ~torch.isfinite(t)
                 if positive:
                     bad = bad | ~(t > 0)
             if bool(bad.any()):

@@ -408,6 +408,18 @@ class Pass:
         return f"<{type(self).__name__} {self}>"
 
 
+def check_op_kinds(pass_name: str, ops: Sequence[str]) -> None:
+    """Raise OptionError naming ``ops`` unless it lists at least one known weighted-op kind
+    and nothing else (``prune{ops=[]}`` had reported an ``include`` that matched nothing)."""
+    from fxpress.graph.weights import KINDS
+
+    bad = [k for k in ops if k not in KINDS]
+    if bad:
+        raise OptionError(pass_name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")
+    if not ops:
+        raise OptionError(pass_name, "ops", f"give at least one op kind of {KINDS}")
+
+
 def check_glob_matches(pass_name: str, unmatched: Iterable[str], available: Sequence[str]) -> None:
     """Raise OptionError for include patterns that match no weighted op."""
     unmatched = list(unmatched)

@@ -40,9 +40,9 @@ from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, un
                                    unpack_rows)
 from fxpress.graph.runtime import CompressedModule, StateCheck, kind_classes
 from fxpress.passes.decode import DecodeStrategy
-from fxpress.graph.weights import CONV, EMBEDDING, KINDS, LINEAR, select, weighted_ops
+from fxpress.graph.weights import CONV, EMBEDDING, LINEAR, select, weighted_ops
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
-                                 check_glob_matches, option)
+                                 check_glob_matches, check_op_kinds, option)
 
 MODES = ("sign", "ternary", "pow2")
 MODE_BITS = {"sign": 1, "ternary": 2}
@@ -338,9 +338,7 @@ class Binarize(Pass):
             raise OptionError(self.name, "bits", f"mode={self.mode} stores "
                               f"{MODE_BITS[self.mode]} bit(s) per weight; bits=... only applies "
                               "to mode=pow2: drop bits or use mode=pow2")
-        bad = [k for k in self.ops if k not in KINDS]
-        if bad or not self.ops:
-            raise OptionError(self.name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")
+        check_op_kinds(self.name, self.ops)
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         every = weighted_ops(gm, fused=True)

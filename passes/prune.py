@@ -37,11 +37,11 @@ import torch
 from fxpress.errors import MissingDataError, OptionError
 from fxpress.graph.capture import clone_structure
 from fxpress.graph.memory import remember_nonzeros, sparsity
-from fxpress.graph.weights import KINDS, select, unique_weights, weighted_ops
+from fxpress.graph.weights import select, unique_weights, weighted_ops
 from fxpress.graph.fused import fused_weights
 from fxpress.graph.weights import CONV, LINEAR
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
-                                 check_glob_matches, option)
+                                 check_glob_matches, check_op_kinds, option)
 from fxpress.passes.gradual import cubic_schedule
 from fxpress.passes.watch import WatchInterpreter
 
@@ -573,9 +573,7 @@ class Prune(Pass):
         if self.threshold is not None and "scope" in self._given:
             raise OptionError(self.name, "scope", "only applies with sparsity=...; a threshold "
                               "is the same in every layer")
-        bad = [k for k in self.ops if k not in KINDS]
-        if bad:
-            raise OptionError(self.name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")
+        check_op_kinds(self.name, self.ops)
 
     def _criterion(self, ctx: PassContext) -> str:
         """'activation' or 'magnitude': what ranks the weights in this run."""

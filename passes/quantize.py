@@ -60,8 +60,8 @@ from fxpress.passes.quantize_grid import (GRANULARITIES, SCHEMES, _quantize,
                                           quantize_stored, quantize_weight, store_codes)
 from fxpress.passes.decode import normalize_decode
 from fxpress.passes.watch import WatchInterpreter
-from fxpress.passes.quantize_modules import (RUNTIME_MODULES, QuantizedConv, QuantizedEmbedding,
-                                             QuantizedLinear, QuantizedWeight)
+from fxpress.passes.quantize_modules import (RUNTIME_MODULES, SMOOTH_MIN, QuantizedConv,
+                                             QuantizedEmbedding, QuantizedLinear, QuantizedWeight)
 
 _NONE = type(None)
 
@@ -630,7 +630,7 @@ class Quantize(Pass):
         xmax = torch.maximum(xmax, SMOOTH_INPUT_FLOOR * xmax.mean()).clamp(min=1e-5)
         if wmax is None:
             wmax = _column_absmax(w2)
-        return (xmax.pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+        return (xmax.pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=SMOOTH_MIN)
 
     def _wmax(self, op, rec: _InputRecorder, w2: torch.Tensor, alpha: float | None
               ) -> torch.Tensor | None:

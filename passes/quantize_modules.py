@@ -24,6 +24,11 @@ from fxpress.passes.quantize_grid import (code_range, dequantize_weight, from_gr
 #: the module the artifact format names these classes by
 ARTIFACT_MODULE = "fxpress.passes.quantize"
 
+#: the least smoothing factor the quantize pass writes (it clamps to it): the loader
+#: refuses smaller ones
+SMOOTH_MIN = 1e-5
+
+
 class QuantizedWeight(DecodeStrategy, CompressedModule):
     """A weighted op whose weight is stored as packed integer codes and scales.
 
@@ -88,12 +93,17 @@ class QuantizedWeight(DecodeStrategy, CompressedModule):
             check.tensor("qweight", dtypes=(torch.uint8,), shape=[rows, -(-cols // 8) * bits])
         grid = {"tensor": [1, 1], "channel": [rows, 1],
                 "group": [rows, group_count(cols, group_size)]}[granularity]
-        check.tensor("scale", dtypes=(torch.float32,), shape=grid)
+        check.tensor("scale", dtypes=(torch.float32,), shape=grid, positive=True)
         check.tensor("zero_point", dtypes=(torch.uint8,), shape=grid, optional=scheme != "affine")
         if scheme != "affine" and self.zero_point is not None:
             check.fail("tensor 'zero_point'", "is stored for a symmetric scheme")
-        check.tensor("smooth", dtypes=(torch.float32,), shape=[cols], optional=True,
-                     positive=True)
+        smooth = check.tensor("smooth", dtypes=(torch.float32,), shape=[cols], optional=True,
+                              positive=True)
+        # the stored weight is divided by it: a flipped exponent bit (1e-38) made every
+        # output inf; the pass never writes one under SMOOTH_MIN
+        if smooth is not None and bool((smooth < torch.tensor(SMOOTH_MIN)).any()):
+            check.fail("tensor 'smooth'", f"holds factors under {SMOOTH_MIN}, the least the "
+                       "quantize pass writes")
         check.tensor("bias", optional=True, dtypes=(torch.float32,))
 
     # -- decoding ------------------------------------------------------------------------

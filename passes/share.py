@@ -55,10 +55,10 @@ from fxpress.graph.packing import (pack_bits, packed_size, rows_byte_aligned, un
                                     unpack_rows)
 from fxpress.graph.runtime import CompressedModule, StateCheck, kind_classes, op_forward
 from fxpress.passes.decode import DecodeStrategy, normalize_decode
-from fxpress.graph.weights import (CONV, EMBEDDING, KINDS, LINEAR, select, unique_weights,
+from fxpress.graph.weights import (CONV, EMBEDDING, LINEAR, select, unique_weights,
                                    weighted_ops)
 from fxpress.passes.base import (Pass, PassContext, PassResult, PassTraits, Tolerance,
-                                 check_glob_matches, option)
+                                 check_glob_matches, check_op_kinds, option)
 from fxpress.passes.kmeans1d import HIST_BINS, KMeans1D, kmeans_1d, kmeans_1d_many
 from fxpress.passes.quantize_grid import (dequantize_weight, load_codes, quantize_weight,
                                           store_codes, tensor_grid)
@@ -227,6 +227,8 @@ class CodebookModule(DecodeStrategy, CompressedModule):
                 or not 1 <= cb.numel() <= 1 << bits:
             check.fail("tensor 'codebook'", f"a {bits}-bit code addresses 1..{1 << bits} "
                        f"centroids, got a codebook of {None if cb is None else tuple(cb.shape)}")
+        if not bool(torch.isfinite(cb).all()):
+            check.fail("tensor 'codebook'", "holds non-finite values")
         count = check.integer("nonzeros", 0, n) if sparse else n
         codes = check.tensor("codes", dtypes=(torch.uint8,))
         if codes.numel() != packed_size(count, bits):
@@ -455,11 +457,7 @@ class Share(Pass):
                            "(8: one byte each and a 4-byte grid; 0 keeps them float)", low=0, high=8)
 
     def check_options(self) -> None:
-        bad = [k for k in self.ops if k not in KINDS]
-        if bad:
-            raise OptionError(self.name, "ops", f"unknown op kind(s) {bad}; choose from {KINDS}")
-        if not self.ops:
-            raise OptionError(self.name, "ops", f"give at least one op kind of {KINDS}")
+        check_op_kinds(self.name, self.ops)
         if self.bias_bits == 1:
             raise OptionError(self.name, "bias_bits", "a 1-bit grid holds only the smallest and "
                               "largest bias; use 2-8, or 0 to keep biases in float")

@@ -225,6 +225,12 @@ CASES = [
          ("share: option 'bits'", "1 <= bits <= 8", "got 9")),
     Case("share-no-ops", _compress("share{ops=[]}"), E.OptionError,
          ("share: option 'ops'", "give at least one op kind", "linear")),
+    # prune{ops=[]} named 'include' ("an earlier pass replaced them"), binarize{ops=[]}
+    # "unknown op kind(s) []": one check now (passes/base.check_op_kinds)
+    Case("prune-no-ops", _compress("prune{sparsity=0.5,ops=[]}"), E.OptionError,
+         ("prune: option 'ops'", "give at least one op kind", "linear")),
+    Case("binarize-no-ops", _compress("binarize{ops=[]}"), E.OptionError,
+         ("binarize: option 'ops'", "give at least one op kind", "linear")),
     Case("share-unknown-op", _compress("share{ops=[lstm]}"), E.OptionError,
          ("'ops'", "unknown op kind(s) ['lstm']", "choose from")),
     Case("share-glob-nothing", _compress("share{exclude=[head],include=[encoder.*]}"),

@@ -292,3 +292,33 @@ def test_a_compressed_conv_padding_past_the_limit_is_refused():
                      for k, v in spec["v"]]
     with pytest.raises(ArtifactFormatError, match=f"module '{path}'.*padding"):
         artifact.loads(tamper(saved, mutate), _classes())
+
+
+@pytest.mark.parametrize("pipe, name, value", [
+    # a re-signed payload flip made a smoothing factor inf: ``positive`` let it through
+    ("quantize{bits=4,smooth=0.5}", "smooth", float("inf")),
+    ("quantize{bits=4,smooth=0.5}", "smooth", 1e-30),
+    ("quantize{bits=4}", "scale", float("inf")),
+    ("quantize{bits=4}", "scale", float("nan")),
+    ("quantize{bits=4}", "scale", 0.0),
+    ("quantize{bits=4}", "scale", -1.0),
+    ("share{bits=4}", "codebook", float("nan")),
+    ("share{bits=4}", "codebook", float("-inf")),
+])
+def test_non_finite_scales_smoothing_and_centroids_are_refused_at_load(pipe, name, value):
+    """The writer stores only finite positive scales, finite centroids and smoothing
+    factors of at least SMOOTH_MIN (the stored weight is divided by them); one inf, NaN or
+    1e-30 made every output non-finite (found by flipping payload bits of real artifacts
+    and re-signing them: a smoothing factor's exponent bit)."""
+    model, x = _model("mlp")
+    gm = fxpress.compress(model, pipe, (x,), progress=False, policy="warn").module
+    sub = gm.get_submodule("0")
+    t = sub.state_dict()[name].clone()
+    t.view(-1)[0] = value
+    if name in sub._parameters:
+        sub._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+    else:
+        sub._buffers[name] = t
+    with pytest.raises(ArtifactFormatError, match=f"module '0': .*tensor '{name}': holds "
+                                                  "(non-finite|factors under)"):
+        artifact.loads(artifact.dumps(gm), _classes())
