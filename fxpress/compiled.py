@@ -41,7 +41,8 @@ try:
 except ImportError:  # an older torch: the pass only keys Inductor's cache
     _CustomGraphPass = object
 
-from fxpress.errors import CompileError, InputError
+from fxpress.errors import CompileError, FxpressError, InputError
+from fxpress.graph.artifact.values import escape_controls
 from fxpress.passes.int8_traced import (choose_product, define_traced_ops, small_calls_allowed,
                                         traced_product)
 
@@ -95,9 +96,11 @@ class CompiledModel(torch.nn.Module):
                         traced_product(self.product, self.small_calls):
                     args, kwargs = _plain(args), _plain(kwargs)
                     return self._compiled(*args, **kwargs)
-            except RuntimeError as e:
-                if _RECOMPILE not in str(e):
-                    raise
+            except FxpressError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a recompile, or typed below
+                if not (isinstance(e, RuntimeError) and _RECOMPILE in str(e)):
+                    raise self._failure(e, args, kwargs) from e
         before = self.compiles
         start = time.perf_counter()
         try:
@@ -121,15 +124,46 @@ class CompiledModel(torch.nn.Module):
                     small_work_serial(), traced_product(self.product, self.small_calls):
                 args, kwargs = _plain(args), _plain(kwargs)
                 out = self._compiled(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            raise CompileError(
-                f"fxpress.compile: torch.compile failed on {type(self.module).__name__} "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); try "
-                f"freeze=False, or backend='aot_eager' to see whether tracing or code "
-                f"generation fails, or run the model uncompiled") from e
+        except FxpressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - typed, named, cause kept
+            raise self._failure(e, args, kwargs) from e
         if self.compiles != before:
             self.compile_seconds += time.perf_counter() - start
         return out
+
+    def _failure(self, error: Exception, args: tuple, kwargs: dict) -> FxpressError:
+        """The typed error for a raw ``error`` of a compiled call (tracing, code generation
+        or the generated code): the model's copy runs the same call uncompiled (no
+        gradients, eval mode, the caller's RNG untouched) to say whose fault it is. A
+        loaded artifact's graph raises its own typed error there, naming the file, node and
+        module (:func:`fxpress.graph.artifact.calls.diagnose`: a crafted layer of other
+        widths); another model failing there too is the inputs' (or the model's) fault,
+        :class:`InputError` naming the node; a model that runs uncompiled is torch.compile's,
+        :class:`CompileError` naming the model and the node its tracing failed at."""
+        from fxpress.graph.artifact.calls import describe_node, error_text, failing_node
+
+        module = self.module
+        label = getattr(module, "fxpress_file", None) or type(module).__name__
+        graph = module if isinstance(module, torch.fx.GraphModule) else None
+        node = failing_node(graph, error) if graph is not None else None
+        at = f" at {describe_node(node, graph)}" if node is not None else ""
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                module(*args, **kwargs)
+        except FxpressError as typed:
+            return typed
+        except Exception as eager:  # noqa: BLE001 - located, then reported typed
+            node = failing_node(graph, eager) if graph is not None else None
+            at = f" at {describe_node(node, graph)}" if node is not None else ""
+            return InputError(escape_controls(
+                f"fxpress.compile: {label} fails uncompiled too{at} on these inputs "
+                f"({error_text(eager)}); the compiled model computes what the model computes: "
+                f"check the inputs' shapes and dtypes against the model's"))
+        return CompileError(escape_controls(
+            f"fxpress.compile: torch.compile failed on {label}{at} ({error_text(error)}), "
+            f"which runs uncompiled on these inputs; try freeze=False, or backend='aot_eager' "
+            f"to see whether tracing or code generation fails, or run the model uncompiled"))
 
     def extra_repr(self) -> str:
         return f"compiles={self.compiles}, freeze={self.freeze}, int8={self.product[0]}"
@@ -382,6 +416,8 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     # a model's autograd.Function nodes as their forward's ops (dynamo cannot call them
     # through fxpress's node target; a compiled model is for inference)
     copy = clone_structure(inference_graph(model, "fxpress.compile")).train(False)
+    if getattr(model, "fxpress_file", None):  # a loaded artifact's errors name its file
+        copy.fxpress_file = model.fxpress_file
     if freeze:
         _unfuse_rnns(copy)
     _time_major_rnns(copy)

@@ -55,7 +55,7 @@ def check_call_arity(gm: torch.fx.GraphModule, where: str) -> None:
                 f"forward does not take ({e})") from None
 
 
-def _describe(node: torch.fx.Node, gm: torch.nn.Module) -> str:
+def describe_node(node: torch.fx.Node, gm: torch.nn.Module) -> str:
     if node.op == "call_module":
         try:
             cls = type(gm.get_submodule(node.target)).__name__
@@ -158,8 +158,9 @@ def _run_at_saved_shapes(gm: torch.fx.GraphModule) -> tuple[bool, _Failed | None
     return True, None, run.origin
 
 
-def _failing_node(gm: torch.fx.GraphModule, error: BaseException) -> torch.fx.Node | None:
-    """The node whose generated line raised ``error`` (the graph's line-number map)."""
+def failing_node(gm: torch.fx.GraphModule, error: BaseException) -> torch.fx.Node | None:
+    """The node whose generated line raised ``error`` (the graph's line-number map), from
+    the error's traceback or, for an error of torch.compile's tracing, the stack it traced."""
     code = getattr(type(gm).forward, "__code__", None)
     lineno_map = getattr(gm, "_lineno_map", None)
     if code is None or not lineno_map:
@@ -170,19 +171,30 @@ def _failing_node(gm: torch.fx.GraphModule, error: BaseException) -> torch.fx.No
             line = tb.tb_lineno
         tb = tb.tb_next
     if line is None:
+        # an error of torch.compile's tracing: Dynamo keeps the user code's stack it traced
+        # (``real_stack``, frame summaries), the graph's generated forward among them
+        for frame in getattr(error, "real_stack", None) or ():
+            if getattr(frame, "filename", None) == code.co_filename and frame.name == code.co_name:
+                line = frame.lineno
+    if line is None:
         return None
     index = lineno_map.get(line - code.co_firstlineno)
     nodes = list(gm.graph.nodes)
     return nodes[index] if index is not None and 0 <= index < len(nodes) else None
 
 
+def error_text(error: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of a raw error, shortened, for a typed error's message."""
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {_short_repr(first[0] if first else '', limit)}"
+
+
 def diagnose(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, error: Exception) -> FxpressError:
     """The typed error to raise for a raw ``error`` from a loaded graph's call."""
     where = getattr(gm, "fxpress_file", None) or "artifact"
-    first = str(error).strip().splitlines()
-    raw = f"{type(error).__name__}: {_short_repr(first[0] if first else '', 300)}"
-    failing = _failing_node(gm, error)
-    at = f" at {_describe(failing, gm)}" if failing is not None else ""
+    raw = error_text(error)
+    failing = failing_node(gm, error)
+    at = f" at {describe_node(failing, gm)}" if failing is not None else ""
     try:
         ran, failed, origin = _run_at_saved_shapes(gm)
     except Exception as e:  # noqa: BLE001 - the diagnosis must not replace the caller's error
@@ -192,11 +204,11 @@ def diagnose(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, error: Excepti
         first = str(failed.error).strip().splitlines()
         msg = f"{where}: the loaded graph fails{at} ({raw}), and on zero inputs at the shapes the file records too"
         if failed.node is not failing:
-            msg += (f", at {_describe(failed.node, gm)} ({type(failed.error).__name__}: "
+            msg += (f", at {describe_node(failed.node, gm)} ({type(failed.error).__name__}: "
                     f"{_short_repr(first[0] if first else '', 200)})")
         if origin is not None:
             node, out = origin
-            msg += (f"; {_describe(node, gm)} returns {_shape_text(out)} where the file records "
+            msg += (f"; {describe_node(node, gm)} returns {_shape_text(out)} where the file records "
                     f"{_saved_text(node)}")
         return ArtifactFormatError(escape_controls(
             msg + ": the file's modules do not fit its graph (crafted or damaged); save the "
@@ -225,4 +237,5 @@ class LoadedGraphModule(torch.fx.GraphModule):
             raise diagnose(self, args, kwargs, e) from e
 
 
-__all__ = ["LoadedGraphModule", "check_call_arity", "diagnose", "SAVED"]
+__all__ = ["LoadedGraphModule", "check_call_arity", "describe_node", "diagnose", "error_text",
+           "failing_node", "SAVED"]
