@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import threading
 import time
@@ -454,7 +455,9 @@ def cache_free_kwargs(model: torch.nn.Module, outputs: Any) -> dict[str, Any]:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
-    return {"use_cache": False} if "use_cache" in params else {}
+    # newer transformers models take use_cache through **kwargs (TransformersKwargs)
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}
 
 
 #: transformers' mixture-of-experts kernel that runs as plain ATen ops (each token's expert
@@ -578,8 +581,47 @@ def _plain_attribute_copies(model: torch.nn.Module):
             vars(m)[k] = t
 
 
+def _converts_nothing(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``module.to(*args, **kwargs)`` leaves every parameter and buffer as it is
+    (same device, dtype and layout)."""
+    try:
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - let the real call raise its own error
+        return False
+    for t in (*module.parameters(), *module.buffers()):
+        if device is not None and t.device != torch.device(device):
+            return False
+        if dtype is not None and (t.is_floating_point() or t.is_complex()) and t.dtype != dtype:
+            return False
+        if memory_format is not None and t.dim() == 4 and not t.is_contiguous(memory_format=memory_format):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _idle_module_to(model: torch.nn.Module):
+    """A forward that calls ``submodule.to(dtype)`` (Switch Transformers' router casts its
+    classifier at every call): export swaps each parameter for a traced one and ``.to``
+    then fails to swap it back ("Couldn't swap Linear.weight"), although nothing changes.
+    While exporting, such a call on one of the model's modules that converts nothing
+    returns the module, as eager ``.to`` does; one that would convert runs as it is."""
+    ours = {id(m) for m in model.modules()}
+    original = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if id(self) in ours and _converts_nothing(self, args, kwargs):
+            return self
+        return original(self, *args, **kwargs)
+
+    torch.nn.Module.to = to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original
+
+
 def _capture_export(model, example_inputs, dynamic, bound=None):
-    with _plain_attribute_copies(model), custom_functions.noting() as functions:
+    with _plain_attribute_copies(model), _idle_module_to(model), custom_functions.noting() as functions:
         gm = _capture_export_as_is(model, example_inputs, dynamic, bound)
     if functions:  # export records their forward's ops only: distill says so
         gm.meta["fxpress_functions"] = [custom_functions.class_label(c) for c in functions]
@@ -594,8 +636,18 @@ def _capture_export_as_is(model, example_inputs, dynamic, bound=None):
         gm.meta["fxpress_fixed"] = _fixed_dims(ep)
         gm.meta["fxpress_bounded"] = _bounded_dims(ep)
         return gm
+    params = inspect.signature(model.forward).parameters
+    if any(k not in params for k in bound):
+        # a keyword the forward takes through **kwargs (transformers' TransformersKwargs):
+        # export cannot shape a constant inside **kwargs, so the call binds it instead
+        with _forward_binding(model, bound):
+            ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
+        gm = ep.module()
+        gm.meta["fxpress_fixed"] = _fixed_dims(ep)
+        gm.meta["fxpress_bounded"] = _bounded_dims(ep)
+        return gm
     if shapes is not None:  # with keyword arguments, shapes are given by argument name
-        names = list(inspect.signature(model.forward).parameters)[:len(example_inputs)]
+        names = list(params)[:len(example_inputs)]
         shapes = {**dict(zip(names, shapes)), **{k: None for k in bound}}
     ep = torch.export.export(model, example_inputs, kwargs=dict(bound), dynamic_shapes=shapes,
                              strict=False)
@@ -604,6 +656,22 @@ def _capture_export_as_is(model, example_inputs, dynamic, bound=None):
     gm.meta["fxpress_bounded"] = _bounded_dims(ep)
     _drop_bound_inputs(gm, bound, example_inputs)
     return gm
+
+
+@contextlib.contextmanager
+def _forward_binding(model, bound: dict):
+    """``model``'s calls made with the keywords ``bound`` (an instance attribute for the
+    duration, removed after: the caller's model is left as it was)."""
+    had = "forward" in vars(model)
+    old = vars(model).get("forward")
+    model.forward = functools.partial(model.forward, **bound)
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = old
+        else:
+            del model.forward
 
 
 def _fixed_dims(ep) -> dict[int, dict[int, int]]:
@@ -947,6 +1015,14 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
         bound = cache_free_kwargs(model, expected)
         if bound:
             expected = model(*example_inputs, **bound)
+        cache = next((type(x).__name__ for x in pytree.tree_leaves(expected) if _is_cache(x)), None)
+        if cache:
+            raise CaptureError(
+                f"capture: {type(model).__name__} returns a {cache} (a KV cache, which no graph can "
+                "return) " + ("even when called with use_cache=False" if bound else
+                              "and its forward takes no use_cache argument") +
+                ": wrap the model in a module whose forward returns its tensors (e.g. the logits) "
+                "and capture that")
         causes: dict[str, BaseException] = {}
         details: dict[str, str] = {}
         order = ("fx", "export") if method == "auto" else (method,)

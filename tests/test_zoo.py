@@ -215,3 +215,57 @@ def test_mixture_of_experts_captures_with_plain_aten_and_compresses_its_experts(
         decoded.experts, decoded.layout = experts, layout
         with pytest.raises(TypeError, match="do not describe"):
             decoded()
+
+
+def test_a_model_taking_use_cache_through_kwargs_is_captured_without_its_cache():
+    """Newer transformers models (GraniteMoE, ...) take ``use_cache`` through ``**kwargs``
+    only: capture still calls them with use_cache=False (export used to refuse the
+    DynamicCache in the outputs), and leaves the caller's model as it was."""
+    import torch
+    from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+
+    import fxpress
+    from tests.zoo import VOCAB, _ids, _mask
+
+    torch.manual_seed(0)
+    model = GraniteMoeForCausalLM(GraniteMoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    assert "use_cache" not in __import__("inspect").signature(model.forward).parameters
+    gm = fxpress.capture(model, (_ids(2, 8, 1), _mask(2, 8)))
+    assert gm.meta["fxpress"]["call_kwargs"] == {"use_cache": False}
+    assert "forward" not in vars(model) and model.config.use_cache
+    x = (_ids(3, 12, 2), _mask(3, 12))
+    with torch.no_grad():
+        got, ref = gm(*x).logits, model(*x).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_a_forward_that_casts_a_submodule_to_its_own_dtype_is_exported():
+    """Switch Transformers' router runs ``self.classifier = self.classifier.to(dtype)`` at every
+    call: export failed to swap the traced weight back ("Couldn't swap Linear.weight")
+    although nothing changes. Such a call converts nothing and returns the module."""
+    import torch
+    from torch import nn
+
+    import fxpress
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.classifier = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            self.classifier = self.classifier.to(torch.float32)
+            return torch.softmax(self.classifier(h), -1)
+
+    torch.manual_seed(0)
+    model = Router().eval()
+    classifier = model.classifier
+    gm = fxpress.capture(model, (torch.randn(2, 5, 16),), method="export")
+    assert model.classifier is classifier and torch.nn.Module.to.__qualname__ == "Module.to"
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-6)
