@@ -1057,6 +1057,335 @@ ROUND22 = (llama_default, mistral_sliding, convbert, layoutlm, beit, vit_mae, hi
            packed_lstm, padded_encoder)
 
 
+# -- round 23: encoder-decoders run whole, two towers, MoE routing, audio front ends, and the
+#    torch layers users write (ConvNeXt blocks, projected LSTMs, seq-first attention, dict inputs)
+
+def siglip() -> Specimen:
+    """SigLIP's two towers (text and vision) on input_ids and pixel_values."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    cfg = SiglipConfig(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=64),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=32, patch_size=8))
+
+    def make(b, n, s):
+        return (_ids(b, n, s), _randn(b, 3, 32, 32, seed=s + 50))
+    return _hf("siglip", SiglipModel(cfg), make)
+
+
+def umt5() -> Specimen:
+    """UMT5, the whole encoder-decoder (relative attention bias in every layer) on ids, mask
+    and decoder ids."""
+    from transformers import UMT5Config, UMT5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = UMT5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                     num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return _hf("umt5", UMT5ForConditionalGeneration(cfg), _seq2seq)
+
+
+def switch_transformers() -> Specimen:
+    """Switch Transformer: an encoder-decoder whose feed-forwards are top-1 routed experts."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = SwitchTransformersConfig(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, expert_capacity=8,
+                                   num_layers=2, num_sparse_encoder_layers=1, num_decoder_layers=2,
+                                   num_sparse_decoder_layers=1, num_heads=2, num_experts=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return _hf("switch_transformers", SwitchTransformersForConditionalGeneration(cfg), _seq2seq)
+
+
+def moonshine() -> Specimen:
+    """Moonshine speech-to-text: raw audio through a conv front end with group norm, rotary
+    encoder and decoder, on audio and decoder ids."""
+    from transformers import MoonshineConfig, MoonshineForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = MoonshineConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=1,
+                          decoder_num_hidden_layers=1, encoder_num_attention_heads=2,
+                          decoder_num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+
+    def make(b, n, s):  # input_values [B, samples], attention_mask, decoder_input_ids
+        return (_randn(b, 400 * n, seed=s), torch.ones(b, 400 * n, dtype=torch.long), _ids(b, n, s + 100))
+    return _hf("moonshine", MoonshineForConditionalGeneration(cfg), make, shape=(2, 4), reshaped=(3, 6))
+
+
+def wavlm() -> Specimen:
+    """WavLM: group-norm conv feature extractor, gated relative position bias."""
+    from transformers import WavLMConfig, WavLMModel
+
+    torch.manual_seed(0)
+    cfg = WavLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=2, num_buckets=16, max_bucket_distance=32)
+    return _hf("wavlm", WavLMModel(cfg), lambda b, n, s: (_randn(b, n, seed=s),), shape=(2, 400),
+               reshaped=(3, 560))
+
+
+def levit() -> Specimen:
+    """LeViT: attention biases indexed by buffers (cached per device in eval mode), BatchNorm
+    linears, shrinking attention."""
+    from transformers import LevitConfig, LevitForImageClassification
+
+    torch.manual_seed(0)
+    cfg = LevitConfig(image_size=32, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3], depths=[1, 1, 1],
+                      key_dim=[8, 8, 8], drop_path_rate=0, mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2],
+                      num_labels=3)
+    return _hf("levit", _bn_stats(LevitForImageClassification(cfg)), _image, shape=(2, 32), reshaped=(3, 32))
+
+
+def bit() -> Specimen:
+    """BiT: weight-standardized convs (the weight is normalised in forward), group norm."""
+    from transformers import BitConfig, BitForImageClassification
+
+    torch.manual_seed(0)
+    cfg = BitConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3, num_groups=4,
+                    layer_type="preactivation")
+    return _hf("bit", BitForImageClassification(cfg), _image, shape=(2, 32), reshaped=(3, 48))
+
+
+def mobilenet_v2() -> Specimen:
+    """transformers' MobileNetV2 with its default TensorFlow padding (computed from the input
+    size at every call), ReLU6, depthwise convs."""
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    torch.manual_seed(0)
+    cfg = MobileNetV2Config(image_size=32, depth_multiplier=0.25, num_labels=3)
+    return _hf("mobilenet_v2", _bn_stats(MobileNetV2ForImageClassification(cfg)), _image, shape=(2, 32),
+               reshaped=(3, 40))
+
+
+def deepseek_v3() -> Specimen:
+    """DeepSeek-V3: multi-head latent attention (low-rank q/kv), grouped top-k routed experts
+    with a shared expert."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                           num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2,
+                           num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                           n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                           qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=64,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _hf("deepseek_v3", DeepseekV3ForCausalLM(cfg), _ids_mask)
+
+
+def granite_moe() -> Specimen:
+    """GraniteMoE: scaled embeddings, residuals and logits; experts as one parallel linear."""
+    from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GraniteMoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64, embedding_multiplier=2.0,
+                           residual_multiplier=0.5, logits_scaling=4.0, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
+    return _hf("granite_moe", GraniteMoeForCausalLM(cfg), _ids_mask)
+
+
+def funnel() -> Specimen:
+    """Funnel Transformer: pooled sequence between blocks, relative attention, an upsampling
+    decoder back to the full length."""
+    from transformers import FunnelConfig, FunnelModel
+
+    torch.manual_seed(0)
+    cfg = FunnelConfig(vocab_size=VOCAB, block_sizes=[1, 1], num_decoder_layers=1, d_model=32, n_head=2,
+                       d_head=16, d_inner=64)
+    return _hf("funnel", FunnelModel(cfg), _ids_mask)
+
+
+def xlnet() -> Specimen:
+    """XLNet: two-stream relative attention with segment and position terms."""
+    from transformers import XLNetConfig, XLNetForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, d_inner=64, num_labels=3)
+    return _hf("xlnet", XLNetForSequenceClassification(cfg), _ids_mask)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: permute, normalise the last dim, permute back."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, channels-last LayerNorm, inverted MLP, layer scale (a parameter
+    multiplied in), residual."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.gamma * self.fc2(F.gelu(self.fc1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class ConvNeXtNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 4, stride=4), LayerNorm2d(16))
+        self.stage1 = ConvNeXtBlock(16)
+        self.down = nn.Sequential(LayerNorm2d(16), nn.Conv2d(16, 32, 2, stride=2))
+        self.stage2 = ConvNeXtBlock(32)
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(self.norm(h.mean((2, 3))))
+
+
+def convnext_block() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("convnext_block", ConvNeXtNet(), _image, shape=(2, 32), reshaped=(3, 48))
+
+
+class ConvZoo(nn.Module):
+    """Grouped, dilated, circular-padded, transposed (grouped, output_padding) and 3-D convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, padding_mode="circular")
+        self.g = nn.Conv2d(16, 32, 3, padding=2, dilation=2, groups=4)
+        self.up = nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.c3 = nn.Conv3d(1, 4, (2, 3, 3), padding=(0, 1, 1))
+        self.up3 = nn.ConvTranspose3d(4, 4, (1, 2, 2), stride=(1, 2, 2))
+        self.c1d = nn.Conv1d(16, 8, 5, padding=2, padding_mode="replicate")
+        self.head = nn.Linear(8 + 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.up(F.relu(self.g(F.relu(self.c1(x))))))          # [B, 16, 2H, 2W]
+        v = F.relu(self.up3(F.relu(self.c3(h[:, :2].unsqueeze(1)))))     # [B, 4, 1, 4H, 4W]
+        s = F.relu(self.c1d(h.flatten(2)))                                 # [B, 8, 4HW]
+        return self.head(torch.cat([s.mean(-1), v.mean((2, 3, 4))], -1))
+
+
+def conv_zoo() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("conv_zoo", ConvZoo(), _image, shape=(2, 8), reshaped=(3, 12))
+
+
+class ProjLSTM(nn.Module):
+    """Sequence-first (batch_first=False): a bidirectional two-layer LSTM with proj_size, then
+    a ReLU RNN; its final states used."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.lstm = nn.LSTM(16, 24, num_layers=2, bidirectional=True, proj_size=8)
+        self.rnn = nn.RNN(16, 12, nonlinearity="relu")
+        self.head = nn.Linear(16 + 12, 4)
+
+    def forward(self, ids):  # [T, B]
+        out, (h, c) = self.lstm(self.emb(ids))
+        r, hr = self.rnn(out)
+        return self.head(torch.cat([r, out], -1)), h[-1] + c[-1, :, :8], hr[0]
+
+
+def lstm_proj() -> Specimen:
+    torch.manual_seed(0)
+    return _specimen("lstm_proj", ProjLSTM(), lambda b, n, s: (_ids(n, b, s),))
+
+
+class SeqFirstAttention(nn.Module):
+    """nn.MultiheadAttention with batch_first=False: self-attention with a bool key padding
+    mask, then cross-attention whose keys and values have other widths (kdim, vdim: separate
+    projection weights) with learned bias_k/bias_v."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.self_attn = nn.MultiheadAttention(32, 4)
+        self.cross = nn.MultiheadAttention(32, 2, kdim=12, vdim=20, add_bias_kv=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids, pad, memory_k, memory_v):  # ids [T, B], pad [B, T] bool
+        h = self.emb(ids)
+        a, _ = self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)
+        h = h + a
+        c, w = self.cross(h, memory_k, memory_v)
+        return self.head(h + c), w
+
+
+def mha_seq_first() -> Specimen:
+    torch.manual_seed(0)
+
+    def make(b, n, s):
+        pad = torch.zeros(b, n, dtype=torch.bool)
+        pad[-1, n - 2:] = True
+        return (_ids(n, b, s), pad, _randn(5, b, 12, seed=s + 1), _randn(5, b, 20, seed=s + 2))
+    return _specimen("mha_seq_first", SeqFirstAttention(), make)
+
+
+class DictInputs(nn.Module):
+    """One dict argument: int64 ids, a bool mask, int64 categorical features and float
+    features; a dict of a tuple and a tensor back."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.cat = nn.Embedding(10, 8)
+        self.dense = nn.Linear(4, 8)
+        self.mix = nn.Linear(16 + 16, 32)
+        self.out_a, self.out_b = nn.Linear(32, 3), nn.Linear(32, 1)
+
+    def forward(self, batch):
+        h = self.emb(batch["ids"])
+        m = batch["mask"].unsqueeze(-1)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        side = torch.cat([self.cat(batch["cat"]).sum(1), self.dense(batch["num"])], -1)
+        z = F.relu(self.mix(torch.cat([pooled, side], -1)))
+        return {"heads": (self.out_a(z), self.out_b(z).squeeze(-1)), "pooled": pooled}
+
+
+def dict_inputs() -> Specimen:
+    torch.manual_seed(0)
+
+    def make(b, n, s):
+        mask = torch.ones(b, n, dtype=torch.bool)
+        mask[-1, n - 2:] = False
+        return ({"ids": _ids(b, n, s), "mask": mask,
+                 "cat": torch.randint(0, 10, (b, 3), generator=torch.Generator().manual_seed(s)),
+                 "num": _randn(b, 4, seed=s)},)
+    return _specimen("dict_inputs", DictInputs(), make)
+
+
+def orthogonal_rnn() -> Specimen:
+    """Parametrizations users add: an orthogonal recurrent matrix on a GRU, weight_norm on a
+    conv, spectral_norm on the head."""
+    from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = weight_norm(nn.Conv1d(16, 24, 3, padding=1))
+            self.gru = orthogonal(nn.GRU(24, 24, batch_first=True), "weight_hh_l0")
+            self.head = spectral_norm(nn.Linear(24, 4))
+
+        def forward(self, x):
+            h = F.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+            out, _ = self.gru(h)
+            return self.head(out)
+
+    torch.manual_seed(0)
+    return _specimen("orthogonal_rnn", Net(), _tokens)
+
+
+ROUND23 = (siglip, umt5, switch_transformers, moonshine, wavlm, levit, bit, mobilenet_v2, deepseek_v3,
+           granite_moe, funnel, xlnet, convnext_block, conv_zoo, lstm_proj, mha_seq_first, dict_inputs,
+           orthogonal_rnn)
+
+
 ROUND20 = (stablelm, mpt, yolos, videomae, mamba2, longformer, timm_like)
 
 ROUND18 = (gemma, codegen, gptj, rwkv, whisper, speech2text, clip, convnextv2, detr, audio_convnet,
@@ -1068,7 +1397,7 @@ PROBE: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
     einsum_mixer, embedding_max_norm, kws_dscnn, wavenet_tcn, attention_pool, conv_autoencoder,
     gemma2, opt, bloom, electra, mpnet, segformer, swin, mamba, clip_text, marian, fnet,
     phi3, t5_encoder, gemma3_text, starcoder2, olmo2, modernbert, xlm_roberta, squeezebert, dinov2,
-    *ROUND18, *ROUND20, *ROUND21, *ROUND22)}
+    *ROUND18, *ROUND20, *ROUND21, *ROUND22, *ROUND23)}
 
 #: never run while fixing: judged once the fixes were made
 HELD_OUT: dict[str, Callable[[], Specimen]] = {f.__name__: f for f in (
