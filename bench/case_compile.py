@@ -25,6 +25,9 @@ the ratios are of CPU time.
 The full size adds the compile matrix: ``tests/test_compile_matrix.py``'s check (one graph
 for batch 4, 1, 32 and another length, equal to eager) over every model it knows x every
 weight pass x (in memory, loaded), where the test runs one or two passes per model.
+"runs" is the path ``fxpress.compile``'s default dispatch chose for each timed shape
+(``compiled``, or ``eager``: the uncompiled copy, where its first calls timed faster), after
+the calls that choose it, made before timing.
 ``--tiny`` traces the digits MLP with the ``aot_eager`` backend instead of Inductor (Inductor
 generates C++ for tens of seconds) and skips torchao.
 """
@@ -38,6 +41,7 @@ import warnings
 import torch
 
 from bench.common import Table, interleaved_medians
+from fxpress.compiled import TRIAL_CALLS, size_key
 
 TITLE = "Compiled models: fxpress.compile vs torchao PT2E + Inductor vs fp32 eager and compiled"
 #: BENCH_THREADS=1 measures on one (a machine other jobs load: every OpenMP fork waits for
@@ -94,6 +98,15 @@ def _measure(title: str, eager: dict, compiled: dict, compile_s: dict, shapes: d
     load = os.getloadavg()[0]
     cpu: dict = {k: {} for k in shapes}
     try:
+        # fxpress.compile's default dispatch times its first calls of each size, compiled
+        # and eager in turn, and then runs the faster: those calls are made here, untimed
+        with torch.no_grad():
+            for x in shapes.values():
+                for fast in compiled.values():
+                    for _ in range(2 * (TRIAL_CALLS + 1)):
+                        fast(*x)
+        paths = {name: "/".join(fast.choices.get(size_key(x, {}), "?") for x in shapes.values())
+                 for name, fast in compiled.items()}
         wall = {k: interleaved_medians({n: (lambda m=m, x=x: m(*x)) for n, m in variants.items()},
                                        repeat, cpu=cpu[k]) for k, x in shapes.items()}
     finally:
@@ -107,7 +120,7 @@ def _measure(title: str, eager: dict, compiled: dict, compile_s: dict, shapes: d
     notes = [*notes, f"{THREADS} thread(s); load average {load:.1f} -> {os.getloadavg()[0]:.1f} "
              f"over the timed rounds"]
     (k1, k2) = list(shapes)
-    cols = ["variant", "compile s", "compiles (3 shapes)", "cos vs its eager (min)",
+    cols = ["variant", "compile s", "compiles (3 shapes)", f"runs {k1}/{k2}", "cos vs its eager (min)",
             f"cos vs fp32 ({k1}, min)", f"cpu ms {k1}", f"wall ms {k1}", f"x fp32 eager {k1}",
             f"cpu ms {k2}", f"wall ms {k2}", f"x fp32 eager {k2}"]
     if baseline:
@@ -117,7 +130,8 @@ def _measure(title: str, eager: dict, compiled: dict, compile_s: dict, shapes: d
         with torch.no_grad():
             cos_fp32 = _cos(m(*shapes[k1]), ref[k1])
         row = [name, round(compile_s[name], 1) if name in compile_s else "-",
-               compiles.get(name, "-"), round(fidelity[name], 5) if name in fidelity else "-",
+               compiles.get(name, "-"), paths.get(name, "-"),
+               round(fidelity[name], 5) if name in fidelity else "-",
                round(cos_fp32, 4), round(lat[k1][name] * 1e3, 2), round(wall[k1][name] * 1e3, 2),
                round(lat[k1]["fp32 eager"] / lat[k1][name], 2), round(lat[k2][name] * 1e3, 2),
                round(wall[k2][name] * 1e3, 2), round(lat[k2]["fp32 eager"] / lat[k2][name], 2)]

@@ -1,17 +1,20 @@
 """Small calls of compiled models: fp32 eager, fxpress int8 eager, int8 compiled (the
-default: each int8 layer's small calls in float as eager runs them, oneDNN's int8 linear
-on the calling thread below ``SERIAL_WORK`` multiply-adds), int8 compiled with oneDNN at
-every size and its own thread count ("any size": the rule off), and fp32 compiled, side by
-side in one process at batch 1 and batch 32.
+default, ``dispatch="fastest"``: each size of call runs compiled or eager, whichever its first
+calls timed faster), int8 compiled with every call compiled (``dispatch="compiled"``: each
+int8 layer's small calls in float as eager runs them, oneDNN's int8 linear on the calling
+thread below ``SERIAL_WORK`` multiply-adds), and fp32 compiled both ways, side by side in one
+process at batch 1 and batch 32.
 
 Models: the digits MLP 64-300-100-10 and CNN (trained, sklearn digits), a GRU over the
 digits images as 8 rows of 8 pixels (GRU 8->64, a linear head; random weights, seed 0)
 and the pretrained all-MiniLM-L6-v2 (batch 32: 32 sentences padded to the longest; batch
-1: one sentence of 16 tokens). Medians of interleaved rounds, CPU time of the process
-(``time.process_time``: every thread, so a forked OpenMP team's spinning counts) with the
-wall time beside it; one thread count per process (``BENCH_THREADS``, default 2: Dynamo
-guards the thread count, so each compiled model is compiled at the count it is timed at);
-prints the load average and the graphs each compiled model built.
+1: one sentence of 16 tokens). Each variant is called ``2 * (TRIAL_CALLS + 1)`` times at
+each shape first (the default dispatch chooses its path there), then medians of
+interleaved rounds, CPU time of the process (``time.process_time``: every thread, so a
+forked OpenMP team's spinning counts) with the wall time beside it; one thread count per
+process (``BENCH_THREADS``, default 2: Dynamo guards the thread count, so each compiled
+model is compiled at the count it is timed at); prints the load average, the graphs each
+compiled model built and the path the default dispatch chose per shape.
 
 ``BENCH_THREADS=1 python -m bench.compile_threads [rounds] [mlp,cnn,gru,minilm]``"""
 from __future__ import annotations
@@ -58,26 +61,21 @@ def _model(name: str):
 
 def _table(name: str, rounds: int) -> None:
     import fxpress
-    import fxpress.passes.int8_traced as traced
     from bench.common import interleaved_medians
+    from fxpress.compiled import TRIAL_CALLS, size_key
 
     model, pipeline, b32, b1, calib = _model(name)
     gm = fxpress.capture(model, b32)
     q = fxpress.compress(gm, pipeline, calibration=calib, policy="warn", progress=False).module
-    v = {"fp32 eager": model, "int8 eager": q, "int8 compiled": fxpress.compile(q, b32)}
-    anysize = fxpress.compile(q)
-    anysize.small_calls = False  # before its first call, which traces the graph
-
-    def any_size(*x, _serial=traced.SERIAL_WORK):
-        traced.SERIAL_WORK = 0
-        try:
-            return anysize(*x)
-        finally:
-            traced.SERIAL_WORK = _serial
-
-    any_size(*b32)
-    v["int8 compiled, any size"] = any_size
-    v["fp32 compiled"] = fxpress.compile(model, b32)
+    v = {"fp32 eager": model, "int8 eager": q, "int8 compiled": fxpress.compile(q, b32),
+         "int8 compiled, always": fxpress.compile(q, b32, dispatch="compiled"),
+         "fp32 compiled": fxpress.compile(model, b32),
+         "fp32 compiled, always": fxpress.compile(model, b32, dispatch="compiled")}
+    with torch.no_grad():  # the default dispatch's trial calls, at both shapes
+        for x in (b1, b32):
+            for m in v.values():
+                for _ in range(2 * (TRIAL_CALLS + 1)):
+                    m(*x)
     for label, x in (("b1", b1), ("b32", b32)):
         cpu: dict = {}
         load = os.getloadavg()[0]
@@ -88,14 +86,18 @@ def _table(name: str, rounds: int) -> None:
     with torch.no_grad():
         for label, x in (("b1", b1), ("b32", b32)):
             ref = q(*x)
-            for k in ("int8 compiled", "int8 compiled, any size"):
+            for k in ("int8 compiled", "int8 compiled, always"):
                 got = v[k](*x)
                 cos = torch.nn.functional.cosine_similarity(got.flatten(1).double(),
                                                             ref.flatten(1).double()).min()
                 print(f"  {k} {label}: max |compiled - eager| {float((got - ref).abs().max()):.2e}, "
                       f"min cosine {float(cos):.6f}")
-    print(f"  graphs: int8 compiled {v['int8 compiled'].compiles}, any size {anysize.compiles}, "
-          f"fp32 compiled {v['fp32 compiled'].compiles}", flush=True)
+    compiled = {k: m for k, m in v.items() if "compiled" in k}
+    print("  graphs: " + ", ".join(f"{k} {m.compiles}" for k, m in compiled.items()), flush=True)
+    for k in ("int8 compiled", "fp32 compiled"):
+        paths = {label: v[k].choices.get(size_key(x, {})) for label, x in (("b1", b1), ("b32", b32))}
+        print(f"  {k} (dispatch=fastest) runs: " + ", ".join(f"{label} {p}" for label, p in paths.items()),
+              flush=True)
 
 
 def main(rounds: int = 15, models: str = "mlp,cnn,gru,minilm") -> None:

@@ -18,6 +18,12 @@ What it does:
   (4-bit, codebook, binary) is decoded once at compile time into a float constant - fast,
   but that float copy stays in memory for the compiled model's life (4-bit: 8x the stored
   weight). ``freeze=False`` keeps only the stored form and decodes on every call.
+* ``dispatch="fastest"`` (default): a compiled call has a fixed cost (Dynamo's guards and
+  wrappers: 0.15-0.2 ms on an AVX2 EPYC core), more than a small model's whole eager
+  forward at batch 1. For each size of input (its elements, by powers of two, and the
+  thread count) the first calls run the compiled graph and the compiled model's own
+  uncompiled copy in turn, timed, and later calls of that size run the faster
+  (:attr:`CompiledModel.choices`); ``dispatch="compiled"`` runs every call compiled.
 
 The caller's model is never modified: the compiled model runs a structural copy (own
 module objects, shared tensors; nothing writes into a tensor) in eval mode, without
@@ -46,7 +52,7 @@ from fxpress.graph.artifact.values import escape_controls
 from fxpress.passes.int8_traced import (choose_product, define_traced_ops, small_calls_allowed,
                                         traced_product)
 
-__all__ = ["compile", "CompiledModel"]
+__all__ = ["compile", "CompiledModel", "choose_path", "size_key"]
 
 
 class CompiledModel(torch.nn.Module):
@@ -59,9 +65,18 @@ class CompiledModel(torch.nn.Module):
 
     def __init__(self, module: torch.nn.Module, *, dynamic: bool, freeze: bool, mode: str | None,
                  backend: str = "inductor", product: tuple[str, int] = ("int_mm", 255),
-                 small_calls: bool = False):
+                 small_calls: bool = False, dispatch: str = "fastest"):
         super().__init__()
         self.module = module
+        #: "fastest" (each size of call runs compiled or eager, whichever its first calls
+        #: timed faster) or "compiled" (every call compiled)
+        self.dispatch = dispatch
+        #: (threads, size) -> "compiled" or "eager": the path chosen for calls of that size
+        #: (:func:`size_key`); filled as sizes are first seen, with ``dispatch="fastest"``
+        self.choices: dict[tuple[int, int], str] = {}
+        #: (threads, size) -> ([eager seconds], [compiled seconds]) of the calls timed so far
+        self._trials: dict[tuple[int, int], tuple[list, list]] = {}
+        self._called = False
         #: the int8 product its dynamic int8 linears trace (:func:`~fxpress.passes.int8_traced.choose_product`)
         self.product = product
         #: whether its int8 layers run small calls in float, as eager (decode=auto)
@@ -84,6 +99,42 @@ class CompiledModel(torch.nn.Module):
             self.compiles = -1  # Inductor's own mode handling: not counted
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.dispatch == "compiled" or not self._called:
+            self._called = True
+            return self._run_compiled(args, kwargs)
+        key = size_key(args, kwargs)
+        choice = self.choices.get(key)
+        if choice == "eager":
+            return self._run_eager(args, kwargs)
+        if choice == "compiled":
+            return self._run_compiled(args, kwargs)
+        return self._trial(key, args, kwargs)
+
+    def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+        """The call on the uncompiled copy, without gradients (as compiled calls run)."""
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def _trial(self, key: tuple[int, int], args: tuple, kwargs: dict) -> Any:
+        """One call of a size not yet decided: the compiled graph and the eager copy run in
+        turn (compiled first, so that a size that needs a new graph compiles it at once),
+        each timed (wall time: what the caller waits); after ``TRIAL_CALLS`` timed calls of
+        each, beyond a first untimed one (caches, prepacking), the faster minimum is chosen
+        for this size. A compiled call that compiled a graph is not timed."""
+        eager_s, compiled_s = self._trials.setdefault(key, ([], []))
+        compiled_turn = len(compiled_s) <= len(eager_s)
+        before = self.compiles
+        start = _clock()
+        out = self._run_compiled(args, kwargs) if compiled_turn else self._run_eager(args, kwargs)
+        took = _clock() - start
+        if not (compiled_turn and self.compiles != before):
+            (compiled_s if compiled_turn else eager_s).append(took)
+        if min(len(eager_s), len(compiled_s)) > TRIAL_CALLS:
+            self.choices[key] = choose_path(eager_s[1:], compiled_s[1:])
+            del self._trials[key]
+        return out
+
+    def _run_compiled(self, args: tuple, kwargs: dict) -> Any:
         if self.compiles > 0:
             # a call that runs a graph compiled already needs none of the settings below that
             # only tracing and code generation read (torch's config patches took 140 us a
@@ -166,7 +217,35 @@ class CompiledModel(torch.nn.Module):
             f"to see whether tracing or code generation fails, or run the model uncompiled"))
 
     def extra_repr(self) -> str:
-        return f"compiles={self.compiles}, freeze={self.freeze}, int8={self.product[0]}"
+        return (f"compiles={self.compiles}, freeze={self.freeze}, int8={self.product[0]}, "
+                f"dispatch={self.dispatch}")
+
+
+#: the clock the trial calls are timed with (wall time: what a caller waits)
+_clock = time.perf_counter
+#: timed calls of each path (after one untimed call of each) before a size's path is chosen
+TRIAL_CALLS = 3
+DISPATCH = ("fastest", "compiled")
+
+
+def size_key(args: tuple, kwargs: dict) -> tuple[int, int]:
+    """The size class of a call, which :class:`CompiledModel` chooses a path for: (torch's
+    thread count, bit length of the number of elements of its tensor arguments, those in a
+    list or tuple argument included): sizes within a factor of two share a choice."""
+    elements = 0
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            elements += value.numel()
+        elif isinstance(value, (tuple, list)):
+            elements += sum(v.numel() for v in value if isinstance(v, torch.Tensor))
+    return torch.get_num_threads(), elements.bit_length()
+
+
+def choose_path(eager_s: list[float], compiled_s: list[float]) -> str:
+    """"eager" where the fastest timed eager call took no longer than the fastest compiled one
+    (the least of a few wall times: a call that waited for a core is not the one kept), else
+    "compiled"."""
+    return "eager" if min(eager_s) <= min(compiled_s) else "compiled"
 
 
 #: how Dynamo's "fail_on_recompile" stance words its refusal (a RuntimeError)
@@ -375,7 +454,7 @@ def _time_major_rnns(copy: torch.nn.Module) -> None:
 
 def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, freeze: bool = True,
             mode: str | None = None, backend: str = "inductor",
-            max_bytes: int | None = None) -> CompiledModel:
+            max_bytes: int | None = None, dispatch: str = "fastest") -> CompiledModel:
     """``torch.compile`` a compressed model in one call; returns a :class:`CompiledModel`.
 
     ``model``: a module (a ``compress`` result's ``.module``, a loaded artifact, any
@@ -387,7 +466,10 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     constants (see the module docstring for the memory it costs). ``mode``: Inductor's
     mode (e.g. ``"max-autotune"``; then recompiles are not counted). ``backend``: another
     ``torch.compile`` backend (``"aot_eager"`` traces the same whole graph in seconds,
-    without generating code: a quick check that a model compiles).
+    without generating code: a quick check that a model compiles). ``dispatch``:
+    ``"fastest"`` runs each size of call compiled or uncompiled, whichever its first calls
+    timed faster (with ``example_inputs``, their size is decided here); ``"compiled"``
+    runs every call compiled.
 
     Compiling MiniLM takes tens of seconds on two cores (see README "Compiled models").
     """
@@ -410,6 +492,8 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise InputError(f"fxpress.compile: unknown backend {backend!r}; one of {sorted(known)}")
+    if dispatch not in DISPATCH:
+        raise InputError(f"fxpress.compile: dispatch must be one of {list(DISPATCH)}, got {dispatch!r}")
     if mode is not None and backend != "inductor":
         raise InputError("fxpress.compile: mode= is Inductor's; give it with backend='inductor'")
     define_traced_ops()
@@ -423,8 +507,16 @@ def compile(model: Any, example_inputs: Any = None, *, dynamic: bool = True, fre
     _time_major_rnns(copy)
     product = choose_product(freeze, backend)
     compiled = CompiledModel(copy, dynamic=dynamic, freeze=freeze, mode=mode, backend=backend,
-                             product=product, small_calls=product[0] == "onednn" and small_calls_allowed())
+                             product=product, small_calls=product[0] == "onednn" and small_calls_allowed(),
+                             dispatch=dispatch)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         compiled(*args)
+        # the path for the example's size, chosen now (the calls of the trial; bounded: a
+        # graph that compiled again on every call would never be timed)
+        key = size_key(args, {})
+        for _ in range(4 * (TRIAL_CALLS + 1)):
+            if dispatch != "fastest" or key in compiled.choices:
+                break
+            compiled(*args)
     return compiled

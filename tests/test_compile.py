@@ -73,7 +73,8 @@ def test_every_runtime_module_kind_compiles_whole_with_dynamic_shapes(compressed
     before = state_snapshot(gm), state_snapshot(model)
     # a loaded artifact: modules rebuilt from data compile like the graph they were saved from
     fxpress.save(gm, tmp_path / "m.fxp")
-    fast = fxpress.compile(tmp_path / "m.fxp", torch.randint(0, 50, (4, 12)), backend="aot_eager")
+    fast = fxpress.compile(tmp_path / "m.fxp", torch.randint(0, 50, (4, 12)), backend="aot_eager",
+                           dispatch="compiled")
     assert fast.compiles == 1 and fast.compile_seconds > 0
     gm.train(False)
     # batch 4 (compiled), then batch 1 (one sentence), a batch of 9 at another length
@@ -201,7 +202,7 @@ def test_inductor_compiles_the_int8_path_into_onednn_exact_on_full_range_codes(m
     counters.clear()
     # generated here, not handed back from Inductor's cache (what this test reads is the code)
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    fast = fxpress.compile(model)
+    fast = fxpress.compile(model, dispatch="compiled")  # every call compiled: its product is checked
     _, code = run_and_get_code(fast, torch.rand(4, 6, 32) * 4)
     code = "".join(code)
     assert code.count(".erf()") == 1, "GELU's erf computed more than once"
@@ -250,11 +251,11 @@ def test_the_int8_product_falls_back_to_int_mm_where_onednn_does_not_run(monkeyp
     with torch.no_grad(), int8_backend("reference"):
         exact = model(x)
     with int8_backend("int_mm"):
-        forced = fxpress.compile(model, x, backend="aot_eager")
+        forced = fxpress.compile(model, x, backend="aot_eager", dispatch="compiled")
     # Inductor without freezing: oneDNN's lowering takes a prepacked weight only as a constant
     assert traced.choose_product(freeze=False) == ("int_mm", 255)
     monkeypatch.setattr(traced, "_ONEDNN_RUNS", [False])
-    missing = fxpress.compile(model, x, backend="aot_eager")
+    missing = fxpress.compile(model, x, backend="aot_eager", dispatch="compiled")
     for fast in (forced, missing):
         assert fast.product == ("int_mm", 255)
         for rows in (5, 1):
@@ -338,7 +339,7 @@ def test_repeated_calls_at_two_batch_sizes_run_one_graph_under_no_grad_and_infer
     with torch.no_grad():
         gm(x), gm(x[:1])  # eager calls first: the layers choose their path and small-call rule
     counters.clear()
-    fast = fxpress.compile(gm, x, backend="eager")
+    fast = fxpress.compile(gm, x, backend="eager", dispatch="compiled")
     with torch.inference_mode():
         made_there = x.clone()
     first, second = (m for m in gm.modules() if hasattr(m, "int8_forward"))
@@ -371,7 +372,7 @@ def test_calls_of_a_compiled_graph_skip_the_tracing_settings(monkeypatch):
 
     model = _Small(0).eval()
     x = torch.randn(3, 8)
-    fast = fxpress.compile(model, x, backend="eager")
+    fast = fxpress.compile(model, x, backend="eager", dispatch="compiled")
     patches = []  # the full path's settings (_serial_pass: the post-grad pass it patches in)
     original = compiled_mod._serial_pass
     monkeypatch.setattr(compiled_mod, "_serial_pass", lambda: patches.append(1) or original())
@@ -384,3 +385,59 @@ def test_calls_of_a_compiled_graph_skip_the_tracing_settings(monkeypatch):
         assert len(patches) == 1 and fast.compiles == 2
         torch.testing.assert_close(fast(x3[:1]), model(x3[:1]))
     assert len(patches) == 1 and fast.compiles == 2
+
+
+@pytest.mark.parametrize("faster", ["eager", "compiled"])
+def test_each_size_of_call_runs_the_faster_path_and_equals_eager(monkeypatch, faster):
+    """``dispatch="fastest"`` (the default): a compiled call's fixed cost (Dynamo's guards and
+    wrappers, 0.15-0.2 ms) is more than a small model's eager forward (the digits MLP's int8
+    layers: 0.07 ms at batch 1; compiled, 0.25 ms). The first calls of each size run the
+    compiled graph and the eager copy in turn, timed, and later calls of that size run the
+    faster; sizes are told apart by their elements (powers of two) and the thread count.
+    The clock here makes ``faster`` the faster path; every call equals the uncompiled
+    model, whichever path ran, and the graph is compiled once."""
+    import fxpress.compiled as compiled_mod
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 10)).eval()
+    x = torch.randn(128, 64)
+    gm = fxpress.compress(model, "quantize{bits=8,activations=dynamic}", (x,), calibration=[(x,)],
+                          policy="warn", progress=False).module
+    now, ran = [0.0], []
+    monkeypatch.setattr(compiled_mod, "_clock", lambda: now[0])
+    for path in ("eager", "compiled"):
+        def timed(self, args, kwargs, _run=getattr(compiled_mod.CompiledModel, f"_run_{path}"),
+                  _path=path):
+            ran.append(_path)
+            now[0] += 1.0 if _path == faster else 2.0
+            return _run(self, args, kwargs)
+        monkeypatch.setattr(compiled_mod.CompiledModel, f"_run_{path}", timed)
+    fast = fxpress.compile(gm, x, backend="eager")  # the example's size is decided here
+    assert fast.choices == {(torch.get_num_threads(), 14): faster}
+    def check(y, eager, exact):
+        if exact:  # the uncompiled copy's own result
+            torch.testing.assert_close(y, eager, rtol=0, atol=0)
+        assert torch.nn.functional.cosine_similarity(y, eager, dim=1).min() > 0.999
+
+    for _ in range(2 * (compiled_mod.TRIAL_CALLS + 1)):  # every size decided by the end
+        for rows in (128, 1, 4, 32):
+            with torch.no_grad():
+                check(fast(x[:rows]), gm(x[:rows]), False)
+    threads = torch.get_num_threads()
+    # elements 8192, 64, 256, 2048: 14, 7, 9 and 12 bits (5 rows, 320 elements, are 9 too)
+    assert fast.choices == {(threads, n): faster for n in (14, 7, 9, 12)}
+    ran.clear()
+    for rows in (1, 4, 5, 32, 128):
+        with torch.no_grad():
+            check(fast(x[:rows]), gm(x[:rows]), faster == "eager")
+    assert ran == [faster] * 5
+    assert fast.compiles == 1
+    # every call compiled: the trial never runs
+    always = fxpress.compile(gm, x, backend="eager", dispatch="compiled")
+    for rows in (1, 4, 1):
+        with torch.no_grad():
+            torch.testing.assert_close(always(x[:rows]), gm(x[:rows]), rtol=1e-4, atol=1e-4)
+    assert always.choices == {} and always.compiles == 1
+    with pytest.raises(InputError, match="dispatch"):
+        fxpress.compile(gm, dispatch="eager")

@@ -101,13 +101,14 @@ def compile_cell(name: str, pipeline: str, form: str, folder) -> int:
     if form == "loaded":
         fxpress.save(gm, Path(folder) / "m.fxp")
         gm = fxpress.load(Path(folder) / "m.fxp")
-    fast = fxpress.compile(gm, x4, backend="eager")
+    # every call compiled (the default dispatch may run a size uncompiled where that is faster)
+    fast = fxpress.compile(gm, x4, backend="eager", dispatch="compiled")
     # the default int8 product (oneDNN's, where it runs: uint8 codes, 127 levels on CPUs
     # without VNNI) is checked against the reference within the quantize pass's cosine;
     # forced to _int_mm, the traced form computes the reference's integer product exactly
     int8 = any(hasattr(m, "int8_forward") for m in gm.modules())
     with int8_backend("int_mm"):
-        exact = fxpress.compile(gm, x4, backend="eager") if int8 and fast.product[0] != "int_mm" else fast
+        exact = fxpress.compile(gm, x4, backend="eager", dispatch="compiled") if int8 and fast.product[0] != "int_mm" else fast
     one = tuple(t[:1] for t in x4)
     x32 = tuple(t.repeat(8, *[1] * (t.dim() - 1)) for t in x4)
     for x in (one, x32, other, x4):
