@@ -90,11 +90,11 @@ class _InputRecorder(WatchInterpreter):
         self._budget = OUTPUT_SAMPLES
         self._first = True
 
-    def record(self, batches):
+    def record(self, batches, names=None):
         # the references are the first batch's, like the samples
         for i, b in enumerate(batches):
             self._first = i == 0
-            super().record([b])
+            super().record([b], [names[i] if names is not None else f"calibration batch {i}"])
         return self
 
     def watched(self, n, out):
@@ -150,7 +150,7 @@ class _InputRecorder(WatchInterpreter):
 OUTPUT_SAMPLES = 64 << 20
 
 
-def _record_inputs(gm, ops, batches, sample_rows=512):
+def _record_inputs(gm, ops, batches, sample_rows=512, names=None):
     nodes = {}
     for op in ops:
         if isinstance(op._input, torch.fx.Node):
@@ -167,7 +167,7 @@ def _record_inputs(gm, ops, batches, sample_rows=512):
                if op.kind == LINEAR and op.form != "fused" and op._input in nodes
                and reads[op.key] == 1
                and order.get(op.node, last) < last and _never_written(gm, op._input)}
-    return _InputRecorder(gm, nodes, sample_rows, outputs).record(batches)
+    return _InputRecorder(gm, nodes, sample_rows, outputs).record(batches, names)
 
 
 # -- the pass ------------------------------------------------------------------------------
@@ -263,7 +263,8 @@ class Quantize(Pass):
         chosen, unmatched = select(all_ops, self.include, self.exclude)
         check_glob_matches(self.name, unmatched, [op.name for op in all_ops])
         batches = ctx.calibration or [ctx.example_inputs]
-        rec = _record_inputs(gm, chosen, batches)
+        rec = _record_inputs(gm, chosen, batches,
+                             names=None if ctx.calibration else ["example_inputs"])
 
         # one module per distinct weight and kind; ops of one kind that share a weight
         # share its module's buffers, and a weight tied between an embedding and a linear
