@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -25,7 +26,7 @@ from fxpress.graph.artifact.schema import Allowlist, _join, class_name
 from fxpress.graph.artifact.specs import spec_for_file
 from fxpress.graph.artifact import arith
 from fxpress.graph.artifact.limits import DEFAULT_LIMITS
-from fxpress.graph.artifact.tensors import _as_ints, encode_tensor
+from fxpress.graph.artifact.tensors import BlockStream, _as_ints, encode_tensor, encode_tensor_blocks
 from fxpress.graph.artifact.values import _Encoder, dtype_name
 from fxpress.graph.capture import node_shape
 from fxpress.graph.custom_functions import inference_graph
@@ -69,19 +70,25 @@ class _Writer:
         # streams are named by number: safetensors keeps its own JSON index of them, and
         # long qualified names there are a fixed cost that dominates small artifacts
         key, entropy, arith_left = str(len(self.tensors)), self.entropy, self.arith_left
-        entry, streams = encode_tensor(key, t, entropy, arith_left)
+        entry, streams = encode_tensor_blocks(key, t, entropy, arith_left)
         self.arith_left -= sum(info["raw_bytes"] for info in entry["streams"].values()
                                if arith.width(info.get("codec")))
         self.tensors[qualname] = entry
         for info in entry["streams"].values():
             skey = info["key"]
             st = streams[skey]
-            n = st.numel() * st.element_size()
+            blocks = isinstance(st, BlockStream)
+            n = st.nbytes if blocks else st.numel() * st.element_size()
             if n < BLOB_STREAM_BYTES:
                 info["blob"] = True
                 self.blob.append((skey, n))
             else:
                 self.streams[skey] = (st.dtype, list(st.shape), n)
+            if blocks:  # a large sparse tensor's stream: never held whole
+                crc = self.store.put_blocks(skey, st)
+                if n >= CRC8_MIN:
+                    self.crc8.append(f"{crc & 0xFF:02x}")  # compact.crc8 of its bytes
+                continue
             # a stream that is a view of the model's tensor costs nothing to keep
             shared = st.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
             data = _as_ints(st)
@@ -309,6 +316,16 @@ class _Store:
     def _chunks(self, key: str) -> Iterable[Any]:
         raise NotImplementedError
 
+    def put_blocks(self, key: str, stream: BlockStream) -> int:
+        """Take a stream produced a block at a time; return the CRC-32 of its bytes."""
+        crc = 0
+        for piece in self._put_blocks(key, stream):
+            crc = zlib.crc32(piece, crc)
+        return crc
+
+    def _put_blocks(self, key: str, stream: BlockStream) -> Iterable[np.ndarray]:
+        raise NotImplementedError
+
 
 def _pieces(a: np.ndarray) -> Iterable[memoryview]:
     view = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
@@ -328,6 +345,11 @@ class _Keep(_Store):
     def _chunks(self, key):
         return _pieces(self.data[key])
 
+    def _put_blocks(self, key, stream):
+        parts = list(stream.chunks())
+        self.data[key] = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        return parts
+
 
 class _Spool(_Store):
     """Encoded streams in an anonymous temporary file next to the artifact (:func:`save`)."""
@@ -341,6 +363,13 @@ class _Spool(_Store):
         start = self.file.tell()
         for piece in _pieces(data):
             self.file.write(piece)
+        self.at[key] = (start, self.file.tell() - start)
+
+    def _put_blocks(self, key, stream):
+        start = self.file.tell()
+        for piece in stream.chunks():
+            self.file.write(piece.data)
+            yield piece
         self.at[key] = (start, self.file.tell() - start)
 
     def _chunks(self, key):
@@ -366,11 +395,18 @@ class _Recompute(_Store):
         self.rebuild: dict[str, Callable[[], Mapping[str, torch.Tensor]]] = {}
         self.sizes: dict[str, int] = {}
         self.ready: dict[str, np.ndarray] = {}
+        self.blocks: dict[str, BlockStream] = {}
 
     def _put(self, key, data, rebuild) -> None:
         self.rebuild[key], self.sizes[key] = rebuild, data.nbytes
 
+    def _put_blocks(self, key, stream):
+        self.blocks[key] = stream  # encoded again, block by block, when the payload reaches it
+        return stream.chunks()
+
     def _chunks(self, key):
+        if key in self.blocks:
+            return self.blocks[key].chunks()
         if key not in self.ready:
             for k, st in self.rebuild[key]().items():
                 if k in self.rebuild and k not in self.views:
@@ -500,7 +536,8 @@ def artifact_header(gm: torch.fx.GraphModule, entropy: bool = False) -> dict:
 
     Nothing is written and the payload is never held: each stream is encoded, counted and
     dropped, then encoded again when the payload digest reaches it; dense tensors are read
-    in place.
+    in place, and a large sparse tensor's streams are encoded a block at a time both times
+    (:func:`~fxpress.graph.artifact.tensors.encode_tensor_blocks`), never held whole.
     """
     lay = _layout(gm, entropy, None, _Recompute())
     lay.header["file_bytes"] = lay.size
