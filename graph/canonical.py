@@ -339,3 +339,36 @@ def autograd_safe(gm: torch.nn.Module) -> torch.nn.Module:
 
 __all__ = ["autograd_safe", "canonical_embeddings", "canonical_linears", "canonical_weights", "embedding_tables",
            "transposed_weight"]
+
+
+def zeroed_allocations(gm: torch.fx.GraphModule) -> int:
+    """Rewrite every allocation of uninitialised memory (``torch.empty``, ``new_empty``,
+    ``empty_like`` and their ATen ops) into its zero-filled twin; returns how many.
+
+    An uninitialised tensor's contents are undefined: a model that reads it back only
+    after writing it (WavLM's relative position buckets, DeepSeek-V3's rotary halves)
+    computes the same with zeros. Artifacts refuse such allocations (a crafted graph
+    could return the process's heap), so without this the graph could not be saved.
+    """
+    aten = torch.ops.aten
+    functions = {torch.empty: torch.zeros, torch.empty_like: torch.zeros_like,
+                 aten.empty.memory_format: aten.zeros.default,
+                 aten.new_empty.default: aten.new_zeros.default,
+                 aten.empty_like.default: aten.zeros_like.default}
+    # torch.zeros and aten.zeros take no memory_format (their result is contiguous)
+    drop_format = {torch.empty, aten.empty.memory_format}
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in functions:
+            if node.target in drop_format:
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "memory_format"}
+            node.target = functions[node.target]
+        elif node.op == "call_method" and node.target == "new_empty":
+            node.target = "new_zeros"
+        else:
+            continue
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count

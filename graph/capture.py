@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from fxpress.errors import CaptureError, FxpressError, InputError
 from fxpress.graph.canonical import (canonical_embeddings, canonical_linears, canonical_weights,
-                                     embedding_tables)
+                                     embedding_tables, zeroed_allocations)
 from fxpress.graph import custom_functions
 from fxpress.graph.input_sizes import guard_input_sizes
 from fxpress.graph.outputs import plain_outputs
@@ -1039,6 +1039,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                     linears = canonical_linears(gm)
                     views = canonical_weights(gm)
                     tables = canonical_embeddings(gm, embedding_tables(model))
+                    zeroed = zeroed_allocations(gm)
                     annotate_shapes(gm, example_inputs)
                     left = canonical_linears(gm)  # W @ x needs x's rank: fx graphs have it now
                     if left:
@@ -1068,6 +1069,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
                 gm.meta["fxpress"]["weights_from_views"] = views
             if tables:
                 gm.meta["fxpress"]["embedding_reads"] = tables
+            if zeroed:
+                gm.meta["fxpress"]["allocations_zeroed"] = zeroed
             functions = gm.meta.pop("fxpress_functions", None)
             if functions:
                 gm.meta["fxpress"]["autograd_functions_inlined"] = functions

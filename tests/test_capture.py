@@ -532,3 +532,42 @@ def test_an_rnn_on_a_packed_sequence_is_named_in_the_capture_error(cell):
         fxpress.capture(model, (x, lengths))
     assert not model.rnn._forward_pre_hooks
     assert_unchanged(model, before)
+
+
+class _FillsEmpty(torch.nn.Module):
+    """Allocates uninitialised tensors and writes them whole before reading (as WavLM's
+    relative position buckets and DeepSeek-V3's rotary halves do)."""
+
+    def __init__(self, torch_empty: bool):
+        super().__init__()
+        self.lin, self.torch_empty = torch.nn.Linear(8, 8), torch_empty
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.torch_empty:  # symbolic tracing cannot call torch.empty with traced sizes
+            out = torch.empty(x.shape[0], 2 * x.shape[1], dtype=x.dtype)
+        else:
+            out = x.new_empty((x.shape[0], 2 * x.shape[1]))
+        out.copy_(torch.cat([h, -h], 1))
+        pair = h.new_empty(h.shape)
+        pair.copy_(torch.tanh(h))
+        like = torch.empty_like(h)
+        like.fill_(0.5)
+        return out, pair * like
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_uninitialised_allocations_become_zeros_so_the_graph_saves(tmp_path, method):
+    torch.manual_seed(0)
+    model = _FillsEmpty(torch_empty=method == "export").eval()
+    gm = fxpress.capture(model, (torch.randn(2, 8),), method=method)
+    res = fxpress.compress(gm, "quantize", example_inputs=(torch.randn(2, 8),), progress=False)
+    fxpress.save(res, tmp_path / "m.fxp")  # refused "empty" before (not an allowlisted function)
+    assert gm.meta["fxpress"]["allocations_zeroed"] == 3
+    loaded = fxpress.load(tmp_path / "m.fxp")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), res.module(x)):
+            assert torch.equal(a, b)
+        for a, b in zip(gm(x), model(x)):
+            assert torch.equal(a, b)
