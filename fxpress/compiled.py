@@ -112,8 +112,13 @@ class CompiledModel(torch.nn.Module):
 
     def _run_eager(self, args: tuple, kwargs: dict) -> Any:
         """The call on the uncompiled copy, without gradients (as compiled calls run)."""
-        with torch.no_grad():
-            return self.module(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                return self.module(*args, **kwargs)
+        except FxpressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - typed, named, cause kept
+            raise self._eager_failure(e) from e
 
     def _trial(self, key: tuple[int, int], args: tuple, kwargs: dict) -> Any:
         """One call of a size not yet decided: the compiled graph and the eager copy run in
@@ -205,16 +210,27 @@ class CompiledModel(torch.nn.Module):
         except FxpressError as typed:
             return typed
         except Exception as eager:  # noqa: BLE001 - located, then reported typed
-            node = failing_node(graph, eager) if graph is not None else None
-            at = f" at {describe_node(node, graph)}" if node is not None else ""
-            return InputError(escape_controls(
-                f"fxpress.compile: {label} fails uncompiled too{at} on these inputs "
-                f"({error_text(eager)}); the compiled model computes what the model computes: "
-                f"check the inputs' shapes and dtypes against the model's"))
+            return self._eager_failure(eager, " too")
         return CompileError(escape_controls(
             f"fxpress.compile: torch.compile failed on {label}{at} ({error_text(error)}), "
             f"which runs uncompiled on these inputs; try freeze=False, or backend='aot_eager' "
             f"to see whether tracing or code generation fails, or run the model uncompiled"))
+
+    def _eager_failure(self, eager: Exception, too: str = "") -> InputError:
+        """The typed error for a raw ``eager`` error of the uncompiled copy's call (the
+        path ``dispatch="fastest"`` chose for a size, or :meth:`_failure`'s check): the
+        inputs' or the model's fault, the failing node named."""
+        from fxpress.graph.artifact.calls import describe_node, error_text, failing_node
+
+        module = self.module
+        label = getattr(module, "fxpress_file", None) or type(module).__name__
+        graph = module if isinstance(module, torch.fx.GraphModule) else None
+        node = failing_node(graph, eager) if graph is not None else None
+        at = f" at {describe_node(node, graph)}" if node is not None else ""
+        return InputError(escape_controls(
+            f"fxpress.compile: {label} fails uncompiled{too}{at} on these inputs "
+            f"({error_text(eager)}); the compiled model computes what the model computes: "
+            f"check the inputs' shapes and dtypes against the model's"))
 
     def extra_repr(self) -> str:
         return (f"compiles={self.compiles}, freeze={self.freeze}, int8={self.product[0]}, "

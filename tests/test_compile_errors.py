@@ -83,3 +83,27 @@ def test_a_node_dynamo_cannot_trace_is_named_in_the_compile_error():
     with pytest.raises(CompileError, match="torch.compile failed on GraphModule at node "
                                            "'_tolist_plus_length' .*runs uncompiled"):
         fxpress.compile(gm, example_inputs=(inputs,), backend="aot_eager")
+
+
+class _Tokens(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(40, 16)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids)).mean(1)
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_token_ids_outside_the_vocabulary_are_an_input_error_on_either_dispatch_path(path):
+    ids = torch.randint(0, 40, (3, 5))
+    gm = _compress(_Tokens().eval(), "quantize{bits=4,granularity=group,group_size=8}", ids)
+    compiled = fxpress.compile(gm, example_inputs=(ids,), backend="aot_eager")
+    key = fxpress.compiled.size_key((ids,), {})
+    compiled.choices[key] = path  # the path dispatch="fastest" chose for this size
+    bad = ids.clone()
+    bad[0, 0] = 40
+    with pytest.raises(InputError, match="node 'emb' \\(module 'emb', QuantizedEmbedding\\)"):
+        compiled(bad)
