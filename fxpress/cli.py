@@ -151,6 +151,7 @@ def _open(ref: str):
     elif isinstance(made, torch.nn.Module):
         try:
             gm = torch.fx.symbolic_trace(made)
+            gm.meta["fxpress"] = {"method": "fx (symbolic_trace, for inspection only)"}
         except Exception as e:
             raise InputError(f"{ref}: symbolic tracing failed ({type(e).__name__}: {e}); capture "
                              "it with inputs and save an artifact, then inspect that") from None
@@ -214,7 +215,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     passes = meta.get("passes", [])
     passes = ", ".join(str(p) for p in passes) if isinstance(passes, list) else str(passes)
     print(_safe(f"{args.model}: {header.get('file_bytes', 0):,} bytes; captured with "
-                f"{meta.get('method', '?')}; passes: {passes or 'none'}"))
+                f"{meta.get('method') or 'no fxpress capture'}; passes: {passes or 'none'}"))
     print(_safe(format_layers(rows, header.get("file_bytes"))))
     if plan:
         print("\nrun time (decode strategy per compressed layer; bytes held beyond the stored "

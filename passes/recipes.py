@@ -25,6 +25,7 @@ conftest.py: recipes are code you trust. Artifacts (``fxpress.load``) never run 
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import re
@@ -366,7 +367,10 @@ def parse_recipe(source: str | Path | dict, path: Path | None = None) -> Recipe:
     where = f"recipe {path or '<dict>'}"
     unknown = [k for k in data if k not in RECIPE_KEYS]
     if unknown:
-        raise PipelineSpecError(f"{where}: unknown key(s) {unknown}; known: {', '.join(RECIPE_KEYS)}")
+        hints = [f"{k!r} -> {close[0]!r}" for k in unknown
+                 if (close := difflib.get_close_matches(str(k), list(RECIPE_KEYS), n=1))]
+        raise PipelineSpecError(f"{where}: unknown key(s) {unknown}; known: {', '.join(RECIPE_KEYS)}"
+                                + (f"; did you mean {', '.join(hints)}?" if hints else ""))
     if ("pipeline" in data) == ("pass" in data):
         raise PipelineSpecError(f"{where}: give the passes either as pipeline = \"...\" or as "
                                 "[[pass]] tables (exactly one of them)")
@@ -435,4 +439,7 @@ def load_reference(ref: str, base_dir: Path, what: str = "reference") -> Callabl
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise PipelineSpecError(f"recipe '{what}': {mod_ref!r} has no attribute {attr!r}") from None
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(attr, names, n=1)
+        raise PipelineSpecError(f"recipe '{what}': {mod_ref!r} has no attribute {attr!r}"
+                                + (f"; did you mean {close[0]!r}?" if close else "")) from None

@@ -41,6 +41,15 @@ def test_run_demo_recipe_prints_the_table(capsys, tmp_path):
     assert artifact.stat().st_size * 15 < data["original_disk_bytes"]
 
 
+def test_inspect_a_model_reference_says_how_it_was_traced(tmp_path, capsys):
+    """`fxpress inspect file.py:callable` printed "captured with ?"."""
+    (tmp_path / "m.py").write_text("import torch\n\ndef model():\n"
+                                   "    return torch.nn.Sequential(torch.nn.Linear(4, 3))\n")
+    assert main(["inspect", f"{tmp_path / 'm.py'}:model"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "captured with fx (symbolic_trace" in first and "?" not in first
+
+
 def _recipe(tmp_path, passes):
     shutil.copy(ROOT / "examples" / "digits.py", tmp_path / "digits.py")
     f = tmp_path / "r.toml"

@@ -98,6 +98,21 @@ def test_bad_recipes_are_spec_errors(text, fragment):
         parse_recipe(text)
 
 
+def test_recipe_typos_get_a_did_you_mean(tmp_path):
+    """A misspelt recipe key or callable was named with every key (or nothing) to pick from;
+    the pass and option errors already said "did you mean"."""
+    with pytest.raises(PipelineSpecError, match=r"did you mean 'calibraton' -> 'calibration'"):
+        parse_recipe('pipeline = "prune"\ncalibraton = "x.py:c"\n')
+    from fxpress.passes.recipes import load_reference
+
+    (tmp_path / "mymodels.py").write_text("def model():\n    return None\n")
+    with pytest.raises(PipelineSpecError, match=r"has no attribute 'modle'; did you mean 'model'\?"):
+        load_reference("mymodels.py:modle", tmp_path, "model")
+    with pytest.raises(PipelineSpecError) as e:  # nothing close: no hint
+        load_reference("mymodels.py:zzz", tmp_path, "model")
+    assert "did you mean" not in str(e.value)
+
+
 def test_toml_syntax_error_has_a_position():
     text = 'policy = "strict"\npipeline = prune\n'
     with pytest.raises(PipelineSpecError) as e:
