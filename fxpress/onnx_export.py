@@ -380,7 +380,9 @@ def _quiet():
         yield buf
 
 
-def _outputs(gm, inputs) -> list[torch.Tensor]:
+def _outputs(gm, inputs) -> tuple[list[torch.Tensor], list[str] | None]:
+    """fxpress's outputs on ``inputs`` (the tensors, in the order ONNX lists them) and the
+    names :func:`export_onnx` gives them (:func:`_output_names`)."""
     from fxpress.graph.capture import _flat_graph_inputs, eval_mode
     from fxpress.graph.outputs import plain_outputs
 
@@ -390,7 +392,44 @@ def _outputs(gm, inputs) -> list[torch.Tensor]:
     with torch.no_grad(), eval_mode(gm), int8_kernels_only():
         out = gm(*_flat_graph_inputs(gm, inputs))
     # a dataclass output (no pytree node) field by field, not as one leaf that is no tensor
-    return [t for t in pytree.tree_leaves(plain_outputs(out)) if isinstance(t, torch.Tensor)]
+    out = plain_outputs(out)
+    return ([t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)],
+            _output_names(out))
+
+
+def _output_names(out) -> list[str] | None:
+    """The ONNX output names of a model that returns ``out``: "output" for one tensor,
+    "output_0", "output_1", ... for a tuple, a mapping's keys (transformers'
+    ``last_hidden_state``, ``logits``), joined by "." when nested. torch.onnx names them
+    after the graph's last nodes ("linear_2", "div_1"), which changed with any rewrite and
+    told an ONNX Runtime user nothing. None fields (a ModelOutput's ``loss``) have no output.
+    None (torch.onnx's names) where a leaf is neither a tensor nor None or two names would
+    clash."""
+    try:
+        flat, _ = pytree.tree_flatten_with_path(out)
+    except (NotImplementedError, ValueError, TypeError):  # a node type without key paths
+        return None
+    if not all(v is None or isinstance(v, torch.Tensor) for _, v in flat):
+        return None
+    flat = [(path, v) for path, v in flat if v is not None]  # ONNX has no output for a None
+    if not flat:
+        return None
+    if len(flat) == 1 and not flat[0][0]:
+        return ["output"]
+
+    def part(key) -> str:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    names = []
+    for path, _ in flat:
+        parts = [part(k) for k in path]
+        name = ".".join(parts) if isinstance(path[0], (pytree.MappingKey, pytree.GetAttrKey)) \
+            else "output_" + "_".join(parts)
+        names.append("".join(c if c.isalnum() or c in "._-" else "_" for c in name))
+    return names if len(set(names)) == len(names) else None
 
 
 def _check(session, input_names, inputs, ref: list[torch.Tensor]) -> dict[str, float]:
@@ -477,7 +516,11 @@ def export_onnx(model, path: str | Path | None = None, example_inputs: Any = Non
         n.name for n in gm.graph.nodes if n.op == "placeholder"][:len(flat)]
     if len(names) != len(flat):
         raise InputError(f"export_onnx: {len(names)} input names for {len(flat)} inputs")
-    ref = _outputs(gm, inputs) if check else []
+    ref, named = _outputs(gm, inputs)
+    if not check:
+        ref = []
+    if not output_names and named and not set(named) & set(names):
+        output_names = named
     mp, forms, fused, padding = _build(gm, inputs, names, output_names, fuse, fuse, accuracy_level,
                                        skip_padding)
     try:

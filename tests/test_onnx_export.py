@@ -415,6 +415,48 @@ def test_cli_export_onnx(small_mlp, calib, tmp_path, capsys):
     assert "none.fxp" in capsys.readouterr().err
 
 
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.a, self.b = torch.nn.Linear(64, 10), torch.nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.a(x), {"aux": self.b(x)}
+
+
+def test_outputs_are_named_after_the_models_outputs(small_mlp, calib, tmp_path):
+    """ONNX Runtime users fetch outputs by name: they were torch.onnx's names for the graph's
+    last nodes ("compressed_layer_2", MiniLM's "div_1", a BERT classifier's
+    "compressed_layer_16"), which say nothing and change with the pipeline."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    x = calib[0][0]
+    res = fxpress.compress(small_mlp, "quantize{bits=8}", calibration=calib[:1])
+    fxpress.save(res, tmp_path / "m.fxp")
+    for model in (res, str(tmp_path / "m.fxp")):  # the graph, and the artifact (no example inputs)
+        out = export_onnx(model, tmp_path / "m.onnx")
+        assert out.output_names == ["output"]
+        assert [o.name for o in session(out.model, threads=1).get_outputs()] == ["output"]
+    two = fxpress.compress(_TwoHeads().eval(), "quantize{bits=8}", calibration=[(x,)])
+    out = export_onnx(two, tmp_path / "two.onnx")
+    assert out.output_names == ["output_0", "output_1_aux"]
+    got = session(out.model, threads=1).run(["output_1_aux"], {out.input_names[0]: x.numpy()})[0]
+    _close(torch.as_tensor(got), _fx(two.module, x)[1]["aux"], TIES)
+    # a transformers ModelOutput: its fields' names, None fields (loss) left out
+    torch.manual_seed(0)
+    clf = BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=300, max_position_embeddings=64, num_labels=3)).train(False)
+    ids, mask = _bert_batch(4, 10, 0)
+    res = fxpress.compress(clf, "quantize{bits=8}", policy="warn",
+                           calibration=[{"input_ids": ids, "attention_mask": mask}])
+    out = export_onnx(res, tmp_path / "clf.onnx")
+    assert out.output_names == ["logits"] and out.check["cosine"] > 0.99
+    # names the caller gives still win
+    assert export_onnx(res, None, output_names=["scores"]).output_names == ["scores"]
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 def test_bad_inputs_get_typed_errors(small_mlp, tmp_path):
