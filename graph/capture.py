@@ -174,6 +174,15 @@ def _bind_by_name(named: Mapping, what: str, model: torch.nn.Module | None) -> t
     return tuple(out)
 
 
+def _is_dict_input(named: Mapping, model: torch.nn.Module) -> bool:
+    """Whether ``named``, first in a batch tuple, is a dict the model takes as an input
+    (``forward(self, batch)`` reading ``batch["ids"]``), not its arguments by name: no key
+    (labels aside) names one of forward's positional arguments, and forward takes one."""
+    names = {prm.name for prm in forward_parameters(model)}
+    keys = [k for k in named if k not in LABEL_KEYS]
+    return bool(names) and bool(keys) and not any(k in names for k in keys)
+
+
 #: The keys under which a mapping batch (transformers' data collators) holds its label.
 LABEL_KEYS = ("labels", "label")
 
@@ -190,7 +199,8 @@ def positional_batch(batch: Any, model: torch.nn.Module, what: str = "train_data
         labels = [k for k in LABEL_KEYS if k in batch]
         named = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         return (*_bind_by_name(named, what, model), *(batch[k] for k in labels[:1]))
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Mapping):
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Mapping) \
+            and not _is_dict_input(batch[0], model):
         return (*_bind_by_name(batch[0], what, model), *batch[1:])
     if _grouped_inputs(batch, model):
         return (*batch[0], *batch[1:])

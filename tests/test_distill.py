@@ -425,3 +425,43 @@ def test_distill_trains_a_graph_that_writes_in_place_into_what_it_reads():
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(res.module(x).flatten(), model(x).flatten(), 0)
     assert cos > 0.9
+
+
+class _DictBatchNet(nn.Module):
+    """forward takes ONE dict (ids, a bool mask, float features), as a user's collate gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.dense = nn.Embedding(50, 16), nn.Linear(4, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, batch):
+        m = batch["mask"].unsqueeze(-1)
+        pooled = (self.emb(batch["ids"]) * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.head(torch.relu(pooled + self.dense(batch["num"])))
+
+
+def test_distill_trains_a_model_whose_one_input_is_a_dict():
+    """``train_data=[({"ids": ..., "mask": ...},), ...]`` for ``forward(self, batch)``: the
+    dict is the model's input, not its arguments by name (distill refused it: "forward has no
+    argument 'ids'")."""
+    from fxpress.graph.capture import positional_batch
+
+    def make(seed):
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.ones(4, 6, dtype=torch.bool)
+        mask[-1, 4:] = False
+        return ({"ids": torch.randint(0, 50, (4, 6), generator=g), "mask": mask,
+                 "num": torch.randn(4, 4, generator=g)},)
+
+    torch.manual_seed(0)
+    model = _DictBatchNet().eval()
+    batch = make(1)
+    assert positional_batch(batch, model) is batch
+    before = state_snapshot(model)
+    res = fxpress.compress(model, "quantize{bits=4},distill{epochs=1,lr=0.0001}", example_inputs=make(1),
+                           train_data=[make(10 + i) for i in range(3)], progress=False)
+    assert res.records[-1].status == "ok"
+    with torch.no_grad():
+        assert res.module(*make(2)).shape == (4, 3)
+    assert_unchanged(model, before)

@@ -442,16 +442,18 @@ def run_cell(spec, gm, column: str, workdir: Path, train: list | None = None,
         from safetensors.torch import save_file
 
         io = workdir / f"{spec.name}.{column}.io.safetensors"
-        tensors = {f"in.{i}": t.contiguous() for i, t in enumerate(spec.new)}
+        # inputs may be dicts or tuples of tensors: stored flat, rebuilt from the tree spec
+        flat_new, tree = pytree.tree_flatten(tuple(spec.new))
+        tensors = {f"in.{i}": t.contiguous() for i, t in enumerate(flat_new)}
         tensors.update({f"out.{i}": t.contiguous() for i, t in enumerate(expected)})
         save_file(tensors, str(io))
         # the child rebuilds each input in the layout the parent ran it in: float kernels may
         # round differently for another memory format (channels_last) or alignment
         layouts = ["channels_last" if t.dim() == 4 and not t.is_contiguous()
                    and t.is_contiguous(memory_format=torch.channels_last) else "contiguous"
-                   for t in spec.new]
+                   for t in flat_new]
         job = {"key": f"{spec.name}/{column}", "artifact": str(path), "io": str(io),
-               "inputs": len(spec.new), "layouts": layouts}
+               "inputs": len(flat_new), "layouts": layouts, "tree": pytree.treespec_dumps(tree)}
     except CellFailure as e:
         cell.status, cell.stage, cell.detail = "fail", e.stage, e.detail
         cell.failure = e.cls or classify(spec.name, column, e.stage, None, e.detail, layer_types)
@@ -514,8 +516,8 @@ for job in json.load(open(sys.argv[1])):
         # float GEMM rounds differently for unaligned data: copy each input into a fresh
         # (aligned) tensor in the layout the parent ran it in
         fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-        x = tuple(io[f"in.{i}"].clone(memory_format=fmt[job["layouts"][i]])
-                  for i in range(job["inputs"]))
+        x = pytree.tree_unflatten([io[f"in.{i}"].clone(memory_format=fmt[job["layouts"][i]])
+                                   for i in range(job["inputs"])], pytree.treespec_loads(job["tree"]))
         with torch.no_grad():
             got = leaves(gm(*x))
         exp = [io[k] for k in sorted((k for k in io if k.startswith("out.")), key=lambda k: int(k[4:]))]
