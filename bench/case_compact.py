@@ -31,8 +31,7 @@ GROUPS = ("matrices (codebooks, codes, masks)", "matrices (dense or quantized)",
 def one(kind: str, seed: int, pipeline: str, tiny: bool = False) -> dict:
     import fxpress
     from bench.case_deep_compression import fp32_safetensors_bytes
-    from bench.recovery_models import data_for, trained
-    from examples.digits import accuracy
+    from bench.recovery_models import change, data_for, score, trained
     from fxpress.errors import PlanMissedWarning
     from fxpress.graph.artifact.breakdown import breakdown
     from fxpress.passes.gradual import held_out_gap
@@ -59,11 +58,10 @@ def one(kind: str, seed: int, pipeline: str, tiny: bool = False) -> dict:
         b = breakdown(path.read_bytes())
         b["header_v2"] = header_as_version_2(path.read_bytes())
     fp32 = fp32_safetensors_bytes(model)
-    base = accuracy(model, digits.x_test, digits.y_test)
-    acc = accuracy(res.module, digits.x_test, digits.y_test)
+    base, acc = score(kind, model, digits), score(kind, res.module, digits)
     chose = next((",".join(f"{k}={v}" for k, v in r.stats["chosen"].items())
                   for r in res.records if r.name == "budget" and "chosen" in r.stats), "")
-    return {"b": b, "fp32": fp32, "delta": 100 * (acc - base), "seconds": seconds, "chose": chose,
+    return {"b": b, "fp32": fp32, "delta": change(kind, base, acc), "seconds": seconds, "chose": chose,
             "held_out": "-" if gap is None else f"{100 * (gap[1] - gap[0]):+.2f}" + (" warned" if warned else "")}
 
 
