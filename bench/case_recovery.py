@@ -6,7 +6,7 @@ model), two pipelines with no option but the compression targets (held out, neve
 the defaults were chosen: another MLP, a narrower CNN, a narrower and deeper transformer,
 and an MLP on scikit-learn's breast_cancer):
 
-* the built-in ``deep-compression`` recipe (gradual global pruning to 95% with a recovery
+* the built-in ``deep-compression`` recipe (gradual layer-adaptive pruning to 95% with a recovery
   after each stage, 4-bit sharing with 4-bit biases, norms and position embeddings on
   4-bit grids, a final recovery);
 * ``prune{sparsity=0.95},share{bits=4},distill``: pruning (in 3 stages by default since
@@ -107,7 +107,7 @@ def table(models: tuple[str, ...], seeds: tuple[int, ...], size: str, title: str
                         f"{statistics.mean(r['delta'] for r in got):+.2f}", f"{worst:+.2f}", goal,
                         "yes" if met else "no")
     for name, n in tests.items():
-        if name.startswith(REGRESSION):
+        if (name + "-").startswith(REGRESSION):
             summary.notes.append(f"{name} test split: {n} examples; a regression model: its "
                                  "accuracy columns are the test RMSE (in standard deviations of "
                                  "the training targets) and Δ is the RMSE's relative change in "

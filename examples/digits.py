@@ -83,8 +83,8 @@ class DigitsCNN(nn.Module):
 
 
 def train(model: nn.Module, data: Digits, epochs: int = 40, lr: float = 2e-3,
-          batch_size: int = 64, seed: int = 0) -> nn.Module:
-    """Train with Adam and cross-entropy, seeded; returns the model in eval mode."""
+          batch_size: int = 64, seed: int = 0, loss_fn=nn.functional.cross_entropy) -> nn.Module:
+    """Train with Adam and cross-entropy (or ``loss_fn``), seeded; returns the model in eval mode."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -94,7 +94,7 @@ def train(model: nn.Module, data: Digits, epochs: int = 40, lr: float = 2e-3,
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -623,3 +623,28 @@ def test_the_last_recovery_warns_past_one_held_out_point_and_only_then():
     with pytest.warns(PlanMissedWarning, match=r"#3 distill\) kept epoch 2, which scored 0.974") as w:
         missed_promise(far, 3)
     assert w[0].message.missed == {"accuracy_points": 1.6} and "1.6 points" in far.message
+
+
+def test_deep_compression_prune_does_not_starve_a_layer_of_small_weights(one_thread):
+    """The recipe's prune ranks weights within their layer (LAMP), not by plain magnitude
+    across layers: a hidden layer with a wide input (here 512, as a CNN's flattened
+    features) has small weights by initialisation, and global magnitudes cut it to its
+    floor of ``min_per_unit`` (2) weights per unit at the recipe's second stage (round 23:
+    CNN 24-48-96 and a 1-D CNN, their fc1 at 2 of 192 and of 128 inputs per unit)."""
+    from fxpress.passes.recipes import RECIPES, parse_spec
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10))
+    prune = next(p for p in parse_spec("deep-compression") if p.name == "prune")
+    options = {k: v for k, v in prune.options.items() if k != "steps"}
+    # the recipe's second stage (Zhu & Gupta's cubic schedule towards its sparsity), one cut
+    options["sparsity"] = round(options["sparsity"] * (1 - (1 - 2 / 3) ** 3), 4)
+    text = "prune{" + ",".join(f"{k}={v}" for k, v in options.items()) + "}"
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    res = fxpress.compress(model, text, calibration=[(x,)], policy="warn", progress=False)
+    wide = res.module.get_parameter("4.weight")
+    per_unit = (wide != 0).sum(1).float().mean().item()
+    assert per_unit > 4, (RECIPES["deep-compression"], per_unit)  # the floor is 2
