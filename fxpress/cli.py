@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
 
@@ -74,6 +75,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from fxpress.graph.artifact.format import as_path
 
         output = as_path(output, "write")
+    files = _recipe_files(recipe)
+    try:
+        refuse_overwriting_inputs({"--json": args.json}, {**files, "output": output})
+    except InputError:
+        args.json = None  # the failure's outcome is not written there either
+        raise
+    refuse_overwriting_inputs({"output": output}, files)
     make_model = recipe.resolve("model")
     if make_model is None:
         raise PipelineSpecError(f"recipe {args.recipe}: needs model = \"file.py:callable\"")
@@ -111,6 +119,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _write_json(args.json, {"status": "ok", "exit_code": EXIT_OK, **result.as_dict(),
                                 "evaluate_before": before, "evaluate_after": after})
     return EXIT_OK
+
+
+def _file_id(path: Any, replaced: bool) -> str:
+    """Which file ``path`` names: the file read through any symbolic link, or, for a path
+    written (``replaced``), the name in its real folder (a write replaces a link there,
+    never the file it points to)."""
+    path = Path(path)
+    if replaced:
+        return os.path.join(os.path.realpath(path.parent if str(path.parent) else "."), path.name)
+    return os.path.realpath(path)
+
+
+def refuse_overwriting_inputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """An :class:`~fxpress.errors.InputError` (exit code 2) when an output path of a
+    command names one of the files it reads: ``fxpress report a.fxp -o a.fxp`` and
+    ``fxpress run r.toml -o r.toml`` replaced the artifact or the recipe with their
+    output (exit 0). ``outputs`` / ``inputs``: what each path is -> the path (None
+    skipped)."""
+    from fxpress.errors import InputError
+
+    read = {}
+    for what, path in inputs.items():
+        if path is not None:
+            for replaced in (False, True):  # the file, and a link to it that the write would replace
+                read.setdefault(_file_id(path, replaced), (what, path))
+    for what, path in outputs.items():
+        if path is None or path is True:
+            continue
+        hit = read.get(_file_id(path, True))
+        if hit is not None:
+            raise InputError(f"{what} {path} is also the command's {hit[0]} ({hit[1]}): "
+                             f"writing it would replace that file; give another path")
+
+
+def _recipe_files(recipe: Any) -> dict[str, Path]:
+    """The recipe and the Python files its ``file.py:callable`` references name."""
+    out: dict[str, Path] = {"recipe": recipe.path}
+    for key in ("model", "example_inputs", "calibration", "train_data", "evaluate"):
+        ref = getattr(recipe, key, None)
+        if isinstance(ref, str) and ":" in ref and ref.rpartition(":")[0].endswith(".py"):
+            out[f"recipe's {key} file"] = recipe.base_dir / ref.rpartition(":")[0]
+    return out
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -203,6 +253,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     from fxpress.passes.decode import decode_plan, format_decode_plan
 
+    refuse_overwriting_inputs({"--graphml": args.graphml, "--dot": args.dot,
+                               "--node-link": args.node_link},
+                              {"model": args.model.rpartition(":")[0]
+                               if args.model.rpartition(":")[0].endswith(".py") else args.model})
     gm, header = _open(args.model)
     rows = layers(gm, header)
     plan = decode_plan(gm)  # how each compressed layer runs, and the memory it holds
@@ -248,6 +302,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from fxpress.graph.inspect import layer_summary
     from fxpress.report import render_report
 
+    refuse_overwriting_inputs({"-o": args.output}, {"artifact": args.result, "--before": args.before})
     gm, header = _open(args.result)
     before = None
     if args.before:
@@ -265,6 +320,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from fxpress.errors import InputError
     from fxpress.onnx_export import export_onnx
 
+    refuse_overwriting_inputs({"-o": args.output}, {"artifact": args.artifact})
     src = Path(args.artifact)
     if not src.exists():
         raise InputError(f"{args.artifact}: no such artifact file")

@@ -388,10 +388,21 @@ def parse_recipe(source: str | Path | dict, path: Path | None = None) -> Recipe:
             raise PipelineSpecError(f"{where}: 'pass' must be an array of tables ([[pass]])")
         passes = []
         for i, t in enumerate(tables):
+            if not isinstance(t, dict):  # pass = ["prune"]: dict() raised a raw ValueError
+                from fxpress.graph.artifact.values import _short_repr
+
+                raise PipelineSpecError(
+                    f"{where}: 'pass' must be an array of tables ([[pass]] with name = \"...\"); "
+                    f"entry {i + 1} is {type(t).__name__} {_short_repr(t, 60)}")
             t = dict(t)
             name = t.pop("name", None)
-            if not isinstance(name, str):
+            if name is None:
                 raise PipelineSpecError(f"{where}: [[pass]] number {i + 1} has no name = \"...\"")
+            if not isinstance(name, str):
+                from fxpress.graph.artifact.values import _short_repr
+
+                raise PipelineSpecError(f"{where}: [[pass]] number {i + 1}: name must be a string "
+                                        f"such as \"prune\", got {type(name).__name__} {_short_repr(name, 60)}")
             tol = t.pop("tol", None)
             if tol is not None:
                 if not isinstance(tol, dict):
