@@ -58,7 +58,7 @@ from fxpress.passes.int8 import (INT8_BACKENDS, Int8Kernels, int8_backend, per_t
 from fxpress.passes.quantize_grid import (GRANULARITIES, SCHEMES, _quantize,
                                           code_range, dequantize_weight, load_codes,
                                           quantize_stored, quantize_weight, store_codes)
-from fxpress.passes.decode import normalize_decode
+from fxpress.passes.decode import AUTO_INT8_MIN_WORK, normalize_decode
 from fxpress.passes.watch import WatchInterpreter
 from fxpress.passes.quantize_modules import (RUNTIME_MODULES, SMOOTH_MIN, QuantizedConv,
                                              QuantizedEmbedding, QuantizedLinear, QuantizedWeight)
@@ -388,9 +388,15 @@ class Quantize(Pass):
         tried, weight_errors = [], {}
         dynamic = self._dynamic(op, bits)
         w_norm = float(_norm32(w))
-        if dynamic and len(cands) > 1 and x is not None:
-            return self._choose_simulated(op, rec, x, w, b, bits, cands, codes, ref, ref_norm,
-                                          w_norm)
+        if dynamic and x is not None and (len(cands) > 1 or self._whole_simulated(
+                x, bits, cands, w)):
+            module, stats = self._choose_simulated(op, rec, x, w, b, bits, cands, codes, ref,
+                                                   ref_norm, w_norm)
+            if len(cands) == 1:  # nothing to choose: the stats of a fixed scaling, as below
+                for key in ("act_errors", "weight_errors", "simulated_errors", "measured",
+                            "rejected"):
+                    stats.pop(key, None)
+            return module, stats
         by_alpha: dict[float | None, float] = {}  # candidates of one smoothing share a weight
         for act, alpha in cands:
             module = self._build(op, rec, bits, act, alpha, codes)
@@ -420,6 +426,26 @@ class Quantize(Pass):
         if alpha is not None:
             stats["smooth_alpha"] = alpha
         return module, stats
+
+    def _whole_simulated(self, x: torch.Tensor, bits: int, cands: list, w: torch.Tensor
+                         ) -> bool:
+        """True where a dynamic linear layer's one candidate (``act_scale=tensor`` without
+        smoothing: the cheapest candidate of ``auto``) is measured as :meth:`_choose_simulated`
+        measures ``auto``'s cheapest: on a sample of at most :data:`WHOLE_SIMULATION_ROWS`
+        rows, over the plain 8-bit symmetric per-channel codes, by the float simulation made
+        in the pass that makes the codes, instead of building and prepacking a weight for
+        the kernel (the same module; its error within float rounding of the kernel's).
+        ``act_scale=tensor`` on GPT-2 took 1.4x ``auto``'s time measured through fbgemm.
+        Only where the module runs the sample through the int8 kernel: not with
+        ``decode=float`` or ``per_call``, nor on a layer whose calls ``auto`` may run in
+        float (:meth:`QuantizedLinear.float_call_below`: the simulation quantises the
+        input, and its error was up to 2.8x the float call's on a digits MLP)."""
+        granularity, _ = self._grid(bits)
+        w2 = w.reshape(w.shape[0], -1)
+        return (cands == [("tensor", None)] and bits == 8 and granularity == "channel"
+                and self.scheme == "symmetric" and x.shape[0] <= WHOLE_SIMULATION_ROWS
+                and normalize_decode(self.decode) in ("auto", "int8")
+                and 4 * w2.shape[0] * w2.shape[1] >= AUTO_INT8_MIN_WORK)
 
     def _choose_simulated(self, op, rec, x, w, b, bits, cands, codes, ref, ref_norm, w_norm
                           ) -> tuple[QuantizedWeight, dict]:
