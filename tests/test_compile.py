@@ -319,6 +319,16 @@ def test_packed_embeddings_read_expanded_ids_without_a_batch_1_graph(pipeline):
     assert fast.compiles == 1
 
 
+def _int8_mlp():
+    """(128 inputs, a 64-300-10 MLP of random weights, seed 0, with dynamic int8 linears)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 10)).eval()
+    x = torch.randn(128, 64)
+    return x, fxpress.compress(model, "quantize{bits=8,activations=dynamic}", (x,),
+                               calibration=[(x,)], policy="warn", progress=False).module
+
+
 def test_repeated_calls_at_two_batch_sizes_run_one_graph_under_no_grad_and_inference_mode():
     """Calls as users make them, repeated, at batch 1 and batch 128: under ``no_grad``,
     under ``torch.inference_mode()`` (what benchmarks and servers use) and on tensors made
@@ -330,12 +340,7 @@ def test_repeated_calls_at_two_batch_sizes_run_one_graph_under_no_grad_and_infer
     the compiled digits MLP 100x slower than eager at batch 1 on 2 threads)."""
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
-                                torch.nn.Linear(300, 10)).eval()
-    x = torch.randn(128, 64)
-    gm = fxpress.compress(model, "quantize{bits=8,activations=dynamic}", (x,), calibration=[(x,)],
-                          policy="warn", progress=False).module
+    x, gm = _int8_mlp()
     with torch.no_grad():
         gm(x), gm(x[:1])  # eager calls first: the layers choose their path and small-call rule
     counters.clear()
@@ -398,12 +403,7 @@ def test_each_size_of_call_runs_the_faster_path_and_equals_eager(monkeypatch, fa
     model, whichever path ran, and the graph is compiled once."""
     import fxpress.compiled as compiled_mod
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
-                                torch.nn.Linear(300, 10)).eval()
-    x = torch.randn(128, 64)
-    gm = fxpress.compress(model, "quantize{bits=8,activations=dynamic}", (x,), calibration=[(x,)],
-                          policy="warn", progress=False).module
+    x, gm = _int8_mlp()
     now, ran = [0.0], []
     monkeypatch.setattr(compiled_mod, "_clock", lambda: now[0])
     for path in ("eager", "compiled"):
