@@ -122,7 +122,7 @@ def as_input_tuple(example_inputs: Any, what: str = "example_inputs",
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, Mapping):
-        return _bind_by_name(example_inputs, what, model)
+        return _bind_by_name(_without_labels(example_inputs, model), what, model)
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple):
@@ -130,6 +130,18 @@ def as_input_tuple(example_inputs: Any, what: str = "example_inputs",
             f"{what} must be a tuple of positional inputs (e.g. (x,)) or a mapping of the "
             f"model's argument names to inputs, got {type(example_inputs).__name__}")
     return example_inputs
+
+
+def _without_labels(named: Mapping, model: torch.nn.Module | None) -> Mapping:
+    """Inputs without a data collator's label (``labels``/``label``, :data:`LABEL_KEYS`)
+    where ``forward`` takes it only optionally: calibration and example inputs are what the
+    model runs on, and a transformers model given ``labels`` computes a loss into its
+    outputs (capture then held ``aten.cross_entropy_loss``, which no artifact may name, and
+    the verifier compared the loss). A required label argument stays."""
+    if model is None or not any(k in named for k in LABEL_KEYS):
+        return named
+    optional = {p.name for p in forward_parameters(model) if p.default is not p.empty}
+    return {k: v for k, v in named.items() if k not in LABEL_KEYS or k not in optional}
 
 
 def forward_parameters(model: torch.nn.Module) -> list[inspect.Parameter]:

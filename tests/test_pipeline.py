@@ -482,6 +482,50 @@ def test_training_batches_with_named_inputs_and_labels_are_bound_by_name(mlp, di
     assert by_name.records[-1].cumulative.accuracy_ratio is not None  # the labels were seen
 
 
+class _CollatedRows(torch.utils.data.Dataset):
+    """A tokenized, labelled dataset as a transformers user has one: dicts of
+    input_ids, attention_mask and labels."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 100, (10,), generator=g),
+                "attention_mask": torch.ones(10, dtype=torch.long), "labels": torch.tensor(i % 2)}
+
+
+def test_calibration_from_a_labelled_dataloader_of_dicts_leaves_the_labels_out(tmp_path):
+    """The same DataLoader a user trains with, given as calibration: its "labels" went into
+    forward, the transformers model computed its loss into the outputs, and the run failed
+    with "cannot save node 'cross_entropy_loss' ... not an allowlisted function"."""
+    from torch.utils.data import DataLoader
+
+    from fxpress.graph.capture import as_input_tuple
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    clf = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=2)).eval()
+    loader = DataLoader(_CollatedRows(), batch_size=16)
+    batch = next(iter(loader))
+    assert as_input_tuple(batch, model=clf) == (batch["input_ids"], batch["attention_mask"])
+    res = fxpress.compress(clf, "quantize{bits=8}", calibration=loader, progress=False)
+    assert res.records[-1].status == "ok" and res.records[-1].cumulative.top1 is not None
+    assert not any("loss" in str(n.target) for n in res.module.graph.nodes)
+    fxpress.save(res, tmp_path / "clf.fxp")
+    out = fxpress.load(tmp_path / "clf.fxp")(batch["input_ids"], batch["attention_mask"])
+    assert out["logits"].shape == (16, 2)
+
+    class _NeedsLabel(torch.nn.Module):  # a forward that requires its label keeps it
+        def forward(self, x, labels):
+            return x * labels
+
+    x, y = torch.randn(4, 3), torch.ones(4, 3)
+    assert as_input_tuple({"x": x, "labels": y}, model=_NeedsLabel()) == (x, y)
+
+
 class _TwoInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
