@@ -162,6 +162,9 @@ class CompiledModel(torch.nn.Module):
         try:
             # size-oblivious: a dimension of size 1 (one sentence) is not specialised, so
             # batch 1 runs the graph compiled for any batch size instead of compiling again
+            # no duck sizes: two dimensions of one size in the example (32 sentences of 32
+            # tokens, an 8x8 input of an 8-wide linear) are not made one symbol, whose
+            # equality Dynamo guarded: the next batch size compiled a second graph
             # freezing is read while Dynamo traces (which inputs are weights) and while
             # Inductor compiles: set for the call (torch's config is process-wide; restored)
             # allow_rnn: LSTM/GRU/RNN (fused calls) are traced, not refused; specialize_float:
@@ -173,7 +176,7 @@ class CompiledModel(torch.nn.Module):
             # small_work_serial: generated kernels fork threads only for enough work (its
             # pass keys Inductor's cache)
             with torch.inference_mode(False), torch.no_grad(), \
-                    _shape_config.patch(backed_size_oblivious=True), \
+                    _shape_config.patch(backed_size_oblivious=True, use_duck_shape=False), \
                     _inductor_config.patch(freezing=self.freeze,
                                            post_grad_custom_post_pass=_serial_pass()), \
                     torch._dynamo.config.patch(allow_rnn=True, specialize_float=True), \

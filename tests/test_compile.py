@@ -441,3 +441,16 @@ def test_each_size_of_call_runs_the_faster_path_and_equals_eager(monkeypatch, fa
     assert always.choices == {} and always.compiles == 1
     with pytest.raises(InputError, match="dispatch"):
         fxpress.compile(gm, dispatch="eager")
+
+
+def test_an_example_with_two_equal_dimensions_does_not_tie_them():
+    """An example whose batch equals another dimension (8 rows of an 8-wide linear; BERT at
+    32 sentences of 32 tokens): torch's duck sizing made them one symbol and guarded their
+    equality, so every other batch size compiled a second graph. One graph now."""
+    model = _Small(0).eval()
+    fast = fxpress.compile(model, torch.randn(8, 8), backend="eager", dispatch="compiled")
+    for rows in (3, 1, 8, 5):
+        x = torch.randn(rows, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x))
+    assert fast.compiles == 1
