@@ -17,16 +17,7 @@ import fxpress
 from fxpress.errors import ArtifactFormatError, CompileError, InputError
 from fxpress.graph import artifact
 from tests.helpers import assert_unchanged, state_snapshot
-
-
-def _mlp(widths=(24, 32, 5)):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(widths[0], widths[1]), torch.nn.ReLU(),
-                               torch.nn.Linear(widths[1], widths[2])).eval()
-
-
-def _compress(model, pipe, x):
-    return fxpress.compress(model, pipe, (x,), progress=False, policy="warn").module
+from tests.test_loaded_calls import _compress, _mlp
 
 
 @pytest.mark.parametrize("pipe", ["quantize", "quantize{bits=4}", "prune{sparsity=0.5}",
