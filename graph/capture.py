@@ -144,6 +144,23 @@ def _without_labels(named: Mapping, model: torch.nn.Module | None) -> Mapping:
     return {k: v for k, v in named.items() if k not in LABEL_KEYS or k not in optional}
 
 
+def _label_hint(model: torch.nn.Module, inputs: tuple) -> str:
+    """A hint where the inputs are one tensor more than ``forward`` takes and the last is
+    a label (integers, one per sample): calibration given the labelled batches of training,
+    ``DataLoader(TensorDataset(x, y))``, which runs the model on ``(x, y)``."""
+    params = forward_parameters(model)
+    if not params or _takes_varargs(model) or len(inputs) != len(params) + 1:
+        return ""
+    first, last = inputs[0], inputs[-1]
+    if not (isinstance(first, torch.Tensor) and isinstance(last, torch.Tensor)
+            and not last.is_floating_point() and last.dim() == 1 and first.dim() >= 1
+            and len(last) == len(first)):
+        return ""
+    return (f" The inputs are {len(inputs)} tensors and {type(model).__name__}.forward takes "
+            f"{len(params)}: the last looks like a label. Calibration and example inputs hold "
+            f"inputs only: give [(x,) for x, y in loader] (labelled batches go to train_data).")
+
+
 def forward_parameters(model: torch.nn.Module) -> list[inspect.Parameter]:
     """``model.forward``'s arguments that can be given by position, in order."""
     try:
@@ -1029,7 +1046,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, method: str = "auto", *
             raise InputError(
                 f"capture: {type(model).__name__} does not run on the example inputs {shapes}: "
                 f"{type(e).__name__}: {e}. Pass inputs shaped like real model inputs."
-                f"{dtype_hint(model, example_inputs)}") from e
+                f"{dtype_hint(model, example_inputs)}{_label_hint(model, example_inputs)}") from e
 
         written = _input_writes(copies)
         # a KV cache in the outputs (transformers' default use_cache=True): capture the one

@@ -526,6 +526,22 @@ def test_calibration_from_a_labelled_dataloader_of_dicts_leaves_the_labels_out(t
     assert as_input_tuple({"x": x, "labels": y}, model=_NeedsLabel()) == (x, y)
 
 
+def test_calibration_of_labelled_tuples_says_the_last_tensor_looks_like_a_label():
+    """calibration=DataLoader(TensorDataset(x, y)) ran the model on (x, y): the error said
+    only "takes 2 positional arguments but 3 were given ... Pass inputs shaped like real
+    model inputs"."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x, y = torch.randn(64, 13), torch.randint(0, 3, (64,))
+    with pytest.raises(InputError, match=r"the last looks like a label.*\[\(x,\) for x, y in loader\]"):
+        fxpress.compress(model, "quantize{bits=8}", calibration=DataLoader(TensorDataset(x, y), batch_size=32))
+    with pytest.raises(InputError) as e:  # a wrong width is no label
+        fxpress.compress(model, "quantize{bits=8}", calibration=[(torch.randn(4, 12),)])
+    assert "label" not in str(e.value)
+
+
 class _TwoInputs(torch.nn.Module):
     def __init__(self):
         super().__init__()
