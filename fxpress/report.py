@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fxpress.graph.inspect import histograms, human_bytes, layers, to_networkx
+from fxpress.graph.inspect import format_bits, histograms, human_bytes, layers, to_networkx
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px 32px;color:#111;max-width:1300px}
@@ -570,7 +570,7 @@ def _render(gm: torch.fx.GraphModule, header: dict, *, title: str, before: dict 
         parts.append("<h2>Recovery curves</h2>" + curves)
     total = file_bytes or 1
     lrows = [[f"<code>{_esc(r.name)}</code>", _esc(r.type), f"{r.params:,}", f"{r.sparsity:.1%}",
-              f"{r.bits:g}", human_bytes(r.mem_bytes), human_bytes(r.disk_bytes),
+              format_bits(r.bits), human_bytes(r.mem_bytes), human_bytes(r.disk_bytes),
               f"{r.disk_bytes / total:.1%}"] for r in rows]
     rest = file_bytes - sum(r.disk_bytes for r in rows)
     lrows.append(["<i>header: graph, modules, tensor table</i>", "", "", "", "", "",

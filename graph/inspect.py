@@ -510,11 +510,17 @@ def layer_summary(gm: torch.fx.GraphModule, bins: int = 120) -> dict[str, Any]:
             "file_bytes": header["file_bytes"]}
 
 
+def format_bits(bits: float) -> str:
+    """Stored bits per weight for a table: three significant digits ("10.5", "8.5", "32");
+    the full value ("10.4615") read as more precision than the figure has."""
+    return f"{bits:.3g}"
+
+
 def format_layers(rows: list[Layer], file_bytes: int | None = None) -> str:
     """The ``fxpress inspect`` table."""
     total = file_bytes or sum(r.disk_bytes for r in rows) or 1
     head = ["layer", "type", "params", "sparsity", "bits", "memory", "on disk", "share"]
-    body = [[r.name, r.type, f"{r.params:,}", f"{r.sparsity:.1%}", f"{r.bits:g}",
+    body = [[r.name, r.type, f"{r.params:,}", f"{r.sparsity:.1%}", format_bits(r.bits),
              human_bytes(r.mem_bytes), human_bytes(r.disk_bytes), f"{r.disk_bytes / total:.1%}"]
             for r in rows]
     params = sum(r.params for r in rows)

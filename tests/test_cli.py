@@ -50,6 +50,24 @@ def test_inspect_a_model_reference_says_how_it_was_traced(tmp_path, capsys):
     assert "captured with fx (symbolic_trace" in first and "?" not in first
 
 
+def test_inspect_bits_have_three_significant_digits(tmp_path, capsys):
+    """An int8 layer of 13 inputs stores 10.4615... bits per weight (codes, scales, bias):
+    inspect printed "10.4615"; the report's table too."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).eval()
+    res = fxpress.compress(model, "quantize{bits=8}", calibration=[(torch.randn(32, 13),)])
+    fxpress.save(res, tmp_path / "m.fxp")
+    assert main(["inspect", str(tmp_path / "m.fxp")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if "QuantizedLinear" in line]
+    bits = [r[4] for r in rows]
+    assert len(bits) == 2 and "10.5" in bits and all(len(b.replace(".", "")) <= 3 for b in bits)
+    assert main(["report", str(tmp_path / "m.fxp"), "-o", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert ">10.5<" in html and "10.4615" not in html
+
+
 def _recipe(tmp_path, passes):
     shutil.copy(ROOT / "examples" / "digits.py", tmp_path / "digits.py")
     f = tmp_path / "r.toml"
