@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 import torch
 
 from fxpress.errors import MissingDataError, OptionError
-from fxpress.passes.layer_rules import format_rules, parse_rules, run_with_rules
+from fxpress.passes.layer_rules import format_rules, glob_hint, parse_rules, run_with_rules
 
 _MISSING = object()
 
@@ -431,7 +431,9 @@ def check_glob_matches(pass_name: str, unmatched: Iterable[str], available: Sequ
     if unmatched:
         shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
         raise OptionError(pass_name, "include",
-                          f"pattern(s) {unmatched} match no weighted op; names look like: {shown}")
+                          f"pattern(s) {unmatched} match no weighted op"
+                          f"{''.join(glob_hint(u, available) for u in unmatched[:1])}; "
+                          f"names look like: {shown}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from fxpress.errors import OptionError
 from fxpress.graph.weights import select, weighted_ops
@@ -56,6 +56,29 @@ class LayerRule:
             rx = re.compile(self.pattern[3:])
             return any(rx.fullmatch(n) for n in names)
         return any(fnmatch.fnmatchcase(n, self.pattern) for n in names)
+
+
+def glob_hint(pattern: str, names: Sequence[str]) -> str:
+    """" (did you mean '...'?)" for a glob that matches none of ``names`` but would with its
+    misspelt parts (dot-separated, without wildcards) replaced by the closest part of a name
+    ("*.classifer" -> "*.classifier", "bert.encoder.layers.*" -> "bert.encoder.layer.*"); ""
+    where none does (and for "re:" patterns)."""
+    if pattern.startswith("re:"):
+        return ""
+    parts = {part for n in names for part in n.split(".")}
+    fixed = []
+    for seg in pattern.split("."):
+        if seg in parts or any(c in seg for c in "*?["):
+            fixed.append(seg)
+        else:
+            close = difflib.get_close_matches(seg, list(parts), n=1)
+            fixed.append(close[0] if close else seg)
+    guess = ".".join(fixed)
+    # "*.head" for a top-level head: the "*." asks for a parent it does not have
+    for g in (guess, guess[2:] if guess.startswith("*.") else None):
+        if g and g != pattern and any(fnmatch.fnmatchcase(n, g) for n in names):
+            return f" (did you mean {g!r}?)"
+    return ""
 
 
 def _inner(e: OptionError) -> str:
@@ -149,8 +172,8 @@ def run_with_rules(p, gm, ctx):
     missing = [pat for pat, ok in hit.items() if not ok]
     if missing:
         shown = ", ".join(sorted(seen)[:8]) + (", ..." if len(seen) > 8 else "")
-        raise OptionError(p.name, f"layers[{missing[0]!r}]", "matches no weighted op; "
-                          f"layer names look like: {shown}")
+        raise OptionError(p.name, f"layers[{missing[0]!r}]", "matches no weighted op"
+                          f"{glob_hint(missing[0], sorted(seen))}; layer names look like: {shown}")
     given = {k: v for k, v in p._given.items()}
     touched = [escape(n) for _, (_, names) in groups.items() for n in names]
     cls = type(p)

@@ -93,6 +93,19 @@ def test_rule_matching_no_layer_is_an_error_naming_it(model):
         fxpress.compress(model, 'quantize{layers={"encoder.*"={bits=4}}}', calibration=calibration(1))
 
 
+def test_misspelt_rule_and_include_globs_get_a_did_you_mean(model):
+    """A misspelt layer name in a rule or include glob was answered with the first eight
+    names only ("*.classifer" on a BERT classifier, whose classifier is top level)."""
+    calib = calibration(1)
+    with pytest.raises(OptionError, match=r"layers\['\*\.haed'\].*matches no weighted op \(did you mean 'head'\?\)"):
+        fxpress.compress(model, 'quantize{layers={"*.haed"={bits=4}}}', calibration=calib)
+    with pytest.raises(OptionError, match=r"match no weighted op \(did you mean 'layers\.\*'\?\)"):
+        fxpress.compress(model, "quantize{include=[layer.*]}", calibration=calib)
+    with pytest.raises(OptionError) as e:  # nothing close: no guess
+        fxpress.compress(model, 'quantize{layers={"encoder.*"={bits=4}}}', calibration=calib)
+    assert "did you mean" not in str(e.value)
+
+
 def test_syntax_errors_show_the_position():
     with pytest.raises(PipelineSpecError, match="at character"):
         fxpress.Pipeline.parse('quantize{layers={head={bits=8}}')
